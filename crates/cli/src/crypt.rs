@@ -1,0 +1,393 @@
+//! `ppml encrypt` and `ppml decrypt`.
+
+use std::fs::{self, File};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use indicatif::ProgressBar;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as StorePath;
+use ppml_engine::dataset::{
+    DatasetWriter, PART_SUFFIX, VerifiedDataset, VerifiedPart, WriteOptions, open_dataset,
+    part_name, replace_path, temp_sibling,
+};
+use ppml_format::DecryptingReader;
+use ppml_format::manifest::PartEntry;
+use ppml_kms::KeyManagementService;
+
+use crate::cli::{DecryptArgs, EncryptArgs};
+use crate::csv_split::CsvScanner;
+use crate::output::AtomicFile;
+use crate::progress;
+use crate::settings::Settings;
+
+const CHUNK: usize = 1 << 20;
+
+/// What kind of files a dataset holds, from the input's extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Csv,
+    Json,
+    Parquet,
+    Binary,
+}
+
+impl Kind {
+    fn of(path: &Path) -> Kind {
+        match path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(|e| e.to_ascii_lowercase())
+            .as_deref()
+        {
+            Some("csv") => Kind::Csv,
+            Some("json" | "jsonl" | "ndjson") => Kind::Json,
+            Some("parquet") => Kind::Parquet,
+            _ => Kind::Binary,
+        }
+    }
+
+    fn extension(self) -> &'static str {
+        match self {
+            Kind::Csv => "csv",
+            Kind::Json => "json",
+            Kind::Parquet => "parquet",
+            Kind::Binary => "bin",
+        }
+    }
+
+    fn media_type(self, has_header: bool) -> &'static str {
+        match self {
+            Kind::Csv if has_header => ppml_engine::dataset::CSV_WITH_HEADER,
+            Kind::Csv => "text/csv; header=absent",
+            Kind::Json => "application/x-ndjson",
+            Kind::Parquet => "application/vnd.apache.parquet",
+            Kind::Binary => "application/octet-stream",
+        }
+    }
+}
+
+/// Summary of an encryption.
+#[derive(Debug, Default)]
+pub struct EncryptSummary {
+    pub parts: usize,
+    pub plaintext_bytes: u64,
+}
+
+fn input_files(input: &Path) -> Result<Vec<PathBuf>> {
+    let meta = fs::metadata(input).with_context(|| format!("{}", input.display()))?;
+    if !meta.is_dir() {
+        return Ok(vec![input.to_path_buf()]);
+    }
+    let mut files = Vec::new();
+    for entry in fs::read_dir(input).with_context(|| format!("{}", input.display()))? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name.to_string_lossy().starts_with(['.', '_']) {
+            continue;
+        }
+        if entry.file_type()?.is_file() {
+            files.push(entry.path());
+        }
+    }
+    files.sort();
+    if files.is_empty() {
+        bail!(
+            "{}: the directory holds no files to encrypt",
+            input.display()
+        );
+    }
+    Ok(files)
+}
+
+pub async fn encrypt(args: &EncryptArgs, settings: &mut Settings) -> Result<EncryptSummary> {
+    let files = input_files(&args.input)?;
+    let kind = Kind::of(&files[0]);
+    if let Some(other) = files.iter().find(|f| Kind::of(f) != kind) {
+        bail!(
+            "{}: all files of a dataset must be of one kind ({} is not {})",
+            args.input.display(),
+            other.display(),
+            kind.extension()
+        );
+    }
+    if args.partitions == 0 {
+        bail!("--partitions must be at least 1");
+    }
+    if args.partitions > 1 && (files.len() > 1 || kind != Kind::Csv) {
+        bail!("--partitions splits a single CSV file; a directory is encrypted one part per file");
+    }
+    let kms = settings.open_kms().await?;
+    let has_header = !args.no_header;
+    let writer = DatasetWriter::create(
+        kms.kms.as_ref(),
+        kms.primary()?,
+        &args.out,
+        WriteOptions {
+            media_type: kind.media_type(has_header).to_string(),
+            segment_size: args.segment_size,
+            overwrite: args.overwrite,
+        },
+    )
+    .await?;
+    let total: u64 = files
+        .iter()
+        .map(|f| fs::metadata(f).map(|m| m.len()).unwrap_or(0))
+        .sum();
+    let bar = progress::bytes(total, "encrypting", settings.quiet);
+    let mut entries = Vec::new();
+    for file in &files {
+        let display = file.display().to_string();
+        let input = File::open(file).with_context(|| format!("opening {display}"))?;
+        let size = input.metadata()?.len();
+        let first = entries.len();
+        let new = if kind == Kind::Csv {
+            encrypt_csv(
+                input,
+                &display,
+                size,
+                has_header,
+                args.partitions,
+                first,
+                &writer,
+                &bar,
+            )?
+        } else {
+            let mut part = writer.part(&part_name(first, kind.extension()))?;
+            copy_with_progress(input, &mut part, &bar)
+                .with_context(|| format!("encrypting {display}"))?;
+            vec![part.finish()?]
+        };
+        entries.extend(new);
+    }
+    bar.finish_and_clear();
+    let summary = EncryptSummary {
+        parts: entries.len(),
+        plaintext_bytes: entries.iter().map(|e| e.plaintext_len).sum(),
+    };
+    writer.commit(entries)?;
+    Ok(summary)
+}
+
+fn copy_with_progress(mut input: impl Read, out: &mut impl Write, bar: &ProgressBar) -> Result<()> {
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        };
+        out.write_all(&buf[..n])?;
+        bar.inc(n as u64);
+    }
+}
+
+/// Encrypts one CSV file, checking every row's field count, into `partitions` parts of about
+/// equal size split on row boundaries; every part starts with the header line.
+#[allow(clippy::too_many_arguments)]
+fn encrypt_csv(
+    mut input: File,
+    display: &str,
+    size: u64,
+    has_header: bool,
+    partitions: usize,
+    first_index: usize,
+    writer: &DatasetWriter,
+    bar: &ProgressBar,
+) -> Result<Vec<PartEntry>> {
+    let target = size.div_ceil(partitions as u64).max(1);
+    let mut scanner = CsvScanner::new(display, has_header);
+    let mut entries = Vec::new();
+    let mut current = writer.part(&part_name(first_index, "csv"))?;
+    let mut bytes_in_part = 0u64;
+    let mut switch_pending = false;
+    let mut buf = vec![0u8; CHUNK];
+    let mut switches = Vec::new();
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e).with_context(|| format!("reading {display}")),
+        };
+        let chunk = &buf[..n];
+        switches.clear();
+        if switch_pending {
+            switches.push(0);
+            switch_pending = false;
+        }
+        let parts_so_far = entries.len() + 1;
+        let mut part_start = 0usize;
+        let mut carried = bytes_in_part;
+        scanner.scan(chunk, |at| {
+            let in_part = carried + (at - part_start) as u64;
+            if in_part >= target && parts_so_far + switches.len() < partitions {
+                switches.push(at);
+                part_start = at;
+                carried = 0;
+            }
+        })?;
+        let mut from = 0;
+        for &at in &switches {
+            if at == n {
+                switch_pending = true;
+                break;
+            }
+            current.write_all(&chunk[from..at])?;
+            let next = writer.part(&part_name(first_index + entries.len() + 1, "csv"))?;
+            entries.push(std::mem::replace(&mut current, next).finish()?);
+            if let Some(header) = scanner.header() {
+                current.write_all(header)?;
+            }
+            bytes_in_part = 0;
+            from = at;
+        }
+        let end = if switch_pending {
+            *switches.last().unwrap_or(&n)
+        } else {
+            n
+        };
+        current.write_all(&chunk[from..end])?;
+        bytes_in_part += (end - from) as u64;
+        bar.inc(n as u64);
+    }
+    scanner.finish()?;
+    entries.push(current.finish()?);
+    Ok(entries)
+}
+
+/// Opens and verifies the dataset at `dir` with keys from `kms`.
+pub async fn open_local_dataset(
+    dir: &Path,
+    kms: &dyn KeyManagementService,
+) -> Result<VerifiedDataset> {
+    if !dir.is_dir() {
+        if dir.exists() {
+            bail!(ppml_engine::EngineError::NotADataset(
+                dir.display().to_string()
+            ));
+        }
+        bail!("{}: no such dataset directory", dir.display());
+    }
+    let absolute = std::path::absolute(dir)?;
+    let root =
+        StorePath::from_absolute_path(&absolute).with_context(|| format!("{}", dir.display()))?;
+    Ok(open_dataset(
+        &LocalFileSystem::new(),
+        &root,
+        &dir.display().to_string(),
+        kms,
+    )
+    .await?)
+}
+
+/// Decrypts one verified part into `out`, optionally dropping its first line (the header of a
+/// part after the first when concatenating CSV).
+fn decrypt_part(
+    dir: &Path,
+    part: &VerifiedPart,
+    out: &mut impl Write,
+    skip_first_line: bool,
+    bar: &ProgressBar,
+) -> Result<()> {
+    let path = dir.join(&part.entry.name);
+    let display = path.display().to_string();
+    let mut file = File::open(&path).with_context(|| format!("opening {display}"))?;
+    file.seek(SeekFrom::Start(part.layout.header_len()))?;
+    let mut reader = DecryptingReader::from_verified(file, part.cipher.clone());
+    let mut buf = vec![0u8; CHUNK];
+    let mut skipping = skip_first_line;
+    let mut total = 0u64;
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                return Err(ppml_engine::EngineError::Format {
+                    path: display,
+                    source: ppml_format::FormatError::from_io(e),
+                }
+                .into());
+            }
+        };
+        total += n as u64;
+        let mut data = &buf[..n];
+        if skipping {
+            match memchr::memchr(b'\n', data) {
+                Some(nl) => {
+                    data = &data[nl + 1..];
+                    skipping = false;
+                }
+                None => data = &[],
+            }
+        }
+        out.write_all(data)?;
+        bar.inc(n as u64);
+    }
+    if total != part.entry.plaintext_len {
+        bail!(
+            "{display}: decrypted {total} bytes, the manifest records {}",
+            part.entry.plaintext_len
+        );
+    }
+    Ok(())
+}
+
+pub async fn decrypt(args: &DecryptArgs, settings: &mut Settings) -> Result<u64> {
+    let kms = settings.open_kms().await?;
+    let dataset = open_local_dataset(&args.input, kms.kms.as_ref()).await?;
+    let total = dataset.manifest.plaintext_len();
+    let skip_headers = dataset.csv_has_header();
+    if let Some(out_dir) = &args.out_dir {
+        if out_dir.exists() && !args.overwrite {
+            bail!(
+                "{}: output already exists (remove it or pass --overwrite)",
+                out_dir.display()
+            );
+        }
+        let bar = progress::bytes(total, "decrypting", settings.quiet);
+        let temp = temp_sibling(out_dir);
+        fs::create_dir_all(&temp)?;
+        let result = (|| -> Result<()> {
+            for part in &dataset.parts {
+                let name = part
+                    .entry
+                    .name
+                    .strip_suffix(PART_SUFFIX)
+                    .unwrap_or(&part.entry.name);
+                let mut file = File::create_new(temp.join(name))?;
+                decrypt_part(&args.input, part, &mut file, false, &bar)?;
+                file.sync_all()?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = result.and_then(|_| Ok(replace_path(&temp, out_dir, args.overwrite)?)) {
+            let _ = fs::remove_dir_all(&temp);
+            return Err(e);
+        }
+        bar.finish_and_clear();
+        return Ok(total);
+    }
+    let out = args.out.as_ref().expect("clap requires --out or --out-dir");
+    if out.as_os_str() == "-" {
+        let bar = progress::bytes(total, "decrypting", true);
+        let stdout = std::io::stdout();
+        let mut lock = stdout.lock();
+        for (i, part) in dataset.parts.iter().enumerate() {
+            decrypt_part(&args.input, part, &mut lock, skip_headers && i > 0, &bar)?;
+        }
+        lock.flush()?;
+        return Ok(total);
+    }
+    let bar = progress::bytes(total, "decrypting", settings.quiet);
+    let mut file = AtomicFile::create(out, args.overwrite)?;
+    for (i, part) in dataset.parts.iter().enumerate() {
+        decrypt_part(&args.input, part, &mut file, skip_headers && i > 0, &bar)?;
+    }
+    file.commit()?;
+    bar.finish_and_clear();
+    Ok(total)
+}

@@ -1,0 +1,136 @@
+//! The `ppml` command. See `ppml --help`.
+
+mod cli;
+mod crypt;
+mod csv_split;
+mod exit;
+mod generate;
+mod output;
+mod progress;
+mod query;
+mod quickstart;
+mod settings;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::Parser;
+use ppml_kms::{KeyManagementService, LocalKms};
+use tracing_subscriber::EnvFilter;
+
+use crate::cli::{Cli, Command, Generate, KmsCommand};
+use crate::settings::Settings;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.global.verbose);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ppml: error: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::FAILURE);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::from(exit::OK),
+        Err(err) => {
+            if is_broken_pipe(&err) {
+                return ExitCode::from(exit::OK);
+            }
+            eprintln!("ppml: error: {err}");
+            for cause in err.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            exit::code_for(&err)
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let mut settings = Settings::resolve(&cli.global)?;
+    match &cli.command {
+        Command::Generate(Generate::People(args)) => {
+            generate::run(args, settings.quiet)?;
+        }
+        Command::Encrypt(args) => {
+            let summary = crypt::encrypt(args, &mut settings).await?;
+            if !settings.quiet {
+                eprintln!(
+                    "encrypted {} bytes into {} part(s) in {}",
+                    summary.plaintext_bytes,
+                    summary.parts,
+                    args.out.display()
+                );
+            }
+        }
+        Command::Decrypt(args) => {
+            let bytes = crypt::decrypt(args, &mut settings).await?;
+            if !settings.quiet {
+                eprintln!("decrypted {bytes} bytes from {}", args.input.display());
+            }
+        }
+        Command::SimpleQuery(args) => {
+            query::simple_query(args, &mut settings).await?;
+        }
+        Command::Query(args) => {
+            query::query(args, &mut settings).await?;
+        }
+        Command::Quickstart(args) => quickstart::run(args, &mut settings).await?,
+        Command::Kms(command) => kms_command(command, &mut settings).await?,
+    }
+    Ok(())
+}
+
+async fn kms_command(command: &KmsCommand, settings: &mut Settings) -> Result<()> {
+    let dir = settings.kms_dir();
+    match command {
+        KmsCommand::Init => {
+            LocalKms::init(&dir)?;
+            println!("embedded KMS ready in {}", dir.display());
+        }
+        KmsCommand::Enroll => {
+            LocalKms::init(&dir)?;
+            let creds = LocalKms::enroll(&dir)?;
+            println!("appid = \"{}\"", creds.appid);
+            println!("apikey = \"{}\"", *creds.apikey);
+            eprintln!("keep the api key secret: it is shown only now");
+        }
+        KmsCommand::CreateKey => {
+            let kms = settings.open_kms().await?;
+            let id = kms.kms.create_primary_key().await?;
+            println!("{id}");
+        }
+        KmsCommand::ListKeys => {
+            let kms = settings.open_kms().await?;
+            for id in kms.kms.list_keys()? {
+                println!("{id}");
+            }
+            let _ = kms.kms.kms_id();
+        }
+    }
+    Ok(())
+}

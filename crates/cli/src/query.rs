@@ -1,0 +1,145 @@
+//! `ppml simple-query` and `ppml query`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use datafusion::arrow::util::pretty::pretty_format_batches;
+use ppml_engine::dataset::WriteOptions;
+use ppml_engine::simple_query::{self, SimpleQueryReport};
+use ppml_engine::{OutputTarget, PpmlSession};
+
+use crate::cli::{QueryArgs, SimpleQueryArgs};
+use crate::settings::Settings;
+
+/// Runs SimpleQuery; prints the count, the preview and the phase timings.
+pub async fn simple_query(
+    args: &SimpleQueryArgs,
+    settings: &mut Settings,
+) -> Result<SimpleQueryReport> {
+    let report = if args.plaintext {
+        let session = PpmlSession::plaintext(args.input_partitions);
+        simple_query::run(
+            &session,
+            &args.input,
+            OutputTarget::Plaintext {
+                dir: &args.output,
+                overwrite: args.overwrite,
+            },
+            args.output_partitions,
+        )
+        .await?
+    } else {
+        let kms = settings.open_kms().await?;
+        let primary = kms.primary()?.clone();
+        let session = PpmlSession::encrypted(kms.dyn_kms(), args.input_partitions);
+        simple_query::run(
+            &session,
+            &args.input,
+            OutputTarget::Encrypted {
+                kms: kms.kms.as_ref(),
+                primary: &primary,
+                dir: &args.output,
+                options: WriteOptions {
+                    overwrite: args.overwrite,
+                    ..WriteOptions::default()
+                },
+            },
+            args.output_partitions,
+        )
+        .await?
+    };
+    print_report(&report);
+    Ok(report)
+}
+
+pub fn print_report(report: &SimpleQueryReport) {
+    println!("count(name): {}", report.count);
+    println!("{}", report.preview);
+    println!(
+        "wrote {} rows in {} part(s)",
+        report.output.rows, report.output.parts
+    );
+    for (phase, duration) in &report.timings {
+        println!("{phase} time: {:.3} s", duration.as_secs_f64());
+    }
+}
+
+fn parse_table(spec: &str) -> Result<(String, PathBuf)> {
+    let Some((name, path)) = spec.split_once('=') else {
+        bail!("--table {spec:?}: expected NAME=DIR");
+    };
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        bail!("--table {spec:?}: table names are letters, digits and _");
+    }
+    Ok((name.to_string(), PathBuf::from(path)))
+}
+
+/// Runs SQL over named tables; prints the result or writes it as a dataset.
+pub async fn query(args: &QueryArgs, settings: &mut Settings) -> Result<u64> {
+    let tables = args
+        .tables
+        .iter()
+        .map(|t| parse_table(t))
+        .collect::<Result<Vec<_>>>()?;
+    let kms = if args.plaintext {
+        None
+    } else {
+        Some(settings.open_kms().await?)
+    };
+    let session = match &kms {
+        Some(kms) => PpmlSession::encrypted(kms.dyn_kms(), args.input_partitions),
+        None => PpmlSession::plaintext(args.input_partitions),
+    };
+    for (name, path) in &tables {
+        session
+            .register_csv(name, path, None)
+            .await
+            .with_context(|| format!("registering table {name}"))?;
+    }
+    let df = session.context().sql(&args.sql).await?;
+    match (&args.output, &kms) {
+        (Some(out), Some(kms)) => {
+            let summary = session
+                .write_csv(
+                    df,
+                    OutputTarget::Encrypted {
+                        kms: kms.kms.as_ref(),
+                        primary: kms.primary()?,
+                        dir: out,
+                        options: WriteOptions {
+                            overwrite: args.overwrite,
+                            ..WriteOptions::default()
+                        },
+                    },
+                    args.output_partitions,
+                )
+                .await?;
+            eprintln!(
+                "wrote {} rows in {} part(s) to {}",
+                summary.rows,
+                summary.parts,
+                out.display()
+            );
+            Ok(summary.rows)
+        }
+        (Some(out), None) => {
+            let summary = session
+                .write_csv(
+                    df,
+                    OutputTarget::Plaintext {
+                        dir: out,
+                        overwrite: args.overwrite,
+                    },
+                    args.output_partitions,
+                )
+                .await?;
+            Ok(summary.rows)
+        }
+        (None, _) => {
+            let batches = df.collect().await?;
+            let rows = batches.iter().map(|b| b.num_rows() as u64).sum();
+            println!("{}", pretty_format_batches(&batches)?);
+            Ok(rows)
+        }
+    }
+}

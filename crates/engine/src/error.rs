@@ -1,0 +1,96 @@
+use std::path::PathBuf;
+
+use ppml_format::FormatError;
+use ppml_kms::KmsError;
+
+/// Why opening, querying or writing an encrypted dataset failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// A file of the dataset is damaged, forged, truncated or not a ppml file.
+    #[error("{path}: {source}")]
+    Format {
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        source: FormatError,
+    },
+    /// The KMS refused or failed to release the data key.
+    #[error("{dataset}: cannot obtain the data key: {source}")]
+    Kms {
+        /// The dataset whose key was requested.
+        dataset: String,
+        /// The KMS error.
+        source: KmsError,
+    },
+    /// The directory has no manifest: it is not a ppml dataset.
+    #[error("{0}: not a ppml encrypted dataset (no _manifest.ppml.json)")]
+    NotADataset(String),
+    /// A part listed in the manifest is missing.
+    #[error("{dataset}: part {name:?} listed in the manifest is missing")]
+    MissingPart {
+        /// The dataset.
+        dataset: String,
+        /// The missing part.
+        name: String,
+    },
+    /// A file is in the dataset directory but not in the manifest.
+    #[error("{dataset}: file {name:?} is not part of the dataset (not in its manifest)")]
+    UnexpectedFile {
+        /// The dataset.
+        dataset: String,
+        /// The unexpected file.
+        name: String,
+    },
+    /// A part's size or header differs from what the manifest recorded: the part was replaced,
+    /// renamed, swapped with another dataset's, truncated or extended.
+    #[error("{path}: part does not match the manifest ({what}): replaced, renamed or resized")]
+    PartMismatch {
+        /// The part file.
+        path: String,
+        /// Which recorded property differs.
+        what: &'static str,
+    },
+    /// The output already exists; ppml never overwrites silently.
+    #[error("{0}: output already exists (remove it or pass --overwrite)")]
+    OutputExists(PathBuf),
+    /// A file-system operation failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path involved.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The object store failed.
+    #[error(transparent)]
+    ObjectStore(#[from] object_store::Error),
+    /// DataFusion failed to plan or run the query.
+    #[error(transparent)]
+    DataFusion(#[from] datafusion::error::DataFusionError),
+    /// Arrow failed to encode the output.
+    #[error("encoding the output: {0}")]
+    Arrow(#[from] datafusion::arrow::error::ArrowError),
+}
+
+impl EngineError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        EngineError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn format(path: impl std::fmt::Display, source: FormatError) -> Self {
+        match source {
+            FormatError::Io(e) => EngineError::Io {
+                path: PathBuf::from(path.to_string()),
+                source: e,
+            },
+            source => EngineError::Format {
+                path: path.to_string(),
+                source,
+            },
+        }
+    }
+}

@@ -1,0 +1,32 @@
+//! ppml's Apache DataFusion integration.
+//!
+//! - [`dataset`]: opening an encrypted dataset (manifest verified, data key released by the
+//!   KMS, every part's header checked) and writing one atomically.
+//! - [`store`]: [`DecryptingStore`], an `object_store` that serves the *plaintext* of verified
+//!   part files, decrypting segment by segment while DataFusion streams byte ranges. DataFusion's
+//!   own CSV source, with its file-range splitting and parallelism, then works unchanged, and
+//!   no decrypted copy is ever written to disk.
+//! - [`session`]: a DataFusion session whose file store decrypts, plus encrypted CSV output.
+//! - [`simple_query`]: the SimpleQuery application of the reference workflow.
+
+pub mod dataset;
+mod error;
+pub mod session;
+pub mod simple_query;
+pub mod store;
+
+pub use error::EngineError;
+pub use session::{OutputTarget, PpmlSession, WriteSummary};
+pub use store::DecryptingStore;
+
+/// Result type of this crate.
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+/// The KMS `aad` that binds a wrapped data key to one dataset.
+pub fn dataset_aad(dataset_id: &[u8; 16]) -> Vec<u8> {
+    format!("ppml-dataset:{}", hex_lower(dataset_id)).into_bytes()
+}
+
+fn hex_lower(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

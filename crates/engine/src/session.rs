@@ -1,0 +1,328 @@
+//! A DataFusion session whose local file store decrypts verified ppml datasets.
+
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::csv::WriterBuilder;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::datasource::file_format::csv::CsvFormat;
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
+use datafusion::physical_plan::repartition::RepartitionExec;
+use datafusion::physical_plan::{
+    ExecutionPlan, ExecutionPlanProperties, Partitioning, execute_stream_partitioned,
+};
+use datafusion::prelude::{DataFrame, SessionConfig, SessionContext};
+use futures::StreamExt;
+use object_store::local::LocalFileSystem;
+use ppml_kms::{KeyManagementService, PrimaryKeyId};
+
+use crate::dataset::{
+    DatasetWriter, PART_SUFFIX, VerifiedDataset, WriteOptions, open_dataset, part_name,
+    replace_path, temp_sibling,
+};
+use crate::{DecryptingStore, EngineError, Result};
+
+/// Where and how query results are written.
+pub enum OutputTarget<'a> {
+    /// A new encrypted dataset under a fresh data key from `kms`.
+    Encrypted {
+        /// The KMS that generates and wraps the data key.
+        kms: &'a dyn KeyManagementService,
+        /// The primary key to wrap it under.
+        primary: &'a PrimaryKeyId,
+        /// Destination directory.
+        dir: &'a Path,
+        /// Write options.
+        options: WriteOptions,
+    },
+    /// A directory of plaintext CSV parts (benchmarks and plaintext comparisons only).
+    Plaintext {
+        /// Destination directory.
+        dir: &'a Path,
+        /// Replace an existing destination.
+        overwrite: bool,
+    },
+}
+
+/// What a write produced.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WriteSummary {
+    /// Rows written (header lines excluded).
+    pub rows: u64,
+    /// Part files written.
+    pub parts: usize,
+    /// Plaintext bytes written.
+    pub plaintext_bytes: u64,
+}
+
+/// A DataFusion session for ppml.
+///
+/// In an encrypted session the `file://` object store is a [`DecryptingStore`]: only parts of
+/// datasets registered through [`PpmlSession::register_csv`] (and therefore verified) can be
+/// read, and they are read as plaintext without a plaintext copy ever touching disk.
+pub struct PpmlSession {
+    ctx: SessionContext,
+    decrypting: Option<(Arc<DecryptingStore>, Arc<dyn KeyManagementService>)>,
+}
+
+impl std::fmt::Debug for PpmlSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PpmlSession")
+            .field("encrypted", &self.decrypting.is_some())
+            .finish()
+    }
+}
+
+fn config(target_partitions: Option<usize>) -> SessionConfig {
+    let mut config = SessionConfig::new();
+    if let Some(n) = target_partitions.filter(|n| *n > 0) {
+        config = config.with_target_partitions(n);
+    }
+    config
+}
+
+impl PpmlSession {
+    /// A session reading encrypted datasets with keys released by `kms`.
+    pub fn encrypted(kms: Arc<dyn KeyManagementService>, target_partitions: Option<usize>) -> Self {
+        let ctx = SessionContext::new_with_config(config(target_partitions));
+        let store = Arc::new(DecryptingStore::new(Arc::new(LocalFileSystem::new())));
+        let file_url = url::Url::parse("file://").expect("valid URL");
+        ctx.register_object_store(&file_url, store.clone());
+        PpmlSession {
+            ctx,
+            decrypting: Some((store, kms)),
+        }
+    }
+
+    /// A session over plaintext files, for comparisons and benchmarks.
+    pub fn plaintext(target_partitions: Option<usize>) -> Self {
+        PpmlSession {
+            ctx: SessionContext::new_with_config(config(target_partitions)),
+            decrypting: None,
+        }
+    }
+
+    /// The DataFusion context, to run SQL or build DataFrames.
+    pub fn context(&self) -> &SessionContext {
+        &self.ctx
+    }
+
+    /// Registers the CSV data at `path` as table `name`. In an encrypted session `path` must be
+    /// a ppml dataset, which is verified first; in a plaintext session, a CSV file or directory.
+    /// With `schema` None, the schema is inferred from the data.
+    pub async fn register_csv(
+        &self,
+        name: &str,
+        path: &Path,
+        schema: Option<SchemaRef>,
+    ) -> Result<Option<VerifiedDataset>> {
+        let absolute = std::path::absolute(path).map_err(|e| EngineError::io(path, e))?;
+        let mut location = absolute.to_string_lossy().into_owned();
+        if absolute.is_dir() && !location.ends_with('/') {
+            location.push('/');
+        }
+        let url = ListingTableUrl::parse(&location)?;
+        let (has_header, extension, dataset) = match &self.decrypting {
+            Some((store, kms)) => {
+                if !absolute.is_dir() {
+                    return Err(EngineError::NotADataset(path.display().to_string()));
+                }
+                let dataset = open_dataset(
+                    store.inner().as_ref(),
+                    url.prefix(),
+                    &path.display().to_string(),
+                    kms.as_ref(),
+                )
+                .await?;
+                store.register(&dataset);
+                (dataset.csv_has_header(), PART_SUFFIX, Some(dataset))
+            }
+            None => (true, "", None),
+        };
+        let format = CsvFormat::default().with_has_header(has_header);
+        let options = ListingOptions::new(Arc::new(format)).with_file_extension(extension);
+        let schema = match schema {
+            Some(schema) => schema,
+            None => options.infer_schema(&self.ctx.state(), &url).await?,
+        };
+        let config = ListingTableConfig::new(url)
+            .with_listing_options(options)
+            .with_schema(schema);
+        self.ctx
+            .register_table(name, Arc::new(ListingTable::try_new(config)?))?;
+        Ok(dataset)
+    }
+
+    /// Runs `df` and writes its rows as CSV (with a header line per part) to `target`, one
+    /// part per output partition (`partitions` repartitions round-robin first). Parts are
+    /// written in parallel; nothing appears at the destination unless every part succeeded.
+    pub async fn write_csv(
+        &self,
+        df: DataFrame,
+        target: OutputTarget<'_>,
+        partitions: Option<usize>,
+    ) -> Result<WriteSummary> {
+        let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+        let task_ctx = Arc::new(df.task_ctx());
+        let plan = df.create_physical_plan().await?;
+        // Repartition the physical plan: a logical repartition may be optimised away.
+        let plan: Arc<dyn ExecutionPlan> = match partitions.filter(|n| *n > 0) {
+            Some(n) if n == plan.output_partitioning().partition_count() => plan,
+            Some(1) => Arc::new(CoalescePartitionsExec::new(plan)),
+            Some(n) => Arc::new(RepartitionExec::try_new(
+                plan,
+                Partitioning::RoundRobinBatch(n),
+            )?),
+            None => plan,
+        };
+        let streams = execute_stream_partitioned(plan, task_ctx)?;
+        match target {
+            OutputTarget::Encrypted {
+                kms,
+                primary,
+                dir,
+                options,
+            } => {
+                let writer = DatasetWriter::create(kms, primary, dir, options).await?;
+                let sinks = (0..streams.len())
+                    .map(|i| writer.part(&part_name(i, "csv")))
+                    .collect::<Result<Vec<_>>>()?;
+                let results = write_all(streams, sinks, schema).await?;
+                let mut summary = WriteSummary::default();
+                let mut entries = Vec::with_capacity(results.len());
+                for (part, rows) in results {
+                    let entry = part.finish()?;
+                    summary.rows += rows;
+                    summary.parts += 1;
+                    summary.plaintext_bytes += entry.plaintext_len;
+                    entries.push(entry);
+                }
+                writer.commit(entries)?;
+                Ok(summary)
+            }
+            OutputTarget::Plaintext { dir, overwrite } => {
+                if dir.exists() && !overwrite {
+                    return Err(EngineError::OutputExists(dir.to_path_buf()));
+                }
+                let temp = TempDir::create(temp_sibling(dir))?;
+                let sinks = (0..streams.len())
+                    .map(|i| {
+                        let path = temp.0.join(format!("part-{i:05}.csv"));
+                        File::create_new(&path)
+                            .map(|f| CountingWriter::new(BufWriter::with_capacity(1 << 20, f)))
+                            .map_err(|e| EngineError::io(&path, e))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let results = write_all(streams, sinks, schema).await?;
+                let mut summary = WriteSummary::default();
+                for (mut sink, rows) in results {
+                    sink.flush().map_err(|e| EngineError::io(&temp.0, e))?;
+                    summary.rows += rows;
+                    summary.parts += 1;
+                    summary.plaintext_bytes += sink.written;
+                }
+                replace_path(&temp.0, dir, overwrite)?;
+                temp.keep();
+                Ok(summary)
+            }
+        }
+    }
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn create(path: PathBuf) -> Result<Self> {
+        fs::create_dir_all(&path).map_err(|e| EngineError::io(&path, e))?;
+        Ok(TempDir(path))
+    }
+    fn keep(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+struct CountingWriter<W> {
+    inner: W,
+    written: u64,
+}
+
+impl<W> CountingWriter<W> {
+    fn new(inner: W) -> Self {
+        CountingWriter { inner, written: 0 }
+    }
+}
+
+impl<W: Write> Write for CountingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.written += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Drains every stream into its sink concurrently; on the first error the other writers are
+/// cancelled and the error returned.
+async fn write_all<W: Write + Send + 'static>(
+    streams: Vec<SendableRecordBatchStream>,
+    sinks: Vec<W>,
+    schema: SchemaRef,
+) -> Result<Vec<(W, u64)>> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for (index, (stream, sink)) in streams.into_iter().zip(sinks).enumerate() {
+        let schema = schema.clone();
+        tasks.spawn(async move { (index, write_partition(stream, sink, schema).await) });
+    }
+    let mut results: Vec<Option<(W, u64)>> = (0..tasks.len()).map(|_| None).collect();
+    while let Some(joined) = tasks.join_next().await {
+        let (index, result) = joined.map_err(|e| {
+            EngineError::DataFusion(datafusion::error::DataFusionError::External(Box::new(e)))
+        })?;
+        match result {
+            Ok(done) => results[index] = Some(done),
+            Err(e) => {
+                tasks.abort_all();
+                return Err(e);
+            }
+        }
+    }
+    Ok(results
+        .into_iter()
+        .map(|r| r.expect("every task joined"))
+        .collect())
+}
+
+async fn write_partition<W: Write + Send>(
+    mut stream: SendableRecordBatchStream,
+    sink: W,
+    schema: SchemaRef,
+) -> Result<(W, u64)> {
+    let mut writer = WriterBuilder::new().with_header(true).build(sink);
+    let mut rows = 0u64;
+    let mut wrote_header = false;
+    while let Some(batch) = stream.next().await {
+        let batch = batch?;
+        writer.write(&batch)?;
+        rows += batch.num_rows() as u64;
+        wrote_header = true;
+    }
+    if !wrote_header {
+        writer.write(&RecordBatch::new_empty(schema))?;
+    }
+    Ok((writer.into_inner(), rows))
+}

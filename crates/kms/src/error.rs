@@ -1,0 +1,69 @@
+use std::path::PathBuf;
+
+/// Why a KMS request failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KmsError {
+    /// The app id is unknown or the api key does not match it.
+    #[error("the KMS rejected the app credentials (unknown app id or wrong api key)")]
+    Unauthorized,
+    /// No primary key with this id is visible to the calling app.
+    #[error("primary key {0:?} not found for this app")]
+    KeyNotFound(String),
+    /// The primary key exists but is disabled.
+    #[error("primary key {0:?} is disabled")]
+    KeyDisabled(String),
+    /// The wrapped data key was not produced by this primary key (or with this binding), or
+    /// it was modified.
+    #[error(
+        "the data key could not be unwrapped: wrong primary key, wrong dataset, or a modified wrapped key"
+    )]
+    UnwrapFailed,
+    /// The data refers to a different KMS than the one configured.
+    #[error("the data was encrypted with KMS {found:?}, but this KMS is {expected:?}")]
+    WrongKms {
+        /// This KMS's id.
+        expected: String,
+        /// The id found in the data.
+        found: String,
+    },
+    /// The KMS directory does not exist or was never initialised.
+    #[error("no KMS at {0}: run `ppml kms init` or use the default $PPML_HOME")]
+    NotInitialized(PathBuf),
+    /// Reading or writing the KMS files failed.
+    #[error("KMS storage error at {path}: {source}")]
+    Storage {
+        /// The file involved.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The KMS files exist but do not parse or fail their integrity checks.
+    #[error("KMS store is corrupt: {0}")]
+    CorruptStore(String),
+    /// The system random number generator failed.
+    #[error("the system random number generator failed")]
+    Random,
+}
+
+impl KmsError {
+    pub(crate) fn storage(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        KmsError::Storage {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// True when the error means the caller may not have the key (credentials, key ownership,
+    /// wrong key material), as opposed to the KMS failing.
+    pub fn is_access_denied(&self) -> bool {
+        matches!(
+            self,
+            KmsError::Unauthorized
+                | KmsError::KeyNotFound(_)
+                | KmsError::KeyDisabled(_)
+                | KmsError::UnwrapFailed
+                | KmsError::WrongKms { .. }
+        )
+    }
+}

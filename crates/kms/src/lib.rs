@@ -1,0 +1,84 @@
+//! Key management for ppml.
+//!
+//! [`KeyManagementService`] is the one interface the rest of ppml uses to get keys: create a
+//! primary key, generate a data key (returned in plaintext and wrapped under the primary key),
+//! and unwrap a wrapped data key. Implementations decide where primary keys live and who may
+//! use them; primary keys never leave the KMS.
+//!
+//! [`LocalKms`] is the embedded implementation: a directory holding a root key file (mode
+//! 0600) and a store in which every primary key is sealed under the root key. It needs no
+//! server and checks the app id and api key like a remote KMS would. Remote implementations
+//! (the ppml KMS server, eHSM) implement the same trait.
+
+mod error;
+mod fs;
+mod local;
+
+use async_trait::async_trait;
+pub use error::KmsError;
+pub use fs::write_private_file_atomic;
+pub use local::LocalKms;
+pub use ppml_format::{DataKey, KeyReference};
+use zeroize::Zeroizing;
+
+/// Identifier of a primary key inside one KMS.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct PrimaryKeyId(pub String);
+
+impl std::fmt::Display for PrimaryKeyId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An application's credentials: the app id and its api key (a secret, never printed).
+#[derive(Clone)]
+pub struct AppCredentials {
+    /// Public identifier of the application.
+    pub appid: String,
+    /// The application's secret api key.
+    pub apikey: Zeroizing<String>,
+}
+
+impl AppCredentials {
+    /// Builds credentials from their two parts.
+    pub fn new(appid: impl Into<String>, apikey: impl Into<String>) -> Self {
+        AppCredentials {
+            appid: appid.into(),
+            apikey: Zeroizing::new(apikey.into()),
+        }
+    }
+}
+
+impl std::fmt::Debug for AppCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppCredentials")
+            .field("appid", &self.appid)
+            .field("apikey", &"<redacted>")
+            .finish()
+    }
+}
+
+/// A key management service, as seen by one authenticated application.
+///
+/// `aad` binds a wrapped data key to its use: unwrapping succeeds only with the same `aad`
+/// that was given when the key was generated (ppml passes the dataset id).
+#[async_trait]
+pub trait KeyManagementService: Send + Sync + std::fmt::Debug {
+    /// Stable identifier of this KMS, written into file headers (e.g. `local:3f9a…`).
+    fn kms_id(&self) -> &str;
+
+    /// Creates a new primary key owned by the calling application.
+    async fn create_primary_key(&self) -> Result<PrimaryKeyId, KmsError>;
+
+    /// Generates a fresh data key under `primary`: the plaintext key and its wrapped form.
+    async fn generate_data_key(
+        &self,
+        primary: &PrimaryKeyId,
+        aad: &[u8],
+    ) -> Result<(DataKey, KeyReference), KmsError>;
+
+    /// Unwraps a data key that this KMS wrapped, if the caller may use its primary key.
+    async fn unwrap_data_key(&self, key: &KeyReference, aad: &[u8]) -> Result<DataKey, KmsError>;
+}
