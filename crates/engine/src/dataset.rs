@@ -153,10 +153,10 @@ pub async fn open_dataset(
         let (header, cipher) = header
             .verify(&data_key)
             .map_err(|e| EngineError::format(&path_display, e))?;
-        if header.dataset_id() != manifest.dataset_id() {
+        if header.dataset_id() != manifest.dataset_id() || header.key() != manifest.key() {
             return Err(EngineError::PartMismatch {
                 path: path_display,
-                what: "dataset id",
+                what: "dataset id or key reference",
             });
         }
         let layout = SegmentLayout::new(header_len, header.segment_size(), size)

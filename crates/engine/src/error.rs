@@ -51,6 +51,14 @@ pub enum EngineError {
         /// Which recorded property differs.
         what: &'static str,
     },
+    /// The dataset holds data the query engine cannot read yet (only CSV is queryable).
+    #[error("{dataset}: holds {media_type:?}; only CSV datasets can be queried")]
+    UnsupportedMediaType {
+        /// The dataset.
+        dataset: String,
+        /// Its media type.
+        media_type: String,
+    },
     /// The output already exists; ppml never overwrites silently.
     #[error("{0}: output already exists (remove it or pass --overwrite)")]
     OutputExists(PathBuf),

@@ -14,6 +14,8 @@ mod error;
 pub mod session;
 pub mod simple_query;
 pub mod store;
+#[cfg(test)]
+mod tests;
 
 pub use error::EngineError;
 pub use session::{OutputTarget, PpmlSession, WriteSummary};

@@ -141,6 +141,12 @@ impl PpmlSession {
                     kms.as_ref(),
                 )
                 .await?;
+                if !dataset.manifest.media_type().starts_with("text/csv") {
+                    return Err(EngineError::UnsupportedMediaType {
+                        dataset: path.display().to_string(),
+                        media_type: dataset.manifest.media_type().to_string(),
+                    });
+                }
                 store.register(&dataset);
                 (dataset.csv_has_header(), PART_SUFFIX, Some(dataset))
             }

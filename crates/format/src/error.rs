@@ -11,6 +11,9 @@ pub enum FormatError {
     /// The bytes do not start with the ppml magic: this is not a ppml encrypted file.
     #[error("not a ppml encrypted file (bad magic bytes)")]
     NotPpml,
+    /// A ppml file of a format version this implementation does not know.
+    #[error("unsupported ppml format version {0} (this build reads version 1)")]
+    UnsupportedVersion(u8),
     /// The header is shorter than its declared length or its fields do not parse.
     #[error("malformed header: {0}")]
     MalformedHeader(&'static str),

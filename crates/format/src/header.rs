@@ -118,8 +118,11 @@ pub struct UnverifiedHeader {
 impl UnverifiedHeader {
     /// How many bytes the header occupies, read from the first 12 bytes of a file.
     pub fn declared_len(prefix: &[u8]) -> Result<usize, FormatError> {
-        if prefix.len() < MAGIC.len() || prefix[..MAGIC.len()] != MAGIC {
+        if prefix.len() < MAGIC.len() || prefix[..MAGIC.len() - 1] != MAGIC[..MAGIC.len() - 1] {
             return Err(FormatError::NotPpml);
+        }
+        if prefix[MAGIC.len() - 1] != MAGIC[MAGIC.len() - 1] {
+            return Err(FormatError::UnsupportedVersion(prefix[MAGIC.len() - 1]));
         }
         let Some(len) = prefix.get(8..12) else {
             return Err(FormatError::MalformedHeader("file ends inside the header"));

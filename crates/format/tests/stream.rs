@@ -91,6 +91,18 @@ fn not_a_ppml_file() {
     }
 }
 
+#[test]
+fn unknown_version_is_named() {
+    let key = DataKey::generate().unwrap();
+    let mut file = encrypt(b"x", &key);
+    file[7] = 2;
+    let err = decrypt_stream(&file, &key).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "unsupported ppml format version 2 (this build reads version 1)"
+    );
+}
+
 fn header_len(file: &[u8]) -> usize {
     UnverifiedHeader::declared_len(file).unwrap()
 }
