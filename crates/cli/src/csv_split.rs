@@ -68,45 +68,81 @@ impl CsvScanner {
     }
 
     /// Scans `chunk`, calling `row_end(offset)` after each complete row.
+    ///
+    /// Blocks of 64 bytes without quotes take a fast path: bitmasks of separators and line
+    /// ends (which the compiler vectorises) and a popcount per row; anything else goes byte
+    /// by byte.
     pub fn scan(&mut self, chunk: &[u8], mut row_end: impl FnMut(usize)) -> Result<(), CsvError> {
         let mut at = 0;
-        while at < chunk.len() {
-            let rest = &chunk[at..];
-            let (line, complete) = match memchr(b'\n', rest) {
-                Some(nl) => (&rest[..nl], true),
-                None => (rest, false),
-            };
-            if !self.header_done {
-                self.header.extend_from_slice(line);
-                if complete {
-                    self.header.push(b'\n');
-                }
-            }
-            if !self.in_quotes && memchr(b'"', line).is_none() {
-                self.separators += line.iter().filter(|&&b| b == b',').count();
+        while !self.header_done && at < chunk.len() {
+            let end = memchr(b'\n', &chunk[at..]).map_or(chunk.len(), |nl| at + nl + 1);
+            self.header.extend_from_slice(&chunk[at..end]);
+            self.scalar(&chunk[at..end], at, &mut row_end)?;
+            at = end;
+        }
+        let mut blocks = chunk[at..].chunks_exact(64);
+        for block in &mut blocks {
+            let block: &[u8; 64] = block.try_into().expect("64-byte block");
+            let (separators, line_ends, quotes) = block_masks(block);
+            if self.in_quotes || quotes != 0 {
+                self.scalar(block, at, &mut row_end)?;
             } else {
-                for &b in line {
-                    match b {
-                        b'"' => self.in_quotes = !self.in_quotes,
-                        b',' if !self.in_quotes => self.separators += 1,
-                        _ => {}
-                    }
-                }
+                self.fast_block(separators, line_ends, at, &mut row_end)?;
             }
-            self.row_bytes += line.len() as u64;
-            at += line.len();
-            if !complete {
-                break;
-            }
-            at += 1;
+            at += 64;
+        }
+        let rest = blocks.remainder();
+        self.scalar(rest, at, &mut row_end)
+    }
+
+    fn fast_block(
+        &mut self,
+        separators: u64,
+        mut line_ends: u64,
+        base: usize,
+        row_end: &mut impl FnMut(usize),
+    ) -> Result<(), CsvError> {
+        let mut from = 0u32;
+        while line_ends != 0 {
+            let pos = line_ends.trailing_zeros();
+            let in_row = separators & (low_bits(pos) & !low_bits(from));
+            self.separators += in_row.count_ones() as usize;
+            self.row_bytes += u64::from(pos - from);
             self.line += 1;
-            if self.in_quotes {
-                // A quoted field spans the line end; the row goes on.
-                self.row_bytes += 1;
-                continue;
-            }
             self.end_row()?;
-            row_end(at);
+            row_end(base + pos as usize + 1);
+            from = pos + 1;
+            line_ends &= line_ends - 1;
+        }
+        self.separators += (separators & !low_bits(from)).count_ones() as usize;
+        self.row_bytes += u64::from(64 - from);
+        Ok(())
+    }
+
+    fn scalar(
+        &mut self,
+        bytes: &[u8],
+        base: usize,
+        row_end: &mut impl FnMut(usize),
+    ) -> Result<(), CsvError> {
+        for (i, &b) in bytes.iter().enumerate() {
+            match b {
+                b'\n' => {
+                    self.line += 1;
+                    if self.in_quotes {
+                        // A quoted field spans the line end; the row goes on.
+                        self.row_bytes += 1;
+                        continue;
+                    }
+                    self.end_row()?;
+                    row_end(base + i + 1);
+                    continue;
+                }
+                b'"' => self.in_quotes = !self.in_quotes,
+                b',' if !self.in_quotes => self.separators += 1,
+                _ => {}
+            }
+            self.row_bytes += 1;
         }
         Ok(())
     }
@@ -154,6 +190,35 @@ impl CsvScanner {
     }
 }
 
+/// Bits set below `n` (n <= 64).
+fn low_bits(n: u32) -> u64 {
+    if n >= 64 { u64::MAX } else { (1u64 << n) - 1 }
+}
+
+/// Bitmasks of `,`, `\n` and `"` in a 64-byte block (bit i = byte i), eight bytes at a time
+/// with SWAR arithmetic (no `unsafe` SIMD intrinsics needed).
+fn block_masks(block: &[u8; 64]) -> (u64, u64, u64) {
+    let (mut separators, mut line_ends, mut quotes) = (0u64, 0u64, 0u64);
+    for (w, word) in block.chunks_exact(8).enumerate() {
+        let word = u64::from_le_bytes(word.try_into().expect("8 bytes"));
+        let shift = 8 * w as u32;
+        separators |= byte_eq_mask(word, b',') << shift;
+        line_ends |= byte_eq_mask(word, b'\n') << shift;
+        quotes |= byte_eq_mask(word, b'"') << shift;
+    }
+    (separators, line_ends, quotes)
+}
+
+/// An 8-bit mask of the bytes of `word` equal to `byte` (bit k = byte k, little endian).
+fn byte_eq_mask(word: u64, byte: u8) -> u64 {
+    const LOW7: u64 = 0x7F7F_7F7F_7F7F_7F7F;
+    let t = word ^ (u64::from(byte) * 0x0101_0101_0101_0101);
+    // 0x80 exactly in the bytes where t is zero (no carries cross bytes).
+    let zero = !(((t & LOW7) + LOW7) | t | LOW7);
+    // Gather bit 7 of each byte into the top byte.
+    (zero >> 7).wrapping_mul(0x0102_0408_1020_4080) >> 56
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,6 +261,45 @@ mod tests {
         }
         let err = scan_all(b"a,b\n\"x,y\",1\n\"x,y\"\n", 64).unwrap_err();
         assert_eq!(err.line, 3);
+    }
+
+    #[test]
+    fn byte_masks_are_exact() {
+        let mut block = [b'a'; 64];
+        for i in [0, 7, 8, 33, 63] {
+            block[i] = b',';
+        }
+        block[1] = 0x80 | b',';
+        block[2] = b'\n';
+        let (sep, nl, q) = block_masks(&block);
+        assert_eq!(sep, (1 << 0) | (1 << 7) | (1 << 8) | (1 << 33) | (1 << 63));
+        assert_eq!(nl, 1 << 2);
+        assert_eq!(q, 0);
+    }
+
+    #[test]
+    fn fast_and_slow_paths_agree_on_long_input() {
+        let mut data = b"name,age,job\n".to_vec();
+        for i in 0..2000 {
+            if i % 97 == 0 {
+                data.extend_from_slice(format!("\"q,{i}\",{i},\"x\ny\"\n").as_bytes());
+            } else {
+                data.extend_from_slice(format!("n{i},{},Developer\n", i % 60).as_bytes());
+            }
+        }
+        let expected: usize = 2001;
+        for chunk in [1, 7, 64, 100, 4096] {
+            assert_eq!(
+                scan_all(&data, chunk).unwrap().len(),
+                expected,
+                "chunk {chunk}"
+            );
+        }
+        let mut bad = data.clone();
+        let at = bad.len() - 5;
+        bad.insert(at, b',');
+        let err = scan_all(&bad, 4096).unwrap_err();
+        assert_eq!((err.line, err.found), (2001 + 2000 / 97 + 1, 4));
     }
 
     #[test]

@@ -229,7 +229,10 @@ impl PpmlSession {
                 let results = write_all(streams, sinks, schema).await?;
                 let mut summary = WriteSummary::default();
                 for (mut sink, rows) in results {
-                    sink.flush().map_err(|e| EngineError::io(&temp.0, e))?;
+                    // Same durability as the encrypted path, which syncs every part.
+                    sink.flush()
+                        .and_then(|_| sink.inner.get_ref().sync_all())
+                        .map_err(|e| EngineError::io(&temp.0, e))?;
                     summary.rows += rows;
                     summary.parts += 1;
                     summary.plaintext_bytes += sink.written;

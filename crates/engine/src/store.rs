@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use chrono::{DateTime, Utc};
-use futures::stream::{self, BoxStream, StreamExt};
+use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{
     CopyOptions, GetOptions, GetResult, GetResultPayload, ListResult, MultipartUpload, ObjectMeta,
@@ -22,6 +22,8 @@ use crate::dataset::VerifiedDataset;
 const STORE_NAME: &str = "ppml";
 /// Segments fetched and decrypted per request to the inner store (1 MiB at the default size).
 const SEGMENTS_PER_FETCH: u64 = 16;
+/// Size of the plaintext pieces handed to the reader.
+const YIELD_CHUNK: usize = 16 * 1024;
 
 #[derive(Clone)]
 struct RegisteredPart {
@@ -148,9 +150,17 @@ impl DecryptingStore {
                     let batch_start = part.layout.plaintext_offset(batch.start);
                     let from = range.start.saturating_sub(batch_start) as usize;
                     let to = ((range.end - batch_start) as usize).min(plaintext.len());
-                    Ok(plaintext.slice(from..to))
+                    let plaintext = plaintext.slice(from..to);
+                    // Hand DataFusion small pieces: its CSV deserializer takes in one chunk per
+                    // record batch it emits, so large chunks would pile up in its queue.
+                    let pieces: Vec<object_store::Result<Bytes>> = (0..plaintext.len())
+                        .step_by(YIELD_CHUNK)
+                        .map(|at| Ok(plaintext.slice(at..(at + YIELD_CHUNK).min(plaintext.len()))))
+                        .collect();
+                    Ok(stream::iter(pieces))
                 }
             })
+            .try_flatten()
             .boxed()
     }
 }
