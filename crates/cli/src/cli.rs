@@ -43,6 +43,10 @@ pub struct GlobalArgs {
     /// More log output (-v info, -vv debug); RUST_LOG overrides
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
+    /// Do not fsync outputs before renaming them into place (faster; a crash may then leave
+    /// an output that fails verification, never a wrong one)
+    #[arg(long, env = "PPML_NO_SYNC", global = true)]
+    pub no_sync: bool,
     /// No progress bars or summaries
     #[arg(short, long, global = true)]
     pub quiet: bool,

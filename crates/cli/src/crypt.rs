@@ -360,7 +360,7 @@ pub async fn decrypt(args: &DecryptArgs, settings: &mut Settings) -> Result<u64>
                     .unwrap_or(&part.entry.name);
                 let mut file = File::create_new(temp.join(name))?;
                 decrypt_part(&args.input, part, &mut file, false, &bar)?;
-                file.sync_all()?;
+                ppml_engine::dataset::sync(&file)?;
             }
             Ok(())
         })();

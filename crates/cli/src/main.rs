@@ -71,6 +71,7 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    ppml_engine::dataset::set_durable_writes(!cli.global.no_sync);
     let mut settings = Settings::resolve(&cli.global)?;
     match &cli.command {
         Command::Generate(Generate::People(args)) => {

@@ -42,7 +42,7 @@ impl AtomicFile {
             .into_inner()
             .map_err(|e| e.into_error())
             .with_context(|| format!("writing {}", self.destination.display()))?;
-        file.sync_all()
+        ppml_engine::dataset::sync(&file)
             .with_context(|| format!("syncing {}", self.destination.display()))?;
         let temp = self.temp.take().expect("not committed");
         if let Err(e) = replace_path(&temp, &self.destination, self.overwrite) {

@@ -231,7 +231,7 @@ impl PpmlSession {
                 for (mut sink, rows) in results {
                     // Same durability as the encrypted path, which syncs every part.
                     sink.flush()
-                        .and_then(|_| sink.inner.get_ref().sync_all())
+                        .and_then(|_| crate::dataset::sync(sink.inner.get_ref()))
                         .map_err(|e| EngineError::io(&temp.0, e))?;
                     summary.rows += rows;
                     summary.parts += 1;
