@@ -14,7 +14,7 @@ use object_store::{
     CopyOptions, GetOptions, GetResult, GetResultPayload, ListResult, MultipartUpload, ObjectMeta,
     ObjectStore, ObjectStoreExt, PutMultipartOptions, PutOptions, PutPayload, PutResult,
 };
-use ppml_format::{FileCipher, SegmentLayout, TAG_LEN};
+use ppml_format::{FileCipher, SegmentLayout};
 
 use crate::EngineError;
 use crate::dataset::VerifiedDataset;
@@ -128,7 +128,7 @@ impl DecryptingStore {
         let inner = self.inner.clone();
         let starts = (segments.start..segments.end).step_by(SEGMENTS_PER_FETCH as usize);
         stream::iter(starts)
-            .then(move |first| {
+            .map(move |first| {
                 let inner = inner.clone();
                 let location = location.clone();
                 let part = part.clone();
@@ -145,39 +145,34 @@ impl DecryptingStore {
                             ),
                         )));
                     }
-                    let plaintext = decrypt_batch(&part, batch.clone(), fetched)?;
-                    // Trim to the requested range.
-                    let batch_start = part.layout.plaintext_offset(batch.start);
-                    let from = range.start.saturating_sub(batch_start) as usize;
-                    let to = ((range.end - batch_start) as usize).min(plaintext.len());
-                    let plaintext = plaintext.slice(from..to);
-                    // Hand DataFusion small pieces: its CSV deserializer takes in one chunk per
-                    // record batch it emits, so large chunks would pile up in its queue.
-                    let pieces: Vec<object_store::Result<Bytes>> = (0..plaintext.len())
-                        .step_by(YIELD_CHUNK)
-                        .map(|at| Ok(plaintext.slice(at..(at + YIELD_CHUNK).min(plaintext.len()))))
-                        .collect();
+                    let pieces = decrypt_batch(&part, batch, fetched, &range)?;
                     Ok(stream::iter(pieces))
                 }
             })
+            // One fetch in flight while the reader parses the previous one.
+            .buffered(2)
             .try_flatten()
             .boxed()
     }
 }
 
-/// Authenticates and decrypts consecutive segments `batch` held in `ciphertext`, compacting
-/// their plaintext to the front of the buffer.
+/// Authenticates and decrypts, in place, consecutive segments `batch` held in `ciphertext`,
+/// and returns the plaintext that falls inside `wanted` as pieces of at most [`YIELD_CHUNK`]
+/// bytes (slices of the one buffer: no copy). Small pieces matter: DataFusion's CSV
+/// deserializer takes in one chunk per record batch it emits, so large chunks would pile up in
+/// its queue.
 fn decrypt_batch(
     part: &RegisteredPart,
     batch: Range<u64>,
     ciphertext: Bytes,
-) -> object_store::Result<Bytes> {
+    wanted: &Range<u64>,
+) -> object_store::Result<Vec<object_store::Result<Bytes>>> {
     let mut buf = match ciphertext.try_into_mut() {
         Ok(owned) => owned,
         Err(shared) => BytesMut::from(&shared[..]),
     };
     let base = part.layout.ciphertext_range(batch.start).start;
-    let mut written = 0usize;
+    let mut plaintexts = Vec::with_capacity((batch.end - batch.start) as usize);
     for index in batch {
         let range = part.layout.ciphertext_range(index);
         let (start, end) = ((range.start - base) as usize, (range.end - base) as usize);
@@ -186,12 +181,22 @@ fn decrypt_batch(
             .open(index, part.layout.is_last(index), &mut buf[start..end])
             .map_err(|e| generic(EngineError::format(&part.display, e)))?
             .len();
-        buf.copy_within(start..start + len, written);
-        written += len;
-        debug_assert!(end - start == len + TAG_LEN);
+        // Plaintext offsets of this segment, clipped to the wanted range.
+        let offset = part.layout.plaintext_offset(index);
+        let from = wanted.start.max(offset);
+        let to = wanted.end.min(offset + len as u64);
+        if from < to {
+            plaintexts.push(start + (from - offset) as usize..start + (to - offset) as usize);
+        }
     }
-    buf.truncate(written);
-    Ok(buf.freeze())
+    let buf = buf.freeze();
+    let mut pieces = Vec::new();
+    for range in plaintexts {
+        for at in range.clone().step_by(YIELD_CHUNK) {
+            pieces.push(Ok(buf.slice(at..(at + YIELD_CHUNK).min(range.end))));
+        }
+    }
+    Ok(pieces)
 }
 
 fn read_only() -> object_store::Error {
