@@ -63,6 +63,13 @@ impl Header {
         })
     }
 
+    /// A header with a chosen salt, for deterministic test vectors only.
+    #[cfg(test)]
+    pub(crate) fn with_salt(mut self, salt: [u8; SALT_LEN]) -> Self {
+        self.salt = salt;
+        self
+    }
+
     /// Plaintext bytes per non-final segment.
     pub fn segment_size(&self) -> u32 {
         self.segment_size

@@ -39,6 +39,8 @@ pub mod manifest;
 mod random_access;
 mod segment;
 mod stream;
+#[cfg(test)]
+mod vectors;
 
 pub use error::FormatError;
 pub use header::{Header, MAGIC, MAX_HEADER_LEN, UnverifiedHeader};
