@@ -321,7 +321,7 @@ impl DatasetWriter {
     /// Opens a new part file `name` for writing. Parts may be written concurrently.
     pub fn part(&self, name: &str) -> Result<PartWriter> {
         ppml_format::manifest::validate_part_name(name)
-            .map_err(|e| EngineError::format(&self.destination.display(), e))?;
+            .map_err(|e| EngineError::format(self.destination.display(), e))?;
         let dir = self.temp_dir.as_ref().expect("not committed");
         let path = dir.join(name);
         let file = File::create_new(&path).map_err(|e| EngineError::io(&path, e))?;

@@ -58,56 +58,138 @@ fn vectors() -> Vec<Vector> {
     let seg = SEGMENT as usize + TAG_LEN;
     let ok = |name, len: usize, comment| {
         let (file, data) = encrypt(len);
-        Vector { name, expect: "success", comment, file, plaintext: Some(data) }
+        Vector {
+            name,
+            expect: "success",
+            comment,
+            file,
+            plaintext: Some(data),
+        }
     };
     let bad = |name, expect, comment, edit: &dyn Fn(&mut Vec<u8>)| {
         let (mut file, _) = encrypt(200);
         edit(&mut file);
-        Vector { name, expect, comment, file, plaintext: None }
+        Vector {
+            name,
+            expect,
+            comment,
+            file,
+            plaintext: None,
+        }
     };
     vec![
         ok("empty", 0, "empty plaintext: one empty final segment"),
         ok("one_byte", 1, "a single byte"),
-        ok("one_full_segment", 64, "exactly one segment, which is final"),
-        ok("segment_plus_one", 65, "a full segment and a final one-byte segment"),
-        ok("three_and_a_half", 200, "three full segments and a final partial one"),
-        bad("header_salt_flipped", "header failure", "a salt byte flipped: the header MAC fails", &|f| f[30] ^= 1),
-        bad("header_tag_flipped", "header failure", "the last header byte (MAC) flipped", &|f| {
-            let at = header_len(f) - 1;
-            f[at] ^= 0x80
-        }),
-        bad("wrapped_key_flipped", "header failure", "a wrapped-key byte flipped", &|f| {
-            let at = header_len(f) - 40;
-            f[at] ^= 4
-        }),
-        bad("segment_flipped", "payload failure", "a ciphertext byte of segment 1 flipped", &|f| {
-            let at = header_len(f) + seg + 5;
-            f[at] ^= 1
-        }),
-        bad("final_segment_removed", "truncated", "the file ends after segment 2, not final", &|f| {
-            let at = header_len(f) + 3 * seg;
-            f.truncate(at)
-        }),
-        bad("cut_inside_segment", "payload failure", "the file ends 10 bytes into the final segment", &|f| {
-            let at = header_len(f) + 3 * seg + 10;
-            f.truncate(at)
-        }),
-        bad("segments_swapped", "payload failure", "segments 0 and 1 swapped", &|f| {
-            let h = header_len(f);
-            let first = f[h..h + seg].to_vec();
-            f.copy_within(h + seg..h + 2 * seg, h);
-            f[h + seg..h + 2 * seg].copy_from_slice(&first);
-        }),
-        bad("trailing_bytes", "payload failure", "16 zero bytes after the final segment", &|f| {
-            f.extend_from_slice(&[0; 16])
-        }),
-        bad("bad_magic", "not ppml", "the magic's first byte changed", &|f| f[0] = b'Q'),
-        bad("version_2", "unsupported version", "the magic's version byte is 2", &|f| f[7] = 2),
-        bad("header_too_short", "header failure", "header_len field lowered by one", &|f| f[11] -= 1),
-        bad("header_only", "payload failure", "all segments removed", &|f| {
-            let at = header_len(f);
-            f.truncate(at)
-        }),
+        ok(
+            "one_full_segment",
+            64,
+            "exactly one segment, which is final",
+        ),
+        ok(
+            "segment_plus_one",
+            65,
+            "a full segment and a final one-byte segment",
+        ),
+        ok(
+            "three_and_a_half",
+            200,
+            "three full segments and a final partial one",
+        ),
+        bad(
+            "header_salt_flipped",
+            "header failure",
+            "a salt byte flipped: the header MAC fails",
+            &|f| f[30] ^= 1,
+        ),
+        bad(
+            "header_tag_flipped",
+            "header failure",
+            "the last header byte (MAC) flipped",
+            &|f| {
+                let at = header_len(f) - 1;
+                f[at] ^= 0x80
+            },
+        ),
+        bad(
+            "wrapped_key_flipped",
+            "header failure",
+            "a wrapped-key byte flipped",
+            &|f| {
+                let at = header_len(f) - 40;
+                f[at] ^= 4
+            },
+        ),
+        bad(
+            "segment_flipped",
+            "payload failure",
+            "a ciphertext byte of segment 1 flipped",
+            &|f| {
+                let at = header_len(f) + seg + 5;
+                f[at] ^= 1
+            },
+        ),
+        bad(
+            "final_segment_removed",
+            "truncated",
+            "the file ends after segment 2, not final",
+            &|f| {
+                let at = header_len(f) + 3 * seg;
+                f.truncate(at)
+            },
+        ),
+        bad(
+            "cut_inside_segment",
+            "payload failure",
+            "the file ends 10 bytes into the final segment",
+            &|f| {
+                let at = header_len(f) + 3 * seg + 10;
+                f.truncate(at)
+            },
+        ),
+        bad(
+            "segments_swapped",
+            "payload failure",
+            "segments 0 and 1 swapped",
+            &|f| {
+                let h = header_len(f);
+                let first = f[h..h + seg].to_vec();
+                f.copy_within(h + seg..h + 2 * seg, h);
+                f[h + seg..h + 2 * seg].copy_from_slice(&first);
+            },
+        ),
+        bad(
+            "trailing_bytes",
+            "payload failure",
+            "16 zero bytes after the final segment",
+            &|f| f.extend_from_slice(&[0; 16]),
+        ),
+        bad(
+            "bad_magic",
+            "not ppml",
+            "the magic's first byte changed",
+            &|f| f[0] = b'Q',
+        ),
+        bad(
+            "version_2",
+            "unsupported version",
+            "the magic's version byte is 2",
+            &|f| f[7] = 2,
+        ),
+        bad(
+            "header_too_short",
+            "header failure",
+            "header_len field lowered by one",
+            &|f| f[11] -= 1,
+        ),
+        bad(
+            "header_only",
+            "payload failure",
+            "all segments removed",
+            &|f| {
+                let at = header_len(f);
+                f.truncate(at)
+            },
+        ),
     ]
 }
 
@@ -156,7 +238,12 @@ fn render(v: &Vector) -> String {
     writeln!(out, "expect: {}", v.expect).unwrap();
     writeln!(out, "data key: {}", hex::encode(KEY)).unwrap();
     if let Some(p) = &v.plaintext {
-        writeln!(out, "payload: {}", hex::encode(digest::digest(&digest::SHA256, p))).unwrap();
+        writeln!(
+            out,
+            "payload: {}",
+            hex::encode(digest::digest(&digest::SHA256, p))
+        )
+        .unwrap();
     }
     writeln!(out, "comment: {}", v.comment).unwrap();
     out.push('\n');
@@ -194,8 +281,16 @@ fn vectors_match_their_expectations() {
         assert_eq!(field("data key").unwrap(), hex::encode(KEY));
         let file = hex::decode(body.split_whitespace().collect::<String>()).unwrap();
         let name = path.display();
-        assert_eq!(outcome(read_streaming(&file, &key), payload.as_deref()), expect, "{name} (streaming)");
-        assert_eq!(outcome(read_random(&file, &key), payload.as_deref()), expect, "{name} (random access)");
+        assert_eq!(
+            outcome(read_streaming(&file, &key), payload.as_deref()),
+            expect,
+            "{name} (streaming)"
+        );
+        assert_eq!(
+            outcome(read_random(&file, &key), payload.as_deref()),
+            expect,
+            "{name} (random access)"
+        );
         count += 1;
     }
     assert_eq!(count, vectors().len(), "vector files vs generator");
@@ -206,6 +301,11 @@ fn committed_vectors_are_what_the_generator_writes() {
     for v in vectors() {
         let committed = std::fs::read_to_string(dir().join(v.name))
             .unwrap_or_else(|_| panic!("missing vector {}: regenerate", v.name));
-        assert_eq!(committed, render(&v), "{} differs from the generator", v.name);
+        assert_eq!(
+            committed,
+            render(&v),
+            "{} differs from the generator",
+            v.name
+        );
     }
 }
