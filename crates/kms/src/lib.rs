@@ -10,6 +10,7 @@
 //! server and checks the app id and api key like a remote KMS would. Remote implementations
 //! (the ppml KMS server, eHSM) implement the same trait.
 
+pub mod ehsm;
 mod error;
 mod fs;
 mod local;
