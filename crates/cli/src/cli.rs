@@ -210,4 +210,24 @@ pub enum KmsCommand {
     CreateKey,
     /// List the current application's primary keys
     ListKeys,
+    /// Run the KMS server (eHSM-compatible REST API, see docs/kms-api.md)
+    Serve(KmsServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct KmsServeArgs {
+    /// Address to listen on
+    #[arg(long, env = "PPML_KMS_LISTEN", default_value = "127.0.0.1:9000")]
+    pub listen: String,
+    /// Directory of the server's store [default: $PPML_HOME/kms-server]
+    #[arg(long, env = "PPML_KMS_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Root key file (64 hex characters, mode 0600), created on first start
+    /// [default: DATA_DIR/root.key]; PPML_KMS_ROOT_KEY (hex) takes precedence
+    #[arg(long, value_name = "FILE")]
+    pub root_key_file: Option<PathBuf>,
+    /// Serve plain HTTP. Required for now: TLS is not implemented yet, and the server refuses
+    /// to start without this explicit acknowledgement.
+    #[arg(long)]
+    pub insecure_http: bool,
 }

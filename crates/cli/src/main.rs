@@ -5,6 +5,7 @@ mod crypt;
 mod csv_split;
 mod exit;
 mod generate;
+mod kms_serve;
 mod output;
 mod progress;
 mod query;
@@ -131,6 +132,7 @@ async fn kms_command(command: &KmsCommand, settings: &mut Settings) -> Result<()
             let id = kms.kms.create_primary_key().await?;
             println!("{id}");
         }
+        KmsCommand::Serve(args) => kms_serve::run(args, settings).await?,
         KmsCommand::ListKeys => {
             let kms = settings.open_kms().await?;
             for id in kms.kms.list_keys()? {

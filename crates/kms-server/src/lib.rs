@@ -1,0 +1,13 @@
+//! ppml's KMS server: the eHSM-KMS REST protocol (`docs/kms-api.md`) over a crash-safe redb
+//! store in which every api key and every primary key is sealed under a root key.
+//!
+//! - [`store`]: the redb store and the root key.
+//! - [`api`]: the axum router, request validation and the actions.
+
+pub mod api;
+mod error;
+pub mod store;
+
+pub use api::{ServerState, router};
+pub use error::ApiError;
+pub use store::{RootKey, Store};
