@@ -193,12 +193,7 @@ fn optional_str<'a>(payload: &'a Map<String, Value>, name: &str) -> Result<&'a s
 }
 
 fn data_aad(keyid: &str, aad: &str) -> Vec<u8> {
-    let mut out = AAD_DATA.to_vec();
-    for part in [keyid.as_bytes(), aad.as_bytes()] {
-        out.extend_from_slice(&(part.len() as u32).to_be_bytes());
-        out.extend_from_slice(part);
-    }
-    out
+    ppml_kms::sealing::binding(AAD_DATA, &[keyid.as_bytes(), aad.as_bytes()])
 }
 
 /// `base64(0x01 || u32 key version || nonce || ciphertext || tag)`.

@@ -7,9 +7,9 @@ use std::path::Path;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use ppml_kms::sealing::{self, binding, uuid_like};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
-use ring::rand::{SecureRandom, SystemRandom};
+use ring::aead::{AES_256_GCM, LessSafeKey, UnboundKey};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
@@ -63,54 +63,18 @@ impl RootKey {
 }
 
 pub(crate) fn random<const N: usize>() -> Result<[u8; N], ApiError> {
-    let mut out = [0u8; N];
-    SystemRandom::new()
-        .fill(&mut out)
-        .map_err(|_| ApiError::Internal("random generator failed".into()))?;
-    Ok(out)
+    sealing::random().ok_or_else(|| ApiError::Internal("random generator failed".into()))
 }
 
-/// `nonce || AES-256-GCM(key, nonce, aad, plaintext) || tag`.
+/// `nonce || AES-256-GCM(key, nonce, aad, plaintext) || tag` (see [`sealing`]).
 pub(crate) fn seal(key: &LessSafeKey, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, ApiError> {
-    let nonce = random::<NONCE_LEN>()?;
-    let mut out = Vec::with_capacity(NONCE_LEN + plaintext.len() + 16);
-    out.extend_from_slice(&nonce);
-    out.extend_from_slice(plaintext);
-    let tag = key
-        .seal_in_place_separate_tag(
-            Nonce::assume_unique_for_key(nonce),
-            Aad::from(aad),
-            &mut out[NONCE_LEN..],
-        )
-        .map_err(|_| ApiError::Internal("seal failed".into()))?;
-    out.extend_from_slice(tag.as_ref());
+    let mut out = Vec::new();
+    sealing::seal_into(key, aad, plaintext, &mut out)
+        .ok_or_else(|| ApiError::Internal("seal failed".into()))?;
     Ok(out)
 }
 
-/// Opens what [`seal`] produced.
-pub(crate) fn open(key: &LessSafeKey, aad: &[u8], sealed: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
-    if sealed.len() < NONCE_LEN + 16 {
-        return None;
-    }
-    let (nonce, body) = sealed.split_at(NONCE_LEN);
-    let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
-    let mut body = Zeroizing::new(body.to_vec());
-    let len = key
-        .open_in_place(nonce, Aad::from(aad), &mut body)
-        .ok()?
-        .len();
-    body.truncate(len);
-    Some(body)
-}
-
-fn binding(prefix: &[u8], parts: &[&[u8]]) -> Vec<u8> {
-    let mut out = prefix.to_vec();
-    for part in parts {
-        out.extend_from_slice(&(part.len() as u32).to_be_bytes());
-        out.extend_from_slice(part);
-    }
-    out
-}
+pub(crate) use sealing::open;
 
 #[derive(Serialize, Deserialize)]
 struct AppRecord {
@@ -142,18 +106,6 @@ impl KeyRecord {
             _ => None,
         }
     }
-}
-
-fn uuid_like(bytes: [u8; 16]) -> String {
-    let h = hex::encode(bytes);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
 }
 
 fn internal(e: impl std::fmt::Display) -> ApiError {

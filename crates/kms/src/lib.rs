@@ -14,6 +14,7 @@ pub mod ehsm;
 mod error;
 mod fs;
 mod local;
+pub mod sealing;
 
 use async_trait::async_trait;
 pub use error::KmsError;

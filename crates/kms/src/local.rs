@@ -18,12 +18,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use ring::aead::{AES_256_GCM, LessSafeKey, UnboundKey};
 use ring::digest;
-use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+use crate::sealing::{self, binding, uuid_like};
 use crate::{
     AppCredentials, DataKey, KeyManagementService, KeyReference, KmsError, PrimaryKeyId,
     write_private_file_atomic,
@@ -86,61 +86,29 @@ fn now_unix() -> u64 {
 }
 
 fn random<const N: usize>() -> Result<[u8; N], KmsError> {
-    let mut out = [0u8; N];
-    SystemRandom::new()
-        .fill(&mut out)
-        .map_err(|_| KmsError::Random)?;
-    Ok(out)
+    sealing::random().ok_or(KmsError::Random)
 }
 
 fn sha256_hex(data: &[u8]) -> String {
     hex::encode(digest::digest(&digest::SHA256, data))
 }
 
+/// `WRAP_VERSION || sealing::seal_into(...)`.
 fn seal(key: &LessSafeKey, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, KmsError> {
-    let nonce = random::<NONCE_LEN>()?;
-    let mut out = Vec::with_capacity(1 + NONCE_LEN + plaintext.len() + 16);
-    out.push(WRAP_VERSION);
-    out.extend_from_slice(&nonce);
-    let mut body = plaintext.to_vec();
-    key.seal_in_place_append_tag(
-        Nonce::assume_unique_for_key(nonce),
-        Aad::from(aad),
-        &mut body,
-    )
-    .map_err(|_| KmsError::Random)?;
-    out.extend_from_slice(&body);
-    body.fill(0);
+    let mut out = vec![WRAP_VERSION];
+    sealing::seal_into(key, aad, plaintext, &mut out).ok_or(KmsError::Random)?;
     Ok(out)
 }
 
 fn open(key: &LessSafeKey, aad: &[u8], sealed: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
-    let (&version, rest) = sealed.split_first()?;
-    if version != WRAP_VERSION || rest.len() < NONCE_LEN + 16 {
-        return None;
+    match sealed.split_first()? {
+        (&WRAP_VERSION, rest) => sealing::open(key, aad, rest),
+        _ => None,
     }
-    let (nonce, body) = rest.split_at(NONCE_LEN);
-    let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
-    let mut body = Zeroizing::new(body.to_vec());
-    let len = key
-        .open_in_place(nonce, Aad::from(aad), &mut body)
-        .ok()?
-        .len();
-    body.truncate(len);
-    Some(body)
 }
 
 fn aes_key(bytes: &[u8]) -> LessSafeKey {
     LessSafeKey::new(UnboundKey::new(&AES_256_GCM, bytes).expect("32-byte AES-256 key"))
-}
-
-fn binding(prefix: &[u8], parts: &[&[u8]]) -> Vec<u8> {
-    let mut out = prefix.to_vec();
-    for part in parts {
-        out.extend_from_slice(&(part.len() as u32).to_be_bytes());
-        out.extend_from_slice(part);
-    }
-    out
 }
 
 struct StoreLock(File);
@@ -327,18 +295,6 @@ impl LocalKms {
         })?;
         Ok(aes_key(&bytes))
     }
-}
-
-fn uuid_like(bytes: [u8; 16]) -> String {
-    let h = hex::encode(bytes);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
 }
 
 fn check_private(path: &Path) -> Result<(), KmsError> {
