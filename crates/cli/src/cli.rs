@@ -40,6 +40,22 @@ pub struct GlobalArgs {
     /// Primary key id under which new data keys are wrapped
     #[arg(long, env = "PPML_PRIMARY_KEY", global = true)]
     pub primary_key: Option<String>,
+    /// URL of a KMS server (`ppml kms serve` or eHSM), e.g. https://kms:9000 [default: the
+    /// embedded KMS in $PPML_HOME]
+    #[arg(long, env = "PPML_KMS_URL", global = true, value_name = "URL")]
+    pub kms_url: Option<String>,
+    /// Trust exactly the KMS server certificate with this fingerprint (sha256:<hex>, as
+    /// printed by `ppml kms serve`)
+    #[arg(
+        long,
+        env = "PPML_KMS_FINGERPRINT",
+        global = true,
+        value_name = "SHA256"
+    )]
+    pub kms_fingerprint: Option<String>,
+    /// Trust KMS server certificates signed by this CA (PEM) instead of the system roots
+    #[arg(long, env = "PPML_KMS_CA_CERT", global = true, value_name = "FILE")]
+    pub kms_ca_cert: Option<PathBuf>,
     /// More log output (-v info, -vv debug); RUST_LOG overrides
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
@@ -67,7 +83,7 @@ pub enum Command {
     Query(QueryArgs),
     /// Run the whole workflow (KMS, generate, encrypt, query, decrypt, check) in one go
     Quickstart(QuickstartArgs),
-    /// Manage the embedded KMS
+    /// Manage keys (the embedded KMS, or a KMS server with --kms-url) and run the KMS server
     #[command(subcommand)]
     Kms(KmsCommand),
 }
@@ -210,24 +226,113 @@ pub enum KmsCommand {
     CreateKey,
     /// List the current application's primary keys
     ListKeys,
+    /// Add a new version to a primary key (KMS server only); old data stays readable
+    Rotate(KeyIdArg),
+    /// Disable a primary key (KMS server only): its data keys can no longer be unwrapped
+    Disable(KeyIdArg),
+    /// Enable a disabled primary key (KMS server only)
+    Enable(KeyIdArg),
     /// Run the KMS server (eHSM-compatible REST API, see docs/kms-api.md)
     Serve(KmsServeArgs),
+    /// Load-test a KMS server (--kms-url): signed GenerateDataKeyWithoutPlaintext and Decrypt
+    /// from N concurrent connections; prints throughput and latency percentiles
+    Bench(KmsBenchArgs),
+    /// Inspect the KMS server's audit log
+    #[command(subcommand)]
+    Audit(AuditCommand),
 }
 
 #[derive(Debug, Args)]
-pub struct KmsServeArgs {
-    /// Address to listen on
-    #[arg(long, env = "PPML_KMS_LISTEN", default_value = "127.0.0.1:9000")]
-    pub listen: String,
-    /// Directory of the server's store [default: $PPML_HOME/kms-server]
+pub struct KmsBenchArgs {
+    /// Concurrent connections
+    #[arg(long, default_value_t = 32)]
+    pub connections: usize,
+    /// Measured duration in seconds (after a 1 s warm-up)
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// Enroll a fresh app and key for the run instead of using the configured ones
+    #[arg(long)]
+    pub enroll: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct KeyIdArg {
+    /// Primary key id [default: the configured primary key]
+    #[arg(value_name = "KEYID")]
+    pub keyid: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check the audit log's hash chain (and its MACs when the root key is available); exits
+    /// non-zero on any edited, removed or reordered entry
+    Verify(AuditVerifyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AuditVerifyArgs {
+    /// The audit log [default: DATA_DIR/audit.log]
+    #[arg(long, value_name = "FILE")]
+    pub log: Option<PathBuf>,
+    /// Server data directory [default: $PPML_HOME/kms-server]
     #[arg(long, env = "PPML_KMS_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Root key file (64 hex characters, mode 0600), created on first start
-    /// [default: DATA_DIR/root.key]; PPML_KMS_ROOT_KEY (hex) takes precedence
-    #[arg(long, value_name = "FILE")]
-    pub root_key_file: Option<PathBuf>,
-    /// Serve plain HTTP. Required for now: TLS is not implemented yet, and the server refuses
-    /// to start without this explicit acknowledgement.
+    /// Check the hash chain only, without the root key (then an attacker who rewrites the
+    /// whole chain is not detected)
     #[arg(long)]
+    pub chain_only: bool,
+    #[command(flatten)]
+    pub root: RootKeyArgs,
+}
+
+/// Where the KMS server's root key comes from (first match wins): PPML_KMS_ROOT_KEY (hex),
+/// a passphrase (Argon2id), or the root key file.
+#[derive(Debug, Args, Clone, Default)]
+pub struct RootKeyArgs {
+    /// Root key file (64 hex characters, mode 0600), created on first start
+    /// [default: DATA_DIR/root.key]
+    #[arg(long, env = "PPML_KMS_ROOT_KEY_FILE", value_name = "FILE")]
+    pub root_key_file: Option<PathBuf>,
+    /// Derive the root key from a passphrase read from this file (Argon2id; the salt is kept
+    /// in DATA_DIR/root.salt). PPML_KMS_PASSPHRASE gives the passphrase directly.
+    #[arg(long, env = "PPML_KMS_PASSPHRASE_FILE", value_name = "FILE")]
+    pub passphrase_file: Option<PathBuf>,
+}
+
+/// Options of `ppml kms serve`; each also comes from an env var or the `[server]` table of the
+/// configuration file (flags > env > file > default).
+#[derive(Debug, Args)]
+pub struct KmsServeArgs {
+    /// Address to listen on [default: 127.0.0.1:9000]
+    #[arg(long, env = "PPML_KMS_LISTEN", value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Directory of the server's store, audit log and certificate [default:
+    /// $PPML_HOME/kms-server]
+    #[arg(long, env = "PPML_KMS_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub root: RootKeyArgs,
+    /// TLS certificate chain (PEM) [default: a self-signed certificate in DATA_DIR/tls,
+    /// created on first start; its fingerprint is printed]
+    #[arg(
+        long,
+        env = "PPML_KMS_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) of --tls-cert
+    #[arg(
+        long,
+        env = "PPML_KMS_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+    /// Extra DNS name or IP for the self-signed certificate (repeatable)
+    #[arg(long, value_name = "NAME")]
+    pub tls_san: Vec<String>,
+    /// Serve plain HTTP instead of HTTPS (loopback or a trusted network only)
+    #[arg(long, env = "PPML_KMS_INSECURE_HTTP")]
     pub insecure_http: bool,
 }

@@ -5,6 +5,7 @@ mod crypt;
 mod csv_split;
 mod exit;
 mod generate;
+mod kms_bench;
 mod kms_serve;
 mod output;
 mod progress;
@@ -16,11 +17,11 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::Parser;
-use ppml_kms::{KeyManagementService, LocalKms};
+use ppml_kms::LocalKms;
 use tracing_subscriber::EnvFilter;
 
-use crate::cli::{Cli, Command, Generate, KmsCommand};
-use crate::settings::Settings;
+use crate::cli::{AuditCommand, Cli, Command, Generate, KmsCommand};
+use crate::settings::{KmsBackend, Settings};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -117,12 +118,23 @@ async fn kms_command(command: &KmsCommand, settings: &mut Settings) -> Result<()
     let dir = settings.kms_dir();
     match command {
         KmsCommand::Init => {
+            if settings.kms_url.is_some() {
+                anyhow::bail!(
+                    "`ppml kms init` creates the embedded KMS; a KMS server initialises itself \
+                     on first start (`ppml kms serve`)"
+                );
+            }
             LocalKms::init(&dir)?;
             println!("embedded KMS ready in {}", dir.display());
         }
         KmsCommand::Enroll => {
-            LocalKms::init(&dir)?;
-            let creds = LocalKms::enroll(&dir)?;
+            let creds = match settings.connect_remote_anonymous().await? {
+                Some(remote) => remote.enroll().await?,
+                None => {
+                    LocalKms::init(&dir)?;
+                    LocalKms::enroll(&dir)?
+                }
+            };
             println!("appid = \"{}\"", creds.appid);
             println!("apikey = \"{}\"", *creds.apikey);
             eprintln!("keep the api key secret: it is shown only now");
@@ -132,14 +144,56 @@ async fn kms_command(command: &KmsCommand, settings: &mut Settings) -> Result<()
             let id = kms.kms.create_primary_key().await?;
             println!("{id}");
         }
-        KmsCommand::Serve(args) => kms_serve::run(args, settings).await?,
         KmsCommand::ListKeys => {
             let kms = settings.open_kms().await?;
-            for id in kms.kms.list_keys()? {
-                println!("{id}");
+            match &kms.backend {
+                KmsBackend::Local(local) => {
+                    for id in local.list_keys()? {
+                        println!("{id}");
+                    }
+                }
+                KmsBackend::Remote(remote) => {
+                    for key in remote.list_keys().await? {
+                        println!(
+                            "{}\t{}\t{}",
+                            key.keyid,
+                            key.keyspec,
+                            if key.enabled { "enabled" } else { "disabled" }
+                        );
+                    }
+                }
             }
-            let _ = kms.kms.kms_id();
         }
+        KmsCommand::Rotate(arg) | KmsCommand::Disable(arg) | KmsCommand::Enable(arg) => {
+            let kms = settings.open_kms().await?;
+            let keyid = match &arg.keyid {
+                Some(id) => ppml_kms::PrimaryKeyId(id.clone()),
+                None => kms.primary()?.clone(),
+            };
+            let KmsBackend::Remote(remote) = &kms.backend else {
+                anyhow::bail!(
+                    "the embedded KMS keeps one version per key and cannot disable keys; \
+                     use a KMS server (--kms-url) for key rotation and lifecycle"
+                );
+            };
+            match command {
+                KmsCommand::Rotate(_) => {
+                    let version = remote.rotate_key(&keyid).await?;
+                    println!("{keyid}: now at version {version}");
+                }
+                KmsCommand::Disable(_) => {
+                    remote.set_enabled(&keyid, false).await?;
+                    println!("{keyid}: disabled");
+                }
+                _ => {
+                    remote.set_enabled(&keyid, true).await?;
+                    println!("{keyid}: enabled");
+                }
+            }
+        }
+        KmsCommand::Serve(args) => kms_serve::run(args, settings).await?,
+        KmsCommand::Bench(args) => kms_bench::run(args, settings).await?,
+        KmsCommand::Audit(AuditCommand::Verify(args)) => kms_serve::audit_verify(args, settings)?,
     }
     Ok(())
 }

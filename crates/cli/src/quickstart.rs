@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use ppml_kms::{KeyManagementService, LocalKms};
+use ppml_kms::{AppCredentials, KeyManagementService, LocalKms};
 
 use crate::cli::{DecryptArgs, EncryptArgs, GeneratePeopleArgs, QuickstartArgs, SimpleQueryArgs};
 use crate::settings::Settings;
@@ -79,22 +79,44 @@ pub async fn run(args: &QuickstartArgs, settings: &mut Settings) -> Result<()> {
         }
     }
 
-    println!(
-        "[0/5] prepare: embedded KMS in {}",
-        settings.kms_dir().display()
-    );
     let t = Instant::now();
-    let dir = settings.kms_dir();
-    LocalKms::init(&dir)?;
-    let creds = LocalKms::enroll(&dir)?;
-    let kms = LocalKms::open(&dir, &creds)?;
-    let primary = kms.create_primary_key().await?;
-    println!(
-        "      enrolled app {} and created primary key {primary}",
-        creds.appid
-    );
-    settings.appid = Some(creds.appid.clone());
-    settings.apikey = Some(creds.apikey.to_string());
+    let (appid, apikey, primary) = match settings.connect_remote_anonymous().await? {
+        Some(remote) => {
+            println!("[0/5] prepare: KMS server at {}", remote.kms_id());
+            let creds = match (&settings.appid, &settings.apikey) {
+                (Some(appid), Some(apikey)) => AppCredentials::new(appid.clone(), apikey.clone()),
+                _ => remote.enroll().await?,
+            };
+            let kms = ppml_kms::RemoteKms::connect(
+                &settings.remote_config()?.expect("a KMS URL is configured"),
+                Some(creds.clone()),
+            )
+            .await?;
+            (
+                creds.appid.clone(),
+                creds.apikey.to_string(),
+                kms.create_primary_key().await?,
+            )
+        }
+        None => {
+            println!(
+                "[0/5] prepare: embedded KMS in {}",
+                settings.kms_dir().display()
+            );
+            let dir = settings.kms_dir();
+            LocalKms::init(&dir)?;
+            let creds = LocalKms::enroll(&dir)?;
+            let kms = LocalKms::open(&dir, &creds)?;
+            (
+                creds.appid.clone(),
+                creds.apikey.to_string(),
+                kms.create_primary_key().await?,
+            )
+        }
+    };
+    println!("      enrolled app {appid} and created primary key {primary}");
+    settings.appid = Some(appid);
+    settings.apikey = Some(apikey);
     settings.primary_key = Some(primary.0.clone());
     timings.push(("prepare", t.elapsed()));
 
@@ -185,7 +207,6 @@ pub async fn run(args: &QuickstartArgs, settings: &mut Settings) -> Result<()> {
         );
     }
     timings.push(("check", t.elapsed()));
-    let _ = kms.kms_id();
 
     println!();
     println!(

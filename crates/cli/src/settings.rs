@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use ppml_kms::{AppCredentials, KeyManagementService, LocalKms, PrimaryKeyId};
+use ppml_kms::{
+    AppCredentials, KeyManagementService, LocalKms, PrimaryKeyId, RemoteKms, RemoteKmsConfig,
+    TlsTrust,
+};
 use serde::Deserialize;
 
 use crate::cli::GlobalArgs;
@@ -17,6 +20,9 @@ pub struct ConfigFile {
     /// KMS credentials and the default primary key.
     #[serde(default)]
     pub kms: KmsSection,
+    /// `ppml kms serve` settings.
+    #[serde(default)]
+    pub server: crate::kms_serve::ServerSection,
 }
 
 /// `[kms]` of the configuration file.
@@ -26,6 +32,12 @@ pub struct KmsSection {
     pub appid: Option<String>,
     pub apikey: Option<String>,
     pub primary_key: Option<String>,
+    /// URL of a KMS server; absent means the embedded KMS.
+    pub url: Option<String>,
+    /// SHA-256 fingerprint of the server's certificate.
+    pub fingerprint: Option<String>,
+    /// CA certificate (PEM) of the server.
+    pub ca_cert: Option<PathBuf>,
 }
 
 /// Resolved settings.
@@ -35,6 +47,10 @@ pub struct Settings {
     pub appid: Option<String>,
     pub apikey: Option<String>,
     pub primary_key: Option<String>,
+    pub kms_url: Option<String>,
+    pub kms_fingerprint: Option<String>,
+    pub kms_ca_cert: Option<PathBuf>,
+    pub server: crate::kms_serve::ServerSection,
     pub quiet: bool,
 }
 
@@ -58,6 +74,10 @@ impl Settings {
             appid: global.appid.clone(),
             apikey: global.apikey.clone(),
             primary_key: global.primary_key.clone(),
+            kms_url: global.kms_url.clone(),
+            kms_fingerprint: global.kms_fingerprint.clone(),
+            kms_ca_cert: global.kms_ca_cert.clone(),
+            server: Default::default(),
             quiet: global.quiet,
             home,
         };
@@ -69,25 +89,41 @@ impl Settings {
         if home_config.is_file() {
             files.push(read_config(&home_config)?);
         }
+        // The first file that sets a value wins: --config before $PPML_HOME/config.toml.
+        let mut server_sections = Vec::new();
         for file in files {
             settings.appid = settings.appid.or(file.kms.appid);
             settings.apikey = settings.apikey.or(file.kms.apikey);
             settings.primary_key = settings.primary_key.or(file.kms.primary_key);
+            settings.kms_url = settings.kms_url.or(file.kms.url);
+            settings.kms_fingerprint = settings.kms_fingerprint.or(file.kms.fingerprint);
+            settings.kms_ca_cert = settings.kms_ca_cert.or(file.kms.ca_cert);
+            server_sections.push(file.server);
+        }
+        for section in server_sections.into_iter().rev() {
+            settings.server = section.over(std::mem::take(&mut settings.server));
         }
         Ok(settings)
     }
 
-    /// Directory of the embedded KMS.
-    pub fn kms_dir(&self) -> PathBuf {
-        self.home.join("kms")
+    /// How to reach the configured KMS server, if one is configured.
+    pub fn remote_config(&self) -> Result<Option<RemoteKmsConfig>> {
+        let Some(url) = &self.kms_url else {
+            return Ok(None);
+        };
+        let mut config = RemoteKmsConfig::new(url.clone());
+        config.trust = match (&self.kms_fingerprint, &self.kms_ca_cert) {
+            (Some(_), Some(_)) => {
+                bail!("give either a KMS certificate fingerprint or a CA certificate, not both")
+            }
+            (Some(pin), None) => TlsTrust::parse_fingerprint(pin)?,
+            (None, Some(path)) => TlsTrust::CaFile(path.clone()),
+            (None, None) => TlsTrust::SystemRoots,
+        };
+        Ok(Some(config))
     }
 
-    /// Opens the KMS for the configured app, creating the embedded default on first use.
-    pub async fn open_kms(&mut self) -> Result<OpenKms> {
-        let dir = self.kms_dir();
-        if self.appid.is_none() && self.apikey.is_none() && !LocalKms::exists(&dir) {
-            self.bootstrap().await?;
-        }
+    fn credentials(&self) -> Result<AppCredentials> {
         let (Some(appid), Some(apikey)) = (&self.appid, &self.apikey) else {
             bail!(
                 "no KMS app credentials: set PPML_APPID and PPML_APIKEY (or --appid/--apikey, \
@@ -95,10 +131,51 @@ impl Settings {
                 self.home.join("config.toml").display()
             );
         };
-        let kms = LocalKms::open(&dir, &AppCredentials::new(appid.clone(), apikey.clone()))
-            .with_context(|| format!("opening the embedded KMS in {}", dir.display()))?;
+        Ok(AppCredentials::new(appid.clone(), apikey.clone()))
+    }
+
+    /// Connects to the configured KMS server without credentials (for Enroll).
+    pub async fn connect_remote_anonymous(&self) -> Result<Option<RemoteKms>> {
+        let Some(config) = self.remote_config()? else {
+            return Ok(None);
+        };
+        Ok(Some(RemoteKms::connect(&config, None).await?))
+    }
+
+    /// Directory of the embedded KMS.
+    pub fn kms_dir(&self) -> PathBuf {
+        self.home.join("kms")
+    }
+
+    /// Opens the KMS for the configured app: the KMS server when a URL is configured,
+    /// otherwise the embedded KMS, created with a default app and key on first use.
+    pub async fn open_kms(&mut self) -> Result<OpenKms> {
+        let primary = self.primary_key.clone().map(PrimaryKeyId);
+        if let Some(config) = self.remote_config()? {
+            let creds = self.credentials()?;
+            let remote = RemoteKms::connect(&config, Some(creds))
+                .await
+                .with_context(|| format!("connecting to the KMS at {}", config.url))?;
+            tracing::info!(url = %config.url, kms_id = %remote.kms_id(), "using the KMS server");
+            let remote = Arc::new(remote);
+            return Ok(OpenKms {
+                kms: remote.clone(),
+                backend: KmsBackend::Remote(remote),
+                primary,
+            });
+        }
+        let dir = self.kms_dir();
+        if self.appid.is_none() && self.apikey.is_none() && !LocalKms::exists(&dir) {
+            self.bootstrap().await?;
+        }
+        let creds = self.credentials()?;
+        let local = Arc::new(
+            LocalKms::open(&dir, &creds)
+                .with_context(|| format!("opening the embedded KMS in {}", dir.display()))?,
+        );
         Ok(OpenKms {
-            kms: Arc::new(kms),
+            kms: local.clone(),
+            backend: KmsBackend::Local(local),
             primary: self.primary_key.clone().map(PrimaryKeyId),
         })
     }
@@ -134,9 +211,16 @@ impl Settings {
     }
 }
 
+/// The concrete KMS behind [`OpenKms`], for the admin commands the trait does not cover.
+pub enum KmsBackend {
+    Local(Arc<LocalKms>),
+    Remote(Arc<RemoteKms>),
+}
+
 /// An opened KMS and the primary key to use for new data.
 pub struct OpenKms {
-    pub kms: Arc<LocalKms>,
+    pub kms: Arc<dyn KeyManagementService>,
+    pub backend: KmsBackend,
     pub primary: Option<PrimaryKeyId>,
 }
 

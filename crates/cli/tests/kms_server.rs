@@ -83,7 +83,12 @@ fn signed(appid: &str, apikey: &str, payload: Value, nonce: u64) -> String {
 fn independent_python_client_talks_to_the_server() {
     let dir = tempfile::tempdir().unwrap();
     let server = serve(dir.path());
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../compat/ehsm_client.py");
+    let script = std::path::PathBuf::from(
+        // Runtime value first: a cached binary may have been built in another clone.
+        std::env::var("CARGO_MANIFEST_DIR")
+            .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string()),
+    )
+    .join("../../compat/ehsm_client.py");
     let out = Command::new("python3")
         .arg(script)
         .arg(format!("http://{}", server.addr))

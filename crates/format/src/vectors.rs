@@ -20,7 +20,12 @@ const SEGMENT: u32 = 64;
 const KEY: [u8; 32] = [0x42; 32];
 
 fn dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata/vectors")
+    // `cargo test` sets CARGO_MANIFEST_DIR when it runs the test too; prefer that over the
+    // compile-time value, which is stale when a cached test binary was built in another clone.
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+        .join("testdata/vectors")
 }
 
 fn plaintext(len: usize) -> Vec<u8> {

@@ -1,22 +1,33 @@
-//! The eHSM REST API: `GET /ehsm?Action=Enroll|GetVersion`, `POST /ehsm?Action=...`.
+//! The eHSM REST API: `GET /ehsm?Action=Enroll|GetVersion`, `POST /ehsm?Action=...`, and
+//! `GET /metrics` (Prometheus text format).
 
-use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::collections::{HashSet, VecDeque};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Query, State};
-use axum::response::Json;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use ppml_kms::ehsm::{self, ReplayCache, RequestError};
+use ppml_kms::ehsm::{self, REPLAY_WINDOW_MS, RequestError};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
 use ring::aead::LessSafeKey;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use crate::ApiError;
+use crate::audit::{AuditEntry, AuditLog};
 use crate::store::{self, Store, random};
 
 /// Largest accepted request body.
@@ -26,12 +37,228 @@ pub const MAX_PLAINTEXT: usize = 6 * 1024;
 const CIPHERTEXT_VERSION: u8 = 1;
 const AAD_DATA: &[u8] = b"ppml-kms-server/v1 data\0";
 
+/// Every action of the protocol (docs/kms-api.md §5); other names are counted as `unknown`.
+const ACTIONS: [&str; 14] = [
+    "Enroll",
+    "GetVersion",
+    "CreateKey",
+    "GenerateDataKey",
+    "GenerateDataKeyWithoutPlaintext",
+    "Encrypt",
+    "Decrypt",
+    "ListKey",
+    "EnableKey",
+    "DisableKey",
+    "DeleteKey",
+    "RotateKey",
+    "ReEncrypt",
+    "unknown",
+];
+
+/// Actions that write to the store (an fsync) or scan it: run on the blocking pool. The others
+/// are served from the store's caches and run on the async workers.
+const BLOCKING: [&str; 7] = [
+    "Enroll",
+    "CreateKey",
+    "EnableKey",
+    "DisableKey",
+    "DeleteKey",
+    "RotateKey",
+    "ListKey",
+];
+
+/// Actions whose envelope must carry a `payload` (docs/kms-api.md §4 rule 1).
+const CRYPTOGRAPHIC: [&str; 7] = [
+    "CreateKey",
+    "GenerateDataKey",
+    "GenerateDataKeyWithoutPlaintext",
+    "Encrypt",
+    "Decrypt",
+    "RotateKey",
+    "ReEncrypt",
+];
+
+/// The action's name as a metric label: one of [`ACTIONS`].
+fn action_label(action: &str) -> &'static str {
+    ACTIONS
+        .iter()
+        .find(|a| **a == action)
+        .copied()
+        .unwrap_or("unknown")
+}
+
+/// Remembers recent (app, timestamp, nonce) triples to reject replays, with the rule of
+/// `ppml_kms::ehsm::ReplayCache` (each triple once in [`REPLAY_WINDOW_MS`]) but O(1) per
+/// request: a set of keyed 64-bit hashes of the triples, plus their arrival order for
+/// expiry. Memory is about 40 bytes per request of the last 20 minutes. A hash collision
+/// (probability about n / 2^64) would only refuse a fresh request as a replay.
+#[derive(Debug, Default)]
+struct ReplayGuard {
+    hasher: RandomState,
+    inner: Mutex<ReplayInner>,
+}
+
+#[derive(Debug, Default)]
+struct ReplayInner {
+    seen: HashSet<u64>,
+    order: VecDeque<(u64, u64)>,
+}
+
+impl ReplayGuard {
+    /// Fails if (appid, timestamp, nonce) was recorded within the window; returns its id for
+    /// [`ReplayGuard::record`]. Nothing is recorded yet, so unsigned requests cannot fill the
+    /// guard or spend another app's (timestamp, nonce) pairs.
+    fn check(
+        &self,
+        appid: &str,
+        timestamp: &str,
+        nonce: Option<&str>,
+        now_ms: u64,
+    ) -> Result<u64, RequestError> {
+        let id = self
+            .hasher
+            .hash_one((appid, timestamp, nonce.unwrap_or("")));
+        let mut inner = self.inner.lock().expect("replay guard lock");
+        inner.expire(now_ms);
+        if inner.seen.contains(&id) {
+            return Err(RequestError::Replay);
+        }
+        Ok(id)
+    }
+
+    /// Records a checked id once its request is authenticated; fails if a concurrent request
+    /// with the same triple recorded it first.
+    fn record(&self, id: u64, now_ms: u64) -> Result<(), RequestError> {
+        let mut inner = self.inner.lock().expect("replay guard lock");
+        if !inner.seen.insert(id) {
+            return Err(RequestError::Replay);
+        }
+        inner.order.push_back((now_ms, id));
+        Ok(())
+    }
+}
+
+impl ReplayInner {
+    fn expire(&mut self, now_ms: u64) {
+        while let Some(&(at, old)) = self.order.front() {
+            if now_ms.saturating_sub(at) <= REPLAY_WINDOW_MS {
+                break;
+            }
+            self.order.pop_front();
+            self.seen.remove(&old);
+        }
+    }
+}
+
+type Labels<const N: usize> = [(&'static str, &'static str); N];
+
+/// The server's Prometheus metrics, in a registry of its own (so several servers can run in
+/// one process).
+struct Metrics {
+    registry: Registry,
+    requests: Family<Labels<2>, Counter>,
+    duration: Family<Labels<1>, Histogram, fn() -> Histogram>,
+    keys: Family<Labels<1>, Gauge>,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        fn histogram() -> Histogram {
+            Histogram::new([
+                0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05,
+                0.1, 0.25, 0.5, 1.0, 2.5,
+            ])
+        }
+        let mut registry = Registry::default();
+        let requests = Family::<Labels<2>, Counter>::default();
+        let duration = Family::<Labels<1>, Histogram, fn() -> Histogram>::new_with_constructor(
+            histogram as fn() -> Histogram,
+        );
+        let keys = Family::<Labels<1>, Gauge>::default();
+        registry.register(
+            "ppml_kms_requests",
+            "KMS requests by action and outcome (ok or the error kind)",
+            requests.clone(),
+        );
+        registry.register_with_unit(
+            "ppml_kms_request_duration",
+            "Time to serve a KMS request, by action",
+            Unit::Seconds,
+            duration.clone(),
+        );
+        registry.register(
+            "ppml_kms_keys",
+            "Primary keys in the store, by state",
+            keys.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            duration,
+            keys,
+        }
+    }
+
+    fn record(&self, action: &str, outcome: &'static str, started: Instant) {
+        let action = action_label(action);
+        self.requests
+            .get_or_create(&[("action", action), ("outcome", outcome)])
+            .inc();
+        self.duration
+            .get_or_create(&[("action", action)])
+            .observe(started.elapsed().as_secs_f64());
+    }
+}
+
 /// Shared state of the server.
 pub struct ServerState {
     /// The persistent store.
     pub store: Store,
-    /// Recently seen (timestamp, nonce) pairs.
-    pub replay: ReplayCache,
+    replay: ReplayGuard,
+    metrics: Metrics,
+    audit: Option<AuditLog>,
+    request_ids: RequestIds,
+}
+
+/// Request ids: a random prefix per server start and a counter, e.g. `3f9a01c2-42`.
+#[derive(Debug)]
+struct RequestIds {
+    prefix: String,
+    next: AtomicU64,
+}
+
+impl RequestIds {
+    fn new() -> Self {
+        let prefix = ppml_kms::sealing::random::<4>().map(hex::encode);
+        RequestIds {
+            prefix: prefix.unwrap_or_else(|| format!("{:08x}", now_ms() as u32)),
+            next: AtomicU64::new(1),
+        }
+    }
+
+    fn next(&self) -> String {
+        format!(
+            "{}-{}",
+            self.prefix,
+            self.next.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+}
+
+/// What the audit entry of a request needs to know besides its outcome; filled in as far as
+/// the request could be parsed.
+#[derive(Debug, Default)]
+struct RequestContext {
+    appid: String,
+    keyid: String,
+}
+
+impl std::fmt::Debug for ServerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerState")
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ServerState {
@@ -39,8 +266,41 @@ impl ServerState {
     pub fn new(store: Store) -> Self {
         ServerState {
             store,
-            replay: ReplayCache::new(),
+            replay: ReplayGuard::default(),
+            metrics: Metrics::new(),
+            audit: None,
+            request_ids: RequestIds::new(),
         }
+    }
+
+    /// Records every request in `audit` (docs/kms-audit.md) before answering it; when the log
+    /// cannot be written, requests fail (fail closed).
+    pub fn with_audit(mut self, audit: AuditLog) -> Self {
+        self.audit = Some(audit);
+        self
+    }
+
+    /// The audit log, if one is attached.
+    pub fn audit(&self) -> Option<&AuditLog> {
+        self.audit.as_ref()
+    }
+
+    /// The metrics in the Prometheus text format (0.0.4); reads the key counts from the store.
+    pub fn render_metrics(&self) -> Result<String, ApiError> {
+        let (enabled, disabled) = self.store.key_counts()?;
+        let as_gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        self.metrics
+            .keys
+            .get_or_create(&[("state", "enabled")])
+            .set(as_gauge(enabled));
+        self.metrics
+            .keys
+            .get_or_create(&[("state", "disabled")])
+            .set(as_gauge(disabled));
+        let mut out = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut out, &self.metrics.registry)
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        Ok(out)
     }
 }
 
@@ -48,8 +308,29 @@ impl ServerState {
 pub fn router(state: Arc<ServerState>) -> Router {
     Router::new()
         .route("/ehsm", get(handle_get).post(handle_post))
+        .route("/metrics", get(handle_metrics))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
+}
+
+async fn handle_metrics(State(state): State<Arc<ServerState>>) -> Response {
+    let rendered = tokio::task::spawn_blocking(move || state.render_metrics())
+        .await
+        .unwrap_or_else(|e| Err(ApiError::Internal(e.to_string())));
+    match rendered {
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+            )],
+            text,
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::error!(error = ?e, "rendering metrics failed");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -65,53 +346,114 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn respond(action: &str, result: Result<Value, ApiError>) -> Json<Value> {
-    match result {
+/// Writes the audit entry (when a log is attached), then answers. If the entry cannot be
+/// made durable the client gets an internal error instead of the result: nothing is answered
+/// that the audit log does not hold.
+async fn respond(
+    state: &ServerState,
+    action: &str,
+    context: RequestContext,
+    started: Instant,
+    mut result: Result<Value, ApiError>,
+) -> Response {
+    let request_id = state.request_ids.next();
+    if let Some(audit) = &state.audit {
+        let keyid = match (&result, context.keyid.is_empty()) {
+            (Ok(value), true) => value
+                .get("keyid")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+            _ => context.keyid,
+        };
+        let (outcome, code) = match &result {
+            Ok(_) => ("ok".to_string(), 200),
+            Err(e) => (e.message(), e.code()),
+        };
+        let entry = AuditEntry {
+            request_id: request_id.clone(),
+            appid: context.appid,
+            action: action.to_string(),
+            keyid,
+            outcome,
+            code,
+        };
+        if let Err(e) = audit.append_async(entry).await {
+            result = Err(ApiError::Internal(format!("audit log: {e}")));
+        }
+    }
+    let body = match result {
         Ok(result) => {
-            tracing::info!(action, outcome = "ok", "request");
-            Json(json!({"code": 200, "message": "successful", "result": result}))
+            state.metrics.record(action, "ok", started);
+            tracing::debug!(action, request_id, outcome = "ok", "request");
+            json!({"code": 200, "message": "successful", "result": result})
         }
         Err(err) => {
+            state.metrics.record(action, err.kind(), started);
             if let ApiError::Internal(detail) = &err {
-                tracing::error!(action, detail, "request failed");
+                tracing::error!(action, request_id, detail, "request failed");
             } else {
-                tracing::info!(action, outcome = %err, "request rejected");
+                tracing::info!(action, request_id, outcome = %err, "request rejected");
             }
-            Json(json!({"code": err.code(), "message": err.message(), "result": {}}))
+            json!({"code": err.code(), "message": err.message(), "result": {}})
         }
+    };
+    ([("x-request-id", request_id)], Json(body)).into_response()
+}
+
+/// Runs `work` on the blocking pool for the actions in [`BLOCKING`], inline otherwise.
+async fn run_action<T: Send + 'static>(
+    state: &Arc<ServerState>,
+    action: &str,
+    work: impl FnOnce(&ServerState) -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    if BLOCKING.contains(&action) {
+        let state = Arc::clone(state);
+        tokio::task::spawn_blocking(move || work(&state))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))
+    } else {
+        Ok(work(state))
     }
 }
 
 async fn handle_get(
     State(state): State<Arc<ServerState>>,
     Query(q): Query<ActionQuery>,
-) -> Json<Value> {
+) -> Response {
+    let started = Instant::now();
     let action = q.action.unwrap_or_default();
-    let result = tokio::task::spawn_blocking({
+    let result = run_action(&state, &action, {
         let action = action.clone();
-        move || unsigned(&state, &action)
+        move |state| unsigned(state, &action)
     })
     .await
-    .unwrap_or_else(|e| Err(ApiError::Internal(e.to_string())));
-    respond(&action, result)
+    .and_then(|r| r);
+    let context = RequestContext::default();
+    respond(&state, &action, context, started, result).await
 }
 
 async fn handle_post(
     State(state): State<Arc<ServerState>>,
     Query(q): Query<ActionQuery>,
     body: Result<Bytes, BytesRejection>,
-) -> Json<Value> {
+) -> Response {
+    let started = Instant::now();
     let action = q.action.unwrap_or_default();
-    let result = match body {
-        Err(_) => Err(ApiError::TooLarge),
-        Ok(body) => {
+    let (result, context) = match body {
+        Err(_) => (Err(ApiError::TooLarge), RequestContext::default()),
+        Ok(body) => run_action(&state, &action, {
             let action = action.clone();
-            tokio::task::spawn_blocking(move || signed(&state, &action, &body))
-                .await
-                .unwrap_or_else(|e| Err(ApiError::Internal(e.to_string())))
-        }
+            move |state| {
+                let mut context = RequestContext::default();
+                let result = signed(state, &action, &body, &mut context);
+                (result, context)
+            }
+        })
+        .await
+        .unwrap_or_else(|e| (Err(e), RequestContext::default())),
     };
-    respond(&action, result)
+    respond(&state, &action, context, started, result).await
 }
 
 fn unsigned(state: &ServerState, action: &str) -> Result<Value, ApiError> {
@@ -120,21 +462,22 @@ fn unsigned(state: &ServerState, action: &str) -> Result<Value, ApiError> {
             let (appid, apikey) = state.store.enroll(now_ms())?;
             Ok(json!({"appid": appid, "apikey": *apikey}))
         }
-        "GetVersion" => Ok(json!({"version": env!("CARGO_PKG_VERSION"), "git_sha": ""})),
+        "GetVersion" => Ok(json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "git_sha": "",
+            "kms_id": state.store.kms_id(),
+        })),
         _ => Err(ApiError::UnknownAction),
     }
 }
 
-const CRYPTOGRAPHIC: [&str; 5] = [
-    "CreateKey",
-    "GenerateDataKey",
-    "GenerateDataKeyWithoutPlaintext",
-    "Encrypt",
-    "Decrypt",
-];
-
 /// Validates the envelope (docs/kms-api.md §4, in that order) and runs the action.
-fn signed(state: &ServerState, action: &str, body: &[u8]) -> Result<Value, ApiError> {
+fn signed(
+    state: &ServerState,
+    action: &str,
+    body: &[u8],
+    context: &mut RequestContext,
+) -> Result<Value, ApiError> {
     if matches!(action, "Enroll" | "GetVersion") {
         return unsigned(state, action);
     }
@@ -159,21 +502,27 @@ fn signed(state: &ServerState, action: &str, body: &[u8]) -> Result<Value, ApiEr
         Some(Value::String(s)) => Some(s.as_str()),
         Some(_) => return Err(RequestError::ParamType.into()),
     };
+    context.appid = appid.chars().take(128).collect();
     let empty = Map::new();
     let payload = match payload {
         None => &empty,
         Some(Value::Object(p)) => p,
         Some(_) => return Err(RequestError::ParamType.into()),
     };
+    if let Some(keyid) = payload.get("keyid").and_then(Value::as_str) {
+        context.keyid = keyid.chars().take(128).collect();
+    }
     let now = now_ms();
     ehsm::check_timestamp(timestamp, now)?;
-    state
-        .replay
-        .check_and_record(appid, timestamp, nonce, now)?;
-    let apikey = state.store.apikey(appid)?.ok_or(RequestError::Sign)?;
+    let replay_id = state.replay.check(appid, timestamp, nonce, now)?;
+    let apikey = state
+        .store
+        .cached_apikey(appid)?
+        .ok_or(RequestError::Sign)?;
     if !ehsm::verify(&apikey, obj, sign) {
         return Err(RequestError::Sign.into());
     }
+    state.replay.record(replay_id, now)?;
     run(&state.store, action, appid, payload)
 }
 
@@ -288,13 +637,26 @@ fn run(
             let plaintext = decrypt(store, appid, keyid, aad, field(payload, "ciphertext")?)?;
             Ok(json!({"plaintext": BASE64.encode(&*plaintext)}))
         }
+        "ReEncrypt" => {
+            let keyid = field(payload, "keyid")?;
+            let aad = optional_str(payload, "aad")?;
+            let plaintext = decrypt(store, appid, keyid, aad, field(payload, "ciphertext")?)?;
+            let (version, key) = store.usable_key(appid, keyid)?;
+            Ok(json!({"ciphertext": encrypt(&key, version, keyid, aad, &plaintext)?}))
+        }
+        "RotateKey" => {
+            let keyid = field(payload, "keyid")?;
+            let version = store.rotate_key(appid, keyid)?;
+            Ok(json!({"keyid": keyid, "version": version}))
+        }
         "ListKey" => {
             let list: Vec<Value> = store
                 .list_keys(appid)?
                 .into_iter()
                 .map(|(keyid, r)| {
                     json!({"keyid": keyid, "keyspec": r.keyspec, "creationDate": r.created_ms,
-                           "keyState": if r.enabled { 1 } else { 0 }})
+                           "keyState": if r.enabled { 1 } else { 0 },
+                           "keyVersion": r.newest_version()})
                 })
                 .collect();
             Ok(json!({"list": list}))

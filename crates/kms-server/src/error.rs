@@ -30,19 +30,49 @@ pub enum ApiError {
     /// A server fault; details are logged, not returned.
     #[error("Server internal error, please contact the administrator.")]
     Internal(String),
+    /// [`Store::open`](crate::Store::open): the store was created under another root key.
+    #[error("the root key does not match this store (wrong root key file, env var or passphrase)")]
+    RootKeyMismatch,
 }
 
 impl ApiError {
     /// The eHSM `code` of the response body.
     pub fn code(&self) -> u16 {
         match self {
-            ApiError::Internal(_) => 500,
+            ApiError::Internal(_) | ApiError::RootKeyMismatch => 500,
             _ => 400,
         }
     }
 
     /// The eHSM `message` of the response body.
     pub fn message(&self) -> String {
-        self.to_string()
+        match self {
+            // Never tell a client about the server's keys.
+            ApiError::RootKeyMismatch => ApiError::Internal(String::new()).to_string(),
+            _ => self.to_string(),
+        }
+    }
+
+    /// A short, fixed name of the error (the `outcome` label of the request metrics).
+    pub fn kind(&self) -> &'static str {
+        use ppml_kms::ehsm::RequestError as R;
+        match self {
+            ApiError::Request(R::MissingParameters) => "missing_parameters",
+            ApiError::Request(R::ParamType) => "param_type",
+            ApiError::Request(R::TimestampLength) => "timestamp_length",
+            ApiError::Request(R::Timestamp) => "timestamp",
+            ApiError::Request(R::Replay) => "replay",
+            ApiError::Request(R::Sign) => "sign",
+            ApiError::Request(_) => "request",
+            ApiError::PayloadType => "payload_type",
+            ApiError::KeyNotFound => "key_not_found",
+            ApiError::KeyDisabled => "key_disabled",
+            ApiError::Base64 => "base64",
+            ApiError::DecryptFailed => "decrypt_failed",
+            ApiError::TooLarge => "too_large",
+            ApiError::UnknownAction => "unknown_action",
+            ApiError::Internal(_) => "internal",
+            ApiError::RootKeyMismatch => "root_key_mismatch",
+        }
     }
 }

@@ -3,11 +3,15 @@
 //!
 //! - [`store`]: the redb store and the root key.
 //! - [`api`]: the axum router, request validation and the actions.
+//! - [`tls`]: the server certificate (given, or self-signed on first start) and the TLS listener.
 
 pub mod api;
+pub mod audit;
 mod error;
 pub mod store;
+pub mod tls;
 
 pub use api::{ServerState, router};
 pub use error::ApiError;
+pub use store::PassphraseParams;
 pub use store::{RootKey, Store};

@@ -1,9 +1,17 @@
 //! The server's store: apps and primary keys in a redb database, sealed under the root key.
 //!
-//! redb commits are durable when `commit` returns (it fsyncs), so a key whose CreateKey was
-//! acknowledged survives a crash of the process or the machine.
+//! redb commits are durable when `commit` returns (it fsyncs), so a key whose CreateKey or
+//! RotateKey was acknowledged survives a crash of the process or the machine.
+//!
+//! Reads are served from two in-memory caches, since every request needs its app's api key and
+//! most need a key's material: api keys per app (apps are never deleted and their api key never
+//! changes) and opened key records per key id. Within one process the [`Store`] is the only
+//! writer, and every method that writes a key invalidates its cache entry after the commit (see
+//! [`KeyCache`] for why a concurrent fill never reinstates a stale entry).
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, RwLock};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -17,11 +25,45 @@ use crate::ApiError;
 
 const APPS: TableDefinition<&str, &[u8]> = TableDefinition::new("apps");
 const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("keys");
+/// Store-wide values: `server_id` (16 random bytes) and `root_check` (sealed under the root key).
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const META_SERVER_ID: &str = "server_id";
+const META_ROOT_CHECK: &str = "root_check";
 const AAD_APIKEY: &[u8] = b"ppml-kms-server/v1 apikey\0";
 const AAD_KEY: &[u8] = b"ppml-kms-server/v1 primary key\0";
+const AAD_ROOT_CHECK: &[u8] = b"ppml-kms-server/v1 root check\0";
+const ROOT_CHECK_TEXT: &[u8] = b"ppml-kms-server root key check";
+const HKDF_INFO_AUDIT: &[u8] = b"ppml-kms-server/v1 audit";
+
+/// Argon2id cost parameters for [`RootKey::from_passphrase_with_params`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PassphraseParams {
+    /// Memory in KiB (`m`).
+    pub memory_kib: u32,
+    /// Passes over the memory (`t`).
+    pub iterations: u32,
+    /// Lanes (`p`).
+    pub parallelism: u32,
+}
+
+impl PassphraseParams {
+    /// The parameters of [`RootKey::from_passphrase`]: Argon2id v1.3, m = 64 MiB, t = 3, p = 1,
+    /// 32-byte output (about 0.1-0.3 s on one core). Changing them changes every derived key.
+    pub const DEFAULT: PassphraseParams = PassphraseParams {
+        memory_kib: 64 * 1024,
+        iterations: 3,
+        parallelism: 1,
+    };
+}
+
+/// Bytes of a passphrase salt.
+pub const SALT_LEN: usize = 16;
 
 /// The root key that seals everything in the store. Never written to the store or logged.
-pub struct RootKey(LessSafeKey);
+pub struct RootKey {
+    key: LessSafeKey,
+    bytes: Zeroizing<[u8; 32]>,
+}
 
 impl std::fmt::Debug for RootKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -30,33 +72,105 @@ impl std::fmt::Debug for RootKey {
 }
 
 impl RootKey {
+    fn from_bytes(bytes: Zeroizing<[u8; 32]>) -> Self {
+        let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &*bytes).expect("32-byte key"));
+        RootKey { key, bytes }
+    }
+
     /// A root key from 64 hex characters.
     pub fn from_hex(hex_key: &str) -> Result<Self, String> {
-        let bytes = Zeroizing::new(hex::decode(hex_key.trim()).map_err(|_| "root key is not hex")?);
-        if bytes.len() != 32 {
+        let decoded =
+            Zeroizing::new(hex::decode(hex_key.trim()).map_err(|_| "root key is not hex")?);
+        let mut bytes = Zeroizing::new([0u8; 32]);
+        if decoded.len() != bytes.len() {
             return Err("root key must be 32 bytes (64 hex characters)".into());
         }
-        Ok(RootKey(LessSafeKey::new(
-            UnboundKey::new(&AES_256_GCM, &bytes).expect("32-byte key"),
-        )))
+        bytes.copy_from_slice(&decoded);
+        Ok(Self::from_bytes(bytes))
     }
 
     /// A fresh random root key, returned with its hex form (to be saved by the caller).
     pub fn generate() -> Result<(Self, Zeroizing<String>), String> {
         let bytes = Zeroizing::new(random::<32>().map_err(|_| "random generator failed")?);
         let hex_key = Zeroizing::new(hex::encode(*bytes));
-        Ok((Self::from_hex(&hex_key)?, hex_key))
+        Ok((Self::from_bytes(bytes), hex_key))
+    }
+
+    /// The root key derived from a passphrase with Argon2id and [`PassphraseParams::DEFAULT`]
+    /// (m = 64 MiB, t = 3, p = 1). `salt` is not secret but must be kept with the store (the
+    /// CLI keeps it in `DATA_DIR/root.salt`): another salt gives another key.
+    pub fn from_passphrase(passphrase: &[u8], salt: &[u8; SALT_LEN]) -> Result<Self, String> {
+        Self::from_passphrase_with_params(passphrase, salt, PassphraseParams::DEFAULT)
+    }
+
+    /// [`RootKey::from_passphrase`] with explicit Argon2id costs; for tests (cheap parameters)
+    /// and for stores created with non-default costs. All intermediates are zeroized.
+    pub fn from_passphrase_with_params(
+        passphrase: &[u8],
+        salt: &[u8; SALT_LEN],
+        params: PassphraseParams,
+    ) -> Result<Self, String> {
+        if passphrase.is_empty() {
+            return Err("the root key passphrase is empty".into());
+        }
+        let argon_params = argon2::Params::new(
+            params.memory_kib,
+            params.iterations,
+            params.parallelism,
+            Some(32),
+        )
+        .map_err(|e| format!("invalid Argon2id parameters: {e}"))?;
+        let argon = argon2::Argon2::new(
+            argon2::Algorithm::Argon2id,
+            argon2::Version::V0x13,
+            argon_params.clone(),
+        );
+        // Our own memory blocks, so that they are wiped (hash_password_into drops its own
+        // without wiping them).
+        let mut blocks = Zeroizing::new(vec![argon2::Block::default(); argon_params.block_count()]);
+        let mut bytes = Zeroizing::new([0u8; 32]);
+        argon
+            .hash_password_into_with_memory(passphrase, salt, &mut *bytes, &mut blocks[..])
+            .map_err(|e| format!("Argon2id failed: {e}"))?;
+        Ok(Self::from_bytes(bytes))
+    }
+
+    /// A fresh random salt for [`RootKey::from_passphrase`].
+    pub fn generate_salt() -> Result<[u8; SALT_LEN], String> {
+        random::<SALT_LEN>().map_err(|_| "random generator failed".into())
+    }
+
+    /// A salt from its 32-hex-character form (surrounding whitespace ignored).
+    pub fn salt_from_hex(text: &str) -> Result<[u8; SALT_LEN], String> {
+        let bytes = hex::decode(text.trim()).map_err(|_| "salt is not hex")?;
+        bytes.try_into().map_err(|_| {
+            format!(
+                "salt must be {SALT_LEN} bytes ({} hex characters)",
+                2 * SALT_LEN
+            )
+        })
+    }
+
+    /// The audit log's MAC key: HKDF-SHA256(salt = empty, ikm = root key,
+    /// info = `ppml-kms-server/v1 audit`), 32 bytes. Independent of the sealing key.
+    pub fn audit_mac_key(&self) -> Zeroizing<[u8; 32]> {
+        let mut out = Zeroizing::new([0u8; 32]);
+        let prk = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, &[]).extract(&*self.bytes);
+        prk.expand(&[HKDF_INFO_AUDIT], ring::hkdf::HKDF_SHA256)
+            .and_then(|okm| okm.fill(&mut *out))
+            .expect("HKDF-SHA256 with a 32-byte output");
+        out
     }
 
     fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Result<String, ApiError> {
-        seal(&self.0, aad, plaintext).map(|v| BASE64.encode(v))
+        seal(&self.key, aad, plaintext).map(|v| BASE64.encode(v))
     }
 
     fn open(&self, aad: &[u8], sealed: &str) -> Result<Zeroizing<Vec<u8>>, ApiError> {
         let bytes = BASE64
             .decode(sealed)
             .map_err(|_| ApiError::Internal("corrupt sealed value".into()))?;
-        open(&self.0, aad, &bytes).ok_or_else(|| {
+        open(&self.key, aad, &bytes).ok_or_else(|| {
             ApiError::Internal("sealed value does not open under the root key".into())
         })
     }
@@ -97,6 +211,11 @@ pub struct KeyRecord {
 }
 
 impl KeyRecord {
+    /// The newest version (0 until the first RotateKey).
+    pub fn newest_version(&self) -> usize {
+        self.versions.len().saturating_sub(1)
+    }
+
     /// Key length in bytes for the spec.
     pub fn key_len(spec: &str) -> Option<usize> {
         match spec {
@@ -112,28 +231,123 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
     ApiError::Internal(e.to_string())
 }
 
+/// A key record with every version's material opened, as cached.
+struct OpenedKey {
+    appid: String,
+    enabled: bool,
+    /// Material of each version, index = version.
+    versions: Vec<LessSafeKey>,
+}
+
+/// The cache of opened keys. A fill reads the generation before reading the database and
+/// inserts only if no write invalidated anything meanwhile; a write commits, then removes the
+/// entry and bumps the generation under the lock. So an entry is either read after the last
+/// commit to its key or removed by that commit's invalidation.
+#[derive(Default)]
+struct KeyCache {
+    map: HashMap<String, Arc<OpenedKey>>,
+    generation: u64,
+}
+
 /// The server's persistent state.
 pub struct Store {
     db: Database,
     root: RootKey,
+    kms_id: String,
+    apikeys: RwLock<HashMap<String, Arc<Zeroizing<String>>>>,
+    keys: RwLock<KeyCache>,
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").finish_non_exhaustive()
+        f.debug_struct("Store")
+            .field("kms_id", &self.kms_id)
+            .finish_non_exhaustive()
     }
 }
 
 impl Store {
     /// Opens (or creates) the store `kms.redb` in `dir`.
+    ///
+    /// A new store gets a random server id and a check value sealed under `root`; opening an
+    /// existing store with another root key fails with [`ApiError::RootKeyMismatch`] and
+    /// changes nothing.
     pub fn open(dir: &Path, root: RootKey) -> Result<Self, ApiError> {
         std::fs::create_dir_all(dir).map_err(internal)?;
         let db = Database::create(dir.join("kms.redb")).map_err(internal)?;
         let tx = db.begin_write().map_err(internal)?;
-        tx.open_table(APPS).map_err(internal)?;
-        tx.open_table(KEYS).map_err(internal)?;
+        let checked = Self::check_meta(&tx, &root);
+        let server_id = match checked {
+            Ok(id) => id,
+            Err(e) => {
+                tx.abort().map_err(internal)?;
+                return Err(e);
+            }
+        };
         tx.commit().map_err(internal)?;
-        Ok(Store { db, root })
+        Ok(Store {
+            db,
+            root,
+            kms_id: format!("ppml-kms:{}", hex::encode(server_id)),
+            apikeys: RwLock::default(),
+            keys: RwLock::default(),
+        })
+    }
+
+    /// Creates the tables and the meta values if missing; checks the root key otherwise.
+    fn check_meta(tx: &redb::WriteTransaction, root: &RootKey) -> Result<[u8; 16], ApiError> {
+        let apps = tx.open_table(APPS).map_err(internal)?;
+        tx.open_table(KEYS).map_err(internal)?;
+        let mut meta = tx.open_table(META).map_err(internal)?;
+        let stored_id = meta
+            .get(META_SERVER_ID)
+            .map_err(internal)?
+            .map(|v| v.value().to_vec());
+        let server_id: [u8; 16] = match stored_id {
+            Some(id) => id
+                .try_into()
+                .map_err(|_| internal("corrupt server id in the store"))?,
+            None => {
+                let id = random::<16>()?;
+                meta.insert(META_SERVER_ID, id.as_slice())
+                    .map_err(internal)?;
+                id
+            }
+        };
+        let check_aad = binding(AAD_ROOT_CHECK, &[&server_id]);
+        let stored_check = meta
+            .get(META_ROOT_CHECK)
+            .map_err(internal)?
+            .map(|v| v.value().to_vec());
+        match stored_check {
+            Some(sealed) => {
+                let opened = open(&root.key, &check_aad, &sealed);
+                if opened.as_deref().map(Vec::as_slice) != Some(ROOT_CHECK_TEXT) {
+                    return Err(ApiError::RootKeyMismatch);
+                }
+            }
+            None => {
+                // A store from before the check: the root key must open what it holds.
+                if let Some(entry) = apps.first().map_err(internal)? {
+                    let (appid, bytes) = entry;
+                    let record: AppRecord =
+                        serde_json::from_slice(bytes.value()).map_err(internal)?;
+                    let aad = binding(AAD_APIKEY, &[appid.value().as_bytes()]);
+                    if root.open(&aad, &record.apikey_sealed).is_err() {
+                        return Err(ApiError::RootKeyMismatch);
+                    }
+                }
+                let sealed = seal(&root.key, &check_aad, ROOT_CHECK_TEXT)?;
+                meta.insert(META_ROOT_CHECK, sealed.as_slice())
+                    .map_err(internal)?;
+            }
+        }
+        Ok(server_id)
+    }
+
+    /// This store's stable id, `ppml-kms:` and 32 hex digits (random, made on first open).
+    pub fn kms_id(&self) -> &str {
+        &self.kms_id
     }
 
     /// Registers a new app; returns its id and api key.
@@ -159,6 +373,20 @@ impl Store {
 
     /// The api key of `appid`, if the app exists.
     pub fn apikey(&self, appid: &str) -> Result<Option<Zeroizing<String>>, ApiError> {
+        Ok(self
+            .cached_apikey(appid)?
+            .map(|k| Zeroizing::new(String::clone(&k))))
+    }
+
+    /// The api key of `appid` from the cache, read and opened on a miss. Apps are never deleted
+    /// and api keys never change, so entries never go stale; unknown apps are not cached.
+    pub(crate) fn cached_apikey(
+        &self,
+        appid: &str,
+    ) -> Result<Option<Arc<Zeroizing<String>>>, ApiError> {
+        if let Some(k) = self.apikeys.read().expect("apikey cache").get(appid) {
+            return Ok(Some(Arc::clone(k)));
+        }
         let tx = self.db.begin_read().map_err(internal)?;
         let apps = tx.open_table(APPS).map_err(internal)?;
         let Some(bytes) = apps.get(appid).map_err(internal)? else {
@@ -170,7 +398,12 @@ impl Store {
             &record.apikey_sealed,
         )?;
         let text = String::from_utf8(plain.to_vec()).map_err(internal)?;
-        Ok(Some(Zeroizing::new(text)))
+        let key = Arc::new(Zeroizing::new(text));
+        self.apikeys
+            .write()
+            .expect("apikey cache")
+            .insert(appid.to_string(), Arc::clone(&key));
+        Ok(Some(key))
     }
 
     fn key_aad(keyid: &str, appid: &str, version: usize) -> Vec<u8> {
@@ -184,33 +417,90 @@ impl Store {
         )
     }
 
+    /// New random material for version `version` of a key, sealed under the root key.
+    fn new_version(
+        &self,
+        keyid: &str,
+        appid: &str,
+        keyspec: &str,
+        version: usize,
+    ) -> Result<String, ApiError> {
+        let len = KeyRecord::key_len(keyspec).ok_or(ApiError::PayloadType)?;
+        let material = Zeroizing::new(random::<32>()?);
+        self.root
+            .seal(&Self::key_aad(keyid, appid, version), &material[..len])
+    }
+
     /// Creates a primary key for `appid`; durable when this returns.
     pub fn create_key(&self, appid: &str, keyspec: &str, now_ms: u64) -> Result<String, ApiError> {
-        let len = KeyRecord::key_len(keyspec).ok_or(ApiError::PayloadType)?;
+        KeyRecord::key_len(keyspec).ok_or(ApiError::PayloadType)?;
         let keyid = uuid_like(random::<16>()?);
-        let material = Zeroizing::new(random::<32>()?);
-        let sealed = self
-            .root
-            .seal(&Self::key_aad(&keyid, appid, 0), &material[..len])?;
         let record = KeyRecord {
             appid: appid.to_string(),
             keyspec: keyspec.to_string(),
             enabled: true,
             created_ms: now_ms,
-            versions: vec![sealed],
+            versions: vec![self.new_version(&keyid, appid, keyspec, 0)?],
         };
-        self.put_key(&keyid, &record)?;
-        Ok(keyid)
-    }
-
-    fn put_key(&self, keyid: &str, record: &KeyRecord) -> Result<(), ApiError> {
         let tx = self.db.begin_write().map_err(internal)?;
         {
             let mut keys = tx.open_table(KEYS).map_err(internal)?;
-            let bytes = serde_json::to_vec(record).map_err(internal)?;
-            keys.insert(keyid, bytes.as_slice()).map_err(internal)?;
+            let bytes = serde_json::to_vec(&record).map_err(internal)?;
+            keys.insert(keyid.as_str(), bytes.as_slice())
+                .map_err(internal)?;
         }
-        tx.commit().map_err(internal)
+        tx.commit().map_err(internal)?;
+        Ok(keyid)
+    }
+
+    /// Reads, changes and writes the record of `keyid` in one write transaction (so concurrent
+    /// changes of one key are serialized), then invalidates its cache entry. `change` returns
+    /// `Ok(false)` to delete the key.
+    fn modify_key<T>(
+        &self,
+        appid: &str,
+        keyid: &str,
+        change: impl FnOnce(&mut KeyRecord) -> Result<(bool, T), ApiError>,
+    ) -> Result<T, ApiError> {
+        let tx = self.db.begin_write().map_err(internal)?;
+        let result = (|| {
+            let mut keys = tx.open_table(KEYS).map_err(internal)?;
+            let mut record: KeyRecord = {
+                let bytes = keys
+                    .get(keyid)
+                    .map_err(internal)?
+                    .ok_or(ApiError::KeyNotFound)?;
+                serde_json::from_slice(bytes.value()).map_err(internal)?
+            };
+            if record.appid != appid {
+                return Err(ApiError::KeyNotFound);
+            }
+            let (keep, out) = change(&mut record)?;
+            if keep {
+                let bytes = serde_json::to_vec(&record).map_err(internal)?;
+                keys.insert(keyid, bytes.as_slice()).map_err(internal)?;
+            } else {
+                keys.remove(keyid).map_err(internal)?;
+            }
+            Ok(out)
+        })();
+        match result {
+            Ok(out) => {
+                tx.commit().map_err(internal)?;
+                self.invalidate(keyid);
+                Ok(out)
+            }
+            Err(e) => {
+                tx.abort().map_err(internal)?;
+                Err(e)
+            }
+        }
+    }
+
+    fn invalidate(&self, keyid: &str) {
+        let mut cache = self.keys.write().expect("key cache");
+        cache.map.remove(keyid);
+        cache.generation += 1;
     }
 
     /// The key `keyid` if `appid` owns it; another app's key is reported as not found.
@@ -228,14 +518,58 @@ impl Store {
         Ok(record)
     }
 
-    /// The newest version's material of an enabled key, with its version number.
-    pub fn usable_key(&self, appid: &str, keyid: &str) -> Result<(usize, LessSafeKey), ApiError> {
-        let record = self.key(appid, keyid)?;
-        if !record.enabled {
+    /// The opened key `keyid` from the cache, read and opened on a miss; checks ownership and
+    /// that the key is enabled.
+    fn opened_key(&self, appid: &str, keyid: &str) -> Result<Arc<OpenedKey>, ApiError> {
+        let cached = {
+            let cache = self.keys.read().expect("key cache");
+            match cache.map.get(keyid) {
+                Some(k) => Ok(Arc::clone(k)),
+                None => Err(cache.generation),
+            }
+        };
+        let opened = match cached {
+            Ok(k) => k,
+            Err(generation) => {
+                let tx = self.db.begin_read().map_err(internal)?;
+                let keys = tx.open_table(KEYS).map_err(internal)?;
+                let bytes = keys
+                    .get(keyid)
+                    .map_err(internal)?
+                    .ok_or(ApiError::KeyNotFound)?;
+                let record: KeyRecord = serde_json::from_slice(bytes.value()).map_err(internal)?;
+                let versions = (0..record.versions.len())
+                    .map(|v| self.material(&record, keyid, v))
+                    .collect::<Result<Vec<_>, _>>()?;
+                if versions.is_empty() {
+                    return Err(internal("key without material"));
+                }
+                let opened = Arc::new(OpenedKey {
+                    appid: record.appid,
+                    enabled: record.enabled,
+                    versions,
+                });
+                let mut cache = self.keys.write().expect("key cache");
+                if cache.generation == generation {
+                    cache.map.insert(keyid.to_string(), Arc::clone(&opened));
+                }
+                opened
+            }
+        };
+        if opened.appid != appid {
+            return Err(ApiError::KeyNotFound);
+        }
+        if !opened.enabled {
             return Err(ApiError::KeyDisabled);
         }
-        let version = record.versions.len() - 1;
-        Ok((version, self.material(&record, keyid, version)?))
+        Ok(opened)
+    }
+
+    /// The newest version's material of an enabled key, with its version number.
+    pub fn usable_key(&self, appid: &str, keyid: &str) -> Result<(usize, LessSafeKey), ApiError> {
+        let opened = self.opened_key(appid, keyid)?;
+        let version = opened.versions.len() - 1;
+        Ok((version, opened.versions[version].clone()))
     }
 
     /// The material of version `version` of an enabled key.
@@ -245,14 +579,12 @@ impl Store {
         keyid: &str,
         version: usize,
     ) -> Result<LessSafeKey, ApiError> {
-        let record = self.key(appid, keyid)?;
-        if !record.enabled {
-            return Err(ApiError::KeyDisabled);
-        }
-        if version >= record.versions.len() {
-            return Err(ApiError::DecryptFailed);
-        }
-        self.material(&record, keyid, version)
+        let opened = self.opened_key(appid, keyid)?;
+        opened
+            .versions
+            .get(version)
+            .cloned()
+            .ok_or(ApiError::DecryptFailed)
     }
 
     fn material(
@@ -277,22 +609,34 @@ impl Store {
         Ok(LessSafeKey::new(key))
     }
 
+    /// Adds a new version to an enabled key; returns its number (the first rotation gives 1).
+    /// New encryptions use it; older versions still decrypt. Durable when this returns.
+    pub fn rotate_key(&self, appid: &str, keyid: &str) -> Result<usize, ApiError> {
+        self.modify_key(appid, keyid, |record| {
+            if !record.enabled {
+                return Err(ApiError::KeyDisabled);
+            }
+            let version = record.versions.len();
+            if u32::try_from(version).is_err() {
+                return Err(ApiError::Internal("too many key versions".into()));
+            }
+            let sealed = self.new_version(keyid, &record.appid, &record.keyspec, version)?;
+            record.versions.push(sealed);
+            Ok((true, version))
+        })
+    }
+
     /// Enables or disables a key.
     pub fn set_enabled(&self, appid: &str, keyid: &str, enabled: bool) -> Result<(), ApiError> {
-        let mut record = self.key(appid, keyid)?;
-        record.enabled = enabled;
-        self.put_key(keyid, &record)
+        self.modify_key(appid, keyid, |record| {
+            record.enabled = enabled;
+            Ok((true, ()))
+        })
     }
 
     /// Deletes a key for good.
     pub fn delete_key(&self, appid: &str, keyid: &str) -> Result<(), ApiError> {
-        self.key(appid, keyid)?;
-        let tx = self.db.begin_write().map_err(internal)?;
-        {
-            let mut keys = tx.open_table(KEYS).map_err(internal)?;
-            keys.remove(keyid).map_err(internal)?;
-        }
-        tx.commit().map_err(internal)
+        self.modify_key(appid, keyid, |_| Ok((false, ())))
     }
 
     /// Keys of `appid`: (keyid, record).
@@ -308,5 +652,26 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// Numbers of (enabled, disabled) keys of all apps; one pass over the keys table.
+    pub fn key_counts(&self) -> Result<(u64, u64), ApiError> {
+        #[derive(Deserialize)]
+        struct State {
+            enabled: bool,
+        }
+        let tx = self.db.begin_read().map_err(internal)?;
+        let keys = tx.open_table(KEYS).map_err(internal)?;
+        let (mut enabled, mut disabled) = (0, 0);
+        for entry in keys.iter().map_err(internal)? {
+            let (_, v) = entry.map_err(internal)?;
+            let state: State = serde_json::from_slice(v.value()).map_err(internal)?;
+            if state.enabled {
+                enabled += 1;
+            } else {
+                disabled += 1;
+            }
+        }
+        Ok((enabled, disabled))
     }
 }

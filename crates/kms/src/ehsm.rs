@@ -269,7 +269,12 @@ mod compat {
     /// Cross-checks signatures with an independent Python implementation (compat/ehsm_sign.py).
     #[test]
     fn python_client_computes_the_same_signatures() {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../compat/ehsm_sign.py");
+        let script = std::path::PathBuf::from(
+            // Runtime value first: a cached binary may have been built in another clone.
+            std::env::var("CARGO_MANIFEST_DIR")
+                .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string()),
+        )
+        .join("../../compat/ehsm_sign.py");
         let bodies = [
             json!({"appid": "ID", "payload": {"aad": "test", "keyid": "K", "keylen": 32}, "timestamp": "1690000000000"}),
             json!({"appid": "a-b", "payload": {"keyspec": "EH_AES_GCM_128", "origin": "EH_INTERNAL_KEY"}, "timestamp": "1690000000001", "nonce": "xyz"}),
@@ -278,7 +283,7 @@ mod compat {
         ];
         for body in bodies {
             let mut child = Command::new("python3")
-                .arg(script)
+                .arg(&script)
                 .arg("api-key-1")
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())

@@ -44,6 +44,29 @@ pub enum KmsError {
     /// The system random number generator failed.
     #[error("the system random number generator failed")]
     Random,
+    /// The KMS client is configured wrongly (URL, TLS trust, aad).
+    #[error("KMS configuration: {0}")]
+    InvalidConfig(String),
+    /// The KMS server could not be reached, or the connection failed (includes TLS
+    /// certificate rejections).
+    #[error("cannot reach the KMS at {url}: {detail}")]
+    Transport {
+        /// The endpoint.
+        url: String,
+        /// The error chain.
+        detail: String,
+    },
+    /// The KMS server rejected the request for a reason not covered above.
+    #[error("the KMS rejected the request: {message} (code {code})")]
+    Rejected {
+        /// eHSM response code.
+        code: u16,
+        /// eHSM response message.
+        message: String,
+    },
+    /// The KMS server's answer does not follow the protocol.
+    #[error("the KMS answered outside the protocol: {0}")]
+    Protocol(String),
 }
 
 impl KmsError {

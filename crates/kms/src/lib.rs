@@ -7,13 +7,14 @@
 //!
 //! [`LocalKms`] is the embedded implementation: a directory holding a root key file (mode
 //! 0600) and a store in which every primary key is sealed under the root key. It needs no
-//! server and checks the app id and api key like a remote KMS would. Remote implementations
-//! (the ppml KMS server, eHSM) implement the same trait.
+//! server and checks the app id and api key like a remote KMS would. [`RemoteKms`] implements
+//! the same trait over the eHSM REST protocol, for the ppml KMS server and eHSM itself.
 
 pub mod ehsm;
 mod error;
 mod fs;
 mod local;
+pub mod remote;
 pub mod sealing;
 
 use async_trait::async_trait;
@@ -21,6 +22,7 @@ pub use error::KmsError;
 pub use fs::write_private_file_atomic;
 pub use local::LocalKms;
 pub use ppml_format::{DataKey, KeyReference};
+pub use remote::{RemoteKms, RemoteKmsConfig, TlsTrust};
 use zeroize::Zeroizing;
 
 /// Identifier of a primary key inside one KMS.

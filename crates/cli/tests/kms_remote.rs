@@ -1,0 +1,338 @@
+//! The whole workflow against a real `ppml kms serve` over TLS (self-signed certificate pinned
+//! by fingerprint): enroll, create-key, encrypt, query, decrypt, rotate, disable; the audit
+//! log it leaves behind verifies, and an edited one does not.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+struct Server {
+    child: Child,
+    url: String,
+    fingerprint: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    /// Stops the server with SIGTERM (a clean shutdown) and waits for it.
+    fn stop(mut self) {
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+fn ppml(home: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ppml"));
+    cmd.env("PPML_HOME", home).arg("--quiet");
+    for var in [
+        "PPML_APPID",
+        "PPML_APIKEY",
+        "PPML_PRIMARY_KEY",
+        "PPML_KMS_URL",
+        "PPML_KMS_FINGERPRINT",
+        "PPML_KMS_CA_CERT",
+        "PPML_KMS_ROOT_KEY",
+        "PPML_KMS_PASSPHRASE",
+        "PPML_CONFIG",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+fn serve_tls(data_dir: &Path) -> Server {
+    let mut child = ppml(&data_dir.join("server-home"))
+        .args(["kms", "serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let url = first
+        .rsplit_once(' ')
+        .map(|(_, url)| url.to_string())
+        .filter(|url| url.starts_with("https://"))
+        .unwrap_or_else(|| panic!("no https URL in {first:?}"));
+    let second = lines.next().unwrap().unwrap();
+    let fingerprint = second
+        .strip_prefix("certificate fingerprint: ")
+        .unwrap_or_else(|| panic!("no fingerprint in {second:?}"))
+        .to_string();
+    // Keep draining stdout so the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Server {
+        child,
+        url,
+        fingerprint,
+    }
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{:?} failed: {}{}",
+        cmd,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+struct Client {
+    home: PathBuf,
+    url: String,
+    fingerprint: String,
+    appid: String,
+    apikey: String,
+    primary: String,
+}
+
+impl Client {
+    fn cmd(&self) -> Command {
+        let mut cmd = ppml(&self.home);
+        cmd.env("PPML_KMS_URL", &self.url)
+            .env("PPML_KMS_FINGERPRINT", &self.fingerprint)
+            .env("PPML_APPID", &self.appid)
+            .env("PPML_APIKEY", &self.apikey)
+            .env("PPML_PRIMARY_KEY", &self.primary);
+        cmd
+    }
+
+    fn enroll(server: &Server, home: PathBuf) -> Client {
+        let out = run(ppml(&home)
+            .args(["kms", "enroll", "--kms-url", &server.url])
+            .args(["--kms-fingerprint", &server.fingerprint]));
+        let text = stdout(&out);
+        let value = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} = \"")))
+                .and_then(|v| v.strip_suffix('"'))
+                .unwrap_or_else(|| panic!("no {name} in {text:?}"))
+                .to_string()
+        };
+        let mut client = Client {
+            home,
+            url: server.url.clone(),
+            fingerprint: server.fingerprint.clone(),
+            appid: value("appid"),
+            apikey: value("apikey"),
+            primary: String::new(),
+        };
+        let out = run(client.cmd().args(["kms", "create-key"]));
+        client.primary = stdout(&out).trim().to_string();
+        assert!(!client.primary.is_empty());
+        client
+    }
+}
+
+fn people(dir: &Path, rows: u32) -> PathBuf {
+    let path = dir.join("people.csv");
+    let mut text = String::from("name,age,job\n");
+    let jobs = ["Developer", "Engineer", "Researcher"];
+    for i in 0..rows {
+        text.push_str(&format!(
+            "n{i},{},{}\n",
+            18 + i % 43,
+            jobs[(i % 3) as usize]
+        ));
+    }
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn workflow_against_a_tls_kms_server_with_rotation_disable_and_audit() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("kms");
+    let server = serve_tls(&data_dir);
+    assert!(server.fingerprint.starts_with("sha256:"));
+    let client = Client::enroll(&server, dir.path().join("home"));
+
+    let input = people(dir.path(), 3000);
+    let enc = dir.path().join("people.enc");
+    run(client
+        .cmd()
+        .args(["encrypt", "--partitions", "2", "--in"])
+        .arg(&input)
+        .arg("--out")
+        .arg(&enc));
+    let result = dir.path().join("result.enc");
+    run(client
+        .cmd()
+        .args(["simple-query", "--input"])
+        .arg(&enc)
+        .arg("--output")
+        .arg(&result));
+    let decrypted = dir.path().join("people.out.csv");
+    run(client
+        .cmd()
+        .args(["decrypt", "--in"])
+        .arg(&enc)
+        .arg("--out")
+        .arg(&decrypted));
+    assert_eq!(
+        std::fs::read(&decrypted).unwrap(),
+        std::fs::read(&input).unwrap()
+    );
+    let out = run(client
+        .cmd()
+        .args(["decrypt", "--out", "-", "--in"])
+        .arg(&result));
+    let rows: Vec<String> = stdout(&out).lines().skip(1).map(str::to_string).collect();
+    let expected = std::fs::read_to_string(&input)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            let age: u32 = f[1].parse().unwrap();
+            f[2] == "Developer" && (20..=40).contains(&age)
+        })
+        .count();
+    assert_eq!(rows.len(), expected);
+    assert!(expected > 0);
+
+    // The embedded KMS cannot open data of the server (exit 4, names both KMS).
+    let out = ppml(&dir.path().join("other-home"))
+        .args(["decrypt", "--out", "-", "--in"])
+        .arg(&enc)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+
+    // Rotation: old data still decrypts, new data is written under the new version.
+    let out = run(client.cmd().args(["kms", "rotate"]));
+    assert!(stdout(&out).contains("version 1"), "{}", stdout(&out));
+    run(client
+        .cmd()
+        .args(["decrypt", "--out", "-", "--in"])
+        .arg(&enc));
+    let enc2 = dir.path().join("people2.enc");
+    run(client
+        .cmd()
+        .args(["encrypt", "--in"])
+        .arg(&input)
+        .arg("--out")
+        .arg(&enc2));
+    run(client
+        .cmd()
+        .args(["decrypt", "--out", "-", "--in"])
+        .arg(&enc2));
+
+    // A disabled key releases nothing: exit 4 with a specific message.
+    run(client.cmd().args(["kms", "disable"]));
+    let out = client
+        .cmd()
+        .args(["decrypt", "--out", "-", "--in"])
+        .arg(&enc)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("disabled"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout.is_empty());
+    run(client.cmd().args(["kms", "enable"]));
+    run(client
+        .cmd()
+        .args(["decrypt", "--out", "-", "--in"])
+        .arg(&enc));
+
+    // Another app cannot use the key.
+    let other = Client::enroll(&server, dir.path().join("home2"));
+    let out = other
+        .cmd()
+        .args(["decrypt", "--out", "-", "--in"])
+        .arg(&enc)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+
+    // A wrong pin is refused before anything is sent.
+    let mut wrong = client.cmd();
+    wrong.env(
+        "PPML_KMS_FINGERPRINT",
+        format!("sha256:{}", "00".repeat(32)),
+    );
+    let out = wrong.args(["kms", "list-keys"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("certificate"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = stdout(&run(client.cmd().args(["kms", "list-keys"])));
+    assert!(listed.contains(&client.primary) && listed.contains("enabled"));
+
+    server.stop();
+
+    // The audit log the server wrote verifies, with and without the root key.
+    let verify = |extra: &[&str]| {
+        ppml(&dir.path().join("server-home"))
+            .args(["kms", "audit", "verify", "--data-dir"])
+            .arg(&data_dir)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = verify(&[]);
+    assert!(out.status.success(), "{out:?}");
+    let report = stdout(&out);
+    let entries: u64 = report
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no entry count in {report:?}"));
+    assert!(entries >= 15, "{report}");
+    assert!(verify(&["--chain-only"]).status.success());
+
+    // An edited entry is detected.
+    let log = data_dir.join("audit.log");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let edited = text.replacen("\"DisableKey\"", "\"EnableKey\"", 1);
+    assert_ne!(edited, text, "the log should record DisableKey");
+    std::fs::write(&log, edited).unwrap();
+    for extra in [&[][..], &["--chain-only"][..]] {
+        let out = verify(extra);
+        assert!(!out.status.success(), "{out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("line "),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn quickstart_runs_against_a_kms_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve_tls(&dir.path().join("kms"));
+    let out = run(ppml(&dir.path().join("home"))
+        .args(["quickstart", "--rows", "20000", "--workdir"])
+        .arg(dir.path().join("work"))
+        .env("PPML_KMS_URL", &server.url)
+        .env("PPML_KMS_FINGERPRINT", &server.fingerprint));
+    let text = stdout(&out);
+    assert!(text.contains("KMS server"), "{text}");
+    assert!(
+        !dir.path().join("home/kms").exists(),
+        "the embedded KMS must not be created"
+    );
+}

@@ -1,0 +1,557 @@
+//! A client for KMS servers that speak the eHSM REST protocol (`docs/kms-api.md`): the ppml
+//! KMS server (`ppml kms serve`) and Intel eHSM-KMS itself.
+//!
+//! [`RemoteKms`] implements [`KeyManagementService`]: data keys come from `GenerateDataKey`
+//! (32 bytes, bound to the caller's `aad`) and go back through `Decrypt`. The wrapped key kept
+//! in file headers is the server's base64 ciphertext, verbatim, so any client of the same KMS
+//! can unwrap it.
+//!
+//! TLS trust is explicit ([`TlsTrust`]): the system roots, a CA certificate file, or the
+//! SHA-256 fingerprint of the server's certificate (what `ppml kms serve` prints for its
+//! self-signed certificate). Plain `http://` URLs are accepted, for loopback and tests.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use serde_json::{Map, Value, json};
+use zeroize::Zeroizing;
+
+use crate::{AppCredentials, DataKey, KeyManagementService, KeyReference, KmsError, PrimaryKeyId};
+
+/// How the client decides that it talks to the right server over TLS.
+#[derive(Clone, Debug, Default)]
+pub enum TlsTrust {
+    /// The operating system's trusted roots, with host name checks (a KMS with a public or
+    /// enterprise certificate).
+    #[default]
+    SystemRoots,
+    /// A CA certificate (PEM) that signed the server's certificate, with host name checks.
+    CaFile(PathBuf),
+    /// Exactly the server certificate whose DER encoding has this SHA-256 digest. Host names
+    /// are not checked: the pin names one certificate, and the handshake proves the server
+    /// holds its private key.
+    Fingerprint([u8; 32]),
+}
+
+impl TlsTrust {
+    /// Parses a fingerprint as printed by `ppml kms serve`: `sha256:` followed by 64 hex
+    /// characters (colons between bytes allowed; the prefix is optional).
+    pub fn parse_fingerprint(text: &str) -> Result<Self, KmsError> {
+        let hex_text: String = text
+            .trim()
+            .trim_start_matches("sha256:")
+            .chars()
+            .filter(|c| *c != ':')
+            .collect();
+        let bytes = hex::decode(&hex_text)
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .ok_or_else(|| {
+                KmsError::InvalidConfig(format!(
+                    "{text:?} is not a SHA-256 certificate fingerprint (expected sha256:<64 hex>)"
+                ))
+            })?;
+        Ok(TlsTrust::Fingerprint(bytes))
+    }
+}
+
+/// Formats a certificate fingerprint the way [`TlsTrust::parse_fingerprint`] reads it.
+pub fn format_fingerprint(cert_der: &[u8]) -> String {
+    format!(
+        "sha256:{}",
+        hex::encode(ring::digest::digest(&ring::digest::SHA256, cert_der))
+    )
+}
+
+/// Accepts exactly one pinned certificate; handshake signatures are still verified with the
+/// provider's algorithms, so the server must hold the pinned certificate's private key.
+#[derive(Debug)]
+struct PinnedCertificate {
+    sha256: [u8; 32],
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCertificate {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        use subtle::ConstantTimeEq as _;
+        let digest = ring::digest::digest(&ring::digest::SHA256, end_entity.as_ref());
+        if bool::from(digest.as_ref().ct_eq(&self.sha256)) {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Where the KMS is and how to trust it.
+#[derive(Clone, Debug)]
+pub struct RemoteKmsConfig {
+    /// Base URL, e.g. `https://kms.example:9000` (the client appends `/ehsm?Action=…`).
+    pub url: String,
+    /// TLS trust for `https://` URLs.
+    pub trust: TlsTrust,
+    /// Per-request timeout.
+    pub timeout: Duration,
+}
+
+impl RemoteKmsConfig {
+    /// A configuration with the default trust (system roots) and a 30 s timeout.
+    pub fn new(url: impl Into<String>) -> Self {
+        RemoteKmsConfig {
+            url: url.into(),
+            trust: TlsTrust::default(),
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A primary key as listed by the server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteKeyInfo {
+    /// Key id.
+    pub keyid: String,
+    /// eHSM key spec, e.g. `EH_AES_GCM_256`.
+    pub keyspec: String,
+    /// Whether the key is enabled.
+    pub enabled: bool,
+    /// Creation time, Unix ms.
+    pub created_ms: u64,
+}
+
+/// An HTTP(S) connection to an eHSM-protocol KMS; cheap to clone.
+#[derive(Clone)]
+pub struct RemoteKms {
+    endpoint: String,
+    http: reqwest::Client,
+    creds: Option<AppCredentials>,
+    kms_id: String,
+}
+
+impl std::fmt::Debug for RemoteKms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteKms")
+            .field("endpoint", &self.endpoint)
+            .field("kms_id", &self.kms_id)
+            .field("creds", &self.creds)
+            .finish()
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn http_client(config: &RemoteKmsConfig) -> Result<reqwest::Client, KmsError> {
+    let builder = reqwest::Client::builder()
+        .timeout(config.timeout)
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(64)
+        .user_agent(concat!("ppml/", env!("CARGO_PKG_VERSION")));
+    let builder = match &config.trust {
+        TlsTrust::SystemRoots => builder,
+        TlsTrust::CaFile(path) => {
+            let pem = std::fs::read(path).map_err(|e| KmsError::storage(path, e))?;
+            let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| {
+                KmsError::InvalidConfig(format!("{}: not a PEM certificate: {e}", path.display()))
+            })?;
+            builder
+                .tls_built_in_root_certs(false)
+                .add_root_certificate(cert)
+        }
+        TlsTrust::Fingerprint(sha256) => {
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| KmsError::InvalidConfig(e.to_string()))?
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(PinnedCertificate {
+                    sha256: *sha256,
+                    provider,
+                }))
+                .with_no_client_auth();
+            builder.use_preconfigured_tls(tls)
+        }
+    };
+    builder
+        .build()
+        .map_err(|e| KmsError::InvalidConfig(format!("building the HTTP client: {e}")))
+}
+
+/// A server's `{code, message, result}` answer turned into a result.
+fn interpret(value: Value) -> Result<Map<String, Value>, KmsError> {
+    let code = value.get("code").and_then(Value::as_u64).unwrap_or(0);
+    let message = value
+        .get("message")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    if code == 200 {
+        return match value.get("result") {
+            Some(Value::Object(result)) => Ok(result.clone()),
+            _ => Err(KmsError::Protocol(
+                "response without a result object".into(),
+            )),
+        };
+    }
+    Err(match message.as_str() {
+        "sign error" => KmsError::Unauthorized,
+        "keyid not found" => KmsError::KeyNotFound(String::new()),
+        "key is disabled" => KmsError::KeyDisabled(String::new()),
+        "decrypt failed" => KmsError::UnwrapFailed,
+        _ => KmsError::Rejected {
+            code: code as u16,
+            message,
+        },
+    })
+}
+
+fn string_field(result: &Map<String, Value>, name: &str) -> Result<String, KmsError> {
+    result
+        .get(name)
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .ok_or_else(|| KmsError::Protocol(format!("response without {name:?}")))
+}
+
+fn aad_text(aad: &[u8]) -> Result<&str, KmsError> {
+    std::str::from_utf8(aad).map_err(|_| {
+        KmsError::InvalidConfig(
+            "the eHSM protocol carries aad as text; this aad is not UTF-8".into(),
+        )
+    })
+}
+
+impl RemoteKms {
+    /// Connects to the KMS at `config.url`: asks its version (which also checks TLS trust)
+    /// and learns its id. `creds` may be `None` for [`RemoteKms::enroll`] only.
+    pub async fn connect(
+        config: &RemoteKmsConfig,
+        creds: Option<AppCredentials>,
+    ) -> Result<Self, KmsError> {
+        let base = config.url.trim_end_matches('/');
+        if !(base.starts_with("https://") || base.starts_with("http://")) {
+            return Err(KmsError::InvalidConfig(format!(
+                "KMS URL {:?} must start with https:// (or http:// for loopback)",
+                config.url
+            )));
+        }
+        let mut kms = RemoteKms {
+            endpoint: format!("{base}/ehsm"),
+            http: http_client(config)?,
+            creds,
+            kms_id: String::new(),
+        };
+        let version = kms.unsigned("GetVersion").await?;
+        // The ppml server names itself; a plain eHSM is named by its URL.
+        kms.kms_id = match version.get("kms_id").and_then(Value::as_str) {
+            Some(id) if !id.is_empty() => id.to_string(),
+            _ => format!("ehsm:{base}"),
+        };
+        Ok(kms)
+    }
+
+    fn transport(&self, e: reqwest::Error) -> KmsError {
+        KmsError::Transport {
+            url: self.endpoint.clone(),
+            detail: error_chain(&e),
+        }
+    }
+
+    async fn unsigned(&self, action: &str) -> Result<Map<String, Value>, KmsError> {
+        let response = self
+            .http
+            .get(&self.endpoint)
+            .query(&[("Action", action)])
+            .send()
+            .await
+            .map_err(|e| self.transport(e))?;
+        self.read(response).await
+    }
+
+    async fn read(&self, response: reqwest::Response) -> Result<Map<String, Value>, KmsError> {
+        let status = response.status();
+        let bytes = response.bytes().await.map_err(|e| self.transport(e))?;
+        let value: Value = serde_json::from_slice(&bytes).map_err(|_| {
+            KmsError::Protocol(format!(
+                "HTTP {status} with a body that is not eHSM JSON ({} bytes)",
+                bytes.len()
+            ))
+        })?;
+        interpret(value)
+    }
+
+    /// Sends a signed request and returns its `result`.
+    pub async fn call(&self, action: &str, payload: Value) -> Result<Map<String, Value>, KmsError> {
+        let creds = self.creds.as_ref().ok_or(KmsError::Unauthorized)?;
+        let nonce = crate::sealing::random::<12>().ok_or(KmsError::Random)?;
+        let mut body = Map::new();
+        body.insert("appid".into(), Value::String(creds.appid.clone()));
+        body.insert("payload".into(), payload);
+        body.insert("timestamp".into(), Value::String(now_ms().to_string()));
+        body.insert("nonce".into(), Value::String(hex::encode(nonce)));
+        let sign = crate::ehsm::sign(&creds.apikey, &body);
+        body.insert("sign".into(), Value::String(sign));
+        let response = self
+            .http
+            .post(&self.endpoint)
+            .query(&[("Action", action)])
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| self.transport(e))?;
+        self.read(response).await
+    }
+
+    /// Registers a new application (eHSM `Enroll`); the api key is shown only here.
+    pub async fn enroll(&self) -> Result<AppCredentials, KmsError> {
+        let result = self.unsigned("Enroll").await?;
+        Ok(AppCredentials::new(
+            string_field(&result, "appid")?,
+            Zeroizing::new(string_field(&result, "apikey")?).to_string(),
+        ))
+    }
+
+    /// The calling app's primary keys.
+    pub async fn list_keys(&self) -> Result<Vec<RemoteKeyInfo>, KmsError> {
+        let result = self.call("ListKey", json!({})).await?;
+        let list = result
+            .get("list")
+            .and_then(Value::as_array)
+            .ok_or_else(|| KmsError::Protocol("ListKey without a list".into()))?;
+        list.iter()
+            .map(|entry| {
+                let entry = entry
+                    .as_object()
+                    .ok_or_else(|| KmsError::Protocol("ListKey entry is not an object".into()))?;
+                Ok(RemoteKeyInfo {
+                    keyid: string_field(entry, "keyid")?,
+                    keyspec: entry
+                        .get("keyspec")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .into(),
+                    enabled: entry.get("keyState").and_then(Value::as_u64) == Some(1),
+                    created_ms: entry
+                        .get("creationDate")
+                        .and_then(Value::as_u64)
+                        .unwrap_or(0),
+                })
+            })
+            .collect()
+    }
+
+    /// Adds a new version to a primary key (ppml extension `RotateKey`); returns the new
+    /// version number. Data keys wrapped before stay unwrappable.
+    pub async fn rotate_key(&self, primary: &PrimaryKeyId) -> Result<u64, KmsError> {
+        let result = self
+            .call("RotateKey", json!({"keyid": primary.0}))
+            .await
+            .map_err(|e| with_key(e, primary))?;
+        result
+            .get("version")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| KmsError::Protocol("RotateKey without a version".into()))
+    }
+
+    /// Enables or disables a primary key.
+    pub async fn set_enabled(&self, primary: &PrimaryKeyId, enabled: bool) -> Result<(), KmsError> {
+        let action = if enabled { "EnableKey" } else { "DisableKey" };
+        self.call(action, json!({"keyid": primary.0}))
+            .await
+            .map_err(|e| with_key(e, primary))?;
+        Ok(())
+    }
+}
+
+fn with_key(err: KmsError, primary: &PrimaryKeyId) -> KmsError {
+    match err {
+        KmsError::KeyNotFound(_) => KmsError::KeyNotFound(primary.0.clone()),
+        KmsError::KeyDisabled(_) => KmsError::KeyDisabled(primary.0.clone()),
+        other => other,
+    }
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+#[async_trait]
+impl KeyManagementService for RemoteKms {
+    fn kms_id(&self) -> &str {
+        &self.kms_id
+    }
+
+    async fn create_primary_key(&self) -> Result<PrimaryKeyId, KmsError> {
+        let result = self
+            .call(
+                "CreateKey",
+                json!({"keyspec": "EH_AES_GCM_256", "origin": "EH_INTERNAL_KEY"}),
+            )
+            .await?;
+        Ok(PrimaryKeyId(string_field(&result, "keyid")?))
+    }
+
+    async fn generate_data_key(
+        &self,
+        primary: &PrimaryKeyId,
+        aad: &[u8],
+    ) -> Result<(DataKey, KeyReference), KmsError> {
+        let result = self
+            .call(
+                "GenerateDataKey",
+                json!({"keyid": primary.0, "keylen": ppml_format::DATA_KEY_LEN, "aad": aad_text(aad)?}),
+            )
+            .await
+            .map_err(|e| with_key(e, primary))?;
+        let plaintext = Zeroizing::new(
+            BASE64
+                .decode(string_field(&result, "plaintext")?)
+                .map_err(|_| {
+                    KmsError::Protocol("GenerateDataKey plaintext is not base64".into())
+                })?,
+        );
+        let key = DataKey::from_slice(&plaintext)
+            .map_err(|e| KmsError::Protocol(format!("GenerateDataKey: {e}")))?;
+        let wrapped = string_field(&result, "ciphertext")?.into_bytes();
+        Ok((key, KeyReference::new(&self.kms_id, &primary.0, wrapped)))
+    }
+
+    async fn unwrap_data_key(&self, key: &KeyReference, aad: &[u8]) -> Result<DataKey, KmsError> {
+        if key.kms != self.kms_id {
+            return Err(KmsError::WrongKms {
+                expected: self.kms_id.clone(),
+                found: key.kms.clone(),
+            });
+        }
+        let ciphertext = std::str::from_utf8(&key.wrapped).map_err(|_| KmsError::UnwrapFailed)?;
+        let primary = PrimaryKeyId(key.key_id.clone());
+        let result = self
+            .call(
+                "Decrypt",
+                json!({"keyid": key.key_id, "ciphertext": ciphertext, "aad": aad_text(aad)?}),
+            )
+            .await
+            .map_err(|e| with_key(e, &primary))?;
+        let plaintext = Zeroizing::new(
+            BASE64
+                .decode(string_field(&result, "plaintext")?)
+                .map_err(|_| KmsError::Protocol("Decrypt plaintext is not base64".into()))?,
+        );
+        DataKey::from_slice(&plaintext).map_err(|_| KmsError::UnwrapFailed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_round_trip() {
+        let printed = format_fingerprint(b"certificate bytes");
+        let TlsTrust::Fingerprint(bytes) = TlsTrust::parse_fingerprint(&printed).unwrap() else {
+            panic!("not a fingerprint")
+        };
+        assert_eq!(format!("sha256:{}", hex::encode(bytes)), printed);
+        let with_colons = printed
+            .trim_start_matches("sha256:")
+            .as_bytes()
+            .chunks(2)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect::<Vec<_>>()
+            .join(":");
+        assert!(TlsTrust::parse_fingerprint(&with_colons).is_ok());
+        assert!(TlsTrust::parse_fingerprint("sha256:abcd").is_err());
+        assert!(TlsTrust::parse_fingerprint("not hex at all").is_err());
+    }
+
+    #[test]
+    fn server_errors_map_to_kms_errors() {
+        let reject = |message: &str| {
+            interpret(json!({"code": 400, "message": message, "result": {}})).unwrap_err()
+        };
+        assert!(matches!(reject("sign error"), KmsError::Unauthorized));
+        assert!(matches!(
+            reject("keyid not found"),
+            KmsError::KeyNotFound(_)
+        ));
+        assert!(matches!(
+            reject("key is disabled"),
+            KmsError::KeyDisabled(_)
+        ));
+        assert!(matches!(reject("decrypt failed"), KmsError::UnwrapFailed));
+        assert!(matches!(
+            reject("Timestamp error"),
+            KmsError::Rejected { code: 400, .. }
+        ));
+        let ok = interpret(json!({"code": 200, "message": "successful", "result": {"a": 1}}));
+        assert_eq!(ok.unwrap().get("a"), Some(&json!(1)));
+        assert!(matches!(
+            interpret(json!({"code": 200})),
+            Err(KmsError::Protocol(_))
+        ));
+    }
+}
