@@ -156,6 +156,14 @@ pub async fn run(args: &KmsServeArgs, settings: &Settings) -> Result<()> {
         .or_else(|| config.listen.clone())
         .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
     let insecure_http = args.insecure_http || config.insecure_http;
+    if !dir.exists() {
+        use std::os::unix::fs::DirBuilderExt as _;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+    }
     let root = root_key(&args.root, settings, &dir, true)?;
     let audit_key = root.audit_mac_key();
     let store = Store::open(&dir, root)
@@ -188,7 +196,7 @@ pub async fn run(args: &KmsServeArgs, settings: &Settings) -> Result<()> {
         .with_context(|| format!("listening on {listen}"))?;
     let addr = listener.local_addr()?;
     let state = Arc::new(ServerState::new(store).with_audit(audit));
-    let app = router(state);
+    let app = router(state.clone());
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("SIGTERM handler");
@@ -231,6 +239,14 @@ pub async fn run(args: &KmsServeArgs, settings: &Settings) -> Result<()> {
             std::io::stdout().flush()?;
             serve_tls(listener, identity.config.clone(), app, shutdown).await?;
         }
+    }
+    if let Some(audit) = state.audit() {
+        // Operators record this outside the machine: it is what shows a truncated tail.
+        let head = audit.head();
+        eprintln!(
+            "ppml: audit log head at shutdown: seq {} hash {}",
+            head.seq, head.hash
+        );
     }
     Ok(())
 }
