@@ -218,8 +218,10 @@ pub struct QuickstartArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum KmsCommand {
-    /// Create the embedded KMS (root key, store) if it does not exist
-    Init,
+    /// Create the embedded KMS (root key, store) if it does not exist; with --server, set up
+    /// a KMS server's data directory instead (root key or passphrase salt, store, audit log,
+    /// TLS certificate) and print the certificate fingerprint
+    Init(KmsInitArgs),
     /// Register a new application; prints its app id and api key (shown once)
     Enroll,
     /// Create a primary key for the current application
@@ -240,6 +242,26 @@ pub enum KmsCommand {
     /// Inspect the KMS server's audit log
     #[command(subcommand)]
     Audit(AuditCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct KmsInitArgs {
+    /// Initialise a KMS server's data directory rather than the embedded KMS
+    #[arg(long)]
+    pub server: bool,
+    /// Server data directory [default: $PPML_HOME/kms-server]
+    #[arg(
+        long,
+        env = "PPML_KMS_DATA_DIR",
+        value_name = "DIR",
+        requires = "server"
+    )]
+    pub data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub root: RootKeyArgs,
+    /// Extra DNS name or IP for the self-signed certificate (repeatable)
+    #[arg(long, value_name = "NAME", requires = "server")]
+    pub tls_san: Vec<String>,
 }
 
 #[derive(Debug, Args)]

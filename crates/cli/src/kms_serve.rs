@@ -147,6 +147,45 @@ fn root_key(args: &RootKeyArgs, settings: &Settings, dir: &Path, create: bool) -
     RootKey::from_hex(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
+/// Creates `dir` (mode 0700) if needed, then opens the root key, the store and the audit log.
+fn open_server_state(
+    root: &RootKeyArgs,
+    settings: &Settings,
+    dir: &Path,
+) -> Result<(Store, ppml_kms_server::audit::AuditLog)> {
+    if !dir.exists() {
+        use std::os::unix::fs::DirBuilderExt as _;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let root = root_key(root, settings, dir, true)?;
+    let audit_key = root.audit_mac_key();
+    let store = Store::open(dir, root)
+        .map_err(|e| anyhow::anyhow!("opening the store in {}: {e}", dir.display()))?;
+    let audit = ppml_kms_server::audit::AuditLog::open(dir, &audit_key)
+        .with_context(|| format!("opening the audit log in {}", dir.display()))?;
+    Ok((store, audit))
+}
+
+/// `ppml kms init --server`: everything `ppml kms serve` would create on first start.
+pub fn init_server(args: &crate::cli::KmsInitArgs, settings: &Settings) -> Result<()> {
+    let dir = data_dir(&args.data_dir, settings);
+    let (store, _audit) = open_server_state(&args.root, settings, &dir)?;
+    let sans = if args.tls_san.is_empty() {
+        settings.server.tls_san.clone()
+    } else {
+        args.tls_san.clone()
+    };
+    let identity = TlsIdentity::self_signed_in(&dir.join("tls"), &sans)?;
+    println!("KMS server data directory ready: {}", dir.display());
+    println!("kms id: {}", store.kms_id());
+    println!("certificate fingerprint: {}", identity.fingerprint);
+    Ok(())
+}
+
 pub async fn run(args: &KmsServeArgs, settings: &Settings) -> Result<()> {
     let config = &settings.server;
     let dir = data_dir(&args.data_dir, settings);
@@ -156,21 +195,7 @@ pub async fn run(args: &KmsServeArgs, settings: &Settings) -> Result<()> {
         .or_else(|| config.listen.clone())
         .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
     let insecure_http = args.insecure_http || config.insecure_http;
-    if !dir.exists() {
-        use std::os::unix::fs::DirBuilderExt as _;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let root = root_key(&args.root, settings, &dir, true)?;
-    let audit_key = root.audit_mac_key();
-    let store = Store::open(&dir, root)
-        .map_err(|e| anyhow::anyhow!("opening the store in {}: {e}", dir.display()))?;
-    let audit = ppml_kms_server::audit::AuditLog::open(&dir, &audit_key)
-        .with_context(|| format!("opening the audit log in {}", dir.display()))?;
-    drop(audit_key);
+    let (store, audit) = open_server_state(&args.root, settings, &dir)?;
 
     let tls = if insecure_http {
         None

@@ -117,7 +117,8 @@ async fn run(cli: Cli) -> Result<()> {
 async fn kms_command(command: &KmsCommand, settings: &mut Settings) -> Result<()> {
     let dir = settings.kms_dir();
     match command {
-        KmsCommand::Init => {
+        KmsCommand::Init(args) if args.server => kms_serve::init_server(args, settings)?,
+        KmsCommand::Init(_) => {
             if settings.kms_url.is_some() {
                 anyhow::bail!(
                     "`ppml kms init` creates the embedded KMS; a KMS server initialises itself \

@@ -336,3 +336,63 @@ fn quickstart_runs_against_a_kms_server() {
         "the embedded KMS must not be created"
     );
 }
+
+#[test]
+fn server_from_a_toml_config_with_a_passphrase_root_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("kms");
+    let home = dir.path().join("server-home");
+    let passphrase = "correct horse battery staple";
+
+    // `kms init --server` sets up the directory: a salt instead of a root key file.
+    let out = run(ppml(&home)
+        .args(["kms", "init", "--server", "--data-dir"])
+        .arg(&data_dir)
+        .env("PPML_KMS_PASSPHRASE", passphrase));
+    assert!(stdout(&out).contains("certificate fingerprint: sha256:"));
+    assert!(data_dir.join("root.salt").is_file());
+    assert!(!data_dir.join("root.key").exists());
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data_dir), 0o700);
+    assert_eq!(mode(&data_dir.join("tls/key.pem")), 0o600);
+
+    // Listen address, data directory and plain HTTP all come from the [server] table.
+    let config = dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\ninsecure_http = true\n",
+            data_dir.display()
+        ),
+    )
+    .unwrap();
+    let start = |passphrase: &str| {
+        ppml(&home)
+            .args(["--config"])
+            .arg(&config)
+            .args(["kms", "serve"])
+            .env("PPML_KMS_PASSPHRASE", passphrase)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut child = start(passphrase);
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line.trim().rsplit(' ').next().unwrap().to_string();
+    assert!(url.starts_with("http://127.0.0.1:"), "{line:?}");
+    let out = run(ppml(&dir.path().join("client")).args(["kms", "enroll", "--kms-url", &url]));
+    assert!(stdout(&out).contains("apikey"));
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // The wrong passphrase derives another root key: the server refuses to start.
+    let out = start("wrong passphrase").wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("root key does not match"), "{stderr}");
+}

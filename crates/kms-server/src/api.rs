@@ -1,10 +1,8 @@
 //! The eHSM REST API: `GET /ehsm?Action=Enroll|GetVersion`, `POST /ehsm?Action=...`, and
 //! `GET /metrics` (Prometheus text format).
 
-use std::collections::{HashSet, VecDeque};
-use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
@@ -16,7 +14,7 @@ use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use ppml_kms::ehsm::{self, REPLAY_WINDOW_MS, RequestError};
+use ppml_kms::ehsm::{self, ReplayCache, RequestError};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -87,69 +85,6 @@ fn action_label(action: &str) -> &'static str {
         .unwrap_or("unknown")
 }
 
-/// Remembers recent (app, timestamp, nonce) triples to reject replays, with the rule of
-/// `ppml_kms::ehsm::ReplayCache` (each triple once in [`REPLAY_WINDOW_MS`]) but O(1) per
-/// request: a set of keyed 64-bit hashes of the triples, plus their arrival order for
-/// expiry. Memory is about 40 bytes per request of the last 20 minutes. A hash collision
-/// (probability about n / 2^64) would only refuse a fresh request as a replay.
-#[derive(Debug, Default)]
-struct ReplayGuard {
-    hasher: RandomState,
-    inner: Mutex<ReplayInner>,
-}
-
-#[derive(Debug, Default)]
-struct ReplayInner {
-    seen: HashSet<u64>,
-    order: VecDeque<(u64, u64)>,
-}
-
-impl ReplayGuard {
-    /// Fails if (appid, timestamp, nonce) was recorded within the window; returns its id for
-    /// [`ReplayGuard::record`]. Nothing is recorded yet, so unsigned requests cannot fill the
-    /// guard or spend another app's (timestamp, nonce) pairs.
-    fn check(
-        &self,
-        appid: &str,
-        timestamp: &str,
-        nonce: Option<&str>,
-        now_ms: u64,
-    ) -> Result<u64, RequestError> {
-        let id = self
-            .hasher
-            .hash_one((appid, timestamp, nonce.unwrap_or("")));
-        let mut inner = self.inner.lock().expect("replay guard lock");
-        inner.expire(now_ms);
-        if inner.seen.contains(&id) {
-            return Err(RequestError::Replay);
-        }
-        Ok(id)
-    }
-
-    /// Records a checked id once its request is authenticated; fails if a concurrent request
-    /// with the same triple recorded it first.
-    fn record(&self, id: u64, now_ms: u64) -> Result<(), RequestError> {
-        let mut inner = self.inner.lock().expect("replay guard lock");
-        if !inner.seen.insert(id) {
-            return Err(RequestError::Replay);
-        }
-        inner.order.push_back((now_ms, id));
-        Ok(())
-    }
-}
-
-impl ReplayInner {
-    fn expire(&mut self, now_ms: u64) {
-        while let Some(&(at, old)) = self.order.front() {
-            if now_ms.saturating_sub(at) <= REPLAY_WINDOW_MS {
-                break;
-            }
-            self.order.pop_front();
-            self.seen.remove(&old);
-        }
-    }
-}
-
 type Labels<const N: usize> = [(&'static str, &'static str); N];
 
 /// The server's Prometheus metrics, in a registry of its own (so several servers can run in
@@ -214,7 +149,7 @@ impl Metrics {
 pub struct ServerState {
     /// The persistent store.
     pub store: Store,
-    replay: ReplayGuard,
+    replay: ReplayCache,
     metrics: Metrics,
     audit: Option<AuditLog>,
     request_ids: RequestIds,
@@ -266,7 +201,7 @@ impl ServerState {
     pub fn new(store: Store) -> Self {
         ServerState {
             store,
-            replay: ReplayGuard::default(),
+            replay: ReplayCache::default(),
             metrics: Metrics::new(),
             audit: None,
             request_ids: RequestIds::new(),
@@ -670,5 +605,71 @@ fn run(
             Ok(json!({}))
         }
         _ => Err(ApiError::UnknownAction),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt as _;
+
+    use super::*;
+    use crate::RootKey;
+    use crate::audit::AuditLog;
+
+    async fn get(app: &Router, action: &str) -> Value {
+        let response = app
+            .clone()
+            .oneshot(
+                Request::get(format!("/ehsm?Action={action}"))
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert!(response.headers().contains_key("x-request-id"));
+        let bytes = axum::body::to_bytes(response.into_body(), MAX_BODY)
+            .await
+            .unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    /// When the audit log cannot be written, requests fail and keep failing (fail closed);
+    /// answered requests are in the log.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_fail_closed_when_the_audit_log_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let (root, _) = RootKey::generate().unwrap();
+        let mac_key = root.audit_mac_key();
+        let store = Store::open(dir.path(), root).unwrap();
+        let audit = AuditLog::open(dir.path(), &mac_key).unwrap();
+        let state = Arc::new(ServerState::new(store).with_audit(audit.clone()));
+        let app = router(state.clone());
+
+        let ok = get(&app, "GetVersion").await;
+        assert_eq!(ok["code"], 200, "{ok}");
+        let enrolled = get(&app, "Enroll").await;
+        assert_eq!(enrolled["code"], 200, "{enrolled}");
+        assert_eq!(audit.head().seq, 2);
+
+        audit.replace_file_for_test(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/full")
+                .unwrap(),
+        );
+        for action in ["GetVersion", "Enroll", "GetVersion"] {
+            let refused = get(&app, action).await;
+            assert_eq!(refused["code"], 500, "{action}: {refused}");
+            assert!(refused["result"].as_object().unwrap().is_empty());
+            assert!(refused.get("result").unwrap().get("apikey").is_none());
+        }
+        assert!(audit.is_failed());
+        drop(app);
+        drop(state);
+        drop(audit);
+        let report = crate::audit::verify(&dir.path().join("audit.log"), Some(&mac_key)).unwrap();
+        assert_eq!(report.entries, 2);
     }
 }

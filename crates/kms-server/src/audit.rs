@@ -360,6 +360,13 @@ impl AuditLog {
         rx.blocking_recv().map_err(|_| AuditError::Stopped)?
     }
 
+    /// Makes the writer use `file` from now on, so tests elsewhere in the crate can make real
+    /// writes fail (e.g. `/dev/full`).
+    #[cfg(test)]
+    pub(crate) fn replace_file_for_test(&self, file: File) {
+        self.send(Msg::SwapFile(file)).expect("writer running");
+    }
+
     /// [`AuditLog::append`] for async code: the same, awaiting the writer instead of blocking.
     pub async fn append_async(&self, entry: AuditEntry) -> Result<u64, AuditError> {
         let rx = self.submit(entry)?;

@@ -11,7 +11,8 @@
 //! Timestamps are 13-digit Unix milliseconds, accepted within ±10 minutes of the server's
 //! clock, and each (app, timestamp, nonce) may be used once in 20 minutes.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashSet, VecDeque};
+use std::hash::{BuildHasher, RandomState};
 use std::sync::Mutex;
 
 use base64::Engine as _;
@@ -124,42 +125,66 @@ pub fn check_timestamp(timestamp: &str, now_ms: u64) -> Result<u64, RequestError
     Ok(ts)
 }
 
-/// Remembers each app's recent (timestamp, nonce) pairs to reject replays. Entries older than
-/// [`REPLAY_WINDOW_MS`] are forgotten; since timestamps outside ±10 minutes are rejected
-/// anyway, a replay can never get through once its entry has expired.
+/// Remembers recent (app, timestamp, nonce) triples to reject replays: each triple is
+/// accepted once in [`REPLAY_WINDOW_MS`]; since timestamps outside ±10 minutes are rejected
+/// anyway, a replay can never get through once its entry has expired. O(1) per request: a
+/// set of keyed 64-bit hashes of the triples, plus their arrival order for expiry. Memory is about 40 bytes per request of the last 20 minutes. A hash collision
+/// (probability about n / 2^64) would only refuse a fresh request as a replay.
 #[derive(Debug, Default)]
 pub struct ReplayCache {
-    seen: Mutex<HashMap<String, VecDeque<(u64, String)>>>,
+    hasher: RandomState,
+    inner: Mutex<ReplayInner>,
+}
+
+#[derive(Debug, Default)]
+struct ReplayInner {
+    seen: HashSet<u64>,
+    order: VecDeque<(u64, u64)>,
 }
 
 impl ReplayCache {
-    /// An empty cache.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Records (timestamp, nonce) for `appid` at `now_ms`; fails if it was seen already.
-    pub fn check_and_record(
+    /// Fails if (appid, timestamp, nonce) was recorded within the window; returns its id for
+    /// [`ReplayCache::record`]. Nothing is recorded yet, so unsigned requests cannot fill the
+    /// guard or spend another app's (timestamp, nonce) pairs.
+    pub fn check(
         &self,
         appid: &str,
         timestamp: &str,
         nonce: Option<&str>,
         now_ms: u64,
-    ) -> Result<(), RequestError> {
-        let id = format!("{timestamp}\0{}", nonce.unwrap_or(""));
-        let mut seen = self.seen.lock().expect("replay cache lock");
-        let entries = seen.entry(appid.to_string()).or_default();
-        while entries
-            .front()
-            .is_some_and(|(at, _)| now_ms.saturating_sub(*at) > REPLAY_WINDOW_MS)
-        {
-            entries.pop_front();
-        }
-        if entries.iter().any(|(_, seen_id)| *seen_id == id) {
+    ) -> Result<u64, RequestError> {
+        let id = self
+            .hasher
+            .hash_one((appid, timestamp, nonce.unwrap_or("")));
+        let mut inner = self.inner.lock().expect("replay guard lock");
+        inner.expire(now_ms);
+        if inner.seen.contains(&id) {
             return Err(RequestError::Replay);
         }
-        entries.push_back((now_ms, id));
+        Ok(id)
+    }
+
+    /// Records a checked id once its request is authenticated; fails if a concurrent request
+    /// with the same triple recorded it first.
+    pub fn record(&self, id: u64, now_ms: u64) -> Result<(), RequestError> {
+        let mut inner = self.inner.lock().expect("replay guard lock");
+        if !inner.seen.insert(id) {
+            return Err(RequestError::Replay);
+        }
+        inner.order.push_back((now_ms, id));
         Ok(())
+    }
+}
+
+impl ReplayInner {
+    fn expire(&mut self, now_ms: u64) {
+        while let Some(&(at, old)) = self.order.front() {
+            if now_ms.saturating_sub(at) <= REPLAY_WINDOW_MS {
+                break;
+            }
+            self.order.pop_front();
+            self.seen.remove(&old);
+        }
     }
 }
 
@@ -234,24 +259,25 @@ mod tests {
 
     #[test]
     fn replays_are_rejected_per_app_within_the_window() {
-        let cache = ReplayCache::new();
+        let cache = ReplayCache::default();
+        let accept = |appid: &str, nonce: Option<&str>, now: u64| {
+            let id = cache.check(appid, "1690000000000", nonce, now)?;
+            cache.record(id, now)
+        };
         let now = 1_690_000_000_000;
-        cache
-            .check_and_record("a", "1690000000000", None, now)
-            .unwrap();
-        assert_eq!(
-            cache.check_and_record("a", "1690000000000", None, now + 1),
-            Err(RequestError::Replay)
-        );
-        cache
-            .check_and_record("b", "1690000000000", None, now)
-            .unwrap();
-        cache
-            .check_and_record("a", "1690000000000", Some("n1"), now)
-            .unwrap();
-        cache
-            .check_and_record("a", "1690000000000", None, now + REPLAY_WINDOW_MS + 1)
-            .unwrap();
+        accept("a", None, now).unwrap();
+        assert_eq!(accept("a", None, now + 1), Err(RequestError::Replay));
+        accept("b", None, now).unwrap();
+        accept("a", Some("n1"), now).unwrap();
+        // Checked but never recorded (e.g. a bad signature): the triple stays usable.
+        cache.check("c", "1690000000000", None, now).unwrap();
+        accept("c", None, now).unwrap();
+        // Two requests checked concurrently: only the first to record wins.
+        let first = cache.check("d", "1690000000000", None, now).unwrap();
+        let second = cache.check("d", "1690000000000", None, now).unwrap();
+        cache.record(first, now).unwrap();
+        assert_eq!(cache.record(second, now), Err(RequestError::Replay));
+        accept("a", None, now + REPLAY_WINDOW_MS + 1).unwrap();
         assert_eq!(
             RequestError::Replay.to_string(),
             "Timestamp can't be repeated in 20 minutes"
