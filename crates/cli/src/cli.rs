@@ -83,9 +83,35 @@ pub enum Command {
     Query(QueryArgs),
     /// Run the whole workflow (KMS, generate, encrypt, query, decrypt, check) in one go
     Quickstart(QuickstartArgs),
+    /// Verify attestation evidence
+    #[command(subcommand)]
+    Attest(AttestCommand),
     /// Manage keys (the embedded KMS, or a KMS server with --kms-url) and run the KMS server
     #[command(subcommand)]
     Kms(KmsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AttestCommand {
+    /// Verify an SGX or TDX DCAP quote offline and print its claims (JSON); with --policy,
+    /// also judge them (exit 4 when the policy refuses, 3 when the quote does not verify)
+    Verify(AttestVerifyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AttestVerifyArgs {
+    /// The quote (binary)
+    #[arg(long, value_name = "FILE")]
+    pub quote: PathBuf,
+    /// Collateral JSON for the quote's platform (see docs/attestation.md §3)
+    #[arg(long, value_name = "FILE")]
+    pub collateral: PathBuf,
+    /// Policy JSON (docs/attestation.md §4)
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+    /// Verify as of this Unix time in seconds [default: now]
+    #[arg(long, value_name = "UNIX_SECONDS")]
+    pub at: Option<u64>,
 }
 
 #[derive(Debug, Subcommand)]

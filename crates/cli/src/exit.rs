@@ -30,6 +30,27 @@ pub fn code_for(err: &anyhow::Error) -> ExitCode {
         if let Some(e) = cause.downcast_ref::<FormatError>() {
             return ExitCode::from(if e.is_bad_input() { BAD_INPUT } else { FAILURE });
         }
+        if cause
+            .downcast_ref::<ppml_attestation::PolicyViolation>()
+            .is_some()
+        {
+            return ExitCode::from(ACCESS_DENIED);
+        }
+        if cause
+            .downcast_ref::<ppml_attestation::dcap::DcapError>()
+            .is_some()
+        {
+            return ExitCode::from(BAD_INPUT);
+        }
+        if let Some(e) = cause.downcast_ref::<ppml_kms_server::audit::AuditError>() {
+            use ppml_kms_server::audit::AuditError as A;
+            if matches!(
+                e,
+                A::Corrupt { .. } | A::BadSeq { .. } | A::BrokenChain { .. } | A::BadMac { .. }
+            ) {
+                return ExitCode::from(BAD_INPUT);
+            }
+        }
         if cause.downcast_ref::<CsvError>().is_some() {
             return ExitCode::from(BAD_INPUT);
         }

@@ -1,5 +1,6 @@
 //! The `ppml` command. See `ppml --help`.
 
+mod attest;
 mod cli;
 mod crypt;
 mod csv_split;
@@ -109,6 +110,7 @@ async fn run(cli: Cli) -> Result<()> {
             query::query(args, &mut settings).await?;
         }
         Command::Quickstart(args) => quickstart::run(args, &mut settings).await?,
+        Command::Attest(crate::cli::AttestCommand::Verify(args)) => attest::verify(args)?,
         Command::Kms(command) => kms_command(command, &mut settings).await?,
     }
     Ok(())

@@ -1,0 +1,17 @@
+//! Attestation for ppml (`docs/attestation.md`).
+//!
+//! - [`claims`]: the normalised claims document every TEE's evidence is reduced to.
+//! - [`dcap`]: SGX (quote v3) and TDX (quote v4) DCAP quote verification with dcap-qvl.
+//! - [`policy`]: which claims an app accepts.
+//! - [`evidence`]: evidence providers (Gramine SGX, configfs-tsm TDX) behind one trait.
+//! - [`sim`]: the simulated TEE for development: same protocol, Ed25519 platform key.
+
+pub mod claims;
+pub mod dcap;
+pub mod evidence;
+pub mod policy;
+pub mod sim;
+
+pub use claims::{Claims, Tee};
+pub use evidence::{Evidence, EvidenceError, EvidenceProvider};
+pub use policy::{Policy, PolicyViolation};

@@ -1,0 +1,306 @@
+//! Policies: which verified [`Claims`] an app accepts (`docs/attestation.md`).
+//!
+//! The defaults are strict: only the `UpToDate` TCB status, no advisories, no debug TEEs, no
+//! simulation, and at least one allowed measurement must be listed. A policy widens them
+//! explicitly, field by field.
+
+use serde::{Deserialize, Serialize};
+
+use crate::claims::{Claims, Tee};
+
+/// One acceptable identity of a runtime. Every field that is set must match; unset fields
+/// are not checked. Hex is compared case-insensitively.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AllowedMeasurement {
+    /// TEE this entry is for.
+    pub tee: Option<Tee>,
+    /// SGX MRENCLAVE, or the executable's SHA-256 for `sim`.
+    pub mrenclave: Option<String>,
+    /// SGX MRSIGNER.
+    pub mrsigner: Option<String>,
+    /// SGX ISVPRODID.
+    pub isvprodid: Option<u16>,
+    /// Minimum SGX ISVSVN.
+    pub min_isvsvn: Option<u16>,
+    /// TDX MRTD.
+    pub mrtd: Option<String>,
+    /// TDX RTMR0..3; `None` entries are not checked.
+    pub rtmr: Option<[Option<String>; 4]>,
+}
+
+/// An app's attestation policy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Runtimes that may receive keys; the claims must match at least one entry.
+    pub allowed: Vec<AllowedMeasurement>,
+    /// TCB statuses accepted [default: `["UpToDate"]`].
+    #[serde(default = "default_statuses")]
+    pub accepted_tcb_statuses: Vec<String>,
+    /// Advisory ids tolerated; any other advisory on the platform is a refusal.
+    #[serde(default)]
+    pub accepted_advisories: Vec<String>,
+    /// Accept debug enclaves / TDs (their memory is readable by the host) [default: false].
+    #[serde(default)]
+    pub allow_debug: bool,
+    /// Accept ppml's simulated TEE (development only; logged loudly) [default: false].
+    #[serde(default)]
+    pub allow_simulation: bool,
+}
+
+fn default_statuses() -> Vec<String> {
+    vec!["UpToDate".to_string()]
+}
+
+impl Policy {
+    /// The strict policy for these runtimes.
+    pub fn strict(allowed: Vec<AllowedMeasurement>) -> Self {
+        Policy {
+            allowed,
+            accepted_tcb_statuses: default_statuses(),
+            accepted_advisories: Vec::new(),
+            allow_debug: false,
+            allow_simulation: false,
+        }
+    }
+
+    /// Judges `claims`; `Ok` means the runtime may receive keys under this policy.
+    pub fn evaluate(&self, claims: &Claims) -> Result<(), PolicyViolation> {
+        if claims.tee == Tee::Sim {
+            if !self.allow_simulation {
+                return Err(PolicyViolation::SimulationNotAllowed);
+            }
+        } else if !self
+            .accepted_tcb_statuses
+            .iter()
+            .any(|s| s == &claims.tcb_status)
+        {
+            return Err(PolicyViolation::TcbStatus(claims.tcb_status.clone()));
+        }
+        let unaccepted: Vec<String> = claims
+            .advisory_ids
+            .iter()
+            .filter(|a| !self.accepted_advisories.contains(a))
+            .cloned()
+            .collect();
+        if !unaccepted.is_empty() {
+            return Err(PolicyViolation::Advisories(unaccepted));
+        }
+        if claims.debug && !self.allow_debug {
+            return Err(PolicyViolation::Debug);
+        }
+        if self.allowed.is_empty() {
+            return Err(PolicyViolation::NoAllowedMeasurements);
+        }
+        if !self.allowed.iter().any(|m| m.matches(claims)) {
+            return Err(PolicyViolation::Measurement(describe(claims)));
+        }
+        if claims.tee == Tee::Sim {
+            tracing::warn!(
+                measurement = claims.measurements.mrenclave.as_deref().unwrap_or(""),
+                "SIMULATED TEE ACCEPTED: the policy allows simulation; this runtime has no \
+                 hardware protection (development only)"
+            );
+        }
+        Ok(())
+    }
+}
+
+fn hex_eq(expected: &Option<String>, actual: &Option<String>) -> bool {
+    match (expected, actual) {
+        (None, _) => true,
+        (Some(e), Some(a)) => e.eq_ignore_ascii_case(a),
+        (Some(_), None) => false,
+    }
+}
+
+impl AllowedMeasurement {
+    /// Whether `claims` satisfy every field set here.
+    pub fn matches(&self, claims: &Claims) -> bool {
+        let m = &claims.measurements;
+        let rtmr_ok = match (&self.rtmr, &m.rtmr) {
+            (None, _) => true,
+            (Some(expected), Some(actual)) => expected
+                .iter()
+                .zip(actual)
+                .all(|(e, a)| hex_eq(e, &Some(a.clone()))),
+            (Some(_), None) => false,
+        };
+        self.tee.is_none_or(|t| t == claims.tee)
+            && hex_eq(&self.mrenclave, &m.mrenclave)
+            && hex_eq(&self.mrsigner, &m.mrsigner)
+            && hex_eq(&self.mrtd, &m.mrtd)
+            && self.isvprodid.is_none_or(|p| m.isvprodid == Some(p))
+            && self
+                .min_isvsvn
+                .is_none_or(|min| m.isvsvn.is_some_and(|svn| svn >= min))
+            && rtmr_ok
+    }
+}
+
+fn describe(claims: &Claims) -> String {
+    let m = &claims.measurements;
+    let mut parts = vec![format!("tee {}", claims.tee)];
+    for (name, value) in [
+        ("mrenclave", &m.mrenclave),
+        ("mrsigner", &m.mrsigner),
+        ("mrtd", &m.mrtd),
+    ] {
+        if let Some(v) = value {
+            parts.push(format!("{name} {v}"));
+        }
+    }
+    parts.join(", ")
+}
+
+/// Why a policy refused claims.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PolicyViolation {
+    /// The evidence comes from the simulated TEE and the policy does not allow simulation.
+    #[error("simulated TEE evidence, and the policy does not allow simulation")]
+    SimulationNotAllowed,
+    /// The platform's TCB status is not accepted.
+    #[error("TCB status {0} is not accepted by the policy")]
+    TcbStatus(String),
+    /// Advisories apply to the platform that the policy does not accept.
+    #[error("the platform is affected by advisories the policy does not accept: {0:?}")]
+    Advisories(Vec<String>),
+    /// A debug enclave or TD.
+    #[error("debug TEE, and the policy does not allow debug")]
+    Debug,
+    /// The policy lists no runtime at all.
+    #[error("the policy allows no measurement")]
+    NoAllowedMeasurements,
+    /// The runtime is not one the policy allows.
+    #[error("measurement not allowed by the policy ({0})")]
+    Measurement(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::claims::Measurements;
+
+    fn sgx_claims() -> Claims {
+        Claims {
+            tee: Tee::Sgx,
+            measurements: Measurements {
+                mrenclave: Some("33d8".repeat(16)),
+                mrsigner: Some("815f".repeat(16)),
+                isvprodid: Some(0),
+                isvsvn: Some(2),
+                ..Measurements::default()
+            },
+            debug: false,
+            tcb_status: "UpToDate".into(),
+            advisory_ids: vec![],
+            report_data: "00".repeat(64),
+        }
+    }
+
+    fn allow_enclave() -> AllowedMeasurement {
+        AllowedMeasurement {
+            tee: Some(Tee::Sgx),
+            mrenclave: Some("33D8".repeat(16)),
+            ..AllowedMeasurement::default()
+        }
+    }
+
+    #[test]
+    fn strict_policy_accepts_only_matching_up_to_date_release_runtimes() {
+        let policy = Policy::strict(vec![allow_enclave()]);
+        assert_eq!(policy.evaluate(&sgx_claims()), Ok(()));
+
+        let mut c = sgx_claims();
+        c.tcb_status = "SWHardeningNeeded".into();
+        assert_eq!(
+            policy.evaluate(&c),
+            Err(PolicyViolation::TcbStatus("SWHardeningNeeded".into()))
+        );
+        let mut c = sgx_claims();
+        c.debug = true;
+        assert_eq!(policy.evaluate(&c), Err(PolicyViolation::Debug));
+        let mut c = sgx_claims();
+        c.advisory_ids = vec!["INTEL-SA-00615".into()];
+        assert!(matches!(
+            policy.evaluate(&c),
+            Err(PolicyViolation::Advisories(_))
+        ));
+        let mut c = sgx_claims();
+        c.measurements.mrenclave = Some("00".repeat(32));
+        assert!(matches!(
+            policy.evaluate(&c),
+            Err(PolicyViolation::Measurement(_))
+        ));
+        let mut c = sgx_claims();
+        c.tee = Tee::Sim;
+        assert_eq!(
+            policy.evaluate(&c),
+            Err(PolicyViolation::SimulationNotAllowed)
+        );
+        assert_eq!(
+            Policy::strict(vec![]).evaluate(&sgx_claims()),
+            Err(PolicyViolation::NoAllowedMeasurements)
+        );
+    }
+
+    #[test]
+    fn widening_is_explicit_per_field() {
+        let mut policy = Policy::strict(vec![allow_enclave()]);
+        policy
+            .accepted_tcb_statuses
+            .push("ConfigurationAndSWHardeningNeeded".into());
+        policy.accepted_advisories = vec!["INTEL-SA-00289".into(), "INTEL-SA-00615".into()];
+        let mut c = sgx_claims();
+        c.tcb_status = "ConfigurationAndSWHardeningNeeded".into();
+        c.advisory_ids = vec!["INTEL-SA-00289".into(), "INTEL-SA-00615".into()];
+        assert_eq!(policy.evaluate(&c), Ok(()));
+        c.advisory_ids.push("INTEL-SA-00999".into());
+        assert_eq!(
+            policy.evaluate(&c),
+            Err(PolicyViolation::Advisories(vec!["INTEL-SA-00999".into()]))
+        );
+        policy.allow_debug = true;
+        let mut c = sgx_claims();
+        c.debug = true;
+        assert_eq!(policy.evaluate(&c), Ok(()));
+    }
+
+    #[test]
+    fn measurement_fields_all_have_to_match() {
+        let entry = AllowedMeasurement {
+            tee: Some(Tee::Sgx),
+            mrsigner: Some("815f".repeat(16)),
+            isvprodid: Some(0),
+            min_isvsvn: Some(2),
+            ..AllowedMeasurement::default()
+        };
+        assert!(entry.matches(&sgx_claims()));
+        let mut c = sgx_claims();
+        c.measurements.isvsvn = Some(1);
+        assert!(!entry.matches(&c), "an older ISVSVN must not match");
+        let mut c = sgx_claims();
+        c.measurements.isvprodid = Some(1);
+        assert!(!entry.matches(&c));
+        let tdx_entry = AllowedMeasurement {
+            mrtd: Some("ab".repeat(48)),
+            ..AllowedMeasurement::default()
+        };
+        assert!(!tdx_entry.matches(&sgx_claims()), "SGX claims have no MRTD");
+    }
+
+    #[test]
+    fn policies_parse_from_json_with_strict_defaults() {
+        let policy: Policy = serde_json::from_str(
+            r#"{"allowed": [{"tee": "sgx", "mrenclave": "33d8"}], "allow_debug": false}"#,
+        )
+        .unwrap();
+        assert_eq!(policy.accepted_tcb_statuses, ["UpToDate"]);
+        assert!(!policy.allow_simulation);
+        assert!(
+            serde_json::from_str::<Policy>(r#"{"allowed": [], "allow_everything": true}"#).is_err()
+        );
+    }
+}
