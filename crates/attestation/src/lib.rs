@@ -4,12 +4,14 @@
 //! - [`dcap`]: SGX (quote v3) and TDX (quote v4) DCAP quote verification with dcap-qvl.
 //! - [`policy`]: which claims an app accepts.
 //! - [`evidence`]: evidence providers (Gramine SGX, configfs-tsm TDX) behind one trait.
+//! - [`service`]: challenges, evidence bound to them, policy evaluation, signed tokens.
 //! - [`sim`]: the simulated TEE for development: same protocol, Ed25519 platform key.
 
 pub mod claims;
 pub mod dcap;
 pub mod evidence;
 pub mod policy;
+pub mod service;
 pub mod sim;
 
 pub use claims::{Claims, Tee};

@@ -1,0 +1,430 @@
+//! The verifier side of ppml's attestation protocol (`docs/attestation.md` §6): single-use
+//! challenges, evidence bound to the challenge and to the runtime's public key, policy
+//! evaluation, and short-lived signed attestation tokens.
+//!
+//! Tokens are JWTs (RFC 7519) signed with EdDSA/Ed25519 (RFC 8037): `base64url(header) "."
+//! base64url(payload) "." base64url(signature)`, header `{"alg":"EdDSA","typ":"JWT"}`, so any
+//! JOSE library can check them with the service's public key.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
+use ring::signature::{ED25519, Ed25519KeyPair, KeyPair as _, UnparsedPublicKey};
+use serde::{Deserialize, Serialize};
+
+use crate::claims::{Claims, Tee};
+use crate::dcap::{Collateral, verify_quote};
+use crate::evidence::Evidence;
+use crate::policy::{Policy, PolicyViolation};
+use crate::sim::verify_sim;
+
+/// Length of a challenge nonce in bytes.
+pub const NONCE_LEN: usize = 32;
+/// How long a challenge may be answered.
+pub const CHALLENGE_TTL_SECS: u64 = 120;
+/// How long a token is valid.
+pub const TOKEN_TTL_SECS: u64 = 300;
+const JWT_HEADER: &str = r#"{"alg":"EdDSA","typ":"JWT"}"#;
+
+/// The report data that binds evidence to a challenge and a runtime key:
+/// `SHA-256(nonce || runtime public key) || 32 zero bytes`.
+pub fn expected_report_data(nonce: &[u8], runtime_public_key: &[u8]) -> [u8; 64] {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(nonce);
+    ctx.update(runtime_public_key);
+    let mut out = [0u8; 64];
+    out[..32].copy_from_slice(ctx.finish().as_ref());
+    out
+}
+
+/// Why an attestation was refused or a token is invalid.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AttestError {
+    /// The nonce was never issued, was already used, or expired.
+    #[error("unknown, used or expired challenge")]
+    Challenge,
+    /// The evidence's report data is not SHA-256(nonce || runtime key).
+    #[error("the evidence is not bound to this challenge and runtime key")]
+    Binding,
+    /// The evidence does not verify.
+    #[error("evidence does not verify: {0}")]
+    Evidence(String),
+    /// No collateral is configured for DCAP evidence.
+    #[error("no collateral available to verify {0} evidence")]
+    NoCollateral(Tee),
+    /// The policy refuses the claims.
+    #[error(transparent)]
+    Policy(#[from] PolicyViolation),
+    /// The token is malformed, not signed by this service, or expired.
+    #[error("invalid attestation token: {0}")]
+    Token(String),
+    /// The random generator failed.
+    #[error("the system random number generator failed")]
+    Random,
+}
+
+/// What a token asserts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenClaims {
+    /// Issuer: the service id.
+    pub iss: String,
+    /// Subject: the app whose policy was applied.
+    pub sub: String,
+    /// Issued at, Unix seconds.
+    pub iat: u64,
+    /// Expiry, Unix seconds.
+    pub exp: u64,
+    /// Name of the policy that accepted the runtime.
+    pub policy: String,
+    /// The runtime's public key (base64url): released keys are encrypted to it.
+    pub runtime_key: String,
+    /// The verified claims.
+    pub claims: Claims,
+}
+
+/// One runtime's attempt to attest.
+#[derive(Clone, Copy, Debug)]
+pub struct AttestationRequest<'a> {
+    /// The app whose policy applies.
+    pub app: &'a str,
+    /// The policy's name (recorded in the token).
+    pub policy_name: &'a str,
+    /// The policy.
+    pub policy: &'a Policy,
+    /// The nonce from [`AttestationService::challenge`].
+    pub nonce: &'a [u8],
+    /// The runtime's public key (released keys are encrypted to it).
+    pub runtime_key: &'a [u8],
+    /// The evidence, with report data [`expected_report_data`]`(nonce, runtime_key)`.
+    pub evidence: &'a Evidence,
+}
+
+/// Verifies evidence and issues tokens. Thread-safe.
+pub struct AttestationService {
+    id: String,
+    signing: Ed25519KeyPair,
+    challenges: Mutex<HashMap<[u8; NONCE_LEN], u64>>,
+    trusted_sim_keys: Vec<[u8; 32]>,
+    collateral: HashMap<Tee, Collateral>,
+}
+
+impl std::fmt::Debug for AttestationService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AttestationService")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AttestationService {
+    /// A service named `id` signing tokens with the Ed25519 key from `seed` (the KMS server
+    /// derives it from its root key).
+    pub fn new(id: impl Into<String>, seed: &[u8; 32]) -> Result<Self, AttestError> {
+        let signing = Ed25519KeyPair::from_seed_unchecked(seed)
+            .map_err(|_| AttestError::Token("invalid signing seed".into()))?;
+        Ok(AttestationService {
+            id: id.into(),
+            signing,
+            challenges: Mutex::new(HashMap::new()),
+            trusted_sim_keys: Vec::new(),
+            collateral: HashMap::new(),
+        })
+    }
+
+    /// Trusts evidence of the simulated TEE signed by this platform key (policies must still
+    /// allow simulation).
+    pub fn trust_sim_platform(&mut self, public_key: [u8; 32]) {
+        self.trusted_sim_keys.push(public_key);
+    }
+
+    /// Uses `collateral` to verify DCAP evidence of `tee`.
+    pub fn set_collateral(&mut self, tee: Tee, collateral: Collateral) {
+        self.collateral.insert(tee, collateral);
+    }
+
+    /// The token signing public key (raw Ed25519, 32 bytes).
+    pub fn public_key(&self) -> [u8; 32] {
+        self.signing
+            .public_key()
+            .as_ref()
+            .try_into()
+            .expect("32-byte key")
+    }
+
+    /// A fresh single-use nonce, valid for [`CHALLENGE_TTL_SECS`].
+    pub fn challenge(&self, now: u64) -> Result<[u8; NONCE_LEN], AttestError> {
+        let mut nonce = [0u8; NONCE_LEN];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
+            .map_err(|_| AttestError::Random)?;
+        let mut challenges = self.challenges.lock().expect("challenge lock");
+        challenges.retain(|_, expiry| *expiry > now);
+        challenges.insert(nonce, now + CHALLENGE_TTL_SECS);
+        Ok(nonce)
+    }
+
+    /// Verifies the request's evidence, checks that it answers the nonce for the runtime key,
+    /// judges it by the policy, and returns a signed token. The nonce is spent whatever the
+    /// outcome.
+    pub fn attest(
+        &self,
+        request: &AttestationRequest<'_>,
+        now: u64,
+    ) -> Result<String, AttestError> {
+        let AttestationRequest {
+            app,
+            policy_name,
+            policy,
+            nonce,
+            runtime_key,
+            evidence,
+        } = *request;
+        let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| AttestError::Challenge)?;
+        match self
+            .challenges
+            .lock()
+            .expect("challenge lock")
+            .remove(&nonce)
+        {
+            Some(expiry) if expiry > now => {}
+            _ => return Err(AttestError::Challenge),
+        }
+        let claims = match evidence.tee {
+            Tee::Sim => verify_sim(&evidence.quote, &self.trusted_sim_keys)
+                .map_err(|e| AttestError::Evidence(e.to_string()))?,
+            tee => {
+                let collateral = self
+                    .collateral
+                    .get(&tee)
+                    .ok_or(AttestError::NoCollateral(tee))?;
+                let claims = verify_quote(&evidence.quote, collateral, now)
+                    .map_err(|e| AttestError::Evidence(e.to_string()))?;
+                if claims.tee != tee {
+                    return Err(AttestError::Evidence(format!(
+                        "declared {tee} evidence is a {} quote",
+                        claims.tee
+                    )));
+                }
+                claims
+            }
+        };
+        let expected = expected_report_data(&nonce, runtime_key);
+        let presented = claims.report_data_bytes().ok_or(AttestError::Binding)?;
+        if !ring_eq(&expected, &presented) {
+            return Err(AttestError::Binding);
+        }
+        policy.evaluate(&claims)?;
+        let token = TokenClaims {
+            iss: self.id.clone(),
+            sub: app.to_string(),
+            iat: now,
+            exp: now + TOKEN_TTL_SECS,
+            policy: policy_name.to_string(),
+            runtime_key: B64URL.encode(runtime_key),
+            claims,
+        };
+        let payload = serde_json::to_vec(&token).map_err(|e| AttestError::Token(e.to_string()))?;
+        let signing_input = format!("{}.{}", B64URL.encode(JWT_HEADER), B64URL.encode(payload));
+        let signature = self.signing.sign(signing_input.as_bytes());
+        Ok(format!("{signing_input}.{}", B64URL.encode(signature)))
+    }
+}
+
+fn ring_eq(a: &[u8], b: &[u8]) -> bool {
+    use subtle::ConstantTimeEq as _;
+    a.len() == b.len() && bool::from(a.ct_eq(b))
+}
+
+/// Checks a token's signature with the service key `public_key` and its expiry at `now`.
+pub fn verify_token(
+    token: &str,
+    public_key: &[u8; 32],
+    now: u64,
+) -> Result<TokenClaims, AttestError> {
+    let bad = |why: &str| AttestError::Token(why.to_string());
+    let mut parts = token.split('.');
+    let (Some(header), Some(payload), Some(signature), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(bad("not three dot-separated parts"));
+    };
+    let signature = B64URL
+        .decode(signature)
+        .map_err(|_| bad("signature is not base64url"))?;
+    UnparsedPublicKey::new(&ED25519, public_key)
+        .verify(format!("{header}.{payload}").as_bytes(), &signature)
+        .map_err(|_| bad("signature does not verify with the service key"))?;
+    if B64URL.decode(header).ok().as_deref() != Some(JWT_HEADER.as_bytes()) {
+        return Err(bad("unexpected header"));
+    }
+    let payload = B64URL
+        .decode(payload)
+        .map_err(|_| bad("payload is not base64url"))?;
+    let claims: TokenClaims =
+        serde_json::from_slice(&payload).map_err(|e| bad(&format!("payload: {e}")))?;
+    if now >= claims.exp {
+        return Err(bad("expired"));
+    }
+    Ok(claims)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::evidence::EvidenceProvider as _;
+    use crate::policy::AllowedMeasurement;
+    use crate::sim::{SimPlatform, SimTee, executable_measurement};
+
+    const NOW: u64 = 1_800_000_000;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        service: AttestationService,
+        tee: SimTee,
+        policy: Policy,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let platform = SimPlatform::load_or_create(dir.path().join("platform.pk8")).unwrap();
+        let mut service = AttestationService::new("ppml-kms:test", &[9; 32]).unwrap();
+        service.trust_sim_platform(platform.public_key());
+        let mut policy = Policy::strict(vec![AllowedMeasurement {
+            tee: Some(Tee::Sim),
+            mrenclave: Some(hex::encode(executable_measurement().unwrap())),
+            ..AllowedMeasurement::default()
+        }]);
+        policy.allow_simulation = true;
+        Fixture {
+            _dir: dir,
+            service,
+            tee: SimTee::new(platform),
+            policy,
+        }
+    }
+
+    fn attest(
+        f: &Fixture,
+        nonce: &[u8],
+        key: &[u8],
+        bound_key: &[u8],
+    ) -> Result<String, AttestError> {
+        let evidence = f
+            .tee
+            .evidence(&expected_report_data(nonce, bound_key))
+            .unwrap();
+        f.service.attest(&request(f, nonce, key, &evidence), NOW)
+    }
+
+    fn request<'a>(
+        f: &'a Fixture,
+        nonce: &'a [u8],
+        key: &'a [u8],
+        evidence: &'a Evidence,
+    ) -> AttestationRequest<'a> {
+        AttestationRequest {
+            app: "app-1",
+            policy_name: "default",
+            policy: &f.policy,
+            nonce,
+            runtime_key: key,
+            evidence,
+        }
+    }
+
+    #[test]
+    fn sim_runtime_gets_a_token_that_verifies() {
+        let f = fixture();
+        let nonce = f.service.challenge(NOW).unwrap();
+        let token = attest(&f, &nonce, b"runtime-key", b"runtime-key").unwrap();
+        let claims = verify_token(&token, &f.service.public_key(), NOW + 1).unwrap();
+        assert_eq!(claims.sub, "app-1");
+        assert_eq!(claims.iss, "ppml-kms:test");
+        assert_eq!(claims.claims.tee, Tee::Sim);
+        assert_eq!(claims.runtime_key, B64URL.encode(b"runtime-key"));
+        assert_eq!(claims.exp, NOW + TOKEN_TTL_SECS);
+        // Expired, tampered, or checked with another key: refused.
+        assert!(verify_token(&token, &f.service.public_key(), NOW + TOKEN_TTL_SECS).is_err());
+        let other = AttestationService::new("x", &[1; 32]).unwrap();
+        assert!(verify_token(&token, &other.public_key(), NOW).is_err());
+        let (head, sig) = token.rsplit_once('.').unwrap();
+        let (h, payload) = head.split_once('.').unwrap();
+        let mut p = B64URL.decode(payload).unwrap();
+        let at = p.len() / 2;
+        p[at] ^= 1;
+        let forged = format!("{h}.{}.{sig}", B64URL.encode(p));
+        assert!(verify_token(&forged, &f.service.public_key(), NOW).is_err());
+    }
+
+    #[test]
+    fn nonces_are_single_use_and_expire() {
+        let f = fixture();
+        let nonce = f.service.challenge(NOW).unwrap();
+        attest(&f, &nonce, b"k", b"k").unwrap();
+        assert!(matches!(
+            attest(&f, &nonce, b"k", b"k"),
+            Err(AttestError::Challenge)
+        ));
+        assert!(matches!(
+            attest(&f, &[7; NONCE_LEN], b"k", b"k"),
+            Err(AttestError::Challenge)
+        ));
+        let old = f.service.challenge(NOW - CHALLENGE_TTL_SECS).unwrap();
+        assert!(matches!(
+            attest(&f, &old, b"k", b"k"),
+            Err(AttestError::Challenge)
+        ));
+    }
+
+    #[test]
+    fn evidence_bound_to_another_key_or_nonce_is_refused() {
+        let f = fixture();
+        let nonce = f.service.challenge(NOW).unwrap();
+        // Evidence made for the attacker's key, presented with the victim's key.
+        assert!(matches!(
+            attest(&f, &nonce, b"victim", b"attacker"),
+            Err(AttestError::Binding)
+        ));
+        let nonce = f.service.challenge(NOW).unwrap();
+        let evidence = f
+            .tee
+            .evidence(&expected_report_data(&[0; NONCE_LEN], b"k"))
+            .unwrap();
+        assert!(matches!(
+            f.service.attest(&request(&f, &nonce, b"k", &evidence), NOW),
+            Err(AttestError::Binding)
+        ));
+    }
+
+    #[test]
+    fn policy_and_trust_are_enforced() {
+        let mut f = fixture();
+        f.policy.allow_simulation = false;
+        let nonce = f.service.challenge(NOW).unwrap();
+        assert!(matches!(
+            attest(&f, &nonce, b"k", b"k"),
+            Err(AttestError::Policy(PolicyViolation::SimulationNotAllowed))
+        ));
+        // An untrusted simulation platform.
+        let mut f = fixture();
+        f.service.trusted_sim_keys.clear();
+        let nonce = f.service.challenge(NOW).unwrap();
+        assert!(matches!(
+            attest(&f, &nonce, b"k", b"k"),
+            Err(AttestError::Evidence(_))
+        ));
+        // DCAP evidence without collateral.
+        let f = fixture();
+        let nonce = f.service.challenge(NOW).unwrap();
+        let evidence = Evidence {
+            tee: Tee::Sgx,
+            quote: vec![0; 10],
+        };
+        assert!(matches!(
+            f.service.attest(&request(&f, &nonce, b"k", &evidence), NOW),
+            Err(AttestError::NoCollateral(Tee::Sgx))
+        ));
+    }
+}
