@@ -383,4 +383,14 @@ pub struct KmsServeArgs {
     /// Serve plain HTTP instead of HTTPS (loopback or a trusted network only)
     #[arg(long, env = "PPML_KMS_INSECURE_HTTP")]
     pub insecure_http: bool,
+    /// Trust simulated-TEE evidence signed by this simulation platform key file (PKCS#8,
+    /// created if missing); only policies with allow_simulation accept it (repeatable)
+    #[arg(long, value_name = "FILE")]
+    pub trust_sim_platform: Vec<PathBuf>,
+    /// Collateral JSON for verifying SGX quotes (docs/attestation.md §3)
+    #[arg(long, value_name = "FILE")]
+    pub sgx_collateral: Option<PathBuf>,
+    /// Collateral JSON for verifying TDX quotes
+    #[arg(long, value_name = "FILE")]
+    pub tdx_collateral: Option<PathBuf>,
 }

@@ -152,7 +152,11 @@ fn open_server_state(
     root: &RootKeyArgs,
     settings: &Settings,
     dir: &Path,
-) -> Result<(Store, ppml_kms_server::audit::AuditLog)> {
+) -> Result<(
+    Store,
+    ppml_kms_server::audit::AuditLog,
+    zeroize::Zeroizing<[u8; 32]>,
+)> {
     if !dir.exists() {
         use std::os::unix::fs::DirBuilderExt as _;
         std::fs::DirBuilder::new()
@@ -163,17 +167,18 @@ fn open_server_state(
     }
     let root = root_key(root, settings, dir, true)?;
     let audit_key = root.audit_mac_key();
+    let attestation_seed = root.attestation_seed();
     let store = Store::open(dir, root)
         .map_err(|e| anyhow::anyhow!("opening the store in {}: {e}", dir.display()))?;
     let audit = ppml_kms_server::audit::AuditLog::open(dir, &audit_key)
         .with_context(|| format!("opening the audit log in {}", dir.display()))?;
-    Ok((store, audit))
+    Ok((store, audit, attestation_seed))
 }
 
 /// `ppml kms init --server`: everything `ppml kms serve` would create on first start.
 pub fn init_server(args: &crate::cli::KmsInitArgs, settings: &Settings) -> Result<()> {
     let dir = data_dir(&args.data_dir, settings);
-    let (store, _audit) = open_server_state(&args.root, settings, &dir)?;
+    let (store, _audit, _) = open_server_state(&args.root, settings, &dir)?;
     let sans = if args.tls_san.is_empty() {
         settings.server.tls_san.clone()
     } else {
@@ -195,7 +200,27 @@ pub async fn run(args: &KmsServeArgs, settings: &Settings) -> Result<()> {
         .or_else(|| config.listen.clone())
         .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
     let insecure_http = args.insecure_http || config.insecure_http;
-    let (store, audit) = open_server_state(&args.root, settings, &dir)?;
+    let (store, audit, attestation_seed) = open_server_state(&args.root, settings, &dir)?;
+    let mut attestation =
+        ppml_attestation::service::AttestationService::new(store.kms_id(), &attestation_seed)?;
+    drop(attestation_seed);
+    for path in &args.trust_sim_platform {
+        let platform = ppml_attestation::sim::SimPlatform::load_or_create(path)
+            .with_context(|| format!("loading the simulation platform key {}", path.display()))?;
+        tracing::warn!(
+            path = %path.display(),
+            "trusting a SIMULATION platform key: simulated TEEs can attest (policies must still allow simulation)"
+        );
+        attestation.trust_sim_platform(platform.public_key());
+    }
+    for (tee, path) in [
+        (ppml_attestation::Tee::Sgx, &args.sgx_collateral),
+        (ppml_attestation::Tee::Tdx, &args.tdx_collateral),
+    ] {
+        if let Some(path) = path {
+            attestation.set_collateral(tee, ppml_attestation::dcap::Collateral::from_file(path)?);
+        }
+    }
 
     let tls = if insecure_http {
         None
@@ -220,7 +245,11 @@ pub async fn run(args: &KmsServeArgs, settings: &Settings) -> Result<()> {
         .await
         .with_context(|| format!("listening on {listen}"))?;
     let addr = listener.local_addr()?;
-    let state = Arc::new(ServerState::new(store).with_audit(audit));
+    let state = Arc::new(
+        ServerState::new(store)
+            .with_audit(audit)
+            .with_attestation(attestation),
+    );
     let app = router(state.clone());
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

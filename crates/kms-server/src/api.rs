@@ -27,6 +27,12 @@ use serde_json::{Map, Value, json};
 use crate::ApiError;
 use crate::audit::{AuditEntry, AuditLog};
 use crate::store::{self, Store, random};
+use ppml_attestation::evidence::Evidence;
+use ppml_attestation::policy::AllowedMeasurement;
+use ppml_attestation::service::{
+    AttestError, AttestationRequest, AttestationService, CHALLENGE_TTL_SECS,
+};
+use ppml_attestation::{Policy, Tee};
 
 /// Largest accepted request body.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -36,7 +42,11 @@ const CIPHERTEXT_VERSION: u8 = 1;
 const AAD_DATA: &[u8] = b"ppml-kms-server/v1 data\0";
 
 /// Every action of the protocol (docs/kms-api.md §5); other names are counted as `unknown`.
-const ACTIONS: [&str; 14] = [
+const ACTIONS: [&str; 18] = [
+    "UploadQuotePolicy",
+    "GetQuotePolicy",
+    "AttestChallenge",
+    "Attest",
     "Enroll",
     "GetVersion",
     "CreateKey",
@@ -55,7 +65,9 @@ const ACTIONS: [&str; 14] = [
 
 /// Actions that write to the store (an fsync) or scan it: run on the blocking pool. The others
 /// are served from the store's caches and run on the async workers.
-const BLOCKING: [&str; 7] = [
+const BLOCKING: [&str; 9] = [
+    "UploadQuotePolicy",
+    "Attest",
     "Enroll",
     "CreateKey",
     "EnableKey",
@@ -66,7 +78,10 @@ const BLOCKING: [&str; 7] = [
 ];
 
 /// Actions whose envelope must carry a `payload` (docs/kms-api.md §4 rule 1).
-const CRYPTOGRAPHIC: [&str; 7] = [
+const CRYPTOGRAPHIC: [&str; 10] = [
+    "UploadQuotePolicy",
+    "GetQuotePolicy",
+    "Attest",
     "CreateKey",
     "GenerateDataKey",
     "GenerateDataKeyWithoutPlaintext",
@@ -152,6 +167,7 @@ pub struct ServerState {
     replay: ReplayCache,
     metrics: Metrics,
     audit: Option<AuditLog>,
+    attestation: Option<AttestationService>,
     request_ids: RequestIds,
 }
 
@@ -204,6 +220,7 @@ impl ServerState {
             replay: ReplayCache::default(),
             metrics: Metrics::new(),
             audit: None,
+            attestation: None,
             request_ids: RequestIds::new(),
         }
     }
@@ -212,6 +229,12 @@ impl ServerState {
     /// cannot be written, requests fail (fail closed).
     pub fn with_audit(mut self, audit: AuditLog) -> Self {
         self.audit = Some(audit);
+        self
+    }
+
+    /// Serves the attestation actions with `service` (docs/attestation.md §7).
+    pub fn with_attestation(mut self, service: AttestationService) -> Self {
+        self.attestation = Some(service);
         self
     }
 
@@ -401,6 +424,7 @@ fn unsigned(state: &ServerState, action: &str) -> Result<Value, ApiError> {
             "version": env!("CARGO_PKG_VERSION"),
             "git_sha": "",
             "kms_id": state.store.kms_id(),
+            "attestation_key": state.attestation.as_ref().map(|a| hex::encode(a.public_key())),
         })),
         _ => Err(ApiError::UnknownAction),
     }
@@ -458,7 +482,104 @@ fn signed(
         return Err(RequestError::Sign.into());
     }
     state.replay.record(replay_id, now)?;
-    run(&state.store, action, appid, payload)
+    match action {
+        "UploadQuotePolicy" | "GetQuotePolicy" | "AttestChallenge" | "Attest" => {
+            attestation_action(state, action, appid, payload)
+        }
+        _ => run(&state.store, action, appid, payload),
+    }
+}
+
+fn b64_field(payload: &Map<String, Value>, name: &str) -> Result<Vec<u8>, ApiError> {
+    BASE64
+        .decode(field(payload, name)?)
+        .map_err(|_| ApiError::Base64)
+}
+
+/// The attestation actions (docs/attestation.md §7).
+fn attestation_action(
+    state: &ServerState,
+    action: &str,
+    appid: &str,
+    payload: &Map<String, Value>,
+) -> Result<Value, ApiError> {
+    let service = state
+        .attestation
+        .as_ref()
+        .ok_or_else(|| ApiError::Internal("attestation is not configured".into()))?;
+    let now_secs = now_ms() / 1000;
+    match action {
+        "UploadQuotePolicy" => {
+            // ppml's policy document, or eHSM's {mr_enclave, mr_signer} shape.
+            let policy = match payload.get("policy") {
+                Some(Value::String(text)) => {
+                    serde_json::from_str::<Policy>(text).map_err(|_| ApiError::PayloadType)?
+                }
+                Some(_) => return Err(ApiError::PayloadType),
+                None => {
+                    let entry = AllowedMeasurement {
+                        tee: Some(Tee::Sgx),
+                        mrenclave: Some(optional_str(payload, "mr_enclave")?.to_string())
+                            .filter(|s| !s.is_empty()),
+                        mrsigner: Some(optional_str(payload, "mr_signer")?.to_string())
+                            .filter(|s| !s.is_empty()),
+                        ..AllowedMeasurement::default()
+                    };
+                    if entry.mrenclave.is_none() && entry.mrsigner.is_none() {
+                        return Err(ApiError::PayloadType);
+                    }
+                    Policy::strict(vec![entry])
+                }
+            };
+            let text =
+                serde_json::to_string(&policy).map_err(|e| ApiError::Internal(e.to_string()))?;
+            let id = state.store.put_policy(appid, &text, now_ms())?;
+            Ok(json!({"policyId": id}))
+        }
+        "GetQuotePolicy" => {
+            let id = field(payload, "policyId")?;
+            Ok(json!({"policyId": id, "policy": state.store.policy(appid, id)?}))
+        }
+        "AttestChallenge" => {
+            let nonce = service
+                .challenge(now_secs)
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            Ok(json!({"nonce": BASE64.encode(nonce), "expires_in": CHALLENGE_TTL_SECS}))
+        }
+        "Attest" => {
+            let policy_id = field(payload, "policyId")?;
+            let policy: Policy = serde_json::from_str(&state.store.policy(appid, policy_id)?)
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            let tee = match field(payload, "tee")? {
+                "sgx" => Tee::Sgx,
+                "tdx" => Tee::Tdx,
+                "sim" => Tee::Sim,
+                _ => return Err(ApiError::PayloadType),
+            };
+            let evidence = Evidence {
+                tee,
+                quote: b64_field(payload, "quote")?,
+            };
+            let nonce = b64_field(payload, "nonce")?;
+            let runtime_key = b64_field(payload, "runtime_key")?;
+            let request = AttestationRequest {
+                app: appid,
+                policy_name: policy_id,
+                policy: &policy,
+                nonce: &nonce,
+                runtime_key: &runtime_key,
+                evidence: &evidence,
+            };
+            match service.attest(&request, now_secs) {
+                Ok(token) => Ok(json!({"token": token})),
+                Err(AttestError::Random) => {
+                    Err(ApiError::Internal("random generator failed".into()))
+                }
+                Err(e) => Err(ApiError::AttestationFailed(e.to_string())),
+            }
+        }
+        _ => Err(ApiError::UnknownAction),
+    }
 }
 
 fn field<'a>(payload: &'a Map<String, Value>, name: &str) -> Result<&'a str, ApiError> {
@@ -671,5 +792,156 @@ mod tests {
         drop(audit);
         let report = crate::audit::verify(&dir.path().join("audit.log"), Some(&mac_key)).unwrap();
         assert_eq!(report.entries, 2);
+    }
+
+    async fn post(app: &Router, action: &str, appid: &str, apikey: &str, payload: Value) -> Value {
+        let mut body = Map::new();
+        body.insert("appid".into(), json!(appid));
+        body.insert("payload".into(), payload);
+        body.insert("timestamp".into(), json!(now_ms().to_string()));
+        body.insert(
+            "nonce".into(),
+            json!(hex::encode(ppml_kms::sealing::random::<8>().unwrap())),
+        );
+        let sign = ehsm::sign(apikey, &body);
+        body.insert("sign".into(), json!(sign));
+        let response = app
+            .clone()
+            .oneshot(
+                Request::post(format!("/ehsm?Action={action}"))
+                    .header("content-type", "application/json")
+                    .body(Body::from(Value::Object(body).to_string()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let bytes = axum::body::to_bytes(response.into_body(), MAX_BODY)
+            .await
+            .unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    /// A simulated runtime attests through the API: policy upload, challenge, evidence bound
+    /// to the challenge and its key, a token that verifies with the key GetVersion publishes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sim_runtime_attests_through_the_api() {
+        use ppml_attestation::evidence::EvidenceProvider as _;
+        use ppml_attestation::service::{expected_report_data, verify_token};
+        use ppml_attestation::sim::{SimPlatform, SimTee, executable_measurement};
+
+        let dir = tempfile::tempdir().unwrap();
+        let (root, _) = RootKey::generate().unwrap();
+        let seed = root.attestation_seed();
+        let store = Store::open(dir.path(), root).unwrap();
+        let mut service = AttestationService::new(store.kms_id(), &seed).unwrap();
+        let platform = SimPlatform::load_or_create(dir.path().join("sim.pk8")).unwrap();
+        service.trust_sim_platform(platform.public_key());
+        let app = router(Arc::new(ServerState::new(store).with_attestation(service)));
+
+        let version = get(&app, "GetVersion").await;
+        let service_key: [u8; 32] =
+            hex::decode(version["result"]["attestation_key"].as_str().unwrap())
+                .unwrap()
+                .try_into()
+                .unwrap();
+        let enrolled = get(&app, "Enroll").await;
+        let appid = enrolled["result"]["appid"].as_str().unwrap().to_string();
+        let apikey = enrolled["result"]["apikey"].as_str().unwrap().to_string();
+        let policy = json!({
+            "allowed": [{"tee": "sim", "mrenclave": hex::encode(executable_measurement().unwrap())}],
+            "allow_simulation": true
+        });
+        let uploaded = post(
+            &app,
+            "UploadQuotePolicy",
+            &appid,
+            &apikey,
+            json!({"policy": policy.to_string()}),
+        )
+        .await;
+        let policy_id = uploaded["result"]["policyId"].as_str().unwrap().to_string();
+        let fetched = post(
+            &app,
+            "GetQuotePolicy",
+            &appid,
+            &apikey,
+            json!({"policyId": policy_id}),
+        )
+        .await;
+        assert_eq!(fetched["code"], 200, "{fetched}");
+
+        let tee = SimTee::new(platform);
+        let attest = |nonce: Vec<u8>, key: &'static [u8]| {
+            let evidence = tee.evidence(&expected_report_data(&nonce, key)).unwrap();
+            json!({"policyId": policy_id, "tee": "sim", "quote": BASE64.encode(&evidence.quote),
+                   "nonce": BASE64.encode(&nonce), "runtime_key": BASE64.encode(key)})
+        };
+        let challenge = post(&app, "AttestChallenge", &appid, &apikey, json!({})).await;
+        let nonce = BASE64
+            .decode(challenge["result"]["nonce"].as_str().unwrap())
+            .unwrap();
+        let request = attest(nonce.clone(), b"runtime public key");
+        let answer = post(&app, "Attest", &appid, &apikey, request.clone()).await;
+        assert_eq!(answer["code"], 200, "{answer}");
+        let token = answer["result"]["token"].as_str().unwrap();
+        let claims = verify_token(token, &service_key, now_ms() / 1000).unwrap();
+        assert_eq!(claims.sub, appid);
+        assert_eq!(claims.policy, policy_id);
+
+        // The same answer again: the nonce is spent.
+        let replay = post(&app, "Attest", &appid, &apikey, request).await;
+        assert_eq!(replay["code"], 400);
+        assert!(
+            replay["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("attestation failed"),
+            "{replay}"
+        );
+
+        // Another app cannot use (or read) this app's policy.
+        let other = get(&app, "Enroll").await;
+        let (oid, okey) = (
+            other["result"]["appid"].as_str().unwrap().to_string(),
+            other["result"]["apikey"].as_str().unwrap().to_string(),
+        );
+        let refused = post(
+            &app,
+            "GetQuotePolicy",
+            &oid,
+            &okey,
+            json!({"policyId": policy_id}),
+        )
+        .await;
+        assert_eq!(refused["message"], "policyId not found");
+        let challenge = post(&app, "AttestChallenge", &oid, &okey, json!({})).await;
+        let nonce = BASE64
+            .decode(challenge["result"]["nonce"].as_str().unwrap())
+            .unwrap();
+        let refused = post(&app, "Attest", &oid, &okey, attest(nonce, b"k")).await;
+        assert_eq!(refused["message"], "policyId not found");
+
+        // eHSM's policy shape is accepted and stored as a strict SGX policy.
+        let ehsm = post(
+            &app,
+            "UploadQuotePolicy",
+            &appid,
+            &apikey,
+            json!({"mr_enclave": "ab".repeat(32)}),
+        )
+        .await;
+        let id = ehsm["result"]["policyId"].as_str().unwrap();
+        let stored = post(
+            &app,
+            "GetQuotePolicy",
+            &appid,
+            &apikey,
+            json!({"policyId": id}),
+        )
+        .await;
+        let stored: Policy =
+            serde_json::from_str(stored["result"]["policy"].as_str().unwrap()).unwrap();
+        assert_eq!(stored.accepted_tcb_statuses, ["UpToDate"]);
+        assert!(!stored.allow_simulation);
     }
 }

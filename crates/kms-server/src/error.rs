@@ -15,6 +15,12 @@ pub enum ApiError {
     /// The key is disabled.
     #[error("key is disabled")]
     KeyDisabled,
+    /// Unknown attestation policy id, or another app's.
+    #[error("policyId not found")]
+    PolicyNotFound,
+    /// The attestation evidence was refused (verification, binding, challenge or policy).
+    #[error("attestation failed: {0}")]
+    AttestationFailed(String),
     /// A base64 field does not decode.
     #[error("base64 decode error")]
     Base64,
@@ -67,6 +73,8 @@ impl ApiError {
             ApiError::PayloadType => "payload_type",
             ApiError::KeyNotFound => "key_not_found",
             ApiError::KeyDisabled => "key_disabled",
+            ApiError::PolicyNotFound => "policy_not_found",
+            ApiError::AttestationFailed(_) => "attestation_failed",
             ApiError::Base64 => "base64",
             ApiError::DecryptFailed => "decrypt_failed",
             ApiError::TooLarge => "too_large",

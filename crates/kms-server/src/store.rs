@@ -27,6 +27,8 @@ const APPS: TableDefinition<&str, &[u8]> = TableDefinition::new("apps");
 const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("keys");
 /// Store-wide values: `server_id` (16 random bytes) and `root_check` (sealed under the root key).
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// Attestation policies by policy id: `{appid, policy (JSON text), created_ms}`.
+const POLICIES: TableDefinition<&str, &[u8]> = TableDefinition::new("policies");
 const META_SERVER_ID: &str = "server_id";
 const META_ROOT_CHECK: &str = "root_check";
 const AAD_APIKEY: &[u8] = b"ppml-kms-server/v1 apikey\0";
@@ -34,6 +36,7 @@ const AAD_KEY: &[u8] = b"ppml-kms-server/v1 primary key\0";
 const AAD_ROOT_CHECK: &[u8] = b"ppml-kms-server/v1 root check\0";
 const ROOT_CHECK_TEXT: &[u8] = b"ppml-kms-server root key check";
 const HKDF_INFO_AUDIT: &[u8] = b"ppml-kms-server/v1 audit";
+const HKDF_INFO_ATTESTATION: &[u8] = b"ppml-kms-server/v1 attestation token";
 
 /// Argon2id cost parameters for [`RootKey::from_passphrase_with_params`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -157,6 +160,17 @@ impl RootKey {
         let mut out = Zeroizing::new([0u8; 32]);
         let prk = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, &[]).extract(&*self.bytes);
         prk.expand(&[HKDF_INFO_AUDIT], ring::hkdf::HKDF_SHA256)
+            .and_then(|okm| okm.fill(&mut *out))
+            .expect("HKDF-SHA256 with a 32-byte output");
+        out
+    }
+
+    /// The seed of the attestation token signing key (Ed25519): HKDF-SHA256(salt = empty,
+    /// ikm = root key, info = `ppml-kms-server/v1 attestation token`).
+    pub fn attestation_seed(&self) -> Zeroizing<[u8; 32]> {
+        let mut out = Zeroizing::new([0u8; 32]);
+        let prk = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, &[]).extract(&*self.bytes);
+        prk.expand(&[HKDF_INFO_ATTESTATION], ring::hkdf::HKDF_SHA256)
             .and_then(|okm| okm.fill(&mut *out))
             .expect("HKDF-SHA256 with a 32-byte output");
         out
@@ -298,6 +312,7 @@ impl Store {
     fn check_meta(tx: &redb::WriteTransaction, root: &RootKey) -> Result<[u8; 16], ApiError> {
         let apps = tx.open_table(APPS).map_err(internal)?;
         tx.open_table(KEYS).map_err(internal)?;
+        tx.open_table(POLICIES).map_err(internal)?;
         let mut meta = tx.open_table(META).map_err(internal)?;
         let stored_id = meta
             .get(META_SERVER_ID)
@@ -637,6 +652,46 @@ impl Store {
     /// Deletes a key for good.
     pub fn delete_key(&self, appid: &str, keyid: &str) -> Result<(), ApiError> {
         self.modify_key(appid, keyid, |_| Ok((false, ())))
+    }
+
+    /// Stores an attestation policy (JSON text) for `appid`; returns its id. Durable on return.
+    pub fn put_policy(
+        &self,
+        appid: &str,
+        policy_json: &str,
+        now_ms: u64,
+    ) -> Result<String, ApiError> {
+        let id = uuid_like(random::<16>()?);
+        let record =
+            serde_json::json!({"appid": appid, "policy": policy_json, "created_ms": now_ms});
+        let tx = self.db.begin_write().map_err(internal)?;
+        {
+            let mut policies = tx.open_table(POLICIES).map_err(internal)?;
+            let bytes = serde_json::to_vec(&record).map_err(internal)?;
+            policies
+                .insert(id.as_str(), bytes.as_slice())
+                .map_err(internal)?;
+        }
+        tx.commit().map_err(internal)?;
+        Ok(id)
+    }
+
+    /// The policy `id` of `appid` (JSON text); another app's policy is reported as not found.
+    pub fn policy(&self, appid: &str, id: &str) -> Result<String, ApiError> {
+        let tx = self.db.begin_read().map_err(internal)?;
+        let policies = tx.open_table(POLICIES).map_err(internal)?;
+        let bytes = policies
+            .get(id)
+            .map_err(internal)?
+            .ok_or(ApiError::PolicyNotFound)?;
+        let record: serde_json::Value = serde_json::from_slice(bytes.value()).map_err(internal)?;
+        if record["appid"] != appid {
+            return Err(ApiError::PolicyNotFound);
+        }
+        record["policy"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| internal("policy record without policy"))
     }
 
     /// Keys of `appid`: (keyid, record).
