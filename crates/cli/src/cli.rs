@@ -12,7 +12,8 @@ use clap::{Args, Parser, Subcommand};
 /// first use.
 ///
 /// Exit codes: 0 success; 1 failure (I/O, internal); 2 usage error; 3 bad input data (tampered,
-/// truncated, not a ppml file, malformed CSV); 4 key access denied (credentials, wrong key).
+/// truncated, not a ppml file, malformed CSV, a quote that does not verify, an edited audit log);
+/// 4 access denied (credentials, wrong or disabled key, a policy refusing the attestation).
 #[derive(Debug, Parser)]
 #[command(name = "ppml", version, propagate_version = true)]
 pub struct Cli {
