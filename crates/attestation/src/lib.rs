@@ -4,6 +4,7 @@
 //! - [`dcap`]: SGX (quote v3) and TDX (quote v4) DCAP quote verification with dcap-qvl.
 //! - [`policy`]: which claims an app accepts.
 //! - [`evidence`]: evidence providers (Gramine SGX, configfs-tsm TDX) behind one trait.
+//! - [`release`]: data keys sealed to an attested runtime's key with HPKE.
 //! - [`service`]: challenges, evidence bound to them, policy evaluation, signed tokens.
 //! - [`sim`]: the simulated TEE for development: same protocol, Ed25519 platform key.
 
@@ -11,6 +12,7 @@ pub mod claims;
 pub mod dcap;
 pub mod evidence;
 pub mod policy;
+pub mod release;
 pub mod service;
 pub mod sim;
 

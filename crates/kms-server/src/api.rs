@@ -29,8 +29,9 @@ use crate::audit::{AuditEntry, AuditLog};
 use crate::store::{self, Store, random};
 use ppml_attestation::evidence::Evidence;
 use ppml_attestation::policy::AllowedMeasurement;
+use ppml_attestation::release::seal_to;
 use ppml_attestation::service::{
-    AttestError, AttestationRequest, AttestationService, CHALLENGE_TTL_SECS,
+    AttestError, AttestationRequest, AttestationService, CHALLENGE_TTL_SECS, verify_token,
 };
 use ppml_attestation::{Policy, Tee};
 
@@ -42,7 +43,9 @@ const CIPHERTEXT_VERSION: u8 = 1;
 const AAD_DATA: &[u8] = b"ppml-kms-server/v1 data\0";
 
 /// Every action of the protocol (docs/kms-api.md §5); other names are counted as `unknown`.
-const ACTIONS: [&str; 18] = [
+const ACTIONS: [&str; 20] = [
+    "SetKeyReleasePolicy",
+    "ReleaseDataKey",
     "UploadQuotePolicy",
     "GetQuotePolicy",
     "AttestChallenge",
@@ -65,7 +68,8 @@ const ACTIONS: [&str; 18] = [
 
 /// Actions that write to the store (an fsync) or scan it: run on the blocking pool. The others
 /// are served from the store's caches and run on the async workers.
-const BLOCKING: [&str; 9] = [
+const BLOCKING: [&str; 10] = [
+    "SetKeyReleasePolicy",
     "UploadQuotePolicy",
     "Attest",
     "Enroll",
@@ -78,7 +82,9 @@ const BLOCKING: [&str; 9] = [
 ];
 
 /// Actions whose envelope must carry a `payload` (docs/kms-api.md §4 rule 1).
-const CRYPTOGRAPHIC: [&str; 10] = [
+const CRYPTOGRAPHIC: [&str; 12] = [
+    "SetKeyReleasePolicy",
+    "ReleaseDataKey",
     "UploadQuotePolicy",
     "GetQuotePolicy",
     "Attest",
@@ -483,9 +489,12 @@ fn signed(
     }
     state.replay.record(replay_id, now)?;
     match action {
-        "UploadQuotePolicy" | "GetQuotePolicy" | "AttestChallenge" | "Attest" => {
-            attestation_action(state, action, appid, payload)
-        }
+        "UploadQuotePolicy"
+        | "GetQuotePolicy"
+        | "AttestChallenge"
+        | "Attest"
+        | "SetKeyReleasePolicy"
+        | "ReleaseDataKey" => attestation_action(state, action, appid, payload),
         _ => run(&state.store, action, appid, payload),
     }
 }
@@ -577,6 +586,53 @@ fn attestation_action(
                 }
                 Err(e) => Err(ApiError::AttestationFailed(e.to_string())),
             }
+        }
+        "SetKeyReleasePolicy" => {
+            let keyid = field(payload, "keyid")?;
+            state
+                .store
+                .set_release_policy(appid, keyid, field(payload, "policyId")?)?;
+            Ok(json!({}))
+        }
+        "ReleaseDataKey" => {
+            let keyid = field(payload, "keyid")?;
+            let aad = optional_str(payload, "aad")?;
+            let Some(required) = state.store.release_policy(appid, keyid)? else {
+                return Err(ApiError::AttestationFailed(
+                    "this key is not marked for attested release; use Decrypt".into(),
+                ));
+            };
+            let token = verify_token(field(payload, "token")?, &service.public_key(), now_secs)
+                .map_err(|e| ApiError::AttestationFailed(e.to_string()))?;
+            if token.sub != appid || token.policy != required {
+                return Err(ApiError::AttestationFailed(
+                    "the token was issued for another app or policy than this key's".into(),
+                ));
+            }
+            let runtime_key = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(&token.runtime_key)
+                .map_err(|_| ApiError::AttestationFailed("token runtime key".into()))?;
+            let plaintext = decrypt(
+                &state.store,
+                appid,
+                keyid,
+                aad,
+                field(payload, "ciphertext")?,
+            )?;
+            let (encapsulated, sealed) = seal_to(&runtime_key, &plaintext, keyid.as_bytes())
+                .map_err(|e| ApiError::AttestationFailed(e.to_string()))?;
+            tracing::info!(
+                appid,
+                keyid,
+                tee = %token.claims.tee,
+                measurement = token.claims.measurements.mrenclave.as_deref()
+                    .or(token.claims.measurements.mrtd.as_deref())
+                    .unwrap_or(""),
+                "data key released to an attested runtime"
+            );
+            Ok(
+                json!({"encapsulated_key": BASE64.encode(encapsulated), "ciphertext": BASE64.encode(sealed)}),
+            )
         }
         _ => Err(ApiError::UnknownAction),
     }
@@ -690,6 +746,9 @@ fn run(
         "Decrypt" => {
             let keyid = field(payload, "keyid")?;
             let aad = optional_str(payload, "aad")?;
+            if store.release_policy(appid, keyid)?.is_some() {
+                return Err(ApiError::AttestationRequired);
+            }
             let plaintext = decrypt(store, appid, keyid, aad, field(payload, "ciphertext")?)?;
             Ok(json!({"plaintext": BASE64.encode(&*plaintext)}))
         }
@@ -943,5 +1002,146 @@ mod tests {
             serde_json::from_str(stored["result"]["policy"].as_str().unwrap()).unwrap();
         assert_eq!(stored.accepted_tcb_statuses, ["UpToDate"]);
         assert!(!stored.allow_simulation);
+    }
+
+    /// A key marked for attested release: Decrypt is refused; ReleaseDataKey with a valid
+    /// token returns the data key sealed to the runtime's key, which only it can open.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn attested_key_release() {
+        use ppml_attestation::evidence::EvidenceProvider as _;
+        use ppml_attestation::release::RuntimeKey;
+        use ppml_attestation::service::expected_report_data;
+        use ppml_attestation::sim::{SimPlatform, SimTee, executable_measurement};
+
+        let dir = tempfile::tempdir().unwrap();
+        let (root, _) = RootKey::generate().unwrap();
+        let seed = root.attestation_seed();
+        let store = Store::open(dir.path(), root).unwrap();
+        let mut service = AttestationService::new(store.kms_id(), &seed).unwrap();
+        let platform = SimPlatform::load_or_create(dir.path().join("sim.pk8")).unwrap();
+        service.trust_sim_platform(platform.public_key());
+        let app = router(Arc::new(ServerState::new(store).with_attestation(service)));
+        let tee = SimTee::new(platform);
+
+        let enrolled = get(&app, "Enroll").await;
+        let appid = enrolled["result"]["appid"].as_str().unwrap().to_string();
+        let apikey = enrolled["result"]["apikey"].as_str().unwrap().to_string();
+        let call = |action: &'static str, payload: Value| {
+            let (app, appid, apikey) = (app.clone(), appid.clone(), apikey.clone());
+            async move { post(&app, action, &appid, &apikey, payload).await }
+        };
+        let policy = json!({
+            "allowed": [{"tee": "sim", "mrenclave": hex::encode(executable_measurement().unwrap())}],
+            "allow_simulation": true
+        });
+        let policy_id = call("UploadQuotePolicy", json!({"policy": policy.to_string()})).await
+            ["result"]["policyId"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let keyid =
+            call("CreateKey", json!({"keyspec": "EH_AES_GCM_256"})).await["result"]["keyid"]
+                .as_str()
+                .unwrap()
+                .to_string();
+        let generated = call(
+            "GenerateDataKey",
+            json!({"keyid": keyid, "keylen": 32, "aad": "ds"}),
+        )
+        .await;
+        let data_key = BASE64
+            .decode(generated["result"]["plaintext"].as_str().unwrap())
+            .unwrap();
+        let wrapped = generated["result"]["ciphertext"]
+            .as_str()
+            .unwrap()
+            .to_string();
+
+        // Before marking, ReleaseDataKey is refused and Decrypt works; after, the reverse.
+        let plain = call(
+            "Decrypt",
+            json!({"keyid": keyid, "ciphertext": wrapped, "aad": "ds"}),
+        )
+        .await;
+        assert_eq!(plain["code"], 200, "{plain}");
+        let marked = call(
+            "SetKeyReleasePolicy",
+            json!({"keyid": keyid, "policyId": policy_id}),
+        )
+        .await;
+        assert_eq!(marked["code"], 200, "{marked}");
+        let refused = call(
+            "Decrypt",
+            json!({"keyid": keyid, "ciphertext": wrapped, "aad": "ds"}),
+        )
+        .await;
+        assert_eq!(refused["message"], ApiError::AttestationRequired.message());
+
+        let runtime = RuntimeKey::generate();
+        let nonce = BASE64
+            .decode(
+                call("AttestChallenge", json!({})).await["result"]["nonce"]
+                    .as_str()
+                    .unwrap(),
+            )
+            .unwrap();
+        let evidence = tee
+            .evidence(&expected_report_data(&nonce, &runtime.public_bytes()))
+            .unwrap();
+        let answer = call(
+            "Attest",
+            json!({"policyId": policy_id, "tee": "sim",
+            "quote": BASE64.encode(&evidence.quote), "nonce": BASE64.encode(&nonce),
+            "runtime_key": BASE64.encode(runtime.public_bytes())}),
+        )
+        .await;
+        let token = answer["result"]["token"].as_str().unwrap().to_string();
+
+        let released = call(
+            "ReleaseDataKey",
+            json!({"keyid": keyid, "ciphertext": wrapped,
+            "aad": "ds", "token": token}),
+        )
+        .await;
+        assert_eq!(released["code"], 200, "{released}");
+        let enc = BASE64
+            .decode(released["result"]["encapsulated_key"].as_str().unwrap())
+            .unwrap();
+        let sealed = BASE64
+            .decode(released["result"]["ciphertext"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(
+            *runtime.open(&enc, &sealed, keyid.as_bytes()).unwrap(),
+            data_key
+        );
+        assert!(
+            RuntimeKey::generate()
+                .open(&enc, &sealed, keyid.as_bytes())
+                .is_err()
+        );
+        assert!(!released.to_string().contains(&BASE64.encode(&data_key)));
+
+        // A forged token, or a wrong aad, releases nothing.
+        let forged = format!("{}x", token);
+        let refused = call(
+            "ReleaseDataKey",
+            json!({"keyid": keyid, "ciphertext": wrapped,
+            "aad": "ds", "token": forged}),
+        )
+        .await;
+        assert!(
+            refused["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("attestation failed"),
+            "{refused}"
+        );
+        let refused = call(
+            "ReleaseDataKey",
+            json!({"keyid": keyid, "ciphertext": wrapped,
+            "aad": "other", "token": token}),
+        )
+        .await;
+        assert_eq!(refused["message"], "decrypt failed");
     }
 }

@@ -15,6 +15,9 @@ pub enum ApiError {
     /// The key is disabled.
     #[error("key is disabled")]
     KeyDisabled,
+    /// The key releases data keys only to attested runtimes (`ReleaseDataKey`).
+    #[error("key is released only to attested runtimes (use ReleaseDataKey)")]
+    AttestationRequired,
     /// Unknown attestation policy id, or another app's.
     #[error("policyId not found")]
     PolicyNotFound,
@@ -74,6 +77,7 @@ impl ApiError {
             ApiError::KeyNotFound => "key_not_found",
             ApiError::KeyDisabled => "key_disabled",
             ApiError::PolicyNotFound => "policy_not_found",
+            ApiError::AttestationRequired => "attestation_required",
             ApiError::AttestationFailed(_) => "attestation_failed",
             ApiError::Base64 => "base64",
             ApiError::DecryptFailed => "decrypt_failed",

@@ -222,6 +222,10 @@ pub struct KeyRecord {
     /// Creation time, Unix ms.
     pub created_ms: u64,
     versions: Vec<String>,
+    /// When set, data keys are released only to runtimes attested under this policy id
+    /// (`ReleaseDataKey`); plain `Decrypt` is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release_policy: Option<String>,
 }
 
 impl KeyRecord {
@@ -249,6 +253,7 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
 struct OpenedKey {
     appid: String,
     enabled: bool,
+    release_policy: Option<String>,
     /// Material of each version, index = version.
     versions: Vec<LessSafeKey>,
 }
@@ -456,6 +461,7 @@ impl Store {
             enabled: true,
             created_ms: now_ms,
             versions: vec![self.new_version(&keyid, appid, keyspec, 0)?],
+            release_policy: None,
         };
         let tx = self.db.begin_write().map_err(internal)?;
         {
@@ -562,6 +568,7 @@ impl Store {
                 let opened = Arc::new(OpenedKey {
                     appid: record.appid,
                     enabled: record.enabled,
+                    release_policy: record.release_policy,
                     versions,
                 });
                 let mut cache = self.keys.write().expect("key cache");
@@ -647,6 +654,26 @@ impl Store {
             record.enabled = enabled;
             Ok((true, ()))
         })
+    }
+
+    /// Marks a key "release only to attested runtimes" under policy `policy_id` of the same
+    /// app. There is no way back: a key's protection can only be changed to another policy.
+    pub fn set_release_policy(
+        &self,
+        appid: &str,
+        keyid: &str,
+        policy_id: &str,
+    ) -> Result<(), ApiError> {
+        self.policy(appid, policy_id)?;
+        self.modify_key(appid, keyid, |record| {
+            record.release_policy = Some(policy_id.to_string());
+            Ok((true, ()))
+        })
+    }
+
+    /// The release policy of an enabled key of `appid`, if it has one (from the cache).
+    pub fn release_policy(&self, appid: &str, keyid: &str) -> Result<Option<String>, ApiError> {
+        Ok(self.opened_key(appid, keyid)?.release_policy.clone())
     }
 
     /// Deletes a key for good.
