@@ -38,3 +38,9 @@ pub fn verify(args: &AttestVerifyArgs) -> Result<()> {
     }
     Ok(())
 }
+
+pub fn measure() -> Result<()> {
+    let measurement = ppml_attestation::sim::executable_measurement()?;
+    println!("{}", hex::encode(measurement));
+    Ok(())
+}

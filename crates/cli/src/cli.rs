@@ -57,6 +57,30 @@ pub struct GlobalArgs {
     /// Trust KMS server certificates signed by this CA (PEM) instead of the system roots
     #[arg(long, env = "PPML_KMS_CA_CERT", global = true, value_name = "FILE")]
     pub kms_ca_cert: Option<PathBuf>,
+    /// Attest this process before it reads data (simple-query, query, quickstart): `sim`
+    /// (development), `sgx` (Gramine) or `tdx` (configfs-tsm). Needs a KMS server.
+    #[arg(long, env = "PPML_TEE", global = true, value_enum)]
+    pub tee: Option<TeeKind>,
+    /// Attestation policy id at the KMS (from `ppml kms release-policy`)
+    #[arg(
+        long,
+        env = "PPML_ATTESTATION_POLICY",
+        global = true,
+        value_name = "ID"
+    )]
+    pub attestation_policy: Option<String>,
+    /// On attestation failure, log the error and continue (keys are still released only if
+    /// the KMS policy allows)
+    #[arg(long, global = true)]
+    pub attestation_debug: bool,
+    /// Simulation platform key of `--tee sim` [default: $PPML_HOME/sim-platform.pk8]
+    #[arg(
+        long,
+        env = "PPML_SIM_PLATFORM_KEY",
+        global = true,
+        value_name = "FILE"
+    )]
+    pub sim_platform_key: Option<PathBuf>,
     /// More log output (-v info, -vv debug); RUST_LOG overrides
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
@@ -92,8 +116,22 @@ pub enum Command {
     Kms(KmsCommand),
 }
 
+/// TEE kinds of `--tee`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TeeKind {
+    /// Simulated TEE (development only; policies must allow simulation)
+    Sim,
+    /// Intel SGX under Gramine (/dev/attestation)
+    Sgx,
+    /// Intel TDX via configfs-tsm
+    Tdx,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum AttestCommand {
+    /// Print the measurement of this ppml binary as the simulated TEE reports it (for
+    /// policies)
+    Measure,
     /// Verify an SGX or TDX DCAP quote offline and print its claims (JSON); with --policy,
     /// also judge them (exit 4 when the policy refuses, 3 when the quote does not verify)
     Verify(AttestVerifyArgs),
@@ -257,6 +295,9 @@ pub enum KmsCommand {
     ListKeys,
     /// Add a new version to a primary key (KMS server only); old data stays readable
     Rotate(KeyIdArg),
+    /// Upload an attestation policy (JSON, docs/attestation.md §4) and release the key's data
+    /// keys only to runtimes it accepts (KMS server only); prints the policy id
+    ReleasePolicy(ReleasePolicyArgs),
     /// Disable a primary key (KMS server only): its data keys can no longer be unwrapped
     Disable(KeyIdArg),
     /// Enable a disabled primary key (KMS server only)
@@ -302,6 +343,16 @@ pub struct KmsBenchArgs {
     /// Enroll a fresh app and key for the run instead of using the configured ones
     #[arg(long)]
     pub enroll: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ReleasePolicyArgs {
+    /// Policy JSON file
+    #[arg(long, value_name = "FILE")]
+    pub policy: PathBuf,
+    /// Primary key id [default: the configured primary key]
+    #[arg(value_name = "KEYID")]
+    pub keyid: Option<String>,
 }
 
 #[derive(Debug, Args)]

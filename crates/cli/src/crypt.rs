@@ -337,7 +337,7 @@ fn decrypt_part(
 }
 
 pub async fn decrypt(args: &DecryptArgs, settings: &mut Settings) -> Result<u64> {
-    let kms = settings.open_kms().await?;
+    let kms = settings.open_kms_for_runtime().await?;
     let dataset = open_local_dataset(&args.input, kms.kms.as_ref()).await?;
     let total = dataset.manifest.plaintext_len();
     let skip_headers = dataset.csv_has_header();

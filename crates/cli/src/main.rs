@@ -16,7 +16,7 @@ mod settings;
 
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Parser;
 use ppml_kms::LocalKms;
 use tracing_subscriber::EnvFilter;
@@ -111,6 +111,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Quickstart(args) => quickstart::run(args, &mut settings).await?,
         Command::Attest(crate::cli::AttestCommand::Verify(args)) => attest::verify(args)?,
+        Command::Attest(crate::cli::AttestCommand::Measure) => attest::measure()?,
         Command::Kms(command) => kms_command(command, &mut settings).await?,
     }
     Ok(())
@@ -166,6 +167,39 @@ async fn kms_command(command: &KmsCommand, settings: &mut Settings) -> Result<()
                     }
                 }
             }
+        }
+        KmsCommand::ReleasePolicy(args) => {
+            let kms = settings.open_kms().await?;
+            let keyid = match &args.keyid {
+                Some(id) => id.clone(),
+                None => kms.primary()?.0.clone(),
+            };
+            let KmsBackend::Remote(remote) = &kms.backend else {
+                anyhow::bail!("attested key release needs a KMS server (--kms-url)");
+            };
+            let text = std::fs::read_to_string(&args.policy)
+                .with_context(|| format!("reading {}", args.policy.display()))?;
+            let policy: ppml_attestation::Policy = serde_json::from_str(&text)
+                .with_context(|| format!("parsing the policy {}", args.policy.display()))?;
+            let uploaded = remote
+                .call(
+                    "UploadQuotePolicy",
+                    serde_json::json!({"policy": serde_json::to_string(&policy)?}),
+                )
+                .await?;
+            let policy_id = uploaded
+                .get("policyId")
+                .and_then(|v| v.as_str())
+                .context("UploadQuotePolicy without a policyId")?
+                .to_string();
+            remote
+                .call(
+                    "SetKeyReleasePolicy",
+                    serde_json::json!({"keyid": keyid, "policyId": policy_id}),
+                )
+                .await?;
+            println!("{policy_id}");
+            eprintln!("{keyid}: data keys are now released only to runtimes this policy accepts");
         }
         KmsCommand::Rotate(arg) | KmsCommand::Disable(arg) | KmsCommand::Enable(arg) => {
             let kms = settings.open_kms().await?;

@@ -29,7 +29,7 @@ pub async fn simple_query(
         )
         .await?
     } else {
-        let kms = settings.open_kms().await?;
+        let kms = settings.open_kms_for_runtime().await?;
         let primary = kms.primary()?.clone();
         let session = PpmlSession::encrypted(kms.dyn_kms(), args.input_partitions);
         simple_query::run(
@@ -84,7 +84,7 @@ pub async fn query(args: &QueryArgs, settings: &mut Settings) -> Result<u64> {
     let kms = if args.plaintext {
         None
     } else {
-        Some(settings.open_kms().await?)
+        Some(settings.open_kms_for_runtime().await?)
     };
     let session = match &kms {
         Some(kms) => PpmlSession::encrypted(kms.dyn_kms(), args.input_partitions),

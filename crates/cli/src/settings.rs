@@ -51,6 +51,10 @@ pub struct Settings {
     pub kms_fingerprint: Option<String>,
     pub kms_ca_cert: Option<PathBuf>,
     pub server: crate::kms_serve::ServerSection,
+    pub tee: Option<crate::cli::TeeKind>,
+    pub attestation_policy: Option<String>,
+    pub attestation_debug: bool,
+    pub sim_platform_key: Option<PathBuf>,
     pub quiet: bool,
 }
 
@@ -78,6 +82,10 @@ impl Settings {
             kms_fingerprint: global.kms_fingerprint.clone(),
             kms_ca_cert: global.kms_ca_cert.clone(),
             server: Default::default(),
+            tee: global.tee,
+            attestation_policy: global.attestation_policy.clone(),
+            attestation_debug: global.attestation_debug,
+            sim_platform_key: global.sim_platform_key.clone(),
             quiet: global.quiet,
             home,
         };
@@ -145,6 +153,68 @@ impl Settings {
     /// Directory of the embedded KMS.
     pub fn kms_dir(&self) -> PathBuf {
         self.home.join("kms")
+    }
+
+    /// Opens the KMS for a process that will read data: like [`Settings::open_kms`], then,
+    /// with `--tee`, attests to the KMS server before anything is read (docs/attestation.md
+    /// §6). A failure ends the process (`Attestation Fail! Application killed!`) unless
+    /// `--attestation-debug` is given.
+    pub async fn open_kms_for_runtime(&mut self) -> Result<OpenKms> {
+        let Some(tee) = self.tee else {
+            return self.open_kms().await;
+        };
+        let mut opened = self.open_kms().await?;
+        let result = self.attest(tee, &mut opened).await;
+        match result {
+            Ok(()) => {
+                tracing::info!("Attestation Success!");
+                eprintln!("Attestation Success!");
+            }
+            Err(e) if self.attestation_debug => {
+                tracing::error!(error = %e, "Attestation Fail! In debug mode, continue.");
+                eprintln!("ERROR: Attestation Fail! In debug mode, continue. ({e:#})");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "Attestation Fail! Application killed!");
+                eprintln!("Attestation Fail! Application killed!");
+                return Err(e);
+            }
+        }
+        Ok(opened)
+    }
+
+    async fn attest(&self, tee: crate::cli::TeeKind, opened: &mut OpenKms) -> Result<()> {
+        use crate::cli::TeeKind;
+        use ppml_attestation::EvidenceProvider;
+        let KmsBackend::Remote(remote) = &opened.backend else {
+            bail!("--tee needs a KMS server (--kms-url): the embedded KMS cannot verify evidence");
+        };
+        let policy = self
+            .attestation_policy
+            .as_deref()
+            .context("--tee needs --attestation-policy (PPML_ATTESTATION_POLICY)")?;
+        let provider: Box<dyn EvidenceProvider> = match tee {
+            TeeKind::Sim => {
+                let path = self
+                    .sim_platform_key
+                    .clone()
+                    .unwrap_or_else(|| self.home.join("sim-platform.pk8"));
+                tracing::warn!("SIMULATED TEE: no hardware protection; for development only");
+                Box::new(ppml_attestation::sim::SimTee::new(
+                    ppml_attestation::sim::SimPlatform::load_or_create(&path).with_context(
+                        || format!("loading the simulation platform key {}", path.display()),
+                    )?,
+                ))
+            }
+            TeeKind::Sgx => Box::new(ppml_attestation::evidence::GramineSgx::default()),
+            TeeKind::Tdx => Box::new(ppml_attestation::evidence::ConfigfsTdx::default()),
+        };
+        let mut remote = (**remote).clone();
+        remote.attest(provider.as_ref(), policy).await?;
+        let remote = Arc::new(remote);
+        opened.kms = remote.clone();
+        opened.backend = KmsBackend::Remote(remote);
+        Ok(())
     }
 
     /// Opens the KMS for the configured app: the KMS server when a URL is configured,

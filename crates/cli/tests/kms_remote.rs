@@ -49,9 +49,14 @@ fn ppml(home: &Path) -> Command {
 }
 
 fn serve_tls(data_dir: &Path) -> Server {
+    serve_tls_with(data_dir, &[])
+}
+
+fn serve_tls_with(data_dir: &Path, extra: &[&std::ffi::OsStr]) -> Server {
     let mut child = ppml(&data_dir.join("server-home"))
         .args(["kms", "serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -395,4 +400,138 @@ fn server_from_a_toml_config_with_a_passphrase_root_key() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("root key does not match"), "{stderr}");
+}
+
+#[test]
+fn attested_runtime_gets_keys_and_others_do_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim_key = dir.path().join("sim-platform.pk8");
+    let server = serve_tls_with(
+        &dir.path().join("kms"),
+        &["--trust-sim-platform".as_ref(), sim_key.as_os_str()],
+    );
+    let client = Client::enroll(&server, dir.path().join("home"));
+    let input = people(dir.path(), 2000);
+    let enc = dir.path().join("people.enc");
+    run(client
+        .cmd()
+        .args(["encrypt", "--in"])
+        .arg(&input)
+        .arg("--out")
+        .arg(&enc));
+
+    // A policy that accepts exactly this ppml binary in the simulated TEE.
+    let measurement = stdout(&run(client.cmd().args(["attest", "measure"])))
+        .trim()
+        .to_string();
+    assert_eq!(measurement.len(), 64);
+    let policy_file = |name: &str, mrenclave: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            format!(
+                r#"{{"allowed": [{{"tee": "sim", "mrenclave": "{mrenclave}"}}], "allow_simulation": true}}"#
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let good = policy_file("good.json", &measurement);
+    let policy = stdout(&run(client
+        .cmd()
+        .args(["kms", "release-policy", "--policy"])
+        .arg(&good)))
+    .trim()
+    .to_string();
+
+    let query = |extra: &[&str], out: &str| {
+        client
+            .cmd()
+            .args(extra)
+            .env("PPML_SIM_PLATFORM_KEY", &sim_key)
+            .args(["simple-query", "--input"])
+            .arg(&enc)
+            .arg("--output")
+            .arg(dir.path().join(out))
+            .output()
+            .unwrap()
+    };
+    // Not attested: the key is not released (exit 4), nothing is written.
+    let out = query(&[], "r0.enc");
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("attested runtimes"));
+    assert!(!dir.path().join("r0.enc").exists());
+
+    // Attested in the simulated TEE under the policy: the query runs.
+    let out = query(&["--tee", "sim", "--attestation-policy", &policy], "r1.enc");
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Attestation Success!"));
+    let out = client
+        .cmd()
+        .env("PPML_SIM_PLATFORM_KEY", &sim_key)
+        .args(["--tee", "sim", "--attestation-policy", &policy])
+        .args(["decrypt", "--out", "-", "--in"])
+        .arg(dir.path().join("r1.enc"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout(&out).starts_with("name,age,job\n"));
+
+    // A policy for another binary refuses this one: the process stops before reading data.
+    let other = policy_file("other.json", &"00".repeat(32));
+    let other_policy = stdout(&run(client
+        .cmd()
+        .args(["kms", "release-policy", "--policy"])
+        .arg(&other)))
+    .trim()
+    .to_string();
+    let out = query(
+        &["--tee", "sim", "--attestation-policy", &other_policy],
+        "r2.enc",
+    );
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("Attestation Fail! Application killed!"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("measurement not allowed"), "{stderr}");
+    assert!(!dir.path().join("r2.enc").exists());
+    // In debug mode it continues, but the KMS still releases nothing.
+    let out = query(
+        &[
+            "--tee",
+            "sim",
+            "--attestation-policy",
+            &other_policy,
+            "--attestation-debug",
+        ],
+        "r3.enc",
+    );
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("ERROR: Attestation Fail! In debug mode, continue.")
+    );
+    assert!(!dir.path().join("r3.enc").exists());
+
+    // Evidence from a simulation platform the server does not trust is refused, even under
+    // the policy that accepts this binary.
+    let mut untrusted = client.cmd();
+    let out = untrusted
+        .env(
+            "PPML_SIM_PLATFORM_KEY",
+            dir.path().join("other-platform.pk8"),
+        )
+        .args(["--tee", "sim", "--attestation-policy", &other_policy])
+        .args(["simple-query", "--input"])
+        .arg(&enc)
+        .arg("--output")
+        .arg(dir.path().join("r5.enc"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("Attestation Fail!"), "{stderr}");
+    assert!(stderr.contains("does not verify"), "{stderr}");
 }

@@ -64,6 +64,14 @@ pub enum KmsError {
         /// eHSM response message.
         message: String,
     },
+    /// The key is released only to attested runtimes, and this process did not attest.
+    #[error(
+        "the key is released only to attested runtimes: run with --tee and --attestation-policy"
+    )]
+    AttestationRequired,
+    /// Attestation failed: evidence could not be collected, or the KMS refused it.
+    #[error("attestation failed: {0}")]
+    Attestation(String),
     /// The KMS server's answer does not follow the protocol.
     #[error("the KMS answered outside the protocol: {0}")]
     Protocol(String),
@@ -87,6 +95,8 @@ impl KmsError {
                 | KmsError::KeyDisabled(_)
                 | KmsError::UnwrapFailed
                 | KmsError::WrongKms { .. }
+                | KmsError::AttestationRequired
+                | KmsError::Attestation(_)
         )
     }
 }

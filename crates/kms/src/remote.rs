@@ -169,6 +169,12 @@ pub struct RemoteKeyInfo {
     pub created_ms: u64,
 }
 
+/// The result of a successful attestation: the token and the runtime key it names.
+struct Attested {
+    token: String,
+    runtime: ppml_attestation::release::RuntimeKey,
+}
+
 /// An HTTP(S) connection to an eHSM-protocol KMS; cheap to clone.
 #[derive(Clone)]
 pub struct RemoteKms {
@@ -176,6 +182,7 @@ pub struct RemoteKms {
     http: reqwest::Client,
     creds: Option<AppCredentials>,
     kms_id: String,
+    attested: Option<Arc<Attested>>,
 }
 
 impl std::fmt::Debug for RemoteKms {
@@ -252,6 +259,9 @@ fn interpret(value: Value) -> Result<Map<String, Value>, KmsError> {
         "keyid not found" => KmsError::KeyNotFound(String::new()),
         "key is disabled" => KmsError::KeyDisabled(String::new()),
         "decrypt failed" => KmsError::UnwrapFailed,
+        m if m.starts_with("key is released only to attested runtimes") => {
+            KmsError::AttestationRequired
+        }
         _ => KmsError::Rejected {
             code: code as u16,
             message,
@@ -294,6 +304,7 @@ impl RemoteKms {
             http: http_client(config)?,
             creds,
             kms_id: String::new(),
+            attested: None,
         };
         let version = kms.unsigned("GetVersion").await?;
         // The ppml server names itself; a plain eHSM is named by its URL.
@@ -417,6 +428,103 @@ impl RemoteKms {
     }
 }
 
+impl RemoteKms {
+    /// Attests this process to the KMS (docs/attestation.md §6): a fresh runtime key, a
+    /// challenge, evidence from `provider` bound to both, and a token for `policy_id`. From
+    /// then on data keys of keys marked for attested release are unwrapped with
+    /// `ReleaseDataKey` and opened with the runtime key; the token is returned for logging.
+    pub async fn attest(
+        &mut self,
+        provider: &dyn ppml_attestation::EvidenceProvider,
+        policy_id: &str,
+    ) -> Result<String, KmsError> {
+        use ppml_attestation::release::RuntimeKey;
+        use ppml_attestation::service::expected_report_data;
+        let runtime = RuntimeKey::generate();
+        let challenge = self.call("AttestChallenge", json!({})).await?;
+        let nonce = BASE64
+            .decode(string_field(&challenge, "nonce")?)
+            .map_err(|_| KmsError::Protocol("AttestChallenge nonce is not base64".into()))?;
+        let evidence = provider
+            .evidence(&expected_report_data(&nonce, &runtime.public_bytes()))
+            .map_err(|e| KmsError::Attestation(format!("collecting evidence: {e}")))?;
+        let result = self
+            .call(
+                "Attest",
+                json!({
+                    "policyId": policy_id,
+                    "tee": evidence.tee.to_string(),
+                    "quote": BASE64.encode(&evidence.quote),
+                    "nonce": BASE64.encode(&nonce),
+                    "runtime_key": BASE64.encode(runtime.public_bytes()),
+                }),
+            )
+            .await
+            .map_err(|e| match e {
+                KmsError::Rejected { message, .. } => KmsError::Attestation(
+                    message
+                        .trim_start_matches("attestation failed: ")
+                        .to_string(),
+                ),
+                other => other,
+            })?;
+        let token = string_field(&result, "token")?;
+        self.attested = Some(Arc::new(Attested {
+            token: token.clone(),
+            runtime,
+        }));
+        Ok(token)
+    }
+
+    async fn release(
+        &self,
+        attested: &Attested,
+        key: &KeyReference,
+        ciphertext: &str,
+        aad: &str,
+    ) -> Result<Option<DataKey>, KmsError> {
+        let primary = PrimaryKeyId(key.key_id.clone());
+        let result = self
+            .call(
+                "ReleaseDataKey",
+                json!({"keyid": key.key_id, "ciphertext": ciphertext, "aad": aad,
+                       "token": attested.token}),
+            )
+            .await;
+        let result = match result {
+            Ok(result) => result,
+            // The key is not marked for attested release: plain Decrypt applies.
+            Err(KmsError::Rejected { message, .. }) if message.contains("not marked") => {
+                return Ok(None);
+            }
+            Err(KmsError::Rejected { message, .. }) => {
+                return Err(KmsError::Attestation(
+                    message
+                        .trim_start_matches("attestation failed: ")
+                        .to_string(),
+                ));
+            }
+            Err(e) => return Err(with_key(e, &primary)),
+        };
+        let decode = |name: &str| {
+            BASE64
+                .decode(string_field(&result, name)?)
+                .map_err(|_| KmsError::Protocol(format!("ReleaseDataKey {name} is not base64")))
+        };
+        let plaintext = attested
+            .runtime
+            .open(
+                &decode("encapsulated_key")?,
+                &decode("ciphertext")?,
+                key.key_id.as_bytes(),
+            )
+            .map_err(|_| KmsError::UnwrapFailed)?;
+        DataKey::from_slice(&plaintext)
+            .map(Some)
+            .map_err(|_| KmsError::UnwrapFailed)
+    }
+}
+
 fn with_key(err: KmsError, primary: &PrimaryKeyId) -> KmsError {
     match err {
         KmsError::KeyNotFound(_) => KmsError::KeyNotFound(primary.0.clone()),
@@ -488,6 +596,13 @@ impl KeyManagementService for RemoteKms {
             });
         }
         let ciphertext = std::str::from_utf8(&key.wrapped).map_err(|_| KmsError::UnwrapFailed)?;
+        if let Some(attested) = &self.attested
+            && let Some(data_key) = self
+                .release(attested, key, ciphertext, aad_text(aad)?)
+                .await?
+        {
+            return Ok(data_key);
+        }
         let primary = PrimaryKeyId(key.key_id.clone());
         let result = self
             .call(
