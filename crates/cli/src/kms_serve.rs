@@ -148,7 +148,7 @@ fn root_key(args: &RootKeyArgs, settings: &Settings, dir: &Path, create: bool) -
 }
 
 /// Creates `dir` (mode 0700) if needed, then opens the root key, the store and the audit log.
-fn open_server_state(
+pub(crate) fn open_server_state(
     root: &RootKeyArgs,
     settings: &Settings,
     dir: &Path,

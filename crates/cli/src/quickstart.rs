@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use ppml_kms::{AppCredentials, KeyManagementService, LocalKms};
+use ppml_kms::{AppCredentials, KeyManagementService};
 
 use crate::cli::{DecryptArgs, EncryptArgs, GeneratePeopleArgs, QuickstartArgs, SimpleQueryArgs};
 use crate::settings::Settings;
@@ -59,6 +59,32 @@ fn actual_rows(result: &Path) -> Result<RowSet> {
     Ok(set)
 }
 
+/// Starts a KMS server (plain HTTP on loopback, inside this process) over
+/// `work/kms-server`, trusting the simulation platform key `work/sim-platform.pk8`; returns
+/// its URL. It stops when the process ends.
+async fn start_in_process_kms(work: &Path, settings: &Settings) -> Result<String> {
+    let dir = work.join("kms-server");
+    let (store, audit, seed) =
+        crate::kms_serve::open_server_state(&Default::default(), settings, &dir)?;
+    let mut attestation =
+        ppml_attestation::service::AttestationService::new(store.kms_id(), &seed)?;
+    let platform =
+        ppml_attestation::sim::SimPlatform::load_or_create(work.join("sim-platform.pk8"))?;
+    attestation.trust_sim_platform(platform.public_key());
+    let state = ppml_kms_server::ServerState::new(store)
+        .with_audit(audit)
+        .with_attestation(attestation);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let app = ppml_kms_server::router(std::sync::Arc::new(state));
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the in-process KMS server stopped");
+        }
+    });
+    Ok(format!("http://{addr}"))
+}
+
 pub async fn run(args: &QuickstartArgs, settings: &mut Settings) -> Result<()> {
     let started = Instant::now();
     let mut timings: Vec<(&str, Duration)> = Vec::new();
@@ -80,40 +106,74 @@ pub async fn run(args: &QuickstartArgs, settings: &mut Settings) -> Result<()> {
     }
 
     let t = Instant::now();
-    let (appid, apikey, primary) = match settings.connect_remote_anonymous().await? {
-        Some(remote) => {
-            println!("[0/5] prepare: KMS server at {}", remote.kms_id());
-            let creds = match (&settings.appid, &settings.apikey) {
-                (Some(appid), Some(apikey)) => AppCredentials::new(appid.clone(), apikey.clone()),
-                _ => remote.enroll().await?,
-            };
-            let kms = ppml_kms::RemoteKms::connect(
-                &settings.remote_config()?.expect("a KMS URL is configured"),
-                Some(creds.clone()),
+    // Without a KMS server configured, quickstart runs one in this process (loopback) with
+    // its audit log and attestation, and attests itself in the simulated TEE, so that the
+    // main command exercises the real protocol end to end.
+    let in_process = settings.kms_url.is_none();
+    if in_process {
+        let url = start_in_process_kms(work, settings).await?;
+        println!(
+            "[0/5] prepare: KMS server in this process at {url} (audit log and data in {}), \
+             simulated TEE",
+            work.join("kms-server").display()
+        );
+        settings.kms_url = Some(url);
+        settings.kms_fingerprint = None;
+        settings.kms_ca_cert = None;
+        settings.tee = Some(crate::cli::TeeKind::Sim);
+        settings.sim_platform_key = Some(work.join("sim-platform.pk8"));
+        settings.appid = None;
+        settings.apikey = None;
+    }
+    let remote = settings
+        .connect_remote_anonymous()
+        .await?
+        .context("a KMS URL is configured")?;
+    if !in_process {
+        println!("[0/5] prepare: KMS server at {}", remote.kms_id());
+    }
+    let creds = match (&settings.appid, &settings.apikey) {
+        (Some(appid), Some(apikey)) => AppCredentials::new(appid.clone(), apikey.clone()),
+        _ => remote.enroll().await?,
+    };
+    let kms = ppml_kms::RemoteKms::connect(
+        &settings
+            .remote_config()?
+            .context("a KMS URL is configured")?,
+        Some(creds.clone()),
+    )
+    .await?;
+    let primary = kms.create_primary_key().await?;
+    if in_process {
+        // Release this key's data keys only to this very binary in the simulated TEE.
+        let measurement = hex::encode(ppml_attestation::sim::executable_measurement()?);
+        let policy = serde_json::json!({
+            "allowed": [{"tee": "sim", "mrenclave": measurement}],
+            "allow_simulation": true,
+        });
+        let uploaded = kms
+            .call(
+                "UploadQuotePolicy",
+                serde_json::json!({"policy": policy.to_string()}),
             )
             .await?;
-            (
-                creds.appid.clone(),
-                creds.apikey.to_string(),
-                kms.create_primary_key().await?,
-            )
-        }
-        None => {
-            println!(
-                "[0/5] prepare: embedded KMS in {}",
-                settings.kms_dir().display()
-            );
-            let dir = settings.kms_dir();
-            LocalKms::init(&dir)?;
-            let creds = LocalKms::enroll(&dir)?;
-            let kms = LocalKms::open(&dir, &creds)?;
-            (
-                creds.appid.clone(),
-                creds.apikey.to_string(),
-                kms.create_primary_key().await?,
-            )
-        }
-    };
+        let policy_id = uploaded
+            .get("policyId")
+            .and_then(|v| v.as_str())
+            .context("UploadQuotePolicy without a policyId")?
+            .to_string();
+        kms.call(
+            "SetKeyReleasePolicy",
+            serde_json::json!({"keyid": primary.0, "policyId": policy_id}),
+        )
+        .await?;
+        println!(
+            "      policy {policy_id}: keys released only to this binary (sim measurement \
+             {measurement:.16}…)"
+        );
+        settings.attestation_policy = Some(policy_id);
+    }
+    let (appid, apikey) = (creds.appid.clone(), creds.apikey.to_string());
     println!("      enrolled app {appid} and created primary key {primary}");
     settings.appid = Some(appid);
     settings.apikey = Some(apikey);
@@ -148,7 +208,13 @@ pub async fn run(args: &QuickstartArgs, settings: &mut Settings) -> Result<()> {
     timings.push(("encrypt", t.elapsed()));
 
     println!("[2/5] application: SimpleQuery");
-    println!("[3/5] attestation: not configured in this issue's scope (local mode, no TEE)");
+    match settings.tee {
+        Some(tee) => println!(
+            "[3/5] attestation: {tee:?} TEE; the query and the decryption each attest to the \
+             KMS, which releases data keys only against a token, sealed to the runtime's key"
+        ),
+        None => println!("[3/5] attestation: none (no --tee; data keys come from Decrypt)"),
+    }
     println!("[4/5] submit: local mode, DataFusion over the encrypted dataset");
     let t = Instant::now();
     let report = query::simple_query(

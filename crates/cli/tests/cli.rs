@@ -266,6 +266,21 @@ fn quickstart_runs_the_whole_workflow() {
     ]);
     assert!(out.contains("quickstart OK"), "{out}");
     assert!(work.join("developers.csv").is_file());
+    // The main command runs the real protocol: a KMS server with its audit log, the
+    // simulated TEE attesting, and keys released only through ReleaseDataKey.
+    assert!(out.contains("simulated TEE"), "{out}");
+    let audit = std::fs::read_to_string(work.join("kms-server/audit.log")).unwrap();
+    for action in [
+        "\"Attest\"",
+        "\"SetKeyReleasePolicy\"",
+        "\"ReleaseDataKey\"",
+    ] {
+        assert!(audit.contains(action), "{action} not in the audit log");
+    }
+    assert!(
+        !audit.contains("\"action\":\"Decrypt\""),
+        "no plain Decrypt"
+    );
 }
 
 #[test]
