@@ -145,6 +145,24 @@ impl AttestationService {
         self.collateral.insert(tee, collateral);
     }
 
+    /// Verifies a DCAP quote with the configured collateral (SGX or TDX, whichever the
+    /// quote is), without challenge or binding checks.
+    pub fn verify_dcap(&self, quote: &[u8], now: u64) -> Result<Claims, AttestError> {
+        if self.collateral.is_empty() {
+            return Err(AttestError::NoCollateral(Tee::Sgx));
+        }
+        let mut last = None;
+        for collateral in self.collateral.values() {
+            match verify_quote(quote, collateral, now) {
+                Ok(claims) => return Ok(claims),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(AttestError::Evidence(
+            last.map(|e| e.to_string()).unwrap_or_default(),
+        ))
+    }
+
     /// The token signing public key (raw Ed25519, 32 bytes).
     pub fn public_key(&self) -> [u8; 32] {
         self.signing
@@ -356,6 +374,35 @@ mod tests {
         p[at] ^= 1;
         let forged = format!("{h}.{}.{sig}", B64URL.encode(p));
         assert!(verify_token(&forged, &f.service.public_key(), NOW).is_err());
+    }
+
+    #[test]
+    fn dcap_quotes_verify_with_the_configured_collateral() {
+        let dir = std::path::PathBuf::from(
+            std::env::var("CARGO_MANIFEST_DIR")
+                .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string()),
+        )
+        .join("testdata");
+        let mut service = AttestationService::new("x", &[2; 32]).unwrap();
+        let quote = std::fs::read(dir.join("sgx_quote")).unwrap();
+        assert!(matches!(
+            service.verify_dcap(&quote, 1_751_328_000),
+            Err(AttestError::NoCollateral(_))
+        ));
+        for tee in [Tee::Sgx, Tee::Tdx] {
+            let file = dir.join(format!("{tee}_quote_collateral.json"));
+            service.set_collateral(tee, Collateral::from_file(&file).unwrap());
+        }
+        let claims = service.verify_dcap(&quote, 1_751_328_000).unwrap();
+        assert_eq!(claims.tee, Tee::Sgx);
+        let tdx = std::fs::read(dir.join("tdx_quote")).unwrap();
+        assert_eq!(
+            service.verify_dcap(&tdx, 1_751_328_000).unwrap().tee,
+            Tee::Tdx
+        );
+        let mut bad = quote.clone();
+        bad[300] ^= 1;
+        assert!(service.verify_dcap(&bad, 1_751_328_000).is_err());
     }
 
     #[test]

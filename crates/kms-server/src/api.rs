@@ -43,7 +43,8 @@ const CIPHERTEXT_VERSION: u8 = 1;
 const AAD_DATA: &[u8] = b"ppml-kms-server/v1 data\0";
 
 /// Every action of the protocol (docs/kms-api.md §5); other names are counted as `unknown`.
-const ACTIONS: [&str; 20] = [
+const ACTIONS: [&str; 21] = [
+    "VerifyQuote",
     "SetKeyReleasePolicy",
     "ReleaseDataKey",
     "UploadQuotePolicy",
@@ -68,7 +69,8 @@ const ACTIONS: [&str; 20] = [
 
 /// Actions that write to the store (an fsync) or scan it: run on the blocking pool. The others
 /// are served from the store's caches and run on the async workers.
-const BLOCKING: [&str; 10] = [
+const BLOCKING: [&str; 11] = [
+    "VerifyQuote",
     "SetKeyReleasePolicy",
     "UploadQuotePolicy",
     "Attest",
@@ -82,7 +84,8 @@ const BLOCKING: [&str; 10] = [
 ];
 
 /// Actions whose envelope must carry a `payload` (docs/kms-api.md §4 rule 1).
-const CRYPTOGRAPHIC: [&str; 12] = [
+const CRYPTOGRAPHIC: [&str; 13] = [
+    "VerifyQuote",
     "SetKeyReleasePolicy",
     "ReleaseDataKey",
     "UploadQuotePolicy",
@@ -494,7 +497,8 @@ fn signed(
         | "AttestChallenge"
         | "Attest"
         | "SetKeyReleasePolicy"
-        | "ReleaseDataKey" => attestation_action(state, action, appid, payload),
+        | "ReleaseDataKey"
+        | "VerifyQuote" => attestation_action(state, action, appid, payload),
         _ => run(&state.store, action, appid, payload),
     }
 }
@@ -586,6 +590,24 @@ fn attestation_action(
                 }
                 Err(e) => Err(ApiError::AttestationFailed(e.to_string())),
             }
+        }
+        "VerifyQuote" => {
+            // eHSM's action: verify a DCAP quote against one of the app's policies. The nonce
+            // is echoed; unlike `Attest` it is not a server challenge, so the answer proves
+            // nothing about freshness (see docs/attestation.md §6.2).
+            let quote = b64_field(payload, "quote")?;
+            let nonce = optional_str(payload, "nonce")?;
+            let policy: Policy =
+                serde_json::from_str(&state.store.policy(appid, field(payload, "policyId")?)?)
+                    .map_err(|e| ApiError::Internal(e.to_string()))?;
+            let verdict = service
+                .verify_dcap(&quote, now_secs)
+                .map_err(|e| e.to_string())
+                .and_then(|claims| policy.evaluate(&claims).map_err(|e| e.to_string()));
+            if let Err(reason) = &verdict {
+                tracing::info!(appid, reason, "VerifyQuote: refused");
+            }
+            Ok(json!({"result": verdict.is_ok(), "nonce": nonce}))
         }
         "SetKeyReleasePolicy" => {
             let keyid = field(payload, "keyid")?;
@@ -1143,5 +1165,54 @@ mod tests {
         )
         .await;
         assert_eq!(refused["message"], "decrypt failed");
+    }
+
+    /// eHSM's VerifyQuote: the answer shape, and a refusal for the fixture quote, whose
+    /// collateral expired in 2025 (the positive path at a pinned time is tested in
+    /// ppml-attestation's service tests).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn verify_quote_answers_with_a_verdict() {
+        let testdata =
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../attestation/testdata");
+        let dir = tempfile::tempdir().unwrap();
+        let (root, _) = RootKey::generate().unwrap();
+        let seed = root.attestation_seed();
+        let store = Store::open(dir.path(), root).unwrap();
+        let mut service = AttestationService::new(store.kms_id(), &seed).unwrap();
+        service.set_collateral(
+            Tee::Sgx,
+            ppml_attestation::dcap::Collateral::from_file(
+                &testdata.join("sgx_quote_collateral.json"),
+            )
+            .unwrap(),
+        );
+        let app = router(Arc::new(ServerState::new(store).with_attestation(service)));
+        let enrolled = get(&app, "Enroll").await;
+        let appid = enrolled["result"]["appid"].as_str().unwrap().to_string();
+        let apikey = enrolled["result"]["apikey"].as_str().unwrap().to_string();
+        let uploaded = post(&app, "UploadQuotePolicy", &appid, &apikey,
+            json!({"mr_enclave": "33d8736db756ed4997e04ba358d27833188f1932ff7b1d156904d3f560452fbb"})).await;
+        let policy_id = uploaded["result"]["policyId"].as_str().unwrap().to_string();
+        let quote = BASE64.encode(std::fs::read(testdata.join("sgx_quote")).unwrap());
+        let answer = post(
+            &app,
+            "VerifyQuote",
+            &appid,
+            &apikey,
+            json!({"quote": quote, "nonce": "n-1", "policyId": policy_id}),
+        )
+        .await;
+        assert_eq!(answer["code"], 200, "{answer}");
+        assert_eq!(answer["result"]["result"], false);
+        assert_eq!(answer["result"]["nonce"], "n-1");
+        let garbage = post(
+            &app,
+            "VerifyQuote",
+            &appid,
+            &apikey,
+            json!({"quote": "!!", "policyId": policy_id}),
+        )
+        .await;
+        assert_eq!(garbage["message"], "base64 decode error");
     }
 }
