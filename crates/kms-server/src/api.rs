@@ -875,6 +875,19 @@ mod tests {
         assert_eq!(report.entries, 2);
     }
 
+    /// A server over a fresh store in `dir` with an attestation service set up by `configure`.
+    fn attested_server(
+        dir: &std::path::Path,
+        configure: impl FnOnce(&mut AttestationService),
+    ) -> Router {
+        let (root, _) = RootKey::generate().unwrap();
+        let seed = root.attestation_seed();
+        let store = Store::open(dir, root).unwrap();
+        let mut service = AttestationService::new(store.kms_id(), &seed).unwrap();
+        configure(&mut service);
+        router(Arc::new(ServerState::new(store).with_attestation(service)))
+    }
+
     async fn post(app: &Router, action: &str, appid: &str, apikey: &str, payload: Value) -> Value {
         let mut body = Map::new();
         body.insert("appid".into(), json!(appid));
@@ -911,13 +924,10 @@ mod tests {
         use ppml_attestation::sim::{SimPlatform, SimTee, executable_measurement};
 
         let dir = tempfile::tempdir().unwrap();
-        let (root, _) = RootKey::generate().unwrap();
-        let seed = root.attestation_seed();
-        let store = Store::open(dir.path(), root).unwrap();
-        let mut service = AttestationService::new(store.kms_id(), &seed).unwrap();
         let platform = SimPlatform::load_or_create(dir.path().join("sim.pk8")).unwrap();
-        service.trust_sim_platform(platform.public_key());
-        let app = router(Arc::new(ServerState::new(store).with_attestation(service)));
+        let app = attested_server(dir.path(), |service| {
+            service.trust_sim_platform(platform.public_key())
+        });
 
         let version = get(&app, "GetVersion").await;
         let service_key: [u8; 32] =
@@ -1036,13 +1046,10 @@ mod tests {
         use ppml_attestation::sim::{SimPlatform, SimTee, executable_measurement};
 
         let dir = tempfile::tempdir().unwrap();
-        let (root, _) = RootKey::generate().unwrap();
-        let seed = root.attestation_seed();
-        let store = Store::open(dir.path(), root).unwrap();
-        let mut service = AttestationService::new(store.kms_id(), &seed).unwrap();
         let platform = SimPlatform::load_or_create(dir.path().join("sim.pk8")).unwrap();
-        service.trust_sim_platform(platform.public_key());
-        let app = router(Arc::new(ServerState::new(store).with_attestation(service)));
+        let app = attested_server(dir.path(), |service| {
+            service.trust_sim_platform(platform.public_key())
+        });
         let tee = SimTee::new(platform);
 
         let enrolled = get(&app, "Enroll").await;
@@ -1175,18 +1182,13 @@ mod tests {
         let testdata =
             std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../attestation/testdata");
         let dir = tempfile::tempdir().unwrap();
-        let (root, _) = RootKey::generate().unwrap();
-        let seed = root.attestation_seed();
-        let store = Store::open(dir.path(), root).unwrap();
-        let mut service = AttestationService::new(store.kms_id(), &seed).unwrap();
-        service.set_collateral(
-            Tee::Sgx,
-            ppml_attestation::dcap::Collateral::from_file(
-                &testdata.join("sgx_quote_collateral.json"),
-            )
-            .unwrap(),
-        );
-        let app = router(Arc::new(ServerState::new(store).with_attestation(service)));
+        let collateral = ppml_attestation::dcap::Collateral::from_file(
+            &testdata.join("sgx_quote_collateral.json"),
+        )
+        .unwrap();
+        let app = attested_server(dir.path(), |service| {
+            service.set_collateral(Tee::Sgx, collateral)
+        });
         let enrolled = get(&app, "Enroll").await;
         let appid = enrolled["result"]["appid"].as_str().unwrap().to_string();
         let apikey = enrolled["result"]["apikey"].as_str().unwrap().to_string();

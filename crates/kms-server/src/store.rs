@@ -157,20 +157,19 @@ impl RootKey {
     /// The audit log's MAC key: HKDF-SHA256(salt = empty, ikm = root key,
     /// info = `ppml-kms-server/v1 audit`), 32 bytes. Independent of the sealing key.
     pub fn audit_mac_key(&self) -> Zeroizing<[u8; 32]> {
-        let mut out = Zeroizing::new([0u8; 32]);
-        let prk = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, &[]).extract(&*self.bytes);
-        prk.expand(&[HKDF_INFO_AUDIT], ring::hkdf::HKDF_SHA256)
-            .and_then(|okm| okm.fill(&mut *out))
-            .expect("HKDF-SHA256 with a 32-byte output");
-        out
+        self.subkey(HKDF_INFO_AUDIT)
     }
 
     /// The seed of the attestation token signing key (Ed25519): HKDF-SHA256(salt = empty,
     /// ikm = root key, info = `ppml-kms-server/v1 attestation token`).
     pub fn attestation_seed(&self) -> Zeroizing<[u8; 32]> {
+        self.subkey(HKDF_INFO_ATTESTATION)
+    }
+
+    fn subkey(&self, info: &[u8]) -> Zeroizing<[u8; 32]> {
         let mut out = Zeroizing::new([0u8; 32]);
         let prk = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, &[]).extract(&*self.bytes);
-        prk.expand(&[HKDF_INFO_ATTESTATION], ring::hkdf::HKDF_SHA256)
+        prk.expand(&[info], ring::hkdf::HKDF_SHA256)
             .and_then(|okm| okm.fill(&mut *out))
             .expect("HKDF-SHA256 with a 32-byte output");
         out
@@ -380,14 +379,7 @@ impl Store {
                 .seal(&binding(AAD_APIKEY, &[appid.as_bytes()]), apikey.as_bytes())?,
             created_ms: now_ms,
         };
-        let tx = self.db.begin_write().map_err(internal)?;
-        {
-            let mut apps = tx.open_table(APPS).map_err(internal)?;
-            let bytes = serde_json::to_vec(&record).map_err(internal)?;
-            apps.insert(appid.as_str(), bytes.as_slice())
-                .map_err(internal)?;
-        }
-        tx.commit().map_err(internal)?;
+        self.insert_json(APPS, &appid, &record)?;
         Ok((appid, apikey))
     }
 
@@ -463,14 +455,7 @@ impl Store {
             versions: vec![self.new_version(&keyid, appid, keyspec, 0)?],
             release_policy: None,
         };
-        let tx = self.db.begin_write().map_err(internal)?;
-        {
-            let mut keys = tx.open_table(KEYS).map_err(internal)?;
-            let bytes = serde_json::to_vec(&record).map_err(internal)?;
-            keys.insert(keyid.as_str(), bytes.as_slice())
-                .map_err(internal)?;
-        }
-        tx.commit().map_err(internal)?;
+        self.insert_json(KEYS, &keyid, &record)?;
         Ok(keyid)
     }
 
@@ -681,6 +666,22 @@ impl Store {
         self.modify_key(appid, keyid, |_| Ok((false, ())))
     }
 
+    /// Inserts `value` as JSON under `key` in `table`; durable when this returns.
+    fn insert_json<T: Serialize>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+        value: &T,
+    ) -> Result<(), ApiError> {
+        let bytes = serde_json::to_vec(value).map_err(internal)?;
+        let tx = self.db.begin_write().map_err(internal)?;
+        tx.open_table(table)
+            .map_err(internal)?
+            .insert(key, bytes.as_slice())
+            .map_err(internal)?;
+        tx.commit().map_err(internal)
+    }
+
     /// Stores an attestation policy (JSON text) for `appid`; returns its id. Durable on return.
     pub fn put_policy(
         &self,
@@ -691,15 +692,7 @@ impl Store {
         let id = uuid_like(random::<16>()?);
         let record =
             serde_json::json!({"appid": appid, "policy": policy_json, "created_ms": now_ms});
-        let tx = self.db.begin_write().map_err(internal)?;
-        {
-            let mut policies = tx.open_table(POLICIES).map_err(internal)?;
-            let bytes = serde_json::to_vec(&record).map_err(internal)?;
-            policies
-                .insert(id.as_str(), bytes.as_slice())
-                .map_err(internal)?;
-        }
-        tx.commit().map_err(internal)?;
+        self.insert_json(POLICIES, &id, &record)?;
         Ok(id)
     }
 
