@@ -336,6 +336,15 @@ fn decrypt_part(
     Ok(())
 }
 
+/// A character device or FIFO: an output that is a stream, not a file to replace.
+fn is_stream_device(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt as _;
+    std::fs::metadata(path).is_ok_and(|m| {
+        let t = m.file_type();
+        t.is_char_device() || t.is_fifo()
+    })
+}
+
 pub async fn decrypt(args: &DecryptArgs, settings: &mut Settings) -> Result<u64> {
     let kms = settings.open_kms_for_runtime().await?;
     let dataset = open_local_dataset(&args.input, kms.kms.as_ref()).await?;
@@ -380,6 +389,22 @@ pub async fn decrypt(args: &DecryptArgs, settings: &mut Settings) -> Result<u64>
             decrypt_part(&args.input, part, &mut lock, skip_headers && i > 0, &bar)?;
         }
         lock.flush()?;
+        return Ok(total);
+    }
+    if is_stream_device(out) {
+        // /dev/null, a named pipe, a terminal: write straight into it, as for stdout. (A
+        // temporary sibling renamed over it would replace the device node itself.)
+        let bar = progress::bytes(total, "decrypting", true);
+        let mut device = std::io::BufWriter::new(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(out)
+                .with_context(|| format!("opening {}", out.display()))?,
+        );
+        for (i, part) in dataset.parts.iter().enumerate() {
+            decrypt_part(&args.input, part, &mut device, skip_headers && i > 0, &bar)?;
+        }
+        device.flush()?;
         return Ok(total);
     }
     let bar = progress::bytes(total, "decrypting", settings.quiet);

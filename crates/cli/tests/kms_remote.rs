@@ -236,7 +236,7 @@ fn workflow_against_a_tls_kms_server_with_rotation_disable_and_audit() {
         .arg(&enc2));
     run(client
         .cmd()
-        .args(["decrypt", "--out", "-", "--in"])
+        .args(["decrypt", "--out", "/dev/null", "--in"])
         .arg(&enc2));
 
     // A disabled key releases nothing: exit 4 with a specific message.
