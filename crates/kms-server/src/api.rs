@@ -600,14 +600,22 @@ fn attestation_action(
             let policy: Policy =
                 serde_json::from_str(&state.store.policy(appid, field(payload, "policyId")?)?)
                     .map_err(|e| ApiError::Internal(e.to_string()))?;
-            let verdict = service
-                .verify_dcap(&quote, now_secs)
-                .map_err(|e| e.to_string())
-                .and_then(|claims| policy.evaluate(&claims).map_err(|e| e.to_string()));
-            if let Err(reason) = &verdict {
-                tracing::info!(appid, reason, "VerifyQuote: refused");
+            let mut answer = json!({"result": false, "nonce": nonce});
+            match service.verify_dcap(&quote, now_secs) {
+                Ok(claims) => {
+                    // eHSM also reports the measurements of a quote that verified.
+                    let m = &claims.measurements;
+                    answer["mr_enclave"] = json!(m.mrenclave.as_deref().unwrap_or(""));
+                    answer["mr_signer"] = json!(m.mrsigner.as_deref().unwrap_or(""));
+                    answer["tcb_status"] = json!(claims.tcb_status);
+                    match policy.evaluate(&claims) {
+                        Ok(()) => answer["result"] = json!(true),
+                        Err(e) => tracing::info!(appid, reason = %e, "VerifyQuote: refused"),
+                    }
+                }
+                Err(e) => tracing::info!(appid, reason = %e, "VerifyQuote: refused"),
             }
-            Ok(json!({"result": verdict.is_ok(), "nonce": nonce}))
+            Ok(answer)
         }
         "SetKeyReleasePolicy" => {
             let keyid = field(payload, "keyid")?;
