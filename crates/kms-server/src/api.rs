@@ -26,7 +26,7 @@ use serde_json::{Map, Value, json};
 
 use crate::ApiError;
 use crate::audit::{AuditEntry, AuditLog};
-use crate::store::{self, Store, random};
+use crate::store::{self, Release, Store, random};
 use ppml_attestation::evidence::Evidence;
 use ppml_attestation::policy::AllowedMeasurement;
 use ppml_attestation::release::seal_to;
@@ -648,6 +648,7 @@ fn attestation_action(
                 keyid,
                 aad,
                 field(payload, "ciphertext")?,
+                Release::Sealed,
             )?;
             let (encapsulated, sealed) = seal_to(&runtime_key, &plaintext, keyid.as_bytes())
                 .map_err(|e| ApiError::AttestationFailed(e.to_string()))?;
@@ -707,13 +708,14 @@ fn decrypt(
     keyid: &str,
     aad: &str,
     ciphertext: &str,
+    release: Release,
 ) -> Result<zeroize::Zeroizing<Vec<u8>>, ApiError> {
     let bytes = BASE64.decode(ciphertext).map_err(|_| ApiError::Base64)?;
     if bytes.len() < 5 || bytes[0] != CIPHERTEXT_VERSION {
         return Err(ApiError::DecryptFailed);
     }
     let version = u32::from_be_bytes(bytes[1..5].try_into().expect("4 bytes")) as usize;
-    let key = store.key_version(appid, keyid, version)?;
+    let key = store.key_version(appid, keyid, version, release)?;
     store::open(&key, &data_aad(keyid, aad), &bytes[5..]).ok_or(ApiError::DecryptFailed)
 }
 
@@ -776,16 +778,15 @@ fn run(
         "Decrypt" => {
             let keyid = field(payload, "keyid")?;
             let aad = optional_str(payload, "aad")?;
-            if store.release_policy(appid, keyid)?.is_some() {
-                return Err(ApiError::AttestationRequired);
-            }
-            let plaintext = decrypt(store, appid, keyid, aad, field(payload, "ciphertext")?)?;
+            let ciphertext = field(payload, "ciphertext")?;
+            let plaintext = decrypt(store, appid, keyid, aad, ciphertext, Release::ToCaller)?;
             Ok(json!({"plaintext": BASE64.encode(&*plaintext)}))
         }
         "ReEncrypt" => {
             let keyid = field(payload, "keyid")?;
             let aad = optional_str(payload, "aad")?;
-            let plaintext = decrypt(store, appid, keyid, aad, field(payload, "ciphertext")?)?;
+            let ciphertext = field(payload, "ciphertext")?;
+            let plaintext = decrypt(store, appid, keyid, aad, ciphertext, Release::Sealed)?;
             let (version, key) = store.usable_key(appid, keyid)?;
             Ok(json!({"ciphertext": encrypt(&key, version, keyid, aad, &plaintext)?}))
         }

@@ -209,6 +209,16 @@ struct AppRecord {
     created_ms: u64,
 }
 
+/// Where the plaintext of a decryption goes; see [`Store::key_version`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Release {
+    /// Back to the caller in plaintext (`Decrypt`).
+    ToCaller,
+    /// Nowhere outside the server, or only sealed to an attested runtime (`ReEncrypt`,
+    /// `ReleaseDataKey`).
+    Sealed,
+}
+
 /// A primary key as stored (its material sealed).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct KeyRecord {
@@ -399,12 +409,9 @@ impl Store {
         if let Some(k) = self.apikeys.read().expect("apikey cache").get(appid) {
             return Ok(Some(Arc::clone(k)));
         }
-        let tx = self.db.begin_read().map_err(internal)?;
-        let apps = tx.open_table(APPS).map_err(internal)?;
-        let Some(bytes) = apps.get(appid).map_err(internal)? else {
+        let Some(record) = self.get_json::<AppRecord>(APPS, appid)? else {
             return Ok(None);
         };
-        let record: AppRecord = serde_json::from_slice(bytes.value()).map_err(internal)?;
         let plain = self.root.open(
             &binding(AAD_APIKEY, &[appid.as_bytes()]),
             &record.apikey_sealed,
@@ -511,13 +518,7 @@ impl Store {
 
     /// The key `keyid` if `appid` owns it; another app's key is reported as not found.
     pub fn key(&self, appid: &str, keyid: &str) -> Result<KeyRecord, ApiError> {
-        let tx = self.db.begin_read().map_err(internal)?;
-        let keys = tx.open_table(KEYS).map_err(internal)?;
-        let bytes = keys
-            .get(keyid)
-            .map_err(internal)?
-            .ok_or(ApiError::KeyNotFound)?;
-        let record: KeyRecord = serde_json::from_slice(bytes.value()).map_err(internal)?;
+        let record: KeyRecord = self.get_json(KEYS, keyid)?.ok_or(ApiError::KeyNotFound)?;
         if record.appid != appid {
             return Err(ApiError::KeyNotFound);
         }
@@ -537,13 +538,7 @@ impl Store {
         let opened = match cached {
             Ok(k) => k,
             Err(generation) => {
-                let tx = self.db.begin_read().map_err(internal)?;
-                let keys = tx.open_table(KEYS).map_err(internal)?;
-                let bytes = keys
-                    .get(keyid)
-                    .map_err(internal)?
-                    .ok_or(ApiError::KeyNotFound)?;
-                let record: KeyRecord = serde_json::from_slice(bytes.value()).map_err(internal)?;
+                let record: KeyRecord = self.get_json(KEYS, keyid)?.ok_or(ApiError::KeyNotFound)?;
                 let versions = (0..record.versions.len())
                     .map(|v| self.material(&record, keyid, v))
                     .collect::<Result<Vec<_>, _>>()?;
@@ -579,14 +574,20 @@ impl Store {
         Ok((version, opened.versions[version].clone()))
     }
 
-    /// The material of version `version` of an enabled key.
+    /// The material of version `version` of an enabled key, for a decryption whose result
+    /// goes where `release` says: a key marked for attested release gives its plaintext to
+    /// callers only through `ReleaseDataKey` ([`ApiError::AttestationRequired`] otherwise).
     pub fn key_version(
         &self,
         appid: &str,
         keyid: &str,
         version: usize,
+        release: Release,
     ) -> Result<LessSafeKey, ApiError> {
         let opened = self.opened_key(appid, keyid)?;
+        if release == Release::ToCaller && opened.release_policy.is_some() {
+            return Err(ApiError::AttestationRequired);
+        }
         opened
             .versions
             .get(version)
@@ -666,6 +667,22 @@ impl Store {
         self.modify_key(appid, keyid, |_| Ok((false, ())))
     }
 
+    /// The JSON value under `key` in `table`, if any.
+    fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+    ) -> Result<Option<T>, ApiError> {
+        let tx = self.db.begin_read().map_err(internal)?;
+        let table = tx.open_table(table).map_err(internal)?;
+        match table.get(key).map_err(internal)? {
+            None => Ok(None),
+            Some(bytes) => serde_json::from_slice(bytes.value())
+                .map(Some)
+                .map_err(internal),
+        }
+    }
+
     /// Inserts `value` as JSON under `key` in `table`; durable when this returns.
     fn insert_json<T: Serialize>(
         &self,
@@ -698,13 +715,9 @@ impl Store {
 
     /// The policy `id` of `appid` (JSON text); another app's policy is reported as not found.
     pub fn policy(&self, appid: &str, id: &str) -> Result<String, ApiError> {
-        let tx = self.db.begin_read().map_err(internal)?;
-        let policies = tx.open_table(POLICIES).map_err(internal)?;
-        let bytes = policies
-            .get(id)
-            .map_err(internal)?
+        let record: serde_json::Value = self
+            .get_json(POLICIES, id)?
             .ok_or(ApiError::PolicyNotFound)?;
-        let record: serde_json::Value = serde_json::from_slice(bytes.value()).map_err(internal)?;
         if record["appid"] != appid {
             return Err(ApiError::PolicyNotFound);
         }
