@@ -9,7 +9,7 @@ use std::path::Path;
 use dcap_qvl::QuoteCollateralV3;
 use dcap_qvl::quote::Report;
 use dcap_qvl::verify::QuoteVerifier;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::claims::{Claims, Measurements, Tee};
 
@@ -38,7 +38,7 @@ pub enum DcapError {
 /// `ppml attest collateral`): `pck_crl_issuer_chain`, `root_ca_crl`, `pck_crl`,
 /// `tcb_info_issuer_chain`, `tcb_info`, `tcb_info_signature`, `qe_identity_issuer_chain`,
 /// `qe_identity`, `qe_identity_signature`, and optionally `pck_certificate_chain`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct CollateralJson {
     pck_crl_issuer_chain: String,
@@ -50,7 +50,7 @@ struct CollateralJson {
     qe_identity_issuer_chain: String,
     qe_identity: String,
     qe_identity_signature: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pck_certificate_chain: Option<String>,
 }
 
@@ -82,6 +82,33 @@ impl Collateral {
             qe_identity: json.qe_identity,
             pck_certificate_chain: json.pck_certificate_chain,
         }))
+    }
+
+    /// Wraps collateral obtained elsewhere (e.g. fetched from a PCCS).
+    pub fn from_parts(collateral: QuoteCollateralV3) -> Self {
+        Collateral(collateral)
+    }
+
+    pub(crate) fn inner(&self) -> &QuoteCollateralV3 {
+        &self.0
+    }
+
+    /// The collateral as JSON, in the format [`Collateral::from_json`] reads.
+    pub fn to_json(&self) -> String {
+        let c = &self.0;
+        let json = CollateralJson {
+            pck_crl_issuer_chain: c.pck_crl_issuer_chain.clone(),
+            root_ca_crl: hex::encode(&c.root_ca_crl),
+            pck_crl: hex::encode(&c.pck_crl),
+            tcb_info_issuer_chain: c.tcb_info_issuer_chain.clone(),
+            tcb_info: c.tcb_info.clone(),
+            tcb_info_signature: hex::encode(&c.tcb_info_signature),
+            qe_identity_issuer_chain: c.qe_identity_issuer_chain.clone(),
+            qe_identity: c.qe_identity.clone(),
+            qe_identity_signature: hex::encode(&c.qe_identity_signature),
+            pck_certificate_chain: c.pck_certificate_chain.clone(),
+        };
+        serde_json::to_string_pretty(&json).expect("collateral JSON")
     }
 
     /// Reads collateral JSON from a file.

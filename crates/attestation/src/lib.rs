@@ -2,6 +2,7 @@
 //!
 //! - [`claims`]: the normalised claims document every TEE's evidence is reduced to.
 //! - [`dcap`]: SGX (quote v3) and TDX (quote v4) DCAP quote verification with dcap-qvl.
+//! - [`pccs`]: collateral fetched from a PCCS (or Intel's PCS) and cached.
 //! - [`policy`]: which claims an app accepts.
 //! - [`evidence`]: evidence providers (Gramine SGX, configfs-tsm TDX) behind one trait.
 //! - [`release`]: data keys sealed to an attested runtime's key with HPKE.
@@ -11,6 +12,7 @@
 pub mod claims;
 pub mod dcap;
 pub mod evidence;
+pub mod pccs;
 pub mod policy;
 pub mod release;
 pub mod service;

@@ -7,7 +7,7 @@
 //! JOSE library can check them with the service's public key.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::claims::{Claims, Tee};
 use crate::dcap::{Collateral, verify_quote};
 use crate::evidence::Evidence;
+use crate::pccs::PccsClient;
 use crate::policy::{Policy, PolicyViolation};
 use crate::sim::verify_sim;
 
@@ -55,6 +56,9 @@ pub enum AttestError {
     /// No collateral is configured for DCAP evidence.
     #[error("no collateral available to verify {0} evidence")]
     NoCollateral(Tee),
+    /// The collateral for the evidence could not be fetched from the PCCS.
+    #[error("collateral for the evidence is unavailable: {0}")]
+    CollateralUnavailable(String),
     /// The policy refuses the claims.
     #[error(transparent)]
     Policy(#[from] PolicyViolation),
@@ -108,7 +112,8 @@ pub struct AttestationService {
     signing: Ed25519KeyPair,
     challenges: Mutex<HashMap<[u8; NONCE_LEN], u64>>,
     trusted_sim_keys: Vec<[u8; 32]>,
-    collateral: HashMap<Tee, Collateral>,
+    collateral: HashMap<Tee, Arc<Collateral>>,
+    pccs: Option<PccsClient>,
 }
 
 impl std::fmt::Debug for AttestationService {
@@ -131,6 +136,7 @@ impl AttestationService {
             challenges: Mutex::new(HashMap::new()),
             trusted_sim_keys: Vec::new(),
             collateral: HashMap::new(),
+            pccs: None,
         })
     }
 
@@ -140,27 +146,47 @@ impl AttestationService {
         self.trusted_sim_keys.push(public_key);
     }
 
-    /// Uses `collateral` to verify DCAP evidence of `tee`.
+    /// Uses `collateral` to verify DCAP evidence of `tee` (takes precedence over a PCCS).
     pub fn set_collateral(&mut self, tee: Tee, collateral: Collateral) {
-        self.collateral.insert(tee, collateral);
+        self.collateral.insert(tee, Arc::new(collateral));
     }
 
-    /// Verifies a DCAP quote with the configured collateral (SGX or TDX, whichever the
-    /// quote is), without challenge or binding checks.
+    /// Fetches collateral for DCAP evidence from this PCCS when none was set for its TEE.
+    ///
+    /// Verification then blocks on the fetch: call [`Self::attest`] and
+    /// [`Self::verify_dcap`] from a blocking thread (`spawn_blocking`), or outside a runtime.
+    pub fn set_pccs(&mut self, pccs: PccsClient) {
+        self.pccs = Some(pccs);
+    }
+
+    /// The collateral for a DCAP `quote` of `tee`: configured, else from the PCCS.
+    fn dcap_collateral(
+        &self,
+        tee: Tee,
+        quote: &[u8],
+        now: u64,
+    ) -> Result<Arc<Collateral>, AttestError> {
+        if let Some(collateral) = self.collateral.get(&tee) {
+            return Ok(Arc::clone(collateral));
+        }
+        let pccs = self.pccs.as_ref().ok_or(AttestError::NoCollateral(tee))?;
+        block_on(pccs.collateral_for(quote, now))
+            .map_err(|e| AttestError::CollateralUnavailable(e.to_string()))
+    }
+
+    /// Verifies a DCAP quote (SGX or TDX, whichever the quote is) with the configured
+    /// collateral or the PCCS's, without challenge or binding checks.
     pub fn verify_dcap(&self, quote: &[u8], now: u64) -> Result<Claims, AttestError> {
-        if self.collateral.is_empty() {
+        if self.collateral.is_empty() && self.pccs.is_none() {
             return Err(AttestError::NoCollateral(Tee::Sgx));
         }
-        let mut last = None;
-        for collateral in self.collateral.values() {
-            match verify_quote(quote, collateral, now) {
-                Ok(claims) => return Ok(claims),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(AttestError::Evidence(
-            last.map(|e| e.to_string()).unwrap_or_default(),
-        ))
+        let tee = match dcap_qvl::quote::Quote::parse(quote) {
+            Ok(parsed) if parsed.header.is_sgx() => Tee::Sgx,
+            Ok(_) => Tee::Tdx,
+            Err(e) => return Err(AttestError::Evidence(format!("not a DCAP quote: {e:#}"))),
+        };
+        let collateral = self.dcap_collateral(tee, quote, now)?;
+        verify_quote(quote, &collateral, now).map_err(|e| AttestError::Evidence(e.to_string()))
     }
 
     /// The token signing public key (raw Ed25519, 32 bytes).
@@ -213,11 +239,8 @@ impl AttestationService {
             Tee::Sim => verify_sim(&evidence.quote, &self.trusted_sim_keys)
                 .map_err(|e| AttestError::Evidence(e.to_string()))?,
             tee => {
-                let collateral = self
-                    .collateral
-                    .get(&tee)
-                    .ok_or(AttestError::NoCollateral(tee))?;
-                let claims = verify_quote(&evidence.quote, collateral, now)
+                let collateral = self.dcap_collateral(tee, &evidence.quote, now)?;
+                let claims = verify_quote(&evidence.quote, &collateral, now)
                     .map_err(|e| AttestError::Evidence(e.to_string()))?;
                 if claims.tee != tee {
                     return Err(AttestError::Evidence(format!(
@@ -247,6 +270,20 @@ impl AttestationService {
         let signing_input = format!("{}.{}", B64URL.encode(JWT_HEADER), B64URL.encode(payload));
         let signature = self.signing.sign(signing_input.as_bytes());
         Ok(format!("{signing_input}.{}", B64URL.encode(signature)))
+    }
+}
+
+/// Runs `future` to completion from synchronous code: on the current runtime when there is
+/// one (the caller must be allowed to block: a `spawn_blocking` thread or a multi-threaded
+/// runtime's worker), else on a temporary single-threaded runtime.
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => tokio::task::block_in_place(|| handle.block_on(future)),
+        Err(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a single-threaded tokio runtime")
+            .block_on(future),
     }
 }
 

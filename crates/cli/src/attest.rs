@@ -4,12 +4,14 @@ use anyhow::{Context, Result};
 use ppml_attestation::Policy;
 use ppml_attestation::dcap::{Collateral, verify_quote};
 
-use crate::cli::AttestVerifyArgs;
+use std::sync::Arc;
 
-pub fn verify(args: &AttestVerifyArgs) -> Result<()> {
+use crate::cli::AttestVerifyArgs;
+use crate::settings::Settings;
+
+pub async fn verify(args: &AttestVerifyArgs, settings: &Settings) -> Result<()> {
     let quote = std::fs::read(&args.quote)
         .with_context(|| format!("reading the quote {}", args.quote.display()))?;
-    let collateral = Collateral::from_file(&args.collateral)?;
     let policy: Option<Policy> = match &args.policy {
         None => None,
         Some(path) => {
@@ -27,6 +29,21 @@ pub fn verify(args: &AttestVerifyArgs) -> Result<()> {
             .map(|d| d.as_secs())
             .unwrap_or(0)
     });
+    let collateral = match &args.collateral {
+        Some(path) => Arc::new(Collateral::from_file(path)?),
+        None => {
+            let cache = args
+                .collateral_cache
+                .clone()
+                .unwrap_or_else(|| settings.home.join("collateral-cache"));
+            let client = crate::kms_serve::pccs_client(&args.pccs, &cache)?
+                .context("--collateral or --pccs-url is needed")?;
+            client
+                .collateral_for(&quote, now)
+                .await
+                .with_context(|| format!("collateral for {}", args.quote.display()))?
+        }
+    };
     let claims = verify_quote(&quote, &collateral, now)
         .with_context(|| format!("{}", args.quote.display()))?;
     println!("{}", serde_json::to_string_pretty(&claims)?);

@@ -132,7 +132,8 @@ pub enum AttestCommand {
     /// Print the measurement of this ppml binary as the simulated TEE reports it (for
     /// policies)
     Measure,
-    /// Verify an SGX or TDX DCAP quote offline and print its claims (JSON); with --policy,
+    /// Verify an SGX or TDX DCAP quote (collateral from a file or a PCCS) and print its
+    /// claims (JSON); with --policy,
     /// also judge them (exit 4 when the policy refuses, 3 when the quote does not verify)
     Verify(AttestVerifyArgs),
 }
@@ -142,9 +143,16 @@ pub struct AttestVerifyArgs {
     /// The quote (binary)
     #[arg(long, value_name = "FILE")]
     pub quote: PathBuf,
-    /// Collateral JSON for the quote's platform (see docs/attestation.md §3)
-    #[arg(long, value_name = "FILE")]
-    pub collateral: PathBuf,
+    /// Collateral JSON for the quote's platform (see docs/attestation.md §3); without it,
+    /// --pccs-url is required
+    #[arg(long, value_name = "FILE", required_unless_present = "pccs_url")]
+    pub collateral: Option<PathBuf>,
+    #[command(flatten)]
+    pub pccs: PccsArgs,
+    /// Keep collateral fetched from the PCCS in this directory [default:
+    /// $PPML_HOME/collateral-cache]
+    #[arg(long, value_name = "DIR")]
+    pub collateral_cache: Option<PathBuf>,
     /// Policy JSON (docs/attestation.md §4)
     #[arg(long, value_name = "FILE")]
     pub policy: Option<PathBuf>,
@@ -445,4 +453,22 @@ pub struct KmsServeArgs {
     /// Collateral JSON for verifying TDX quotes
     #[arg(long, value_name = "FILE")]
     pub tdx_collateral: Option<PathBuf>,
+    #[command(flatten)]
+    pub pccs: PccsArgs,
+}
+
+/// Where DCAP collateral comes from when no collateral file is given.
+#[derive(Debug, Args, Clone, Default)]
+pub struct PccsArgs {
+    /// Fetch DCAP collateral from this PCCS (or https://api.trustedservices.intel.com) and
+    /// cache it; collateral files given for a TEE take precedence
+    #[arg(long, env = "PPML_PCCS_URL", value_name = "URL")]
+    pub pccs_url: Option<String>,
+    /// PEM CA certificate of the PCCS's TLS certificate (a local PCCS is usually
+    /// self-signed); the system roots are trusted too
+    #[arg(long, env = "PPML_PCCS_CA_CERT", value_name = "FILE")]
+    pub pccs_ca_cert: Option<PathBuf>,
+    /// Refetch cached collateral older than this many seconds [default: 3600]
+    #[arg(long, value_name = "SECONDS")]
+    pub collateral_refresh: Option<u64>,
 }

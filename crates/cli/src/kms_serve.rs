@@ -9,7 +9,7 @@ use ppml_kms_server::tls::{TlsIdentity, serve_tls};
 use ppml_kms_server::{RootKey, ServerState, Store, router};
 use serde::Deserialize;
 
-use crate::cli::{AuditVerifyArgs, KmsServeArgs, RootKeyArgs};
+use crate::cli::{AuditVerifyArgs, KmsServeArgs, PccsArgs, RootKeyArgs};
 use crate::settings::Settings;
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:9000";
@@ -28,6 +28,11 @@ pub struct ServerSection {
     pub tls_san: Vec<String>,
     #[serde(default)]
     pub insecure_http: bool,
+    pub sgx_collateral: Option<PathBuf>,
+    pub tdx_collateral: Option<PathBuf>,
+    pub pccs_url: Option<String>,
+    pub pccs_ca_cert: Option<PathBuf>,
+    pub collateral_refresh: Option<u64>,
 }
 
 impl ServerSection {
@@ -46,8 +51,29 @@ impl ServerSection {
                 self.tls_san
             },
             insecure_http: self.insecure_http || lower.insecure_http,
+            sgx_collateral: self.sgx_collateral.or(lower.sgx_collateral),
+            tdx_collateral: self.tdx_collateral.or(lower.tdx_collateral),
+            pccs_url: self.pccs_url.or(lower.pccs_url),
+            pccs_ca_cert: self.pccs_ca_cert.or(lower.pccs_ca_cert),
+            collateral_refresh: self.collateral_refresh.or(lower.collateral_refresh),
         }
     }
+}
+
+/// A PCCS client caching in `cache_dir`, if `args` name a PCCS.
+pub fn pccs_client(
+    args: &PccsArgs,
+    cache_dir: &Path,
+) -> Result<Option<ppml_attestation::pccs::PccsClient>> {
+    let Some(url) = &args.pccs_url else {
+        return Ok(None);
+    };
+    let options = ppml_attestation::pccs::PccsOptions {
+        ca_cert: args.pccs_ca_cert.clone(),
+        cache_dir: Some(cache_dir.to_path_buf()),
+        refresh_secs: args.collateral_refresh,
+    };
+    Ok(Some(ppml_attestation::pccs::PccsClient::new(url, &options)?))
 }
 
 fn data_dir(flag: &Option<PathBuf>, settings: &Settings) -> PathBuf {
@@ -214,12 +240,31 @@ pub async fn run(args: &KmsServeArgs, settings: &Settings) -> Result<()> {
         attestation.trust_sim_platform(platform.public_key());
     }
     for (tee, path) in [
-        (ppml_attestation::Tee::Sgx, &args.sgx_collateral),
-        (ppml_attestation::Tee::Tdx, &args.tdx_collateral),
+        (
+            ppml_attestation::Tee::Sgx,
+            args.sgx_collateral.as_ref().or(config.sgx_collateral.as_ref()),
+        ),
+        (
+            ppml_attestation::Tee::Tdx,
+            args.tdx_collateral.as_ref().or(config.tdx_collateral.as_ref()),
+        ),
     ] {
         if let Some(path) = path {
             attestation.set_collateral(tee, ppml_attestation::dcap::Collateral::from_file(path)?);
         }
+    }
+    let pccs = PccsArgs {
+        pccs_url: args.pccs.pccs_url.clone().or_else(|| config.pccs_url.clone()),
+        pccs_ca_cert: args
+            .pccs
+            .pccs_ca_cert
+            .clone()
+            .or_else(|| config.pccs_ca_cert.clone()),
+        collateral_refresh: args.pccs.collateral_refresh.or(config.collateral_refresh),
+    };
+    if let Some(client) = pccs_client(&pccs, &dir.join("collateral-cache"))? {
+        tracing::info!(pccs = ?client, "DCAP collateral from the PCCS");
+        attestation.set_pccs(client);
     }
 
     let tls = if insecure_http {

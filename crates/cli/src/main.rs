@@ -110,7 +110,9 @@ async fn run(cli: Cli) -> Result<()> {
             query::query(args, &mut settings).await?;
         }
         Command::Quickstart(args) => quickstart::run(args, &mut settings).await?,
-        Command::Attest(crate::cli::AttestCommand::Verify(args)) => attest::verify(args)?,
+        Command::Attest(crate::cli::AttestCommand::Verify(args)) => {
+            attest::verify(args, &settings).await?
+        }
         Command::Attest(crate::cli::AttestCommand::Measure) => attest::measure()?,
         Command::Kms(command) => kms_command(command, &mut settings).await?,
     }

@@ -100,3 +100,54 @@ fn sgx_quote_claims_and_policies() {
     );
     assert_eq!(verify(&quote, None, "1760000000").status.code(), Some(3));
 }
+
+/// `--pccs-url` without `--collateral`: an unreachable PCCS is named in the error; collateral
+/// already in the cache (and not expired at the verification time) is used instead.
+#[test]
+fn collateral_from_an_unreachable_pccs_falls_back_to_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let pccs = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let quote = testdata("sgx_quote");
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_ppml"))
+            .env("PPML_HOME", dir.path().join("home"))
+            .args(["attest", "verify", "--quote"])
+            .arg(&quote)
+            .args(["--pccs-url", &pccs, "--collateral-refresh", "0"])
+            .arg("--collateral-cache")
+            .arg(&cache)
+            .args(["--at", FIXTURE_TIME])
+            .output()
+            .unwrap()
+    };
+
+    let out = run();
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&pccs), "{stderr}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+
+    let platform =
+        ppml_attestation::pccs::Platform::of_quote(&std::fs::read(&quote).unwrap()).unwrap();
+    std::fs::copy(
+        testdata("sgx_quote_collateral.json"),
+        ppml_attestation::pccs::cache_file(&cache, &platform),
+    )
+    .unwrap();
+    let out = run();
+    assert!(out.status.success(), "{out:?}");
+    let claims: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(claims["measurements"]["mrenclave"], MRENCLAVE);
+
+    // Neither --collateral nor --pccs-url: a usage error.
+    let out = Command::new(env!("CARGO_BIN_EXE_ppml"))
+        .args(["attest", "verify", "--quote"])
+        .arg(&quote)
+        .env_remove("PPML_PCCS_URL")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
