@@ -73,7 +73,9 @@ pub fn pccs_client(
         cache_dir: Some(cache_dir.to_path_buf()),
         refresh_secs: args.collateral_refresh,
     };
-    Ok(Some(ppml_attestation::pccs::PccsClient::new(url, &options)?))
+    Ok(Some(ppml_attestation::pccs::PccsClient::new(
+        url, &options,
+    )?))
 }
 
 fn data_dir(flag: &Option<PathBuf>, settings: &Settings) -> PathBuf {
@@ -242,11 +244,15 @@ pub async fn run(args: &KmsServeArgs, settings: &Settings) -> Result<()> {
     for (tee, path) in [
         (
             ppml_attestation::Tee::Sgx,
-            args.sgx_collateral.as_ref().or(config.sgx_collateral.as_ref()),
+            args.sgx_collateral
+                .as_ref()
+                .or(config.sgx_collateral.as_ref()),
         ),
         (
             ppml_attestation::Tee::Tdx,
-            args.tdx_collateral.as_ref().or(config.tdx_collateral.as_ref()),
+            args.tdx_collateral
+                .as_ref()
+                .or(config.tdx_collateral.as_ref()),
         ),
     ] {
         if let Some(path) = path {
@@ -254,7 +260,11 @@ pub async fn run(args: &KmsServeArgs, settings: &Settings) -> Result<()> {
         }
     }
     let pccs = PccsArgs {
-        pccs_url: args.pccs.pccs_url.clone().or_else(|| config.pccs_url.clone()),
+        pccs_url: args
+            .pccs
+            .pccs_url
+            .clone()
+            .or_else(|| config.pccs_url.clone()),
         pccs_ca_cert: args
             .pccs
             .pccs_ca_cert
