@@ -25,7 +25,7 @@ use crate::sim::verify_sim;
 pub const NONCE_LEN: usize = 32;
 /// How long a challenge may be answered.
 pub const CHALLENGE_TTL_SECS: u64 = 120;
-/// How long a token is valid.
+/// How long a token is valid by default ([`AttestationService::set_token_ttl`]).
 pub const TOKEN_TTL_SECS: u64 = 300;
 const JWT_HEADER: &str = r#"{"alg":"EdDSA","typ":"JWT"}"#;
 
@@ -62,9 +62,12 @@ pub enum AttestError {
     /// The policy refuses the claims.
     #[error(transparent)]
     Policy(#[from] PolicyViolation),
-    /// The token is malformed, not signed by this service, or expired.
+    /// The token is malformed or not signed by this service.
     #[error("invalid attestation token: {0}")]
     Token(String),
+    /// The token was valid but has expired: attest again.
+    #[error("the attestation token has expired")]
+    TokenExpired,
     /// The random generator failed.
     #[error("the system random number generator failed")]
     Random,
@@ -114,6 +117,7 @@ pub struct AttestationService {
     trusted_sim_keys: Vec<[u8; 32]>,
     collateral: HashMap<Tee, Arc<Collateral>>,
     pccs: Option<PccsClient>,
+    token_ttl: u64,
 }
 
 impl std::fmt::Debug for AttestationService {
@@ -137,6 +141,7 @@ impl AttestationService {
             trusted_sim_keys: Vec::new(),
             collateral: HashMap::new(),
             pccs: None,
+            token_ttl: TOKEN_TTL_SECS,
         })
     }
 
@@ -149,6 +154,12 @@ impl AttestationService {
     /// Uses `collateral` to verify DCAP evidence of `tee` (takes precedence over a PCCS).
     pub fn set_collateral(&mut self, tee: Tee, collateral: Collateral) {
         self.collateral.insert(tee, Arc::new(collateral));
+    }
+
+    /// Issues tokens valid for `secs` seconds (default [`TOKEN_TTL_SECS`]); runtimes attest
+    /// again before their token expires.
+    pub fn set_token_ttl(&mut self, secs: u64) {
+        self.token_ttl = secs;
     }
 
     /// Fetches collateral for DCAP evidence from this PCCS when none was set for its TEE.
@@ -217,6 +228,16 @@ impl AttestationService {
         request: &AttestationRequest<'_>,
         now: u64,
     ) -> Result<String, AttestError> {
+        self.attest_with_claims(request, now)
+            .map(|(token, _)| token)
+    }
+
+    /// [`Self::attest`], also returning what the token asserts (for the audit log).
+    pub fn attest_with_claims(
+        &self,
+        request: &AttestationRequest<'_>,
+        now: u64,
+    ) -> Result<(String, TokenClaims), AttestError> {
         let AttestationRequest {
             app,
             policy_name,
@@ -261,7 +282,7 @@ impl AttestationService {
             iss: self.id.clone(),
             sub: app.to_string(),
             iat: now,
-            exp: now + TOKEN_TTL_SECS,
+            exp: now + self.token_ttl,
             policy: policy_name.to_string(),
             runtime_key: B64URL.encode(runtime_key),
             claims,
@@ -269,7 +290,10 @@ impl AttestationService {
         let payload = serde_json::to_vec(&token).map_err(|e| AttestError::Token(e.to_string()))?;
         let signing_input = format!("{}.{}", B64URL.encode(JWT_HEADER), B64URL.encode(payload));
         let signature = self.signing.sign(signing_input.as_bytes());
-        Ok(format!("{signing_input}.{}", B64URL.encode(signature)))
+        Ok((
+            format!("{signing_input}.{}", B64URL.encode(signature)),
+            token,
+        ))
     }
 }
 
@@ -320,7 +344,7 @@ pub fn verify_token(
     let claims: TokenClaims =
         serde_json::from_slice(&payload).map_err(|e| bad(&format!("payload: {e}")))?;
     if now >= claims.exp {
-        return Err(bad("expired"));
+        return Err(AttestError::TokenExpired);
     }
     Ok(claims)
 }

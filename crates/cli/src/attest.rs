@@ -1,4 +1,4 @@
-//! `ppml attest verify`: offline DCAP quote verification and policy evaluation.
+//! `ppml attest`: DCAP quote verification, policy evaluation and policy management.
 
 use anyhow::{Context, Result};
 use ppml_attestation::Policy;
@@ -6,7 +6,9 @@ use ppml_attestation::dcap::{Collateral, verify_quote};
 
 use std::sync::Arc;
 
-use crate::cli::AttestVerifyArgs;
+use ppml_attestation::Tee;
+
+use crate::cli::{AttestPolicyCommand, AttestVerifyArgs, PolicyNewArgs, TeeKind};
 use crate::settings::Settings;
 
 pub async fn verify(args: &AttestVerifyArgs, settings: &Settings) -> Result<()> {
@@ -59,5 +61,137 @@ pub async fn verify(args: &AttestVerifyArgs, settings: &Settings) -> Result<()> 
 pub fn measure() -> Result<()> {
     let measurement = ppml_attestation::sim::executable_measurement()?;
     println!("{}", hex::encode(measurement));
+    Ok(())
+}
+
+fn read_policy(path: &std::path::Path) -> Result<Policy> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the policy {}", path.display()))?;
+    let policy: Policy = serde_json::from_str(&text)
+        .with_context(|| format!("parsing the policy {}", path.display()))?;
+    if policy.allowed.is_empty() {
+        anyhow::bail!(
+            "the policy {} allows no runtime (\"allowed\" is empty)",
+            path.display()
+        );
+    }
+    Ok(policy)
+}
+
+fn check_hex(name: &str, value: &Option<String>, bytes: usize) -> Result<Option<String>> {
+    match value {
+        None => Ok(None),
+        Some(text) => {
+            let decoded =
+                hex::decode(text).with_context(|| format!("--{name} {text:?} is not hex"))?;
+            if decoded.len() != bytes {
+                anyhow::bail!(
+                    "--{name} must be {bytes} bytes ({} hex digits), got {}",
+                    bytes * 2,
+                    decoded.len()
+                );
+            }
+            Ok(Some(text.to_ascii_lowercase()))
+        }
+    }
+}
+
+/// The policy `ppml attest policy new` describes.
+pub fn new_policy(args: &PolicyNewArgs) -> Result<Policy> {
+    use ppml_attestation::policy::AllowedMeasurement;
+    let tee = match args.tee {
+        TeeKind::Sgx => Tee::Sgx,
+        TeeKind::Tdx => Tee::Tdx,
+        TeeKind::Sim => Tee::Sim,
+    };
+    let mrenclave = if args.this_binary {
+        if tee != Tee::Sim {
+            anyhow::bail!(
+                "--this-binary is the simulated TEE's measurement: use it with --tee sim"
+            );
+        }
+        Some(hex::encode(ppml_attestation::sim::executable_measurement()?))
+    } else {
+        check_hex("mrenclave", &args.mrenclave, 32)?
+    };
+    let entry = AllowedMeasurement {
+        tee: Some(tee),
+        mrenclave,
+        mrsigner: check_hex("mrsigner", &args.mrsigner, 32)?,
+        isvprodid: args.isvprodid,
+        min_isvsvn: args.min_isvsvn,
+        mrtd: check_hex("mrtd", &args.mrtd, 48)?,
+        rtmr: None,
+    };
+    let identifies = match tee {
+        Tee::Sgx => entry.mrenclave.is_some() || entry.mrsigner.is_some(),
+        Tee::Tdx => entry.mrtd.is_some(),
+        Tee::Sim => entry.mrenclave.is_some(),
+    };
+    if !identifies {
+        anyhow::bail!(match tee {
+            Tee::Sgx => "an SGX policy needs --mrenclave or --mrsigner",
+            Tee::Tdx => "a TDX policy needs --mrtd",
+            Tee::Sim => "a simulation policy needs --mrenclave or --this-binary",
+        });
+    }
+    let wrong_tee = match tee {
+        Tee::Sgx => entry.mrtd.is_some(),
+        Tee::Tdx => entry.mrenclave.is_some() || entry.mrsigner.is_some(),
+        Tee::Sim => entry.mrtd.is_some() || entry.mrsigner.is_some(),
+    };
+    if wrong_tee {
+        anyhow::bail!("measurements of another TEE than --tee {tee}");
+    }
+    let mut policy = Policy::strict(vec![entry]);
+    for status in &args.accept_tcb_status {
+        if !policy.accepted_tcb_statuses.contains(status) {
+            policy.accepted_tcb_statuses.push(status.clone());
+        }
+    }
+    policy.accepted_advisories = args.accept_advisory.clone();
+    policy.allow_debug = args.allow_debug;
+    policy.allow_simulation = tee == Tee::Sim;
+    Ok(policy)
+}
+
+pub async fn policy(command: &AttestPolicyCommand, settings: &mut Settings) -> Result<()> {
+    match command {
+        AttestPolicyCommand::New(args) => {
+            println!("{}", serde_json::to_string_pretty(&new_policy(args)?)?);
+        }
+        AttestPolicyCommand::Check { file } => {
+            let policy = read_policy(file)?;
+            println!("{}", serde_json::to_string_pretty(&policy)?);
+        }
+        AttestPolicyCommand::Upload { file } => {
+            let policy = read_policy(file)?;
+            let remote = settings.open_remote().await?;
+            let uploaded = remote
+                .call(
+                    "UploadQuotePolicy",
+                    serde_json::json!({"policy": serde_json::to_string(&policy)?}),
+                )
+                .await?;
+            let id = uploaded
+                .get("policyId")
+                .and_then(|v| v.as_str())
+                .context("UploadQuotePolicy answered without a policyId")?;
+            println!("{id}");
+        }
+        AttestPolicyCommand::Get { id } => {
+            let remote = settings.open_remote().await?;
+            let stored = remote
+                .call("GetQuotePolicy", serde_json::json!({"policyId": id}))
+                .await?;
+            let text = stored
+                .get("policy")
+                .and_then(|v| v.as_str())
+                .context("GetQuotePolicy answered without a policy")?;
+            let policy: Policy = serde_json::from_str(text)
+                .context("the KMS server returned a policy ppml cannot read")?;
+            println!("{}", serde_json::to_string_pretty(&policy)?);
+        }
+    }
     Ok(())
 }

@@ -41,6 +41,11 @@ pub struct GlobalArgs {
     /// Primary key id under which new data keys are wrapped
     #[arg(long, env = "PPML_PRIMARY_KEY", global = true)]
     pub primary_key: Option<String>,
+    /// Primary key id under which query results are written [default: the primary key];
+    /// use a key of the data owner's that is not released to runtimes, so that the owner
+    /// can decrypt results without a TEE while the inputs stay attestation-gated
+    #[arg(long, env = "PPML_OUTPUT_KEY", global = true, value_name = "KEYID")]
+    pub output_key: Option<String>,
     /// URL of a KMS server (`ppml kms serve` or eHSM), e.g. https://kms:9000 [default: the
     /// embedded KMS in $PPML_HOME]
     #[arg(long, env = "PPML_KMS_URL", global = true, value_name = "URL")]
@@ -133,9 +138,73 @@ pub enum AttestCommand {
     /// policies)
     Measure,
     /// Verify an SGX or TDX DCAP quote (collateral from a file or a PCCS) and print its
-    /// claims (JSON); with --policy,
-    /// also judge them (exit 4 when the policy refuses, 3 when the quote does not verify)
+    /// claims (JSON); with --policy, also judge them (exit 4 when the policy refuses, 3 when
+    /// the quote does not verify)
     Verify(AttestVerifyArgs),
+    /// Write, upload and read attestation policies (docs/attestation.md §4)
+    #[command(subcommand)]
+    Policy(AttestPolicyCommand),
+    /// Run the attestation service. It shares its process, store and audit log with the KMS
+    /// (keys are released against its tokens), so this is `ppml kms serve`: same options
+    Serve(Box<KmsServeArgs>),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AttestPolicyCommand {
+    /// Print a policy JSON for the given runtime (checked before it is printed)
+    New(PolicyNewArgs),
+    /// Check a policy file and print it normalised (defaults filled in)
+    Check {
+        /// Policy JSON file
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Upload a policy to the KMS server for the current app; prints its policy id
+    Upload {
+        /// Policy JSON file
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Print a policy of the current app stored at the KMS server
+    Get {
+        /// Policy id (as printed by `upload`)
+        #[arg(value_name = "POLICY_ID")]
+        id: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct PolicyNewArgs {
+    /// TEE of the runtime
+    #[arg(long, value_enum)]
+    pub tee: TeeKind,
+    /// SGX MRENCLAVE, or for --tee sim the executable's SHA-256 (`ppml attest measure`)
+    #[arg(long, value_name = "HEX")]
+    pub mrenclave: Option<String>,
+    /// For --tee sim: allow this very ppml binary (its measurement)
+    #[arg(long, conflicts_with = "mrenclave")]
+    pub this_binary: bool,
+    /// SGX MRSIGNER
+    #[arg(long, value_name = "HEX")]
+    pub mrsigner: Option<String>,
+    /// SGX ISVPRODID
+    #[arg(long, value_name = "N")]
+    pub isvprodid: Option<u16>,
+    /// Minimum SGX ISVSVN
+    #[arg(long, value_name = "N")]
+    pub min_isvsvn: Option<u16>,
+    /// TDX MRTD
+    #[arg(long, value_name = "HEX")]
+    pub mrtd: Option<String>,
+    /// TCB statuses to accept besides UpToDate (repeatable), e.g. SWHardeningNeeded
+    #[arg(long = "accept-tcb-status", value_name = "STATUS")]
+    pub accept_tcb_status: Vec<String>,
+    /// Advisory ids to tolerate (repeatable), e.g. INTEL-SA-00615
+    #[arg(long = "accept-advisory", value_name = "ID")]
+    pub accept_advisory: Vec<String>,
+    /// Accept debug enclaves / TDs (their memory is readable by the host)
+    #[arg(long)]
+    pub allow_debug: bool,
 }
 
 #[derive(Debug, Args)]
@@ -246,6 +315,9 @@ pub struct SimpleQueryArgs {
     /// Read plaintext CSV and write plaintext CSV, no KMS (for comparisons and benchmarks)
     #[arg(long)]
     pub plaintext: bool,
+    /// Do not print the preview rows (name, age + 1): stdout leaves the TEE
+    #[arg(long)]
+    pub no_preview: bool,
 }
 
 #[derive(Debug, Args)]
@@ -311,7 +383,7 @@ pub enum KmsCommand {
     /// Enable a disabled primary key (KMS server only)
     Enable(KeyIdArg),
     /// Run the KMS server (eHSM-compatible REST API, see docs/kms-api.md)
-    Serve(KmsServeArgs),
+    Serve(Box<KmsServeArgs>),
     /// Load-test a KMS server (--kms-url): signed GenerateDataKeyWithoutPlaintext and Decrypt
     /// from N concurrent connections; prints throughput and latency percentiles
     Bench(KmsBenchArgs),
@@ -355,9 +427,12 @@ pub struct KmsBenchArgs {
 
 #[derive(Debug, Args)]
 pub struct ReleasePolicyArgs {
-    /// Policy JSON file
-    #[arg(long, value_name = "FILE")]
-    pub policy: PathBuf,
+    /// Policy JSON file (uploaded first)
+    #[arg(long, value_name = "FILE", required_unless_present = "policy_id")]
+    pub policy: Option<PathBuf>,
+    /// A policy already uploaded (`ppml attest policy upload`)
+    #[arg(long, value_name = "POLICY_ID", conflicts_with = "policy")]
+    pub policy_id: Option<String>,
     /// Primary key id [default: the configured primary key]
     #[arg(value_name = "KEYID")]
     pub keyid: Option<String>,
@@ -455,6 +530,10 @@ pub struct KmsServeArgs {
     pub tdx_collateral: Option<PathBuf>,
     #[command(flatten)]
     pub pccs: PccsArgs,
+    /// Lifetime of attestation tokens in seconds [default: 300]; runtimes attest again
+    /// before theirs expires
+    #[arg(long, value_name = "SECONDS")]
+    pub attestation_token_ttl: Option<u64>,
 }
 
 /// Where DCAP collateral comes from when no collateral file is given.

@@ -33,6 +33,7 @@ pub struct ServerSection {
     pub pccs_url: Option<String>,
     pub pccs_ca_cert: Option<PathBuf>,
     pub collateral_refresh: Option<u64>,
+    pub attestation_token_ttl: Option<u64>,
 }
 
 impl ServerSection {
@@ -56,6 +57,7 @@ impl ServerSection {
             pccs_url: self.pccs_url.or(lower.pccs_url),
             pccs_ca_cert: self.pccs_ca_cert.or(lower.pccs_ca_cert),
             collateral_refresh: self.collateral_refresh.or(lower.collateral_refresh),
+            attestation_token_ttl: self.attestation_token_ttl.or(lower.attestation_token_ttl),
         }
     }
 }
@@ -272,6 +274,9 @@ pub async fn run(args: &KmsServeArgs, settings: &Settings) -> Result<()> {
             .or_else(|| config.pccs_ca_cert.clone()),
         collateral_refresh: args.pccs.collateral_refresh.or(config.collateral_refresh),
     };
+    if let Some(ttl) = args.attestation_token_ttl.or(config.attestation_token_ttl) {
+        attestation.set_token_ttl(ttl);
+    }
     if let Some(client) = pccs_client(&pccs, &dir.join("collateral-cache"))? {
         tracing::info!(pccs = ?client, "DCAP collateral from the PCCS");
         attestation.set_pccs(client);

@@ -114,6 +114,12 @@ async fn run(cli: Cli) -> Result<()> {
             attest::verify(args, &settings).await?
         }
         Command::Attest(crate::cli::AttestCommand::Measure) => attest::measure()?,
+        Command::Attest(crate::cli::AttestCommand::Policy(command)) => {
+            attest::policy(command, &mut settings).await?
+        }
+        Command::Attest(crate::cli::AttestCommand::Serve(args)) => {
+            kms_serve::run(args, &settings).await?
+        }
         Command::Kms(command) => kms_command(command, &mut settings).await?,
     }
     Ok(())
@@ -179,21 +185,27 @@ async fn kms_command(command: &KmsCommand, settings: &mut Settings) -> Result<()
             let KmsBackend::Remote(remote) = &kms.backend else {
                 anyhow::bail!("attested key release needs a KMS server (--kms-url)");
             };
-            let text = std::fs::read_to_string(&args.policy)
-                .with_context(|| format!("reading {}", args.policy.display()))?;
-            let policy: ppml_attestation::Policy = serde_json::from_str(&text)
-                .with_context(|| format!("parsing the policy {}", args.policy.display()))?;
-            let uploaded = remote
-                .call(
-                    "UploadQuotePolicy",
-                    serde_json::json!({"policy": serde_json::to_string(&policy)?}),
-                )
-                .await?;
-            let policy_id = uploaded
-                .get("policyId")
-                .and_then(|v| v.as_str())
-                .context("UploadQuotePolicy without a policyId")?
-                .to_string();
+            let policy_id = match (&args.policy_id, &args.policy) {
+                (Some(id), _) => id.clone(),
+                (None, Some(path)) => {
+                    let text = std::fs::read_to_string(path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    let policy: ppml_attestation::Policy = serde_json::from_str(&text)
+                        .with_context(|| format!("parsing the policy {}", path.display()))?;
+                    let uploaded = remote
+                        .call(
+                            "UploadQuotePolicy",
+                            serde_json::json!({"policy": serde_json::to_string(&policy)?}),
+                        )
+                        .await?;
+                    uploaded
+                        .get("policyId")
+                        .and_then(|v| v.as_str())
+                        .context("UploadQuotePolicy without a policyId")?
+                        .to_string()
+                }
+                (None, None) => anyhow::bail!("--policy or --policy-id is needed"),
+            };
             remote
                 .call(
                     "SetKeyReleasePolicy",

@@ -30,7 +30,7 @@ pub async fn simple_query(
         .await?
     } else {
         let kms = settings.open_kms_for_runtime().await?;
-        let primary = kms.primary()?.clone();
+        let primary = kms.output_primary()?.clone();
         let session = PpmlSession::encrypted(kms.dyn_kms(), args.input_partitions);
         simple_query::run(
             &session,
@@ -48,13 +48,15 @@ pub async fn simple_query(
         )
         .await?
     };
-    print_report(&report);
+    print_report(&report, !args.no_preview);
     Ok(report)
 }
 
-pub fn print_report(report: &SimpleQueryReport) {
+pub fn print_report(report: &SimpleQueryReport, preview: bool) {
     println!("count(name): {}", report.count);
-    println!("{}", report.preview);
+    if preview {
+        println!("{}", report.preview);
+    }
     println!(
         "wrote {} rows in {} part(s)",
         report.output.rows, report.output.parts
@@ -104,7 +106,7 @@ pub async fn query(args: &QueryArgs, settings: &mut Settings) -> Result<u64> {
                     df,
                     OutputTarget::Encrypted {
                         kms: kms.kms.as_ref(),
-                        primary: kms.primary()?,
+                        primary: kms.output_primary()?,
                         dir: out,
                         options: WriteOptions {
                             overwrite: args.overwrite,

@@ -168,10 +168,15 @@ pub async fn run(args: &QuickstartArgs, settings: &mut Settings) -> Result<()> {
         )
         .await?;
         println!(
-            "      policy {policy_id}: keys released only to this binary (sim measurement \
+            "      policy {policy_id}: input keys released only to this binary (sim measurement \
              {measurement:.16}…)"
         );
         settings.attestation_policy = Some(policy_id);
+        // Results go under a second key that is not released to runtimes: the owner decrypts
+        // them without a TEE, while the inputs stay readable only inside it.
+        let output_key = kms.create_primary_key().await?;
+        println!("      results are written under the owner's key {output_key}");
+        settings.output_key = Some(output_key.0);
     }
     let (appid, apikey) = (creds.appid.clone(), creds.apikey.to_string());
     println!("      enrolled app {appid} and created primary key {primary}");
@@ -225,14 +230,20 @@ pub async fn run(args: &QuickstartArgs, settings: &mut Settings) -> Result<()> {
             output_partitions: Some(1),
             overwrite: false,
             plaintext: false,
+            no_preview: false,
         },
         settings,
     )
     .await?;
     timings.push(("simple-query", t.elapsed()));
 
-    println!("[5/5] decrypt the result with the data owner's credentials");
+    println!("[5/5] decrypt the result with the data owner's credentials, outside the TEE");
     let t = Instant::now();
+    let runtime_tee = if in_process {
+        settings.tee.take()
+    } else {
+        settings.tee
+    };
     crypt::decrypt(
         &DecryptArgs {
             input: output.clone(),
@@ -244,6 +255,31 @@ pub async fn run(args: &QuickstartArgs, settings: &mut Settings) -> Result<()> {
     )
     .await?;
     timings.push(("decrypt", t.elapsed()));
+    if in_process {
+        // The same credentials outside the TEE cannot read the input.
+        let refused = work.join("people.refused.csv");
+        let outcome = crypt::decrypt(
+            &DecryptArgs {
+                input: encrypted.clone(),
+                out: Some(refused.clone()),
+                out_dir: None,
+                overwrite: false,
+            },
+            settings,
+        )
+        .await;
+        match outcome {
+            Err(err) if !refused.exists() => {
+                println!("      outside the TEE the input stays sealed: {err}")
+            }
+            Err(_) => bail!("a refused decryption left {}", refused.display()),
+            Ok(_) => {
+                let _ = fs::remove_file(&refused);
+                bail!("the input key was released to a process outside the TEE")
+            }
+        }
+        settings.tee = runtime_tee;
+    }
 
     let t = Instant::now();
     if report.count != generated.rows as i64 {

@@ -32,6 +32,8 @@ pub struct KmsSection {
     pub appid: Option<String>,
     pub apikey: Option<String>,
     pub primary_key: Option<String>,
+    /// Primary key for query results (default: `primary_key`).
+    pub output_key: Option<String>,
     /// URL of a KMS server; absent means the embedded KMS.
     pub url: Option<String>,
     /// SHA-256 fingerprint of the server's certificate.
@@ -47,6 +49,7 @@ pub struct Settings {
     pub appid: Option<String>,
     pub apikey: Option<String>,
     pub primary_key: Option<String>,
+    pub output_key: Option<String>,
     pub kms_url: Option<String>,
     pub kms_fingerprint: Option<String>,
     pub kms_ca_cert: Option<PathBuf>,
@@ -78,6 +81,7 @@ impl Settings {
             appid: global.appid.clone(),
             apikey: global.apikey.clone(),
             primary_key: global.primary_key.clone(),
+            output_key: global.output_key.clone(),
             kms_url: global.kms_url.clone(),
             kms_fingerprint: global.kms_fingerprint.clone(),
             kms_ca_cert: global.kms_ca_cert.clone(),
@@ -103,6 +107,7 @@ impl Settings {
             settings.appid = settings.appid.or(file.kms.appid);
             settings.apikey = settings.apikey.or(file.kms.apikey);
             settings.primary_key = settings.primary_key.or(file.kms.primary_key);
+            settings.output_key = settings.output_key.or(file.kms.output_key);
             settings.kms_url = settings.kms_url.or(file.kms.url);
             settings.kms_fingerprint = settings.kms_fingerprint.or(file.kms.fingerprint);
             settings.kms_ca_cert = settings.kms_ca_cert.or(file.kms.ca_cert);
@@ -193,28 +198,39 @@ impl Settings {
             .attestation_policy
             .as_deref()
             .context("--tee needs --attestation-policy (PPML_ATTESTATION_POLICY)")?;
-        let provider: Box<dyn EvidenceProvider> = match tee {
+        let provider: Arc<dyn EvidenceProvider> = match tee {
             TeeKind::Sim => {
                 let path = self
                     .sim_platform_key
                     .clone()
                     .unwrap_or_else(|| self.home.join("sim-platform.pk8"));
                 tracing::warn!("SIMULATED TEE: no hardware protection; for development only");
-                Box::new(ppml_attestation::sim::SimTee::new(
+                Arc::new(ppml_attestation::sim::SimTee::new(
                     ppml_attestation::sim::SimPlatform::load_or_create(&path).with_context(
                         || format!("loading the simulation platform key {}", path.display()),
                     )?,
                 ))
             }
-            TeeKind::Sgx => Box::new(ppml_attestation::evidence::GramineSgx::default()),
-            TeeKind::Tdx => Box::new(ppml_attestation::evidence::ConfigfsTdx::default()),
+            TeeKind::Sgx => Arc::new(ppml_attestation::evidence::GramineSgx::default()),
+            TeeKind::Tdx => Arc::new(ppml_attestation::evidence::ConfigfsTdx::default()),
         };
         let mut remote = (**remote).clone();
-        remote.attest(provider.as_ref(), policy).await?;
+        remote.attest(provider, policy).await?;
         let remote = Arc::new(remote);
         opened.kms = remote.clone();
         opened.backend = KmsBackend::Remote(remote);
         Ok(())
+    }
+
+    /// The configured KMS server, with the app's credentials; an error without --kms-url.
+    pub async fn open_remote(&mut self) -> Result<Arc<RemoteKms>> {
+        if self.kms_url.is_none() {
+            bail!("attestation policies live at a KMS server: set --kms-url or PPML_KMS_URL");
+        }
+        match self.open_kms().await?.backend {
+            KmsBackend::Remote(remote) => Ok(remote),
+            KmsBackend::Local(_) => bail!("a KMS URL is configured but the embedded KMS opened"),
+        }
     }
 
     /// Opens the KMS for the configured app: the KMS server when a URL is configured,
@@ -232,6 +248,7 @@ impl Settings {
                 kms: remote.clone(),
                 backend: KmsBackend::Remote(remote),
                 primary,
+                output: self.output_key.clone().map(PrimaryKeyId),
             });
         }
         let dir = self.kms_dir();
@@ -247,6 +264,7 @@ impl Settings {
             kms: local.clone(),
             backend: KmsBackend::Local(local),
             primary: self.primary_key.clone().map(PrimaryKeyId),
+            output: self.output_key.clone().map(PrimaryKeyId),
         })
     }
 
@@ -292,9 +310,20 @@ pub struct OpenKms {
     pub kms: Arc<dyn KeyManagementService>,
     pub backend: KmsBackend,
     pub primary: Option<PrimaryKeyId>,
+    /// The primary key for query results, when it differs from `primary`.
+    pub output: Option<PrimaryKeyId>,
 }
 
 impl OpenKms {
+    /// The primary key query results are written under: the output key if one is
+    /// configured (typically the data owner's, not released to runtimes), else the primary.
+    pub fn output_primary(&self) -> Result<&PrimaryKeyId> {
+        match &self.output {
+            Some(output) => Ok(output),
+            None => self.primary(),
+        }
+    }
+
     pub fn primary(&self) -> Result<&PrimaryKeyId> {
         self.primary.as_ref().context(
             "no primary key configured: set PPML_PRIMARY_KEY, --primary-key, or [kms] \

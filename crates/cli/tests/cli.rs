@@ -235,6 +235,24 @@ fn simple_query_writes_exactly_the_matching_rows() {
     expected.sort();
     actual.sort();
     assert_eq!(actual, expected);
+
+    // The preview shows names; --no-preview keeps every record off stdout.
+    let first_name = expected[0].split(',').next().unwrap().to_string();
+    assert!(
+        printed.contains("(age + Int64(1))") || printed.contains("age + 1"),
+        "{printed}"
+    );
+    let quiet = env.ok(&[
+        "simple-query",
+        "--input",
+        s(&enc),
+        "--output",
+        s(&env.path("dev2.enc")),
+        "--no-preview",
+    ]);
+    assert!(quiet.contains("count(name): 50000"), "{quiet}");
+    assert!(!quiet.contains('|'), "{quiet}");
+    assert!(!quiet.contains(&format!(" {first_name} ")), "{quiet}");
 }
 
 #[test]
@@ -277,9 +295,32 @@ fn quickstart_runs_the_whole_workflow() {
     ] {
         assert!(audit.contains(action), "{action} not in the audit log");
     }
+    // The input key is released only through ReleaseDataKey; plain Decrypt serves only the
+    // owner's output key, and was refused for the input key outside the TEE.
+    let lines: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let input_key = lines
+        .iter()
+        .find(|l| l["action"] == "ReleaseDataKey" && l["outcome"] == "ok")
+        .map(|l| l["keyid"].clone())
+        .expect("a release");
+    let decrypts: Vec<&serde_json::Value> =
+        lines.iter().filter(|l| l["action"] == "Decrypt").collect();
+    assert!(decrypts.iter().any(|l| l["outcome"] == "ok"));
+    for line in &decrypts {
+        if line["keyid"] == input_key {
+            assert_ne!(line["outcome"], "ok", "{line}");
+        }
+    }
     assert!(
-        !audit.contains("\"action\":\"Decrypt\""),
-        "no plain Decrypt"
+        decrypts.iter().any(|l| l["keyid"] == input_key),
+        "the refused attempt is logged"
+    );
+    assert!(
+        out.contains("outside the TEE the input stays sealed"),
+        "{out}"
     );
 }
 

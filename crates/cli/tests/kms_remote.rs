@@ -143,6 +143,18 @@ impl Client {
         assert!(!client.primary.is_empty());
         client
     }
+
+    /// `ppml encrypt --in input --out dir/people.enc`; returns the dataset.
+    fn encrypt(&self, input: &Path, dir: &Path) -> PathBuf {
+        let enc = dir.join("people.enc");
+        run(self
+            .cmd()
+            .args(["encrypt", "--in"])
+            .arg(input)
+            .arg("--out")
+            .arg(&enc));
+        enc
+    }
 }
 
 fn people(dir: &Path, rows: u32) -> PathBuf {
@@ -534,4 +546,124 @@ fn attested_runtime_gets_keys_and_others_do_not() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("Attestation Fail!"), "{stderr}");
     assert!(stderr.contains("does not verify"), "{stderr}");
+}
+
+/// `ppml attest policy new|check|upload|get`, `kms release-policy --policy-id`, and an owner
+/// output key: an attested query writes its result under a key that is not released to
+/// runtimes, so the owner decrypts the result without a TEE, but not the input.
+#[test]
+fn attestation_policies_and_an_owner_output_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim_key = dir.path().join("sim-platform.pk8");
+    let server = serve_tls_with(
+        &dir.path().join("kms"),
+        &["--trust-sim-platform".as_ref(), sim_key.as_os_str()],
+    );
+    let client = Client::enroll(&server, dir.path().join("home"));
+
+    let policy_json = stdout(&run(client.cmd().args([
+        "attest",
+        "policy",
+        "new",
+        "--tee",
+        "sim",
+        "--this-binary",
+    ])));
+    let policy: serde_json::Value = serde_json::from_str(&policy_json).unwrap();
+    let measurement = stdout(&run(client.cmd().args(["attest", "measure"])));
+    assert_eq!(policy["allowed"][0]["mrenclave"], measurement.trim());
+    assert_eq!(policy["allow_simulation"], true);
+    assert_eq!(
+        policy["accepted_tcb_statuses"],
+        serde_json::json!(["UpToDate"])
+    );
+    let policy_file = dir.path().join("policy.json");
+    std::fs::write(&policy_file, &policy_json).unwrap();
+    let checked = stdout(&run(client
+        .cmd()
+        .args(["attest", "policy", "check"])
+        .arg(&policy_file)));
+    assert_eq!(checked, policy_json);
+    let id = stdout(&run(client
+        .cmd()
+        .args(["attest", "policy", "upload"])
+        .arg(&policy_file)))
+    .trim()
+    .to_string();
+    let stored = stdout(&run(client.cmd().args(["attest", "policy", "get", &id])));
+    assert_eq!(stored, policy_json);
+    run(client
+        .cmd()
+        .args(["kms", "release-policy", "--policy-id", &id]));
+    let output_key = stdout(&run(client.cmd().args(["kms", "create-key"])))
+        .trim()
+        .to_string();
+
+    let enc = client.encrypt(&people(dir.path(), 3000), dir.path());
+    let result = dir.path().join("result.enc");
+    run(client
+        .cmd()
+        .env("PPML_SIM_PLATFORM_KEY", &sim_key)
+        .args(["--tee", "sim", "--attestation-policy", &id])
+        .args(["--output-key", &output_key])
+        .args(["simple-query", "--input"])
+        .arg(&enc)
+        .arg("--output")
+        .arg(&result));
+    // The owner, outside any TEE: the result opens, the input does not.
+    let out = run(client
+        .cmd()
+        .args(["decrypt", "--out", "-", "--in"])
+        .arg(&result));
+    let text = stdout(&out);
+    assert!(text.starts_with("name,age,job\n"), "{text}");
+    assert_eq!(
+        text.lines().count() - 1,
+        (0..3000u32)
+            .filter(|i| i % 3 == 0 && (20..=40).contains(&(18 + i % 43)))
+            .count()
+    );
+    let out = client
+        .cmd()
+        .args(["decrypt", "--out", "-", "--in"])
+        .arg(&enc)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    assert!(out.stdout.is_empty());
+
+    // Bad policies are refused before anything is uploaded.
+    for (args, expected) in [
+        (vec!["--tee", "sgx"], "needs --mrenclave or --mrsigner"),
+        (vec!["--tee", "sgx", "--mrenclave", "zz"], "is not hex"),
+        (vec!["--tee", "tdx", "--mrtd", "00"], "must be 48 bytes"),
+        (
+            vec!["--tee", "sgx", "--this-binary"],
+            "use it with --tee sim",
+        ),
+    ] {
+        let out = client
+            .cmd()
+            .args(["attest", "policy", "new"])
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+    let empty = dir.path().join("empty.json");
+    std::fs::write(&empty, r#"{"allowed": []}"#).unwrap();
+    let out = client
+        .cmd()
+        .args(["attest", "policy", "upload"])
+        .arg(&empty)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("allows no runtime"));
+    let out = ppml(dir.path())
+        .args(["attest", "policy", "get", &id])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--kms-url"));
 }

@@ -43,7 +43,7 @@ const CIPHERTEXT_VERSION: u8 = 1;
 const AAD_DATA: &[u8] = b"ppml-kms-server/v1 data\0";
 
 /// Every action of the protocol (docs/kms-api.md §5); other names are counted as `unknown`.
-const ACTIONS: [&str; 21] = [
+const ACTIONS: [&str; 23] = [
     "VerifyQuote",
     "SetKeyReleasePolicy",
     "ReleaseDataKey",
@@ -64,6 +64,8 @@ const ACTIONS: [&str; 21] = [
     "DeleteKey",
     "RotateKey",
     "ReEncrypt",
+    "RasRegisterPolicy",
+    "RasVerifyQuote",
     "unknown",
 ];
 
@@ -211,6 +213,8 @@ impl RequestIds {
 struct RequestContext {
     appid: String,
     keyid: String,
+    /// The token claims of a successful attestation or key release, for the audit entry.
+    attestation: Option<String>,
 }
 
 impl std::fmt::Debug for ServerState {
@@ -252,6 +256,21 @@ impl ServerState {
         self.audit.as_ref()
     }
 
+    /// The attestation service, if attached (for the BigDL-RAS endpoints, `ras.rs`).
+    pub(crate) fn attestation(&self) -> Option<&AttestationService> {
+        self.attestation.as_ref()
+    }
+
+    /// A new request id, as in every response's `x-request-id` (for `ras.rs`).
+    pub(crate) fn next_request_id(&self) -> String {
+        self.request_ids.next()
+    }
+
+    /// Counts a request in the metrics (for `ras.rs`; `action` must be one of [`ACTIONS`]).
+    pub(crate) fn record_request(&self, action: &str, outcome: &'static str, started: Instant) {
+        self.metrics.record(action, outcome, started);
+    }
+
     /// The metrics in the Prometheus text format (0.0.4); reads the key counts from the store.
     pub fn render_metrics(&self) -> Result<String, ApiError> {
         let (enabled, disabled) = self.store.key_counts()?;
@@ -277,7 +296,8 @@ pub fn router(state: Arc<ServerState>) -> Router {
         .route("/ehsm", get(handle_get).post(handle_post))
         .route("/metrics", get(handle_metrics))
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(state)
+        .with_state(Arc::clone(&state))
+        .merge(crate::ras::router(state))
 }
 
 async fn handle_metrics(State(state): State<Arc<ServerState>>) -> Response {
@@ -344,6 +364,7 @@ async fn respond(
             keyid,
             outcome,
             code,
+            attestation: context.attestation.filter(|_| result.is_ok()),
         };
         if let Err(e) = audit.append_async(entry).await {
             result = Err(ApiError::Internal(format!("audit log: {e}")));
@@ -498,7 +519,7 @@ fn signed(
         | "Attest"
         | "SetKeyReleasePolicy"
         | "ReleaseDataKey"
-        | "VerifyQuote" => attestation_action(state, action, appid, payload),
+        | "VerifyQuote" => attestation_action(state, action, appid, payload, context),
         _ => run(&state.store, action, appid, payload),
     }
 }
@@ -515,6 +536,7 @@ fn attestation_action(
     action: &str,
     appid: &str,
     payload: &Map<String, Value>,
+    context: &mut RequestContext,
 ) -> Result<Value, ApiError> {
     let service = state
         .attestation
@@ -583,8 +605,11 @@ fn attestation_action(
                 runtime_key: &runtime_key,
                 evidence: &evidence,
             };
-            match service.attest(&request, now_secs) {
-                Ok(token) => Ok(json!({"token": token})),
+            match service.attest_with_claims(&request, now_secs) {
+                Ok((token, issued)) => {
+                    context.attestation = serde_json::to_string(&issued).ok();
+                    Ok(json!({"token": token}))
+                }
                 Err(AttestError::Random) => {
                     Err(ApiError::Internal("random generator failed".into()))
                 }
@@ -628,12 +653,13 @@ fn attestation_action(
             let keyid = field(payload, "keyid")?;
             let aad = optional_str(payload, "aad")?;
             let Some(required) = state.store.release_policy(appid, keyid)? else {
-                return Err(ApiError::AttestationFailed(
-                    "this key is not marked for attested release; use Decrypt".into(),
-                ));
+                return Err(ApiError::NotMarkedForRelease);
             };
             let token = verify_token(field(payload, "token")?, &service.public_key(), now_secs)
-                .map_err(|e| ApiError::AttestationFailed(e.to_string()))?;
+                .map_err(|e| match e {
+                    AttestError::TokenExpired => ApiError::TokenExpired,
+                    e => ApiError::AttestationFailed(e.to_string()),
+                })?;
             if token.sub != appid || token.policy != required {
                 return Err(ApiError::AttestationFailed(
                     "the token was issued for another app or policy than this key's".into(),
@@ -661,6 +687,7 @@ fn attestation_action(
                     .unwrap_or(""),
                 "data key released to an attested runtime"
             );
+            context.attestation = serde_json::to_string(&token).ok();
             Ok(
                 json!({"encapsulated_key": BASE64.encode(encapsulated), "ciphertext": BASE64.encode(sealed)}),
             )
@@ -891,10 +918,25 @@ mod tests {
     ) -> Router {
         let (root, _) = RootKey::generate().unwrap();
         let seed = root.attestation_seed();
+        let audit = AuditLog::open(dir, &root.audit_mac_key()).unwrap();
         let store = Store::open(dir, root).unwrap();
         let mut service = AttestationService::new(store.kms_id(), &seed).unwrap();
         configure(&mut service);
-        router(Arc::new(ServerState::new(store).with_attestation(service)))
+        router(Arc::new(
+            ServerState::new(store)
+                .with_attestation(service)
+                .with_audit(audit),
+        ))
+    }
+
+    /// The audit log lines of `action` written by an [`attested_server`] in `dir`.
+    fn audit_lines(dir: &std::path::Path, action: &str) -> Vec<Value> {
+        std::fs::read_to_string(dir.join("audit.log"))
+            .unwrap()
+            .lines()
+            .map(|line| serde_json::from_str::<Value>(line).unwrap())
+            .filter(|line| line["action"] == action)
+            .collect()
     }
 
     async fn post(app: &Router, action: &str, appid: &str, apikey: &str, payload: Value) -> Value {
@@ -1181,6 +1223,35 @@ mod tests {
         )
         .await;
         assert_eq!(refused["message"], "decrypt failed");
+
+        // The audit log holds the claims of every attestation and release that succeeded,
+        // and no claims on refusals.
+        let measurement = hex::encode(executable_measurement().unwrap());
+        for action in ["Attest", "ReleaseDataKey"] {
+            let lines = audit_lines(dir.path(), action);
+            let ok: Vec<&Value> = lines.iter().filter(|l| l["outcome"] == "ok").collect();
+            assert!(!ok.is_empty(), "{action}: {lines:?}");
+            for line in &ok {
+                let token: Value =
+                    serde_json::from_str(line["attestation"].as_str().unwrap()).unwrap();
+                assert_eq!(token["claims"]["tee"], "sim", "{line}");
+                assert_eq!(
+                    token["claims"]["measurements"]["mrenclave"],
+                    measurement.as_str()
+                );
+                assert_eq!(token["sub"], line["appid"]);
+                assert!(token["policy"].is_string());
+            }
+            for line in lines.iter().filter(|l| l["outcome"] != "ok") {
+                assert!(line.get("attestation").is_none(), "{line}");
+            }
+        }
+        assert!(
+            audit_lines(dir.path(), "ReleaseDataKey")
+                .iter()
+                .any(|l| l["outcome"] != "ok"),
+            "refusals are logged too"
+        );
     }
 
     /// eHSM's VerifyQuote: the answer shape, and a refusal for the fixture quote, whose

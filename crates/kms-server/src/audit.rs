@@ -63,6 +63,9 @@ pub struct AuditEntry {
     pub outcome: String,
     /// The eHSM response code: 200, 400 or 500.
     pub code: u16,
+    /// For successful attestations and key releases: the attestation token's claims as
+    /// compact JSON (who was attested, to which policy, with what measurements).
+    pub attestation: Option<String>,
 }
 
 impl AuditEntry {
@@ -73,7 +76,10 @@ impl AuditEntry {
             &mut self.action,
             &mut self.keyid,
             &mut self.outcome,
-        ] {
+        ]
+        .into_iter()
+        .chain(self.attestation.as_mut())
+        {
             if field.len() > MAX_FIELD_BYTES {
                 let mut cut = MAX_FIELD_BYTES;
                 while !field.is_char_boundary(cut) {
@@ -515,6 +521,8 @@ struct Body<'a> {
     keyid: &'a str,
     outcome: &'a str,
     code: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    attestation: Option<&'a str>,
     prev: &'a str,
 }
 
@@ -530,6 +538,8 @@ struct Line {
     keyid: String,
     outcome: String,
     code: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    attestation: Option<String>,
     prev: String,
     mac: String,
 }
@@ -555,6 +565,7 @@ fn encode_line(
         keyid: &entry.keyid,
         outcome: &entry.outcome,
         code: entry.code,
+        attestation: entry.attestation.as_deref(),
         prev: std::str::from_utf8(&prev_hex).map_err(io::Error::other)?,
     };
     serde_json::to_writer(&mut *out, &body).map_err(io::Error::other)?;
@@ -747,6 +758,7 @@ mod tests {
             keyid: format!("key-{}", i % 3),
             outcome: "ok".into(),
             code: 200,
+            attestation: None,
         }
     }
 
@@ -802,6 +814,7 @@ mod tests {
             keyid: String::new(),
             outcome: "decrypt failed: \u{1} é ✓ \\".into(),
             code: 400,
+            attestation: None,
         };
         assert_eq!(log.append(entry(1)).unwrap(), 1);
         assert_eq!(log.append(odd.clone()).unwrap(), 2);
@@ -884,6 +897,7 @@ mod tests {
             keyid: String::new(),
             outcome: "ok".into(),
             code: 200,
+            attestation: None,
         };
         let e2 = AuditEntry {
             request_id: "req-2".into(),
@@ -892,6 +906,7 @@ mod tests {
             keyid: "3f1c9a2e".into(),
             outcome: "decrypt failed".into(),
             code: 400,
+            attestation: None,
         };
         let mut buf = Vec::new();
         let h1 = encode_line(&mut buf, &key, 1, 1_700_000_000_001, &e1, &ZERO_HASH).unwrap();

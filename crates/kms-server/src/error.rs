@@ -18,12 +18,18 @@ pub enum ApiError {
     /// The key releases data keys only to attested runtimes (`ReleaseDataKey`).
     #[error("key is released only to attested runtimes (use ReleaseDataKey)")]
     AttestationRequired,
+    /// `ReleaseDataKey` on a key that is not marked for attested release (`Decrypt` serves it).
+    #[error("key is not marked for attested release (use Decrypt)")]
+    NotMarkedForRelease,
     /// Unknown attestation policy id, or another app's.
     #[error("policyId not found")]
     PolicyNotFound,
     /// The attestation evidence was refused (verification, binding, challenge or policy).
     #[error("attestation failed: {0}")]
     AttestationFailed(String),
+    /// `ReleaseDataKey` with a token past its expiry: the runtime must attest again.
+    #[error("attestation token expired (attest again)")]
+    TokenExpired,
     /// A base64 field does not decode.
     #[error("base64 decode error")]
     Base64,
@@ -78,7 +84,9 @@ impl ApiError {
             ApiError::KeyDisabled => "key_disabled",
             ApiError::PolicyNotFound => "policy_not_found",
             ApiError::AttestationRequired => "attestation_required",
+            ApiError::NotMarkedForRelease => "not_marked_for_release",
             ApiError::AttestationFailed(_) => "attestation_failed",
+            ApiError::TokenExpired => "token_expired",
             ApiError::Base64 => "base64",
             ApiError::DecryptFailed => "decrypt_failed",
             ApiError::TooLarge => "too_large",

@@ -3,11 +3,13 @@
 //!
 //! - [`store`]: the redb store and the root key.
 //! - [`api`]: the axum router, request validation and the actions.
+//! - `ras`: BigDL-RAS compatible `/registerPolicy` and `/verifyQuote` (docs/attestation.md §6.5).
 //! - [`tls`]: the server certificate (given, or self-signed on first start) and the TLS listener.
 
 pub mod api;
 pub mod audit;
 mod error;
+mod ras;
 pub mod store;
 pub mod tls;
 

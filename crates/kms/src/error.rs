@@ -69,6 +69,12 @@ pub enum KmsError {
         "the key is released only to attested runtimes: run with --tee and --attestation-policy"
     )]
     AttestationRequired,
+    /// The attestation token expired before the request: attest again.
+    #[error("the attestation token has expired")]
+    TokenExpired,
+    /// `ReleaseDataKey` was asked for a key that is not marked for attested release.
+    #[error("the key is not marked for attested release")]
+    NotMarkedForRelease,
     /// Attestation failed: evidence could not be collected, or the KMS refused it.
     #[error("attestation failed: {0}")]
     Attestation(String),

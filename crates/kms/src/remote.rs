@@ -173,6 +173,20 @@ pub struct RemoteKeyInfo {
 struct Attested {
     token: String,
     runtime: ppml_attestation::release::RuntimeKey,
+    /// When to attest again: a margin before the token expires, by this process's clock
+    /// (the token's lifetime `exp - iat` counted from its receipt, so clock skew between
+    /// this host and the server does not matter).
+    renew_at: std::time::Instant,
+}
+
+/// Attest again this long before the token expires (at most a quarter of its lifetime).
+const RENEW_MARGIN: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// What re-attestation needs, and the current token.
+struct Attestation {
+    provider: Arc<dyn ppml_attestation::EvidenceProvider>,
+    policy_id: String,
+    current: tokio::sync::Mutex<Arc<Attested>>,
 }
 
 /// An HTTP(S) connection to an eHSM-protocol KMS; cheap to clone.
@@ -182,7 +196,7 @@ pub struct RemoteKms {
     http: reqwest::Client,
     creds: Option<AppCredentials>,
     kms_id: String,
-    attested: Option<Arc<Attested>>,
+    attestation: Option<Arc<Attestation>>,
 }
 
 impl std::fmt::Debug for RemoteKms {
@@ -259,9 +273,11 @@ fn interpret(value: Value) -> Result<Map<String, Value>, KmsError> {
         "keyid not found" => KmsError::KeyNotFound(String::new()),
         "key is disabled" => KmsError::KeyDisabled(String::new()),
         "decrypt failed" => KmsError::UnwrapFailed,
-        m if m.starts_with("key is released only to attested runtimes") => {
+        "key is released only to attested runtimes (use ReleaseDataKey)" => {
             KmsError::AttestationRequired
         }
+        "key is not marked for attested release (use Decrypt)" => KmsError::NotMarkedForRelease,
+        "attestation token expired (attest again)" => KmsError::TokenExpired,
         _ => KmsError::Rejected {
             code: code as u16,
             message,
@@ -304,7 +320,7 @@ impl RemoteKms {
             http: http_client(config)?,
             creds,
             kms_id: String::new(),
-            attested: None,
+            attestation: None,
         };
         let version = kms.unsigned("GetVersion").await?;
         // The ppml server names itself; a plain eHSM is named by its URL.
@@ -432,12 +448,29 @@ impl RemoteKms {
     /// Attests this process to the KMS (docs/attestation.md §6): a fresh runtime key, a
     /// challenge, evidence from `provider` bound to both, and a token for `policy_id`. From
     /// then on data keys of keys marked for attested release are unwrapped with
-    /// `ReleaseDataKey` and opened with the runtime key; the token is returned for logging.
+    /// `ReleaseDataKey` and opened with the runtime key; before the token expires, or when
+    /// the server says it has, the process attests again with `provider` (a new runtime key
+    /// and fresh evidence). The first token is returned for logging.
     pub async fn attest(
         &mut self,
-        provider: &dyn ppml_attestation::EvidenceProvider,
+        provider: Arc<dyn ppml_attestation::EvidenceProvider>,
         policy_id: &str,
     ) -> Result<String, KmsError> {
+        let attested = self.attest_once(provider.as_ref(), policy_id).await?;
+        let token = attested.token.clone();
+        self.attestation = Some(Arc::new(Attestation {
+            provider,
+            policy_id: policy_id.to_string(),
+            current: tokio::sync::Mutex::new(Arc::new(attested)),
+        }));
+        Ok(token)
+    }
+
+    async fn attest_once(
+        &self,
+        provider: &dyn ppml_attestation::EvidenceProvider,
+        policy_id: &str,
+    ) -> Result<Attested, KmsError> {
         use ppml_attestation::release::RuntimeKey;
         use ppml_attestation::service::expected_report_data;
         let runtime = RuntimeKey::generate();
@@ -468,12 +501,33 @@ impl RemoteKms {
                 ),
                 other => other,
             })?;
+        let received = std::time::Instant::now();
         let token = string_field(&result, "token")?;
-        self.attested = Some(Arc::new(Attested {
-            token: token.clone(),
+        let lifetime = token_lifetime(&token)?;
+        Ok(Attested {
+            token,
             runtime,
-        }));
-        Ok(token)
+            renew_at: received + lifetime - RENEW_MARGIN.min(lifetime / 4),
+        })
+    }
+
+    /// The token to use now: the current one, or a new one if it is due for renewal or is
+    /// `expired` (the token the server just refused; another task may have renewed it).
+    async fn token(
+        &self,
+        attestation: &Attestation,
+        expired: Option<&Arc<Attested>>,
+    ) -> Result<Arc<Attested>, KmsError> {
+        let mut current = attestation.current.lock().await;
+        let refused = expired.is_some_and(|old| Arc::ptr_eq(old, &current));
+        if refused || std::time::Instant::now() >= current.renew_at {
+            tracing::info!("the attestation token is expiring: attesting again");
+            let renewed = self
+                .attest_once(attestation.provider.as_ref(), &attestation.policy_id)
+                .await?;
+            *current = Arc::new(renewed);
+        }
+        Ok(Arc::clone(&current))
     }
 
     async fn release(
@@ -494,9 +548,8 @@ impl RemoteKms {
         let result = match result {
             Ok(result) => result,
             // The key is not marked for attested release: plain Decrypt applies.
-            Err(KmsError::Rejected { message, .. }) if message.contains("not marked") => {
-                return Ok(None);
-            }
+            Err(KmsError::NotMarkedForRelease) => return Ok(None),
+            Err(KmsError::TokenExpired) => return Err(KmsError::TokenExpired),
             Err(KmsError::Rejected { message, .. }) => {
                 return Err(KmsError::Attestation(
                     message
@@ -523,6 +576,21 @@ impl RemoteKms {
             .map(Some)
             .map_err(|_| KmsError::UnwrapFailed)
     }
+}
+
+/// `exp - iat` of an attestation token (a JWT; docs/attestation.md §6.1). The signature is
+/// the server's business: the client reads the payload only to know when to renew.
+fn token_lifetime(token: &str) -> Result<std::time::Duration, KmsError> {
+    let bad = || KmsError::Protocol("Attest returned a malformed token".into());
+    let payload = token.split('.').nth(1).ok_or_else(bad)?;
+    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .map_err(|_| bad())?;
+    let claims: ppml_attestation::service::TokenClaims =
+        serde_json::from_slice(&payload).map_err(|_| bad())?;
+    Ok(std::time::Duration::from_secs(
+        claims.exp.saturating_sub(claims.iat),
+    ))
 }
 
 fn with_key(err: KmsError, primary: &PrimaryKeyId) -> KmsError {
@@ -596,12 +664,19 @@ impl KeyManagementService for RemoteKms {
             });
         }
         let ciphertext = std::str::from_utf8(&key.wrapped).map_err(|_| KmsError::UnwrapFailed)?;
-        if let Some(attested) = &self.attested
-            && let Some(data_key) = self
-                .release(attested, key, ciphertext, aad_text(aad)?)
-                .await?
-        {
-            return Ok(data_key);
+        if let Some(attestation) = &self.attestation {
+            let aad = aad_text(aad)?;
+            let attested = self.token(attestation, None).await?;
+            let released = match self.release(&attested, key, ciphertext, aad).await {
+                Err(KmsError::TokenExpired) => {
+                    let renewed = self.token(attestation, Some(&attested)).await?;
+                    self.release(&renewed, key, ciphertext, aad).await?
+                }
+                other => other?,
+            };
+            if let Some(data_key) = released {
+                return Ok(data_key);
+            }
         }
         let primary = PrimaryKeyId(key.key_id.clone());
         let result = self

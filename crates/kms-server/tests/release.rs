@@ -1,0 +1,126 @@
+//! Attestation-gated key release through the real client ([`ppml_kms::RemoteKms`]) against a
+//! server on loopback: a runtime attests again when its token is about to expire, and a
+//! server that only issues already-expired tokens releases nothing.
+
+use std::sync::Arc;
+
+use ppml_attestation::service::AttestationService;
+use ppml_attestation::sim::{SimPlatform, SimTee, executable_measurement};
+use ppml_kms::{KeyManagementService as _, KmsError, RemoteKms, RemoteKmsConfig};
+use ppml_kms_server::audit::AuditLog;
+use ppml_kms_server::{RootKey, ServerState, Store, router};
+use serde_json::json;
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    url: String,
+    platform_key: std::path::PathBuf,
+}
+
+/// A server trusting a fresh simulation platform, issuing tokens valid for `token_ttl` s.
+async fn start(token_ttl: u64) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let platform_key = dir.path().join("sim.pk8");
+    let platform = SimPlatform::load_or_create(&platform_key).unwrap();
+    let (root, _) = RootKey::generate().unwrap();
+    let seed = root.attestation_seed();
+    let audit = AuditLog::open(dir.path(), &root.audit_mac_key()).unwrap();
+    let store = Store::open(dir.path(), root).unwrap();
+    let mut service = AttestationService::new(store.kms_id(), &seed).unwrap();
+    service.trust_sim_platform(platform.public_key());
+    service.set_token_ttl(token_ttl);
+    let app = router(Arc::new(
+        ServerState::new(store)
+            .with_attestation(service)
+            .with_audit(audit),
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    Fixture {
+        dir,
+        url,
+        platform_key,
+    }
+}
+
+/// An app whose new primary key releases data keys only to this test binary in the
+/// simulated TEE; returns the client, the key and the policy id.
+async fn gated_key(fixture: &Fixture) -> (RemoteKms, ppml_kms::PrimaryKeyId, String) {
+    let config = RemoteKmsConfig::new(fixture.url.clone());
+    let creds = RemoteKms::connect(&config, None)
+        .await
+        .unwrap()
+        .enroll()
+        .await
+        .unwrap();
+    let kms = RemoteKms::connect(&config, Some(creds)).await.unwrap();
+    let primary = kms.create_primary_key().await.unwrap();
+    let policy = json!({
+        "allowed": [{"tee": "sim", "mrenclave": hex::encode(executable_measurement().unwrap())}],
+        "allow_simulation": true,
+    });
+    let uploaded = kms
+        .call("UploadQuotePolicy", json!({"policy": policy.to_string()}))
+        .await
+        .unwrap();
+    let policy_id = uploaded["policyId"].as_str().unwrap().to_string();
+    kms.call(
+        "SetKeyReleasePolicy",
+        json!({"keyid": primary.0, "policyId": policy_id}),
+    )
+    .await
+    .unwrap();
+    (kms, primary, policy_id)
+}
+
+fn audit_count(fixture: &Fixture, action: &str, outcome: &str) -> usize {
+    std::fs::read_to_string(fixture.dir.path().join("audit.log"))
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+        .filter(|line| line["action"] == action && line["outcome"] == outcome)
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_attests_again_before_its_token_expires() {
+    let fixture = start(2).await;
+    let (mut kms, primary, policy_id) = gated_key(&fixture).await;
+    let (data_key, reference) = kms.generate_data_key(&primary, b"ds").await.unwrap();
+    let tee = SimTee::new(SimPlatform::load_or_create(&fixture.platform_key).unwrap());
+    kms.attest(Arc::new(tee), &policy_id).await.unwrap();
+
+    let released = kms.unwrap_data_key(&reference, b"ds").await.unwrap();
+    assert_eq!(released.expose_secret(), data_key.expose_secret());
+    assert_eq!(audit_count(&fixture, "Attest", "ok"), 1);
+
+    // Past the token's lifetime: the client attests again on its own, and the release works.
+    tokio::time::sleep(std::time::Duration::from_millis(2600)).await;
+    let released = kms.unwrap_data_key(&reference, b"ds").await.unwrap();
+    assert_eq!(released.expose_secret(), data_key.expose_secret());
+    assert_eq!(audit_count(&fixture, "Attest", "ok"), 2);
+    assert_eq!(audit_count(&fixture, "ReleaseDataKey", "ok"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_tokens_release_nothing() {
+    // Tokens that expire the second they are issued: the client renews once when the server
+    // says "expired", then gives up with a specific error.
+    let fixture = start(0).await;
+    let (mut kms, primary, policy_id) = gated_key(&fixture).await;
+    let (_, reference) = kms.generate_data_key(&primary, b"ds").await.unwrap();
+    let tee = SimTee::new(SimPlatform::load_or_create(&fixture.platform_key).unwrap());
+    kms.attest(Arc::new(tee), &policy_id).await.unwrap();
+    let err = kms.unwrap_data_key(&reference, b"ds").await.unwrap_err();
+    assert!(matches!(err, KmsError::TokenExpired), "{err}");
+    assert_eq!(audit_count(&fixture, "ReleaseDataKey", "ok"), 0);
+    assert!(
+        audit_count(
+            &fixture,
+            "ReleaseDataKey",
+            "attestation token expired (attest again)"
+        ) >= 1
+    );
+    assert!(audit_count(&fixture, "Attest", "ok") >= 2);
+}
