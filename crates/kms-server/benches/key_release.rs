@@ -1,0 +1,106 @@
+//! The key-release round trip on loopback (issue 4), with the audit log on as deployed:
+//! `Decrypt` of an unmarked key (the baseline), `ReleaseDataKey` of a key marked for attested
+//! release (token check, unwrap, HPKE seal, and the client's HPKE open), and a whole
+//! attestation (`AttestChallenge` + simulated evidence + `Attest`).
+//! `cargo bench -p ppml-kms-server --bench key_release`.
+
+use std::sync::Arc;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use ppml_attestation::EvidenceProvider;
+use ppml_attestation::service::AttestationService;
+use ppml_attestation::sim::{SimPlatform, SimTee, executable_measurement};
+use ppml_kms::{KeyManagementService as _, RemoteKms, RemoteKmsConfig};
+use ppml_kms_server::audit::AuditLog;
+use ppml_kms_server::{RootKey, ServerState, Store, router};
+use serde_json::json;
+
+fn bench(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let platform = SimPlatform::load_or_create(dir.path().join("sim.pk8")).unwrap();
+    let (root, _) = RootKey::generate().unwrap();
+    let seed = root.attestation_seed();
+    let audit = AuditLog::open(dir.path(), &root.audit_mac_key()).unwrap();
+    let store = Store::open(dir.path(), root).unwrap();
+    let mut service = AttestationService::new(store.kms_id(), &seed).unwrap();
+    service.trust_sim_platform(platform.public_key());
+    let app = router(Arc::new(
+        ServerState::new(store)
+            .with_attestation(service)
+            .with_audit(audit),
+    ));
+    let provider: Arc<dyn EvidenceProvider> = Arc::new(SimTee::new(platform));
+
+    let (plain, attested, plain_ref, gated_ref, policy_id) = runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let config = RemoteKmsConfig::new(url);
+        let creds = RemoteKms::connect(&config, None)
+            .await
+            .unwrap()
+            .enroll()
+            .await
+            .unwrap();
+        let kms = RemoteKms::connect(&config, Some(creds)).await.unwrap();
+        let open_key = kms.create_primary_key().await.unwrap();
+        let gated_key = kms.create_primary_key().await.unwrap();
+        let policy = json!({
+            "allowed": [{"tee": "sim", "mrenclave": hex::encode(executable_measurement().unwrap())}],
+            "allow_simulation": true,
+        });
+        let uploaded = kms
+            .call("UploadQuotePolicy", json!({"policy": policy.to_string()}))
+            .await
+            .unwrap();
+        let policy_id = uploaded["policyId"].as_str().unwrap().to_string();
+        kms.call(
+            "SetKeyReleasePolicy",
+            json!({"keyid": gated_key.0, "policyId": policy_id}),
+        )
+        .await
+        .unwrap();
+        let (_, plain_ref) = kms.generate_data_key(&open_key, b"ds").await.unwrap();
+        let (_, gated_ref) = kms.generate_data_key(&gated_key, b"ds").await.unwrap();
+        let mut attested = kms.clone();
+        attested
+            .attest(Arc::clone(&provider), &policy_id)
+            .await
+            .unwrap();
+        (kms, attested, plain_ref, gated_ref, policy_id)
+    });
+
+    let mut group = c.benchmark_group("key_release");
+    group.sample_size(50);
+    group.bench_function("decrypt_round_trip_unmarked_key", |b| {
+        b.iter(|| {
+            runtime
+                .block_on(plain.unwrap_data_key(&plain_ref, b"ds"))
+                .unwrap()
+        })
+    });
+    group.bench_function("release_round_trip_attested", |b| {
+        b.iter(|| {
+            runtime
+                .block_on(attested.unwrap_data_key(&gated_ref, b"ds"))
+                .unwrap()
+        })
+    });
+    group.bench_function("attest_round_trip_sim", |b| {
+        b.iter(|| {
+            let mut kms = plain.clone();
+            runtime
+                .block_on(kms.attest(Arc::clone(&provider), &policy_id))
+                .unwrap()
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
