@@ -1144,6 +1144,12 @@ mod tests {
         )
         .await;
         assert_eq!(plain["code"], 200, "{plain}");
+        let unmarked = call(
+            "ReleaseDataKey",
+            json!({"keyid": keyid, "ciphertext": wrapped, "aad": "ds", "token": "x.y.z"}),
+        )
+        .await;
+        assert_eq!(unmarked["message"], ApiError::NotMarkedForRelease.message());
         let marked = call(
             "SetKeyReleasePolicy",
             json!({"keyid": keyid, "policyId": policy_id}),
@@ -1223,6 +1229,57 @@ mod tests {
         )
         .await;
         assert_eq!(refused["message"], "decrypt failed");
+
+        // App A's token opens nothing of app B's: not through B's credentials (wrong app), not
+        // through A's (B's key is not A's).
+        let enrolled_b = get(&app, "Enroll").await;
+        let (appid_b, apikey_b) = (
+            enrolled_b["result"]["appid"].as_str().unwrap().to_string(),
+            enrolled_b["result"]["apikey"].as_str().unwrap().to_string(),
+        );
+        let call_b = |action: &'static str, payload: Value| {
+            let (app, appid, apikey) = (app.clone(), appid_b.clone(), apikey_b.clone());
+            async move { post(&app, action, &appid, &apikey, payload).await }
+        };
+        let policy_b = call_b("UploadQuotePolicy", json!({"policy": policy.to_string()})).await
+            ["result"]["policyId"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let key_b =
+            call_b("CreateKey", json!({"keyspec": "EH_AES_GCM_256"})).await["result"]["keyid"]
+                .as_str()
+                .unwrap()
+                .to_string();
+        call_b(
+            "SetKeyReleasePolicy",
+            json!({"keyid": key_b, "policyId": policy_b}),
+        )
+        .await;
+        let wrapped_b = call_b(
+            "GenerateDataKeyWithoutPlaintext",
+            json!({"keyid": key_b, "keylen": 32, "aad": "ds"}),
+        )
+        .await["result"]["ciphertext"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let refused = call_b(
+            "ReleaseDataKey",
+            json!({"keyid": key_b, "ciphertext": wrapped_b, "aad": "ds", "token": token}),
+        )
+        .await;
+        assert_eq!(
+            refused["message"],
+            "attestation failed: the token was issued for another app or policy than this key's",
+            "{refused}"
+        );
+        let refused = call(
+            "ReleaseDataKey",
+            json!({"keyid": key_b, "ciphertext": wrapped_b, "aad": "ds", "token": token}),
+        )
+        .await;
+        assert_eq!(refused["message"], "keyid not found", "{refused}");
 
         // The audit log holds the claims of every attestation and release that succeeded,
         // and no claims on refusals.
