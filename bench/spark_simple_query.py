@@ -30,6 +30,7 @@ def main():
         .appName("SimpleQuery")
         .config("spark.driver.memory", "2g")
         .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
         .config("spark.sql.shuffle.partitions", "2")
         .config("spark.local.dir", scratch)
         .config("spark.driver.extraJavaOptions", f"-Djava.io.tmpdir={scratch}")

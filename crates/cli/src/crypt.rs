@@ -1,7 +1,7 @@
 //! `ppml encrypt` and `ppml decrypt`.
 
 use std::fs::{self, File};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{BufRead, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -297,13 +297,13 @@ fn decrypt_part(
     let mut file = File::open(&path).with_context(|| format!("opening {display}"))?;
     file.seek(SeekFrom::Start(part.layout.header_len()))?;
     let mut reader = DecryptingReader::from_verified(file, part.cipher.clone());
-    let mut buf = vec![0u8; CHUNK];
     let mut skipping = skip_first_line;
     let mut total = 0u64;
     loop {
-        let n = match reader.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
+        // Each decrypted segment is written straight from the reader's buffer.
+        let buf = match reader.fill_buf() {
+            Ok([]) => break,
+            Ok(buf) => buf,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 return Err(ppml_engine::EngineError::Format {
@@ -313,8 +313,9 @@ fn decrypt_part(
                 .into());
             }
         };
+        let n = buf.len();
         total += n as u64;
-        let mut data = &buf[..n];
+        let mut data = buf;
         if skipping {
             match memchr::memchr(b'\n', data) {
                 Some(nl) => {
@@ -325,6 +326,7 @@ fn decrypt_part(
             }
         }
         out.write_all(data)?;
+        reader.consume(n);
         bar.inc(n as u64);
     }
     if total != part.entry.plaintext_len {

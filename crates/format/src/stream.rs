@@ -1,6 +1,6 @@
 //! Sequential encryption and decryption (the STREAM construction over segments).
 
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::sync::Arc;
 
 use crate::header::{read_up_to, sha256};
@@ -181,14 +181,27 @@ impl<R: Read> DecryptingReader<R> {
 
 impl<R: Read> Read for DecryptingReader<R> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let plain = self.fill_buf()?;
+        let n = out.len().min(plain.len());
+        out[..n].copy_from_slice(&plain[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+/// The decrypted segment is the buffer: [`BufRead::fill_buf`] hands out plaintext without
+/// another copy (what `ppml decrypt` writes from).
+impl<R: Read> BufRead for DecryptingReader<R> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
         while self.plain.is_empty() {
             if !self.next_segment().map_err(FormatError::into_io)? {
-                return Ok(0);
+                return Ok(&[]);
             }
         }
-        let n = out.len().min(self.plain.len());
-        out[..n].copy_from_slice(&self.buf[self.plain.start..self.plain.start + n]);
-        self.plain.start += n;
-        Ok(n)
+        Ok(&self.buf[self.plain.clone()])
+    }
+
+    fn consume(&mut self, amount: usize) {
+        self.plain.start = (self.plain.start + amount).min(self.plain.end);
     }
 }
