@@ -225,8 +225,8 @@ pub struct AttestVerifyArgs {
     /// Policy JSON (docs/attestation.md §4)
     #[arg(long, value_name = "FILE")]
     pub policy: Option<PathBuf>,
-    /// Verify as of this Unix time in seconds [default: now]
-    #[arg(long, value_name = "UNIX_SECONDS")]
+    /// Verify as of this time: Unix seconds or RFC 3339 (2025-07-01T00:00:00Z) [default: now]
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
     pub at: Option<u64>,
 }
 
@@ -550,4 +550,15 @@ pub struct PccsArgs {
     /// Refetch cached collateral older than this many seconds [default: 3600]
     #[arg(long, value_name = "SECONDS")]
     pub collateral_refresh: Option<u64>,
+}
+
+/// Unix seconds, or an RFC 3339 date and time.
+fn parse_time(text: &str) -> Result<u64, String> {
+    if let Ok(seconds) = text.parse::<u64>() {
+        return Ok(seconds);
+    }
+    let when = chrono::DateTime::parse_from_rfc3339(text).map_err(|e| {
+        format!("{text:?} is neither Unix seconds nor an RFC 3339 time (2025-07-01T00:00:00Z): {e}")
+    })?;
+    u64::try_from(when.timestamp()).map_err(|_| format!("{text:?} is before 1970"))
 }

@@ -37,6 +37,10 @@ fn sgx_quote_claims_and_policies() {
 
     let out = verify(&quote, None, FIXTURE_TIME);
     assert!(out.status.success(), "{out:?}");
+    // The same instant as RFC 3339; a malformed time is a usage error.
+    let rfc3339 = verify(&quote, None, "2025-07-01T00:00:00Z");
+    assert_eq!(rfc3339.stdout, out.stdout);
+    assert_eq!(verify(&quote, None, "July 1st").status.code(), Some(2));
     let claims: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(claims["tee"], "sgx");
     assert_eq!(claims["measurements"]["mrenclave"], MRENCLAVE);
