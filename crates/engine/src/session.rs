@@ -92,7 +92,7 @@ impl PpmlSession {
     /// A session reading encrypted datasets with keys released by `kms`.
     pub fn encrypted(kms: Arc<dyn KeyManagementService>, target_partitions: Option<usize>) -> Self {
         let ctx = SessionContext::new_with_config(config(target_partitions));
-        let store = Arc::new(DecryptingStore::new(Arc::new(LocalFileSystem::new())));
+        let store = Arc::new(DecryptingStore::local(Arc::new(LocalFileSystem::new())));
         let file_url = url::Url::parse("file://").expect("valid URL");
         ctx.register_object_store(&file_url, store.clone());
         PpmlSession {
