@@ -1316,8 +1316,11 @@ mod tests {
     /// ppml-attestation's service tests).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn verify_quote_answers_with_a_verdict() {
-        let testdata =
-            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../attestation/testdata");
+        let testdata = std::path::PathBuf::from(
+            std::env::var("CARGO_MANIFEST_DIR")
+                .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string()),
+        )
+        .join("../attestation/testdata");
         let dir = tempfile::tempdir().unwrap();
         let collateral = ppml_attestation::dcap::Collateral::from_file(
             &testdata.join("sgx_quote_collateral.json"),

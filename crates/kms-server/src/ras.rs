@@ -509,9 +509,12 @@ mod tests {
     }
 
     fn testdata(name: &str) -> std::path::PathBuf {
-        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../attestation/testdata")
-            .join(name)
+        std::path::PathBuf::from(
+            std::env::var("CARGO_MANIFEST_DIR")
+                .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string()),
+        )
+        .join("../attestation/testdata")
+        .join(name)
     }
 
     fn quote(tee: &str) -> Vec<u8> {
