@@ -89,8 +89,20 @@ impl Collateral {
         Collateral(collateral)
     }
 
-    pub(crate) fn inner(&self) -> &QuoteCollateralV3 {
-        &self.0
+    /// The earliest `nextUpdate` of the TCB info and QE identity, in Unix seconds: after it
+    /// the collateral no longer verifies and must be replaced.
+    pub fn next_update(&self) -> Option<u64> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct NextUpdate {
+            next_update: String,
+        }
+        let parse = |json: &str| -> Option<u64> {
+            let doc: NextUpdate = serde_json::from_str(json).ok()?;
+            let when = chrono::DateTime::parse_from_rfc3339(&doc.next_update).ok()?;
+            u64::try_from(when.timestamp()).ok()
+        };
+        Some(parse(&self.0.tcb_info)?.min(parse(&self.0.qe_identity)?))
     }
 
     /// The collateral as JSON, in the format [`Collateral::from_json`] reads.

@@ -167,12 +167,6 @@ struct SignedJson<'a> {
     signature: String,
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct NextUpdate {
-    next_update: String,
-}
-
 impl PccsClient {
     /// A client for the PCCS at `url` (e.g. `https://pccs.example:8081`, with or without the
     /// `/sgx/certification/v4` suffix, or [`INTEL_PCS_URL`]).
@@ -500,21 +494,7 @@ fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
-impl Collateral {
-    /// The earliest `nextUpdate` of the TCB info and QE identity, in Unix seconds: after it
-    /// the collateral no longer verifies and must be replaced.
-    pub fn next_update(&self) -> Option<u64> {
-        let parse = |json: &str| -> Option<u64> {
-            let doc: NextUpdate = serde_json::from_str(json).ok()?;
-            let when = chrono::DateTime::parse_from_rfc3339(&doc.next_update).ok()?;
-            u64::try_from(when.timestamp()).ok()
-        };
-        let inner = self.inner();
-        Some(parse(&inner.tcb_info)?.min(parse(&inner.qe_identity)?))
-    }
-}
-
-/// Reads the cache directory's file for `platform`, if any (for tools and tests).
+/// Where the on-disk cache in `dir` keeps the collateral of `platform`.
 pub fn cache_file(dir: &Path, platform: &Platform) -> PathBuf {
     dir.join(platform.cache_file_name())
 }

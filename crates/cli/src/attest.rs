@@ -64,7 +64,8 @@ pub fn measure() -> Result<()> {
     Ok(())
 }
 
-fn read_policy(path: &std::path::Path) -> Result<Policy> {
+/// Reads and checks a policy file: valid JSON of a policy that allows some runtime.
+pub fn read_policy(path: &std::path::Path) -> Result<Policy> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the policy {}", path.display()))?;
     let policy: Policy = serde_json::from_str(&text)
@@ -167,17 +168,7 @@ pub async fn policy(command: &AttestPolicyCommand, settings: &mut Settings) -> R
         AttestPolicyCommand::Upload { file } => {
             let policy = read_policy(file)?;
             let remote = settings.open_remote().await?;
-            let uploaded = remote
-                .call(
-                    "UploadQuotePolicy",
-                    serde_json::json!({"policy": serde_json::to_string(&policy)?}),
-                )
-                .await?;
-            let id = uploaded
-                .get("policyId")
-                .and_then(|v| v.as_str())
-                .context("UploadQuotePolicy answered without a policyId")?;
-            println!("{id}");
+            println!("{}", remote.upload_policy(&policy).await?);
         }
         AttestPolicyCommand::Get { id } => {
             let remote = settings.open_remote().await?;

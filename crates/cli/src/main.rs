@@ -16,7 +16,7 @@ mod settings;
 
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Parser;
 use ppml_kms::LocalKms;
 use tracing_subscriber::EnvFilter;
@@ -187,30 +187,11 @@ async fn kms_command(command: &KmsCommand, settings: &mut Settings) -> Result<()
             };
             let policy_id = match (&args.policy_id, &args.policy) {
                 (Some(id), _) => id.clone(),
-                (None, Some(path)) => {
-                    let text = std::fs::read_to_string(path)
-                        .with_context(|| format!("reading {}", path.display()))?;
-                    let policy: ppml_attestation::Policy = serde_json::from_str(&text)
-                        .with_context(|| format!("parsing the policy {}", path.display()))?;
-                    let uploaded = remote
-                        .call(
-                            "UploadQuotePolicy",
-                            serde_json::json!({"policy": serde_json::to_string(&policy)?}),
-                        )
-                        .await?;
-                    uploaded
-                        .get("policyId")
-                        .and_then(|v| v.as_str())
-                        .context("UploadQuotePolicy without a policyId")?
-                        .to_string()
-                }
+                (None, Some(path)) => remote.upload_policy(&attest::read_policy(path)?).await?,
                 (None, None) => anyhow::bail!("--policy or --policy-id is needed"),
             };
             remote
-                .call(
-                    "SetKeyReleasePolicy",
-                    serde_json::json!({"keyid": keyid, "policyId": policy_id}),
-                )
+                .set_release_policy(&ppml_kms::PrimaryKeyId(keyid.clone()), &policy_id)
                 .await?;
             println!("{policy_id}");
             eprintln!("{keyid}: data keys are now released only to runtimes this policy accepts");

@@ -147,26 +147,16 @@ pub async fn run(args: &QuickstartArgs, settings: &mut Settings) -> Result<()> {
     if in_process {
         // Release this key's data keys only to this very binary in the simulated TEE.
         let measurement = hex::encode(ppml_attestation::sim::executable_measurement()?);
-        let policy = serde_json::json!({
-            "allowed": [{"tee": "sim", "mrenclave": measurement}],
-            "allow_simulation": true,
-        });
-        let uploaded = kms
-            .call(
-                "UploadQuotePolicy",
-                serde_json::json!({"policy": policy.to_string()}),
-            )
-            .await?;
-        let policy_id = uploaded
-            .get("policyId")
-            .and_then(|v| v.as_str())
-            .context("UploadQuotePolicy without a policyId")?
-            .to_string();
-        kms.call(
-            "SetKeyReleasePolicy",
-            serde_json::json!({"keyid": primary.0, "policyId": policy_id}),
-        )
-        .await?;
+        let policy = ppml_attestation::Policy {
+            allow_simulation: true,
+            ..ppml_attestation::Policy::strict(vec![ppml_attestation::policy::AllowedMeasurement {
+                tee: Some(ppml_attestation::Tee::Sim),
+                mrenclave: Some(measurement.clone()),
+                ..Default::default()
+            }])
+        };
+        let policy_id = kms.upload_policy(&policy).await?;
+        kms.set_release_policy(&primary, &policy_id).await?;
         println!(
             "      policy {policy_id}: input keys released only to this binary (sim measurement \
              {measurement:.16}…)"

@@ -442,6 +442,35 @@ impl RemoteKms {
             .map_err(|e| with_key(e, primary))?;
         Ok(())
     }
+
+    /// Stores an attestation policy for this app (`UploadQuotePolicy`); returns its id.
+    pub async fn upload_policy(
+        &self,
+        policy: &ppml_attestation::Policy,
+    ) -> Result<String, KmsError> {
+        let text = serde_json::to_string(policy)
+            .map_err(|e| KmsError::Protocol(format!("policy JSON: {e}")))?;
+        let result = self
+            .call("UploadQuotePolicy", json!({"policy": text}))
+            .await?;
+        string_field(&result, "policyId")
+    }
+
+    /// Releases `primary`'s data keys only to runtimes attested under `policy_id`
+    /// (`SetKeyReleasePolicy`).
+    pub async fn set_release_policy(
+        &self,
+        primary: &PrimaryKeyId,
+        policy_id: &str,
+    ) -> Result<(), KmsError> {
+        self.call(
+            "SetKeyReleasePolicy",
+            json!({"keyid": primary.0, "policyId": policy_id}),
+        )
+        .await
+        .map_err(|e| with_key(e, primary))?;
+        Ok(())
+    }
 }
 
 impl RemoteKms {
