@@ -8,12 +8,13 @@ use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use ppml_attestation::EvidenceProvider;
+use ppml_attestation::Tee;
+use ppml_attestation::policy::{AllowedMeasurement, Policy};
 use ppml_attestation::service::AttestationService;
 use ppml_attestation::sim::{SimPlatform, SimTee, executable_measurement};
 use ppml_kms::{KeyManagementService as _, RemoteKms, RemoteKmsConfig};
 use ppml_kms_server::audit::AuditLog;
 use ppml_kms_server::{RootKey, ServerState, Store, router};
-use serde_json::json;
 
 fn bench(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -50,21 +51,18 @@ fn bench(c: &mut Criterion) {
         let kms = RemoteKms::connect(&config, Some(creds)).await.unwrap();
         let open_key = kms.create_primary_key().await.unwrap();
         let gated_key = kms.create_primary_key().await.unwrap();
-        let policy = json!({
-            "allowed": [{"tee": "sim", "mrenclave": hex::encode(executable_measurement().unwrap())}],
-            "allow_simulation": true,
-        });
-        let uploaded = kms
-            .call("UploadQuotePolicy", json!({"policy": policy.to_string()}))
+        let policy = Policy {
+            allow_simulation: true,
+            ..Policy::strict(vec![AllowedMeasurement {
+                tee: Some(Tee::Sim),
+                mrenclave: Some(hex::encode(executable_measurement().unwrap())),
+                ..AllowedMeasurement::default()
+            }])
+        };
+        let policy_id = kms.upload_policy(&policy).await.unwrap();
+        kms.set_release_policy(&gated_key, &policy_id)
             .await
             .unwrap();
-        let policy_id = uploaded["policyId"].as_str().unwrap().to_string();
-        kms.call(
-            "SetKeyReleasePolicy",
-            json!({"keyid": gated_key.0, "policyId": policy_id}),
-        )
-        .await
-        .unwrap();
         let (_, plain_ref) = kms.generate_data_key(&open_key, b"ds").await.unwrap();
         let (_, gated_ref) = kms.generate_data_key(&gated_key, b"ds").await.unwrap();
         let mut attested = kms.clone();

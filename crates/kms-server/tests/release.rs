@@ -4,12 +4,13 @@
 
 use std::sync::Arc;
 
+use ppml_attestation::Tee;
+use ppml_attestation::policy::{AllowedMeasurement, Policy};
 use ppml_attestation::service::AttestationService;
 use ppml_attestation::sim::{SimPlatform, SimTee, executable_measurement};
 use ppml_kms::{KeyManagementService as _, KmsError, RemoteKms, RemoteKmsConfig};
 use ppml_kms_server::audit::AuditLog;
 use ppml_kms_server::{RootKey, ServerState, Store, router};
-use serde_json::json;
 
 struct Fixture {
     dir: tempfile::TempDir,
@@ -56,21 +57,16 @@ async fn gated_key(fixture: &Fixture) -> (RemoteKms, ppml_kms::PrimaryKeyId, Str
         .unwrap();
     let kms = RemoteKms::connect(&config, Some(creds)).await.unwrap();
     let primary = kms.create_primary_key().await.unwrap();
-    let policy = json!({
-        "allowed": [{"tee": "sim", "mrenclave": hex::encode(executable_measurement().unwrap())}],
-        "allow_simulation": true,
-    });
-    let uploaded = kms
-        .call("UploadQuotePolicy", json!({"policy": policy.to_string()}))
-        .await
-        .unwrap();
-    let policy_id = uploaded["policyId"].as_str().unwrap().to_string();
-    kms.call(
-        "SetKeyReleasePolicy",
-        json!({"keyid": primary.0, "policyId": policy_id}),
-    )
-    .await
-    .unwrap();
+    let policy = Policy {
+        allow_simulation: true,
+        ..Policy::strict(vec![AllowedMeasurement {
+            tee: Some(Tee::Sim),
+            mrenclave: Some(hex::encode(executable_measurement().unwrap())),
+            ..AllowedMeasurement::default()
+        }])
+    };
+    let policy_id = kms.upload_policy(&policy).await.unwrap();
+    kms.set_release_policy(&primary, &policy_id).await.unwrap();
     (kms, primary, policy_id)
 }
 
