@@ -119,6 +119,185 @@ pub enum Command {
     /// Manage keys (the embedded KMS, or a KMS server with --kms-url) and run the KMS server
     #[command(subcommand)]
     Kms(KmsCommand),
+    /// Run an application (SimpleQuery or SQL) locally, in a TEE, or on a ppml cluster
+    Submit(Box<SubmitArgs>),
+    /// Run the cluster scheduler (Apache DataFusion Ballista); it holds no keys
+    Scheduler(SchedulerArgs),
+    /// Run a cluster executor: attests (with --tee), then takes tasks from the scheduler
+    Executor(ExecutorArgs),
+    /// Set up a ppml cluster (certificates for mutual TLS)
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+/// `ppml cluster …`.
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Create the cluster CA and the scheduler, executor and driver certificates for mutual
+    /// TLS (ca.pem, <role>.pem, <role>.key; files 0600). Copy the directory to every host (or
+    /// only ca.pem and that host's role files) and pass it with --cluster-tls.
+    Certs(ClusterCertsArgs),
+    /// Start a local development cluster: a scheduler and executors as separate processes on
+    /// loopback, with mutual TLS (certificates created in DIR/tls) and logs in DIR. Executors
+    /// use this command's KMS and attestation options (--kms-url, --tee, …)
+    Up(ClusterUpArgs),
+    /// Stop the local cluster started by `ppml cluster up`
+    Down(ClusterDirArgs),
+    /// Show the processes of the local cluster
+    Status(ClusterDirArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ClusterDirArgs {
+    /// The cluster's directory [default: $PPML_HOME/cluster]
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ClusterUpArgs {
+    #[command(flatten)]
+    pub dir: ClusterDirArgs,
+    /// Executors to start
+    #[arg(long, default_value_t = 2)]
+    pub executors: usize,
+    /// Cores (concurrent tasks) per executor
+    #[arg(long, default_value_t = 1)]
+    pub executor_cores: usize,
+    /// Port of the scheduler; executors' shuffle services use the following ports
+    #[arg(long, default_value_t = 50050)]
+    pub port: u16,
+    /// Development only: no TLS between the cluster's processes
+    #[arg(long)]
+    pub insecure_cleartext: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ClusterCertsArgs {
+    /// Directory to write to (created 0700)
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// A further IP address or DNS name for the certificates (repeatable); every certificate
+    /// is valid for the name ppml-cluster, localhost and 127.0.0.1, and peers verify only
+    /// ppml-cluster, so this is needed only by other tools
+    #[arg(long = "host", value_name = "HOST")]
+    pub hosts: Vec<String>,
+    /// Replace an existing CA (every certificate signed by the old one stops working)
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// How a cluster process secures its channels: mutual TLS, or (development only) cleartext.
+#[derive(Debug, Clone, Args)]
+pub struct ClusterTlsArgs {
+    /// Directory with the cluster CA (ca.pem) and this role's certificate and key
+    /// (scheduler.*, executor.* or driver.*), from `ppml cluster certs`: mutual TLS on every
+    /// cluster channel
+    #[arg(
+        long,
+        env = "PPML_CLUSTER_TLS",
+        value_name = "DIR",
+        conflicts_with = "insecure_cleartext"
+    )]
+    pub cluster_tls: Option<PathBuf>,
+    /// Development only: no TLS on cluster channels (plans, wrapped keys and encrypted
+    /// shuffle files travel in cleartext, and anyone who can reach a port is served)
+    #[arg(long)]
+    pub insecure_cleartext: bool,
+}
+
+/// Where `ppml submit` runs the application.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SubmitMode {
+    /// In this process, no TEE
+    Local,
+    /// In this process, attested (needs --tee)
+    LocalTee,
+    /// This process is the driver (attested with --tee); executors of the cluster at --master
+    /// read, shuffle and compute
+    Client,
+    /// The whole job runs in the cluster (not available yet: docs/cluster.md §4)
+    Cluster,
+}
+
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// Where the application runs
+    #[arg(long, value_enum, default_value = "local", env = "PPML_SUBMIT_MODE")]
+    pub mode: SubmitMode,
+    /// The scheduler, HOST:PORT (client and cluster modes)
+    #[arg(long, env = "PPML_MASTER", value_name = "HOST:PORT")]
+    pub master: Option<String>,
+    /// Job name, shown by the scheduler
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Parallelism of the driver in local modes [default: number of cores]
+    #[arg(long, value_name = "N")]
+    pub driver_cores: Option<usize>,
+    /// Cores per executor (client mode: parallelism is executors × cores)
+    #[arg(long, value_name = "N")]
+    pub executor_cores: Option<usize>,
+    /// Executors the job is planned for (client mode)
+    #[arg(long, value_name = "N")]
+    pub num_executors: Option<usize>,
+    /// A DataFusion (datafusion.*) or Ballista (ballista.*) setting; repeatable
+    #[arg(long = "conf", value_name = "KEY=VALUE")]
+    pub conf: Vec<String>,
+    // TLS of the cluster channels (client mode needs --cluster-tls or --insecure-cleartext).
+    #[command(flatten)]
+    pub tls: ClusterTlsArgs,
+    /// The application
+    #[command(subcommand)]
+    pub app: SubmitApp,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SubmitApp {
+    /// SimpleQuery on an encrypted people dataset
+    SimpleQuery(SimpleQueryArgs),
+    /// SQL over encrypted tables
+    Query(QueryArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SchedulerArgs {
+    /// Address to listen on
+    #[arg(long, env = "PPML_SCHEDULER_BIND", default_value = "127.0.0.1:50050")]
+    pub bind: String,
+    /// Seconds without contact after which an executor is considered lost and its tasks rerun
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub executor_timeout: u64,
+    // TLS of the cluster channels (--cluster-tls or --insecure-cleartext is required).
+    #[command(flatten)]
+    pub tls: ClusterTlsArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecutorArgs {
+    /// The scheduler, HOST:PORT
+    #[arg(long, env = "PPML_MASTER", value_name = "HOST:PORT")]
+    pub master: String,
+    /// Address the shuffle (Flight) service listens on
+    #[arg(long, default_value = "127.0.0.1")]
+    pub bind_host: String,
+    /// Host name by which other executors and drivers reach this one [default: --bind-host]
+    #[arg(long)]
+    pub external_host: Option<String>,
+    /// Port of the shuffle (Flight) service
+    #[arg(long, default_value_t = 50051)]
+    pub flight_port: u16,
+    /// Directory for (encrypted) shuffle files [default: $PPML_HOME/executor-<port>]
+    #[arg(long, value_name = "DIR")]
+    pub work_dir: Option<PathBuf>,
+    /// Tasks run at once [default: number of cores]
+    #[arg(long, value_name = "N")]
+    pub cores: Option<usize>,
+    /// Executor id [default: derived from host and port]
+    #[arg(long)]
+    pub id: Option<String>,
+    // TLS of the cluster channels (--cluster-tls or --insecure-cleartext is required).
+    #[command(flatten)]
+    pub tls: ClusterTlsArgs,
 }
 
 /// TEE kinds of `--tee`.

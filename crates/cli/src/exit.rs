@@ -59,7 +59,8 @@ pub fn code_for(err: &anyhow::Error) -> ExitCode {
                 EngineError::NotADataset(_)
                 | EngineError::MissingPart { .. }
                 | EngineError::UnexpectedFile { .. }
-                | EngineError::PartMismatch { .. } => return ExitCode::from(BAD_INPUT),
+                | EngineError::PartMismatch { .. }
+                | EngineError::DatasetChanged(_) => return ExitCode::from(BAD_INPUT),
                 _ => continue,
             }
         }

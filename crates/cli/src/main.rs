@@ -2,6 +2,8 @@
 
 mod attest;
 mod cli;
+mod cluster;
+mod cluster_up;
 mod crypt;
 mod csv_split;
 mod exit;
@@ -110,6 +112,19 @@ async fn run(cli: Cli) -> Result<()> {
             query::query(args, &mut settings).await?;
         }
         Command::Quickstart(args) => quickstart::run(args, &mut settings).await?,
+        Command::Submit(args) => cluster::submit(args, &mut settings).await?,
+        Command::Scheduler(args) => cluster::scheduler(args).await?,
+        Command::Executor(args) => cluster::executor(args, &mut settings).await?,
+        Command::Cluster(crate::cli::ClusterCommand::Certs(args)) => {
+            cluster::certs(args, settings.quiet)?
+        }
+        Command::Cluster(crate::cli::ClusterCommand::Up(args)) => {
+            cluster::up(args, &cli.global, &settings)?
+        }
+        Command::Cluster(crate::cli::ClusterCommand::Down(args)) => cluster::down(args, &settings)?,
+        Command::Cluster(crate::cli::ClusterCommand::Status(args)) => {
+            cluster::status(args, &settings)?
+        }
         Command::Attest(crate::cli::AttestCommand::Verify(args)) => {
             attest::verify(args, &settings).await?
         }

@@ -9,12 +9,82 @@ use ppml_engine::simple_query::{self, SimpleQueryReport};
 use ppml_engine::{OutputTarget, PpmlSession};
 
 use crate::cli::{QueryArgs, SimpleQueryArgs};
-use crate::settings::Settings;
+use crate::settings::{OpenKms, Settings};
+
+/// Where the plans of an encrypted query run.
+#[derive(Debug)]
+pub enum Placement {
+    /// In this process, with this parallelism unless the application sets one.
+    Local(Option<usize>),
+    /// On the executors of a ppml cluster; this process is the driver.
+    Cluster(ClusterPlacement),
+}
+
+/// A cluster to run on, and the job's settings.
+#[derive(Debug)]
+pub struct ClusterPlacement {
+    /// The scheduler, `host:port`.
+    pub master: String,
+    /// Partitions the plan is cut into [default: the session's].
+    pub target_partitions: Option<usize>,
+    /// `datafusion.*` / `ballista.*` settings.
+    pub conf: Vec<(String, String)>,
+    /// The driver's cluster TLS material; `None` = cleartext (`--insecure-cleartext`).
+    pub tls: Option<ppml_cluster::tls::ClusterTls>,
+}
+
+/// An encrypted session whose plans run where `placement` says.
+fn encrypted_session(
+    kms: &OpenKms,
+    partitions: Option<usize>,
+    placement: &Placement,
+) -> Result<PpmlSession> {
+    match placement {
+        Placement::Local(default) => Ok(PpmlSession::encrypted(
+            kms.dyn_kms(),
+            partitions.or(*default),
+        )),
+        Placement::Cluster(cluster) => {
+            let mut config = ppml_cluster::process::cluster_session_config();
+            if let Some(n) = partitions.or(cluster.target_partitions).filter(|n| *n > 0) {
+                config = config.with_target_partitions(n);
+            }
+            for (key, value) in &cluster.conf {
+                config
+                    .options_mut()
+                    .set(key, value)
+                    .with_context(|| format!("--conf {key}={value}"))?;
+            }
+            // Each job's shuffle key is wrapped under the input key: it is released only to
+            // attested executors, like the inputs.
+            let runner = ppml_cluster::ClusterRunner::new(
+                cluster.master.clone(),
+                kms.dyn_kms(),
+                kms.primary()?.clone(),
+                cluster
+                    .tls
+                    .as_ref()
+                    .and_then(ppml_cluster::tls::client_customizer),
+            );
+            Ok(PpmlSession::encrypted_with_config(kms.dyn_kms(), config)
+                .with_runner(std::sync::Arc::new(runner)))
+        }
+    }
+}
 
 /// Runs SimpleQuery; prints the count, the preview and the phase timings.
 pub async fn simple_query(
     args: &SimpleQueryArgs,
     settings: &mut Settings,
+) -> Result<SimpleQueryReport> {
+    simple_query_on(args, settings, &Placement::Local(None)).await
+}
+
+/// Runs SimpleQuery where `placement` says.
+pub async fn simple_query_on(
+    args: &SimpleQueryArgs,
+    settings: &mut Settings,
+    placement: &Placement,
 ) -> Result<SimpleQueryReport> {
     let report = if args.plaintext {
         let session = PpmlSession::plaintext(args.input_partitions);
@@ -31,7 +101,7 @@ pub async fn simple_query(
     } else {
         let kms = settings.open_kms_for_runtime().await?;
         let primary = kms.output_primary()?.clone();
-        let session = PpmlSession::encrypted(kms.dyn_kms(), args.input_partitions);
+        let session = encrypted_session(&kms, args.input_partitions, placement)?;
         simple_query::run(
             &session,
             &args.input,
@@ -78,6 +148,15 @@ fn parse_table(spec: &str) -> Result<(String, PathBuf)> {
 
 /// Runs SQL over named tables; prints the result or writes it as a dataset.
 pub async fn query(args: &QueryArgs, settings: &mut Settings) -> Result<u64> {
+    query_on(args, settings, &Placement::Local(None)).await
+}
+
+/// Runs SQL where `placement` says.
+pub async fn query_on(
+    args: &QueryArgs,
+    settings: &mut Settings,
+    placement: &Placement,
+) -> Result<u64> {
     let tables = args
         .tables
         .iter()
@@ -89,7 +168,7 @@ pub async fn query(args: &QueryArgs, settings: &mut Settings) -> Result<u64> {
         Some(settings.open_kms_for_runtime().await?)
     };
     let session = match &kms {
-        Some(kms) => PpmlSession::encrypted(kms.dyn_kms(), args.input_partitions),
+        Some(kms) => encrypted_session(kms, args.input_partitions, placement)?,
         None => PpmlSession::plaintext(args.input_partitions),
     };
     for (name, path) in &tables {
@@ -98,7 +177,7 @@ pub async fn query(args: &QueryArgs, settings: &mut Settings) -> Result<u64> {
             .await
             .with_context(|| format!("registering table {name}"))?;
     }
-    let df = session.context().sql(&args.sql).await?;
+    let df = session.sql(&args.sql).await?;
     match (&args.output, &kms) {
         (Some(out), Some(kms)) => {
             let summary = session
@@ -138,7 +217,7 @@ pub async fn query(args: &QueryArgs, settings: &mut Settings) -> Result<u64> {
             Ok(summary.rows)
         }
         (None, _) => {
-            let batches = df.collect().await?;
+            let batches = session.collect(df).await?;
             let rows = batches.iter().map(|b| b.num_rows() as u64).sum();
             println!("{}", pretty_format_batches(&batches)?);
             Ok(rows)

@@ -59,10 +59,14 @@ pub struct VerifiedPart {
 pub struct VerifiedDataset {
     /// How the dataset is named to the user (for messages).
     pub display: String,
+    /// Where the dataset lives in its object store.
+    pub root: StorePath,
     /// The verified manifest.
     pub manifest: Manifest,
     /// The parts, in manifest order.
     pub parts: Vec<VerifiedPart>,
+    /// SHA-256 of the manifest file's bytes: with the dataset id, pins this exact version.
+    pub manifest_sha256: [u8; 32],
 }
 
 impl std::fmt::Debug for VerifiedDataset {
@@ -193,10 +197,16 @@ pub async fn open_dataset(
             layout,
         });
     }
+    let manifest_sha256 = ring::digest::digest(&ring::digest::SHA256, &manifest_bytes)
+        .as_ref()
+        .try_into()
+        .expect("SHA-256 is 32 bytes");
     Ok(VerifiedDataset {
         display: display.to_string(),
+        root: root.clone(),
         manifest,
         parts,
+        manifest_sha256,
     })
 }
 

@@ -59,6 +59,10 @@ pub enum EngineError {
         /// Its media type.
         media_type: String,
     },
+    /// A dataset pinned by a plan is not the one found at its path any more: it was replaced or
+    /// rewritten after the query was planned.
+    #[error("{0}: the dataset changed after the query was planned (id or manifest differs)")]
+    DatasetChanged(String),
     /// The output already exists; ppml never overwrites silently.
     #[error("{0}: output already exists (remove it or pass --overwrite)")]
     OutputExists(PathBuf),

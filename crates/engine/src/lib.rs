@@ -7,19 +7,23 @@
 //!   own CSV source, with its file-range splitting and parallelism, then works unchanged, and
 //!   no decrypted copy is ever written to disk.
 //! - [`session`]: a DataFusion session whose file store decrypts, plus encrypted CSV output.
+//! - [`spill`]: [`spill::EncryptedSpill`], DataFusion's spill-file backend for encrypted
+//!   sessions: sorts, aggregations and joins under memory pressure spill ppml-encrypted files
+//!   under a key that exists only in process memory, never plaintext.
 //! - [`simple_query`]: the SimpleQuery application of the reference workflow.
 
 pub mod dataset;
 mod error;
 pub mod session;
 pub mod simple_query;
+pub mod spill;
 pub mod store;
 #[cfg(test)]
 mod tests;
 
 pub use error::EngineError;
-pub use session::{OutputTarget, PpmlSession, WriteSummary};
-pub use store::DecryptingStore;
+pub use session::{LocalRunner, OutputTarget, PlanRunner, PpmlSession, WriteSummary};
+pub use store::{DatasetPin, DecryptingStore, LOCAL_STORE_URL};
 
 /// Result type of this crate.
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;

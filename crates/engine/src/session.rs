@@ -27,6 +27,7 @@ use crate::dataset::{
     DatasetWriter, PART_SUFFIX, VerifiedDataset, WriteOptions, open_dataset, part_name,
     replace_path, temp_sibling,
 };
+use crate::store::LOCAL_STORE_URL;
 use crate::{DecryptingStore, EngineError, Result};
 
 /// Where and how query results are written.
@@ -62,14 +63,45 @@ pub struct WriteSummary {
     pub plaintext_bytes: u64,
 }
 
+/// Runs physical plans planned by a [`PpmlSession`]: in this process ([`LocalRunner`]), or on
+/// a cluster (`ppml-cluster`).
+#[async_trait::async_trait]
+pub trait PlanRunner: Send + Sync {
+    /// Starts `plan` and returns one stream per output partition.
+    async fn execute(
+        &self,
+        plan: Arc<dyn ExecutionPlan>,
+        ctx: &SessionContext,
+    ) -> Result<Vec<SendableRecordBatchStream>>;
+}
+
+/// Runs plans in this process, with the session's own task context.
+#[derive(Debug, Default)]
+pub struct LocalRunner;
+
+#[async_trait::async_trait]
+impl PlanRunner for LocalRunner {
+    async fn execute(
+        &self,
+        plan: Arc<dyn ExecutionPlan>,
+        ctx: &SessionContext,
+    ) -> Result<Vec<SendableRecordBatchStream>> {
+        Ok(execute_stream_partitioned(plan, ctx.task_ctx())?)
+    }
+}
+
 /// A DataFusion session for ppml.
 ///
-/// In an encrypted session the `file://` object store is a [`DecryptingStore`]: only parts of
-/// datasets registered through [`PpmlSession::register_csv`] (and therefore verified) can be
-/// read, and they are read as plaintext without a plaintext copy ever touching disk.
+/// In an encrypted session the `ppml://fs` object store is a [`DecryptingStore`]: only parts
+/// of datasets registered through [`PpmlSession::register_csv`] (and therefore verified) can
+/// be read, and they are read as plaintext without a plaintext copy ever touching disk.
+/// Plans run through the session's [`PlanRunner`].
 pub struct PpmlSession {
     ctx: SessionContext,
     decrypting: Option<(Arc<DecryptingStore>, Arc<dyn KeyManagementService>)>,
+    runner: Arc<dyn PlanRunner>,
+    /// The private directory of the encrypted spill files (encrypted sessions); removed on drop.
+    _spill_dir: Option<crate::spill::SpillDirGuard>,
 }
 
 impl std::fmt::Debug for PpmlSession {
@@ -90,15 +122,66 @@ fn config(target_partitions: Option<usize>) -> SessionConfig {
 
 impl PpmlSession {
     /// A session reading encrypted datasets with keys released by `kms`.
+    ///
+    /// Operators that spill under memory pressure write [`crate::spill::EncryptedSpill`] files
+    /// in a fresh private directory removed with the session (with DataFusion's default,
+    /// unbounded memory pool nothing spills until a memory limit is set).
     pub fn encrypted(kms: Arc<dyn KeyManagementService>, target_partitions: Option<usize>) -> Self {
-        let ctx = SessionContext::new_with_config(config(target_partitions));
+        let (runtime, spill_dir) = crate::spill::encrypted_spill_runtime();
+        let ctx = SessionContext::new_with_config_rt(config(target_partitions), runtime);
         let store = Arc::new(DecryptingStore::local(Arc::new(LocalFileSystem::new())));
-        let file_url = url::Url::parse("file://").expect("valid URL");
-        ctx.register_object_store(&file_url, store.clone());
+        let store_url = url::Url::parse(LOCAL_STORE_URL).expect("valid URL");
+        ctx.register_object_store(&store_url, store.clone());
         PpmlSession {
             ctx,
             decrypting: Some((store, kms)),
+            runner: Arc::new(LocalRunner),
+            _spill_dir: spill_dir,
         }
+    }
+
+    /// A session reading encrypted datasets like [`PpmlSession::encrypted`], with a DataFusion
+    /// configuration of the caller's (a cluster driver adds its planner settings).
+    pub fn encrypted_with_config(
+        kms: Arc<dyn KeyManagementService>,
+        config: SessionConfig,
+    ) -> Self {
+        let mut session = Self::encrypted(kms, None);
+        let store = session.decrypting.as_ref().expect("encrypted").0.clone();
+        // Same runtime, hence the same encrypted spill.
+        session.ctx = SessionContext::new_with_config_rt(config, session.ctx.runtime_env());
+        let store_url = url::Url::parse(LOCAL_STORE_URL).expect("valid URL");
+        session.ctx.register_object_store(&store_url, store);
+        session
+    }
+
+    /// Runs this session's plans with `runner` instead of in this process.
+    pub fn with_runner(mut self, runner: Arc<dyn PlanRunner>) -> Self {
+        self.runner = runner;
+        self
+    }
+
+    /// Plans a SQL query. Only queries are accepted: DDL (`CREATE EXTERNAL TABLE`), DML
+    /// (`COPY … TO`, `INSERT`) and statements (`SET`) are refused, because they could write
+    /// rows in plaintext or switch spilling back to DataFusion's plaintext temporary files.
+    pub async fn sql(&self, sql: &str) -> Result<DataFrame> {
+        let options = datafusion::execution::context::SQLOptions::new()
+            .with_allow_ddl(false)
+            .with_allow_dml(false)
+            .with_allow_statements(false);
+        Ok(self.ctx.sql_with_options(sql, options).await?)
+    }
+
+    /// Plans `df` and runs it with the session's runner, collecting every batch.
+    pub async fn collect(&self, df: DataFrame) -> Result<Vec<RecordBatch>> {
+        let plan = df.create_physical_plan().await?;
+        let mut batches = Vec::new();
+        for mut stream in self.runner.execute(plan, &self.ctx).await? {
+            while let Some(batch) = stream.next().await {
+                batches.push(batch?);
+            }
+        }
+        Ok(batches)
     }
 
     /// A session over plaintext files, for comparisons and benchmarks.
@@ -106,6 +189,8 @@ impl PpmlSession {
         PpmlSession {
             ctx: SessionContext::new_with_config(config(target_partitions)),
             decrypting: None,
+            runner: Arc::new(LocalRunner),
+            _spill_dir: None,
         }
     }
 
@@ -128,7 +213,7 @@ impl PpmlSession {
         if absolute.is_dir() && !location.ends_with('/') {
             location.push('/');
         }
-        let url = ListingTableUrl::parse(&location)?;
+        let mut url = ListingTableUrl::parse(&location)?;
         let (has_header, extension, dataset) = match &self.decrypting {
             Some((store, kms)) => {
                 if !absolute.is_dir() {
@@ -147,7 +232,8 @@ impl PpmlSession {
                         media_type: dataset.manifest.media_type().to_string(),
                     });
                 }
-                store.register(&dataset);
+                let pinned_root = store.register(&dataset);
+                url = ListingTableUrl::parse(format!("{LOCAL_STORE_URL}/{pinned_root}/"))?;
                 (dataset.csv_has_header(), PART_SUFFIX, Some(dataset))
             }
             None => (true, "", None),
@@ -176,7 +262,6 @@ impl PpmlSession {
         partitions: Option<usize>,
     ) -> Result<WriteSummary> {
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
-        let task_ctx = Arc::new(df.task_ctx());
         let plan = df.create_physical_plan().await?;
         // Repartition the physical plan: a logical repartition may be optimised away.
         let plan: Arc<dyn ExecutionPlan> = match partitions.filter(|n| *n > 0) {
@@ -188,7 +273,7 @@ impl PpmlSession {
             )?),
             None => plan,
         };
-        let streams = execute_stream_partitioned(plan, task_ctx)?;
+        let streams = self.runner.execute(plan, &self.ctx).await?;
         match target {
             OutputTarget::Encrypted {
                 kms,

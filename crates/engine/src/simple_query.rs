@@ -67,10 +67,12 @@ pub async fn run(
     let load_inputs = started.elapsed();
 
     let started = Instant::now();
-    let counted = people
-        .clone()
-        .aggregate(vec![], vec![count(col("name")).alias("count")])?
-        .collect()
+    let counted = session
+        .collect(
+            people
+                .clone()
+                .aggregate(vec![], vec![count(col("name")).alias("count")])?,
+        )
         .await?;
     let count = counted
         .first()
@@ -82,11 +84,13 @@ pub async fn run(
                 "count returned no rows".into(),
             ))
         })?;
-    let preview = people
-        .clone()
-        .select(vec![col("name"), (col("age") + lit(1i64)).alias("age + 1")])?
-        .limit(0, Some(PREVIEW_ROWS))?
-        .collect()
+    let preview = session
+        .collect(
+            people
+                .clone()
+                .select(vec![col("name"), (col("age") + lit(1i64)).alias("age + 1")])?
+                .limit(0, Some(PREVIEW_ROWS))?,
+        )
         .await?;
     let preview = pretty_format_batches(&preview)?.to_string();
     let developers = developers_aged_20_to_40(people)?;

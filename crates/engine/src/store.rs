@@ -16,6 +16,7 @@ use object_store::{
     ObjectStore, ObjectStoreExt, PutMultipartOptions, PutOptions, PutPayload, PutResult,
 };
 use ppml_format::{FileCipher, SegmentLayout};
+use ppml_kms::KeyManagementService;
 
 use crate::EngineError;
 use crate::dataset::VerifiedDataset;
@@ -26,8 +27,73 @@ const SEGMENTS_PER_FETCH: u64 = 16;
 /// Size of the plaintext pieces handed to the reader.
 const YIELD_CHUNK: usize = 16 * 1024;
 
+/// URL of the decrypting store over the local (or a shared) file system, as registered with
+/// DataFusion. Table URLs are `ppml://fs/<pin>/<absolute dataset path>/`.
+pub const LOCAL_STORE_URL: &str = "ppml://fs";
+
+/// Identifies one exact version of a dataset: its id and the SHA-256 of its manifest. Written as
+/// the first path segment `v1.<dataset id hex>.<manifest SHA-256 hex>` of every location in a
+/// [`DecryptingStore`], so a plan names the dataset the planner verified, and a process that
+/// opens it later (an executor) refuses a dataset that was replaced in between.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DatasetPin {
+    /// The manifest's dataset id.
+    pub dataset_id: [u8; 16],
+    /// SHA-256 of the manifest file.
+    pub manifest_sha256: [u8; 32],
+}
+
+impl DatasetPin {
+    /// The pin of a verified dataset.
+    pub fn of(dataset: &VerifiedDataset) -> Self {
+        DatasetPin {
+            dataset_id: *dataset.manifest.dataset_id(),
+            manifest_sha256: dataset.manifest_sha256,
+        }
+    }
+
+    /// The path segment naming this pin.
+    pub fn segment(&self) -> String {
+        format!(
+            "v1.{}.{}",
+            crate::hex_lower(&self.dataset_id),
+            crate::hex_lower(&self.manifest_sha256)
+        )
+    }
+
+    /// Parses a path segment written by [`DatasetPin::segment`].
+    pub fn parse(segment: &str) -> Option<Self> {
+        let rest = segment.strip_prefix("v1.")?;
+        let (id, digest) = rest.split_once('.')?;
+        let mut pin = DatasetPin {
+            dataset_id: [0; 16],
+            manifest_sha256: [0; 32],
+        };
+        decode_hex(id, &mut pin.dataset_id)?;
+        decode_hex(digest, &mut pin.manifest_sha256)?;
+        Some(pin)
+    }
+}
+
+fn decode_hex(text: &str, out: &mut [u8]) -> Option<()> {
+    if text.len() != out.len() * 2 {
+        return None;
+    }
+    for (byte, pair) in out.iter_mut().zip(text.as_bytes().chunks(2)) {
+        let digit = |c: u8| match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        };
+        *byte = digit(pair[0])? << 4 | digit(pair[1])?;
+    }
+    Some(())
+}
+
 #[derive(Clone)]
 struct RegisteredPart {
+    /// Where the ciphertext is in the inner store.
+    location: Path,
     cipher: Arc<FileCipher>,
     layout: SegmentLayout,
     display: String,
@@ -35,8 +101,11 @@ struct RegisteredPart {
 
 /// A read-only [`ObjectStore`] over an inner store of encrypted files.
 ///
-/// Only parts of datasets registered with [`DecryptingStore::register`] are visible; each is
-/// listed with its plaintext size and read as plaintext. A byte range is served by fetching
+/// Only parts of datasets registered with [`DecryptingStore::register`] are visible, under
+/// pinned locations `<pin>/<location in the inner store>` (see [`DatasetPin`]); each is listed
+/// with its plaintext size and read as plaintext. A store made [`DecryptingStore::with_opener`]
+/// also opens a pinned dataset on first access (as an executor does for the datasets named in
+/// a plan it received), refusing it if it is not the pinned version. A byte range is served by fetching
 /// just the segments that cover it, authenticating each before any of its bytes are returned.
 /// Writes are refused: outputs are written through [`crate::dataset::DatasetWriter`].
 pub struct DecryptingStore {
@@ -46,6 +115,10 @@ pub struct DecryptingStore {
     local: Option<Arc<LocalFileSystem>>,
     parts: RwLock<BTreeMap<Path, RegisteredPart>>,
     registered_at: DateTime<Utc>,
+    /// Releases data keys for datasets opened on first access.
+    opener: Option<Arc<dyn KeyManagementService>>,
+    /// Serialises first-access opening, so concurrent readers open a dataset once.
+    opening: tokio::sync::Mutex<()>,
 }
 
 impl fmt::Debug for DecryptingStore {
@@ -77,6 +150,8 @@ impl DecryptingStore {
             local: None,
             parts: RwLock::new(BTreeMap::new()),
             registered_at: Utc::now(),
+            opener: None,
+            opening: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -93,19 +168,69 @@ impl DecryptingStore {
         &self.inner
     }
 
-    /// Makes the parts of a verified dataset readable through this store.
-    pub fn register(&self, dataset: &VerifiedDataset) {
+    /// Lets this store open pinned datasets on first access, with data keys released by `kms`.
+    pub fn with_opener(mut self, kms: Arc<dyn KeyManagementService>) -> Self {
+        self.opener = Some(kms);
+        self
+    }
+
+    /// Makes the parts of a verified dataset readable through this store, and returns the
+    /// pinned location of the dataset's root (table URLs are this store's URL plus it).
+    pub fn register(&self, dataset: &VerifiedDataset) -> Path {
+        let pinned_root = Path::from(DatasetPin::of(dataset).segment());
+        let pinned_root = dataset
+            .root
+            .parts()
+            .fold(pinned_root, |path, part| path.join(part));
         let mut parts = self.parts.write().expect("parts lock");
         for part in &dataset.parts {
             parts.insert(
-                part.location.clone(),
+                pinned_root.clone().join(part.entry.name.as_str()),
                 RegisteredPart {
+                    location: part.location.clone(),
                     cipher: part.cipher.clone(),
                     layout: part.layout,
                     display: format!("{}/{}", dataset.display, part.entry.name),
                 },
             );
         }
+        pinned_root
+    }
+
+    /// The registered part at `location`, opening its pinned dataset first if this store has
+    /// an opener and the dataset was not registered yet.
+    async fn part_or_open(&self, location: &Path) -> object_store::Result<RegisteredPart> {
+        if let Ok(part) = self.part(location) {
+            return Ok(part);
+        }
+        let (Some(kms), Some(pin)) = (
+            self.opener.as_ref(),
+            location
+                .parts()
+                .next()
+                .and_then(|first| DatasetPin::parse(first.as_ref())),
+        ) else {
+            return self.part(location);
+        };
+        let segments: Vec<_> = location.parts().skip(1).collect();
+        let Some((_, root)) = segments.split_last() else {
+            return self.part(location);
+        };
+        let root: Path = root.iter().cloned().collect();
+        let _opening = self.opening.lock().await;
+        if let Ok(part) = self.part(location) {
+            return Ok(part);
+        }
+        let display = format!("/{root}");
+        let dataset =
+            crate::dataset::open_dataset(self.inner.as_ref(), &root, &display, kms.as_ref())
+                .await
+                .map_err(generic)?;
+        if DatasetPin::of(&dataset) != pin {
+            return Err(generic(EngineError::DatasetChanged(display)));
+        }
+        self.register(&dataset);
+        self.part(location)
     }
 
     fn part(&self, location: &Path) -> object_store::Result<RegisteredPart> {
@@ -133,7 +258,6 @@ impl DecryptingStore {
     /// Streams the plaintext of `range` of a registered part, decrypting as it goes.
     fn decrypt_range(
         &self,
-        location: Path,
         part: RegisteredPart,
         range: Range<u64>,
     ) -> BoxStream<'static, object_store::Result<Bytes>> {
@@ -145,8 +269,8 @@ impl DecryptingStore {
             .map(move |first| {
                 let inner = inner.clone();
                 let local = local.clone();
-                let location = location.clone();
                 let part = part.clone();
+                let location = part.location.clone();
                 let range = range.clone();
                 async move {
                     let batch = first..(first + SEGMENTS_PER_FETCH).min(segments.end);
@@ -269,7 +393,7 @@ impl ObjectStore for DecryptingStore {
         location: &Path,
         options: GetOptions,
     ) -> object_store::Result<GetResult> {
-        let part = self.part(location)?;
+        let part = self.part_or_open(location).await?;
         let meta = self.meta(location, &part);
         let len = part.layout.plaintext_len();
         let range = match &options.range {
@@ -279,7 +403,7 @@ impl ObjectStore for DecryptingStore {
         let payload = if options.head || range.is_empty() {
             stream::empty().boxed()
         } else {
-            self.decrypt_range(location.clone(), part, range.clone())
+            self.decrypt_range(part, range.clone())
         };
         Ok(GetResult {
             payload: GetResultPayload::Stream(payload),

@@ -77,8 +77,10 @@ async fn store_serves_plaintext_ranges() {
         .await
         .unwrap();
     let store = DecryptingStore::new(inner);
-    store.register(&dataset);
-    let location = dataset.parts[0].location.clone();
+    let pinned_root = store.register(&dataset);
+    let location = pinned_root.join(dataset.parts[0].entry.name.as_str());
+    // The ciphertext's own location is not visible through the store.
+    assert!(store.head(&dataset.parts[0].location).await.is_err());
     assert_eq!(store.head(&location).await.unwrap().size, text.len() as u64);
     let listed: Vec<_> = store.list(None).try_collect().await.unwrap();
     assert_eq!(listed.len(), 1);
@@ -136,6 +138,40 @@ async fn unregistered_files_cannot_be_read_through_the_store() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_datasets_open_on_first_access_and_only_as_pinned() {
+    let f = fixture().await;
+    let text = people(40, 0);
+    let dest = write_dataset(&f, "ds", std::slice::from_ref(&text)).await;
+    let other = write_dataset(&f, "other", &[people(40, 100)]).await;
+    let inner = Arc::new(LocalFileSystem::new());
+    // The planner verifies the dataset and names it by its pinned location...
+    let dataset = open_dataset(inner.as_ref(), &store_root(&dest), "ds", f.kms.as_ref())
+        .await
+        .unwrap();
+    let planner = DecryptingStore::new(inner.clone());
+    let part = planner.register(&dataset).join("part-00000.csv.ppml");
+
+    // ...and a store that never saw it (an executor's) opens it on first access.
+    let executor = DecryptingStore::new(inner.clone()).with_opener(f.kms.clone());
+    let read = executor.get(&part).await.unwrap().bytes().await.unwrap();
+    assert_eq!(&read[..], text.as_bytes());
+
+    // The same pin over another dataset's directory is refused.
+    let pin = crate::DatasetPin::of(&dataset).segment();
+    let swapped = StorePath::from(pin.as_str());
+    let swapped = store_root(&other)
+        .parts()
+        .fold(swapped, |p, s| p.join(s))
+        .join("part-00000.csv.ppml");
+    let err = executor.get(&swapped).await.unwrap_err().to_string();
+    assert!(err.contains("changed after the query was planned"), "{err}");
+
+    // A store without an opener serves only what was registered.
+    let plain = DecryptingStore::new(inner);
+    assert!(plain.get(&part).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn query_on_ciphertext_matches_query_on_plaintext() {
     let f = fixture().await;
     let parts = vec![people(1000, 0), people(700, 1000), people(0, 0)];
@@ -176,6 +212,29 @@ async fn query_on_ciphertext_matches_query_on_plaintext() {
     }
     assert_eq!(results[0], results[1]);
     assert!(results[0].0 > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_queries_are_accepted_as_sql() {
+    let f = fixture().await;
+    let dest = write_dataset(&f, "people", &[people(20, 0)]).await;
+    let session = PpmlSession::encrypted(f.kms.clone(), None);
+    session.register_csv("people", &dest, None).await.unwrap();
+    let out = f.dir.path().join("leak.csv");
+    for statement in [
+        format!("COPY people TO '{}' STORED AS CSV", out.display()),
+        "SET datafusion.runtime.temp_directory = '/tmp'".to_string(),
+        "CREATE TABLE t AS SELECT * FROM people".to_string(),
+        "INSERT INTO people VALUES ('x', 1, 'y')".to_string(),
+    ] {
+        assert!(session.sql(&statement).await.is_err(), "{statement}");
+    }
+    assert!(!out.exists());
+    let rows = session
+        .collect(session.sql("SELECT count(*) FROM people").await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(rows[0].num_rows(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,362 @@
+//! `ppml submit`, `ppml scheduler` and `ppml executor` (docs/cluster.md).
+
+use anyhow::{Context, Result, bail};
+use ppml_cluster::tls::{self, ClusterTls};
+
+use crate::cli::{
+    ClusterCertsArgs, ClusterTlsArgs, ExecutorArgs, SchedulerArgs, SubmitApp, SubmitArgs,
+    SubmitMode,
+};
+use crate::query::{self, ClusterPlacement, Placement};
+use crate::settings::Settings;
+
+/// Runs the application of `ppml submit` where `--mode` says.
+pub async fn submit(args: &SubmitArgs, settings: &mut Settings) -> Result<()> {
+    let plaintext = match &args.app {
+        SubmitApp::SimpleQuery(app) => app.plaintext,
+        SubmitApp::Query(app) => app.plaintext,
+    };
+    let placement = match args.mode {
+        SubmitMode::Local => {
+            if settings.tee.is_some() {
+                bail!("--mode local runs without a TEE; use --mode local-tee with --tee");
+            }
+            Placement::Local(args.driver_cores)
+        }
+        SubmitMode::LocalTee => {
+            if settings.tee.is_none() {
+                bail!("--mode local-tee needs --tee (sim, sgx or tdx) and a KMS server");
+            }
+            Placement::Local(args.driver_cores)
+        }
+        SubmitMode::Client => {
+            let master = args
+                .master
+                .clone()
+                .context("--mode client needs --master HOST:PORT (the scheduler)")?;
+            if plaintext {
+                bail!("--plaintext runs only in local mode: executors read only ppml datasets");
+            }
+            let tls = cluster_tls(&args.tls, tls::DRIVER, "submit")?;
+            let mut conf = parse_conf(&args.conf)?;
+            if let Some(name) = &args.name {
+                conf.push(("ballista.job.name".into(), name.clone()));
+            }
+            let target_partitions = match (args.num_executors, args.executor_cores) {
+                (Some(executors), Some(cores)) => Some(executors * cores),
+                (Some(executors), None) => Some(executors * 2),
+                (None, Some(cores)) => Some(cores),
+                (None, None) => None,
+            };
+            Placement::Cluster(ClusterPlacement {
+                master,
+                target_partitions,
+                conf,
+                tls,
+            })
+        }
+        SubmitMode::Cluster => bail!(
+            "--mode cluster is not available yet (the driver-in-cluster design is in \
+             docs/cluster.md §4); use --mode client"
+        ),
+    };
+    match &args.app {
+        SubmitApp::SimpleQuery(app) => {
+            query::simple_query_on(app, settings, &placement).await?;
+        }
+        SubmitApp::Query(app) => {
+            query::query_on(app, settings, &placement).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Parses `--conf KEY=VALUE` settings; `ppml.*` is reserved for the driver.
+fn parse_conf(conf: &[String]) -> Result<Vec<(String, String)>> {
+    conf.iter()
+        .map(|entry| {
+            let (key, value) = entry
+                .split_once('=')
+                .with_context(|| format!("--conf {entry:?}: expected KEY=VALUE"))?;
+            if !(key.starts_with("datafusion.") || key.starts_with("ballista.")) {
+                bail!("--conf {key}: only datafusion.* and ballista.* settings can be set");
+            }
+            Ok((key.to_string(), value.to_string()))
+        })
+        .collect()
+}
+
+/// The TLS material of `role` from `--cluster-tls`, or `None` with `--insecure-cleartext`
+/// (after a loud warning). With neither, a usage error (exit 2).
+fn cluster_tls(args: &ClusterTlsArgs, role: &str, command: &str) -> Result<Option<ClusterTls>> {
+    match (&args.cluster_tls, args.insecure_cleartext) {
+        (Some(dir), false) => {
+            let loaded = ClusterTls::load(dir, role).with_context(|| {
+                format!(
+                    "--cluster-tls {}: loading the {role} certificate (create the directory \
+                     with `ppml cluster certs --out DIR`)",
+                    dir.display()
+                )
+            })?;
+            if role != tls::DRIVER {
+                loaded
+                    .verify_server()
+                    .with_context(|| format!("--cluster-tls {}", dir.display()))?;
+            }
+            Ok(Some(loaded))
+        }
+        (None, true) => {
+            tracing::warn!(
+                role,
+                "--insecure-cleartext: cluster channels are NOT encrypted or authenticated"
+            );
+            eprintln!(
+                "ppml: WARNING: --insecure-cleartext: the cluster channels of this {role} are \
+                 neither encrypted nor authenticated (plans, wrapped keys, shuffle files); \
+                 for development only, use --cluster-tls DIR otherwise"
+            );
+            Ok(None)
+        }
+        // clap refuses both together.
+        (Some(_), true) => bail!("--cluster-tls and --insecure-cleartext exclude each other"),
+        (None, false) => usage_error(
+            command,
+            format!(
+                "`ppml {command}{}` needs --cluster-tls DIR (mutual TLS; create DIR with \
+                 `ppml cluster certs --out DIR`) or, for development only, --insecure-cleartext",
+                if command == "submit" {
+                    " --mode client"
+                } else {
+                    ""
+                }
+            ),
+        ),
+    }
+}
+
+/// Prints `message` as clap does for a usage error, with the usage of `ppml <command>`, and
+/// exits 2.
+fn usage_error(command: &str, message: String) -> ! {
+    use clap::CommandFactory;
+    let mut cli = crate::cli::Cli::command();
+    cli.build();
+    match cli.find_subcommand_mut(command) {
+        Some(sub) => sub
+            .error(clap::error::ErrorKind::MissingRequiredArgument, message)
+            .exit(),
+        None => cli
+            .error(clap::error::ErrorKind::MissingRequiredArgument, message)
+            .exit(),
+    }
+}
+
+/// `ppml cluster certs`: the CA and the role certificates.
+pub fn certs(args: &ClusterCertsArgs, quiet: bool) -> Result<()> {
+    let written = tls::generate_cluster_certs(&args.out, &tls::ROLES, &args.hosts, args.force)?;
+    for file in &written {
+        println!("{}", file.display());
+    }
+    if quiet {
+        return Ok(());
+    }
+    eprintln!(
+        "cluster CA and certificates for {} in {} (the CA key was not kept); pass \
+         --cluster-tls {} to `ppml scheduler`, `ppml executor` and `ppml submit --mode client`",
+        tls::ROLES.join(", "),
+        args.out.display(),
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// Runs the scheduler until Ctrl-C.
+pub async fn scheduler(args: &SchedulerArgs) -> Result<()> {
+    let mtls = cluster_tls(&args.tls, tls::SCHEDULER, "scheduler")?;
+    let listener = tokio::net::TcpListener::bind(&args.bind)
+        .await
+        .with_context(|| format!("binding the scheduler to {}", args.bind))?;
+    let address = listener.local_addr()?;
+    if mtls.is_some() {
+        eprintln!("ppml scheduler: mutual TLS, clients need a certificate of the cluster CA");
+    }
+    eprintln!("ppml scheduler listening on {address}");
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    ppml_cluster::process::run_scheduler(
+        listener,
+        ppml_cluster::process::SchedulerOptions {
+            executor_timeout_seconds: Some(args.executor_timeout),
+            tls: mtls.as_ref().map(tls::server_tls),
+            customizer: mtls.as_ref().and_then(tls::client_customizer),
+        },
+        shutdown,
+    )
+    .await?;
+    Ok(())
+}
+
+/// Attests (with --tee), then runs an executor until it is stopped.
+pub async fn executor(args: &ExecutorArgs, settings: &mut Settings) -> Result<()> {
+    let (scheduler_host, scheduler_port) = args
+        .master
+        .rsplit_once(':')
+        .and_then(|(host, port)| Some((host.to_string(), port.parse::<u16>().ok()?)))
+        .with_context(|| format!("--master {:?}: expected HOST:PORT", args.master))?;
+    let mtls = cluster_tls(&args.tls, tls::EXECUTOR, "executor")?;
+    // Attestation happens here, before the executor exists: a refused executor exits without
+    // ever registering with the scheduler, so it is never given a task.
+    let kms = settings.open_kms_for_runtime().await?;
+    let external_host = args.external_host.clone().unwrap_or(args.bind_host.clone());
+    let work_dir = args
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| settings.home.join(format!("executor-{}", args.flight_port)));
+    let executor_id = args
+        .id
+        .clone()
+        .unwrap_or_else(|| format!("ppml-{external_host}-{}", args.flight_port));
+    eprintln!(
+        "ppml executor {executor_id}: scheduler {}, shuffle service {external_host}:{}, work dir {}",
+        args.master,
+        args.flight_port,
+        work_dir.display()
+    );
+    ppml_cluster::process::run_executor(ppml_cluster::process::ExecutorOptions {
+        executor_id,
+        scheduler_host,
+        scheduler_port,
+        bind_host: args.bind_host.clone(),
+        external_host,
+        flight_port: args.flight_port,
+        work_dir,
+        vcores: args.cores.unwrap_or(0),
+        kms: kms.dyn_kms(),
+        customizer: mtls.as_ref().and_then(tls::client_customizer),
+        flight_tls: mtls.as_ref().map(tls::server_tls),
+    })
+    .await?;
+    Ok(())
+}
+
+fn cluster_dir(dir: &crate::cli::ClusterDirArgs, settings: &Settings) -> std::path::PathBuf {
+    dir.dir
+        .clone()
+        .unwrap_or_else(|| settings.home.join("cluster"))
+}
+
+/// The command's KMS, TEE and attestation options, as the environment of the cluster's
+/// processes (so secrets such as the api key never appear in their command lines).
+fn forwarded_env(global: &crate::cli::GlobalArgs, settings: &Settings) -> Vec<(String, String)> {
+    let mut env = vec![("PPML_HOME".to_string(), settings.home.display().to_string())];
+    let mut put = |name: &str, value: Option<String>| {
+        if let Some(value) = value {
+            env.push((name.to_string(), value));
+        }
+    };
+    put(
+        "PPML_CONFIG",
+        global.config.as_ref().map(|p| p.display().to_string()),
+    );
+    put("PPML_APPID", global.appid.clone());
+    put("PPML_APIKEY", global.apikey.clone());
+    put("PPML_PRIMARY_KEY", global.primary_key.clone());
+    put("PPML_KMS_URL", global.kms_url.clone());
+    put("PPML_KMS_FINGERPRINT", global.kms_fingerprint.clone());
+    put(
+        "PPML_KMS_CA_CERT",
+        global.kms_ca_cert.as_ref().map(|p| p.display().to_string()),
+    );
+    put(
+        "PPML_TEE",
+        global.tee.and_then(|tee| {
+            clap::ValueEnum::to_possible_value(&tee).map(|v| v.get_name().to_string())
+        }),
+    );
+    put("PPML_ATTESTATION_POLICY", global.attestation_policy.clone());
+    put(
+        "PPML_SIM_PLATFORM_KEY",
+        global
+            .sim_platform_key
+            .as_ref()
+            .map(|p| p.display().to_string()),
+    );
+    env
+}
+
+/// `ppml cluster up`.
+pub fn up(
+    args: &crate::cli::ClusterUpArgs,
+    global: &crate::cli::GlobalArgs,
+    settings: &Settings,
+) -> Result<()> {
+    if args.executors == 0 || args.executor_cores == 0 {
+        bail!("--executors and --executor-cores must be at least 1");
+    }
+    let dir = cluster_dir(&args.dir, settings);
+    let state = crate::cluster_up::up(&crate::cluster_up::UpOptions {
+        dir: dir.clone(),
+        executors: args.executors,
+        executor_cores: args.executor_cores,
+        port: args.port,
+        insecure_cleartext: args.insecure_cleartext,
+        env: forwarded_env(global, settings),
+    })?;
+    println!("master = \"{}\"", state.master);
+    if let Some(tls) = &state.tls_dir {
+        println!("cluster_tls = \"{}\"", tls.display());
+    }
+    if !settings.quiet {
+        eprintln!(
+            "started a scheduler and {} executor(s); logs in {}\nsubmit with: ppml submit --mode client --master {} {} …\nstop with: ppml cluster down{}",
+            args.executors,
+            dir.display(),
+            state.master,
+            match &state.tls_dir {
+                Some(tls) => format!("--cluster-tls {}", tls.display()),
+                None => "--insecure-cleartext".to_string(),
+            },
+            match &args.dir.dir {
+                Some(d) => format!(" --dir {}", d.display()),
+                None => String::new(),
+            }
+        );
+    }
+    Ok(())
+}
+
+/// `ppml cluster down`.
+pub fn down(args: &crate::cli::ClusterDirArgs, settings: &Settings) -> Result<()> {
+    let dir = cluster_dir(args, settings);
+    let stopped = crate::cluster_up::down(&dir)?;
+    if !settings.quiet {
+        eprintln!(
+            "stopped {stopped} process(es) of the cluster in {}",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// `ppml cluster status`: one line per process; exit 1 if any is not running.
+pub fn status(args: &crate::cli::ClusterDirArgs, settings: &Settings) -> Result<()> {
+    let dir = cluster_dir(args, settings);
+    let Some((state, alive)) = crate::cluster_up::status(&dir)? else {
+        bail!("no cluster recorded in {}", dir.display());
+    };
+    println!("master {}", state.master);
+    for (process, alive) in state.processes.iter().zip(&alive) {
+        println!(
+            "{:<12} pid {:<8} {:<8} log {}",
+            process.name,
+            process.pid,
+            if *alive { "running" } else { "stopped" },
+            process.log.display()
+        );
+    }
+    if alive.iter().all(|a| *a) {
+        Ok(())
+    } else {
+        bail!("some processes of the cluster are not running")
+    }
+}

@@ -1,0 +1,257 @@
+//! `ppml cluster up|down|status`: a local development cluster of separate processes.
+//!
+//! `up` starts one scheduler and N executors on loopback, each a child process of its own
+//! (in its own process group, so it outlives `up` and a Ctrl-C in the terminal), with its
+//! output in `<dir>/<name>.log`, and records them in `<dir>/cluster.json`. The executors get
+//! the KMS and attestation settings of the invoking command through the environment (they
+//! attest exactly as `ppml executor` does). `down` stops them: SIGTERM, then SIGKILL after a
+//! grace period.
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+/// What `up` started.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ClusterState {
+    /// The scheduler, `host:port`.
+    pub master: String,
+    /// The directory with the TLS material, when the cluster uses TLS.
+    pub tls_dir: Option<PathBuf>,
+    /// Every process, scheduler first.
+    pub processes: Vec<ClusterProcess>,
+}
+
+/// One process of the cluster.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ClusterProcess {
+    /// `scheduler` or `executor-<i>`.
+    pub name: String,
+    /// Its process id.
+    pub pid: u32,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+const STATE_FILE: &str = "cluster.json";
+
+/// How to start a local cluster.
+#[derive(Debug)]
+pub struct UpOptions {
+    /// Directory for logs, work dirs, certificates and the state file.
+    pub dir: PathBuf,
+    /// Executors to start.
+    pub executors: usize,
+    /// Cores per executor.
+    pub executor_cores: usize,
+    /// The scheduler's port; executors' shuffle services use the next ports.
+    pub port: u16,
+    /// Use cleartext instead of TLS (development only).
+    pub insecure_cleartext: bool,
+    /// Environment for every process: the KMS, TEE and attestation settings.
+    pub env: Vec<(String, String)>,
+}
+
+fn is_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|stat| {
+                // Field 3 is the state; Z is a zombie (exited, not yet reaped).
+                stat.rsplit_once(") ")
+                    .and_then(|(_, rest)| rest.chars().next())
+                    .is_some_and(|state| state != 'Z')
+            })
+            .unwrap_or(false)
+}
+
+fn signal(pid: u32, signal: &str) {
+    let _ = Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+fn read_state(dir: &Path) -> Result<Option<ClusterState>> {
+    let path = dir.join(STATE_FILE);
+    match fs::read(&path) {
+        Ok(bytes) => Ok(Some(
+            serde_json::from_slice(&bytes).with_context(|| format!("{}", path.display()))?,
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("{}", path.display())),
+    }
+}
+
+fn spawn(
+    dir: &Path,
+    name: &str,
+    env: &[(String, String)],
+    args: &[String],
+) -> Result<ClusterProcess> {
+    use std::os::unix::process::CommandExt;
+    let log = dir.join(format!("{name}.log"));
+    let out = File::create(&log).with_context(|| format!("{}", log.display()))?;
+    let err = out.try_clone()?;
+    let exe = std::env::current_exe().context("locating the ppml executable")?;
+    let child = Command::new(exe)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting the {name}"))?;
+    Ok(ClusterProcess {
+        name: name.to_string(),
+        pid: child.id(),
+        log,
+    })
+}
+
+/// Waits until `log` contains `needle` while `pid` lives; errors with the log's tail if the
+/// process exits first or `timeout` passes.
+fn wait_for_log(process: &ClusterProcess, needle: &str, timeout: Duration) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        let text = fs::read_to_string(&process.log).unwrap_or_default();
+        if text.contains(needle) {
+            return Ok(());
+        }
+        if !is_alive(process.pid) || started.elapsed() > timeout {
+            let tail: Vec<&str> = text.lines().rev().take(5).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            bail!(
+                "the {} {} (log {}):\n{}",
+                process.name,
+                if is_alive(process.pid) {
+                    "did not start in time"
+                } else {
+                    "exited"
+                },
+                process.log.display(),
+                tail.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Starts the cluster; on any failure stops what it started.
+pub fn up(options: &UpOptions) -> Result<ClusterState> {
+    if let Some(state) = read_state(&options.dir)?
+        && state.processes.iter().any(|p| is_alive(p.pid))
+    {
+        bail!(
+            "a cluster is already running from {} (master {}); run `ppml cluster down` first",
+            options.dir.display(),
+            state.master
+        );
+    }
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&options.dir)
+            .with_context(|| format!("{}", options.dir.display()))?;
+    }
+    let tls_dir = (!options.insecure_cleartext).then(|| options.dir.join("tls"));
+    if let Some(tls_dir) = &tls_dir
+        && !tls_dir.join("ca.pem").exists()
+    {
+        ppml_cluster::tls::generate_cluster_certs(tls_dir, &ppml_cluster::tls::ROLES, &[], false)?;
+    }
+    let transport = |args: &mut Vec<String>| match &tls_dir {
+        Some(dir) => {
+            args.push("--cluster-tls".into());
+            args.push(dir.display().to_string());
+        }
+        None => args.push("--insecure-cleartext".into()),
+    };
+    let master = format!("127.0.0.1:{}", options.port);
+    let mut state = ClusterState {
+        master: master.clone(),
+        tls_dir: tls_dir.clone(),
+        processes: Vec::new(),
+    };
+    let result = (|| -> Result<()> {
+        let mut args = vec!["scheduler".to_string(), "--bind".into(), master.clone()];
+        transport(&mut args);
+        let scheduler = spawn(&options.dir, "scheduler", &options.env, &args)?;
+        wait_for_log(&scheduler, "listening on", Duration::from_secs(30))?;
+        state.processes.push(scheduler);
+        for i in 0..options.executors {
+            let name = format!("executor-{i}");
+            let mut args = vec![
+                "executor".to_string(),
+                "--master".into(),
+                master.clone(),
+                "--flight-port".into(),
+                (options.port as usize + 1 + i).to_string(),
+                "--cores".into(),
+                options.executor_cores.to_string(),
+                "--id".into(),
+                name.clone(),
+                "--work-dir".into(),
+                options.dir.join(&name).display().to_string(),
+            ];
+            transport(&mut args);
+            let executor = spawn(&options.dir, &name, &options.env, &args)?;
+            let started = wait_for_log(&executor, "ppml executor", Duration::from_secs(60));
+            state.processes.push(executor);
+            started?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        stop(&state.processes, Duration::from_secs(5));
+        return Err(e);
+    }
+    let path = options.dir.join(STATE_FILE);
+    fs::write(&path, serde_json::to_vec_pretty(&state)?)
+        .with_context(|| format!("{}", path.display()))?;
+    Ok(state)
+}
+
+/// Stops `processes` (last first): SIGTERM, then SIGKILL after `grace`.
+fn stop(processes: &[ClusterProcess], grace: Duration) {
+    for process in processes.iter().rev() {
+        if is_alive(process.pid) {
+            signal(process.pid, "TERM");
+        }
+    }
+    let started = Instant::now();
+    while processes.iter().any(|p| is_alive(p.pid)) && started.elapsed() < grace {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for process in processes {
+        if is_alive(process.pid) {
+            signal(process.pid, "KILL");
+        }
+    }
+}
+
+/// Stops the cluster recorded in `dir`; returns how many processes were running.
+pub fn down(dir: &Path) -> Result<usize> {
+    let Some(state) = read_state(dir)? else {
+        bail!("no cluster recorded in {} (nothing to stop)", dir.display());
+    };
+    let running = state.processes.iter().filter(|p| is_alive(p.pid)).count();
+    stop(&state.processes, Duration::from_secs(10));
+    fs::remove_file(dir.join(STATE_FILE)).with_context(|| format!("{}", dir.display()))?;
+    Ok(running)
+}
+
+/// The recorded cluster and which of its processes run.
+pub fn status(dir: &Path) -> Result<Option<(ClusterState, Vec<bool>)>> {
+    Ok(read_state(dir)?.map(|state| {
+        let alive = state.processes.iter().map(|p| is_alive(p.pid)).collect();
+        (state, alive)
+    }))
+}

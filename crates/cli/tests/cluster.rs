@@ -1,0 +1,362 @@
+//! `ppml scheduler`, `ppml executor` and `ppml submit` as separate processes on loopback, with
+//! a KMS server and the simulated TEE: attested executors run the job, an executor that fails
+//! attestation exits before it ever registers, client mode gives the rows local-tee mode
+//! gives, and the executors' disks hold no plaintext. Every cluster channel is mutual TLS,
+//! with certificates from `ppml cluster certs`.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn ppml(home: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ppml"));
+    cmd.env("PPML_HOME", home).arg("--quiet");
+    for var in [
+        "PPML_APPID",
+        "PPML_APIKEY",
+        "PPML_PRIMARY_KEY",
+        "PPML_KMS_URL",
+        "PPML_KMS_FINGERPRINT",
+        "PPML_KMS_CA_CERT",
+        "PPML_CONFIG",
+        "PPML_MASTER",
+        "PPML_TEE",
+        "PPML_CLUSTER_TLS",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{:?} failed: {}{}",
+        cmd,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Starts `cmd` and returns it with the first line of its stderr or stdout matching `prefix`.
+fn spawn_and_read(mut cmd: Command, prefix: &str, from_stderr: bool) -> (Process, String) {
+    if from_stderr {
+        cmd.stderr(Stdio::piped()).stdout(Stdio::null());
+    } else {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::null());
+    }
+    let mut child = cmd.spawn().unwrap();
+    let pipe: Box<dyn std::io::Read + Send> = if from_stderr {
+        Box::new(child.stderr.take().unwrap())
+    } else {
+        Box::new(child.stdout.take().unwrap())
+    };
+    let mut lines = BufReader::new(pipe).lines();
+    let line = lines
+        .by_ref()
+        .map(|l| l.unwrap())
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no line starting with {prefix:?}"));
+    std::thread::spawn(move || for _ in lines {});
+    (Process(child), line)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(files_under(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+fn sorted_lines(text: &str) -> Vec<String> {
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    lines.sort();
+    lines.dedup_by(|a, b| a == b && a.starts_with("name,"));
+    lines
+}
+
+#[test]
+fn client_mode_on_attested_executors_matches_local_tee_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim_key = dir.path().join("sim-platform.pk8");
+
+    // The KMS and attestation service, trusting the simulated platform.
+    let mut serve = ppml(&dir.path().join("server-home"));
+    serve
+        .args(["kms", "serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("kms"))
+        .arg("--trust-sim-platform")
+        .arg(&sim_key);
+    let mut kms = serve
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(kms.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let url = first.rsplit_once(' ').unwrap().1.to_string();
+    assert!(url.starts_with("https://"), "{first}");
+    let second = lines.next().unwrap().unwrap();
+    let fingerprint = second
+        .strip_prefix("certificate fingerprint: ")
+        .unwrap_or_else(|| panic!("no fingerprint in {second:?}"))
+        .to_string();
+    std::thread::spawn(move || for _ in lines {});
+    let _kms = Process(kms);
+    let home = dir.path().join("home");
+    let enroll = run(ppml(&home).args([
+        "kms",
+        "enroll",
+        "--kms-url",
+        &url,
+        "--kms-fingerprint",
+        &fingerprint,
+    ]));
+    let text = stdout(&enroll);
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} = \"")))
+            .and_then(|v| v.strip_suffix('"'))
+            .unwrap_or_else(|| panic!("no {name} in {text:?}"))
+            .to_string()
+    };
+    let (appid, apikey) = (value("appid"), value("apikey"));
+    let client = |home: &Path| {
+        let mut cmd = ppml(home);
+        cmd.env("PPML_KMS_URL", &url)
+            .env("PPML_KMS_FINGERPRINT", &fingerprint)
+            .env("PPML_APPID", &appid)
+            .env("PPML_APIKEY", &apikey)
+            .env("PPML_SIM_PLATFORM_KEY", &sim_key);
+        cmd
+    };
+    let primary = stdout(&run(client(&home).args(["kms", "create-key"])))
+        .trim()
+        .to_string();
+    let with_key = |home: &Path| {
+        let mut cmd = client(home);
+        cmd.env("PPML_PRIMARY_KEY", &primary);
+        cmd
+    };
+
+    // Data: people, encrypted under a key released only to attested runtimes.
+    let csv = dir.path().join("people.csv");
+    run(ppml(&home)
+        .args([
+            "generate", "people", "--rows", "20000", "--seed", "7", "--out",
+        ])
+        .arg(&csv));
+    let enc = dir.path().join("people.enc");
+    run(with_key(&home)
+        .args(["encrypt", "--partitions", "3", "--in"])
+        .arg(&csv)
+        .arg("--out")
+        .arg(&enc));
+    let measurement = stdout(&run(ppml(&home).args(["attest", "measure"])))
+        .trim()
+        .to_string();
+    let policy_file = |name: &str, mrenclave: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            format!(
+                r#"{{"allowed": [{{"tee": "sim", "mrenclave": "{mrenclave}"}}], "allow_simulation": true}}"#
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let good = stdout(&run(with_key(&home)
+        .args(["kms", "release-policy", "--policy"])
+        .arg(policy_file("good.json", &measurement))))
+    .trim()
+    .to_string();
+    let other = stdout(&run(with_key(&home)
+        .args(["kms", "release-policy", "--policy"])
+        .arg(policy_file("other.json", &"00".repeat(32)))))
+    .trim()
+    .to_string();
+    // release-policy sets the policy for the key; restore the good one for the job.
+    run(with_key(&home).args(["kms", "release-policy", "--policy-id", &good]));
+
+    // The cluster CA and the scheduler, executor and driver certificates.
+    let certs = dir.path().join("cluster-tls");
+    let written = stdout(&run(ppml(&home)
+        .args(["cluster", "certs", "--out"])
+        .arg(&certs)));
+    for file in [
+        "ca.pem",
+        "scheduler.pem",
+        "scheduler.key",
+        "executor.pem",
+        "executor.key",
+    ] {
+        assert!(written.contains(file), "{file} not in {written:?}");
+    }
+    let again = ppml(&home)
+        .args(["cluster", "certs", "--out"])
+        .arg(&certs)
+        .output()
+        .unwrap();
+    assert!(
+        !again.status.success(),
+        "the CA was replaced without --force"
+    );
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("--force"),
+        "{again:?}"
+    );
+    // Cluster processes need TLS or an explicit opt-out: a usage error otherwise.
+    let bare = ppml(&dir.path().join("scheduler-home"))
+        .args(["scheduler", "--bind", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert_eq!(bare.status.code(), Some(2), "{bare:?}");
+    assert!(
+        String::from_utf8_lossy(&bare.stderr).contains("--cluster-tls"),
+        "{bare:?}"
+    );
+
+    // The scheduler, and two attested executors, with mutual TLS.
+    let mut scheduler = ppml(&dir.path().join("scheduler-home"));
+    scheduler
+        .args(["scheduler", "--bind", "127.0.0.1:0", "--cluster-tls"])
+        .arg(&certs);
+    let (_scheduler, line) = spawn_and_read(scheduler, "ppml scheduler listening on ", true);
+    let master = line
+        .trim_start_matches("ppml scheduler listening on ")
+        .to_string();
+    let mut executors = Vec::new();
+    let mut work_dirs = Vec::new();
+    for i in 0..2 {
+        let work_dir = dir.path().join(format!("executor-{i}"));
+        let mut cmd = with_key(&dir.path().join(format!("executor-home-{i}")));
+        cmd.args(["--tee", "sim", "--attestation-policy", &good])
+            .args(["executor", "--master", &master, "--cores", "2"])
+            .args(["--flight-port", &free_port().to_string(), "--work-dir"])
+            .arg(&work_dir)
+            .arg("--cluster-tls")
+            .arg(&certs);
+        let (process, _) = spawn_and_read(cmd, "Attestation Success!", true);
+        executors.push(process);
+        work_dirs.push(work_dir);
+    }
+
+    // An executor refused by its policy stops before it registers: exit 4, the failure line.
+    let started = Instant::now();
+    let refused = with_key(&dir.path().join("executor-home-x"))
+        .args(["--tee", "sim", "--attestation-policy", &other])
+        .args(["executor", "--master", &master])
+        .args(["--flight-port", &free_port().to_string()])
+        .arg("--cluster-tls")
+        .arg(&certs)
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(4), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("Attestation Fail! Application killed!")
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+
+    // SimpleQuery in local-tee mode and in client mode.
+    let submit = |mode: &[&str], out: &str| {
+        let output = dir.path().join(out);
+        let result = with_key(&home)
+            .args(["--tee", "sim", "--attestation-policy", &good])
+            .arg("submit")
+            .args(mode)
+            .args(["simple-query", "--no-preview", "--input"])
+            .arg(&enc)
+            .arg("--output")
+            .arg(&output)
+            .output()
+            .unwrap();
+        assert!(result.status.success(), "{mode:?}: {result:?}");
+        let decrypted = run(with_key(&home)
+            .args(["--tee", "sim", "--attestation-policy", &good])
+            .args(["decrypt", "--out", "-", "--in"])
+            .arg(&output));
+        (stdout(&result), sorted_lines(&stdout(&decrypted)))
+    };
+    let (local_report, local_rows) = submit(&["--mode", "local-tee"], "local.enc");
+    let certs_arg = certs.to_str().unwrap();
+    let (cluster_report, cluster_rows) = submit(
+        &[
+            "--mode",
+            "client",
+            "--master",
+            &master,
+            "--num-executors",
+            "2",
+            "--cluster-tls",
+            certs_arg,
+        ],
+        "cluster.enc",
+    );
+    assert!(local_rows.len() > 100, "{} rows", local_rows.len());
+    assert_eq!(
+        local_rows, cluster_rows,
+        "client mode differs from local-tee mode"
+    );
+    let count = |report: &str| {
+        report
+            .lines()
+            .find(|l| l.starts_with("count(name): "))
+            .map(str::to_string)
+    };
+    assert_eq!(count(&local_report), Some("count(name): 20000".into()));
+    assert_eq!(count(&cluster_report), count(&local_report));
+
+    // No plaintext row on the executors' disks.
+    let sample = local_rows
+        .iter()
+        .find(|l| !l.starts_with("name,"))
+        .unwrap()
+        .clone();
+    let mut files = 0;
+    for work_dir in &work_dirs {
+        for file in files_under(work_dir) {
+            let bytes = std::fs::read(&file).unwrap();
+            for needle in [sample.as_bytes(), b"Developer"] {
+                assert!(
+                    !bytes.windows(needle.len()).any(|w| w == needle),
+                    "{} holds plaintext",
+                    file.display()
+                );
+            }
+            files += 1;
+        }
+    }
+    assert!(files > 0, "the executors wrote no shuffle files");
+    drop(executors);
+}

@@ -1,0 +1,241 @@
+//! Faults on a cluster of separate processes: an executor killed with SIGKILL in the middle of
+//! a job. The job either completes with the rows local mode gives, or fails with a clear
+//! error and leaves no output.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn ppml(home: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ppml"));
+    cmd.env("PPML_HOME", home).arg("--quiet");
+    for var in [
+        "PPML_APPID",
+        "PPML_APIKEY",
+        "PPML_PRIMARY_KEY",
+        "PPML_KMS_URL",
+        "PPML_CONFIG",
+        "PPML_MASTER",
+        "PPML_TEE",
+        "PPML_CLUSTER_TLS",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{:?} failed: {}",
+        cmd,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(files_under(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+fn decrypted_rows(home: &Path, dataset: &Path) -> Vec<String> {
+    let out = run(ppml(home)
+        .args(["decrypt", "--out", "-", "--in"])
+        .arg(dataset));
+    let mut rows: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with("name,"))
+        .map(str::to_string)
+        .collect();
+    rows.sort_unstable();
+    rows
+}
+
+#[test]
+fn an_executor_killed_mid_job_loses_no_rows_and_leaves_no_partial_output() {
+    let dir = tempfile::tempdir().unwrap();
+    // The embedded KMS, shared by every process through PPML_HOME (no TEE in this test).
+    let home = dir.path().join("home");
+    let csv = dir.path().join("people.csv");
+    run(ppml(&home)
+        .args([
+            "generate", "people", "--rows", "3000000", "--seed", "3", "--out",
+        ])
+        .arg(&csv));
+    let enc = dir.path().join("people.enc");
+    run(ppml(&home)
+        .args(["encrypt", "--partitions", "8", "--in"])
+        .arg(&csv)
+        .arg("--out")
+        .arg(&enc));
+
+    let local = dir.path().join("local.enc");
+    run(ppml(&home)
+        .args([
+            "submit",
+            "--mode",
+            "local",
+            "simple-query",
+            "--no-preview",
+            "--input",
+        ])
+        .arg(&enc)
+        .arg("--output")
+        .arg(&local));
+    let expected = decrypted_rows(&home, &local);
+    assert!(expected.len() > 100_000);
+
+    let mut scheduler = ppml(&home)
+        .args([
+            "scheduler",
+            "--bind",
+            "127.0.0.1:0",
+            "--executor-timeout",
+            "3",
+        ])
+        .arg("--insecure-cleartext")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(scheduler.stderr.take().unwrap()).lines();
+    let master = lines
+        .by_ref()
+        .map(|l| l.unwrap())
+        .find_map(|l| {
+            l.strip_prefix("ppml scheduler listening on ")
+                .map(str::to_string)
+        })
+        .expect("scheduler address");
+    std::thread::spawn(move || for _ in lines {});
+    let _scheduler = Process(scheduler);
+    let mut executors = Vec::new();
+    let mut work_dirs = Vec::new();
+    for i in 0..2 {
+        let work_dir = dir.path().join(format!("executor-{i}"));
+        let child = ppml(&home)
+            .args([
+                "executor",
+                "--master",
+                &master,
+                "--cores",
+                "1",
+                "--insecure-cleartext",
+            ])
+            .args(["--flight-port", &free_port().to_string(), "--work-dir"])
+            .arg(&work_dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        executors.push(Process(child));
+        work_dirs.push(work_dir);
+    }
+
+    let output = dir.path().join("cluster.enc");
+    let mut submit = ppml(&home)
+        .args([
+            "submit",
+            "--mode",
+            "client",
+            "--master",
+            &master,
+            "--insecure-cleartext",
+        ])
+        .args(["--num-executors", "2", "--executor-cores", "1"])
+        .args(["simple-query", "--no-preview", "--input"])
+        .arg(&enc)
+        .arg("--output")
+        .arg(&output)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    // Kill executor 1 as soon as the job has written shuffle output on either executor.
+    let started = Instant::now();
+    while work_dirs.iter().all(|d| {
+        !files_under(d)
+            .iter()
+            .any(|f| f.to_string_lossy().ends_with(".arrow"))
+    }) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the job never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    executors[1].0.kill().unwrap();
+    executors[1].0.wait().unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let status = loop {
+        if let Some(status) = submit.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the job neither finished nor failed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(submit.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    if status.success() {
+        assert_eq!(
+            decrypted_rows(&home, &output),
+            expected,
+            "the job completed after the kill with different rows"
+        );
+    } else {
+        assert!(!output.exists(), "a failed job left output behind");
+        let siblings: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("cluster.enc"))
+            .collect();
+        assert!(siblings.is_empty(), "temporary output left: {siblings:?}");
+        assert!(
+            stderr.contains("ppml: error:")
+                && (stderr.contains("job") || stderr.contains("executor")),
+            "unclear error: {stderr}"
+        );
+    }
+    eprintln!(
+        "after SIGKILL the job {}",
+        if status.success() {
+            "completed with the local rows"
+        } else {
+            "failed cleanly"
+        }
+    );
+}

@@ -1,0 +1,183 @@
+//! `ppml cluster up|status|down`: a local development cluster of separate processes with
+//! mutual TLS, used by `ppml submit --mode client`.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn ppml(home: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ppml"));
+    cmd.env("PPML_HOME", home).arg("--quiet");
+    for var in [
+        "PPML_APPID",
+        "PPML_APIKEY",
+        "PPML_PRIMARY_KEY",
+        "PPML_KMS_URL",
+        "PPML_CONFIG",
+        "PPML_MASTER",
+        "PPML_TEE",
+        "PPML_CLUSTER_TLS",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{:?} failed: {}{}",
+        cmd,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A port whose next two ports are free too (scheduler + two shuffle services).
+fn free_port_block() -> u16 {
+    for _ in 0..50 {
+        let base = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if base < 60000
+            && (1..=2).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok())
+        {
+            return base;
+        }
+    }
+    panic!("no free block of 3 ports");
+}
+
+fn pids(state: &str) -> Vec<u32> {
+    let value: serde_json::Value = serde_json::from_str(state).unwrap();
+    value["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["pid"].as_u64().unwrap() as u32)
+        .collect()
+}
+
+#[test]
+fn cluster_up_runs_client_mode_jobs_and_down_stops_every_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let cluster = dir.path().join("cluster");
+    let csv = dir.path().join("people.csv");
+    run(ppml(&home)
+        .args([
+            "generate", "people", "--rows", "50000", "--seed", "5", "--out",
+        ])
+        .arg(&csv));
+    let enc = dir.path().join("people.enc");
+    run(ppml(&home)
+        .args(["encrypt", "--partitions", "2", "--in"])
+        .arg(&csv)
+        .arg("--out")
+        .arg(&enc));
+
+    let port = free_port_block();
+    let up = run(ppml(&home)
+        .args([
+            "cluster",
+            "up",
+            "--executors",
+            "2",
+            "--port",
+            &port.to_string(),
+            "--dir",
+        ])
+        .arg(&cluster));
+    let printed = String::from_utf8_lossy(&up.stdout).into_owned();
+    let master = format!("127.0.0.1:{port}");
+    assert!(
+        printed.contains(&format!("master = \"{master}\"")),
+        "{printed}"
+    );
+    assert!(cluster.join("tls/ca.pem").exists());
+    let state = std::fs::read_to_string(cluster.join("cluster.json")).unwrap();
+    let started = pids(&state);
+    assert_eq!(started.len(), 3);
+
+    // A second `up` refuses while the first cluster runs.
+    let again = ppml(&home)
+        .args(["cluster", "up", "--port", &port.to_string(), "--dir"])
+        .arg(&cluster)
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already running"));
+
+    let status = run(ppml(&home)
+        .args(["cluster", "status", "--dir"])
+        .arg(&cluster));
+    assert_eq!(
+        String::from_utf8_lossy(&status.stdout)
+            .matches(" running ")
+            .count(),
+        3
+    );
+
+    let output = dir.path().join("result.enc");
+    let submitted = run(ppml(&home)
+        .args([
+            "submit",
+            "--mode",
+            "client",
+            "--master",
+            &master,
+            "--cluster-tls",
+        ])
+        .arg(cluster.join("tls"))
+        .args(["simple-query", "--input"])
+        .arg(&enc)
+        .arg("--output")
+        .arg(&output));
+    assert!(String::from_utf8_lossy(&submitted.stdout).contains("count(name): 50000"));
+    let decrypted = run(ppml(&home)
+        .args(["decrypt", "--out", "-", "--in"])
+        .arg(&output));
+    assert!(String::from_utf8_lossy(&decrypted.stdout).starts_with("name,age,job\n"));
+
+    // Without TLS material the cluster refuses the driver.
+    let cleartext = ppml(&home)
+        .args([
+            "submit",
+            "--mode",
+            "client",
+            "--master",
+            &master,
+            "--insecure-cleartext",
+        ])
+        .args(["simple-query", "--input"])
+        .arg(&enc)
+        .arg("--output")
+        .arg(dir.path().join("cleartext.enc"))
+        .output()
+        .unwrap();
+    assert!(!cleartext.status.success());
+    assert!(!dir.path().join("cleartext.enc").exists());
+
+    run(ppml(&home).args(["cluster", "down", "--dir"]).arg(&cluster));
+    for pid in started {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next());
+        assert!(
+            state.is_none() || state == Some('Z'),
+            "process {pid} still runs after down"
+        );
+    }
+    assert!(
+        !ppml(&home)
+            .args(["cluster", "status", "--dir"])
+            .arg(&cluster)
+            .status()
+            .unwrap()
+            .success()
+    );
+}

@@ -1,0 +1,251 @@
+//! The driver side: submit a physical plan to the scheduler and read its encrypted result.
+//!
+//! [`ClusterRunner`] is a [`PlanRunner`]: a [`ppml_engine::PpmlSession`] plans as usual (its
+//! scans read `ppml://` datasets the driver verified) and the runner runs each plan on the
+//! cluster (docs/cluster.md §2, §4): it creates the job's shuffle key, submits the plan with
+//! the `ppml.*` settings, waits for the job, then fetches the final stage's files (ciphertext)
+//! from the executors and decrypts them here.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ballista_core::serde::BallistaPhysicalExtensionCodec;
+use ballista_core::serde::protobuf::execute_query_params::Query;
+use ballista_core::serde::protobuf::execute_query_result::Result as QueryResult;
+use ballista_core::serde::protobuf::job_status::Status;
+use ballista_core::serde::protobuf::scheduler_grpc_client::SchedulerGrpcClient;
+use ballista_core::serde::protobuf::{ExecuteQueryParams, GetJobStatusParams, KeyValuePair};
+use ballista_core::serde::scheduler::PartitionLocation;
+use ballista_core::version::insert_version_header;
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{ExecutionPlan, ExecutionPlanProperties};
+use datafusion::prelude::SessionContext;
+use datafusion_proto::physical_plan::AsExecutionPlan;
+use datafusion_proto::protobuf::PhysicalPlanNode;
+use futures::{StreamExt, TryStreamExt};
+use ppml_engine::PlanRunner;
+use ppml_kms::{KeyManagementService, PrimaryKeyId};
+use prost::Message;
+use rand::Rng as _;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::ClusterError;
+use crate::engine::ShuffleSource;
+use crate::flight::EndpointCustomizer;
+use crate::job::new_job_key;
+
+/// How often the driver asks the scheduler about a running job.
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Runs plans on a ppml cluster, as the job's driver.
+pub struct ClusterRunner {
+    scheduler: String,
+    kms: Arc<dyn KeyManagementService>,
+    shuffle_primary: PrimaryKeyId,
+    customizer: EndpointCustomizer,
+}
+
+impl std::fmt::Debug for ClusterRunner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterRunner")
+            .field("scheduler", &self.scheduler)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClusterRunner {
+    /// A runner submitting to the scheduler at `scheduler` (`host:port`), creating each job's
+    /// shuffle key under `shuffle_primary` with `kms`.
+    pub fn new(
+        scheduler: impl Into<String>,
+        kms: Arc<dyn KeyManagementService>,
+        shuffle_primary: PrimaryKeyId,
+        customizer: EndpointCustomizer,
+    ) -> Self {
+        ClusterRunner {
+            scheduler: scheduler.into(),
+            kms,
+            shuffle_primary,
+            customizer,
+        }
+    }
+
+    fn error(&self, message: impl std::fmt::Display) -> ClusterError {
+        ClusterError::Scheduler {
+            addr: self.scheduler.clone(),
+            message: message.to_string(),
+        }
+    }
+
+    async fn connect(&self) -> Result<SchedulerGrpcClient<Channel>, ClusterError> {
+        let endpoint = match &self.customizer {
+            Some(customize) => customize(
+                Endpoint::from_shared(format!("https://{}", self.scheduler))
+                    .map_err(|e| self.error(e))?,
+            )
+            .map_err(|e| self.error(e))?,
+            None => Endpoint::from_shared(format!("http://{}", self.scheduler))
+                .map_err(|e| self.error(e))?,
+        };
+        let channel = endpoint
+            .connect_timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .map_err(|e| self.error(format!("cannot connect: {}", error_chain(&e))))?;
+        Ok(SchedulerGrpcClient::new(channel)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20))
+    }
+
+    /// Submits `plan` and waits for it; returns Ballista's job id and the final stage's files.
+    async fn run_job(
+        &self,
+        plan: &Arc<dyn ExecutionPlan>,
+        settings: Vec<KeyValuePair>,
+        session_id: String,
+    ) -> Result<(String, Vec<PartitionLocation>), ClusterError> {
+        let codec = BallistaPhysicalExtensionCodec::default();
+        let encoded = PhysicalPlanNode::try_from_physical_plan(plan.clone(), &codec)
+            .map_err(|e| ClusterError::Plan(e.to_string()))?
+            .encode_to_vec();
+        let mut scheduler = self.connect().await?;
+        let mut request = tonic::Request::new(ExecuteQueryParams {
+            query: Some(Query::PhysicalPlan(encoded)),
+            settings,
+            session_id,
+            operation_id: random_id(),
+        });
+        insert_version_header(request.metadata_mut());
+        let submitted = scheduler
+            .execute_query(request)
+            .await
+            .map_err(|status| self.error(format!("submission refused: {}", status.message())))?
+            .into_inner();
+        let job_id = match submitted.result {
+            Some(QueryResult::Success(success)) => success.job_id,
+            Some(QueryResult::Failure(failure)) => {
+                return Err(self.error(format!("submission failed: {failure:?}")));
+            }
+            None => return Err(self.error("empty answer to the submission")),
+        };
+        tracing::info!(job = %job_id, "job submitted");
+        loop {
+            let status = scheduler
+                .get_job_status(GetJobStatusParams {
+                    job_id: job_id.clone(),
+                })
+                .await
+                .map_err(|status| self.error(format!("job status: {}", status.message())))?
+                .into_inner()
+                .status
+                .and_then(|s| s.status);
+            match status {
+                Some(Status::Successful(done)) => {
+                    let locations = done
+                        .partition_location
+                        .into_iter()
+                        .map(|l| l.try_into())
+                        .collect::<Result<Vec<PartitionLocation>, _>>()?;
+                    tracing::info!(job = %job_id, files = locations.len(), "job finished");
+                    return Ok((job_id, locations));
+                }
+                Some(Status::Failed(failed)) => {
+                    return Err(ClusterError::JobFailed {
+                        job_id,
+                        message: failed.error,
+                    });
+                }
+                _ => tokio::time::sleep(POLL_INTERVAL).await,
+            }
+        }
+    }
+}
+
+/// `error: cause: cause…`, so that the reason behind tonic's "transport error" (a refused
+/// connection, a certificate the peer did not accept) shows.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+fn random_id() -> String {
+    let bytes: [u8; 16] = rand::rng().random();
+    hex::encode(bytes)
+}
+
+#[async_trait::async_trait]
+impl PlanRunner for ClusterRunner {
+    async fn execute(
+        &self,
+        plan: Arc<dyn ExecutionPlan>,
+        ctx: &SessionContext,
+    ) -> ppml_engine::Result<Vec<SendableRecordBatchStream>> {
+        let job_id = random_id();
+        let (job, key) = new_job_key(self.kms.as_ref(), &self.shuffle_primary, &job_id)
+            .await
+            .map_err(datafusion::error::DataFusionError::from)?;
+        let mut config = crate::job::with_job_settings(ctx.copied_config());
+        job.apply(&mut config)
+            .map_err(datafusion::error::DataFusionError::from)?;
+        let settings = config
+            .options()
+            .entries()
+            .into_iter()
+            .map(|entry| KeyValuePair {
+                key: entry.key,
+                value: entry.value,
+            })
+            .collect();
+        let (ballista_job, locations) = self
+            .run_job(&plan, settings, ctx.session_id())
+            .await
+            .map_err(datafusion::error::DataFusionError::from)?;
+
+        let partitions = plan.output_partitioning().partition_count();
+        let mut by_partition: BTreeMap<usize, Vec<PartitionLocation>> =
+            (0..partitions).map(|p| (p, Vec::new())).collect();
+        for location in locations {
+            by_partition
+                .entry(location.partition_id.partition_id)
+                .or_default()
+                .push(location);
+        }
+        let schema = plan.schema();
+        Ok(by_partition
+            .into_values()
+            .map(|locations| {
+                let key = key.clone();
+                let schema_for_files = schema.clone();
+                let customizer = self.customizer.clone();
+                let job = ballista_job.clone();
+                let files = futures::stream::iter(locations)
+                    .then(move |location| {
+                        let source = ShuffleSource {
+                            job_id: job.clone(),
+                            location,
+                        };
+                        source.open(
+                            None,
+                            key.clone(),
+                            schema_for_files.clone(),
+                            customizer.clone(),
+                        )
+                    })
+                    .try_flatten();
+                Box::pin(RecordBatchStreamAdapter::new(schema.clone(), files))
+                    as SendableRecordBatchStream
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,497 @@
+//! The executor's execution engine: every stage reads and writes encrypted shuffle files.
+//!
+//! Ballista hands each task a stage plan whose root is a shuffle writer and whose leaves are
+//! scans or shuffle readers. [`PpmlExecutionEngine`] (docs/cluster.md §6.3) checks the plan
+//! against what an executor may run, replaces every `ShuffleReaderExec` by a
+//! [`PpmlShuffleReaderExec`] and the root writer by [`PpmlQueryStage`], which writes one
+//! encrypted file per output partition. The job's shuffle key is released from the KMS on the
+//! job's first task on this executor (see [`crate::job`]).
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use ballista_core::JobId;
+use ballista_core::execution_plans::sort_shuffle::SortShuffleWriterExec;
+use ballista_core::execution_plans::{
+    RangeShuffleReaderExec, RangeShuffleWriterExec, ShuffleReaderExec, ShuffleWriterExec,
+    create_shuffle_path,
+};
+use ballista_core::serde::protobuf::ShuffleWritePartition;
+use ballista_core::serde::scheduler::PartitionLocation;
+use ballista_executor::execution_engine::{ExecutionEngine, QueryStageExecutor};
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::datasource::physical_plan::FileScanConfig;
+use datafusion::datasource::source::DataSourceExec;
+use datafusion::error::{DataFusionError, Result};
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion::physical_plan::metrics::MetricsSet;
+use datafusion::physical_plan::repartition::RepartitionExec;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, Partitioning,
+    PlanProperties,
+};
+use datafusion::prelude::SessionConfig;
+use futures::{StreamExt, TryStreamExt};
+use tokio::sync::OnceCell;
+
+use crate::ClusterError;
+use crate::flight::{EndpointCustomizer, FetchRequest, fetch_shuffle_file};
+use crate::job::{JobKeys, JobSettings};
+use crate::shuffle::{
+    ShuffleFileId, ShuffleKey, read_shuffle_file, read_shuffle_stream, write_shuffle_file,
+};
+
+/// The job key of one stage, set by [`PpmlQueryStage`] before any reader runs.
+type StageKey = Arc<OnceCell<Arc<ShuffleKey>>>;
+
+/// ppml's [`ExecutionEngine`]: encrypted shuffle, plan checks, keys from the KMS.
+pub struct PpmlExecutionEngine {
+    keys: Arc<JobKeys>,
+    customizer: EndpointCustomizer,
+}
+
+impl fmt::Debug for PpmlExecutionEngine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PpmlExecutionEngine")
+            .finish_non_exhaustive()
+    }
+}
+
+impl PpmlExecutionEngine {
+    /// An engine releasing job keys through `keys` and fetching remote shuffle files with
+    /// channels made by `customizer` (TLS).
+    pub fn new(keys: Arc<JobKeys>, customizer: EndpointCustomizer) -> Self {
+        PpmlExecutionEngine { keys, customizer }
+    }
+}
+
+/// Refuses stage plans an executor must not run: sinks (a plan could otherwise write rows in
+/// plaintext), scans of anything but ppml's decrypting store, and the range shuffles that only
+/// Ballista's adaptive planner creates.
+pub fn check_stage_plan(plan: &Arc<dyn ExecutionPlan>) -> Result<(), ClusterError> {
+    let mut refused = None;
+    plan.apply(|node| {
+        let name = node.name();
+        if name.contains("Sink")
+            || node.is::<RangeShuffleReaderExec>()
+            || node.is::<RangeShuffleWriterExec>()
+        {
+            refused = Some(format!("operator {name} is not allowed on a ppml executor"));
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        if let Some(scan) = node.downcast_ref::<DataSourceExec>()
+            && let Some(files) = scan.data_source().downcast_ref::<FileScanConfig>()
+        {
+            let url = files.object_store_url.as_str();
+            if !url.starts_with("ppml://") {
+                refused = Some(format!(
+                    "scan of {url}: executors read only ppml datasets (ppml:// URLs)"
+                ));
+                return Ok(TreeNodeRecursion::Stop);
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })
+    .map_err(|e| ClusterError::RefusedPlan(e.to_string()))?;
+    match refused {
+        Some(reason) => Err(ClusterError::RefusedPlan(reason)),
+        None => Ok(()),
+    }
+}
+
+impl ExecutionEngine for PpmlExecutionEngine {
+    fn create_query_stage_exec(
+        &self,
+        job_id: JobId,
+        stage_id: usize,
+        _task_id: usize,
+        global_output_partition_ids: Vec<usize>,
+        plan: Arc<dyn ExecutionPlan>,
+        work_dir: &str,
+        config: &SessionConfig,
+    ) -> Result<Arc<dyn QueryStageExecutor>> {
+        let settings = JobSettings::from_config(config)?;
+        check_stage_plan(&plan)?;
+        let key: StageKey = Arc::new(OnceCell::new());
+        let plan = plan
+            .transform(|node| {
+                if let Some(reader) = node.downcast_ref::<ShuffleReaderExec>() {
+                    let reader = PpmlShuffleReaderExec::new(
+                        reader,
+                        job_id.as_str(),
+                        PathBuf::from(work_dir),
+                        key.clone(),
+                        self.customizer.clone(),
+                    );
+                    Ok(Transformed::yes(Arc::new(reader) as Arc<dyn ExecutionPlan>))
+                } else {
+                    Ok(Transformed::no(node))
+                }
+            })?
+            .data;
+        let output = if plan.is::<ShuffleWriterExec>() {
+            let child = plan.children()[0].clone();
+            let partitions = child.output_partitioning().partition_count();
+            let ids = (0..partitions)
+                .map(|local| {
+                    global_output_partition_ids
+                        .get(local)
+                        .copied()
+                        .unwrap_or(local)
+                })
+                .collect();
+            StageOutput {
+                child,
+                partition_ids: ids,
+            }
+        } else if let Some(writer) = plan.downcast_ref::<SortShuffleWriterExec>() {
+            // Hash shuffle: all K buckets of this task's rows, one file each. DataFusion hashes
+            // with a fixed seed, so every task and executor agrees on the buckets.
+            let partitioning = writer.shuffle_output_partitioning().clone();
+            let Partitioning::Hash(_, buckets) = partitioning else {
+                return Err(ClusterError::RefusedPlan(format!(
+                    "sort shuffle with {partitioning} partitioning"
+                ))
+                .into());
+            };
+            let child: Arc<dyn ExecutionPlan> = Arc::new(RepartitionExec::try_new(
+                plan.children()[0].clone(),
+                partitioning,
+            )?);
+            StageOutput {
+                child,
+                partition_ids: (0..buckets).collect(),
+            }
+        } else {
+            return Err(ClusterError::RefusedPlan(format!(
+                "stage root {} is not a shuffle writer",
+                plan.name()
+            ))
+            .into());
+        };
+        Ok(Arc::new(PpmlQueryStage {
+            job_id,
+            stage_id,
+            work_dir: PathBuf::from(work_dir),
+            settings,
+            keys: self.keys.clone(),
+            key,
+            output,
+        }))
+    }
+}
+
+#[derive(Debug)]
+struct StageOutput {
+    /// Produces the stage's output partitions.
+    child: Arc<dyn ExecutionPlan>,
+    /// The global id of each of the child's output partitions.
+    partition_ids: Vec<usize>,
+}
+
+/// Runs one task of a stage: writes each output partition to an encrypted shuffle file.
+///
+/// It reports row, batch and byte counts to the scheduler, as Ballista's writers do, but no
+/// column statistics or operator metrics: those could carry values.
+pub struct PpmlQueryStage {
+    job_id: JobId,
+    stage_id: usize,
+    work_dir: PathBuf,
+    settings: JobSettings,
+    keys: Arc<JobKeys>,
+    key: StageKey,
+    output: StageOutput,
+}
+
+impl fmt::Debug for PpmlQueryStage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PpmlQueryStage")
+            .field("job_id", &self.job_id.as_str())
+            .field("stage_id", &self.stage_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Display for PpmlQueryStage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "PpmlQueryStage: job {} stage {}, {} encrypted output partitions",
+            self.job_id.as_str(),
+            self.stage_id,
+            self.output.partition_ids.len()
+        )
+    }
+}
+
+#[async_trait::async_trait]
+impl QueryStageExecutor for PpmlQueryStage {
+    async fn execute_query_stage(
+        &self,
+        task_id: usize,
+        context: Arc<TaskContext>,
+    ) -> Result<Vec<ShuffleWritePartition>> {
+        let key = self
+            .key
+            .get_or_try_init(|| self.keys.get(&self.settings))
+            .await?
+            .clone();
+        let mut writes = tokio::task::JoinSet::new();
+        for (local, &global) in self.output.partition_ids.iter().enumerate() {
+            let id = ShuffleFileId {
+                job_id: self.job_id.as_str().to_string(),
+                stage_id: self.stage_id as u32,
+                partition_id: global as u32,
+                file_id: task_id as u64,
+            };
+            let path = create_shuffle_path(
+                &self.work_dir,
+                &self.job_id,
+                self.stage_id,
+                global,
+                Some(task_id as u64),
+                false,
+            )?;
+            let stream = self.output.child.execute(local, context.clone())?;
+            let key = key.clone();
+            writes.spawn(async move {
+                let stats = write_shuffle_file(stream, &path, &id, &key)
+                    .await
+                    .map_err(|e| DataFusionError::External(Box::new(e)))?;
+                Ok::<_, DataFusionError>(ShuffleWritePartition {
+                    partition_id: global as u64,
+                    num_batches: stats.num_batches,
+                    num_rows: stats.num_rows,
+                    num_bytes: stats.num_bytes,
+                    file_id: Some(task_id as u64),
+                    is_sort_shuffle: false,
+                })
+            });
+        }
+        let mut written = Vec::with_capacity(writes.len());
+        while let Some(joined) = writes.join_next().await {
+            match joined {
+                Ok(Ok(partition)) => written.push(partition),
+                Ok(Err(e)) => {
+                    writes.abort_all();
+                    return Err(e);
+                }
+                Err(e) => {
+                    writes.abort_all();
+                    return Err(DataFusionError::External(Box::new(e)));
+                }
+            }
+        }
+        written.sort_by_key(|p| p.partition_id);
+        Ok(written)
+    }
+
+    fn collect_plan_metrics(&self) -> Vec<MetricsSet> {
+        Vec::new()
+    }
+}
+
+/// Reads a shuffle stage's output: local files directly, other executors' files through
+/// ppml's Flight action, always decrypting with the job key and checking each file's place in
+/// the job (docs/cluster.md §6.4). Same partition semantics as Ballista's `ShuffleReaderExec`.
+pub struct PpmlShuffleReaderExec {
+    stage_id: usize,
+    job_id: String,
+    partition: Vec<Vec<PartitionLocation>>,
+    broadcast: bool,
+    properties: Arc<PlanProperties>,
+    work_dir: PathBuf,
+    key: StageKey,
+    customizer: EndpointCustomizer,
+}
+
+impl fmt::Debug for PpmlShuffleReaderExec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PpmlShuffleReaderExec")
+            .field("stage_id", &self.stage_id)
+            .field("job_id", &self.job_id)
+            .field("partitions", &self.partition.len())
+            .field("broadcast", &self.broadcast)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PpmlShuffleReaderExec {
+    fn new(
+        reader: &ShuffleReaderExec,
+        job_id: &str,
+        work_dir: PathBuf,
+        key: StageKey,
+        customizer: EndpointCustomizer,
+    ) -> Self {
+        PpmlShuffleReaderExec {
+            stage_id: reader.stage_id,
+            job_id: job_id.to_string(),
+            partition: reader.partition.clone(),
+            broadcast: reader.broadcast,
+            properties: reader.properties().clone(),
+            work_dir,
+            key,
+            customizer,
+        }
+    }
+}
+
+impl DisplayAs for PpmlShuffleReaderExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(
+            f,
+            "PpmlShuffleReaderExec: stage {}, partitioning {}",
+            self.stage_id,
+            self.properties.output_partitioning()
+        )
+    }
+}
+
+impl ExecutionPlan for PpmlShuffleReaderExec {
+    fn name(&self) -> &str {
+        "PpmlShuffleReaderExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        Vec::new()
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        if children.is_empty() {
+            Ok(self)
+        } else {
+            Err(DataFusionError::Internal(
+                "PpmlShuffleReaderExec has no children".into(),
+            ))
+        }
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        _context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
+        let index = if self.broadcast { 0 } else { partition };
+        let locations = self.partition.get(index).cloned().ok_or_else(|| {
+            DataFusionError::Internal(format!(
+                "shuffle reader of stage {} has no partition {index}",
+                self.stage_id
+            ))
+        })?;
+        let key = self.key.get().cloned().ok_or_else(|| {
+            DataFusionError::Internal("the job key was not released before reading".into())
+        })?;
+        let schema = self.schema();
+        let work_dir = self.work_dir.clone();
+        let job_id = self.job_id.clone();
+        let customizer = self.customizer.clone();
+        let files = futures::stream::iter(locations)
+            .then(move |location| {
+                let source = ShuffleSource {
+                    job_id: job_id.clone(),
+                    location,
+                };
+                source.open(
+                    Some(work_dir.clone()),
+                    key.clone(),
+                    schema.clone(),
+                    customizer.clone(),
+                )
+            })
+            .try_flatten();
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            self.schema(),
+            files,
+        )))
+    }
+}
+
+/// One shuffle file a reader needs.
+pub(crate) struct ShuffleSource {
+    pub(crate) job_id: String,
+    pub(crate) location: PartitionLocation,
+}
+
+impl ShuffleSource {
+    /// The file's place in the job, which its header must match.
+    pub(crate) fn file_id(&self) -> Result<ShuffleFileId> {
+        let file_id = self.location.file_id.ok_or_else(|| {
+            DataFusionError::Internal("a ppml shuffle location always has a file id".into())
+        })?;
+        if self.location.partition_id.job_id.as_str() != self.job_id {
+            return Err(DataFusionError::Internal(format!(
+                "shuffle location of job {} in job {}",
+                self.location.partition_id.job_id.as_str(),
+                self.job_id
+            )));
+        }
+        Ok(ShuffleFileId {
+            job_id: self.job_id.clone(),
+            stage_id: self.location.partition_id.stage_id as u32,
+            partition_id: self.location.partition_id.partition_id as u32,
+            file_id,
+        })
+    }
+
+    /// Opens the file: from `work_dir` when this process wrote it, else from its executor.
+    pub(crate) async fn open(
+        self,
+        work_dir: Option<PathBuf>,
+        key: Arc<ShuffleKey>,
+        schema: datafusion::arrow::datatypes::SchemaRef,
+        customizer: EndpointCustomizer,
+    ) -> Result<SendableRecordBatchStream> {
+        let id = self.file_id()?;
+        if let Some(work_dir) = work_dir {
+            let path = self.location.path(work_dir.to_string_lossy().as_ref())?;
+            if tokio::fs::try_exists(&path).await.unwrap_or(false) {
+                return read_shuffle_file(&path, id, key, schema)
+                    .map_err(|e| DataFusionError::External(Box::new(e)));
+            }
+        }
+        let executor = &self.location.executor_meta;
+        let request = FetchRequest {
+            job_id: id.job_id.clone(),
+            stage_id: id.stage_id,
+            partition_id: id.partition_id,
+            file_id: id.file_id,
+        };
+        // Reported as Ballista's FetchFailed, so the scheduler recomputes the map output that
+        // was on a lost executor instead of failing the job.
+        let source = fetch_shuffle_file(&executor.host, executor.port, &request, &customizer)
+            .await
+            .map_err(|e| {
+                DataFusionError::External(Box::new(
+                    ballista_core::error::BallistaError::FetchFailed(
+                        executor.id.clone(),
+                        self.location.partition_id.stage_id,
+                        self.location.partition_id.partition_id,
+                        e.to_string(),
+                    ),
+                ))
+            })?;
+        let display = format!(
+            "{}:{} job {} stage {} partition {} file {}",
+            executor.host, executor.port, id.job_id, id.stage_id, id.partition_id, id.file_id
+        );
+        Ok(read_shuffle_stream(source, display, id, key, schema))
+    }
+}

@@ -1,0 +1,58 @@
+use ppml_kms::KmsError;
+
+/// Why a cluster operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClusterError {
+    /// A task's ppml settings are missing or malformed.
+    #[error("job settings: {0}")]
+    JobSettings(String),
+    /// The KMS refused or failed to create or release a job's shuffle key.
+    #[error("job {job_id}: cannot obtain the shuffle key: {source}")]
+    ShuffleKey {
+        /// The driver's job id.
+        job_id: String,
+        /// The KMS error.
+        source: KmsError,
+    },
+    /// A stage plan contains an operator an executor must not run (docs/cluster.md §5.2).
+    #[error("refused plan: {0}")]
+    RefusedPlan(String),
+    /// The scheduler could not be reached or refused a request.
+    #[error("scheduler {addr}: {message}")]
+    Scheduler {
+        /// The scheduler's address.
+        addr: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The job failed in the cluster.
+    #[error("job {job_id} failed: {message}")]
+    JobFailed {
+        /// Ballista's job id.
+        job_id: String,
+        /// The scheduler's description of the failure.
+        message: String,
+    },
+    /// Encoding or decoding a plan failed.
+    #[error("plan serialisation: {0}")]
+    Plan(String),
+    /// A Ballista component failed.
+    #[error(transparent)]
+    Ballista(#[from] ballista_core::error::BallistaError),
+    /// DataFusion failed.
+    #[error(transparent)]
+    DataFusion(#[from] datafusion::error::DataFusionError),
+    /// Setting up TLS or networking failed.
+    #[error("{0}")]
+    Setup(String),
+}
+
+impl From<ClusterError> for datafusion::error::DataFusionError {
+    fn from(error: ClusterError) -> Self {
+        match error {
+            ClusterError::DataFusion(e) => e,
+            other => datafusion::error::DataFusionError::External(Box::new(other)),
+        }
+    }
+}

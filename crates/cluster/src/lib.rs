@@ -1,0 +1,28 @@
+//! ppml on Apache DataFusion Ballista (see `docs/cluster.md`).
+//!
+//! Every executor is an attested runtime: it gets dataset and shuffle keys only from the KMS,
+//! and every byte it writes to disk or sends to another process is encrypted.
+//!
+//! - [`shuffle`]: shuffle files as ppml-format files holding Arrow IPC streams, under a
+//!   per-job key, bound to their place in the job.
+//! - [`flight`]: the executor's Arrow Flight service, which serves those files (still
+//!   encrypted) to other executors and to the driver, and the matching client.
+//! - [`job`]: the `ppml.*` settings every task carries, and the job's shuffle key.
+//! - [`engine`]: the executor's execution engine: plan checks, encrypted shuffle readers and
+//!   writers.
+//! - [`process`]: ppml's builds of the Ballista scheduler and executor.
+//! - [`client`]: the driver's [`ppml_engine::PlanRunner`], which runs plans on the cluster.
+//! - [`tls`]: mutual TLS on every cluster channel: the cluster CA, role certificates, server
+//!   configurations and the client endpoint customizer.
+
+pub mod client;
+pub mod engine;
+mod error;
+pub mod flight;
+pub mod job;
+pub mod process;
+pub mod shuffle;
+pub mod tls;
+
+pub use client::ClusterRunner;
+pub use error::ClusterError;

@@ -1,0 +1,228 @@
+//! Running ppml's builds of the Ballista scheduler and executor (docs/cluster.md §3).
+//!
+//! Both embed the Ballista crates. The executor is Ballista's executor process with ppml's
+//! execution engine (encrypted shuffle), Flight service, decrypting object store and job
+//! settings; it uses pull-staged scheduling, so it runs no gRPC server of its own. The caller
+//! attests *before* starting it and hands in the attested KMS client, so an executor that did
+//! not attest never registers. The scheduler is Ballista's, with the `ppml.*` settings
+//! registered so that they reach every task; it holds no key.
+//!
+//! With TLS (`crate::tls`), the scheduler's gRPC service and the executor's Flight service
+//! require a client certificate of the cluster CA, and every outgoing channel goes through the
+//! TLS endpoint customizer (`https://`, cluster CA, this process's certificate).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use ballista_core::config::TaskSchedulingPolicy;
+use ballista_core::extension::SessionConfigExt;
+use ballista_core::serde::protobuf::scheduler_grpc_server::SchedulerGrpcServer;
+use ballista_core::{ConfigProducer, RuntimeProducer};
+use ballista_executor::executor_process::{ExecutorProcessConfig, start_executor_process};
+use ballista_scheduler::cluster::BallistaCluster;
+use ballista_scheduler::config::SchedulerConfig;
+use ballista_scheduler::scheduler_process::create_scheduler;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::prelude::SessionConfig;
+use datafusion_proto::protobuf::{LogicalPlanNode, PhysicalPlanNode};
+use object_store::local::LocalFileSystem;
+use ppml_engine::spill::EncryptedSpill;
+use ppml_engine::{DecryptingStore, LOCAL_STORE_URL};
+use ppml_kms::KeyManagementService;
+
+use crate::ClusterError;
+use crate::engine::PpmlExecutionEngine;
+use crate::flight::{EndpointCustomizer, ServerTls, flight_server_provider};
+use crate::job::{JobKeys, with_job_settings};
+
+/// The session configuration every ppml cluster process starts from.
+pub fn cluster_session_config() -> SessionConfig {
+    with_job_settings(SessionConfig::new_with_ballista())
+}
+
+fn config_producer() -> ConfigProducer {
+    Arc::new(cluster_session_config)
+}
+
+/// How to run an executor.
+pub struct ExecutorOptions {
+    /// This executor's id (unique in the cluster).
+    pub executor_id: String,
+    /// The scheduler's host.
+    pub scheduler_host: String,
+    /// The scheduler's port.
+    pub scheduler_port: u16,
+    /// Address the Flight service binds to.
+    pub bind_host: String,
+    /// Host name other executors and drivers use to reach this one.
+    pub external_host: String,
+    /// Port of the Flight service.
+    pub flight_port: u16,
+    /// Directory for shuffle files (created 0700 if missing).
+    pub work_dir: PathBuf,
+    /// Tasks run at once.
+    pub vcores: usize,
+    /// The attested KMS client: releases dataset and shuffle keys.
+    pub kms: Arc<dyn KeyManagementService>,
+    /// Applied to every outgoing channel (TLS); None = cleartext, for tests only.
+    pub customizer: EndpointCustomizer,
+    /// TLS of the Flight service; None = cleartext, for tests only.
+    pub flight_tls: ServerTls,
+}
+
+impl std::fmt::Debug for ExecutorOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecutorOptions")
+            .field("executor_id", &self.executor_id)
+            .field(
+                "scheduler",
+                &format!("{}:{}", self.scheduler_host, self.scheduler_port),
+            )
+            .field(
+                "flight",
+                &format!("{}:{}", self.external_host, self.flight_port),
+            )
+            .field("work_dir", &self.work_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Runs an executor until it is stopped (Ctrl-C, SIGTERM or the scheduler).
+pub async fn run_executor(options: ExecutorOptions) -> Result<(), ClusterError> {
+    create_private_dir(&options.work_dir)?;
+    let work_dir = options.work_dir.to_string_lossy().into_owned();
+    let store = Arc::new(
+        DecryptingStore::local(Arc::new(LocalFileSystem::new())).with_opener(options.kms.clone()),
+    );
+    let store_url = url::Url::parse(LOCAL_STORE_URL).expect("valid URL");
+    // Operator spills are encrypted under a key that never leaves this process. They go next
+    // to the work dir, not in it: Ballista's job-data cleanup empties the work dir.
+    let spill = Arc::new(
+        EncryptedSpill::new(options.work_dir.with_extension("spill"))
+            .map_err(|e| ClusterError::Setup(format!("spill directory: {e}")))?,
+    );
+    let runtime_producer: RuntimeProducer = Arc::new(move |_config: &SessionConfig| {
+        let runtime = RuntimeEnvBuilder::new()
+            .with_disk_manager_builder(spill.clone().disk_manager_builder())
+            .build()?;
+        runtime.register_object_store(&store_url, store.clone());
+        Ok(Arc::new(runtime))
+    });
+    let keys = Arc::new(JobKeys::new(options.kms.clone()));
+    let engine = PpmlExecutionEngine::new(keys, options.customizer.clone());
+    let endpoint_override = endpoint_override(&options.customizer);
+    let config = ExecutorProcessConfig {
+        executor_id: options.executor_id,
+        bind_host: options.bind_host,
+        external_host: Some(options.external_host),
+        port: options.flight_port,
+        scheduler_host: options.scheduler_host,
+        scheduler_port: options.scheduler_port,
+        scheduler_connect_timeout_seconds: 30,
+        vcores: options.vcores,
+        task_scheduling_policy: TaskSchedulingPolicy::PullStaged,
+        work_dir: Some(work_dir),
+        job_data_ttl_seconds: 24 * 3600,
+        job_data_clean_up_interval_seconds: 600,
+        executor_heartbeat_interval_seconds: 10,
+        override_execution_engine: Some(Arc::new(engine)),
+        override_runtime_producer: Some(runtime_producer),
+        override_config_producer: Some(config_producer()),
+        override_arrow_flight_service: Some(flight_server_provider(options.flight_tls)),
+        override_create_grpc_client_endpoint: endpoint_override,
+        ..ExecutorProcessConfig::default()
+    };
+    start_executor_process(Arc::new(config)).await?;
+    Ok(())
+}
+
+/// Ballista's form of an [`EndpointCustomizer`]. Ballista dials `http://` URLs; ppml's TLS
+/// customizer (`crate::tls::client_customizer`) re-targets them at `https://`.
+fn endpoint_override(
+    customizer: &EndpointCustomizer,
+) -> Option<ballista_core::extension::EndpointOverrideFn> {
+    customizer.clone().map(|customize| {
+        Arc::new(move |endpoint: tonic::transport::Endpoint| {
+            customize(endpoint).map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+        }) as ballista_core::extension::EndpointOverrideFn
+    })
+}
+
+fn create_private_dir(dir: &std::path::Path) -> Result<(), ClusterError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| ClusterError::Setup(format!("{}: {e}", dir.display())))
+}
+
+/// How to run a scheduler.
+#[derive(Default)]
+pub struct SchedulerOptions {
+    /// Seconds without a poll after which an executor is considered lost.
+    pub executor_timeout_seconds: Option<u64>,
+    /// TLS of the gRPC service; None = cleartext, for tests only.
+    pub tls: ServerTls,
+    /// Applied to the scheduler's own outgoing channels (Ballista's calls to executors, which
+    /// pull-staged executors do not serve); None = cleartext, for tests only.
+    pub customizer: EndpointCustomizer,
+}
+
+impl std::fmt::Debug for SchedulerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SchedulerOptions")
+            .field("executor_timeout_seconds", &self.executor_timeout_seconds)
+            .field("tls", &self.tls.is_some())
+            .field("customizer", &self.customizer.is_some())
+            .finish()
+    }
+}
+
+/// Runs a scheduler on `listener` until `shutdown` completes.
+pub async fn run_scheduler(
+    listener: tokio::net::TcpListener,
+    options: SchedulerOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), ClusterError> {
+    let address: SocketAddr = listener
+        .local_addr()
+        .map_err(|e| ClusterError::Setup(format!("scheduler listener: {e}")))?;
+    let mut config = SchedulerConfig {
+        bind_host: address.ip().to_string(),
+        bind_port: address.port(),
+        external_host: address.ip().to_string(),
+        scheduling_policy: TaskSchedulingPolicy::PullStaged,
+        override_config_producer: Some(config_producer()),
+        override_create_grpc_client_endpoint: endpoint_override(&options.customizer),
+        ..SchedulerConfig::default()
+    };
+    if let Some(timeout) = options.executor_timeout_seconds {
+        config.executor_timeout_seconds = timeout;
+        config.expire_dead_executor_interval_seconds = timeout.clamp(1, 15);
+    }
+    let config = Arc::new(config);
+    let cluster = BallistaCluster::new_from_config(&config).await?;
+    let scheduler =
+        create_scheduler::<LogicalPlanNode, PhysicalPlanNode>(cluster, config.clone()).await?;
+    let service = SchedulerGrpcServer::new(scheduler)
+        .max_decoding_message_size(config.grpc_server_max_decoding_message_size as usize)
+        .max_encoding_message_size(config.grpc_server_max_encoding_message_size as usize);
+    let mut server = tonic::transport::Server::builder();
+    let use_tls = options.tls.is_some();
+    if let Some(tls) = options.tls {
+        server = server
+            .tls_config(tls)
+            .map_err(|e| ClusterError::Setup(format!("scheduler TLS: {e}")))?;
+    }
+    tracing::info!(%address, tls = use_tls, "scheduler listening");
+    server
+        .add_service(service)
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            shutdown,
+        )
+        .await
+        .map_err(|e| ClusterError::Setup(format!("scheduler server: {e}")))
+}
