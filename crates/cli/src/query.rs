@@ -96,6 +96,7 @@ pub async fn simple_query_on(
                 overwrite: args.overwrite,
             },
             args.output_partitions,
+            !args.no_preview,
         )
         .await?
     } else {
@@ -115,6 +116,7 @@ pub async fn simple_query_on(
                 },
             },
             args.output_partitions,
+            !args.no_preview,
         )
         .await?
     };

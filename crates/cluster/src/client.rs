@@ -36,7 +36,11 @@ use crate::engine::ShuffleSource;
 use crate::flight::EndpointCustomizer;
 use crate::job::new_job_key;
 
-/// How often the driver asks the scheduler about a running job.
+/// How often the driver asks the scheduler about a running job: often at first (a status
+/// request on a cluster network costs well under a millisecond, and short jobs are common:
+/// SimpleQuery runs three), then less often.
+const FAST_POLL_INTERVAL: Duration = Duration::from_millis(5);
+const FAST_POLLING: Duration = Duration::from_secs(2);
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Runs plans on a ppml cluster, as the job's driver.
@@ -131,6 +135,7 @@ impl ClusterRunner {
             None => return Err(self.error("empty answer to the submission")),
         };
         tracing::info!(job = %job_id, "job submitted");
+        let submitted_at = std::time::Instant::now();
         loop {
             let status = scheduler
                 .get_job_status(GetJobStatusParams {
@@ -156,6 +161,9 @@ impl ClusterRunner {
                         job_id,
                         message: failed.error,
                     });
+                }
+                _ if submitted_at.elapsed() < FAST_POLLING => {
+                    tokio::time::sleep(FAST_POLL_INTERVAL).await
                 }
                 _ => tokio::time::sleep(POLL_INTERVAL).await,
             }

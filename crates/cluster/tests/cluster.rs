@@ -198,7 +198,7 @@ async fn queries_on_the_cluster_match_local_mode_and_leave_no_plaintext() {
         };
         let report = tokio::time::timeout(
             Duration::from_secs(120),
-            simple_query::run(&session, &input, target, Some(2)),
+            simple_query::run(&session, &input, target, Some(2), true),
         )
         .await
         .expect("SimpleQuery finishes")

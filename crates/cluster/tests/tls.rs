@@ -145,7 +145,7 @@ async fn simple_query_count(c: &Cluster, session: &PpmlSession, input: &Path, ou
     };
     let report = tokio::time::timeout(
         Duration::from_secs(120),
-        simple_query::run(session, input, target, Some(2)),
+        simple_query::run(session, input, target, Some(2), true),
     )
     .await
     .expect("SimpleQuery finishes")
@@ -283,6 +283,7 @@ async fn mutual_tls_on_every_channel() {
                 options: WriteOptions::default(),
             },
             Some(2),
+            true,
         ),
     )
     .await

@@ -53,11 +53,13 @@ pub struct SimpleQueryReport {
 }
 
 /// Runs SimpleQuery on the people data at `input` and writes the matching rows to `output`.
+/// With `preview` false the preview is not computed (it is empty in the report).
 pub async fn run(
     session: &PpmlSession,
     input: &Path,
     output: OutputTarget<'_>,
     output_partitions: Option<usize>,
+    preview: bool,
 ) -> Result<SimpleQueryReport> {
     let started = Instant::now();
     session
@@ -84,15 +86,19 @@ pub async fn run(
                 "count returned no rows".into(),
             ))
         })?;
-    let preview = session
-        .collect(
-            people
-                .clone()
-                .select(vec![col("name"), (col("age") + lit(1i64)).alias("age + 1")])?
-                .limit(0, Some(PREVIEW_ROWS))?,
-        )
-        .await?;
-    let preview = pretty_format_batches(&preview)?.to_string();
+    let preview = if preview {
+        let rows = session
+            .collect(
+                people
+                    .clone()
+                    .select(vec![col("name"), (col("age") + lit(1i64)).alias("age + 1")])?
+                    .limit(0, Some(PREVIEW_ROWS))?,
+            )
+            .await?;
+        pretty_format_batches(&rows)?.to_string()
+    } else {
+        String::new()
+    };
     let developers = developers_aged_20_to_40(people)?;
     let do_sql = started.elapsed();
 
