@@ -4,99 +4,14 @@
 //! gives, and the executors' disks hold no plaintext. Every cluster channel is mutual TLS,
 //! with certificates from `ppml cluster certs`.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn ppml(home: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ppml"));
-    cmd.env("PPML_HOME", home).arg("--quiet");
-    for var in [
-        "PPML_APPID",
-        "PPML_APIKEY",
-        "PPML_PRIMARY_KEY",
-        "PPML_KMS_URL",
-        "PPML_KMS_FINGERPRINT",
-        "PPML_KMS_CA_CERT",
-        "PPML_CONFIG",
-        "PPML_MASTER",
-        "PPML_TEE",
-        "PPML_CLUSTER_TLS",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd
-}
-
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{:?} failed: {}{}",
-        cmd,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Starts `cmd` and returns it with the first line of its stderr or stdout matching `prefix`.
-fn spawn_and_read(mut cmd: Command, prefix: &str, from_stderr: bool) -> (Process, String) {
-    if from_stderr {
-        cmd.stderr(Stdio::piped()).stdout(Stdio::null());
-    } else {
-        cmd.stdout(Stdio::piped()).stderr(Stdio::null());
-    }
-    let mut child = cmd.spawn().unwrap();
-    let pipe: Box<dyn std::io::Read + Send> = if from_stderr {
-        Box::new(child.stderr.take().unwrap())
-    } else {
-        Box::new(child.stdout.take().unwrap())
-    };
-    let mut lines = BufReader::new(pipe).lines();
-    let line = lines
-        .by_ref()
-        .map(|l| l.unwrap())
-        .find(|l| l.starts_with(prefix))
-        .unwrap_or_else(|| panic!("no line starting with {prefix:?}"));
-    std::thread::spawn(move || for _ in lines {});
-    (Process(child), line)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            files.extend(files_under(&path));
-        } else {
-            files.push(path);
-        }
-    }
-    files
-}
+use common::{Process, assert_no_plaintext, free_port, ppml, run, spawn_and_read, stdout};
 
 fn sorted_lines(text: &str) -> Vec<String> {
     let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
@@ -343,20 +258,7 @@ fn client_mode_on_attested_executors_matches_local_tee_mode() {
         .find(|l| !l.starts_with("name,"))
         .unwrap()
         .clone();
-    let mut files = 0;
-    for work_dir in &work_dirs {
-        for file in files_under(work_dir) {
-            let bytes = std::fs::read(&file).unwrap();
-            for needle in [sample.as_bytes(), b"Developer"] {
-                assert!(
-                    !bytes.windows(needle.len()).any(|w| w == needle),
-                    "{} holds plaintext",
-                    file.display()
-                );
-            }
-            files += 1;
-        }
-    }
+    let files = assert_no_plaintext(&work_dirs, &[sample.as_bytes(), b"Developer"]);
     assert!(files > 0, "the executors wrote no shuffle files");
     drop(executors);
 }

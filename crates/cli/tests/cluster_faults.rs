@@ -2,69 +2,14 @@
 //! a job. The job either completes with the rows local mode gives, or fails with a clear
 //! error and leaves no output.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn ppml(home: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ppml"));
-    cmd.env("PPML_HOME", home).arg("--quiet");
-    for var in [
-        "PPML_APPID",
-        "PPML_APIKEY",
-        "PPML_PRIMARY_KEY",
-        "PPML_KMS_URL",
-        "PPML_CONFIG",
-        "PPML_MASTER",
-        "PPML_TEE",
-        "PPML_CLUSTER_TLS",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd
-}
-
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{:?} failed: {}",
-        cmd,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            files.extend(files_under(&path));
-        } else {
-            files.push(path);
-        }
-    }
-    files
-}
+use common::{Process, files_under, free_port, ppml, run};
 
 fn decrypted_rows(home: &Path, dataset: &Path) -> Vec<String> {
     let out = run(ppml(home)

@@ -1,55 +1,9 @@
 //! `ppml cluster up|status|down`: a local development cluster of separate processes with
 //! mutual TLS, used by `ppml submit --mode client`.
 
-use std::path::Path;
-use std::process::{Command, Output};
+mod common;
 
-fn ppml(home: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ppml"));
-    cmd.env("PPML_HOME", home).arg("--quiet");
-    for var in [
-        "PPML_APPID",
-        "PPML_APIKEY",
-        "PPML_PRIMARY_KEY",
-        "PPML_KMS_URL",
-        "PPML_CONFIG",
-        "PPML_MASTER",
-        "PPML_TEE",
-        "PPML_CLUSTER_TLS",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd
-}
-
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{:?} failed: {}{}",
-        cmd,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// A port whose next two ports are free too (scheduler + two shuffle services).
-fn free_port_block() -> u16 {
-    for _ in 0..50 {
-        let base = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        if base < 60000
-            && (1..=2).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok())
-        {
-            return base;
-        }
-    }
-    panic!("no free block of 3 ports");
-}
+use common::{free_port_block, is_running, ppml, run};
 
 fn pids(state: &str) -> Vec<u32> {
     let value: serde_json::Value = serde_json::from_str(state).unwrap();
@@ -79,7 +33,7 @@ fn cluster_up_runs_client_mode_jobs_and_down_stops_every_process() {
         .arg("--out")
         .arg(&enc));
 
-    let port = free_port_block();
+    let port = free_port_block(3);
     let up = run(ppml(&home)
         .args([
             "cluster",
@@ -163,14 +117,7 @@ fn cluster_up_runs_client_mode_jobs_and_down_stops_every_process() {
 
     run(ppml(&home).args(["cluster", "down", "--dir"]).arg(&cluster));
     for pid in started {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let state = stat
-            .rsplit_once(") ")
-            .and_then(|(_, rest)| rest.chars().next());
-        assert!(
-            state.is_none() || state == Some('Z'),
-            "process {pid} still runs after down"
-        );
+        assert!(!is_running(pid), "process {pid} still runs after down");
     }
     assert!(
         !ppml(&home)

@@ -2,9 +2,13 @@
 //! by fingerprint): enroll, create-key, encrypt, query, decrypt, rotate, disable; the audit
 //! log it leaves behind verifies, and an edited one does not.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
+
+use common::{ppml, run, stdout};
 
 struct Server {
     child: Child,
@@ -27,25 +31,6 @@ impl Server {
             .status();
         let _ = self.child.wait();
     }
-}
-
-fn ppml(home: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ppml"));
-    cmd.env("PPML_HOME", home).arg("--quiet");
-    for var in [
-        "PPML_APPID",
-        "PPML_APIKEY",
-        "PPML_PRIMARY_KEY",
-        "PPML_KMS_URL",
-        "PPML_KMS_FINGERPRINT",
-        "PPML_KMS_CA_CERT",
-        "PPML_KMS_ROOT_KEY",
-        "PPML_KMS_PASSPHRASE",
-        "PPML_CONFIG",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd
 }
 
 fn serve_tls(data_dir: &Path) -> Server {
@@ -80,22 +65,6 @@ fn serve_tls_with(data_dir: &Path, extra: &[&std::ffi::OsStr]) -> Server {
         url,
         fingerprint,
     }
-}
-
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{:?} failed: {}{}",
-        cmd,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 struct Client {

@@ -2,130 +2,31 @@
 //! give the same rows as the local engine, and nothing a job leaves on the executors' disks
 //! holds a plaintext value.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{Cluster, MARKER, files_under, people, start_cluster, write_dataset};
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::util::pretty::pretty_format_batches;
 use ppml_cluster::ClusterRunner;
-use ppml_cluster::process::{
-    ExecutorOptions, SchedulerOptions, cluster_session_config, run_executor, run_scheduler,
-};
-use ppml_engine::dataset::{DatasetWriter, WriteOptions, part_name};
+use ppml_cluster::process::cluster_session_config;
+use ppml_engine::dataset::WriteOptions;
 use ppml_engine::{OutputTarget, PpmlSession, simple_query};
-use ppml_kms::{AppCredentials, KeyManagementService, LocalKms, PrimaryKeyId};
-
-/// A value that appears in the input and in the SimpleQuery result, and nowhere by chance.
-const MARKER: &str = "qzxjvkwq";
-
-struct Cluster {
-    dir: tempfile::TempDir,
-    kms: Arc<LocalKms>,
-    primary: PrimaryKeyId,
-    scheduler: String,
-    work_dirs: Vec<PathBuf>,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn start_cluster(executors: usize) -> Cluster {
-    let dir = tempfile::tempdir().unwrap();
-    let kms_dir = dir.path().join("kms");
-    LocalKms::init(&kms_dir).unwrap();
-    let creds: AppCredentials = LocalKms::enroll(&kms_dir).unwrap();
-    let kms = Arc::new(LocalKms::open(&kms_dir, &creds).unwrap());
-    let primary = kms.create_primary_key().await.unwrap();
-
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let scheduler = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        run_scheduler(
-            listener,
-            SchedulerOptions::default(),
-            std::future::pending(),
-        )
-        .await
-        .unwrap()
-    });
-    let mut work_dirs = Vec::new();
-    for i in 0..executors {
-        let work_dir = dir.path().join(format!("executor-{i}"));
-        work_dirs.push(work_dir.clone());
-        let options = ExecutorOptions {
-            executor_id: format!("executor-{i}"),
-            scheduler_host: "127.0.0.1".into(),
-            scheduler_port: scheduler.port(),
-            bind_host: "127.0.0.1".into(),
-            external_host: "127.0.0.1".into(),
-            flight_port: free_port(),
-            work_dir,
-            vcores: 2,
-            kms: kms.clone(),
-            customizer: None,
-            flight_tls: None,
-        };
-        tokio::spawn(async move { run_executor(options).await.unwrap() });
-    }
-    Cluster {
-        dir,
-        kms,
-        primary,
-        scheduler: scheduler.to_string(),
-        work_dirs,
-    }
-}
-
-/// `name,age,job` rows; row `marker_row` is a Developer aged 30 named [`MARKER`].
-fn people(rows: usize, offset: usize, marker_row: Option<usize>) -> String {
-    let jobs = ["Developer", "Engineer", "Researcher"];
-    let mut out = String::from("name,age,job\n");
-    for i in offset..offset + rows {
-        if Some(i) == marker_row {
-            out.push_str(&format!("{MARKER},30,Developer\n"));
-        } else {
-            out.push_str(&format!("n{i},{},{}\n", 18 + i % 43, jobs[i % 3]));
-        }
-    }
-    out
-}
-
-async fn write_dataset(c: &Cluster, name: &str, contents: &[String]) -> PathBuf {
-    let dest = c.dir.path().join(name);
-    let writer = DatasetWriter::create(
-        c.kms.as_ref(),
-        &c.primary,
-        &dest,
-        WriteOptions {
-            segment_size: 4096,
-            ..WriteOptions::default()
-        },
-    )
-    .await
-    .unwrap();
-    let mut entries = Vec::new();
-    for (i, text) in contents.iter().enumerate() {
-        let mut part = writer.part(&part_name(i, "csv")).unwrap();
-        part.write_all(text.as_bytes()).unwrap();
-        entries.push(part.finish().unwrap());
-    }
-    writer.commit(entries).unwrap();
-    dest
-}
 
 fn local_session(c: &Cluster) -> PpmlSession {
     PpmlSession::encrypted(c.kms.clone(), Some(3))
 }
 
 fn cluster_session(c: &Cluster) -> PpmlSession {
-    let runner = ClusterRunner::new(&c.scheduler, c.kms.clone(), c.primary.clone(), None);
+    let runner = ClusterRunner::new(
+        c.scheduler.to_string(),
+        c.kms.clone(),
+        c.primary.clone(),
+        None,
+    );
     PpmlSession::encrypted_with_config(
         c.kms.clone(),
         cluster_session_config().with_target_partitions(3),
@@ -146,22 +47,6 @@ fn sorted_rows(batches: &[RecordBatch]) -> Vec<String> {
     rows
 }
 
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut files = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return files;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            files.extend(files_under(&path));
-        } else {
-            files.push(path);
-        }
-    }
-    files
-}
-
 async fn read_dataset(c: &Cluster, dir: &Path) -> Vec<String> {
     let session = local_session(c);
     session.register_csv("out", dir, None).await.unwrap();
@@ -171,7 +56,7 @@ async fn read_dataset(c: &Cluster, dir: &Path) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn queries_on_the_cluster_match_local_mode_and_leave_no_plaintext() {
-    let c = start_cluster(2).await;
+    let c = start_cluster(2, false).await;
     let input = write_dataset(
         &c,
         "people",

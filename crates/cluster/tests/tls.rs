@@ -3,8 +3,8 @@
 //! Flight services refuse cleartext clients, clients without a certificate and clients with a
 //! certificate of another CA.
 
-use std::io::Write;
-use std::net::SocketAddr;
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,127 +13,17 @@ use arrow_flight::Action;
 use arrow_flight::flight_service_client::FlightServiceClient;
 use ballista_core::serde::protobuf::GetJobStatusParams;
 use ballista_core::serde::protobuf::scheduler_grpc_client::SchedulerGrpcClient;
+use common::{Cluster, people, start_cluster, write_dataset};
 use ppml_cluster::ClusterRunner;
 use ppml_cluster::flight::{FETCH_ACTION, FetchRequest};
-use ppml_cluster::process::{
-    ExecutorOptions, SchedulerOptions, cluster_session_config, run_executor, run_scheduler,
-};
-use ppml_cluster::tls::{
-    self, ClusterTls, DRIVER, EXECUTOR, ROLES, SCHEDULER, SERVER_NAME, client_customizer,
-    generate_cluster_certs, server_tls,
-};
-use ppml_engine::dataset::{DatasetWriter, WriteOptions, part_name};
+use ppml_cluster::process::cluster_session_config;
+use ppml_cluster::tls::{self, DRIVER, SERVER_NAME, client_customizer, generate_cluster_certs};
+use ppml_engine::dataset::WriteOptions;
 use ppml_engine::{OutputTarget, PpmlSession, simple_query};
-use ppml_kms::{AppCredentials, KeyManagementService, LocalKms, PrimaryKeyId};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 /// Longest time any single connection attempt may take here.
 const ATTEMPT: Duration = Duration::from_secs(30);
-
-struct Cluster {
-    dir: tempfile::TempDir,
-    kms: Arc<LocalKms>,
-    primary: PrimaryKeyId,
-    scheduler: SocketAddr,
-    flight_ports: Vec<u16>,
-    driver: ClusterTls,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn start_cluster(executors: usize) -> Cluster {
-    let dir = tempfile::tempdir().unwrap();
-    let certs = dir.path().join("tls");
-    generate_cluster_certs(&certs, &ROLES, &[], false).unwrap();
-    let scheduler_tls = ClusterTls::load(&certs, SCHEDULER).unwrap();
-    let executor_tls = ClusterTls::load(&certs, EXECUTOR).unwrap();
-    let driver = ClusterTls::load(&certs, DRIVER).unwrap();
-
-    let kms_dir = dir.path().join("kms");
-    LocalKms::init(&kms_dir).unwrap();
-    let creds: AppCredentials = LocalKms::enroll(&kms_dir).unwrap();
-    let kms = Arc::new(LocalKms::open(&kms_dir, &creds).unwrap());
-    let primary = kms.create_primary_key().await.unwrap();
-
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let scheduler = listener.local_addr().unwrap();
-    let options = SchedulerOptions {
-        executor_timeout_seconds: None,
-        tls: Some(server_tls(&scheduler_tls)),
-        customizer: client_customizer(&scheduler_tls),
-    };
-    tokio::spawn(async move {
-        run_scheduler(listener, options, std::future::pending())
-            .await
-            .unwrap()
-    });
-    let mut flight_ports = Vec::new();
-    for i in 0..executors {
-        let flight_port = free_port();
-        flight_ports.push(flight_port);
-        let options = ExecutorOptions {
-            executor_id: format!("executor-{i}"),
-            scheduler_host: "127.0.0.1".into(),
-            scheduler_port: scheduler.port(),
-            bind_host: "127.0.0.1".into(),
-            external_host: "127.0.0.1".into(),
-            flight_port,
-            work_dir: dir.path().join(format!("executor-{i}")),
-            vcores: 2,
-            kms: kms.clone(),
-            customizer: client_customizer(&executor_tls),
-            flight_tls: Some(server_tls(&executor_tls)),
-        };
-        tokio::spawn(async move { run_executor(options).await.unwrap() });
-    }
-    Cluster {
-        dir,
-        kms,
-        primary,
-        scheduler,
-        flight_ports,
-        driver,
-    }
-}
-
-/// `name,age,job` rows.
-fn people(rows: usize, offset: usize) -> String {
-    let jobs = ["Developer", "Engineer", "Researcher"];
-    let mut out = String::from("name,age,job\n");
-    for i in offset..offset + rows {
-        out.push_str(&format!("n{i},{},{}\n", 18 + i % 43, jobs[i % 3]));
-    }
-    out
-}
-
-async fn write_dataset(c: &Cluster, name: &str, contents: &[String]) -> PathBuf {
-    let dest = c.dir.path().join(name);
-    let writer = DatasetWriter::create(
-        c.kms.as_ref(),
-        &c.primary,
-        &dest,
-        WriteOptions {
-            segment_size: 4096,
-            ..WriteOptions::default()
-        },
-    )
-    .await
-    .unwrap();
-    let mut entries = Vec::new();
-    for (i, text) in contents.iter().enumerate() {
-        let mut part = writer.part(&part_name(i, "csv")).unwrap();
-        part.write_all(text.as_bytes()).unwrap();
-        entries.push(part.finish().unwrap());
-    }
-    writer.commit(entries).unwrap();
-    dest
-}
 
 async fn simple_query_count(c: &Cluster, session: &PpmlSession, input: &Path, out: &str) -> i64 {
     let output = c.dir.path().join(out);
@@ -229,11 +119,16 @@ fn read(path: PathBuf) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn mutual_tls_on_every_channel() {
-    let c = start_cluster(2).await;
+    let c = start_cluster(2, true).await;
+    let driver = c.driver.as_ref().expect("TLS cluster");
     let input = write_dataset(
         &c,
         "people",
-        &[people(3000, 0), people(2500, 3000), people(10, 5500)],
+        &[
+            people(3000, 0, None),
+            people(2500, 3000, None),
+            people(10, 5500, None),
+        ],
     )
     .await;
 
@@ -244,7 +139,7 @@ async fn mutual_tls_on_every_channel() {
         c.scheduler.to_string(),
         c.kms.clone(),
         c.primary.clone(),
-        client_customizer(&c.driver),
+        client_customizer(driver),
     );
     let cluster = PpmlSession::encrypted_with_config(
         c.kms.clone(),
@@ -292,8 +187,8 @@ async fn mutual_tls_on_every_channel() {
 
     // The clients of the test.
     let certs = c.dir.path().join("tls");
-    let ca = Certificate::from_pem(c.driver.ca_pem());
-    let good = Client::Tls(tls::client_tls(&c.driver));
+    let ca = Certificate::from_pem(driver.ca_pem());
+    let good = Client::Tls(tls::client_tls(driver));
     let other_ca = c.dir.path().join("other-ca");
     generate_cluster_certs(&other_ca, &[DRIVER], &[], false).unwrap();
     let foreign_identity = Identity::from_pem(

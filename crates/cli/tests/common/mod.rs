@@ -1,0 +1,152 @@
+//! Helpers shared by the `ppml` command's integration tests (each test file is its own crate
+//! and uses some of them).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+/// A child process killed (and reaped) when dropped, so a failing test leaves none behind.
+pub struct Process(pub Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `ppml --quiet` with `PPML_HOME=home` and none of the caller's ppml settings.
+pub fn ppml(home: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ppml"));
+    cmd.env("PPML_HOME", home).arg("--quiet");
+    for var in [
+        "PPML_APPID",
+        "PPML_APIKEY",
+        "PPML_PRIMARY_KEY",
+        "PPML_OUTPUT_KEY",
+        "PPML_KMS_URL",
+        "PPML_KMS_FINGERPRINT",
+        "PPML_KMS_CA_CERT",
+        "PPML_KMS_ROOT_KEY",
+        "PPML_KMS_PASSPHRASE",
+        "PPML_CONFIG",
+        "PPML_MASTER",
+        "PPML_TEE",
+        "PPML_ATTESTATION_POLICY",
+        "PPML_CLUSTER_TLS",
+        "PPML_SUBMIT_MODE",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+/// Runs `cmd`, failing the test with its output unless it succeeds.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{:?} failed: {}{}",
+        cmd,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// The standard output as text.
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Starts `cmd` and returns it with the first line of its stderr (or stdout) starting with
+/// `prefix`; the rest of that stream is drained in the background.
+pub fn spawn_and_read(mut cmd: Command, prefix: &str, from_stderr: bool) -> (Process, String) {
+    if from_stderr {
+        cmd.stderr(Stdio::piped()).stdout(Stdio::null());
+    } else {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::null());
+    }
+    let mut child = cmd.spawn().unwrap();
+    let pipe: Box<dyn std::io::Read + Send> = if from_stderr {
+        Box::new(child.stderr.take().unwrap())
+    } else {
+        Box::new(child.stdout.take().unwrap())
+    };
+    let mut lines = BufReader::new(pipe).lines();
+    let line = lines
+        .by_ref()
+        .map(|l| l.unwrap())
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no line starting with {prefix:?}"));
+    std::thread::spawn(move || for _ in lines {});
+    (Process(child), line)
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A port whose next `count - 1` ports are free too.
+pub fn free_port_block(count: u16) -> u16 {
+    for _ in 0..50 {
+        let base = free_port();
+        if base < 60000
+            && (1..count).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok())
+        {
+            return base;
+        }
+    }
+    panic!("no free block of {count} ports");
+}
+
+/// Every file under `dir`, recursively.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(files_under(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+/// Fails the test if any file under `dirs` contains one of `needles`; returns the number of
+/// files checked.
+pub fn assert_no_plaintext(dirs: &[PathBuf], needles: &[&[u8]]) -> usize {
+    let mut files = 0;
+    for dir in dirs {
+        for file in files_under(dir) {
+            let bytes = std::fs::read(&file).unwrap();
+            for needle in needles {
+                assert!(
+                    !bytes.windows(needle.len()).any(|w| w == *needle),
+                    "{} holds plaintext",
+                    file.display()
+                );
+            }
+            files += 1;
+        }
+    }
+    files
+}
+
+/// Whether process `pid` still runs (a zombie does not).
+pub fn is_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit_once(") ")
+                .and_then(|(_, rest)| rest.chars().next())
+        })
+        .is_some_and(|state| state != 'Z')
+}
