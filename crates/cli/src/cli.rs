@@ -164,7 +164,8 @@ pub struct ClusterUpArgs {
     /// Cores (concurrent tasks) per executor
     #[arg(long, default_value_t = 1)]
     pub executor_cores: usize,
-    /// Port of the scheduler; executors' shuffle services use the following ports
+    /// Port of the scheduler; executors' shuffle services use the following ports, and the
+    /// metrics servers (plain HTTP, loopback) PORT+100 (scheduler) and PORT+101… (executors)
     #[arg(long, default_value_t = 50050)]
     pub port: u16,
     /// Development only: no TLS between the cluster's processes
@@ -267,6 +268,10 @@ pub struct SchedulerArgs {
     /// Seconds without contact after which an executor is considered lost and its tasks rerun
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     pub executor_timeout: u64,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics (and /healthz): plain HTTP,
+    /// counts only (jobs, tasks, executors), never values or keys; port 0 picks a free port
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<String>,
     // TLS of the cluster channels (--cluster-tls or --insecure-cleartext is required).
     #[command(flatten)]
     pub tls: ClusterTlsArgs,
@@ -295,6 +300,11 @@ pub struct ExecutorArgs {
     /// Executor id [default: derived from host and port]
     #[arg(long)]
     pub id: Option<String>,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics (and /healthz): plain HTTP,
+    /// counts only (tasks, rows, bytes, key releases), never values or keys; port 0 picks a
+    /// free port
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<String>,
     // TLS of the cluster channels (--cluster-tls or --insecure-cleartext is required).
     #[command(flatten)]
     pub tls: ClusterTlsArgs,

@@ -169,6 +169,25 @@ pub fn certs(args: &ClusterCertsArgs, quiet: bool) -> Result<()> {
     Ok(())
 }
 
+/// Binds the metrics server of `--metrics-addr` and says where it is. Plain HTTP: the metrics
+/// are counts only, never values or keys (docs/cluster.md §10).
+async fn metrics_listener(
+    addr: Option<&str>,
+    role: &str,
+) -> Result<Option<tokio::net::TcpListener>> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let listener = ppml_cluster::metrics::bind(addr)
+        .await
+        .with_context(|| format!("--metrics-addr {addr}: binding the {role}'s metrics server"))?;
+    eprintln!(
+        "ppml {role}: metrics on http://{}/metrics",
+        listener.local_addr()?
+    );
+    Ok(Some(listener))
+}
+
 /// Runs the scheduler until Ctrl-C.
 pub async fn scheduler(args: &SchedulerArgs) -> Result<()> {
     let mtls = cluster_tls(&args.tls, tls::SCHEDULER, "scheduler")?;
@@ -176,6 +195,7 @@ pub async fn scheduler(args: &SchedulerArgs) -> Result<()> {
         .await
         .with_context(|| format!("binding the scheduler to {}", args.bind))?;
     let address = listener.local_addr()?;
+    let metrics = metrics_listener(args.metrics_addr.as_deref(), "scheduler").await?;
     if mtls.is_some() {
         eprintln!("ppml scheduler: mutual TLS, clients need a certificate of the cluster CA");
     }
@@ -189,6 +209,7 @@ pub async fn scheduler(args: &SchedulerArgs) -> Result<()> {
             executor_timeout_seconds: Some(args.executor_timeout),
             tls: mtls.as_ref().map(tls::server_tls),
             customizer: mtls.as_ref().and_then(tls::client_customizer),
+            metrics_listener: metrics,
         },
         shutdown,
     )
@@ -204,9 +225,20 @@ pub async fn executor(args: &ExecutorArgs, settings: &mut Settings) -> Result<()
         .and_then(|(host, port)| Some((host.to_string(), port.parse::<u16>().ok()?)))
         .with_context(|| format!("--master {:?}: expected HOST:PORT", args.master))?;
     let mtls = cluster_tls(&args.tls, tls::EXECUTOR, "executor")?;
+    let metrics = metrics_listener(args.metrics_addr.as_deref(), "executor").await?;
     // Attestation happens here, before the executor exists: a refused executor exits without
     // ever registering with the scheduler, so it is never given a task.
     let kms = settings.open_kms_for_runtime().await?;
+    if settings.tee.is_none() {
+        tracing::warn!("executor started without --tee: it is not attested (development only)");
+        eprintln!(
+            "WARNING: this executor is not attested (no --tee): it can read only keys that are \
+             not marked for attested release. Use --tee in production."
+        );
+    }
+    // Reaching this point with --tee means the attestation succeeded, except with
+    // --attestation-debug, which continues after a refusal: then nothing is counted.
+    let attested = settings.tee.is_some() && !settings.attestation_debug;
     let external_host = args.external_host.clone().unwrap_or(args.bind_host.clone());
     let work_dir = args
         .work_dir
@@ -222,19 +254,25 @@ pub async fn executor(args: &ExecutorArgs, settings: &mut Settings) -> Result<()
         args.flight_port,
         work_dir.display()
     );
-    ppml_cluster::process::run_executor(ppml_cluster::process::ExecutorOptions {
-        executor_id,
-        scheduler_host,
-        scheduler_port,
-        bind_host: args.bind_host.clone(),
-        external_host,
-        flight_port: args.flight_port,
-        work_dir,
-        vcores: args.cores.unwrap_or(0),
-        kms: kms.dyn_kms(),
-        customizer: mtls.as_ref().and_then(tls::client_customizer),
-        flight_tls: mtls.as_ref().map(tls::server_tls),
-    })
+    ppml_cluster::process::run_executor_monitored(
+        ppml_cluster::process::ExecutorOptions {
+            executor_id,
+            scheduler_host,
+            scheduler_port,
+            bind_host: args.bind_host.clone(),
+            external_host,
+            flight_port: args.flight_port,
+            work_dir,
+            vcores: args.cores.unwrap_or(0),
+            kms: kms.dyn_kms(),
+            customizer: mtls.as_ref().and_then(tls::client_customizer),
+            flight_tls: mtls.as_ref().map(tls::server_tls),
+        },
+        ppml_cluster::process::ExecutorMonitoring {
+            metrics_listener: metrics,
+            attested,
+        },
+    )
     .await?;
     Ok(())
 }
@@ -308,9 +346,15 @@ pub fn up(
     }
     if !settings.quiet {
         eprintln!(
-            "started a scheduler and {} executor(s); logs in {}\nsubmit with: ppml submit --mode client --master {} {} …\nstop with: ppml cluster down{}",
+            "started a scheduler and {} executor(s); logs in {}\nmetrics (Prometheus, plain HTTP): {}\nsubmit with: ppml submit --mode client --master {} {} …\nstop with: ppml cluster down{}",
             args.executors,
             dir.display(),
+            state
+                .processes
+                .iter()
+                .filter_map(|p| p.metrics.as_deref())
+                .collect::<Vec<_>>()
+                .join(" "),
             state.master,
             match &state.tls_dir {
                 Some(tls) => format!("--cluster-tls {}", tls.display()),
@@ -347,11 +391,15 @@ pub fn status(args: &crate::cli::ClusterDirArgs, settings: &Settings) -> Result<
     println!("master {}", state.master);
     for (process, alive) in state.processes.iter().zip(&alive) {
         println!(
-            "{:<12} pid {:<8} {:<8} log {}",
+            "{:<12} pid {:<8} {:<8} log {}{}",
             process.name,
             process.pid,
             if *alive { "running" } else { "stopped" },
-            process.log.display()
+            process.log.display(),
+            match &process.metrics {
+                Some(url) => format!(" metrics {url}"),
+                None => String::new(),
+            }
         );
     }
     if alive.iter().all(|a| *a) {

@@ -6,6 +6,10 @@
 //! the KMS and attestation settings of the invoking command through the environment (they
 //! attest exactly as `ppml executor` does). `down` stops them: SIGTERM, then SIGKILL after a
 //! grace period.
+//!
+//! Ports: the scheduler listens on PORT and executor i's shuffle service on PORT+1+i; their
+//! Prometheus metrics (plain HTTP, loopback, counts only) are on PORT+100 (scheduler) and
+//! PORT+101+i (executor i), recorded in `cluster.json`.
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
@@ -35,7 +39,13 @@ pub struct ClusterProcess {
     pub pid: u32,
     /// Its log file.
     pub log: PathBuf,
+    /// Its Prometheus metrics, `http://HOST:PORT/metrics` (absent in older state files).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<String>,
 }
+
+/// Offset of the scheduler's metrics port from its port; executor i's is one more plus i.
+pub const METRICS_PORT_OFFSET: u16 = 100;
 
 const STATE_FILE: &str = "cluster.json";
 
@@ -111,6 +121,7 @@ fn spawn(
         name: name.to_string(),
         pid: child.id(),
         log,
+        metrics: None,
     })
 }
 
@@ -174,6 +185,29 @@ pub fn up(options: &UpOptions) -> Result<ClusterState> {
         }
         None => args.push("--insecure-cleartext".into()),
     };
+    let last_port =
+        usize::from(options.port) + usize::from(METRICS_PORT_OFFSET) + options.executors;
+    if options.executors >= usize::from(METRICS_PORT_OFFSET) {
+        bail!(
+            "at most {} executors: their shuffle ports would reach the metrics ports",
+            METRICS_PORT_OFFSET - 1
+        );
+    }
+    if last_port > usize::from(u16::MAX) {
+        bail!(
+            "--port {} leaves no room for {} executors and their metrics ports (up to PORT+{})",
+            options.port,
+            options.executors,
+            usize::from(METRICS_PORT_OFFSET) + options.executors
+        );
+    }
+    let metrics_addr = |i: usize| {
+        format!(
+            "127.0.0.1:{}",
+            usize::from(options.port) + usize::from(METRICS_PORT_OFFSET) + i
+        )
+    };
+    let metrics_url = |addr: &str| format!("http://{addr}/metrics");
     let master = format!("127.0.0.1:{}", options.port);
     let mut state = ClusterState {
         master: master.clone(),
@@ -181,11 +215,20 @@ pub fn up(options: &UpOptions) -> Result<ClusterState> {
         processes: Vec::new(),
     };
     let result = (|| -> Result<()> {
-        let mut args = vec!["scheduler".to_string(), "--bind".into(), master.clone()];
+        let scheduler_metrics = metrics_addr(0);
+        let mut args = vec![
+            "scheduler".to_string(),
+            "--bind".into(),
+            master.clone(),
+            "--metrics-addr".into(),
+            scheduler_metrics.clone(),
+        ];
         transport(&mut args);
-        let scheduler = spawn(&options.dir, "scheduler", &options.env, &args)?;
-        wait_for_log(&scheduler, "listening on", Duration::from_secs(30))?;
+        let mut scheduler = spawn(&options.dir, "scheduler", &options.env, &args)?;
+        scheduler.metrics = Some(metrics_url(&scheduler_metrics));
+        let started = wait_for_log(&scheduler, "listening on", Duration::from_secs(30));
         state.processes.push(scheduler);
+        started?;
         for i in 0..options.executors {
             let name = format!("executor-{i}");
             let mut args = vec![
@@ -200,9 +243,12 @@ pub fn up(options: &UpOptions) -> Result<ClusterState> {
                 name.clone(),
                 "--work-dir".into(),
                 options.dir.join(&name).display().to_string(),
+                "--metrics-addr".into(),
+                metrics_addr(1 + i),
             ];
             transport(&mut args);
-            let executor = spawn(&options.dir, &name, &options.env, &args)?;
+            let mut executor = spawn(&options.dir, &name, &options.env, &args)?;
+            executor.metrics = Some(metrics_url(&metrics_addr(1 + i)));
             let started = wait_for_log(&executor, "ppml executor", Duration::from_secs(60));
             state.processes.push(executor);
             started?;

@@ -11,7 +11,9 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{Process, assert_no_plaintext, free_port, ppml, run, spawn_and_read, stdout};
+use common::{
+    Process, assert_no_plaintext, encrypted_people, free_port, ppml, run, spawn_and_read, stdout,
+};
 
 fn sorted_lines(text: &str) -> Vec<String> {
     let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
@@ -85,18 +87,7 @@ fn client_mode_on_attested_executors_matches_local_tee_mode() {
     };
 
     // Data: people, encrypted under a key released only to attested runtimes.
-    let csv = dir.path().join("people.csv");
-    run(ppml(&home)
-        .args([
-            "generate", "people", "--rows", "20000", "--seed", "7", "--out",
-        ])
-        .arg(&csv));
-    let enc = dir.path().join("people.enc");
-    run(with_key(&home)
-        .args(["encrypt", "--partitions", "3", "--in"])
-        .arg(&csv)
-        .arg("--out")
-        .arg(&enc));
+    let enc = encrypted_people(&home, dir.path(), 20000, 7, 3, with_key(&home));
     let measurement = stdout(&run(ppml(&home).args(["attest", "measure"])))
         .trim()
         .to_string();

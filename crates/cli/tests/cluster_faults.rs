@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{Process, files_under, free_port, ppml, run};
+use common::{Process, encrypted_people, files_under, free_port, ppml, run};
 
 fn decrypted_rows(home: &Path, dataset: &Path) -> Vec<String> {
     let out = run(ppml(home)
@@ -29,18 +29,7 @@ fn an_executor_killed_mid_job_loses_no_rows_and_leaves_no_partial_output() {
     let dir = tempfile::tempdir().unwrap();
     // The embedded KMS, shared by every process through PPML_HOME (no TEE in this test).
     let home = dir.path().join("home");
-    let csv = dir.path().join("people.csv");
-    run(ppml(&home)
-        .args([
-            "generate", "people", "--rows", "3000000", "--seed", "3", "--out",
-        ])
-        .arg(&csv));
-    let enc = dir.path().join("people.enc");
-    run(ppml(&home)
-        .args(["encrypt", "--partitions", "8", "--in"])
-        .arg(&csv)
-        .arg("--out")
-        .arg(&enc));
+    let enc = encrypted_people(&home, dir.path(), 3000000, 3, 8, ppml(&home));
 
     let local = dir.path().join("local.enc");
     run(ppml(&home)

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{free_port_block, is_running, ppml, run};
+use common::{encrypted_people, free_port_block, is_running, ppml, run};
 
 fn pids(state: &str) -> Vec<u32> {
     let value: serde_json::Value = serde_json::from_str(state).unwrap();
@@ -20,18 +20,7 @@ fn cluster_up_runs_client_mode_jobs_and_down_stops_every_process() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("home");
     let cluster = dir.path().join("cluster");
-    let csv = dir.path().join("people.csv");
-    run(ppml(&home)
-        .args([
-            "generate", "people", "--rows", "50000", "--seed", "5", "--out",
-        ])
-        .arg(&csv));
-    let enc = dir.path().join("people.enc");
-    run(ppml(&home)
-        .args(["encrypt", "--partitions", "2", "--in"])
-        .arg(&csv)
-        .arg("--out")
-        .arg(&enc));
+    let enc = encrypted_people(&home, dir.path(), 50000, 5, 2, ppml(&home));
 
     let port = free_port_block(3);
     let up = run(ppml(&home)

@@ -242,6 +242,7 @@ impl PlanRunner for ClusterRunner {
                         let source = ShuffleSource {
                             job_id: job.clone(),
                             location,
+                            metrics: None,
                         };
                         source.open(
                             None,

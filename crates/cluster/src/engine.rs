@@ -40,6 +40,7 @@ use tokio::sync::OnceCell;
 use crate::ClusterError;
 use crate::flight::{EndpointCustomizer, FetchRequest, fetch_shuffle_file};
 use crate::job::{JobKeys, JobSettings};
+use crate::metrics::{ExecutorMetrics, ShuffleOrigin};
 use crate::shuffle::{
     ShuffleFileId, ShuffleKey, read_shuffle_file, read_shuffle_stream, write_shuffle_file,
 };
@@ -51,6 +52,7 @@ type StageKey = Arc<OnceCell<Arc<ShuffleKey>>>;
 pub struct PpmlExecutionEngine {
     keys: Arc<JobKeys>,
     customizer: EndpointCustomizer,
+    metrics: Option<Arc<ExecutorMetrics>>,
 }
 
 impl fmt::Debug for PpmlExecutionEngine {
@@ -64,7 +66,17 @@ impl PpmlExecutionEngine {
     /// An engine releasing job keys through `keys` and fetching remote shuffle files with
     /// channels made by `customizer` (TLS).
     pub fn new(keys: Arc<JobKeys>, customizer: EndpointCustomizer) -> Self {
-        PpmlExecutionEngine { keys, customizer }
+        PpmlExecutionEngine {
+            keys,
+            customizer,
+            metrics: None,
+        }
+    }
+
+    /// Counts tasks and shuffle rows and bytes in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<ExecutorMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 }
 
@@ -113,6 +125,35 @@ impl ExecutionEngine for PpmlExecutionEngine {
         work_dir: &str,
         config: &SessionConfig,
     ) -> Result<Arc<dyn QueryStageExecutor>> {
+        let stage = self.create_stage(
+            job_id,
+            stage_id,
+            global_output_partition_ids,
+            plan,
+            work_dir,
+            config,
+        );
+        // A task whose plan is refused (or whose settings are missing) fails here, before it
+        // runs: count it with the tasks that fail while running.
+        if stage.is_err()
+            && let Some(metrics) = &self.metrics
+        {
+            metrics.task_finished(false);
+        }
+        stage
+    }
+}
+
+impl PpmlExecutionEngine {
+    fn create_stage(
+        &self,
+        job_id: JobId,
+        stage_id: usize,
+        global_output_partition_ids: Vec<usize>,
+        plan: Arc<dyn ExecutionPlan>,
+        work_dir: &str,
+        config: &SessionConfig,
+    ) -> Result<Arc<dyn QueryStageExecutor>> {
         let settings = JobSettings::from_config(config)?;
         check_stage_plan(&plan)?;
         let key: StageKey = Arc::new(OnceCell::new());
@@ -125,6 +166,7 @@ impl ExecutionEngine for PpmlExecutionEngine {
                         PathBuf::from(work_dir),
                         key.clone(),
                         self.customizer.clone(),
+                        self.metrics.clone(),
                     );
                     Ok(Transformed::yes(Arc::new(reader) as Arc<dyn ExecutionPlan>))
                 } else {
@@ -180,6 +222,7 @@ impl ExecutionEngine for PpmlExecutionEngine {
             keys: self.keys.clone(),
             key,
             output,
+            metrics: self.metrics.clone(),
         }))
     }
 }
@@ -204,6 +247,7 @@ pub struct PpmlQueryStage {
     keys: Arc<JobKeys>,
     key: StageKey,
     output: StageOutput,
+    metrics: Option<Arc<ExecutorMetrics>>,
 }
 
 impl fmt::Debug for PpmlQueryStage {
@@ -234,6 +278,25 @@ impl QueryStageExecutor for PpmlQueryStage {
         task_id: usize,
         context: Arc<TaskContext>,
     ) -> Result<Vec<ShuffleWritePartition>> {
+        let result = self.run(task_id, context).await;
+        if let Some(metrics) = &self.metrics {
+            metrics.task_finished(result.is_ok());
+        }
+        result
+    }
+
+    fn collect_plan_metrics(&self) -> Vec<MetricsSet> {
+        Vec::new()
+    }
+}
+
+impl PpmlQueryStage {
+    /// Runs the task: one encrypted shuffle file per output partition.
+    async fn run(
+        &self,
+        task_id: usize,
+        context: Arc<TaskContext>,
+    ) -> Result<Vec<ShuffleWritePartition>> {
         let key = self
             .key
             .get_or_try_init(|| self.keys.get(&self.settings))
@@ -257,10 +320,14 @@ impl QueryStageExecutor for PpmlQueryStage {
             )?;
             let stream = self.output.child.execute(local, context.clone())?;
             let key = key.clone();
+            let metrics = self.metrics.clone();
             writes.spawn(async move {
                 let stats = write_shuffle_file(stream, &path, &id, &key)
                     .await
                     .map_err(|e| DataFusionError::External(Box::new(e)))?;
+                if let Some(metrics) = metrics {
+                    metrics.shuffle_file_written(stats.num_rows, stats.num_bytes);
+                }
                 Ok::<_, DataFusionError>(ShuffleWritePartition {
                     partition_id: global as u64,
                     num_batches: stats.num_batches,
@@ -288,10 +355,6 @@ impl QueryStageExecutor for PpmlQueryStage {
         written.sort_by_key(|p| p.partition_id);
         Ok(written)
     }
-
-    fn collect_plan_metrics(&self) -> Vec<MetricsSet> {
-        Vec::new()
-    }
 }
 
 /// Reads a shuffle stage's output: local files directly, other executors' files through
@@ -306,6 +369,7 @@ pub struct PpmlShuffleReaderExec {
     work_dir: PathBuf,
     key: StageKey,
     customizer: EndpointCustomizer,
+    metrics: Option<Arc<ExecutorMetrics>>,
 }
 
 impl fmt::Debug for PpmlShuffleReaderExec {
@@ -326,6 +390,7 @@ impl PpmlShuffleReaderExec {
         work_dir: PathBuf,
         key: StageKey,
         customizer: EndpointCustomizer,
+        metrics: Option<Arc<ExecutorMetrics>>,
     ) -> Self {
         PpmlShuffleReaderExec {
             stage_id: reader.stage_id,
@@ -336,6 +401,7 @@ impl PpmlShuffleReaderExec {
             work_dir,
             key,
             customizer,
+            metrics,
         }
     }
 }
@@ -403,11 +469,13 @@ impl ExecutionPlan for PpmlShuffleReaderExec {
         let work_dir = self.work_dir.clone();
         let job_id = self.job_id.clone();
         let customizer = self.customizer.clone();
+        let metrics = self.metrics.clone();
         let files = futures::stream::iter(locations)
             .then(move |location| {
                 let source = ShuffleSource {
                     job_id: job_id.clone(),
                     location,
+                    metrics: metrics.clone(),
                 };
                 source.open(
                     Some(work_dir.clone()),
@@ -428,6 +496,8 @@ impl ExecutionPlan for PpmlShuffleReaderExec {
 pub(crate) struct ShuffleSource {
     pub(crate) job_id: String,
     pub(crate) location: PartitionLocation,
+    /// Counts rows read and bytes fetched (executors; None at the driver).
+    pub(crate) metrics: Option<Arc<ExecutorMetrics>>,
 }
 
 impl ShuffleSource {
@@ -463,8 +533,12 @@ impl ShuffleSource {
         if let Some(work_dir) = work_dir {
             let path = self.location.path(work_dir.to_string_lossy().as_ref())?;
             if tokio::fs::try_exists(&path).await.unwrap_or(false) {
-                return read_shuffle_file(&path, id, key, schema)
-                    .map_err(|e| DataFusionError::External(Box::new(e)));
+                let stream = read_shuffle_file(&path, id, key, schema)
+                    .map_err(|e| DataFusionError::External(Box::new(e)))?;
+                return Ok(match &self.metrics {
+                    Some(metrics) => metrics.count_shuffle_rows(ShuffleOrigin::Local, stream),
+                    None => stream,
+                });
             }
         }
         let executor = &self.location.executor_meta;
@@ -492,6 +566,13 @@ impl ShuffleSource {
             "{}:{} job {} stage {} partition {} file {}",
             executor.host, executor.port, id.job_id, id.stage_id, id.partition_id, id.file_id
         );
-        Ok(read_shuffle_stream(source, display, id, key, schema))
+        Ok(match &self.metrics {
+            Some(metrics) => {
+                let source = metrics.count_fetched_bytes(source);
+                let stream = read_shuffle_stream(source, display, id, key, schema);
+                metrics.count_shuffle_rows(ShuffleOrigin::Remote, stream)
+            }
+            None => read_shuffle_stream(source, display, id, key, schema),
+        })
     }
 }

@@ -11,6 +11,8 @@
 //! - [`engine`]: the executor's execution engine: plan checks, encrypted shuffle readers and
 //!   writers.
 //! - [`process`]: ppml's builds of the Ballista scheduler and executor.
+//! - [`metrics`]: Prometheus metrics of the scheduler and executors (counts only), served
+//!   at `/metrics` in plain HTTP, and the counting KMS and object store decorators.
 //! - [`client`]: the driver's [`ppml_engine::PlanRunner`], which runs plans on the cluster.
 //! - [`tls`]: mutual TLS on every cluster channel: the cluster CA, role certificates, server
 //!   configurations and the client endpoint customizer.
@@ -20,6 +22,7 @@ pub mod engine;
 mod error;
 pub mod flight;
 pub mod job;
+pub mod metrics;
 pub mod process;
 pub mod shuffle;
 pub mod tls;

@@ -10,6 +10,9 @@
 //! With TLS (`crate::tls`), the scheduler's gRPC service and the executor's Flight service
 //! require a client certificate of the cluster CA, and every outgoing channel goes through the
 //! TLS endpoint customizer (`https://`, cluster CA, this process's certificate).
+//!
+//! Both keep Prometheus metrics (`crate::metrics`) and, given a metrics listener, serve them
+//! at `/metrics` (with `/healthz`) in plain HTTP: counts only, never values or keys.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,11 +21,14 @@ use std::sync::Arc;
 use ballista_core::config::TaskSchedulingPolicy;
 use ballista_core::extension::SessionConfigExt;
 use ballista_core::serde::protobuf::scheduler_grpc_server::SchedulerGrpcServer;
+use ballista_core::serde::{
+    BallistaCodec, BallistaLogicalExtensionCodec, BallistaPhysicalExtensionCodec,
+};
 use ballista_core::{ConfigProducer, RuntimeProducer};
 use ballista_executor::executor_process::{ExecutorProcessConfig, start_executor_process};
 use ballista_scheduler::cluster::BallistaCluster;
 use ballista_scheduler::config::SchedulerConfig;
-use ballista_scheduler::scheduler_process::create_scheduler;
+use ballista_scheduler::scheduler_server::SchedulerServer;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::SessionConfig;
 use datafusion_proto::protobuf::{LogicalPlanNode, PhysicalPlanNode};
@@ -35,6 +41,10 @@ use crate::ClusterError;
 use crate::engine::PpmlExecutionEngine;
 use crate::flight::{EndpointCustomizer, ServerTls, flight_server_provider};
 use crate::job::{JobKeys, with_job_settings};
+use crate::metrics::{
+    CountingKms, CountingStore, ExecutorMetrics, KeyKind, MetricsSource, SchedulerMetrics,
+    SchedulerSource, spawn_server,
+};
 
 /// The session configuration every ppml cluster process starts from.
 pub fn cluster_session_config() -> SessionConfig {
@@ -88,13 +98,55 @@ impl std::fmt::Debug for ExecutorOptions {
     }
 }
 
-/// Runs an executor until it is stopped (Ctrl-C, SIGTERM or the scheduler).
+/// An executor's monitoring (docs/cluster.md §10): where it serves its metrics, and what to
+/// record of what happened before it started.
+///
+/// Kept apart from [`ExecutorOptions`] so that code building those (the in-process tests) is
+/// unaffected; [`run_executor`] runs without a metrics server.
+#[derive(Debug, Default)]
+pub struct ExecutorMonitoring {
+    /// Serves `/metrics` and `/healthz` on this listener (plain HTTP; counts only); None =
+    /// no metrics server (the metrics are still kept).
+    pub metrics_listener: Option<tokio::net::TcpListener>,
+    /// The executor attested to the KMS before it was started (counted as a successful
+    /// attestation).
+    pub attested: bool,
+}
+
+/// Runs an executor until it is stopped (Ctrl-C, SIGTERM or the scheduler), without a metrics
+/// server.
 pub async fn run_executor(options: ExecutorOptions) -> Result<(), ClusterError> {
+    run_executor_monitored(options, ExecutorMonitoring::default()).await
+}
+
+/// Runs an executor until it is stopped, with the monitoring of `monitoring`.
+pub async fn run_executor_monitored(
+    options: ExecutorOptions,
+    monitoring: ExecutorMonitoring,
+) -> Result<(), ClusterError> {
     create_private_dir(&options.work_dir)?;
     let work_dir = options.work_dir.to_string_lossy().into_owned();
-    let store = Arc::new(
-        DecryptingStore::local(Arc::new(LocalFileSystem::new())).with_opener(options.kms.clone()),
-    );
+    let metrics = Arc::new(ExecutorMetrics::new());
+    if monitoring.attested {
+        metrics.attestation(crate::metrics::OK);
+    }
+    // Releases are counted by kind: dataset keys by the store, shuffle keys by `JobKeys`.
+    let dataset_kms = Arc::new(CountingKms::new(
+        options.kms.clone(),
+        KeyKind::Dataset,
+        metrics.clone(),
+    ));
+    let shuffle_kms = Arc::new(CountingKms::new(
+        options.kms.clone(),
+        KeyKind::Shuffle,
+        metrics.clone(),
+    ));
+    // The decrypting store inside a counting one: the bytes it returns are the plaintext
+    // decrypted from input datasets.
+    let store: Arc<dyn object_store::ObjectStore> = Arc::new(CountingStore::new(
+        Arc::new(DecryptingStore::local(Arc::new(LocalFileSystem::new())).with_opener(dataset_kms)),
+        metrics.input_bytes_counter(),
+    ));
     let store_url = url::Url::parse(LOCAL_STORE_URL).expect("valid URL");
     // Operator spills are encrypted under a key that never leaves this process. They go next
     // to the work dir, not in it: Ballista's job-data cleanup empties the work dir.
@@ -109,8 +161,9 @@ pub async fn run_executor(options: ExecutorOptions) -> Result<(), ClusterError> 
         runtime.register_object_store(&store_url, store.clone());
         Ok(Arc::new(runtime))
     });
-    let keys = Arc::new(JobKeys::new(options.kms.clone()));
-    let engine = PpmlExecutionEngine::new(keys, options.customizer.clone());
+    let keys = Arc::new(JobKeys::new(shuffle_kms));
+    let engine =
+        PpmlExecutionEngine::new(keys, options.customizer.clone()).with_metrics(metrics.clone());
     let endpoint_override = endpoint_override(&options.customizer);
     let config = ExecutorProcessConfig {
         executor_id: options.executor_id,
@@ -133,6 +186,9 @@ pub async fn run_executor(options: ExecutorOptions) -> Result<(), ClusterError> 
         override_create_grpc_client_endpoint: endpoint_override,
         ..ExecutorProcessConfig::default()
     };
+    let _metrics_server = monitoring
+        .metrics_listener
+        .map(|listener| spawn_server(listener, metrics as Arc<dyn MetricsSource>));
     start_executor_process(Arc::new(config)).await?;
     Ok(())
 }
@@ -168,6 +224,9 @@ pub struct SchedulerOptions {
     /// Applied to the scheduler's own outgoing channels (Ballista's calls to executors, which
     /// pull-staged executors do not serve); None = cleartext, for tests only.
     pub customizer: EndpointCustomizer,
+    /// Serves `/metrics` and `/healthz` on this listener (plain HTTP; counts only); None = no
+    /// metrics server.
+    pub metrics_listener: Option<tokio::net::TcpListener>,
 }
 
 impl std::fmt::Debug for SchedulerOptions {
@@ -176,6 +235,13 @@ impl std::fmt::Debug for SchedulerOptions {
             .field("executor_timeout_seconds", &self.executor_timeout_seconds)
             .field("tls", &self.tls.is_some())
             .field("customizer", &self.customizer.is_some())
+            .field(
+                "metrics",
+                &self
+                    .metrics_listener
+                    .as_ref()
+                    .and_then(|l| l.local_addr().ok()),
+            )
             .finish()
     }
 }
@@ -204,8 +270,30 @@ pub async fn run_scheduler(
     }
     let config = Arc::new(config);
     let cluster = BallistaCluster::new_from_config(&config).await?;
-    let scheduler =
-        create_scheduler::<LogicalPlanNode, PhysicalPlanNode>(cluster, config.clone()).await?;
+    // As Ballista's `scheduler_process::create_scheduler`, but with ppml's metrics collector.
+    let codec: BallistaCodec<LogicalPlanNode, PhysicalPlanNode> = BallistaCodec::new(
+        config
+            .override_logical_codec
+            .clone()
+            .unwrap_or_else(|| Arc::new(BallistaLogicalExtensionCodec::default())),
+        config
+            .override_physical_codec
+            .clone()
+            .unwrap_or_else(|| Arc::new(BallistaPhysicalExtensionCodec::default())),
+    );
+    let metrics = Arc::new(SchedulerMetrics::new());
+    let mut scheduler = SchedulerServer::new(
+        config.scheduler_endpoint(),
+        cluster,
+        codec,
+        config.clone(),
+        metrics.clone(),
+    );
+    scheduler.init().await?;
+    let _metrics_server = options.metrics_listener.map(|listener| {
+        let source = SchedulerSource::new(metrics, scheduler.state.clone());
+        spawn_server(listener, Arc::new(source) as Arc<dyn MetricsSource>)
+    });
     let service = SchedulerGrpcServer::new(scheduler)
         .max_decoding_message_size(config.grpc_server_max_decoding_message_size as usize)
         .max_encoding_message_size(config.grpc_server_max_encoding_message_size as usize);

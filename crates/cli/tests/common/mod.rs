@@ -150,3 +150,28 @@ pub fn is_running(pid: u32) -> bool {
         })
         .is_some_and(|state| state != 'Z')
 }
+
+/// `ppml generate people` (`rows`, `seed`) into `dir/people.csv`, then `encrypt` it into
+/// `dir/people.enc` in `partitions` parts with `encrypt_cmd` (a `ppml` command carrying the
+/// KMS settings); returns the dataset.
+pub fn encrypted_people(
+    home: &Path,
+    dir: &Path,
+    rows: u64,
+    seed: u64,
+    partitions: usize,
+    mut encrypt_cmd: Command,
+) -> PathBuf {
+    let csv = dir.join("people.csv");
+    run(ppml(home)
+        .args(["generate", "people", "--rows", &rows.to_string()])
+        .args(["--seed", &seed.to_string(), "--out"])
+        .arg(&csv));
+    let enc = dir.join("people.enc");
+    run(encrypt_cmd
+        .args(["encrypt", "--partitions", &partitions.to_string(), "--in"])
+        .arg(&csv)
+        .arg("--out")
+        .arg(&enc));
+    enc
+}
