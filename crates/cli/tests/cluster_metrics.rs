@@ -180,7 +180,12 @@ fn sum_of(text: &str, family: &str) -> f64 {
 }
 
 fn dashboard_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/grafana/ppml-cluster.json")
+    // Read at run time: CI builds in another checkout that shares the target directory.
+    PathBuf::from(
+        std::env::var("CARGO_MANIFEST_DIR")
+            .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string()),
+    )
+    .join("../../deploy/grafana/ppml-cluster.json")
 }
 
 /// Every query expression of the dashboard's panels (rows' nested panels included).
