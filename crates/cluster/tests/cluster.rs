@@ -132,7 +132,10 @@ async fn queries_on_the_cluster_match_local_mode_and_leave_no_plaintext() {
     let mut shuffle_files = 0;
     for work_dir in &c.work_dirs {
         for file in files_under(work_dir) {
-            let bytes = std::fs::read(&file).unwrap();
+            // Ballista deletes a job's intermediate stages as soon as the job succeeds.
+            let Ok(bytes) = std::fs::read(&file) else {
+                continue;
+            };
             assert!(
                 !bytes.windows(MARKER.len()).any(|w| w == MARKER.as_bytes()),
                 "{} holds plaintext",

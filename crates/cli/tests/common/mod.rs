@@ -126,7 +126,10 @@ pub fn assert_no_plaintext(dirs: &[PathBuf], needles: &[&[u8]]) -> usize {
     let mut files = 0;
     for dir in dirs {
         for file in files_under(dir) {
-            let bytes = std::fs::read(&file).unwrap();
+            // Ballista deletes a job's intermediate stages as soon as the job succeeds.
+            let Ok(bytes) = std::fs::read(&file) else {
+                continue;
+            };
             for needle in needles {
                 assert!(
                     !bytes.windows(needle.len()).any(|w| w == *needle),
