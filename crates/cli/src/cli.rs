@@ -164,6 +164,9 @@ pub struct ClusterUpArgs {
     /// Cores (concurrent tasks) per executor
     #[arg(long, default_value_t = 1)]
     pub executor_cores: usize,
+    /// Memory per executor, e.g. 2g (see `ppml executor --memory`)
+    #[arg(long, value_name = "SIZE")]
+    pub executor_memory: Option<String>,
     /// Port of the scheduler; executors' shuffle services use the following ports, and the
     /// metrics servers (plain HTTP, loopback) PORT+100 (scheduler) and PORT+101… (executors)
     #[arg(long, default_value_t = 50050)]
@@ -235,6 +238,14 @@ pub struct SubmitArgs {
     /// Parallelism of the driver in local modes [default: number of cores]
     #[arg(long, value_name = "N")]
     pub driver_cores: Option<usize>,
+    /// Memory limit of the driver's query engine, e.g. 2g (operators spill, encrypted,
+    /// beyond it)
+    #[arg(long, value_name = "SIZE")]
+    pub driver_memory: Option<String>,
+    /// Not applicable: ppml executors are long-running (set `ppml executor --memory` or
+    /// `ppml cluster up --executor-memory`); accepted only to explain that
+    #[arg(long, value_name = "SIZE", hide = true)]
+    pub executor_memory: Option<String>,
     /// Cores per executor (client mode: parallelism is executors × cores)
     #[arg(long, value_name = "N")]
     pub executor_cores: Option<usize>,
@@ -297,6 +308,10 @@ pub struct ExecutorArgs {
     /// Tasks run at once [default: number of cores]
     #[arg(long, value_name = "N")]
     pub cores: Option<usize>,
+    /// Memory the executor's tasks may hold together, e.g. 4g (split between its cores;
+    /// operators spill, encrypted, beyond it) [default: Ballista's share of the host memory]
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<String>,
     /// Executor id [default: derived from host and port]
     #[arg(long)]
     pub id: Option<String>,

@@ -16,18 +16,35 @@ pub async fn submit(args: &SubmitArgs, settings: &mut Settings) -> Result<()> {
         SubmitApp::SimpleQuery(app) => app.plaintext,
         SubmitApp::Query(app) => app.plaintext,
     };
+    let driver_memory = args
+        .driver_memory
+        .as_deref()
+        .map(|size| parse_size(size).with_context(|| format!("--driver-memory {size:?}")))
+        .transpose()?;
+    if args.executor_memory.is_some() {
+        bail!(
+            "--executor-memory: ppml executors are long-running; set their memory where they \
+             start (`ppml executor --memory SIZE`, `ppml cluster up --executor-memory SIZE`)"
+        );
+    }
     let placement = match args.mode {
         SubmitMode::Local => {
             if settings.tee.is_some() {
                 bail!("--mode local runs without a TEE; use --mode local-tee with --tee");
             }
-            Placement::Local(args.driver_cores)
+            Placement::Local {
+                partitions: args.driver_cores,
+                memory: driver_memory,
+            }
         }
         SubmitMode::LocalTee => {
             if settings.tee.is_none() {
                 bail!("--mode local-tee needs --tee (sim, sgx or tdx) and a KMS server");
             }
-            Placement::Local(args.driver_cores)
+            Placement::Local {
+                partitions: args.driver_cores,
+                memory: driver_memory,
+            }
         }
         SubmitMode::Client => {
             let master = args
@@ -53,6 +70,7 @@ pub async fn submit(args: &SubmitArgs, settings: &mut Settings) -> Result<()> {
                 target_partitions,
                 conf,
                 tls,
+                driver_memory,
             })
         }
         SubmitMode::Cluster => bail!(
@@ -69,6 +87,31 @@ pub async fn submit(args: &SubmitArgs, settings: &mut Settings) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Parses a memory size as Spark writes them: a number of bytes, or with a `k`, `m`, `g` or
+/// `t` suffix (binary multiples, case-insensitive, optional trailing `b`).
+pub fn parse_size(text: &str) -> Result<usize> {
+    let lower = text.trim().to_ascii_lowercase();
+    let lower = lower.strip_suffix('b').unwrap_or(&lower);
+    let (digits, shift) = match lower.chars().last() {
+        Some('k') => (&lower[..lower.len() - 1], 10),
+        Some('m') => (&lower[..lower.len() - 1], 20),
+        Some('g') => (&lower[..lower.len() - 1], 30),
+        Some('t') => (&lower[..lower.len() - 1], 40),
+        _ => (lower, 0),
+    };
+    let number: usize = digits
+        .trim()
+        .parse()
+        .with_context(|| format!("{text:?} is not a size such as 512m or 4g"))?;
+    let bytes = number
+        .checked_mul(1usize << shift)
+        .with_context(|| format!("{text:?} is too large"))?;
+    if bytes == 0 {
+        bail!("a memory size must be more than 0");
+    }
+    Ok(bytes)
 }
 
 /// Parses `--conf KEY=VALUE` settings; `ppml.*` is reserved for the driver.
@@ -219,6 +262,11 @@ pub async fn scheduler(args: &SchedulerArgs) -> Result<()> {
 
 /// Attests (with --tee), then runs an executor until it is stopped.
 pub async fn executor(args: &ExecutorArgs, settings: &mut Settings) -> Result<()> {
+    let memory = args
+        .memory
+        .as_deref()
+        .map(|size| parse_size(size).with_context(|| format!("--memory {size:?}")))
+        .transpose()?;
     let (scheduler_host, scheduler_port) = args
         .master
         .rsplit_once(':')
@@ -264,6 +312,7 @@ pub async fn executor(args: &ExecutorArgs, settings: &mut Settings) -> Result<()
             flight_port: args.flight_port,
             work_dir,
             vcores: args.cores.unwrap_or(0),
+            memory_pool_size: memory.map(|bytes| bytes as u64),
             kms: kms.dyn_kms(),
             customizer: mtls.as_ref().and_then(tls::client_customizer),
             flight_tls: mtls.as_ref().map(tls::server_tls),
@@ -331,12 +380,16 @@ pub fn up(
     if args.executors == 0 || args.executor_cores == 0 {
         bail!("--executors and --executor-cores must be at least 1");
     }
+    if let Some(size) = &args.executor_memory {
+        parse_size(size).with_context(|| format!("--executor-memory {size:?}"))?;
+    }
     let dir = cluster_dir(&args.dir, settings);
     let state = crate::cluster_up::up(&crate::cluster_up::UpOptions {
         dir: dir.clone(),
         executors: args.executors,
         executor_cores: args.executor_cores,
         port: args.port,
+        executor_memory: args.executor_memory.clone(),
         insecure_cleartext: args.insecure_cleartext,
         env: forwarded_env(global, settings),
     })?;
@@ -406,5 +459,21 @@ pub fn status(args: &crate::cli::ClusterDirArgs, settings: &Settings) -> Result<
         Ok(())
     } else {
         bail!("some processes of the cluster are not running")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_as_spark_writes_them() {
+        assert_eq!(parse_size("512m").unwrap(), 512 << 20);
+        assert_eq!(parse_size("4G").unwrap(), 4 << 30);
+        assert_eq!(parse_size("64kb").unwrap(), 64 << 10);
+        assert_eq!(parse_size("1000").unwrap(), 1000);
+        for bad in ["", "m", "-1g", "1.5g", "0", "99999999999999999999t"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -60,6 +60,8 @@ pub struct UpOptions {
     pub executor_cores: usize,
     /// The scheduler's port; executors' shuffle services use the next ports.
     pub port: u16,
+    /// Memory per executor (`ppml executor --memory`), checked by the caller.
+    pub executor_memory: Option<String>,
     /// Use cleartext instead of TLS (development only).
     pub insecure_cleartext: bool,
     /// Environment for every process: the KMS, TEE and attestation settings.
@@ -246,6 +248,10 @@ pub fn up(options: &UpOptions) -> Result<ClusterState> {
                 "--metrics-addr".into(),
                 metrics_addr(1 + i),
             ];
+            if let Some(memory) = &options.executor_memory {
+                args.push("--memory".into());
+                args.push(memory.clone());
+            }
             transport(&mut args);
             let mut executor = spawn(&options.dir, &name, &options.env, &args)?;
             executor.metrics = Some(metrics_url(&metrics_addr(1 + i)));

@@ -14,8 +14,13 @@ use crate::settings::{OpenKms, Settings};
 /// Where the plans of an encrypted query run.
 #[derive(Debug)]
 pub enum Placement {
-    /// In this process, with this parallelism unless the application sets one.
-    Local(Option<usize>),
+    /// In this process.
+    Local {
+        /// Parallelism, unless the application sets one.
+        partitions: Option<usize>,
+        /// Memory limit of the query engine, in bytes.
+        memory: Option<usize>,
+    },
     /// On the executors of a ppml cluster; this process is the driver.
     Cluster(ClusterPlacement),
 }
@@ -31,6 +36,16 @@ pub struct ClusterPlacement {
     pub conf: Vec<(String, String)>,
     /// The driver's cluster TLS material; `None` = cleartext (`--insecure-cleartext`).
     pub tls: Option<ppml_cluster::tls::ClusterTls>,
+    /// Memory limit of the driver's query engine, in bytes.
+    pub driver_memory: Option<usize>,
+}
+
+impl Placement {
+    /// In this process, with DataFusion's defaults.
+    pub const LOCAL: Placement = Placement::Local {
+        partitions: None,
+        memory: None,
+    };
 }
 
 /// An encrypted session whose plans run where `placement` says.
@@ -39,10 +54,17 @@ fn encrypted_session(
     partitions: Option<usize>,
     placement: &Placement,
 ) -> Result<PpmlSession> {
+    let limited = |session: PpmlSession, memory: Option<usize>| match memory {
+        Some(bytes) => session.with_memory_limit(bytes),
+        None => session,
+    };
     match placement {
-        Placement::Local(default) => Ok(PpmlSession::encrypted(
-            kms.dyn_kms(),
-            partitions.or(*default),
+        Placement::Local {
+            partitions: default,
+            memory,
+        } => Ok(limited(
+            PpmlSession::encrypted(kms.dyn_kms(), partitions.or(*default)),
+            *memory,
         )),
         Placement::Cluster(cluster) => {
             let mut config = ppml_cluster::process::cluster_session_config();
@@ -66,8 +88,11 @@ fn encrypted_session(
                     .as_ref()
                     .and_then(ppml_cluster::tls::client_customizer),
             );
-            Ok(PpmlSession::encrypted_with_config(kms.dyn_kms(), config)
-                .with_runner(std::sync::Arc::new(runner)))
+            Ok(limited(
+                PpmlSession::encrypted_with_config(kms.dyn_kms(), config),
+                cluster.driver_memory,
+            )
+            .with_runner(std::sync::Arc::new(runner)))
         }
     }
 }
@@ -77,7 +102,7 @@ pub async fn simple_query(
     args: &SimpleQueryArgs,
     settings: &mut Settings,
 ) -> Result<SimpleQueryReport> {
-    simple_query_on(args, settings, &Placement::Local(None)).await
+    simple_query_on(args, settings, &Placement::LOCAL).await
 }
 
 /// Runs SimpleQuery where `placement` says.
@@ -150,7 +175,7 @@ fn parse_table(spec: &str) -> Result<(String, PathBuf)> {
 
 /// Runs SQL over named tables; prints the result or writes it as a dataset.
 pub async fn query(args: &QueryArgs, settings: &mut Settings) -> Result<u64> {
-    query_on(args, settings, &Placement::Local(None)).await
+    query_on(args, settings, &Placement::LOCAL).await
 }
 
 /// Runs SQL where `placement` says.

@@ -29,6 +29,8 @@ fn cluster_up_runs_client_mode_jobs_and_down_stops_every_process() {
             "up",
             "--executors",
             "2",
+            "--executor-memory",
+            "256m",
             "--port",
             &port.to_string(),
             "--dir",
@@ -54,6 +56,38 @@ fn cluster_up_runs_client_mode_jobs_and_down_stops_every_process() {
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already running"));
 
+    // The executors were given their memory (a pool of 256 MiB split over their core).
+    let executor_log = std::fs::read_to_string(cluster.join("executor-0.log")).unwrap_or_default();
+    let command_line = std::fs::read_to_string(format!("/proc/{}/cmdline", started[1]))
+        .unwrap_or_default()
+        .replace('\0', " ");
+    assert!(
+        command_line.contains("--memory 256m"),
+        "{command_line} {executor_log}"
+    );
+
+    // Sizes are checked before anything starts.
+    for (args, needle) in [
+        (vec!["--driver-memory", "lots"], "--driver-memory"),
+        (vec!["--executor-memory", "1g"], "long-running"),
+    ] {
+        let out = ppml(&home)
+            .args(["submit", "--mode", "local"])
+            .args(&args)
+            .args(["simple-query", "--input"])
+            .arg(&enc)
+            .arg("--output")
+            .arg(dir.path().join("never.enc"))
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(needle),
+            "{out:?}"
+        );
+        assert!(!dir.path().join("never.enc").exists());
+    }
+
     let status = run(ppml(&home)
         .args(["cluster", "status", "--dir"])
         .arg(&cluster));
@@ -72,6 +106,8 @@ fn cluster_up_runs_client_mode_jobs_and_down_stops_every_process() {
             "client",
             "--master",
             &master,
+            "--driver-memory",
+            "128m",
             "--cluster-tls",
         ])
         .arg(cluster.join("tls"))

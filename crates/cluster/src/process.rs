@@ -73,6 +73,10 @@ pub struct ExecutorOptions {
     pub work_dir: PathBuf,
     /// Tasks run at once.
     pub vcores: usize,
+    /// Memory the executor's tasks may hold together, in bytes, split evenly between its
+    /// vcores (beyond it operators spill, encrypted); None = Ballista's default (a fraction
+    /// of the host's or cgroup's memory).
+    pub memory_pool_size: Option<u64>,
     /// The attested KMS client: releases dataset and shuffle keys.
     pub kms: Arc<dyn KeyManagementService>,
     /// Applied to every outgoing channel (TLS); None = cleartext, for tests only.
@@ -174,6 +178,7 @@ pub async fn run_executor_monitored(
         scheduler_port: options.scheduler_port,
         scheduler_connect_timeout_seconds: 30,
         vcores: options.vcores,
+        memory_pool_size: options.memory_pool_size,
         task_scheduling_policy: TaskSchedulingPolicy::PullStaged,
         work_dir: Some(work_dir),
         job_data_ttl_seconds: 24 * 3600,

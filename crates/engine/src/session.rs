@@ -155,6 +155,24 @@ impl PpmlSession {
         session
     }
 
+    /// Bounds the memory this session's operators may hold to `bytes`; beyond it they spill
+    /// (encrypted, in an encrypted session) or fail. The object stores and the disk manager
+    /// are kept.
+    pub fn with_memory_limit(mut self, bytes: usize) -> Self {
+        let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::from_runtime_env(
+            &self.ctx.runtime_env(),
+        )
+        .with_memory_limit(bytes, 1.0)
+        .build_arc()
+        .expect("a runtime with an existing disk manager builds");
+        self.ctx = SessionContext::new_with_state(
+            datafusion::execution::SessionStateBuilder::new_from_existing(self.ctx.state())
+                .with_runtime_env(runtime)
+                .build(),
+        );
+        self
+    }
+
     /// Runs this session's plans with `runner` instead of in this process.
     pub fn with_runner(mut self, runner: Arc<dyn PlanRunner>) -> Self {
         self.runner = runner;

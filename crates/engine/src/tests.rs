@@ -238,6 +238,30 @@ async fn only_queries_are_accepted_as_sql() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_limit_keeps_the_tables_and_bounds_the_pool() {
+    let f = fixture().await;
+    let dest = write_dataset(&f, "people", &[people(2000, 0)]).await;
+    let session = PpmlSession::encrypted(f.kms.clone(), Some(2));
+    session.register_csv("people", &dest, None).await.unwrap();
+    let session = session.with_memory_limit(64 << 20);
+    let pool = session.context().runtime_env().memory_pool.memory_limit();
+    assert!(matches!(
+        pool,
+        datafusion::execution::memory_pool::MemoryLimit::Finite(n) if n == 64 << 20
+    ));
+    let rows = session
+        .collect(
+            session
+                .sql("SELECT name FROM people ORDER BY name DESC")
+                .await
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.iter().map(|b| b.num_rows()).sum::<usize>(), 2000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_cannot_be_read_without_the_key() {
     let f = fixture().await;
     let dest = write_dataset(&f, "people", &[people(50, 0)]).await;

@@ -87,6 +87,7 @@ pub async fn start_cluster(executors: usize, tls: bool) -> Cluster {
             flight_port,
             work_dir,
             vcores: 2,
+            memory_pool_size: None,
             kms: kms.clone(),
             customizer: executor_tls.as_ref().and_then(client_customizer),
             flight_tls: executor_tls.as_ref().map(server_tls),
