@@ -96,6 +96,9 @@ pub struct GlobalArgs {
     /// No progress bars or summaries
     #[arg(short, long, global = true)]
     pub quiet: bool,
+    /// Append log records to FILE (created 0600) instead of writing them to stderr
+    #[arg(long, env = "PPML_LOG_FILE", global = true, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -575,3 +575,46 @@ fn usage_errors_exit_2() {
     let out = env.ppml(&["encrypt", "--in"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn log_records_go_to_the_log_file_instead_of_stderr() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let log = env.path("ppml.log");
+    // A client-mode submit to a closed port: it logs a warning about cleartext, then fails.
+    let out = env.ppml(&[
+        "--log-file",
+        s(&log),
+        "submit",
+        "--mode",
+        "client",
+        "--master",
+        "127.0.0.1:1",
+        "--insecure-cleartext",
+        "simple-query",
+        "--input",
+        s(&env.path("missing.enc")),
+        "--output",
+        s(&env.path("out.enc")),
+    ]);
+    assert!(!out.status.success());
+    let written = fs::read_to_string(&log).unwrap();
+    assert!(
+        written.contains("WARN") && written.contains("--insecure-cleartext"),
+        "{written}"
+    );
+    assert!(!stderr(&out).contains(" WARN "), "{}", stderr(&out));
+    assert_eq!(
+        fs::metadata(&log).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // An unwritable log file is a clear failure before anything runs.
+    let out = env.ppml(&[
+        "--log-file",
+        "/nonexistent/dir/ppml.log",
+        "kms",
+        "list-keys",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("--log-file"));
+}
