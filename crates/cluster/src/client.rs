@@ -26,6 +26,7 @@ use datafusion_proto::physical_plan::AsExecutionPlan;
 use datafusion_proto::protobuf::PhysicalPlanNode;
 use futures::{StreamExt, TryStreamExt};
 use ppml_engine::PlanRunner;
+use ppml_kms::remote::error_chain;
 use ppml_kms::{KeyManagementService, PrimaryKeyId};
 use prost::Message;
 use rand::Rng as _;
@@ -169,22 +170,6 @@ impl ClusterRunner {
             }
         }
     }
-}
-
-/// `error: cause: cause…`, so that the reason behind tonic's "transport error" (a refused
-/// connection, a certificate the peer did not accept) shows.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 fn random_id() -> String {

@@ -21,6 +21,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::job::{MAX_JOB_ID_LEN, valid_job_id};
+
 use arrow_flight::flight_service_client::FlightServiceClient;
 use arrow_flight::flight_service_server::{FlightService, FlightServiceServer};
 use arrow_flight::{
@@ -49,9 +51,6 @@ pub const CHUNK_SIZE: usize = 1024 * 1024;
 
 /// Largest gRPC message the server and the client encode or decode (16 MiB).
 pub const MAX_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
-
-/// Longest accepted job id, in bytes.
-const MAX_JOB_ID_LEN: usize = 128;
 
 /// Chunks buffered between the client's network task and its blocking reader.
 const CLIENT_CHANNEL_CAPACITY: usize = 8;
@@ -83,20 +82,10 @@ impl fmt::Display for FetchRequest {
     }
 }
 
-/// Whether `job_id` matches `^[A-Za-z0-9_-]{1,128}$`, so that it names a single directory
-/// below the work directory.
-pub fn is_valid_job_id(job_id: &str) -> bool {
-    !job_id.is_empty()
-        && job_id.len() <= MAX_JOB_ID_LEN
-        && job_id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-}
-
 /// Where the shuffle file named by `request` lives below `work_dir` (hash-shuffle layout,
 /// with a file id), or `None` if the job id is not valid.
 pub fn shuffle_file_path(work_dir: &std::path::Path, request: &FetchRequest) -> Option<PathBuf> {
-    if !is_valid_job_id(&request.job_id) {
+    if !valid_job_id(&request.job_id) {
         return None;
     }
     create_shuffle_path(
@@ -487,7 +476,7 @@ pub async fn fetch_shuffle_file(
         format!("{host}:{port}")
     };
     let file = request.to_string();
-    if !is_valid_job_id(&request.job_id) {
+    if !valid_job_id(&request.job_id) {
         return Err(FlightError::InvalidRequest {
             addr,
             file,
@@ -782,12 +771,12 @@ mod tests {
 
     #[test]
     fn job_ids() {
-        assert!(is_valid_job_id("aZ09_-"));
-        assert!(is_valid_job_id(&"a".repeat(128)));
+        assert!(valid_job_id("aZ09_-"));
+        assert!(valid_job_id(&"a".repeat(128)));
         for bad in ["", "../etc", "a/b", ".", "..", "a b", "é", "a\0"] {
-            assert!(!is_valid_job_id(bad), "{bad:?}");
+            assert!(!valid_job_id(bad), "{bad:?}");
         }
-        assert!(!is_valid_job_id(&"a".repeat(129)));
+        assert!(!valid_job_id(&"a".repeat(129)));
         assert_eq!(
             shuffle_file_path(std::path::Path::new("/w"), &request("..")),
             None

@@ -181,9 +181,13 @@ impl JobSettings {
     }
 }
 
-/// True for identifiers that are safe as path components: 1..=128 of `[A-Za-z0-9_-]`.
+/// Longest job id accepted.
+pub const MAX_JOB_ID_LEN: usize = 128;
+
+/// True for identifiers that are safe as path components (they name a directory below an
+/// executor's work dir): 1..=[`MAX_JOB_ID_LEN`] of `[A-Za-z0-9_-]`.
 pub fn valid_job_id(id: &str) -> bool {
-    (1..=128).contains(&id.len())
+    (1..=MAX_JOB_ID_LEN).contains(&id.len())
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')

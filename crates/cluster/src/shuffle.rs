@@ -40,6 +40,8 @@ use std::io::{self, BufRead, BufWriter, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::job::{MAX_JOB_ID_LEN, valid_job_id};
+
 use datafusion::arrow::array::{RecordBatch, RecordBatchOptions};
 use datafusion::arrow::datatypes::{Schema, SchemaRef};
 use datafusion::arrow::error::ArrowError;
@@ -60,7 +62,6 @@ use tokio::task::JoinHandle;
 /// Domain separation prefix of [`ShuffleFileId::dataset_id`].
 const DATASET_ID_DOMAIN: &[u8] = b"ppml-shuffle/1";
 /// Longest accepted job id.
-const MAX_JOB_ID_LEN: usize = 128;
 /// Buffer between the encrypting writer and the file.
 const WRITE_BUFFER: usize = 1 << 20;
 /// Record batches in flight between the input stream and the encoding thread.
@@ -136,11 +137,7 @@ impl ShuffleFileId {
     /// path components).
     pub fn validate(&self) -> Result<(), ShuffleError> {
         let id = &self.job_id;
-        let valid = (1..=MAX_JOB_ID_LEN).contains(&id.len())
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-        if valid {
+        if valid_job_id(id) {
             Ok(())
         } else {
             let mut shown: String = id.chars().take(MAX_JOB_ID_LEN).collect();

@@ -630,7 +630,9 @@ fn with_key(err: KmsError, primary: &PrimaryKeyId) -> KmsError {
     }
 }
 
-fn error_chain(err: &dyn std::error::Error) -> String {
+/// An error and its sources on one line (`error: cause: cause…`), skipping causes whose text
+/// is already included: the reason behind a generic "transport error" then shows.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {
