@@ -131,6 +131,34 @@ pub enum Command {
     /// Set up a ppml cluster (certificates for mutual TLS)
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Show the state of a cluster job (exit 0 succeeded, 1 failed, 5 queued or running,
+    /// 6 unknown to the scheduler)
+    Status(JobArgs),
+    /// Show the log of a cluster-mode job's driver (phases, jobs, errors; never row values)
+    Logs(LogsArgs),
+}
+
+/// A job on a ppml cluster.
+#[derive(Debug, Args)]
+pub struct JobArgs {
+    /// The job id printed by `ppml submit --mode cluster`
+    #[arg(value_name = "JOB")]
+    pub job: String,
+    /// The scheduler, HOST:PORT
+    #[arg(long, env = "PPML_MASTER", value_name = "HOST:PORT")]
+    pub master: String,
+    // TLS of the cluster channels.
+    #[command(flatten)]
+    pub tls: ClusterTlsArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    #[command(flatten)]
+    pub job: JobArgs,
+    /// Keep printing new lines until the job ends (exit status as `ppml status`)
+    #[arg(long, short = 'f')]
+    pub follow: bool,
 }
 
 /// `ppml cluster …`.
@@ -223,15 +251,21 @@ pub enum SubmitMode {
     /// This process is the driver (attested with --tee); executors of the cluster at --master
     /// read, shuffle and compute
     Client,
-    /// The whole job runs in the cluster (not available yet: docs/cluster.md §4)
+    /// The whole job runs in the cluster: its driver is a task on an attested executor, which
+    /// writes the encrypted output to (shared) storage; this process holds no key and sees
+    /// no row. Follow it with `ppml status JOB` and `ppml logs JOB`
     Cluster,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct SubmitArgs {
-    /// Where the application runs
-    #[arg(long, value_enum, default_value = "local", env = "PPML_SUBMIT_MODE")]
-    pub mode: SubmitMode,
+    /// Where the application runs [default: local]
+    #[arg(long, value_enum, env = "PPML_SUBMIT_MODE")]
+    pub mode: Option<SubmitMode>,
+    /// A TOML job file with these options and the application (a [simple_query] or [query]
+    /// table); options on the command line win (format: `ppml submit --help`, docs/cluster.md)
+    #[arg(long, env = "PPML_JOB_FILE", value_name = "FILE")]
+    pub job_file: Option<PathBuf>,
     /// The scheduler, HOST:PORT (client and cluster modes)
     #[arg(long, env = "PPML_MASTER", value_name = "HOST:PORT")]
     pub master: Option<String>,
@@ -258,15 +292,32 @@ pub struct SubmitArgs {
     /// A DataFusion (datafusion.*) or Ballista (ballista.*) setting; repeatable
     #[arg(long = "conf", value_name = "KEY=VALUE")]
     pub conf: Vec<String>,
+    /// Cluster mode: print the job id and return at once instead of following the job
+    #[arg(long)]
+    pub detach: bool,
     // TLS of the cluster channels (client mode needs --cluster-tls or --insecure-cleartext).
     #[command(flatten)]
     pub tls: ClusterTlsArgs,
-    /// The application
+    /// The application (or the job file's)
     #[command(subcommand)]
-    pub app: SubmitApp,
+    pub app: Option<SubmitApp>,
 }
 
-#[derive(Debug, Subcommand)]
+impl SubmitArgs {
+    /// `--mode`, local by default.
+    pub fn mode(&self) -> SubmitMode {
+        self.mode.unwrap_or(SubmitMode::Local)
+    }
+
+    /// The application (after `job_file::merge`, which refuses a submission without one).
+    pub fn app(&self) -> anyhow::Result<&SubmitApp> {
+        self.app
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("no application to submit"))
+    }
+}
+
+#[derive(Debug, Clone, Subcommand)]
 pub enum SubmitApp {
     /// SimpleQuery on an encrypted people dataset
     SimpleQuery(SimpleQueryArgs),
@@ -502,7 +553,7 @@ pub struct DecryptArgs {
     pub overwrite: bool,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct SimpleQueryArgs {
     /// Encrypted input dataset (people: name,age,job)
     #[arg(long, value_name = "DIR")]
@@ -527,11 +578,15 @@ pub struct SimpleQueryArgs {
     pub no_preview: bool,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
+#[command(group = clap::ArgGroup::new("query_text").required(true).args(["sql", "sql_file"]))]
 pub struct QueryArgs {
     /// SQL to run
     #[arg(long)]
-    pub sql: String,
+    pub sql: Option<String>,
+    /// File with the SQL to run
+    #[arg(long, value_name = "FILE")]
+    pub sql_file: Option<PathBuf>,
     /// A table: NAME=DIR (an encrypted dataset); repeatable
     #[arg(long = "table", value_name = "NAME=DIR", required = true)]
     pub tables: Vec<String>,

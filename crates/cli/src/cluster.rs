@@ -10,9 +10,9 @@ use crate::cli::{
 use crate::query::{self, ClusterPlacement, Placement};
 use crate::settings::Settings;
 
-/// Runs the application of `ppml submit` where `--mode` says.
-pub async fn submit(args: &SubmitArgs, settings: &mut Settings) -> Result<()> {
-    let plaintext = match &args.app {
+/// Runs the application of `ppml submit` where `--mode` says; returns the exit code.
+pub async fn submit(args: &SubmitArgs, settings: &mut Settings) -> Result<u8> {
+    let plaintext = match args.app()? {
         SubmitApp::SimpleQuery(app) => app.plaintext,
         SubmitApp::Query(app) => app.plaintext,
     };
@@ -27,7 +27,7 @@ pub async fn submit(args: &SubmitArgs, settings: &mut Settings) -> Result<()> {
              start (`ppml executor --memory SIZE`, `ppml cluster up --executor-memory SIZE`)"
         );
     }
-    let placement = match args.mode {
+    let placement = match args.mode() {
         SubmitMode::Local => {
             if settings.tee.is_some() {
                 bail!("--mode local runs without a TEE; use --mode local-tee with --tee");
@@ -45,6 +45,23 @@ pub async fn submit(args: &SubmitArgs, settings: &mut Settings) -> Result<()> {
                 partitions: args.driver_cores,
                 memory: driver_memory,
             }
+        }
+        SubmitMode::Cluster => {
+            if args.driver_cores.is_some() {
+                bail!(
+                    "--driver-cores: in cluster mode the driver is one task on an executor;                      set the job's parallelism with --num-executors and --executor-cores"
+                );
+            }
+            let tls = cluster_tls(&args.tls, tls::DRIVER, "submit")?;
+            let conf = parse_conf(&args.conf)?;
+            return crate::cluster_job::submit(
+                args,
+                settings,
+                conf,
+                driver_memory,
+                tls.as_ref().and_then(tls::client_customizer),
+            )
+            .await;
         }
         SubmitMode::Client => {
             let master = args
@@ -65,20 +82,20 @@ pub async fn submit(args: &SubmitArgs, settings: &mut Settings) -> Result<()> {
                 (None, Some(cores)) => Some(cores),
                 (None, None) => None,
             };
-            Placement::Cluster(ClusterPlacement {
+            Placement::Cluster(Box::new(ClusterPlacement {
                 master,
                 target_partitions,
                 conf,
-                tls,
+                customizer: tls.as_ref().and_then(tls::client_customizer),
                 driver_memory,
-            })
+                log: None,
+            }))
         }
-        SubmitMode::Cluster => bail!(
-            "--mode cluster is not available yet (the driver-in-cluster design is in \
-             docs/cluster.md §4); use --mode client"
-        ),
     };
-    match &args.app {
+    if args.detach {
+        bail!("--detach applies to --mode cluster only");
+    }
+    match args.app()? {
         SubmitApp::SimpleQuery(app) => {
             query::simple_query_on(app, settings, &placement).await?;
         }
@@ -86,7 +103,19 @@ pub async fn submit(args: &SubmitArgs, settings: &mut Settings) -> Result<()> {
             query::query_on(app, settings, &placement).await?;
         }
     }
-    Ok(())
+    Ok(crate::exit::OK)
+}
+
+/// `ppml status JOB`.
+pub async fn job_status(args: &crate::cli::JobArgs) -> Result<u8> {
+    let tls = cluster_tls(&args.tls, tls::DRIVER, "status")?;
+    crate::cluster_job::status(args, tls.as_ref().and_then(tls::client_customizer)).await
+}
+
+/// `ppml logs JOB`.
+pub async fn job_logs(args: &crate::cli::LogsArgs) -> Result<u8> {
+    let tls = cluster_tls(&args.job.tls, tls::DRIVER, "logs")?;
+    crate::cluster_job::logs(args, tls.as_ref().and_then(tls::client_customizer)).await
 }
 
 /// Parses a memory size as Spark writes them: a number of bytes, or with a `k`, `m`, `g` or
@@ -168,7 +197,7 @@ fn cluster_tls(args: &ClusterTlsArgs, role: &str, command: &str) -> Result<Optio
                 "`ppml {command}{}` needs --cluster-tls DIR (mutual TLS; create DIR with \
                  `ppml cluster certs --out DIR`) or, for development only, --insecure-cleartext",
                 if command == "submit" {
-                    " --mode client"
+                    " --mode client|cluster"
                 } else {
                     ""
                 }
@@ -315,6 +344,9 @@ pub async fn executor(args: &ExecutorArgs, settings: &mut Settings) -> Result<()
             memory_pool_size: memory.map(|bytes| bytes as u64),
             kms: kms.dyn_kms(),
             customizer: mtls.as_ref().and_then(tls::client_customizer),
+            driver: Some(std::sync::Arc::new(crate::cluster_job::CliJobDriver::new(
+                &kms,
+            ))),
             flight_tls: mtls.as_ref().map(tls::server_tls),
         },
         ppml_cluster::process::ExecutorMonitoring {

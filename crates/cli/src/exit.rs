@@ -16,6 +16,10 @@ pub const FAILURE: u8 = 1;
 pub const BAD_INPUT: u8 = 3;
 /// Key access denied: wrong credentials, wrong or unknown key.
 pub const ACCESS_DENIED: u8 = 4;
+/// `ppml status` / `ppml logs -f`: the job is queued or running.
+pub const JOB_PENDING: u8 = 5;
+/// `ppml status` / `ppml logs -f`: the scheduler does not know the job.
+pub const JOB_UNKNOWN: u8 = 6;
 
 /// The exit code for an error, from the most specific cause in its chain.
 pub fn code_for(err: &anyhow::Error) -> ExitCode {

@@ -3,11 +3,13 @@
 mod attest;
 mod cli;
 mod cluster;
+mod cluster_job;
 mod cluster_up;
 mod crypt;
 mod csv_split;
 mod exit;
 mod generate;
+mod job_file;
 mod kms_bench;
 mod kms_serve;
 mod output;
@@ -48,7 +50,7 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::from(exit::OK),
+        Ok(code) => ExitCode::from(code),
         Err(err) => {
             if is_broken_pipe(&err) {
                 return ExitCode::from(exit::OK);
@@ -102,7 +104,8 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
     })
 }
 
-async fn run(cli: Cli) -> Result<()> {
+/// Runs the command; returns its exit code (errors are mapped by `exit::code_for`).
+async fn run(cli: Cli) -> Result<u8> {
     ppml_engine::dataset::set_durable_writes(!cli.global.no_sync);
     let mut settings = Settings::resolve(&cli.global)?;
     match &cli.command {
@@ -133,7 +136,10 @@ async fn run(cli: Cli) -> Result<()> {
             query::query(args, &mut settings).await?;
         }
         Command::Quickstart(args) => quickstart::run(args, &mut settings).await?,
-        Command::Submit(args) => cluster::submit(args, &mut settings).await?,
+        Command::Submit(args) => {
+            let args = job_file::merge(args.as_ref().clone())?;
+            return cluster::submit(&args, &mut settings).await;
+        }
         Command::Scheduler(args) => cluster::scheduler(args).await?,
         Command::Executor(args) => cluster::executor(args, &mut settings).await?,
         Command::Cluster(crate::cli::ClusterCommand::Certs(args)) => {
@@ -146,6 +152,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Cluster(crate::cli::ClusterCommand::Status(args)) => {
             cluster::status(args, &settings)?
         }
+        Command::Status(args) => return cluster::job_status(args).await,
+        Command::Logs(args) => return cluster::job_logs(args).await,
         Command::Attest(crate::cli::AttestCommand::Verify(args)) => {
             attest::verify(args, &settings).await?
         }
@@ -158,7 +166,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Kms(command) => kms_command(command, &mut settings).await?,
     }
-    Ok(())
+    Ok(exit::OK)
 }
 
 async fn kms_command(command: &KmsCommand, settings: &mut Settings) -> Result<()> {

@@ -22,11 +22,10 @@ pub enum Placement {
         memory: Option<usize>,
     },
     /// On the executors of a ppml cluster; this process is the driver.
-    Cluster(ClusterPlacement),
+    Cluster(Box<ClusterPlacement>),
 }
 
 /// A cluster to run on, and the job's settings.
-#[derive(Debug)]
 pub struct ClusterPlacement {
     /// The scheduler, `host:port`.
     pub master: String,
@@ -34,10 +33,22 @@ pub struct ClusterPlacement {
     pub target_partitions: Option<usize>,
     /// `datafusion.*` / `ballista.*` settings.
     pub conf: Vec<(String, String)>,
-    /// The driver's cluster TLS material; `None` = cleartext (`--insecure-cleartext`).
-    pub tls: Option<ppml_cluster::tls::ClusterTls>,
+    /// TLS of the driver's channels; `None` = cleartext (`--insecure-cleartext`).
+    pub customizer: ppml_cluster::flight::EndpointCustomizer,
     /// Memory limit of the driver's query engine, in bytes.
     pub driver_memory: Option<usize>,
+    /// A cluster-mode driver's job log, which records the jobs it runs.
+    pub log: Option<ppml_cluster::jobs::DriverLog>,
+}
+
+impl std::fmt::Debug for ClusterPlacement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterPlacement")
+            .field("master", &self.master)
+            .field("target_partitions", &self.target_partitions)
+            .field("tls", &self.customizer.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Placement {
@@ -79,15 +90,15 @@ fn encrypted_session(
             }
             // Each job's shuffle key is wrapped under the input key: it is released only to
             // attested executors, like the inputs.
-            let runner = ppml_cluster::ClusterRunner::new(
+            let mut runner = ppml_cluster::ClusterRunner::new(
                 cluster.master.clone(),
                 kms.dyn_kms(),
                 kms.primary()?.clone(),
-                cluster
-                    .tls
-                    .as_ref()
-                    .and_then(ppml_cluster::tls::client_customizer),
+                cluster.customizer.clone(),
             );
+            if let Some(log) = &cluster.log {
+                runner = runner.with_log(log.clone());
+            }
             Ok(limited(
                 PpmlSession::encrypted_with_config(kms.dyn_kms(), config),
                 cluster.driver_memory,
@@ -111,23 +122,25 @@ pub async fn simple_query_on(
     settings: &mut Settings,
     placement: &Placement,
 ) -> Result<SimpleQueryReport> {
-    let report = if args.plaintext {
-        let session = PpmlSession::plaintext(args.input_partitions);
-        simple_query::run(
-            &session,
-            &args.input,
-            OutputTarget::Plaintext {
-                dir: &args.output,
-                overwrite: args.overwrite,
-            },
-            args.output_partitions,
-            !args.no_preview,
-        )
-        .await?
+    let kms = if args.plaintext {
+        None
     } else {
-        let kms = settings.open_kms_for_runtime().await?;
+        Some(settings.open_kms_for_runtime().await?)
+    };
+    let report = run_simple_query(args, kms.as_ref(), placement).await?;
+    print_report(&report, !args.no_preview);
+    Ok(report)
+}
+
+/// Runs SimpleQuery with `kms` (None = plaintext) where `placement` says; prints nothing.
+pub async fn run_simple_query(
+    args: &SimpleQueryArgs,
+    kms: Option<&OpenKms>,
+    placement: &Placement,
+) -> Result<SimpleQueryReport> {
+    let report = if let Some(kms) = kms {
         let primary = kms.output_primary()?.clone();
-        let session = encrypted_session(&kms, args.input_partitions, placement)?;
+        let session = encrypted_session(kms, args.input_partitions, placement)?;
         simple_query::run(
             &session,
             &args.input,
@@ -144,8 +157,20 @@ pub async fn simple_query_on(
             !args.no_preview,
         )
         .await?
+    } else {
+        let session = PpmlSession::plaintext(args.input_partitions);
+        simple_query::run(
+            &session,
+            &args.input,
+            OutputTarget::Plaintext {
+                dir: &args.output,
+                overwrite: args.overwrite,
+            },
+            args.output_partitions,
+            !args.no_preview,
+        )
+        .await?
     };
-    print_report(&report, !args.no_preview);
     Ok(report)
 }
 
@@ -163,7 +188,7 @@ pub fn print_report(report: &SimpleQueryReport, preview: bool) {
     }
 }
 
-fn parse_table(spec: &str) -> Result<(String, PathBuf)> {
+pub fn parse_table(spec: &str) -> Result<(String, PathBuf)> {
     let Some((name, path)) = spec.split_once('=') else {
         bail!("--table {spec:?}: expected NAME=DIR");
     };
@@ -184,17 +209,39 @@ pub async fn query_on(
     settings: &mut Settings,
     placement: &Placement,
 ) -> Result<u64> {
-    let tables = args
-        .tables
-        .iter()
-        .map(|t| parse_table(t))
-        .collect::<Result<Vec<_>>>()?;
     let kms = if args.plaintext {
         None
     } else {
         Some(settings.open_kms_for_runtime().await?)
     };
-    let session = match &kms {
+    run_query(args, kms.as_ref(), placement).await
+}
+
+/// The SQL of `--sql` or `--sql-file`.
+pub fn query_text(args: &QueryArgs) -> Result<String> {
+    match (&args.sql, &args.sql_file) {
+        (Some(sql), None) => Ok(sql.clone()),
+        (None, Some(file)) => {
+            std::fs::read_to_string(file).with_context(|| format!("--sql-file {}", file.display()))
+        }
+        _ => bail!("give the query with --sql or --sql-file"),
+    }
+}
+
+/// Runs SQL with `kms` (None = plaintext) where `placement` says; prints the result unless
+/// it is written as a dataset.
+pub async fn run_query(
+    args: &QueryArgs,
+    kms: Option<&OpenKms>,
+    placement: &Placement,
+) -> Result<u64> {
+    let tables = args
+        .tables
+        .iter()
+        .map(|t| parse_table(t))
+        .collect::<Result<Vec<_>>>()?;
+    let sql = query_text(args)?;
+    let session = match kms {
         Some(kms) => encrypted_session(kms, args.input_partitions, placement)?,
         None => PpmlSession::plaintext(args.input_partitions),
     };
@@ -204,8 +251,8 @@ pub async fn query_on(
             .await
             .with_context(|| format!("registering table {name}"))?;
     }
-    let df = session.sql(&args.sql).await?;
-    match (&args.output, &kms) {
+    let df = session.sql(&sql).await?;
+    match (&args.output, kms) {
         (Some(out), Some(kms)) => {
             let summary = session
                 .write_csv(

@@ -300,6 +300,7 @@ impl Settings {
 }
 
 /// The concrete KMS behind [`OpenKms`], for the admin commands the trait does not cover.
+#[derive(Clone)]
 pub enum KmsBackend {
     Local(Arc<LocalKms>),
     Remote(Arc<RemoteKms>),

@@ -1,7 +1,8 @@
 //! `ppml scheduler`, `ppml executor` and `ppml submit` as separate processes on loopback, with
 //! a KMS server and the simulated TEE: attested executors run the job, an executor that fails
 //! attestation exits before it ever registers, client mode gives the rows local-tee mode
-//! gives, and the executors' disks hold no plaintext. Every cluster channel is mutual TLS,
+//! gives, cluster mode (driver on an executor, submitter without KMS credentials) too, and
+//! the executors' disks hold no plaintext. Every cluster channel is mutual TLS,
 //! with certificates from `ppml cluster certs`.
 
 mod common;
@@ -243,7 +244,145 @@ fn client_mode_on_attested_executors_matches_local_tee_mode() {
     assert_eq!(count(&local_report), Some("count(name): 20000".into()));
     assert_eq!(count(&cluster_report), count(&local_report));
 
-    // No plaintext row on the executors' disks.
+    // Cluster mode: the driver runs on an executor. The submitting process has no KMS
+    // credentials at all (only the key ids, which are not secret) and sees no row.
+    let keyless = |home: &Path| {
+        let mut cmd = ppml(home);
+        cmd.env("PPML_PRIMARY_KEY", &primary)
+            .env_remove("PPML_APPID")
+            .env_remove("PPML_APIKEY")
+            .env_remove("PPML_KMS_URL");
+        cmd
+    };
+    let submitter_home = dir.path().join("submitter-home");
+    let cluster_args = ["--master", master.as_str(), "--cluster-tls", certs_arg];
+    let output = dir.path().join("cluster-mode.enc");
+    let followed = keyless(&submitter_home)
+        .args(["submit", "--mode", "cluster"])
+        .args(cluster_args)
+        .args(["simple-query", "--input"])
+        .arg(&enc)
+        .arg("--output")
+        .arg(&output)
+        .output()
+        .unwrap();
+    assert!(followed.status.success(), "{followed:?}");
+    let log = stdout(&followed);
+    let job = log.lines().next().unwrap().trim().to_string();
+    assert!(
+        !job.is_empty() && job.chars().all(|c| c.is_ascii_alphanumeric()),
+        "{log}"
+    );
+    assert!(log.contains("driver started: SimpleQuery"), "{log}");
+    assert!(
+        log.contains("rows in 1 part(s)") || log.contains(" part(s) to "),
+        "{log}"
+    );
+    assert!(log.contains("driver finished"), "{log}");
+    assert!(
+        !log.contains("count(name)"),
+        "a value reached the submitter: {log}"
+    );
+    let decrypted = run(with_key(&home)
+        .args(["--tee", "sim", "--attestation-policy", &good])
+        .args(["decrypt", "--out", "-", "--in"])
+        .arg(&output));
+    assert_eq!(
+        sorted_lines(&stdout(&decrypted)),
+        local_rows,
+        "cluster mode differs from local-tee mode"
+    );
+    // The same job again fails in the driver (the output exists): exit 1, the reason shown,
+    // the first output untouched.
+    let again = keyless(&submitter_home)
+        .args(["submit", "--mode", "cluster"])
+        .args(cluster_args)
+        .args(["simple-query", "--input"])
+        .arg(&enc)
+        .arg("--output")
+        .arg(&output)
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(1), "{again:?}");
+    assert!(stdout(&again).contains("driver failed:"), "{again:?}");
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already exists"),
+        "{again:?}"
+    );
+
+    // A join and aggregate, detached, followed with `status` and `logs`; same rows as in
+    // local-tee mode.
+    let sql = "SELECT a.job, count(*) AS n, max(b.age) AS oldest FROM people a \
+               JOIN people b ON a.name = b.name GROUP BY a.job";
+    let table = format!("people={}", enc.display());
+    let query_out = dir.path().join("query-cluster.enc");
+    // This one from a TOML job file (paths relative to the file).
+    let job_file = dir.path().join("join.toml");
+    std::fs::write(
+        &job_file,
+        format!(
+            "mode = \"cluster\"\nmaster = \"{master}\"\ncluster_tls = \"cluster-tls\"\n\
+             detach = true\nname = \"join-test\"\n\n[query]\nsql = \"{sql}\"\n\
+             tables = {{ people = \"people.enc\" }}\noutput = \"query-cluster.enc\"\n"
+        ),
+    )
+    .unwrap();
+    let detached = keyless(&submitter_home)
+        .args(["submit", "--job-file"])
+        .arg(&job_file)
+        .output()
+        .unwrap();
+    assert!(detached.status.success(), "{detached:?}");
+    let job = stdout(&detached).trim().to_string();
+    let status = |job: &str| {
+        let out = keyless(&submitter_home)
+            .args(["status", job])
+            .args(cluster_args)
+            .output()
+            .unwrap();
+        (out.status.code(), stdout(&out))
+    };
+    let (code, line) = status(&job);
+    assert!(matches!(code, Some(0) | Some(5)), "{code:?} {line}");
+    assert!(line.contains("join-test"), "{line}");
+    let followed = keyless(&submitter_home)
+        .args(["logs", "-f", &job])
+        .args(cluster_args)
+        .output()
+        .unwrap();
+    assert_eq!(followed.status.code(), Some(0), "{followed:?}");
+    assert!(
+        stdout(&followed).contains("driver finished"),
+        "{followed:?}"
+    );
+    let (code, line) = status(&job);
+    assert_eq!(code, Some(0), "{line}");
+    assert!(line.contains("succeeded"), "{line}");
+    assert_eq!(status("nosuchjob").0, Some(6));
+    let local_query = dir.path().join("query-local.enc");
+    run(with_key(&home)
+        .args(["--tee", "sim", "--attestation-policy", &good])
+        .args(["submit", "--mode", "local-tee"])
+        .args(["query", "--sql", sql, "--table", &table, "--output"])
+        .arg(&local_query));
+    let rows = |dataset: &Path| {
+        sorted_lines(&stdout(&run(with_key(&home)
+            .args(["--tee", "sim", "--attestation-policy", &good])
+            .args(["decrypt", "--out", "-", "--in"])
+            .arg(dataset))))
+    };
+    let local_query_rows = rows(&local_query);
+    assert!(local_query_rows.len() > 3, "{local_query_rows:?}");
+    assert_eq!(rows(&query_out), local_query_rows);
+
+    // No plaintext row on the executors' disks (shuffle files, and spills next to them).
+    work_dirs.extend(
+        work_dirs
+            .clone()
+            .iter()
+            .map(|dir| dir.with_extension("spill"))
+            .filter(|dir| dir.exists()),
+    );
     let sample = local_rows
         .iter()
         .find(|l| !l.starts_with("name,"))

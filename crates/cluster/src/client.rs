@@ -10,12 +10,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ballista_core::serde::BallistaPhysicalExtensionCodec;
 use ballista_core::serde::protobuf::execute_query_params::Query;
 use ballista_core::serde::protobuf::execute_query_result::Result as QueryResult;
 use ballista_core::serde::protobuf::job_status::Status;
 use ballista_core::serde::protobuf::scheduler_grpc_client::SchedulerGrpcClient;
-use ballista_core::serde::protobuf::{ExecuteQueryParams, GetJobStatusParams, KeyValuePair};
+use ballista_core::serde::protobuf::{
+    ExecuteQueryParams, GetJobStatusParams, JobStatus, KeyValuePair,
+};
 use ballista_core::serde::scheduler::PartitionLocation;
 use ballista_core::version::insert_version_header;
 use datafusion::execution::SendableRecordBatchStream;
@@ -33,9 +34,11 @@ use rand::Rng as _;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::ClusterError;
+use crate::driver::PpmlPhysicalCodec;
 use crate::engine::ShuffleSource;
 use crate::flight::EndpointCustomizer;
 use crate::job::new_job_key;
+use crate::jobs::DriverLog;
 
 /// How often the driver asks the scheduler about a running job: often at first (a status
 /// request on a cluster network costs well under a millisecond, and short jobs are common:
@@ -50,6 +53,7 @@ pub struct ClusterRunner {
     kms: Arc<dyn KeyManagementService>,
     shuffle_primary: PrimaryKeyId,
     customizer: EndpointCustomizer,
+    log: Option<DriverLog>,
 }
 
 impl std::fmt::Debug for ClusterRunner {
@@ -74,34 +78,20 @@ impl ClusterRunner {
             kms,
             shuffle_primary,
             customizer,
+            log: None,
         }
     }
 
-    fn error(&self, message: impl std::fmt::Display) -> ClusterError {
-        ClusterError::Scheduler {
-            addr: self.scheduler.clone(),
-            message: message.to_string(),
-        }
+    /// Also records each job's submission and end in `log` (a cluster-mode driver's).
+    pub fn with_log(mut self, log: DriverLog) -> Self {
+        self.log = Some(log);
+        self
     }
 
     async fn connect(&self) -> Result<SchedulerGrpcClient<Channel>, ClusterError> {
-        let endpoint = match &self.customizer {
-            Some(customize) => customize(
-                Endpoint::from_shared(format!("https://{}", self.scheduler))
-                    .map_err(|e| self.error(e))?,
-            )
-            .map_err(|e| self.error(e))?,
-            None => Endpoint::from_shared(format!("http://{}", self.scheduler))
-                .map_err(|e| self.error(e))?,
-        };
-        let channel = endpoint
-            .connect_timeout(Duration::from_secs(10))
-            .connect()
-            .await
-            .map_err(|e| self.error(format!("cannot connect: {}", error_chain(&e))))?;
-        Ok(SchedulerGrpcClient::new(channel)
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20))
+        Ok(scheduler_client(
+            scheduler_channel(&self.scheduler, &self.customizer).await?,
+        ))
     }
 
     /// Submits `plan` and waits for it; returns Ballista's job id and the final stage's files.
@@ -111,41 +101,17 @@ impl ClusterRunner {
         settings: Vec<KeyValuePair>,
         session_id: String,
     ) -> Result<(String, Vec<PartitionLocation>), ClusterError> {
-        let codec = BallistaPhysicalExtensionCodec::default();
-        let encoded = PhysicalPlanNode::try_from_physical_plan(plan.clone(), &codec)
-            .map_err(|e| ClusterError::Plan(e.to_string()))?
-            .encode_to_vec();
         let mut scheduler = self.connect().await?;
-        let mut request = tonic::Request::new(ExecuteQueryParams {
-            query: Some(Query::PhysicalPlan(encoded)),
-            settings,
-            session_id,
-            operation_id: random_id(),
-        });
-        insert_version_header(request.metadata_mut());
-        let submitted = scheduler
-            .execute_query(request)
-            .await
-            .map_err(|status| self.error(format!("submission refused: {}", status.message())))?
-            .into_inner();
-        let job_id = match submitted.result {
-            Some(QueryResult::Success(success)) => success.job_id,
-            Some(QueryResult::Failure(failure)) => {
-                return Err(self.error(format!("submission failed: {failure:?}")));
-            }
-            None => return Err(self.error("empty answer to the submission")),
-        };
+        let job_id =
+            submit_plan(&mut scheduler, &self.scheduler, plan, settings, session_id).await?;
         tracing::info!(job = %job_id, "job submitted");
+        if let Some(log) = &self.log {
+            log.line(format!("job {job_id} submitted")).await;
+        }
         let submitted_at = std::time::Instant::now();
         loop {
-            let status = scheduler
-                .get_job_status(GetJobStatusParams {
-                    job_id: job_id.clone(),
-                })
-                .await
-                .map_err(|status| self.error(format!("job status: {}", status.message())))?
-                .into_inner()
-                .status
+            let status = job_status(&mut scheduler, &self.scheduler, &job_id)
+                .await?
                 .and_then(|s| s.status);
             match status {
                 Some(Status::Successful(done)) => {
@@ -155,6 +121,9 @@ impl ClusterRunner {
                         .map(|l| l.try_into())
                         .collect::<Result<Vec<PartitionLocation>, _>>()?;
                     tracing::info!(job = %job_id, files = locations.len(), "job finished");
+                    if let Some(log) = &self.log {
+                        log.line(format!("job {job_id} finished")).await;
+                    }
                     return Ok((job_id, locations));
                 }
                 Some(Status::Failed(failed)) => {
@@ -172,7 +141,104 @@ impl ClusterRunner {
     }
 }
 
-fn random_id() -> String {
+/// Opens a channel to the scheduler at `addr` (`host:port`): TLS through `customizer`, or
+/// cleartext without one.
+pub async fn scheduler_channel(
+    addr: &str,
+    customizer: &EndpointCustomizer,
+) -> Result<Channel, ClusterError> {
+    let error = |message: String| ClusterError::Scheduler {
+        addr: addr.to_string(),
+        message,
+    };
+    let endpoint = match customizer {
+        Some(customize) => customize(
+            Endpoint::from_shared(format!("https://{addr}")).map_err(|e| error(e.to_string()))?,
+        )
+        .map_err(|e| error(e.to_string()))?,
+        None => {
+            Endpoint::from_shared(format!("http://{addr}")).map_err(|e| error(e.to_string()))?
+        }
+    };
+    endpoint
+        .connect_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .map_err(|e| error(format!("cannot connect: {}", error_chain(&e))))
+}
+
+/// Ballista's scheduler client on `channel`, with ppml's message size limits.
+pub fn scheduler_client(channel: Channel) -> SchedulerGrpcClient<Channel> {
+    SchedulerGrpcClient::new(channel)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20)
+}
+
+/// Submits a physical plan (encoded with [`PpmlPhysicalCodec`]); returns Ballista's job id.
+pub async fn submit_plan(
+    scheduler: &mut SchedulerGrpcClient<Channel>,
+    addr: &str,
+    plan: &Arc<dyn ExecutionPlan>,
+    settings: Vec<KeyValuePair>,
+    session_id: String,
+) -> Result<String, ClusterError> {
+    let error = |message: String| ClusterError::Scheduler {
+        addr: addr.to_string(),
+        message,
+    };
+    let codec = PpmlPhysicalCodec::default();
+    let encoded = PhysicalPlanNode::try_from_physical_plan(plan.clone(), &codec)
+        .map_err(|e| ClusterError::Plan(e.to_string()))?
+        .encode_to_vec();
+    let mut request = tonic::Request::new(ExecuteQueryParams {
+        query: Some(Query::PhysicalPlan(encoded)),
+        settings,
+        session_id,
+        operation_id: random_id(),
+    });
+    insert_version_header(request.metadata_mut());
+    let submitted = scheduler
+        .execute_query(request)
+        .await
+        .map_err(|status| error(format!("submission refused: {}", status.message())))?
+        .into_inner();
+    match submitted.result {
+        Some(QueryResult::Success(success)) => Ok(success.job_id),
+        Some(QueryResult::Failure(failure)) => {
+            Err(error(format!("submission failed: {failure:?}")))
+        }
+        None => Err(error("empty answer to the submission".into())),
+    }
+}
+
+/// The scheduler's status of `job_id`; None if it does not know the job.
+pub async fn job_status(
+    scheduler: &mut SchedulerGrpcClient<Channel>,
+    addr: &str,
+    job_id: &str,
+) -> Result<Option<JobStatus>, ClusterError> {
+    Ok(scheduler
+        .get_job_status(GetJobStatusParams {
+            job_id: job_id.to_string(),
+        })
+        .await
+        .map_err(|status| ClusterError::Scheduler {
+            addr: addr.to_string(),
+            message: format!("job status: {}", status.message()),
+        })?
+        .into_inner()
+        .status)
+}
+
+/// The states of a Ballista job, and the settings a submission carries, for the callers of
+/// [`submit_plan`] and [`job_status`].
+pub use ballista_core::serde::protobuf::{
+    KeyValuePair as JobSetting, job_status::Status as JobState,
+};
+/// A channel to the scheduler.
+pub use tonic::transport::Channel as SchedulerChannel;
+
+pub(crate) fn random_id() -> String {
     let bytes: [u8; 16] = rand::rng().random();
     hex::encode(bytes)
 }

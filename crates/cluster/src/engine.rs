@@ -35,11 +35,14 @@ use datafusion::physical_plan::{
 };
 use datafusion::prelude::SessionConfig;
 use futures::{StreamExt, TryStreamExt};
+use ppml_kms::KeyManagementService;
 use tokio::sync::OnceCell;
 
 use crate::ClusterError;
+use crate::driver::{DriverContext, DriverSpec, JobDriver, PpmlDriverExec};
 use crate::flight::{EndpointCustomizer, FetchRequest, fetch_shuffle_file};
 use crate::job::{JobKeys, JobSettings};
+use crate::jobs::{DriverLog, JobsClient};
 use crate::metrics::{ExecutorMetrics, ShuffleOrigin};
 use crate::shuffle::{
     ShuffleFileId, ShuffleKey, read_shuffle_file, read_shuffle_stream, write_shuffle_file,
@@ -53,6 +56,28 @@ pub struct PpmlExecutionEngine {
     keys: Arc<JobKeys>,
     customizer: EndpointCustomizer,
     metrics: Option<Arc<ExecutorMetrics>>,
+    drivers: Option<Arc<DriverHost>>,
+}
+
+/// What an executor needs to run the driver tasks of cluster-mode jobs.
+pub struct DriverHost {
+    /// Runs the applications.
+    pub driver: Arc<dyn JobDriver>,
+    /// The scheduler, `host:port`.
+    pub master: String,
+    /// The executor's attested KMS client.
+    pub kms: Arc<dyn KeyManagementService>,
+    /// TLS of outgoing channels.
+    pub customizer: EndpointCustomizer,
+}
+
+impl fmt::Debug for DriverHost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DriverHost")
+            .field("driver", &self.driver)
+            .field("master", &self.master)
+            .finish_non_exhaustive()
+    }
 }
 
 impl fmt::Debug for PpmlExecutionEngine {
@@ -70,7 +95,14 @@ impl PpmlExecutionEngine {
             keys,
             customizer,
             metrics: None,
+            drivers: None,
         }
+    }
+
+    /// Runs the driver tasks of cluster-mode jobs with `host` (without it, they are refused).
+    pub fn with_drivers(mut self, host: DriverHost) -> Self {
+        self.drivers = Some(Arc::new(host));
+        self
     }
 
     /// Counts tasks and shuffle rows and bytes in `metrics`.
@@ -154,6 +186,22 @@ impl PpmlExecutionEngine {
         work_dir: &str,
         config: &SessionConfig,
     ) -> Result<Arc<dyn QueryStageExecutor>> {
+        if let Some(writer) = plan.downcast_ref::<ShuffleWriterExec>()
+            && let Some(driver) = writer.children()[0].downcast_ref::<PpmlDriverExec>()
+        {
+            let Some(host) = &self.drivers else {
+                return Err(ClusterError::RefusedPlan(
+                    "this executor does not run cluster-mode drivers".into(),
+                )
+                .into());
+            };
+            return Ok(Arc::new(DriverStage {
+                job_id,
+                spec: driver.spec().clone(),
+                host: host.clone(),
+                metrics: self.metrics.clone(),
+            }));
+        }
         let settings = JobSettings::from_config(config)?;
         check_stage_plan(&plan)?;
         let key: StageKey = Arc::new(OnceCell::new());
@@ -354,6 +402,92 @@ impl PpmlQueryStage {
         }
         written.sort_by_key(|p| p.partition_id);
         Ok(written)
+    }
+}
+
+/// The one task of a cluster-mode job: runs the application with the executor's
+/// [`JobDriver`]. It writes no shuffle file (nobody reads the driver job's output) and reports
+/// one empty partition.
+struct DriverStage {
+    job_id: JobId,
+    spec: DriverSpec,
+    host: Arc<DriverHost>,
+    metrics: Option<Arc<ExecutorMetrics>>,
+}
+
+impl fmt::Debug for DriverStage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DriverStage")
+            .field("job_id", &self.job_id.as_str())
+            .field("summary", &self.spec.summary)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Display for DriverStage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "DriverStage: job {}: {}",
+            self.job_id.as_str(),
+            self.spec.summary
+        )
+    }
+}
+
+#[async_trait::async_trait]
+impl QueryStageExecutor for DriverStage {
+    async fn execute_query_stage(
+        &self,
+        task_id: usize,
+        _context: Arc<TaskContext>,
+    ) -> Result<Vec<ShuffleWritePartition>> {
+        let jobs = match crate::client::scheduler_channel(&self.host.master, &self.host.customizer)
+            .await
+        {
+            Ok(channel) => Some(JobsClient::new(channel)),
+            Err(e) => {
+                tracing::warn!("job log unavailable: {e}");
+                None
+            }
+        };
+        let log = DriverLog::new(self.job_id.as_str(), jobs);
+        log.line(format!("driver started: {}", self.spec.summary))
+            .await;
+        let context = DriverContext {
+            master: self.host.master.clone(),
+            kms: self.host.kms.clone(),
+            customizer: self.host.customizer.clone(),
+            log: log.clone(),
+        };
+        let result = self.host.driver.run(&self.spec, context).await;
+        if let Some(metrics) = &self.metrics {
+            metrics.task_finished(result.is_ok());
+        }
+        match result {
+            Ok(()) => {
+                log.line("driver finished").await;
+                Ok(vec![ShuffleWritePartition {
+                    partition_id: 0,
+                    num_batches: 0,
+                    num_rows: 0,
+                    num_bytes: 0,
+                    file_id: Some(task_id as u64),
+                    is_sort_shuffle: false,
+                }])
+            }
+            Err(error) => {
+                let message = format!("{error:#}");
+                log.line(format!("driver failed: {message}")).await;
+                // An execution error (not an I/O error): Ballista fails the job instead of
+                // running the driver again.
+                Err(DataFusionError::Execution(message))
+            }
+        }
+    }
+
+    fn collect_plan_metrics(&self) -> Vec<MetricsSet> {
+        Vec::new()
     }
 }
 

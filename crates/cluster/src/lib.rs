@@ -14,14 +14,19 @@
 //! - [`metrics`]: Prometheus metrics of the scheduler and executors (counts only), served
 //!   at `/metrics` in plain HTTP, and the counting KMS and object store decorators.
 //! - [`client`]: the driver's [`ppml_engine::PlanRunner`], which runs plans on the cluster.
+//! - [`driver`]: cluster mode: the driver as a task on an executor, its plan node and
+//!   ppml's plan codec.
+//! - [`jobs`]: the scheduler's job log service, which cluster-mode drivers write to.
 //! - [`tls`]: mutual TLS on every cluster channel: the cluster CA, role certificates, server
 //!   configurations and the client endpoint customizer.
 
 pub mod client;
+pub mod driver;
 pub mod engine;
 mod error;
 pub mod flight;
 pub mod job;
+pub mod jobs;
 pub mod metrics;
 pub mod process;
 pub mod shuffle;

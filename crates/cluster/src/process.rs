@@ -11,6 +11,10 @@
 //! require a client certificate of the cluster CA, and every outgoing channel goes through the
 //! TLS endpoint customizer (`https://`, cluster CA, this process's certificate).
 //!
+//! The scheduler also serves ppml's job log (`crate::jobs`), and executors given a
+//! [`crate::driver::JobDriver`] run the driver tasks of cluster-mode jobs. All three
+//! processes encode plans with [`PpmlPhysicalCodec`].
+//!
 //! Both keep Prometheus metrics (`crate::metrics`) and, given a metrics listener, serve them
 //! at `/metrics` (with `/healthz`) in plain HTTP: counts only, never values or keys.
 
@@ -38,9 +42,11 @@ use ppml_engine::{DecryptingStore, LOCAL_STORE_URL};
 use ppml_kms::KeyManagementService;
 
 use crate::ClusterError;
-use crate::engine::PpmlExecutionEngine;
+use crate::driver::PpmlPhysicalCodec;
+use crate::engine::{DriverHost, PpmlExecutionEngine};
 use crate::flight::{EndpointCustomizer, ServerTls, flight_server_provider};
 use crate::job::{JobKeys, with_job_settings};
+use crate::jobs::JobsService;
 use crate::metrics::{
     CountingKms, CountingStore, ExecutorMetrics, KeyKind, MetricsSource, SchedulerMetrics,
     SchedulerSource, spawn_server,
@@ -81,6 +87,8 @@ pub struct ExecutorOptions {
     pub kms: Arc<dyn KeyManagementService>,
     /// Applied to every outgoing channel (TLS); None = cleartext, for tests only.
     pub customizer: EndpointCustomizer,
+    /// Runs the driver tasks of cluster-mode jobs; None = this executor refuses them.
+    pub driver: Option<Arc<dyn crate::driver::JobDriver>>,
     /// TLS of the Flight service; None = cleartext, for tests only.
     pub flight_tls: ServerTls,
 }
@@ -166,8 +174,16 @@ pub async fn run_executor_monitored(
         Ok(Arc::new(runtime))
     });
     let keys = Arc::new(JobKeys::new(shuffle_kms));
-    let engine =
+    let mut engine =
         PpmlExecutionEngine::new(keys, options.customizer.clone()).with_metrics(metrics.clone());
+    if let Some(driver) = options.driver {
+        engine = engine.with_drivers(DriverHost {
+            driver,
+            master: format!("{}:{}", options.scheduler_host, options.scheduler_port),
+            kms: options.kms.clone(),
+            customizer: options.customizer.clone(),
+        });
+    }
     let endpoint_override = endpoint_override(&options.customizer);
     let config = ExecutorProcessConfig {
         executor_id: options.executor_id,
@@ -185,6 +201,7 @@ pub async fn run_executor_monitored(
         job_data_clean_up_interval_seconds: 600,
         executor_heartbeat_interval_seconds: 10,
         override_execution_engine: Some(Arc::new(engine)),
+        override_physical_codec: Some(PpmlPhysicalCodec::shared()),
         override_runtime_producer: Some(runtime_producer),
         override_config_producer: Some(config_producer()),
         override_arrow_flight_service: Some(flight_server_provider(options.flight_tls)),
@@ -267,6 +284,7 @@ pub async fn run_scheduler(
         scheduling_policy: TaskSchedulingPolicy::PullStaged,
         override_config_producer: Some(config_producer()),
         override_create_grpc_client_endpoint: endpoint_override(&options.customizer),
+        override_physical_codec: Some(PpmlPhysicalCodec::shared()),
         ..SchedulerConfig::default()
     };
     if let Some(timeout) = options.executor_timeout_seconds {
@@ -312,6 +330,7 @@ pub async fn run_scheduler(
     tracing::info!(%address, tls = use_tls, "scheduler listening");
     server
         .add_service(service)
+        .add_service(JobsService::new())
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener),
             shutdown,

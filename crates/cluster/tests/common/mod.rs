@@ -90,6 +90,7 @@ pub async fn start_cluster(executors: usize, tls: bool) -> Cluster {
             memory_pool_size: None,
             kms: kms.clone(),
             customizer: executor_tls.as_ref().and_then(client_customizer),
+            driver: None,
             flight_tls: executor_tls.as_ref().map(server_tls),
         };
         tokio::spawn(async move { run_executor(options).await.unwrap() });

@@ -1,0 +1,328 @@
+//! Cluster mode (docs/cluster.md §4): the driver runs as a task on an attested executor.
+//!
+//! `ppml submit --mode cluster` holds no key and sees no row: it submits a one-node plan,
+//! [`PpmlDriverExec`], whose only content is the application's description ([`DriverSpec`]).
+//! The scheduler runs it as a job of one task; the executor that takes the task recognises
+//! the node (see [`crate::engine`]) and hands the spec to its [`JobDriver`], which plans the
+//! application with the executor's attested KMS client, runs it as further jobs on the
+//! cluster (a [`crate::ClusterRunner`]) and writes the encrypted output to storage. Progress
+//! goes to the scheduler's job log ([`crate::jobs`]).
+//!
+//! The node travels through [`PpmlPhysicalCodec`], which wraps Ballista's codec and is
+//! installed in the scheduler, the executors and the submitting client. ppml nodes are encoded
+//! as `0x00 "PPML" 0x01` followed by JSON; a protobuf message cannot start with a 0x00 byte
+//! (field number 0), so the two encodings cannot be confused.
+
+use std::fmt;
+use std::sync::Arc;
+
+use ballista_core::serde::BallistaPhysicalExtensionCodec;
+use datafusion::arrow::datatypes::Schema;
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::error::{DataFusionError, Result};
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::logical_expr::{AggregateUDF, ScalarUDF, WindowUDF};
+use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
+use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
+};
+use datafusion_proto::physical_plan::{PhysicalExtensionCodec, PhysicalProtoConverterExtension};
+use ppml_kms::KeyManagementService;
+use serde::{Deserialize, Serialize};
+
+use crate::flight::EndpointCustomizer;
+use crate::jobs::DriverLog;
+
+/// First bytes of every ppml plan node in a serialized plan.
+const NODE_MAGIC: &[u8] = b"\0PPML\x01";
+/// Version of the driver node's encoding.
+const DRIVER_NODE_VERSION: u32 = 1;
+
+/// What a cluster-mode job runs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriverSpec {
+    /// The application, as the submitting command describes it; interpreted by the
+    /// executor's [`JobDriver`] (the `ppml` command's is in `crates/cli/src/cluster.rs`).
+    pub app: serde_json::Value,
+    /// One line for logs and plan displays: the application's kind and output, no values.
+    pub summary: String,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "node", deny_unknown_fields)]
+enum PpmlNode {
+    #[serde(rename = "driver")]
+    Driver { v: u32, spec: DriverSpec },
+}
+
+/// The plan of a cluster-mode job: one partition, no input, no output rows. It is never
+/// executed as an operator: the executor's engine runs its spec with a [`JobDriver`].
+#[derive(Debug)]
+pub struct PpmlDriverExec {
+    spec: DriverSpec,
+    properties: Arc<PlanProperties>,
+}
+
+impl PpmlDriverExec {
+    /// The plan of a job running `spec`.
+    pub fn new(spec: DriverSpec) -> Self {
+        let schema = Arc::new(Schema::empty());
+        let properties = PlanProperties::new(
+            EquivalenceProperties::new(schema),
+            Partitioning::UnknownPartitioning(1),
+            EmissionType::Final,
+            Boundedness::Bounded,
+        );
+        PpmlDriverExec {
+            spec,
+            properties: Arc::new(properties),
+        }
+    }
+
+    /// The application this job runs.
+    pub fn spec(&self) -> &DriverSpec {
+        &self.spec
+    }
+}
+
+impl DisplayAs for PpmlDriverExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "PpmlDriverExec: {}", self.spec.summary)
+    }
+}
+
+impl ExecutionPlan for PpmlDriverExec {
+    fn name(&self) -> &str {
+        "PpmlDriverExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        Vec::new()
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        if children.is_empty() {
+            Ok(self)
+        } else {
+            Err(DataFusionError::Internal(
+                "PpmlDriverExec has no children".into(),
+            ))
+        }
+    }
+
+    fn execute(
+        &self,
+        _partition: usize,
+        _context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
+        Err(DataFusionError::Execution(
+            "a ppml driver task runs only as the whole stage of a ppml executor".into(),
+        ))
+    }
+}
+
+/// What a driver task gets from the executor it runs on.
+pub struct DriverContext {
+    /// The scheduler, `host:port`, for the application's jobs.
+    pub master: String,
+    /// The executor's attested KMS client.
+    pub kms: Arc<dyn KeyManagementService>,
+    /// TLS of the executor's outgoing channels (None = cleartext, development only).
+    pub customizer: EndpointCustomizer,
+    /// The job's log (this process's log and the scheduler's job log).
+    pub log: DriverLog,
+}
+
+impl fmt::Debug for DriverContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DriverContext")
+            .field("master", &self.master)
+            .field("job", &self.log.job_id())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Runs the applications of cluster-mode jobs on an executor.
+#[async_trait::async_trait]
+pub trait JobDriver: Send + Sync + fmt::Debug {
+    /// Runs `spec` to completion: plans it, runs its jobs on the cluster, writes and commits
+    /// its encrypted output. Errors must not contain row values.
+    async fn run(&self, spec: &DriverSpec, context: DriverContext) -> anyhow::Result<()>;
+}
+
+/// ppml's physical plan codec: ppml's nodes, and Ballista's for everything else.
+#[derive(Debug, Default)]
+pub struct PpmlPhysicalCodec {
+    inner: BallistaPhysicalExtensionCodec,
+}
+
+impl PpmlPhysicalCodec {
+    /// The codec, as an `Arc` for Ballista's configurations.
+    pub fn shared() -> Arc<dyn PhysicalExtensionCodec> {
+        Arc::new(PpmlPhysicalCodec::default())
+    }
+}
+
+impl PhysicalExtensionCodec for PpmlPhysicalCodec {
+    fn try_decode(
+        &self,
+        buf: &[u8],
+        inputs: &[Arc<dyn ExecutionPlan>],
+        ctx: &TaskContext,
+        proto_converter: &dyn PhysicalProtoConverterExtension,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let Some(json) = buf.strip_prefix(NODE_MAGIC) else {
+            return self.inner.try_decode(buf, inputs, ctx, proto_converter);
+        };
+        let node: PpmlNode = serde_json::from_slice(json)
+            .map_err(|e| DataFusionError::Internal(format!("ppml plan node: {e}")))?;
+        match node {
+            PpmlNode::Driver { v, spec } => {
+                if v != DRIVER_NODE_VERSION {
+                    return Err(DataFusionError::Internal(format!(
+                        "ppml driver node version {v} (this build reads {DRIVER_NODE_VERSION})"
+                    )));
+                }
+                if !inputs.is_empty() {
+                    return Err(DataFusionError::Internal(
+                        "ppml driver node with inputs".into(),
+                    ));
+                }
+                Ok(Arc::new(PpmlDriverExec::new(spec)))
+            }
+        }
+    }
+
+    fn try_encode(
+        &self,
+        node: Arc<dyn ExecutionPlan>,
+        buf: &mut Vec<u8>,
+        proto_converter: &dyn PhysicalProtoConverterExtension,
+    ) -> Result<()> {
+        let Some(driver) = node.downcast_ref::<PpmlDriverExec>() else {
+            return self.inner.try_encode(node, buf, proto_converter);
+        };
+        buf.extend_from_slice(NODE_MAGIC);
+        serde_json::to_writer(
+            &mut *buf,
+            &PpmlNode::Driver {
+                v: DRIVER_NODE_VERSION,
+                spec: driver.spec.clone(),
+            },
+        )
+        .map_err(|e| DataFusionError::Internal(format!("ppml plan node: {e}")))
+    }
+
+    fn try_decode_udf(&self, name: &str, buf: &[u8]) -> Result<Arc<ScalarUDF>> {
+        self.inner.try_decode_udf(name, buf)
+    }
+
+    fn try_encode_udf(&self, node: &ScalarUDF, buf: &mut Vec<u8>) -> Result<()> {
+        self.inner.try_encode_udf(node, buf)
+    }
+
+    fn try_decode_udaf(&self, name: &str, buf: &[u8]) -> Result<Arc<AggregateUDF>> {
+        self.inner.try_decode_udaf(name, buf)
+    }
+
+    fn try_encode_udaf(&self, node: &AggregateUDF, buf: &mut Vec<u8>) -> Result<()> {
+        self.inner.try_encode_udaf(node, buf)
+    }
+
+    fn try_decode_udwf(&self, name: &str, buf: &[u8]) -> Result<Arc<WindowUDF>> {
+        self.inner.try_decode_udwf(name, buf)
+    }
+
+    fn try_encode_udwf(&self, node: &WindowUDF, buf: &mut Vec<u8>) -> Result<()> {
+        self.inner.try_encode_udwf(node, buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion_proto::physical_plan::AsExecutionPlan;
+    use datafusion_proto::protobuf::PhysicalPlanNode;
+    use prost::Message;
+
+    use super::*;
+
+    fn spec() -> DriverSpec {
+        DriverSpec {
+            app: serde_json::json!({"simple_query": {"input": "/in", "output": "/out"}}),
+            summary: "SimpleQuery -> /out".into(),
+        }
+    }
+
+    fn round_trip(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
+        let codec = PpmlPhysicalCodec::default();
+        let bytes = PhysicalPlanNode::try_from_physical_plan(plan, &codec)?.encode_to_vec();
+        let node = PhysicalPlanNode::decode(bytes.as_slice())
+            .map_err(|e| DataFusionError::Internal(e.to_string()))?;
+        let ctx = datafusion::prelude::SessionContext::new();
+        node.try_into_physical_plan(&ctx.task_ctx(), &codec)
+    }
+
+    #[test]
+    fn driver_nodes_round_trip_through_the_codec() {
+        let decoded = round_trip(Arc::new(PpmlDriverExec::new(spec()))).unwrap();
+        let driver = decoded.downcast_ref::<PpmlDriverExec>().unwrap();
+        assert_eq!(driver.spec(), &spec());
+        // Under Ballista's shuffle writer, as the scheduler sends it to an executor.
+        let writer = ballista_core::execution_plans::ShuffleWriterExec::try_new(
+            "job1".into(),
+            1,
+            Arc::new(PpmlDriverExec::new(spec())),
+            "/work".into(),
+        )
+        .unwrap();
+        let decoded = round_trip(Arc::new(writer)).unwrap();
+        assert!(decoded.children()[0].is::<PpmlDriverExec>());
+    }
+
+    #[test]
+    fn unknown_versions_and_fields_are_refused() {
+        let codec = PpmlPhysicalCodec::default();
+        let ctx = datafusion::prelude::SessionContext::new();
+        let converter = datafusion_proto::physical_plan::DefaultPhysicalProtoConverter {};
+        for json in [
+            r#"{"node":"driver","v":2,"spec":{"app":null,"summary":""}}"#,
+            r#"{"node":"driver","v":1,"spec":{"app":null,"summary":"","extra":1}}"#,
+            r#"{"node":"sink","v":1}"#,
+        ] {
+            let mut buf = NODE_MAGIC.to_vec();
+            buf.extend_from_slice(json.as_bytes());
+            assert!(
+                codec
+                    .try_decode(&buf, &[], &ctx.task_ctx(), &converter)
+                    .is_err(),
+                "{json}"
+            );
+        }
+    }
+
+    #[test]
+    fn driver_nodes_do_not_run_as_operators() {
+        let ctx = datafusion::prelude::SessionContext::new();
+        let error = PpmlDriverExec::new(spec())
+            .execute(0, ctx.task_ctx())
+            .err()
+            .unwrap();
+        assert!(error.to_string().contains("driver task"), "{error}");
+    }
+}
