@@ -69,7 +69,8 @@ Init container copying the mounted Secrets (/ppml-secrets/NAME/*) to the in-memo
 /run/ppml (/run/ppml/NAME/*, directories 0700, files 0600 owned by the pod's user): ppml
 refuses private key files that the group or others may read, and a Secret volume's files are
 group-readable under fsGroup (and unreadable to a non-root user without it). The main
-container mounts /run/ppml read-only.
+container mounts /run/ppml read-only. No "$(" in the script: Kubernetes expands $(NAME) in
+commands.
 */}}
 {{- define "ppml.copySecretsInit" -}}
 - name: copy-secrets
@@ -80,7 +81,7 @@ container mounts /run/ppml read-only.
     - -ec
     - |
       for dir in /ppml-secrets/*/; do
-        name=$(basename "$dir")
+        name=${dir%/}; name=${name##*/}
         mkdir -m 0700 "/run/ppml/$name"
         for file in "$dir"*; do install -m 0600 "$file" "/run/ppml/$name/"; done
       done
