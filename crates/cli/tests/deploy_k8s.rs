@@ -802,6 +802,12 @@ const VARIANTS: &[&[&str]] = &[
         "submit.query.output=/data/jobs.enc",
         "--set",
         "submit.name=jobs",
+        "--set",
+        "submit.numExecutors=3",
+        "--set",
+        "submit.mountData=true",
+        "--set",
+        "grafana.dashboard.enabled=true",
     ],
     &[
         "--set",
@@ -1003,6 +1009,25 @@ fn helm_lints_and_every_rendering_follows_the_rules() {
         }
     }
     report_pending(&pending);
+
+    // The Grafana dashboard ConfigMap holds deploy/grafana/ppml-cluster.json (the chart's
+    // files/ppml-cluster.json is a symbolic link to it).
+    let docs = render(&["--set", "grafana.dashboard.enabled=true"]);
+    let config_map = docs
+        .iter()
+        .find(|d| object_id(d) == "ConfigMap/ppml-grafana-dashboard")
+        .expect("the dashboard ConfigMap");
+    assert_eq!(
+        str_at(config_map, "/metadata/labels/grafana_dashboard"),
+        Some("1")
+    );
+    let embedded: Value =
+        serde_json::from_str(str_at(config_map, "/data/ppml-cluster.json").unwrap()).unwrap();
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_dir().join("deploy/grafana/ppml-cluster.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(embedded, dashboard);
 
     // Choices the chart refuses instead of rendering.
     for (args, message) in [
