@@ -1268,6 +1268,138 @@ fn init_container_copies_secrets_to_private_files() {
     }
 }
 
+/// Problems of the Dockerfile: the build command, the runtime user (`uid`, the chart's
+/// runAsUser), the entrypoint, the toolchain (`rust_version`, the workspace's), a Debian
+/// runtime (the init container needs /bin/sh and install), and no secret-looking ENV or ARG.
+fn check_dockerfile(text: &str, uid: u64, rust_version: &str) -> Vec<String> {
+    let mut problems = Vec::new();
+    let lines: Vec<String> = text
+        .replace("\\\n", " ")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect();
+    let instruction = |name: &str| -> Vec<&String> {
+        lines
+            .iter()
+            .filter(|l| l.split_whitespace().next() == Some(name))
+            .collect()
+    };
+    if !lines
+        .iter()
+        .any(|l| l.contains("cargo build --release -p ppml --locked"))
+    {
+        problems.push("Dockerfile: no `cargo build --release -p ppml --locked`".to_string());
+    }
+    if !instruction("ARG")
+        .iter()
+        .any(|l| l.as_str() == format!("ARG RUST_VERSION={rust_version}"))
+    {
+        problems.push(format!("Dockerfile: RUST_VERSION is not {rust_version}"));
+    }
+    let froms = instruction("FROM");
+    match froms.last() {
+        Some(last) if last.contains("debian:") && last.contains("-slim") => {}
+        other => problems.push(format!(
+            "Dockerfile: the runtime stage is not Debian slim: {other:?}"
+        )),
+    }
+    if froms.len() < 2 {
+        problems.push("Dockerfile: not multi-stage".to_string());
+    }
+    match instruction("USER").last() {
+        Some(user) if user.as_str() == format!("USER {uid}:{uid}") => {}
+        other => problems.push(format!(
+            "Dockerfile: the last USER is not {uid}:{uid}: {other:?}"
+        )),
+    }
+    if instruction("ENTRYPOINT").last().map(|l| l.as_str()) != Some("ENTRYPOINT [\"ppml\"]") {
+        problems.push("Dockerfile: ENTRYPOINT is not [\"ppml\"]".to_string());
+    }
+    for line in instruction("ENV").into_iter().chain(instruction("ARG")) {
+        for word in line.split_whitespace().skip(1) {
+            let name = word.split('=').next().unwrap_or_default();
+            if is_credential_env(name) {
+                problems.push(format!("Dockerfile: {name} is baked into the image"));
+            }
+        }
+    }
+    for line in instruction("COPY") {
+        if line.contains(".key") || line.contains(".pem") || line.contains("credentials") {
+            problems.push(format!("Dockerfile: copies key material: {line}"));
+        }
+    }
+    problems
+}
+
+#[test]
+fn dockerfile_builds_ppml_for_the_charts_user_and_bakes_in_no_secret() {
+    let text = std::fs::read_to_string(repo_dir().join("Dockerfile")).unwrap();
+    let values = values_yaml();
+    let uid = values
+        .pointer("/podSecurityContext/runAsUser")
+        .and_then(Value::as_u64)
+        .unwrap();
+    let cargo: toml::Table = std::fs::read_to_string(repo_dir().join("Cargo.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let rust_version = cargo["workspace"]["package"]["rust-version"]
+        .as_str()
+        .unwrap();
+    assert_eq!(
+        check_dockerfile(&text, uid, rust_version),
+        Vec::<String>::new()
+    );
+    // The build context keeps what the build needs.
+    let ignore = std::fs::read_to_string(repo_dir().join(".dockerignore")).unwrap();
+    for needed in ["!Cargo.toml", "!Cargo.lock", "!crates/"] {
+        assert!(
+            ignore.lines().any(|l| l == needed),
+            ".dockerignore: {needed}"
+        );
+    }
+
+    // Each rule fails.
+    for (from, to, expected) in [
+        ("--locked", "", "no `cargo build"),
+        ("USER 10001:10001", "USER root", "the last USER is not"),
+        (
+            "ENTRYPOINT [\"ppml\"]",
+            "ENTRYPOINT [\"sh\"]",
+            "ENTRYPOINT is not",
+        ),
+        (
+            "FROM debian:",
+            "FROM gcr.io/distroless/cc-",
+            "not Debian slim",
+        ),
+        (
+            "ARG RUST_VERSION=",
+            "ARG RUST_VERSION=1.",
+            "RUST_VERSION is not",
+        ),
+        (
+            "ENV PPML_HOME=/var/lib/ppml/home",
+            "ENV PPML_APIKEY=x PPML_HOME=/h",
+            "PPML_APIKEY is baked",
+        ),
+        (
+            "COPY --from=builder /out/ppml",
+            "COPY app.key /k\nCOPY --from=builder /out/ppml",
+            "copies key material",
+        ),
+    ] {
+        assert!(text.contains(from), "{from:?} not in the Dockerfile");
+        let problems = check_dockerfile(&text.replacen(from, to, 1), uid, rust_version);
+        assert!(
+            problems.iter().any(|p| p.contains(expected)),
+            "{from:?} -> {to:?}: expected {expected:?}, got {problems:#?}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Each rule fails on a bad manifest
 // ---------------------------------------------------------------------------------------------
