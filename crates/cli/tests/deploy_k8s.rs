@@ -3,9 +3,10 @@
 //! security context and (when it serves a port) probes; no Secret carries data and no
 //! credential is a literal (in manifests or in values.yaml); every `ppml` subcommand and flag
 //! the containers run exists in the built binary; every `.Values` path of the templates
-//! exists; the plain manifests are the chart rendered with default values; and the init
-//! container's copy of the Secrets yields files ppml accepts. Each rule is also shown to fail
-//! on an inline bad manifest.
+//! exists; the plain manifests are the chart rendered with default values; the init
+//! container's copy of the Secrets yields files ppml accepts; and the Dockerfile builds ppml
+//! for the chart's user without baking in a secret. Each rule is also shown to fail on an
+//! inline bad manifest, values file, command line or Dockerfile.
 //!
 //! The chart is linted and rendered with `helm` (`.ci/run` installs it; `PPML_HELM` names
 //! another binary). What this cannot show: that a Kubernetes API server accepts the objects,
