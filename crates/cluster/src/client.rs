@@ -188,7 +188,12 @@ pub async fn submit_plan(
     };
     let codec = PpmlPhysicalCodec::default();
     let encoded = PhysicalPlanNode::try_from_physical_plan(plan.clone(), &codec)
-        .map_err(|e| ClusterError::Plan(e.to_string()))?
+        .map_err(|e| {
+            // DataFusion appends the whole plan's debug dump; the operator's name says enough.
+            let message = e.to_string();
+            let message = message.split(". Plan: ").next().unwrap_or(&message);
+            ClusterError::Plan(format!("{message} (this query cannot run on a cluster)"))
+        })?
         .encode_to_vec();
     let mut request = tonic::Request::new(ExecuteQueryParams {
         query: Some(Query::PhysicalPlan(encoded)),

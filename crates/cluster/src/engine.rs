@@ -112,14 +112,56 @@ impl PpmlExecutionEngine {
     }
 }
 
-/// Refuses stage plans an executor must not run: sinks (a plan could otherwise write rows in
-/// plaintext), scans of anything but ppml's decrypting store, and the range shuffles that only
-/// Ballista's adaptive planner creates.
+/// The operators an executor runs (fail closed: anything else is refused). DataFusion's
+/// query operators and Ballista's shuffle nodes; not sinks (a plan could write rows in
+/// plaintext), `EXPLAIN`/`EXPLAIN ANALYZE` (their output describes the plan and its metrics,
+/// not the query), streaming tables or async UDF evaluation, nor the range shuffles only
+/// Ballista's adaptive planner creates. User-defined functions cannot reach an executor: the
+/// plan codec resolves functions in the executor's registry, which holds only DataFusion's
+/// built-ins.
+const ALLOWED_OPERATORS: &[&str] = &[
+    "AggregateExec",
+    "BoundedWindowAggExec",
+    "CoalesceBatchesExec",
+    "CoalescePartitionsExec",
+    "CooperativeExec",
+    "CrossJoinExec",
+    "DataSourceExec",
+    "EmptyExec",
+    "FilterExec",
+    "GlobalLimitExec",
+    "HashJoinExec",
+    "InterleaveExec",
+    "LocalLimitExec",
+    "NestedLoopJoinExec",
+    "OutputRequirementExec",
+    "PartialSortExec",
+    "PiecewiseMergeJoinExec",
+    "PlaceholderRowExec",
+    "ProjectionExec",
+    "RepartitionExec",
+    "SortExec",
+    "SortMergeJoinExec",
+    "SortPreservingMergeExec",
+    "SymmetricHashJoinExec",
+    "UnionExec",
+    "UnnestExec",
+    "WindowAggExec",
+    // Ballista's stage boundaries.
+    "ShuffleReaderExec",
+    "ShuffleWriterExec",
+    "SortShuffleWriterExec",
+];
+
+/// Refuses stage plans an executor must not run: operators not in [`ALLOWED_OPERATORS`],
+/// and scans of anything but ppml's decrypting store.
 pub fn check_stage_plan(plan: &Arc<dyn ExecutionPlan>) -> Result<(), ClusterError> {
     let mut refused = None;
     plan.apply(|node| {
         let name = node.name();
-        if name.contains("Sink")
+        // `SortExec(TopK)`: a sort with a limit.
+        let operator = name.split('(').next().unwrap_or(name);
+        if !ALLOWED_OPERATORS.contains(&operator)
             || node.is::<RangeShuffleReaderExec>()
             || node.is::<RangeShuffleWriterExec>()
         {
@@ -708,5 +750,60 @@ impl ShuffleSource {
             }
             None => read_shuffle_stream(source, display, id, key, schema),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
+    use datafusion::prelude::{CsvReadOptions, SessionContext};
+
+    use super::*;
+
+    async fn plan(ctx: &SessionContext, sql: &str) -> Arc<dyn ExecutionPlan> {
+        ctx.sql(sql)
+            .await
+            .unwrap()
+            .create_physical_plan()
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn queries_pass_and_other_plans_are_refused() {
+        let ctx = SessionContext::new();
+        for sql in [
+            "SELECT 1 + 1",
+            "SELECT column1, count(*) FROM (VALUES (1), (2), (2)) GROUP BY column1 ORDER BY 2",
+            "SELECT * FROM (VALUES (1)) a JOIN (VALUES (1)) b ON a.column1 = b.column1",
+            "SELECT column1, rank() OVER (ORDER BY column1) FROM (VALUES (1), (2)) \
+             ORDER BY column1 DESC LIMIT 1",
+        ] {
+            check_stage_plan(&plan(&ctx, sql).await).unwrap_or_else(|e| panic!("{sql}: {e}"));
+        }
+        let explain = check_stage_plan(&plan(&ctx, "EXPLAIN SELECT 1").await).unwrap_err();
+        assert!(
+            explain.to_string().contains("operator ExplainExec"),
+            "{explain}"
+        );
+
+        // A scan of a plain file, not through ppml's store.
+        let dir = tempfile::tempdir().unwrap();
+        let csv = dir.path().join("t.csv");
+        std::fs::write(&csv, "a\n1\n").unwrap();
+        ctx.register_csv("t", csv.to_str().unwrap(), CsvReadOptions::new())
+            .await
+            .unwrap();
+        let scan = check_stage_plan(&plan(&ctx, "SELECT a FROM t").await).unwrap_err();
+        assert!(scan.to_string().contains("file://"), "{scan}");
+
+        // A driver node anywhere but as the whole stage of a driver job.
+        let driver: Arc<dyn ExecutionPlan> = Arc::new(PpmlDriverExec::new(DriverSpec {
+            app: serde_json::Value::Null,
+            summary: String::new(),
+        }));
+        let wrapped: Arc<dyn ExecutionPlan> = Arc::new(CoalescePartitionsExec::new(driver));
+        let refused = check_stage_plan(&wrapped).unwrap_err();
+        assert!(refused.to_string().contains("PpmlDriverExec"), "{refused}");
     }
 }
