@@ -26,7 +26,11 @@ use crate::exit;
 use crate::query::{ClusterPlacement, Placement, parse_table, query_text};
 use crate::settings::{KmsBackend, OpenKms, Settings};
 
-/// How often `ppml logs -f` and a following `ppml submit` ask for new lines.
+/// How often `ppml logs -f` and a following `ppml submit` ask for the job's state and new
+/// lines: often in the first seconds (short jobs are common, and a request costs well under
+/// a millisecond), then less often.
+const FAST_FOLLOW_INTERVAL: Duration = Duration::from_millis(10);
+const FAST_FOLLOWING: Duration = Duration::from_secs(3);
 const FOLLOW_INTERVAL: Duration = Duration::from_millis(250);
 
 /// What a cluster-mode job runs: the `app` of its [`DriverSpec`].
@@ -255,6 +259,7 @@ async fn follow(master: &str, channel: SchedulerChannel, job_id: &str, follow: b
     let mut scheduler = scheduler_client(channel.clone());
     let mut jobs = JobsClient::new(channel);
     let mut next = 0;
+    let started = std::time::Instant::now();
     loop {
         // The state first: lines appended before the job ended are then all printed below.
         let state = job_status(&mut scheduler, master, job_id)
@@ -271,7 +276,12 @@ async fn follow(master: &str, channel: SchedulerChannel, job_id: &str, follow: b
             }
             return Ok(code);
         }
-        tokio::time::sleep(FOLLOW_INTERVAL).await;
+        tokio::time::sleep(if started.elapsed() < FAST_FOLLOWING {
+            FAST_FOLLOW_INTERVAL
+        } else {
+            FOLLOW_INTERVAL
+        })
+        .await;
     }
 }
 
