@@ -98,14 +98,18 @@ pub async fn open_dataset(
     kms: &dyn KeyManagementService,
 ) -> Result<VerifiedDataset> {
     let manifest_path = root.clone().join(MANIFEST_FILE_NAME);
+    let manifest_display = format!("{display}/{MANIFEST_FILE_NAME}");
+    let storage = |location: &str| {
+        let location = location.to_string();
+        move |source| EngineError::Storage { location, source }
+    };
     let manifest_bytes = match store.get(&manifest_path).await {
-        Ok(result) => result.bytes().await?,
+        Ok(result) => result.bytes().await.map_err(storage(&manifest_display))?,
         Err(object_store::Error::NotFound { .. }) => {
             return Err(EngineError::NotADataset(display.to_string()));
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(storage(&manifest_display)(e)),
     };
-    let manifest_display = format!("{display}/{MANIFEST_FILE_NAME}");
     let unverified = UnverifiedManifest::from_json(&manifest_bytes)
         .map_err(|e| EngineError::format(&manifest_display, e))?;
     let data_key = kms
@@ -135,7 +139,8 @@ pub async fn open_dataset(
             (name, meta.size)
         })
         .try_collect()
-        .await?;
+        .await
+        .map_err(storage(display))?;
     let expected: HashSet<&str> = manifest.parts().iter().map(|p| p.name.as_str()).collect();
     if let Some(extra) = listed
         .keys()
@@ -334,7 +339,7 @@ async fn delete_objects(
             location: format!("{S3_SCHEME}{bucket}"),
             count: failed,
             first: format!("{S3_SCHEME}{bucket}/{first}"),
-            source,
+            source: Box::new(source),
         }),
     }
 }
@@ -581,13 +586,13 @@ impl DatasetWriter {
             Target::S3(s3) => {
                 let overwrite = self.overwrite;
                 if let Err(e) = commit_s3(s3, &manifest, json, overwrite, &display).await {
-                    if !s3.settled {
-                        if let Err(cleanup) = s3.delete_started().await {
-                            tracing::warn!(
-                                "{}: cleaning up after a failed commit: {cleanup}",
-                                self.location
-                            );
-                        }
+                    if !s3.settled
+                        && let Err(cleanup) = s3.delete_started().await
+                    {
+                        tracing::warn!(
+                            "{}: cleaning up after a failed commit: {cleanup}",
+                            self.location
+                        );
                     }
                     return Err(e);
                 }

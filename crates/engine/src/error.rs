@@ -117,7 +117,7 @@ pub enum EngineError {
         /// The first of them.
         first: String,
         /// Why the first could not be deleted.
-        source: object_store::Error,
+        source: Box<object_store::Error>,
     },
     /// A file-system operation failed.
     #[error("{path}: {source}")]

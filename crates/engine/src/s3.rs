@@ -55,6 +55,9 @@ pub fn store_url(bucket: &str) -> Url {
 /// counts the bytes it returns).
 pub type StoreDecorator = Arc<dyn Fn(Arc<dyn ObjectStore>) -> Arc<dyn ObjectStore> + Send + Sync>;
 
+/// A bucket's decrypting store, and the store registered with DataFusion (decorated).
+type StoreEntry = (Arc<DecryptingStore>, Arc<dyn ObjectStore>);
+
 /// The decrypting stores of the S3 buckets a process reads, one per bucket, created on first
 /// use and shared by every runtime they are installed in (so each dataset is opened and
 /// verified once per process).
@@ -62,7 +65,7 @@ pub type StoreDecorator = Arc<dyn Fn(Arc<dyn ObjectStore>) -> Arc<dyn ObjectStor
 pub struct S3Stores {
     opener: Option<Arc<dyn KeyManagementService>>,
     decorator: Option<StoreDecorator>,
-    stores: Mutex<HashMap<String, (Arc<DecryptingStore>, Arc<dyn ObjectStore>)>>,
+    stores: Mutex<HashMap<String, StoreEntry>>,
 }
 
 impl std::fmt::Debug for S3Stores {
@@ -104,7 +107,7 @@ impl S3Stores {
         self
     }
 
-    fn entry(&self, bucket: &str) -> Result<(Arc<DecryptingStore>, Arc<dyn ObjectStore>)> {
+    fn entry(&self, bucket: &str) -> Result<StoreEntry> {
         let mut stores = self.stores.lock().expect("stores lock");
         if let Some(entry) = stores.get(bucket) {
             return Ok(entry.clone());

@@ -126,8 +126,10 @@ pub struct DecryptingStore {
 
 impl fmt::Debug for DecryptingStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The inner store's Display (`AmazonS3(bucket)`), not its Debug, which would include
+        // client configuration such as access key ids.
         f.debug_struct("DecryptingStore")
-            .field("inner", &self.inner)
+            .field("inner", &format_args!("{}", self.inner))
             .finish_non_exhaustive()
     }
 }
