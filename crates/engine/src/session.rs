@@ -274,6 +274,7 @@ impl PpmlSession {
                     kms.as_ref(),
                 )
                 .await?;
+                only_csv(&dataset)?;
                 let pinned_root = store.register(&dataset);
                 let url = ListingTableUrl::parse(format!("{LOCAL_STORE_URL}/{pinned_root}/"))?;
                 (url, dataset.csv_has_header(), PART_SUFFIX, Some(dataset))
@@ -282,6 +283,7 @@ impl PpmlSession {
                 let store = self.s3.decrypting(bucket)?;
                 let dataset =
                     open_dataset(store.inner().as_ref(), prefix, &display, kms.as_ref()).await?;
+                only_csv(&dataset)?;
                 let pinned_root = store.register(&dataset);
                 let url = ListingTableUrl::parse(format!(
                     "{}/{pinned_root}/",
@@ -290,14 +292,6 @@ impl PpmlSession {
                 (url, dataset.csv_has_header(), PART_SUFFIX, Some(dataset))
             }
         };
-        if let Some(dataset) = &dataset
-            && !dataset.manifest.media_type().starts_with("text/csv")
-        {
-            return Err(EngineError::UnsupportedMediaType {
-                dataset: display,
-                media_type: dataset.manifest.media_type().to_string(),
-            });
-        }
         let format = CsvFormat::default().with_has_header(has_header);
         let options = ListingOptions::new(Arc::new(format)).with_file_extension(extension);
         let schema = match schema {
@@ -401,6 +395,17 @@ impl PpmlSession {
             }
         }
     }
+}
+
+/// Refuses a dataset the query engine cannot read (only CSV is queryable).
+fn only_csv(dataset: &VerifiedDataset) -> Result<()> {
+    if dataset.manifest.media_type().starts_with("text/csv") {
+        return Ok(());
+    }
+    Err(EngineError::UnsupportedMediaType {
+        dataset: dataset.display.clone(),
+        media_type: dataset.manifest.media_type().to_string(),
+    })
 }
 
 struct TempDir(PathBuf);
