@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use ppml_engine::DatasetLocation;
 
 /// ppml: privacy-preserving analytics over encrypted data.
 ///
@@ -515,9 +516,11 @@ pub struct EncryptArgs {
     /// Input file or directory of files
     #[arg(long = "in", value_name = "PATH")]
     pub input: PathBuf,
-    /// Output dataset directory
-    #[arg(long, value_name = "DIR")]
-    pub out: PathBuf,
+    /// Output dataset: a directory, or s3://BUCKET/PREFIX in an S3-compatible store
+    /// (configured by AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL,
+    /// AWS_ALLOW_HTTP; see docs/storage.md)
+    #[arg(long, value_name = "DIR|s3://BUCKET/PREFIX")]
+    pub out: DatasetLocation,
     /// Split a CSV file into N part files on row boundaries (each with the header)
     #[arg(long, default_value_t = 1)]
     pub partitions: usize,
@@ -534,9 +537,9 @@ pub struct EncryptArgs {
 
 #[derive(Debug, Args)]
 pub struct DecryptArgs {
-    /// Input dataset directory
-    #[arg(long = "in", value_name = "DIR")]
-    pub input: PathBuf,
+    /// Input dataset: a directory, or s3://BUCKET/PREFIX
+    #[arg(long = "in", value_name = "DIR|s3://BUCKET/PREFIX")]
+    pub input: DatasetLocation,
     /// Output file, all parts concatenated with a single CSV header (`-` for stdout)
     #[arg(
         long,
@@ -555,12 +558,12 @@ pub struct DecryptArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct SimpleQueryArgs {
-    /// Encrypted input dataset (people: name,age,job)
-    #[arg(long, value_name = "DIR")]
-    pub input: PathBuf,
-    /// Encrypted output dataset
-    #[arg(long, value_name = "DIR")]
-    pub output: PathBuf,
+    /// Encrypted input dataset (people: name,age,job): a directory, or s3://BUCKET/PREFIX
+    #[arg(long, value_name = "DIR|s3://BUCKET/PREFIX")]
+    pub input: DatasetLocation,
+    /// Encrypted output dataset: a directory, or s3://BUCKET/PREFIX
+    #[arg(long, value_name = "DIR|s3://BUCKET/PREFIX")]
+    pub output: DatasetLocation,
     /// Parallelism of the scan [default: number of cores]
     #[arg(long, value_name = "N")]
     pub input_partitions: Option<usize>,
@@ -587,12 +590,17 @@ pub struct QueryArgs {
     /// File with the SQL to run
     #[arg(long, value_name = "FILE")]
     pub sql_file: Option<PathBuf>,
-    /// A table: NAME=DIR (an encrypted dataset); repeatable
-    #[arg(long = "table", value_name = "NAME=DIR", required = true)]
+    /// A table: NAME=DIR or NAME=s3://BUCKET/PREFIX (an encrypted dataset); repeatable
+    #[arg(
+        long = "table",
+        value_name = "NAME=DIR|NAME=s3://BUCKET/PREFIX",
+        required = true
+    )]
     pub tables: Vec<String>,
-    /// Write the result as an encrypted dataset instead of printing it
-    #[arg(long, value_name = "DIR")]
-    pub output: Option<PathBuf>,
+    /// Write the result as an encrypted dataset (a directory, or s3://BUCKET/PREFIX) instead
+    /// of printing it
+    #[arg(long, value_name = "DIR|s3://BUCKET/PREFIX")]
+    pub output: Option<DatasetLocation>,
     /// Parallelism of the scans [default: number of cores]
     #[arg(long, value_name = "N")]
     pub input_partitions: Option<usize>,

@@ -6,7 +6,6 @@
 //! driver task, on an attested executor, runs the same code as `--mode client` with the
 //! executor's KMS client, and writes the encrypted output to storage the executors share.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +17,7 @@ use ppml_cluster::client::{
 use ppml_cluster::driver::{DriverContext, DriverSpec, JobDriver, PpmlDriverExec};
 use ppml_cluster::flight::EndpointCustomizer;
 use ppml_cluster::jobs::JobsClient;
+use ppml_engine::DatasetLocation;
 use ppml_kms::PrimaryKeyId;
 use serde::{Deserialize, Serialize};
 
@@ -76,16 +76,19 @@ pub enum ClusterApp {
     },
 }
 
-/// A path as executors must see it: URLs unchanged, file paths made absolute.
-fn shared_location(path: &Path) -> Result<String> {
-    let text = path.to_string_lossy();
-    if text.contains("://") {
-        return Ok(text.into_owned());
+/// A dataset as executors must see it: URLs unchanged, file paths made absolute.
+fn shared_location(location: &DatasetLocation) -> Result<String> {
+    match location.as_local() {
+        None => Ok(location.to_string()),
+        Some(path) => Ok(std::path::absolute(path)
+            .with_context(|| format!("{}: cannot make the path absolute", path.display()))?
+            .to_string_lossy()
+            .into_owned()),
     }
-    Ok(std::path::absolute(path)
-        .with_context(|| format!("{}: cannot make the path absolute", path.display()))?
-        .to_string_lossy()
-        .into_owned())
+}
+
+fn location(text: &str) -> Result<DatasetLocation> {
+    DatasetLocation::parse(text).with_context(|| format!("the job's dataset {text:?}"))
 }
 
 impl ClusterApp {
@@ -390,8 +393,8 @@ impl JobDriver for CliJobDriver {
                 overwrite,
             } => {
                 let args = SimpleQueryArgs {
-                    input: PathBuf::from(input),
-                    output: PathBuf::from(&output),
+                    input: location(&input)?,
+                    output: location(&output)?,
                     input_partitions,
                     output_partitions,
                     overwrite,
@@ -421,7 +424,7 @@ impl JobDriver for CliJobDriver {
                     sql: Some(sql),
                     sql_file: None,
                     tables,
-                    output: Some(PathBuf::from(&output)),
+                    output: Some(location(&output)?),
                     input_partitions,
                     output_partitions,
                     overwrite,

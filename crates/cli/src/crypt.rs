@@ -3,15 +3,19 @@
 use std::fs::{self, File};
 use std::io::{BufRead, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
+use futures::StreamExt;
 use indicatif::ProgressBar;
+use object_store::ObjectStoreExt;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as StorePath;
 use ppml_engine::dataset::{
-    DatasetWriter, PART_SUFFIX, VerifiedDataset, VerifiedPart, WriteOptions, open_dataset,
-    part_name, replace_path, temp_sibling,
+    DatasetWriter, PART_SUFFIX, PartWriter, VerifiedDataset, VerifiedPart, WriteOptions,
+    open_dataset, part_name, replace_path, temp_sibling,
 };
+use ppml_engine::{DatasetLocation, DecryptingStore};
 use ppml_format::DecryptingReader;
 use ppml_format::manifest::PartEntry;
 use ppml_kms::KeyManagementService;
@@ -136,41 +140,60 @@ pub async fn encrypt(args: &EncryptArgs, settings: &mut Settings) -> Result<Encr
         .map(|f| fs::metadata(f).map(|m| m.len()).unwrap_or(0))
         .sum();
     let bar = progress::bytes(total, "encrypting", settings.quiet);
+    let entries =
+        match encrypt_files(&files, kind, has_header, args.partitions, &writer, &bar).await {
+            Ok(entries) => entries,
+            Err(e) => {
+                // Nothing of a failed encryption stays behind (in S3: the parts already uploaded).
+                writer.abort().await;
+                return Err(e);
+            }
+        };
+    bar.finish_and_clear();
+    let summary = EncryptSummary {
+        parts: entries.len(),
+        plaintext_bytes: entries.iter().map(|e| e.plaintext_len).sum(),
+    };
+    writer.commit(entries).await?;
+    Ok(summary)
+}
+
+async fn encrypt_files(
+    files: &[PathBuf],
+    kind: Kind,
+    has_header: bool,
+    partitions: usize,
+    writer: &DatasetWriter,
+    bar: &ProgressBar,
+) -> Result<Vec<PartEntry>> {
     let mut entries = Vec::new();
-    for file in &files {
+    for file in files {
         let display = file.display().to_string();
         let input = File::open(file).with_context(|| format!("opening {display}"))?;
         let size = input.metadata()?.len();
         let first = entries.len();
         let new = if kind == Kind::Csv {
             encrypt_csv(
-                input,
-                &display,
-                size,
-                has_header,
-                args.partitions,
-                first,
-                &writer,
-                &bar,
-            )?
+                input, &display, size, has_header, partitions, first, writer, bar,
+            )
+            .await?
         } else {
-            let mut part = writer.part(&part_name(first, kind.extension()))?;
-            copy_with_progress(input, &mut part, &bar)
+            let mut part = writer.part(&part_name(first, kind.extension())).await?;
+            copy_with_progress(input, &mut part, bar)
+                .await
                 .with_context(|| format!("encrypting {display}"))?;
-            vec![part.finish()?]
+            vec![part.finish().await?]
         };
         entries.extend(new);
     }
-    bar.finish_and_clear();
-    let summary = EncryptSummary {
-        parts: entries.len(),
-        plaintext_bytes: entries.iter().map(|e| e.plaintext_len).sum(),
-    };
-    writer.commit(entries)?;
-    Ok(summary)
+    Ok(entries)
 }
 
-fn copy_with_progress(mut input: impl Read, out: &mut impl Write, bar: &ProgressBar) -> Result<()> {
+async fn copy_with_progress(
+    mut input: impl Read,
+    out: &mut PartWriter,
+    bar: &ProgressBar,
+) -> Result<()> {
     let mut buf = vec![0u8; CHUNK];
     loop {
         let n = match input.read(&mut buf) {
@@ -180,6 +203,7 @@ fn copy_with_progress(mut input: impl Read, out: &mut impl Write, bar: &Progress
             Err(e) => return Err(e.into()),
         };
         out.write_all(&buf[..n])?;
+        out.ready().await?;
         bar.inc(n as u64);
     }
 }
@@ -187,7 +211,7 @@ fn copy_with_progress(mut input: impl Read, out: &mut impl Write, bar: &Progress
 /// Encrypts one CSV file, checking every row's field count, into `partitions` parts of about
 /// equal size split on row boundaries; every part starts with the header line.
 #[allow(clippy::too_many_arguments)]
-fn encrypt_csv(
+async fn encrypt_csv(
     mut input: File,
     display: &str,
     size: u64,
@@ -200,7 +224,7 @@ fn encrypt_csv(
     let target = size.div_ceil(partitions as u64).max(1);
     let mut scanner = CsvScanner::new(display, has_header);
     let mut entries = Vec::new();
-    let mut current = writer.part(&part_name(first_index, "csv"))?;
+    let mut current = writer.part(&part_name(first_index, "csv")).await?;
     let mut bytes_in_part = 0u64;
     let mut switch_pending = false;
     let mut buf = vec![0u8; CHUNK];
@@ -236,8 +260,10 @@ fn encrypt_csv(
                 break;
             }
             current.write_all(&chunk[from..at])?;
-            let next = writer.part(&part_name(first_index + entries.len() + 1, "csv"))?;
-            entries.push(std::mem::replace(&mut current, next).finish()?);
+            let next = writer
+                .part(&part_name(first_index + entries.len() + 1, "csv"))
+                .await?;
+            entries.push(std::mem::replace(&mut current, next).finish().await?);
             if let Some(header) = scanner.header() {
                 current.write_all(header)?;
             }
@@ -250,12 +276,48 @@ fn encrypt_csv(
             n
         };
         current.write_all(&chunk[from..end])?;
+        current.ready().await?;
         bytes_in_part += (end - from) as u64;
         bar.inc(n as u64);
     }
     scanner.finish()?;
-    entries.push(current.finish()?);
+    entries.push(current.finish().await?);
     Ok(entries)
+}
+
+/// Where the ciphertext of a verified dataset's parts is read from.
+enum PartSource {
+    /// Files of this directory, decrypted sequentially.
+    Dir(PathBuf),
+    /// Parts registered under `root` in a decrypting store (S3), fetched and decrypted in
+    /// bounded ranges; the dataset's URL for messages.
+    Store(Arc<DecryptingStore>, StorePath, String),
+}
+
+/// Opens and verifies the dataset at `location` with keys from `kms`.
+async fn open_input(
+    location: &DatasetLocation,
+    kms: &dyn KeyManagementService,
+) -> Result<(VerifiedDataset, PartSource)> {
+    match location {
+        DatasetLocation::Local(dir) => Ok((
+            open_local_dataset(dir, kms).await?,
+            PartSource::Dir(dir.clone()),
+        )),
+        DatasetLocation::S3 { bucket, prefix } => {
+            let store = Arc::new(
+                DecryptingStore::new(ppml_engine::s3::s3_object_store(bucket)?)
+                    .with_display_base(format!("s3://{bucket}")),
+            );
+            let dataset =
+                open_dataset(store.inner().as_ref(), prefix, &location.to_string(), kms).await?;
+            let root = store.register(&dataset);
+            Ok((
+                dataset,
+                PartSource::Store(store, root, location.to_string()),
+            ))
+        }
+    }
 }
 
 /// Opens and verifies the dataset at `dir` with keys from `kms`.
@@ -283,55 +345,93 @@ pub async fn open_local_dataset(
     .await?)
 }
 
-/// Decrypts one verified part into `out`, optionally dropping its first line (the header of a
-/// part after the first when concatenating CSV).
-fn decrypt_part(
-    dir: &Path,
+/// Verified plaintext of one part on its way to the output, optionally without its first line
+/// (the header of a part after the first when concatenating CSV).
+struct PlainOut<'a, W: Write> {
+    out: &'a mut W,
+    skipping: bool,
+    total: u64,
+    bar: &'a ProgressBar,
+}
+
+impl<W: Write> PlainOut<'_, W> {
+    fn push(&mut self, mut data: &[u8]) -> Result<()> {
+        let n = data.len();
+        self.total += n as u64;
+        if self.skipping {
+            match memchr::memchr(b'\n', data) {
+                Some(nl) => {
+                    data = &data[nl + 1..];
+                    self.skipping = false;
+                }
+                None => data = &[],
+            }
+        }
+        self.out.write_all(data)?;
+        self.bar.inc(n as u64);
+        Ok(())
+    }
+}
+
+/// Decrypts one verified part into `out`, optionally dropping its first line.
+async fn decrypt_part(
+    source: &PartSource,
     part: &VerifiedPart,
     out: &mut impl Write,
     skip_first_line: bool,
     bar: &ProgressBar,
 ) -> Result<()> {
-    let path = dir.join(&part.entry.name);
-    let display = path.display().to_string();
-    let mut file = File::open(&path).with_context(|| format!("opening {display}"))?;
-    file.seek(SeekFrom::Start(part.layout.header_len()))?;
-    let mut reader = DecryptingReader::from_verified(file, part.cipher.clone());
-    let mut skipping = skip_first_line;
-    let mut total = 0u64;
-    loop {
-        // Each decrypted segment is written straight from the reader's buffer.
-        let buf = match reader.fill_buf() {
-            Ok([]) => break,
-            Ok(buf) => buf,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                return Err(ppml_engine::EngineError::Format {
-                    path: display,
-                    source: ppml_format::FormatError::from_io(e),
-                }
-                .into());
+    let mut plain = PlainOut {
+        out,
+        skipping: skip_first_line,
+        total: 0,
+        bar,
+    };
+    let display = match source {
+        PartSource::Dir(dir) => {
+            let path = dir.join(&part.entry.name);
+            let display = path.display().to_string();
+            let mut file = File::open(&path).with_context(|| format!("opening {display}"))?;
+            file.seek(SeekFrom::Start(part.layout.header_len()))?;
+            let mut reader = DecryptingReader::from_verified(file, part.cipher.clone());
+            loop {
+                // Each decrypted segment is written straight from the reader's buffer.
+                let buf = match reader.fill_buf() {
+                    Ok([]) => break,
+                    Ok(buf) => buf,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        return Err(ppml_engine::EngineError::Format {
+                            path: display,
+                            source: ppml_format::FormatError::from_io(e),
+                        }
+                        .into());
+                    }
+                };
+                let n = buf.len();
+                plain.push(buf)?;
+                reader.consume(n);
             }
-        };
-        let n = buf.len();
-        total += n as u64;
-        let mut data = buf;
-        if skipping {
-            match memchr::memchr(b'\n', data) {
-                Some(nl) => {
-                    data = &data[nl + 1..];
-                    skipping = false;
-                }
-                None => data = &[],
-            }
+            display
         }
-        out.write_all(data)?;
-        reader.consume(n);
-        bar.inc(n as u64);
-    }
-    if total != part.entry.plaintext_len {
+        PartSource::Store(store, root, dataset) => {
+            // Segments are authenticated before the store returns any of their bytes.
+            let location = root.clone().join(part.entry.name.as_str());
+            let mut stream = store
+                .get(&location)
+                .await
+                .map_err(ppml_engine::store::engine_error)?
+                .into_stream();
+            while let Some(chunk) = stream.next().await {
+                plain.push(&chunk.map_err(ppml_engine::store::engine_error)?)?;
+            }
+            format!("{dataset}/{}", part.entry.name)
+        }
+    };
+    if plain.total != part.entry.plaintext_len {
         bail!(
-            "{display}: decrypted {total} bytes, the manifest records {}",
+            "{display}: decrypted {} bytes, the manifest records {}",
+            plain.total,
             part.entry.plaintext_len
         );
     }
@@ -349,7 +449,7 @@ fn is_stream_device(path: &Path) -> bool {
 
 pub async fn decrypt(args: &DecryptArgs, settings: &mut Settings) -> Result<u64> {
     let kms = settings.open_kms_for_runtime().await?;
-    let dataset = open_local_dataset(&args.input, kms.kms.as_ref()).await?;
+    let (dataset, source) = open_input(&args.input, kms.kms.as_ref()).await?;
     let total = dataset.manifest.plaintext_len();
     let skip_headers = dataset.csv_has_header();
     if let Some(out_dir) = &args.out_dir {
@@ -362,7 +462,7 @@ pub async fn decrypt(args: &DecryptArgs, settings: &mut Settings) -> Result<u64>
         let bar = progress::bytes(total, "decrypting", settings.quiet);
         let temp = temp_sibling(out_dir);
         fs::create_dir_all(&temp)?;
-        let result = (|| -> Result<()> {
+        let result = async {
             for part in &dataset.parts {
                 let name = part
                     .entry
@@ -370,11 +470,12 @@ pub async fn decrypt(args: &DecryptArgs, settings: &mut Settings) -> Result<u64>
                     .strip_suffix(PART_SUFFIX)
                     .unwrap_or(&part.entry.name);
                 let mut file = File::create_new(temp.join(name))?;
-                decrypt_part(&args.input, part, &mut file, false, &bar)?;
+                decrypt_part(&source, part, &mut file, false, &bar).await?;
                 ppml_engine::dataset::sync(&file)?;
             }
-            Ok(())
-        })();
+            Ok::<_, anyhow::Error>(())
+        }
+        .await;
         if let Err(e) = result.and_then(|_| Ok(replace_path(&temp, out_dir, args.overwrite)?)) {
             let _ = fs::remove_dir_all(&temp);
             return Err(e);
@@ -388,7 +489,7 @@ pub async fn decrypt(args: &DecryptArgs, settings: &mut Settings) -> Result<u64>
         let stdout = std::io::stdout();
         let mut lock = stdout.lock();
         for (i, part) in dataset.parts.iter().enumerate() {
-            decrypt_part(&args.input, part, &mut lock, skip_headers && i > 0, &bar)?;
+            decrypt_part(&source, part, &mut lock, skip_headers && i > 0, &bar).await?;
         }
         lock.flush()?;
         return Ok(total);
@@ -404,7 +505,7 @@ pub async fn decrypt(args: &DecryptArgs, settings: &mut Settings) -> Result<u64>
                 .with_context(|| format!("opening {}", out.display()))?,
         );
         for (i, part) in dataset.parts.iter().enumerate() {
-            decrypt_part(&args.input, part, &mut device, skip_headers && i > 0, &bar)?;
+            decrypt_part(&source, part, &mut device, skip_headers && i > 0, &bar).await?;
         }
         device.flush()?;
         return Ok(total);
@@ -412,7 +513,7 @@ pub async fn decrypt(args: &DecryptArgs, settings: &mut Settings) -> Result<u64>
     let bar = progress::bytes(total, "decrypting", settings.quiet);
     let mut file = AtomicFile::create(out, args.overwrite)?;
     for (i, part) in dataset.parts.iter().enumerate() {
-        decrypt_part(&args.input, part, &mut file, skip_headers && i > 0, &bar)?;
+        decrypt_part(&source, part, &mut file, skip_headers && i > 0, &bar).await?;
     }
     file.commit()?;
     bar.finish_and_clear();

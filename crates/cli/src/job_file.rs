@@ -24,6 +24,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 
+use ppml_engine::DatasetLocation;
+
 use crate::cli::{QueryArgs, SimpleQueryArgs, SubmitApp, SubmitArgs, SubmitMode};
 
 #[derive(Debug, Deserialize)]
@@ -48,8 +50,8 @@ struct JobFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SimpleQueryTable {
-    input: PathBuf,
-    output: PathBuf,
+    input: String,
+    output: String,
     input_partitions: Option<usize>,
     output_partitions: Option<usize>,
     #[serde(default)]
@@ -66,8 +68,8 @@ struct QueryTable {
     sql: Option<String>,
     sql_file: Option<PathBuf>,
     /// Table name → dataset.
-    tables: BTreeMap<String, PathBuf>,
-    output: Option<PathBuf>,
+    tables: BTreeMap<String, String>,
+    output: Option<String>,
     input_partitions: Option<usize>,
     output_partitions: Option<usize>,
     #[serde(default)]
@@ -76,13 +78,21 @@ struct QueryTable {
     plaintext: bool,
 }
 
-/// `path` relative to `base` unless it is absolute or a URL.
+/// `path` relative to `base` unless it is absolute.
 fn relative_to(base: &Path, path: PathBuf) -> PathBuf {
-    if path.is_absolute() || path.to_string_lossy().contains("://") {
+    if path.is_absolute() {
         path
     } else {
         base.join(path)
     }
+}
+
+/// A dataset of the file: a URL, or a path relative to `base`.
+fn dataset(base: &Path, text: &str) -> Result<DatasetLocation> {
+    Ok(match DatasetLocation::parse(text)? {
+        DatasetLocation::Local(path) => DatasetLocation::Local(relative_to(base, path)),
+        url => url,
+    })
 }
 
 fn parse_mode(text: &str) -> Result<SubmitMode> {
@@ -139,8 +149,8 @@ fn apply(args: &mut SubmitArgs, file: JobFile, base: &Path) -> Result<()> {
     let app = match (file.simple_query, file.query) {
         (Some(_), Some(_)) => bail!("give one of [simple_query] and [query], not both"),
         (Some(sq), None) => Some(SubmitApp::SimpleQuery(SimpleQueryArgs {
-            input: relative_to(base, sq.input),
-            output: relative_to(base, sq.output),
+            input: dataset(base, &sq.input)?,
+            output: dataset(base, &sq.output)?,
             input_partitions: sq.input_partitions,
             output_partitions: sq.output_partitions,
             overwrite: sq.overwrite,
@@ -160,9 +170,9 @@ fn apply(args: &mut SubmitArgs, file: JobFile, base: &Path) -> Result<()> {
                 tables: q
                     .tables
                     .into_iter()
-                    .map(|(name, dir)| format!("{name}={}", relative_to(base, dir).display()))
-                    .collect(),
-                output: q.output.map(|p| relative_to(base, p)),
+                    .map(|(name, text)| Ok(format!("{name}={}", dataset(base, &text)?)))
+                    .collect::<Result<_>>()?,
+                output: q.output.map(|text| dataset(base, &text)).transpose()?,
                 input_partitions: q.input_partitions,
                 output_partitions: q.output_partitions,
                 overwrite: q.overwrite,
@@ -250,7 +260,10 @@ output = "s3://bucket/out"
                 format!("people={}", dir.path().join("people.enc").display())
             ]
         );
-        assert_eq!(query.output, Some(PathBuf::from("s3://bucket/out")));
+        assert_eq!(
+            query.output.as_ref().map(|o| o.to_string()),
+            Some("s3://bucket/out".to_string())
+        );
     }
 
     #[test]
@@ -276,7 +289,7 @@ output = "s3://bucket/out"
         let Some(SubmitApp::SimpleQuery(app)) = &args.app else {
             panic!()
         };
-        assert_eq!(app.input, PathBuf::from("x"));
+        assert_eq!(app.input.as_local(), Some(Path::new("x")));
     }
 
     #[test]

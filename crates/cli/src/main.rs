@@ -117,16 +117,14 @@ async fn run(cli: Cli) -> Result<u8> {
             if !settings.quiet {
                 eprintln!(
                     "encrypted {} bytes into {} part(s) in {}",
-                    summary.plaintext_bytes,
-                    summary.parts,
-                    args.out.display()
+                    summary.plaintext_bytes, summary.parts, args.out
                 );
             }
         }
         Command::Decrypt(args) => {
             let bytes = crypt::decrypt(args, &mut settings).await?;
             if !settings.quiet {
-                eprintln!("decrypted {bytes} bytes from {}", args.input.display());
+                eprintln!("decrypted {bytes} bytes from {}", args.input);
             }
         }
         Command::SimpleQuery(args) => {

@@ -1,12 +1,10 @@
 //! `ppml simple-query` and `ppml query`.
 
-use std::path::PathBuf;
-
 use anyhow::{Context, Result, bail};
 use datafusion::arrow::util::pretty::pretty_format_batches;
 use ppml_engine::dataset::WriteOptions;
 use ppml_engine::simple_query::{self, SimpleQueryReport};
-use ppml_engine::{OutputTarget, PpmlSession};
+use ppml_engine::{DatasetLocation, OutputTarget, PpmlSession};
 
 use crate::cli::{QueryArgs, SimpleQueryArgs};
 use crate::settings::{OpenKms, Settings};
@@ -147,7 +145,7 @@ pub async fn run_simple_query(
             OutputTarget::Encrypted {
                 kms: kms.kms.as_ref(),
                 primary: &primary,
-                dir: &args.output,
+                dir: args.output.clone(),
                 options: WriteOptions {
                     overwrite: args.overwrite,
                     ..WriteOptions::default()
@@ -163,7 +161,7 @@ pub async fn run_simple_query(
             &session,
             &args.input,
             OutputTarget::Plaintext {
-                dir: &args.output,
+                dir: local_only(&args.output, "--plaintext output")?,
                 overwrite: args.overwrite,
             },
             args.output_partitions,
@@ -188,14 +186,22 @@ pub fn print_report(report: &SimpleQueryReport, preview: bool) {
     }
 }
 
-pub fn parse_table(spec: &str) -> Result<(String, PathBuf)> {
-    let Some((name, path)) = spec.split_once('=') else {
-        bail!("--table {spec:?}: expected NAME=DIR");
+/// The path of a local `location`; plaintext outputs are never written to object stores.
+fn local_only<'a>(location: &'a DatasetLocation, what: &str) -> Result<&'a std::path::Path> {
+    location
+        .as_local()
+        .with_context(|| format!("{location}: a {what} is written to a local directory only"))
+}
+
+pub fn parse_table(spec: &str) -> Result<(String, DatasetLocation)> {
+    let Some((name, location)) = spec.split_once('=') else {
+        bail!("--table {spec:?}: expected NAME=DIR or NAME=s3://BUCKET/PREFIX");
     };
     if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
         bail!("--table {spec:?}: table names are letters, digits and _");
     }
-    Ok((name.to_string(), PathBuf::from(path)))
+    let location = DatasetLocation::parse(location).with_context(|| format!("--table {spec:?}"))?;
+    Ok((name.to_string(), location))
 }
 
 /// Runs SQL over named tables; prints the result or writes it as a dataset.
@@ -245,9 +251,9 @@ pub async fn run_query(
         Some(kms) => encrypted_session(kms, args.input_partitions, placement)?,
         None => PpmlSession::plaintext(args.input_partitions),
     };
-    for (name, path) in &tables {
+    for (name, location) in &tables {
         session
-            .register_csv(name, path, None)
+            .register_csv(name, location, None)
             .await
             .with_context(|| format!("registering table {name}"))?;
     }
@@ -260,7 +266,7 @@ pub async fn run_query(
                     OutputTarget::Encrypted {
                         kms: kms.kms.as_ref(),
                         primary: kms.output_primary()?,
-                        dir: out,
+                        dir: out.clone(),
                         options: WriteOptions {
                             overwrite: args.overwrite,
                             ..WriteOptions::default()
@@ -270,10 +276,8 @@ pub async fn run_query(
                 )
                 .await?;
             eprintln!(
-                "wrote {} rows in {} part(s) to {}",
-                summary.rows,
-                summary.parts,
-                out.display()
+                "wrote {} rows in {} part(s) to {out}",
+                summary.rows, summary.parts
             );
             Ok(summary.rows)
         }
@@ -282,7 +286,7 @@ pub async fn run_query(
                 .write_csv(
                     df,
                     OutputTarget::Plaintext {
-                        dir: out,
+                        dir: local_only(out, "--plaintext output")?,
                         overwrite: args.overwrite,
                     },
                     args.output_partitions,

@@ -191,7 +191,7 @@ pub async fn run(args: &QuickstartArgs, settings: &mut Settings) -> Result<()> {
     crypt::encrypt(
         &EncryptArgs {
             input: people.clone(),
-            out: encrypted.clone(),
+            out: (&encrypted).into(),
             partitions: args.partitions,
             no_header: false,
             segment_size: ppml_format::DEFAULT_SEGMENT_SIZE,
@@ -214,8 +214,8 @@ pub async fn run(args: &QuickstartArgs, settings: &mut Settings) -> Result<()> {
     let t = Instant::now();
     let report = query::simple_query(
         &SimpleQueryArgs {
-            input: encrypted.clone(),
-            output: output.clone(),
+            input: (&encrypted).into(),
+            output: (&output).into(),
             input_partitions: None,
             output_partitions: Some(1),
             overwrite: false,
@@ -236,7 +236,7 @@ pub async fn run(args: &QuickstartArgs, settings: &mut Settings) -> Result<()> {
     };
     crypt::decrypt(
         &DecryptArgs {
-            input: output.clone(),
+            input: (&output).into(),
             out: Some(decrypted.clone()),
             out_dir: None,
             overwrite: false,
@@ -250,7 +250,7 @@ pub async fn run(args: &QuickstartArgs, settings: &mut Settings) -> Result<()> {
         let refused = work.join("people.refused.csv");
         let outcome = crypt::decrypt(
             &DecryptArgs {
-                input: encrypted.clone(),
+                input: (&encrypted).into(),
                 out: Some(refused.clone()),
                 out_dir: None,
                 overwrite: false,

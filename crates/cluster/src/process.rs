@@ -156,9 +156,18 @@ pub async fn run_executor_monitored(
     // The decrypting store inside a counting one: the bytes it returns are the plaintext
     // decrypted from input datasets.
     let store: Arc<dyn object_store::ObjectStore> = Arc::new(CountingStore::new(
-        Arc::new(DecryptingStore::local(Arc::new(LocalFileSystem::new())).with_opener(dataset_kms)),
+        Arc::new(
+            DecryptingStore::local(Arc::new(LocalFileSystem::new()))
+                .with_opener(dataset_kms.clone()),
+        ),
         metrics.input_bytes_counter(),
     ));
+    let s3_input_bytes = metrics.input_bytes_counter();
+    let s3_stores = Arc::new(
+        ppml_engine::s3::S3Stores::with_opener(dataset_kms).with_decorator(move |store| {
+            Arc::new(CountingStore::new(store, s3_input_bytes.clone()))
+        }),
+    );
     let store_url = url::Url::parse(LOCAL_STORE_URL).expect("valid URL");
     // Operator spills are encrypted under a key that never leaves this process. They go next
     // to the work dir, not in it: Ballista's job-data cleanup empties the work dir.
@@ -167,10 +176,11 @@ pub async fn run_executor_monitored(
             .map_err(|e| ClusterError::Setup(format!("spill directory: {e}")))?,
     );
     let runtime_producer: RuntimeProducer = Arc::new(move |_config: &SessionConfig| {
-        let runtime = RuntimeEnvBuilder::new()
+        let mut runtime = RuntimeEnvBuilder::new()
             .with_disk_manager_builder(spill.clone().disk_manager_builder())
             .build()?;
         runtime.register_object_store(&store_url, store.clone());
+        s3_stores.install(&mut runtime);
         Ok(Arc::new(runtime))
     });
     let keys = Arc::new(JobKeys::new(shuffle_kms));

@@ -78,7 +78,7 @@ async fn queries_on_the_cluster_match_local_mode_and_leave_no_plaintext() {
         let target = OutputTarget::Encrypted {
             kms: c.kms.as_ref(),
             primary: &c.primary,
-            dir: &output,
+            dir: (&output).into(),
             options: WriteOptions::default(),
         };
         let report = tokio::time::timeout(

@@ -30,7 +30,7 @@ async fn simple_query_count(c: &Cluster, session: &PpmlSession, input: &Path, ou
     let target = OutputTarget::Encrypted {
         kms: c.kms.as_ref(),
         primary: &c.primary,
-        dir: &output,
+        dir: (&output).into(),
         options: WriteOptions::default(),
     };
     let report = tokio::time::timeout(
@@ -174,7 +174,7 @@ async fn mutual_tls_on_every_channel() {
             OutputTarget::Encrypted {
                 kms: c.kms.as_ref(),
                 primary: &c.primary,
-                dir: &output,
+                dir: (&output).into(),
                 options: WriteOptions::default(),
             },
             Some(2),

@@ -4,11 +4,13 @@ use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use futures::TryStreamExt;
-use object_store::{ObjectStore, ObjectStoreExt, path::Path as StorePath};
+use object_store::{
+    ObjectStore, ObjectStoreExt, PutMode, PutPayload, WriteMultipart, path::Path as StorePath,
+};
 use ppml_format::manifest::{MANIFEST_FILE_NAME, Manifest, PartEntry, UnverifiedManifest};
 use ppml_format::{
     DataKey, EncryptingWriter, FileCipher, FormatError, Header, KeyReference, SegmentLayout,
@@ -16,6 +18,7 @@ use ppml_format::{
 };
 use ppml_kms::{KeyManagementService, PrimaryKeyId};
 
+use crate::location::{DatasetLocation, S3_SCHEME};
 use crate::{EngineError, Result, dataset_aad};
 
 static DURABLE_WRITES: AtomicBool = AtomicBool::new(true);
@@ -95,14 +98,18 @@ pub async fn open_dataset(
     kms: &dyn KeyManagementService,
 ) -> Result<VerifiedDataset> {
     let manifest_path = root.clone().join(MANIFEST_FILE_NAME);
+    let manifest_display = format!("{display}/{MANIFEST_FILE_NAME}");
+    let storage = |location: &str| {
+        let location = location.to_string();
+        move |source| EngineError::Storage { location, source }
+    };
     let manifest_bytes = match store.get(&manifest_path).await {
-        Ok(result) => result.bytes().await?,
+        Ok(result) => result.bytes().await.map_err(storage(&manifest_display))?,
         Err(object_store::Error::NotFound { .. }) => {
             return Err(EngineError::NotADataset(display.to_string()));
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(storage(&manifest_display)(e)),
     };
-    let manifest_display = format!("{display}/{MANIFEST_FILE_NAME}");
     let unverified = UnverifiedManifest::from_json(&manifest_bytes)
         .map_err(|e| EngineError::format(&manifest_display, e))?;
     let data_key = kms
@@ -132,7 +139,8 @@ pub async fn open_dataset(
             (name, meta.size)
         })
         .try_collect()
-        .await?;
+        .await
+        .map_err(storage(display))?;
     let expected: HashSet<&str> = manifest.parts().iter().map(|p| p.name.as_str()).collect();
     if let Some(extra) = listed
         .keys()
@@ -235,11 +243,18 @@ async fn read_header(
     UnverifiedHeader::parse(&full).map_err(bad)
 }
 
-/// Writes a new dataset into a hidden temporary sibling of its destination and moves it into
-/// place only on [`DatasetWriter::commit`]. Dropped without commit, it deletes what it wrote.
+/// Writes a new dataset and makes it appear only on [`DatasetWriter::commit`].
+///
+/// In a directory, the dataset is written into a hidden temporary sibling of its destination
+/// and renamed into place. Under an `s3://` prefix, which has no rename, every part is
+/// streamed with a multipart upload and the manifest is written last: until it exists the
+/// prefix is not a dataset, and readers trust only a manifest that verifies
+/// (docs/storage.md). A writer that fails should be [`DatasetWriter::abort`]ed, which deletes
+/// what it wrote; dropped without commit or abort, it deletes it too (a directory at once,
+/// S3 objects in the background, as far as the runtime lets it).
 pub struct DatasetWriter {
-    destination: PathBuf,
-    temp_dir: Option<PathBuf>,
+    location: DatasetLocation,
+    target: Target,
     overwrite: bool,
     dataset_id: [u8; 16],
     data_key: Arc<DataKey>,
@@ -248,10 +263,91 @@ pub struct DatasetWriter {
     segment_size: u32,
 }
 
+enum Target {
+    Local {
+        destination: PathBuf,
+        temp_dir: Option<PathBuf>,
+    },
+    S3(S3Target),
+}
+
+struct S3Target {
+    store: Arc<dyn ObjectStore>,
+    bucket: String,
+    prefix: StorePath,
+    /// Inserted into the part names when the prefix already holds objects (`--overwrite`), so
+    /// that no new part replaces an object of the old dataset before the manifest commits.
+    name_tag: Option<String>,
+    /// Every part object started, deleted again unless the dataset commits.
+    started: Mutex<Vec<StorePath>>,
+    /// Committed, or its parts were deleted.
+    settled: bool,
+}
+
+impl S3Target {
+    fn url(&self, location: &StorePath) -> String {
+        format!("{S3_SCHEME}{}/{location}", self.bucket)
+    }
+
+    fn storage_error(&self, location: &StorePath, source: object_store::Error) -> EngineError {
+        EngineError::Storage {
+            location: self.url(location),
+            source,
+        }
+    }
+
+    /// Every object under the prefix.
+    async fn list(&self) -> Result<Vec<StorePath>> {
+        self.store
+            .list(Some(&self.prefix))
+            .map_ok(|meta| meta.location)
+            .try_collect()
+            .await
+            .map_err(|e| self.storage_error(&self.prefix, e))
+    }
+
+    /// Deletes the parts this writer started; returns the first failure.
+    async fn delete_started(&mut self) -> Result<()> {
+        self.settled = true;
+        let started = std::mem::take(&mut *self.started.lock().expect("started lock"));
+        delete_objects(&self.store, &self.bucket, started).await
+    }
+}
+
+/// Deletes `objects` of `store`, ignoring those already gone; reports the first failure (the
+/// others are still attempted).
+async fn delete_objects(
+    store: &Arc<dyn ObjectStore>,
+    bucket: &str,
+    objects: Vec<StorePath>,
+) -> Result<()> {
+    let mut first_error = None;
+    let mut failed = 0;
+    for location in objects {
+        match store.delete(&location).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(source) => {
+                tracing::warn!("cannot delete {S3_SCHEME}{bucket}/{location}: {source}");
+                failed += 1;
+                first_error.get_or_insert((location, source));
+            }
+        }
+    }
+    match first_error {
+        None => Ok(()),
+        Some((first, source)) => Err(EngineError::StaleObjects {
+            location: format!("{S3_SCHEME}{bucket}"),
+            count: failed,
+            first: format!("{S3_SCHEME}{bucket}/{first}"),
+            source: Box::new(source),
+        }),
+    }
+}
+
 impl std::fmt::Debug for DatasetWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DatasetWriter")
-            .field("destination", &self.destination)
+            .field("location", &self.location)
             .finish_non_exhaustive()
     }
 }
@@ -293,32 +389,101 @@ pub fn temp_sibling(destination: &Path) -> PathBuf {
     destination.with_file_name(format!(".{name}.ppml-tmp-{}", crate::hex_lower(&random)))
 }
 
+/// Bytes per multipart-upload part (S3 requires at least 5 MiB for every part but the last).
+const UPLOAD_CHUNK: usize = 5 * 1024 * 1024;
+/// Multipart-upload parts in flight per dataset part: with the chunk being filled, at most
+/// `(UPLOAD_IN_FLIGHT + 1) * UPLOAD_CHUNK` bytes of one dataset part are held in memory.
+const UPLOAD_IN_FLIGHT: usize = 2;
+
+/// `name` with `-<tag>` inserted before its first `.` (`part-00000.csv.ppml` becomes
+/// `part-00000-<tag>.csv.ppml`).
+fn tagged_name(name: &str, tag: &str) -> String {
+    match name.split_once('.') {
+        Some((stem, rest)) => format!("{stem}-{tag}.{rest}"),
+        None => format!("{name}-{tag}"),
+    }
+}
+
+fn random_hex(bytes: usize) -> Result<String> {
+    let mut random = vec![0u8; bytes];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut random)
+        .map_err(|_| EngineError::format("dataset writer", FormatError::Random))?;
+    Ok(crate::hex_lower(&random))
+}
+
 impl DatasetWriter {
-    /// Prepares a dataset at `destination` encrypted under a fresh data key from `kms`.
+    /// Prepares a dataset at `destination` (a directory, or an `s3://` prefix) encrypted under
+    /// a fresh data key from `kms`. Refuses an existing destination unless
+    /// `options.overwrite`; an S3 prefix that holds any object counts as existing.
     pub async fn create(
         kms: &dyn KeyManagementService,
         primary: &PrimaryKeyId,
-        destination: &Path,
+        destination: impl Into<DatasetLocation>,
         options: WriteOptions,
     ) -> Result<Self> {
-        if destination.exists() && !options.overwrite {
-            return Err(EngineError::OutputExists(destination.to_path_buf()));
-        }
+        let location = destination.into();
+        let display = location.to_string();
+        let mut target = match &location {
+            DatasetLocation::Local(destination) => {
+                if destination.exists() && !options.overwrite {
+                    return Err(EngineError::OutputExists(display));
+                }
+                Target::Local {
+                    destination: destination.clone(),
+                    temp_dir: None,
+                }
+            }
+            DatasetLocation::S3 { bucket, prefix } => {
+                let mut target = S3Target {
+                    store: crate::s3::s3_object_store(bucket)?,
+                    bucket: bucket.clone(),
+                    prefix: prefix.clone(),
+                    name_tag: None,
+                    started: Mutex::new(Vec::new()),
+                    settled: true,
+                };
+                let existing = target.list().await?;
+                if let Some(first) = existing.first() {
+                    let manifest = prefix.clone().join(MANIFEST_FILE_NAME);
+                    if !options.overwrite {
+                        return Err(if existing.contains(&manifest) {
+                            EngineError::OutputExists(display)
+                        } else {
+                            EngineError::PrefixNotEmpty {
+                                location: display,
+                                example: target.url(first),
+                            }
+                        });
+                    }
+                    target.name_tag = Some(random_hex(6)?);
+                }
+                Target::S3(target)
+            }
+        };
         let mut dataset_id = [0u8; 16];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut dataset_id)
-            .map_err(|_| EngineError::format(destination.display(), FormatError::Random))?;
+            .map_err(|_| EngineError::format(&display, FormatError::Random))?;
         let (data_key, key) = kms
             .generate_data_key(primary, &dataset_aad(&dataset_id))
             .await
             .map_err(|source| EngineError::Kms {
-                dataset: destination.display().to_string(),
+                dataset: display.clone(),
                 source,
             })?;
-        let temp_dir = temp_sibling(destination);
-        fs::create_dir_all(&temp_dir).map_err(|e| EngineError::io(&temp_dir, e))?;
+        match &mut target {
+            Target::Local {
+                destination,
+                temp_dir,
+            } => {
+                let temp = temp_sibling(destination);
+                fs::create_dir_all(&temp).map_err(|e| EngineError::io(&temp, e))?;
+                *temp_dir = Some(temp);
+            }
+            Target::S3(s3) => s3.settled = false,
+        }
         Ok(DatasetWriter {
-            destination: destination.to_path_buf(),
-            temp_dir: Some(temp_dir),
+            location,
+            target,
             overwrite: options.overwrite,
             dataset_id,
             data_key: Arc::new(data_key),
@@ -328,48 +493,209 @@ impl DatasetWriter {
         })
     }
 
-    /// Opens a new part file `name` for writing. Parts may be written concurrently.
-    pub fn part(&self, name: &str) -> Result<PartWriter> {
+    /// Where the dataset is written.
+    pub fn location(&self) -> &DatasetLocation {
+        &self.location
+    }
+
+    /// Opens a new part for writing; `name` is its name in the manifest (in S3, when
+    /// overwriting, with a random tag inserted: see docs/storage.md). Parts may be written
+    /// concurrently.
+    pub async fn part(&self, name: &str) -> Result<PartWriter> {
         ppml_format::manifest::validate_part_name(name)
-            .map_err(|e| EngineError::format(self.destination.display(), e))?;
-        let dir = self.temp_dir.as_ref().expect("not committed");
-        let path = dir.join(name);
-        let file = File::create_new(&path).map_err(|e| EngineError::io(&path, e))?;
+            .map_err(|e| EngineError::format(&self.location, e))?;
+        let (name, display, sink) = match &self.target {
+            Target::Local { temp_dir, .. } => {
+                let path = temp_dir.as_ref().expect("not committed").join(name);
+                let file = File::create_new(&path).map_err(|e| EngineError::io(&path, e))?;
+                (
+                    name.to_string(),
+                    path.display().to_string(),
+                    PartSink::File(file),
+                )
+            }
+            Target::S3(s3) => {
+                let name = match &s3.name_tag {
+                    Some(tag) => tagged_name(name, tag),
+                    None => name.to_string(),
+                };
+                let location = s3.prefix.clone().join(name.as_str());
+                s3.started
+                    .lock()
+                    .expect("started lock")
+                    .push(location.clone());
+                let upload = s3
+                    .store
+                    .put_multipart(&location)
+                    .await
+                    .map_err(|e| s3.storage_error(&location, e))?;
+                let display = s3.url(&location);
+                (
+                    name,
+                    display,
+                    PartSink::S3(S3Sink {
+                        upload: Some(WriteMultipart::new_with_chunk_size(upload, UPLOAD_CHUNK)),
+                    }),
+                )
+            }
+        };
         let header = Header::new(self.key.clone(), self.dataset_id, self.segment_size)
-            .map_err(|e| EngineError::format(path.display(), e))?;
-        let writer = EncryptingWriter::new(file, &header, &self.data_key)
-            .map_err(|e| EngineError::format(path.display(), e))?;
+            .map_err(|e| EngineError::format(&display, e))?;
+        let writer = EncryptingWriter::new(sink, &header, &self.data_key)
+            .map_err(|e| EngineError::format(&display, e))?;
         Ok(PartWriter {
-            name: name.to_string(),
-            path,
+            name,
+            display,
             writer,
         })
     }
 
-    /// Writes the manifest for `parts` (in that order), syncs, and moves the dataset into
-    /// place. Returns the manifest.
-    pub fn commit(mut self, parts: Vec<PartEntry>) -> Result<Manifest> {
-        let temp_dir = self.temp_dir.clone().expect("not committed");
+    /// Writes the manifest for `parts` (in that order) and makes the dataset appear: a
+    /// directory is synced and renamed into place; in S3 the manifest is the last object
+    /// written, and with `overwrite` the objects of the replaced dataset are deleted after it.
+    /// On failure before the dataset appeared, what was written is deleted. Returns the
+    /// manifest.
+    pub async fn commit(mut self, parts: Vec<PartEntry>) -> Result<Manifest> {
         let manifest = Manifest::new(
             self.dataset_id,
             self.media_type.clone(),
             self.key.clone(),
             parts,
         )
-        .map_err(|e| EngineError::format(self.destination.display(), e))?;
-        let manifest_path = temp_dir.join(MANIFEST_FILE_NAME);
-        let mut file =
-            File::create_new(&manifest_path).map_err(|e| EngineError::io(&manifest_path, e))?;
-        file.write_all(&manifest.to_json(&self.data_key))
-            .and_then(|_| sync(&file))
-            .map_err(|e| EngineError::io(&manifest_path, e))?;
-        File::open(&temp_dir)
-            .and_then(|d| sync(&d))
-            .map_err(|e| EngineError::io(&temp_dir, e))?;
-        replace_path(&temp_dir, &self.destination, self.overwrite)?;
-        self.temp_dir = None;
+        .map_err(|e| EngineError::format(&self.location, e))?;
+        let json = manifest.to_json(&self.data_key);
+        let display = self.location.to_string();
+        match &mut self.target {
+            Target::Local {
+                destination,
+                temp_dir,
+            } => {
+                let temp = temp_dir.clone().expect("not committed");
+                let manifest_path = temp.join(MANIFEST_FILE_NAME);
+                let mut file = File::create_new(&manifest_path)
+                    .map_err(|e| EngineError::io(&manifest_path, e))?;
+                file.write_all(&json)
+                    .and_then(|_| sync(&file))
+                    .map_err(|e| EngineError::io(&manifest_path, e))?;
+                File::open(&temp)
+                    .and_then(|d| sync(&d))
+                    .map_err(|e| EngineError::io(&temp, e))?;
+                replace_path(&temp, destination, self.overwrite)?;
+                *temp_dir = None;
+            }
+            Target::S3(s3) => {
+                let overwrite = self.overwrite;
+                if let Err(e) = commit_s3(s3, &manifest, json, overwrite, &display).await {
+                    if !s3.settled
+                        && let Err(cleanup) = s3.delete_started().await
+                    {
+                        tracing::warn!(
+                            "{}: cleaning up after a failed commit: {cleanup}",
+                            self.location
+                        );
+                    }
+                    return Err(e);
+                }
+            }
+        }
         Ok(manifest)
     }
+
+    /// Gives up the dataset, deleting what was written (the temporary directory, or the S3
+    /// part objects). Multipart uploads of parts that were not finished are aborted when their
+    /// [`PartWriter`] is dropped.
+    pub async fn abort(mut self) {
+        match &mut self.target {
+            Target::Local { temp_dir, .. } => {
+                if let Some(dir) = temp_dir.take() {
+                    let _ = fs::remove_dir_all(dir);
+                }
+            }
+            Target::S3(s3) => {
+                if let Err(e) = s3.delete_started().await {
+                    tracing::warn!("{}: cleaning up a failed write: {e}", self.location);
+                }
+            }
+        }
+    }
+}
+
+/// The S3 commit: check that the prefix holds nothing foreign, write the manifest (the
+/// commit point; conditional on its absence unless overwriting), then delete every object
+/// the manifest does not list.
+async fn commit_s3(
+    s3: &mut S3Target,
+    manifest: &Manifest,
+    json: Vec<u8>,
+    overwrite: bool,
+    display: &str,
+) -> Result<()> {
+    let manifest_path = s3.prefix.clone().join(MANIFEST_FILE_NAME);
+    let listed: HashSet<StorePath> = manifest
+        .parts()
+        .iter()
+        .map(|p| s3.prefix.clone().join(p.name.as_str()))
+        .collect();
+    let foreign = |objects: Vec<StorePath>| -> Vec<StorePath> {
+        objects
+            .into_iter()
+            .filter(|o| !listed.contains(o) && *o != manifest_path)
+            .collect()
+    };
+    if !overwrite {
+        // Another writer may have started at the same prefix.
+        let objects = s3.list().await?;
+        if objects.contains(&manifest_path) {
+            return Err(EngineError::OutputExists(display.to_string()));
+        }
+        if let Some(first) = foreign(objects).first() {
+            return Err(EngineError::PrefixNotEmpty {
+                location: display.to_string(),
+                example: s3.url(first),
+            });
+        }
+    }
+    let mode = if overwrite {
+        PutMode::Overwrite
+    } else {
+        PutMode::Create
+    };
+    match s3
+        .store
+        .put_opts(&manifest_path, PutPayload::from(json), mode.into())
+        .await
+    {
+        Ok(_) => {}
+        Err(object_store::Error::AlreadyExists { .. }) => {
+            return Err(EngineError::OutputExists(display.to_string()));
+        }
+        Err(e) => return Err(s3.storage_error(&manifest_path, e)),
+    }
+    // Committed: the parts are the dataset's now.
+    s3.settled = true;
+    s3.started.lock().expect("started lock").clear();
+    if overwrite {
+        let stale = foreign(s3.list().await?);
+        if !stale.is_empty() {
+            delete_objects(&s3.store, &s3.bucket, stale)
+                .await
+                .map_err(|e| match e {
+                    EngineError::StaleObjects {
+                        count,
+                        first,
+                        source,
+                        ..
+                    } => EngineError::StaleObjects {
+                        location: display.to_string(),
+                        count,
+                        first,
+                        source,
+                    },
+                    other => other,
+                })?;
+        }
+    }
+    Ok(())
 }
 
 /// Moves `from` to `to`; with `overwrite`, an existing `to` is replaced only after `from` is
@@ -378,7 +704,7 @@ pub fn replace_path(from: &Path, to: &Path, overwrite: bool) -> Result<()> {
     let mut aside = None;
     if to.exists() {
         if !overwrite {
-            return Err(EngineError::OutputExists(to.to_path_buf()));
+            return Err(EngineError::OutputExists(to.display().to_string()));
         }
         let old = temp_sibling(to);
         fs::rename(to, &old).map_err(|e| EngineError::io(to, e))?;
@@ -400,18 +726,84 @@ pub fn replace_path(from: &Path, to: &Path, overwrite: bool) -> Result<()> {
 
 impl Drop for DatasetWriter {
     fn drop(&mut self) {
-        if let Some(dir) = self.temp_dir.take() {
-            let _ = fs::remove_dir_all(dir);
+        match &mut self.target {
+            Target::Local { temp_dir, .. } => {
+                if let Some(dir) = temp_dir.take() {
+                    let _ = fs::remove_dir_all(dir);
+                }
+            }
+            Target::S3(s3) if !s3.settled => {
+                let started = std::mem::take(&mut *s3.started.lock().expect("started lock"));
+                s3.settled = true;
+                let (store, bucket) = (s3.store.clone(), s3.bucket.clone());
+                tracing::warn!(
+                    "{}: dataset writer dropped without commit or abort; deleting its parts",
+                    self.location
+                );
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    runtime.spawn(async move {
+                        let _ = delete_objects(&store, &bucket, started).await;
+                    });
+                }
+            }
+            Target::S3(_) => {}
         }
     }
 }
 
-/// Encrypts one part file. Call [`PartWriter::finish`]; a dropped writer leaves a part that
-/// would be rejected (and is deleted with its uncommitted dataset).
+/// Where a part's ciphertext goes.
+enum PartSink {
+    File(File),
+    S3(S3Sink),
+}
+
+/// A multipart upload fed by synchronous writes; [`PartWriter::ready`] applies back-pressure.
+struct S3Sink {
+    /// `None` once finished or aborted.
+    upload: Option<WriteMultipart>,
+}
+
+impl Write for PartSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            PartSink::File(file) => file.write(buf),
+            PartSink::S3(sink) => {
+                sink.upload
+                    .as_mut()
+                    .ok_or_else(|| std::io::Error::other("the upload was closed"))?
+                    .write(buf);
+                Ok(buf.len())
+            }
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            PartSink::File(file) => file.flush(),
+            PartSink::S3(_) => Ok(()),
+        }
+    }
+}
+
+impl Drop for S3Sink {
+    fn drop(&mut self) {
+        // An unfinished upload: abort it so that the store drops the uploaded chunks.
+        if let Some(upload) = self.upload.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                let _ = upload.abort().await;
+            });
+        }
+    }
+}
+
+/// Encrypts one part. Call [`PartWriter::ready`] after each write (of bounded size) so that
+/// uploads keep up, and [`PartWriter::finish`] at the end; a dropped writer leaves no part
+/// that a reader would accept (and its uncommitted dataset deletes it).
 pub struct PartWriter {
     name: String,
-    path: PathBuf,
-    writer: EncryptingWriter<File>,
+    display: String,
+    writer: EncryptingWriter<PartSink>,
 }
 
 impl Write for PartWriter {
@@ -424,13 +816,50 @@ impl Write for PartWriter {
 }
 
 impl PartWriter {
-    /// Seals the final segment, syncs the file and returns its manifest entry.
-    pub fn finish(self) -> Result<PartEntry> {
-        let (file, finished) = self
+    /// The part's name in the manifest.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Waits until the part's uploads leave room for more data (S3; immediate for files).
+    /// Without it, an S3 part buffers everything written in memory until it is finished.
+    pub async fn ready(&mut self) -> Result<()> {
+        if let PartSink::S3(sink) = self.writer.get_mut()
+            && let Some(upload) = sink.upload.as_mut()
+        {
+            upload
+                .wait_for_capacity(UPLOAD_IN_FLIGHT)
+                .await
+                .map_err(|source| EngineError::Storage {
+                    location: self.display.clone(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Seals the final segment, makes the part durable (file synced, or upload completed) and
+    /// returns its manifest entry.
+    pub async fn finish(self) -> Result<PartEntry> {
+        let (sink, finished) = self
             .writer
             .finish()
-            .map_err(|e| EngineError::format(self.path.display(), e))?;
-        sync(&file).map_err(|e| EngineError::io(&self.path, e))?;
+            .map_err(|e| EngineError::format(&self.display, e))?;
+        match sink {
+            PartSink::File(file) => {
+                sync(&file).map_err(|e| EngineError::io(&self.display, e))?;
+            }
+            PartSink::S3(mut sink) => {
+                let upload = sink.upload.take().expect("an open upload");
+                upload
+                    .finish()
+                    .await
+                    .map_err(|source| EngineError::Storage {
+                        location: self.display.clone(),
+                        source,
+                    })?;
+            }
+        }
         Ok(PartEntry {
             name: self.name,
             ciphertext_len: finished.ciphertext_len,

@@ -65,7 +65,60 @@ pub enum EngineError {
     DatasetChanged(String),
     /// The output already exists; ppml never overwrites silently.
     #[error("{0}: output already exists (remove it or pass --overwrite)")]
-    OutputExists(PathBuf),
+    OutputExists(String),
+    /// An S3 output prefix holds objects but no dataset (for example the parts of a write that
+    /// was killed before it could clean up); ppml never overwrites them silently.
+    #[error(
+        "{location}: holds objects but no ppml dataset (e.g. {example:?}), maybe left by an \
+         interrupted write: remove them or pass --overwrite"
+    )]
+    PrefixNotEmpty {
+        /// The output URL.
+        location: String,
+        /// One of the objects.
+        example: String,
+    },
+    /// A dataset location given by the user is not valid.
+    #[error("{location}: {reason}")]
+    InvalidLocation {
+        /// The location as given.
+        location: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The S3 client could not be configured from the `AWS_*` environment variables.
+    #[error("s3://{bucket}: cannot configure the S3 client from the AWS_* environment: {source}")]
+    S3Config {
+        /// The bucket.
+        bucket: String,
+        /// The configuration error.
+        source: object_store::Error,
+    },
+    /// A request to the object store holding a dataset failed.
+    #[error("{location}: {source}")]
+    Storage {
+        /// The object or prefix, as a URL.
+        location: String,
+        /// The object store error.
+        source: object_store::Error,
+    },
+    /// An S3 dataset was committed (its new manifest is in place) but objects of the dataset
+    /// it replaced could not be deleted; readers refuse it until they are gone.
+    #[error(
+        "{location}: the new dataset is committed, but {count} old object(s) could not be \
+         deleted (first: {first:?}: {source}); readers refuse the dataset until they are \
+         removed (delete them, or write it again with --overwrite)"
+    )]
+    StaleObjects {
+        /// The dataset URL.
+        location: String,
+        /// How many objects are left.
+        count: usize,
+        /// The first of them.
+        first: String,
+        /// Why the first could not be deleted.
+        source: Box<object_store::Error>,
+    },
     /// A file-system operation failed.
     #[error("{path}: {source}")]
     Io {

@@ -11,9 +11,15 @@
 //!   sessions: sorts, aggregations and joins under memory pressure spill ppml-encrypted files
 //!   under a key that exists only in process memory, never plaintext.
 //! - [`simple_query`]: the SimpleQuery application of the reference workflow.
+//! - [`location`] and [`s3`]: datasets in directories or under `s3://` prefixes of any
+//!   S3-compatible object store (docs/storage.md).
 
 pub mod dataset;
 mod error;
+pub mod location;
+pub mod s3;
+#[cfg(test)]
+mod s3_tests;
 pub mod session;
 pub mod simple_query;
 pub mod spill;
@@ -22,6 +28,7 @@ pub mod store;
 mod tests;
 
 pub use error::EngineError;
+pub use location::DatasetLocation;
 pub use session::{LocalRunner, OutputTarget, PlanRunner, PpmlSession, WriteSummary};
 pub use store::{DatasetPin, DecryptingStore, LOCAL_STORE_URL};
 

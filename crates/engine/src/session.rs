@@ -27,6 +27,8 @@ use crate::dataset::{
     DatasetWriter, PART_SUFFIX, VerifiedDataset, WriteOptions, open_dataset, part_name,
     replace_path, temp_sibling,
 };
+use crate::location::DatasetLocation;
+use crate::s3::S3Stores;
 use crate::store::LOCAL_STORE_URL;
 use crate::{DecryptingStore, EngineError, Result};
 
@@ -38,8 +40,8 @@ pub enum OutputTarget<'a> {
         kms: &'a dyn KeyManagementService,
         /// The primary key to wrap it under.
         primary: &'a PrimaryKeyId,
-        /// Destination directory.
-        dir: &'a Path,
+        /// Destination: a directory or an `s3://` prefix.
+        dir: DatasetLocation,
         /// Write options.
         options: WriteOptions,
     },
@@ -92,13 +94,16 @@ impl PlanRunner for LocalRunner {
 
 /// A DataFusion session for ppml.
 ///
-/// In an encrypted session the `ppml://fs` object store is a [`DecryptingStore`]: only parts
-/// of datasets registered through [`PpmlSession::register_csv`] (and therefore verified) can
-/// be read, and they are read as plaintext without a plaintext copy ever touching disk.
+/// In an encrypted session the `ppml://fs` object store (and `ppml://s3-<bucket>` for each S3
+/// bucket) is a [`DecryptingStore`]: only parts of datasets registered through
+/// [`PpmlSession::register_csv`] (and therefore verified) can be read, and they are read as
+/// plaintext without a plaintext copy ever touching disk.
 /// Plans run through the session's [`PlanRunner`].
 pub struct PpmlSession {
     ctx: SessionContext,
     decrypting: Option<(Arc<DecryptingStore>, Arc<dyn KeyManagementService>)>,
+    /// The decrypting stores of S3 buckets (encrypted sessions), created on first use.
+    s3: Arc<S3Stores>,
     runner: Arc<dyn PlanRunner>,
     /// The private directory of the encrypted spill files (encrypted sessions); removed on drop.
     _spill_dir: Option<crate::spill::SpillDirGuard>,
@@ -128,6 +133,12 @@ impl PpmlSession {
     /// unbounded memory pool nothing spills until a memory limit is set).
     pub fn encrypted(kms: Arc<dyn KeyManagementService>, target_partitions: Option<usize>) -> Self {
         let (runtime, spill_dir) = crate::spill::encrypted_spill_runtime();
+        let s3 = Arc::new(S3Stores::new());
+        let runtime =
+            datafusion::execution::runtime_env::RuntimeEnvBuilder::from_runtime_env(&runtime)
+                .with_object_store_registry(s3.registry(runtime.object_store_registry.clone()))
+                .build_arc()
+                .expect("a runtime with an existing disk manager builds");
         let ctx = SessionContext::new_with_config_rt(config(target_partitions), runtime);
         let store = Arc::new(DecryptingStore::local(Arc::new(LocalFileSystem::new())));
         let store_url = url::Url::parse(LOCAL_STORE_URL).expect("valid URL");
@@ -135,6 +146,7 @@ impl PpmlSession {
         PpmlSession {
             ctx,
             decrypting: Some((store, kms)),
+            s3,
             runner: Arc::new(LocalRunner),
             _spill_dir: spill_dir,
         }
@@ -207,6 +219,7 @@ impl PpmlSession {
         PpmlSession {
             ctx: SessionContext::new_with_config(config(target_partitions)),
             decrypting: None,
+            s3: Arc::new(S3Stores::new()),
             runner: Arc::new(LocalRunner),
             _spill_dir: None,
         }
@@ -217,44 +230,67 @@ impl PpmlSession {
         &self.ctx
     }
 
-    /// Registers the CSV data at `path` as table `name`. In an encrypted session `path` must be
-    /// a ppml dataset, which is verified first; in a plaintext session, a CSV file or directory.
-    /// With `schema` None, the schema is inferred from the data.
+    /// Registers the CSV data at `location` as table `name`. In an encrypted session it must
+    /// be a ppml dataset (a directory or an `s3://` prefix), which is verified first; in a
+    /// plaintext session, a local CSV file or directory. With `schema` None, the schema is
+    /// inferred from the data.
     pub async fn register_csv(
         &self,
         name: &str,
-        path: &Path,
+        location: impl Into<DatasetLocation>,
         schema: Option<SchemaRef>,
     ) -> Result<Option<VerifiedDataset>> {
-        let absolute = std::path::absolute(path).map_err(|e| EngineError::io(path, e))?;
-        let mut location = absolute.to_string_lossy().into_owned();
-        if absolute.is_dir() && !location.ends_with('/') {
-            location.push('/');
-        }
-        let mut url = ListingTableUrl::parse(&location)?;
-        let (has_header, extension, dataset) = match &self.decrypting {
-            Some((store, kms)) => {
-                if !absolute.is_dir() {
-                    return Err(EngineError::NotADataset(path.display().to_string()));
+        let location = location.into();
+        let display = location.to_string();
+        let (url, has_header, extension, dataset) = match (&self.decrypting, &location) {
+            (None, DatasetLocation::S3 { .. }) => {
+                return Err(EngineError::InvalidLocation {
+                    location: display,
+                    reason: "plaintext tables are local files".into(),
+                });
+            }
+            (None, DatasetLocation::Local(path)) => {
+                let absolute = std::path::absolute(path).map_err(|e| EngineError::io(path, e))?;
+                let mut text = absolute.to_string_lossy().into_owned();
+                if absolute.is_dir() && !text.ends_with('/') {
+                    text.push('/');
                 }
+                (ListingTableUrl::parse(&text)?, true, "", None)
+            }
+            (Some((store, kms)), DatasetLocation::Local(path)) => {
+                let absolute = std::path::absolute(path).map_err(|e| EngineError::io(path, e))?;
+                if !absolute.is_dir() {
+                    return Err(EngineError::NotADataset(display));
+                }
+                let mut text = absolute.to_string_lossy().into_owned();
+                if !text.ends_with('/') {
+                    text.push('/');
+                }
+                let local = ListingTableUrl::parse(&text)?;
                 let dataset = open_dataset(
                     store.inner().as_ref(),
-                    url.prefix(),
-                    &path.display().to_string(),
+                    local.prefix(),
+                    &display,
                     kms.as_ref(),
                 )
                 .await?;
-                if !dataset.manifest.media_type().starts_with("text/csv") {
-                    return Err(EngineError::UnsupportedMediaType {
-                        dataset: path.display().to_string(),
-                        media_type: dataset.manifest.media_type().to_string(),
-                    });
-                }
+                only_csv(&dataset)?;
                 let pinned_root = store.register(&dataset);
-                url = ListingTableUrl::parse(format!("{LOCAL_STORE_URL}/{pinned_root}/"))?;
-                (dataset.csv_has_header(), PART_SUFFIX, Some(dataset))
+                let url = ListingTableUrl::parse(format!("{LOCAL_STORE_URL}/{pinned_root}/"))?;
+                (url, dataset.csv_has_header(), PART_SUFFIX, Some(dataset))
             }
-            None => (true, "", None),
+            (Some((_, kms)), DatasetLocation::S3 { bucket, prefix }) => {
+                let store = self.s3.decrypting(bucket)?;
+                let dataset =
+                    open_dataset(store.inner().as_ref(), prefix, &display, kms.as_ref()).await?;
+                only_csv(&dataset)?;
+                let pinned_root = store.register(&dataset);
+                let url = ListingTableUrl::parse(format!(
+                    "{}/{pinned_root}/",
+                    crate::s3::store_url(bucket)
+                ))?;
+                (url, dataset.csv_has_header(), PART_SUFFIX, Some(dataset))
+            }
         };
         let format = CsvFormat::default().with_has_header(has_header);
         let options = ListingOptions::new(Arc::new(format)).with_file_extension(extension);
@@ -300,25 +336,38 @@ impl PpmlSession {
                 options,
             } => {
                 let writer = DatasetWriter::create(kms, primary, dir, options).await?;
-                let sinks = (0..streams.len())
-                    .map(|i| writer.part(&part_name(i, "csv")))
-                    .collect::<Result<Vec<_>>>()?;
-                let results = write_all(streams, sinks, schema).await?;
-                let mut summary = WriteSummary::default();
-                let mut entries = Vec::with_capacity(results.len());
-                for (part, rows) in results {
-                    let entry = part.finish()?;
-                    summary.rows += rows;
-                    summary.parts += 1;
-                    summary.plaintext_bytes += entry.plaintext_len;
-                    entries.push(entry);
+                let written = async {
+                    let mut sinks = Vec::with_capacity(streams.len());
+                    for i in 0..streams.len() {
+                        sinks.push(writer.part(&part_name(i, "csv")).await?);
+                    }
+                    let results = write_all(streams, sinks, schema).await?;
+                    let mut summary = WriteSummary::default();
+                    let mut entries = Vec::with_capacity(results.len());
+                    for (part, rows) in results {
+                        let entry = part.finish().await?;
+                        summary.rows += rows;
+                        summary.parts += 1;
+                        summary.plaintext_bytes += entry.plaintext_len;
+                        entries.push(entry);
+                    }
+                    Ok::<_, EngineError>((summary, entries))
                 }
-                writer.commit(entries)?;
-                Ok(summary)
+                .await;
+                match written {
+                    Ok((summary, entries)) => {
+                        writer.commit(entries).await?;
+                        Ok(summary)
+                    }
+                    Err(e) => {
+                        writer.abort().await;
+                        Err(e)
+                    }
+                }
             }
             OutputTarget::Plaintext { dir, overwrite } => {
                 if dir.exists() && !overwrite {
-                    return Err(EngineError::OutputExists(dir.to_path_buf()));
+                    return Err(EngineError::OutputExists(dir.display().to_string()));
                 }
                 let temp = TempDir::create(temp_sibling(dir))?;
                 let sinks = (0..streams.len())
@@ -346,6 +395,17 @@ impl PpmlSession {
             }
         }
     }
+}
+
+/// Refuses a dataset the query engine cannot read (only CSV is queryable).
+fn only_csv(dataset: &VerifiedDataset) -> Result<()> {
+    if dataset.manifest.media_type().starts_with("text/csv") {
+        return Ok(());
+    }
+    Err(EngineError::UnsupportedMediaType {
+        dataset: dataset.display.clone(),
+        media_type: dataset.manifest.media_type().to_string(),
+    })
 }
 
 struct TempDir(PathBuf);
@@ -388,9 +448,27 @@ impl<W: Write> Write for CountingWriter<W> {
     }
 }
 
+/// A sink of a part's plaintext CSV.
+#[async_trait::async_trait]
+trait CsvSink: Write + Send {
+    /// Waits until the sink can take more (the uploads of an S3 part caught up).
+    async fn ready(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl CsvSink for crate::dataset::PartWriter {
+    async fn ready(&mut self) -> Result<()> {
+        crate::dataset::PartWriter::ready(self).await
+    }
+}
+
+impl<W: Write + Send> CsvSink for CountingWriter<W> {}
+
 /// Drains every stream into its sink concurrently; on the first error the other writers are
-/// cancelled and the error returned.
-async fn write_all<W: Write + Send + 'static>(
+/// cancelled (and dropped) and the error returned.
+async fn write_all<W: CsvSink + 'static>(
     streams: Vec<SendableRecordBatchStream>,
     sinks: Vec<W>,
     schema: SchemaRef,
@@ -408,7 +486,7 @@ async fn write_all<W: Write + Send + 'static>(
         match result {
             Ok(done) => results[index] = Some(done),
             Err(e) => {
-                tasks.abort_all();
+                tasks.shutdown().await;
                 return Err(e);
             }
         }
@@ -419,22 +497,30 @@ async fn write_all<W: Write + Send + 'static>(
         .collect())
 }
 
-async fn write_partition<W: Write + Send>(
+async fn write_partition<W: CsvSink>(
     mut stream: SendableRecordBatchStream,
-    sink: W,
+    mut sink: W,
     schema: SchemaRef,
 ) -> Result<(W, u64)> {
-    let mut writer = WriterBuilder::new().with_header(true).build(sink);
     let mut rows = 0u64;
     let mut wrote_header = false;
     while let Some(batch) = stream.next().await {
         let batch = batch?;
-        writer.write(&batch)?;
+        // One CSV writer per batch (it flushes at the end of each), so that the sink can
+        // apply back-pressure between batches.
+        WriterBuilder::new()
+            .with_header(!wrote_header)
+            .build(&mut sink)
+            .write(&batch)?;
+        sink.ready().await?;
         rows += batch.num_rows() as u64;
         wrote_header = true;
     }
     if !wrote_header {
-        writer.write(&RecordBatch::new_empty(schema))?;
+        WriterBuilder::new()
+            .with_header(true)
+            .build(&mut sink)
+            .write(&RecordBatch::new_empty(schema))?;
     }
-    Ok((writer.into_inner(), rows))
+    Ok((sink, rows))
 }

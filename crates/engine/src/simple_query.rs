@@ -6,7 +6,6 @@
 //! three columns with a header, encrypted. Three phases are timed: `loadInputs`,
 //! `doSQLOperations` and `encryptAndSaveOutputs`.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +15,7 @@ use datafusion::arrow::util::pretty::pretty_format_batches;
 use datafusion::functions_aggregate::expr_fn::count;
 use datafusion::prelude::{DataFrame, col, lit};
 
-use crate::{EngineError, OutputTarget, PpmlSession, Result, WriteSummary};
+use crate::{DatasetLocation, EngineError, OutputTarget, PpmlSession, Result, WriteSummary};
 
 /// Number of rows in the `name, age + 1` preview, as Spark's `show()`.
 pub const PREVIEW_ROWS: usize = 20;
@@ -52,11 +51,12 @@ pub struct SimpleQueryReport {
     pub timings: [(&'static str, Duration); 3],
 }
 
-/// Runs SimpleQuery on the people data at `input` and writes the matching rows to `output`.
+/// Runs SimpleQuery on the people data at `input` (a directory or an `s3://` prefix) and
+/// writes the matching rows to `output`.
 /// With `preview` false the preview is not computed (it is empty in the report).
 pub async fn run(
     session: &PpmlSession,
-    input: &Path,
+    input: impl Into<DatasetLocation>,
     output: OutputTarget<'_>,
     output_partitions: Option<usize>,
     preview: bool,

@@ -119,12 +119,17 @@ pub struct DecryptingStore {
     opener: Option<Arc<dyn KeyManagementService>>,
     /// Serialises first-access opening, so concurrent readers open a dataset once.
     opening: tokio::sync::Mutex<()>,
+    /// Prepended to the inner location of a dataset opened on first access, in messages:
+    /// empty for the file system (whose locations are absolute paths), `s3://bucket` for S3.
+    display_base: String,
 }
 
 impl fmt::Debug for DecryptingStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The inner store's Display (`AmazonS3(bucket)`), not its Debug, which would include
+        // client configuration such as access key ids.
         f.debug_struct("DecryptingStore")
-            .field("inner", &self.inner)
+            .field("inner", &format_args!("{}", self.inner))
             .finish_non_exhaustive()
     }
 }
@@ -132,6 +137,23 @@ impl fmt::Debug for DecryptingStore {
 impl fmt::Display for DecryptingStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "DecryptingStore({})", self.inner)
+    }
+}
+
+/// The ppml error inside an error of a [`DecryptingStore`] (a part that fails to authenticate,
+/// a dataset that changed), so that messages and exit codes are those of the dataset code;
+/// other store errors are wrapped as they are.
+pub fn engine_error(error: object_store::Error) -> EngineError {
+    match error {
+        object_store::Error::Generic { store, source } if store == STORE_NAME => {
+            match source.downcast::<EngineError>() {
+                Ok(engine) => *engine,
+                Err(source) => {
+                    EngineError::ObjectStore(object_store::Error::Generic { store, source })
+                }
+            }
+        }
+        other => EngineError::ObjectStore(other),
     }
 }
 
@@ -152,7 +174,15 @@ impl DecryptingStore {
             registered_at: Utc::now(),
             opener: None,
             opening: tokio::sync::Mutex::new(()),
+            display_base: String::new(),
         }
+    }
+
+    /// Names datasets opened on first access `<base>/<location>` in messages (for example
+    /// `s3://bucket`).
+    pub fn with_display_base(mut self, base: impl Into<String>) -> Self {
+        self.display_base = base.into();
+        self
     }
 
     /// A store decrypting files of the local file system.
@@ -221,7 +251,7 @@ impl DecryptingStore {
         if let Ok(part) = self.part(location) {
             return Ok(part);
         }
-        let display = format!("/{root}");
+        let display = format!("{}/{root}", self.display_base);
         let dataset =
             crate::dataset::open_dataset(self.inner.as_ref(), &root, &display, kms.as_ref())
                 .await

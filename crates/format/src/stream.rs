@@ -60,6 +60,12 @@ impl<W: Write> EncryptingWriter<W> {
         Ok(())
     }
 
+    /// The inner writer, for example to wait for its buffers to drain between writes. Writing
+    /// to it directly would corrupt the file.
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.inner
+    }
+
     /// Seals the final segment, flushes, and returns the inner writer with the file's sizes.
     pub fn finish(mut self) -> Result<(W, FinishedFile), FormatError> {
         self.seal_buffered(true)?;

@@ -136,11 +136,11 @@ pub async fn write_dataset(c: &Cluster, name: &str, contents: &[String]) -> Path
     .unwrap();
     let mut entries = Vec::new();
     for (i, text) in contents.iter().enumerate() {
-        let mut part = writer.part(&part_name(i, "csv")).unwrap();
+        let mut part = writer.part(&part_name(i, "csv")).await.unwrap();
         part.write_all(text.as_bytes()).unwrap();
-        entries.push(part.finish().unwrap());
+        entries.push(part.finish().await.unwrap());
     }
-    writer.commit(entries).unwrap();
+    writer.commit(entries).await.unwrap();
     dest
 }
 
