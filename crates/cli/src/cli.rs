@@ -263,8 +263,9 @@ pub struct SubmitArgs {
     /// Where the application runs [default: local]
     #[arg(long, value_enum, env = "PPML_SUBMIT_MODE")]
     pub mode: Option<SubmitMode>,
-    /// A TOML job file with these options and the application (a [simple_query] or [query]
-    /// table); options on the command line win (format: `ppml submit --help`, docs/cluster.md)
+    /// A TOML job file: these options (`master = "h:p"`, `cluster_tls = "dir"`, `conf = { k =
+    /// "v" }`, …) and the application as a [simple_query] or [query] table; the command line
+    /// wins; relative paths are relative to the file (docs/cluster.md §4, "Job files")
     #[arg(long, env = "PPML_JOB_FILE", value_name = "FILE")]
     pub job_file: Option<PathBuf>,
     /// The scheduler, HOST:PORT (client and cluster modes)
