@@ -257,15 +257,18 @@ fn client_mode_on_attested_executors_matches_local_tee_mode() {
     let submitter_home = dir.path().join("submitter-home");
     let cluster_args = ["--master", master.as_str(), "--cluster-tls", certs_arg];
     let output = dir.path().join("cluster-mode.enc");
-    let followed = keyless(&submitter_home)
-        .args(["submit", "--mode", "cluster"])
-        .args(cluster_args)
-        .args(["simple-query", "--input"])
-        .arg(&enc)
-        .arg("--output")
-        .arg(&output)
-        .output()
-        .unwrap();
+    let submit_cluster_mode = || {
+        keyless(&submitter_home)
+            .args(["submit", "--mode", "cluster"])
+            .args(cluster_args)
+            .args(["simple-query", "--input"])
+            .arg(&enc)
+            .arg("--output")
+            .arg(&output)
+            .output()
+            .unwrap()
+    };
+    let followed = submit_cluster_mode();
     assert!(followed.status.success(), "{followed:?}");
     let log = stdout(&followed);
     let job = log.lines().next().unwrap().trim().to_string();
@@ -294,15 +297,7 @@ fn client_mode_on_attested_executors_matches_local_tee_mode() {
     );
     // The same job again fails in the driver (the output exists): exit 1, the reason shown,
     // the first output untouched.
-    let again = keyless(&submitter_home)
-        .args(["submit", "--mode", "cluster"])
-        .args(cluster_args)
-        .args(["simple-query", "--input"])
-        .arg(&enc)
-        .arg("--output")
-        .arg(&output)
-        .output()
-        .unwrap();
+    let again = submit_cluster_mode();
     assert_eq!(again.status.code(), Some(1), "{again:?}");
     assert!(stdout(&again).contains("driver failed:"), "{again:?}");
     assert!(

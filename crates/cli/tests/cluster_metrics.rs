@@ -5,13 +5,11 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Process, encrypted_people, free_port, ppml, run};
+use common::{Process, encrypted_people, free_port, http_get, ppml, run};
 use ppml_cluster::metrics::{EXECUTOR_METRICS, HISTOGRAMS, SCHEDULER_METRICS};
 
 /// Where Debian's package installs Prometheus (2.42 in bookworm).
@@ -35,29 +33,6 @@ fn prometheus_binary() -> PathBuf {
                  `apt-get install prometheus`); this test needs a real Prometheus"
             )
         })
-}
-
-/// A plain HTTP/1.0 GET: the status code and the body.
-fn http_get(addr: &str, path_and_query: &str) -> std::io::Result<(u16, String)> {
-    let socket = addr
-        .parse()
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let mut stream = TcpStream::connect_timeout(&socket, Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "GET {path_and_query} HTTP/1.0\r\nHost: {addr}\r\nAccept: */*\r\n\r\n"
-    )?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response)?;
-    let response = String::from_utf8_lossy(&response).into_owned();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or(0);
-    Ok((status, body.to_string()))
 }
 
 /// Percent-encodes a query parameter value.

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{free_port_block, ppml, run, stdout};
+use common::{free_port_block, http_get, ppml, run, stdout};
 use futures::TryStreamExt;
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as StorePath;
@@ -152,19 +152,6 @@ fn put(store: &Arc<dyn ObjectStore>, key: &str, bytes: Vec<u8>) {
 }
 
 /// `GET http://host:port/path` (given as `host:port/path`); the body, if the request worked.
-fn http_get(address: &str) -> Option<String> {
-    let (host, path) = address.split_once('/')?;
-    let mut stream = TcpStream::connect(host).ok()?;
-    write!(
-        stream,
-        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    Some(response.split_once("\r\n\r\n")?.1.to_string())
-}
-
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -638,7 +625,12 @@ fn cluster_executors_read_s3_datasets() {
         .unwrap()
         .iter()
         .filter_map(|p| p["metrics"].as_str())
-        .filter_map(|url| http_get(url.strip_prefix("http://")?))
+        .filter_map(|url| {
+            let (addr, path) = url.strip_prefix("http://")?.split_once('/')?;
+            http_get(addr, &format!("/{path}"))
+                .ok()
+                .map(|(_, body)| body)
+        })
         .flat_map(|page| {
             page.lines()
                 .filter(|l| l.starts_with("ppml_executor_input_bytes_decrypted_total "))

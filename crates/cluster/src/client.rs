@@ -141,16 +141,20 @@ impl ClusterRunner {
     }
 }
 
+fn scheduler_error(addr: &str, message: String) -> ClusterError {
+    ClusterError::Scheduler {
+        addr: addr.to_string(),
+        message,
+    }
+}
+
 /// Opens a channel to the scheduler at `addr` (`host:port`): TLS through `customizer`, or
 /// cleartext without one.
 pub async fn scheduler_channel(
     addr: &str,
     customizer: &EndpointCustomizer,
 ) -> Result<Channel, ClusterError> {
-    let error = |message: String| ClusterError::Scheduler {
-        addr: addr.to_string(),
-        message,
-    };
+    let error = |message: String| scheduler_error(addr, message);
     let endpoint = match customizer {
         Some(customize) => customize(
             Endpoint::from_shared(format!("https://{addr}")).map_err(|e| error(e.to_string()))?,
@@ -182,10 +186,7 @@ pub async fn submit_plan(
     settings: Vec<KeyValuePair>,
     session_id: String,
 ) -> Result<String, ClusterError> {
-    let error = |message: String| ClusterError::Scheduler {
-        addr: addr.to_string(),
-        message,
-    };
+    let error = |message: String| scheduler_error(addr, message);
     let codec = PpmlPhysicalCodec::default();
     let encoded = PhysicalPlanNode::try_from_physical_plan(plan.clone(), &codec)
         .map_err(|e| {
@@ -227,10 +228,7 @@ pub async fn job_status(
             job_id: job_id.to_string(),
         })
         .await
-        .map_err(|status| ClusterError::Scheduler {
-            addr: addr.to_string(),
-            message: format!("job status: {}", status.message()),
-        })?
+        .map_err(|status| scheduler_error(addr, format!("job status: {}", status.message())))?
         .into_inner()
         .status)
 }
