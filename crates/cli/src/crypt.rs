@@ -26,7 +26,7 @@ use crate::output::AtomicFile;
 use crate::progress;
 use crate::settings::Settings;
 
-const CHUNK: usize = 1 << 20;
+const CHUNK: usize = 1 << 18;
 
 /// What kind of files a dataset holds, from the input's extension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,15 +140,24 @@ pub async fn encrypt(args: &EncryptArgs, settings: &mut Settings) -> Result<Encr
         .map(|f| fs::metadata(f).map(|m| m.len()).unwrap_or(0))
         .sum();
     let bar = progress::bytes(total, "encrypting", settings.quiet);
-    let entries =
-        match encrypt_files(&files, kind, has_header, args.partitions, &writer, &bar).await {
-            Ok(entries) => entries,
-            Err(e) => {
-                // Nothing of a failed encryption stays behind (in S3: the parts already uploaded).
-                writer.abort().await;
-                return Err(e);
-            }
-        };
+    let entries = match encrypt_files(
+        &files,
+        kind,
+        has_header,
+        !args.no_row_check,
+        args.partitions,
+        &writer,
+        &bar,
+    )
+    .await
+    {
+        Ok(entries) => entries,
+        Err(e) => {
+            // Nothing of a failed encryption stays behind (in S3: the parts already uploaded).
+            writer.abort().await;
+            return Err(e);
+        }
+    };
     bar.finish_and_clear();
     let summary = EncryptSummary {
         parts: entries.len(),
@@ -162,6 +171,7 @@ async fn encrypt_files(
     files: &[PathBuf],
     kind: Kind,
     has_header: bool,
+    check_rows: bool,
     partitions: usize,
     writer: &DatasetWriter,
     bar: &ProgressBar,
@@ -174,11 +184,12 @@ async fn encrypt_files(
         let first = entries.len();
         let new = if kind == Kind::Csv {
             encrypt_csv(
-                input, &display, size, has_header, partitions, first, writer, bar,
+                input, &display, size, has_header, check_rows, partitions, first, writer, bar,
             )
             .await?
         } else {
             let mut part = writer.part(&part_name(first, kind.extension())).await?;
+            part.reserve(size)?;
             copy_with_progress(input, &mut part, bar)
                 .await
                 .with_context(|| format!("encrypting {display}"))?;
@@ -208,27 +219,33 @@ async fn copy_with_progress(
     }
 }
 
-/// Encrypts one CSV file, checking every row's field count, into `partitions` parts of about
-/// equal size split on row boundaries; every part starts with the header line.
+/// Encrypts one CSV file, checking every row's field count (unless `check_rows` is off), into
+/// `partitions` parts of about equal size split on row boundaries; every part starts with the
+/// header line.
 #[allow(clippy::too_many_arguments)]
 async fn encrypt_csv(
     mut input: File,
     display: &str,
     size: u64,
     has_header: bool,
+    check_rows: bool,
     partitions: usize,
     first_index: usize,
     writer: &DatasetWriter,
     bar: &ProgressBar,
 ) -> Result<Vec<PartEntry>> {
     let target = size.div_ceil(partitions as u64).max(1);
-    let mut scanner = CsvScanner::new(display, has_header);
+    let mut scanner = CsvScanner::new(display, has_header).check_rows(check_rows);
     let mut entries = Vec::new();
     let mut current = writer.part(&part_name(first_index, "csv")).await?;
+    // A part holds at least `target` bytes, the last one what remains.
+    current.reserve(if partitions == 1 { size } else { target })?;
+    let mut consumed = 0u64;
     let mut bytes_in_part = 0u64;
+    // A part ended exactly at the end of a chunk: start the next one only if more data comes,
+    // so that no part is left with a header alone.
     let mut switch_pending = false;
     let mut buf = vec![0u8; CHUNK];
-    let mut switches = Vec::new();
     loop {
         let n = match input.read(&mut buf) {
             Ok(0) => break,
@@ -237,47 +254,40 @@ async fn encrypt_csv(
             Err(e) => return Err(e).with_context(|| format!("reading {display}")),
         };
         let chunk = &buf[..n];
-        switches.clear();
-        if switch_pending {
-            switches.push(0);
-            switch_pending = false;
-        }
-        let parts_so_far = entries.len() + 1;
-        let mut part_start = 0usize;
-        let mut carried = bytes_in_part;
-        scanner.scan(chunk, |at| {
-            let in_part = carried + (at - part_start) as u64;
-            if in_part >= target && parts_so_far + switches.len() < partitions {
-                switches.push(at);
-                part_start = at;
-                carried = 0;
-            }
-        })?;
         let mut from = 0;
-        for &at in &switches {
-            if at == n {
-                switch_pending = true;
-                break;
-            }
-            current.write_all(&chunk[from..at])?;
-            let next = writer
-                .part(&part_name(first_index + entries.len() + 1, "csv"))
-                .await?;
-            entries.push(std::mem::replace(&mut current, next).finish().await?);
-            if let Some(header) = scanner.header() {
+        while from < n {
+            if switch_pending {
+                switch_pending = false;
+                let next = writer
+                    .part(&part_name(first_index + entries.len() + 1, "csv"))
+                    .await?;
+                entries.push(std::mem::replace(&mut current, next).finish().await?);
+                let remaining = size.saturating_sub(consumed);
+                let header = scanner.header().unwrap_or_default();
+                let last = entries.len() + 1 == partitions;
+                current.reserve(header.len() as u64 + if last { remaining } else { target })?;
                 current.write_all(header)?;
+                bytes_in_part = 0;
             }
-            bytes_in_part = 0;
-            from = at;
+            // The row end at which this part reaches its share, if another part may follow.
+            let min_end = if entries.len() + 1 < partitions {
+                usize::try_from(target.saturating_sub(bytes_in_part)).unwrap_or(usize::MAX)
+            } else {
+                usize::MAX
+            };
+            let end = match scanner.scan_until(&chunk[from..], min_end)? {
+                Some(end) => {
+                    switch_pending = true;
+                    from + end
+                }
+                None => n,
+            };
+            current.write_all(&chunk[from..end])?;
+            bytes_in_part += (end - from) as u64;
+            consumed += (end - from) as u64;
+            from = end;
         }
-        let end = if switch_pending {
-            *switches.last().unwrap_or(&n)
-        } else {
-            n
-        };
-        current.write_all(&chunk[from..end])?;
         current.ready().await?;
-        bytes_in_part += (end - from) as u64;
         bar.inc(n as u64);
     }
     scanner.finish()?;
@@ -470,6 +480,7 @@ pub async fn decrypt(args: &DecryptArgs, settings: &mut Settings) -> Result<u64>
                     .strip_suffix(PART_SUFFIX)
                     .unwrap_or(&part.entry.name);
                 let mut file = File::create_new(temp.join(name))?;
+                ppml_engine::dataset::preallocate(&file, part.entry.plaintext_len)?;
                 decrypt_part(&source, part, &mut file, false, &bar).await?;
                 ppml_engine::dataset::sync(&file)?;
             }
@@ -512,6 +523,7 @@ pub async fn decrypt(args: &DecryptArgs, settings: &mut Settings) -> Result<u64>
     }
     let bar = progress::bytes(total, "decrypting", settings.quiet);
     let mut file = AtomicFile::create(out, args.overwrite)?;
+    file.preallocate(total)?;
     for (i, part) in dataset.parts.iter().enumerate() {
         decrypt_part(&source, part, &mut file, skip_headers && i > 0, &bar).await?;
     }

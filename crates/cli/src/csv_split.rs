@@ -9,31 +9,64 @@ use std::fmt;
 
 use memchr::memchr;
 
-/// A row whose field count differs from the first row's.
+/// A CSV file that is not a table: a row whose field count differs from the first row's, or
+/// a quoted field that never ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CsvError {
-    pub path: String,
-    pub line: u64,
-    pub expected: usize,
-    pub found: usize,
+pub enum CsvError {
+    /// Row `line` has `found` fields where the first row has `expected`.
+    FieldCount {
+        path: String,
+        line: u64,
+        expected: usize,
+        found: usize,
+    },
+    /// The file ends inside a quoted field.
+    UnterminatedQuote {
+        path: String,
+        /// The line where the unfinished row starts (`None` when rows were not checked, so
+        /// lines were not counted).
+        line: Option<u64>,
+    },
 }
 
 impl fmt::Display for CsvError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}: line {}: expected {} fields, found {}",
-            self.path, self.line, self.expected, self.found
-        )
+        match self {
+            CsvError::FieldCount {
+                path,
+                line,
+                expected,
+                found,
+            } => write!(
+                f,
+                "{path}: line {line}: expected {expected} fields, found {found}"
+            ),
+            CsvError::UnterminatedQuote {
+                path,
+                line: Some(line),
+            } => write!(
+                f,
+                "{path}: line {line}: a quoted field is not closed before the end of the file"
+            ),
+            CsvError::UnterminatedQuote { path, line: None } => write!(
+                f,
+                "{path}: a quoted field is not closed before the end of the file"
+            ),
+        }
     }
 }
 
 impl std::error::Error for CsvError {}
 
-/// What the scanner reports about a chunk: byte offsets (within the chunk) at which a row
-/// ends, one past its `\n`.
+/// Scans a CSV file chunk by chunk: keeps its header, finds row boundaries at which to split
+/// it, and (unless turned off) checks every row's field count.
+///
+/// Runs of bytes without quotes take a fast path: 64-byte blocks become bitmasks of commas
+/// and line ends, and each row costs a popcount. Quoted fields (found with `memchr`), blank
+/// lines and bad rows go byte by byte, which is also where errors are reported from.
 pub struct CsvScanner {
     path: String,
+    check_rows: bool,
     expected: Option<usize>,
     separators: usize,
     in_quotes: bool,
@@ -50,6 +83,7 @@ impl CsvScanner {
     pub fn new(path: impl Into<String>, has_header: bool) -> Self {
         CsvScanner {
             path: path.into(),
+            check_rows: true,
             expected: None,
             separators: 0,
             in_quotes: false,
@@ -62,69 +96,135 @@ impl CsvScanner {
         }
     }
 
+    /// Turns the field-count check off: quote-free runs are then skipped over except where a
+    /// row boundary is wanted, and lines are not counted.
+    pub fn check_rows(mut self, check: bool) -> Self {
+        self.check_rows = check;
+        self
+    }
+
     /// The header row (with its line end), once it has been scanned.
     pub fn header(&self) -> Option<&[u8]> {
         (self.keep_header && self.header_done).then_some(&self.header[..])
     }
 
-    /// Scans `chunk`, calling `row_end(offset)` after each complete row.
-    ///
-    /// Blocks of 64 bytes without quotes take a fast path: bitmasks of separators and line
-    /// ends (which the compiler vectorises) and a popcount per row; anything else goes byte
-    /// by byte.
-    pub fn scan(&mut self, chunk: &[u8], mut row_end: impl FnMut(usize)) -> Result<(), CsvError> {
+    /// Scans all of `chunk`.
+    #[cfg(test)]
+    pub fn scan(&mut self, chunk: &[u8]) -> Result<(), CsvError> {
+        self.scan_until(chunk, usize::MAX).map(|_| ())
+    }
+
+    /// Scans `chunk` up to the end of the first row that ends at or after offset `min_end`
+    /// (one past its `\n`) and returns that offset; the rest of the chunk is left for the next
+    /// call. Returns `None` when the whole chunk was scanned without reaching such a row end.
+    pub fn scan_until(&mut self, chunk: &[u8], min_end: usize) -> Result<Option<usize>, CsvError> {
+        let len = chunk.len();
         let mut at = 0;
-        while !self.header_done && at < chunk.len() {
-            let end = memchr(b'\n', &chunk[at..]).map_or(chunk.len(), |nl| at + nl + 1);
-            self.header.extend_from_slice(&chunk[at..end]);
-            self.scalar(&chunk[at..end], at, &mut row_end)?;
+        while !self.header_done && at < len {
+            let end = memchr(b'\n', &chunk[at..]).map_or(len, |nl| at + nl + 1);
+            let stop = self.scalar(&chunk[at..end], at, min_end)?;
+            self.header
+                .extend_from_slice(&chunk[at..stop.unwrap_or(end)]);
+            if stop.is_some() {
+                return Ok(stop);
+            }
             at = end;
         }
-        let mut blocks = chunk[at..].chunks_exact(64);
+        while at < len {
+            if self.in_quotes {
+                // Inside a quoted field: byte by byte up to and including the next quote.
+                let end = memchr(b'"', &chunk[at..]).map_or(len, |q| at + q + 1);
+                if let Some(stop) = self.scalar(&chunk[at..end], at, min_end)? {
+                    return Ok(Some(stop));
+                }
+                at = end;
+                continue;
+            }
+            let quote = memchr(b'"', &chunk[at..]).map_or(len, |q| at + q);
+            if let Some(stop) = self.unquoted(&chunk[at..quote], at, min_end)? {
+                return Ok(Some(stop));
+            }
+            at = quote;
+            if at < len {
+                // The opening quote: the scalar path tracks the quote state.
+                self.scalar(&chunk[at..at + 1], at, min_end)?;
+                at += 1;
+            }
+        }
+        Ok(None)
+    }
+
+    /// Scans bytes that hold no quote, starting at offset `base` of the chunk.
+    fn unquoted(
+        &mut self,
+        bytes: &[u8],
+        base: usize,
+        min_end: usize,
+    ) -> Result<Option<usize>, CsvError> {
+        if !self.check_rows {
+            // Only a wanted row boundary matters, and without quotes that is a line end.
+            let from = min_end.saturating_sub(1).saturating_sub(base);
+            if let Some(nl) = bytes.get(from..).and_then(|rest| memchr(b'\n', rest)) {
+                self.separators = 0;
+                self.row_bytes = 0;
+                return Ok(Some(base + from + nl + 1));
+            }
+            self.row_bytes += bytes.len() as u64;
+            return Ok(None);
+        }
+        let mut blocks = bytes.chunks_exact(64);
+        let mut at = base;
         for block in &mut blocks {
             let block: &[u8; 64] = block.try_into().expect("64-byte block");
-            let (separators, line_ends, quotes) = block_masks(block);
-            if self.in_quotes || quotes != 0 {
-                self.scalar(block, at, &mut row_end)?;
-            } else {
-                self.fast_block(separators, line_ends, at, &mut row_end)?;
+            // The block where a wanted row end may lie goes byte by byte, to stop exactly there.
+            if (at + 64 >= min_end || !self.fast_block(block))
+                && let Some(stop) = self.scalar(block, at, min_end)?
+            {
+                return Ok(Some(stop));
             }
             at += 64;
         }
-        let rest = blocks.remainder();
-        self.scalar(rest, at, &mut row_end)
+        self.scalar(blocks.remainder(), at, min_end)
     }
 
-    fn fast_block(
-        &mut self,
-        separators: u64,
-        mut line_ends: u64,
-        base: usize,
-        row_end: &mut impl FnMut(usize),
-    ) -> Result<(), CsvError> {
-        let mut from = 0u32;
-        while line_ends != 0 {
-            let pos = line_ends.trailing_zeros();
-            let in_row = separators & (low_bits(pos) & !low_bits(from));
-            self.separators += in_row.count_ones() as usize;
-            self.row_bytes += u64::from(pos - from);
-            self.line += 1;
-            self.end_row()?;
-            row_end(base + pos as usize + 1);
-            from = pos + 1;
-            line_ends &= line_ends - 1;
+    /// Checks a quote-free block by bitmasks. Returns false, with nothing changed, when the
+    /// block needs the byte-by-byte path: no field count known yet, a blank line or a bad row.
+    #[inline]
+    fn fast_block(&mut self, block: &[u8; 64]) -> bool {
+        let Some(fields) = self.expected else {
+            return false;
+        };
+        let (commas, line_ends) = block_masks(block);
+        let mut rest = commas;
+        let mut in_row = self.separators;
+        let mut ends = line_ends;
+        while ends != 0 {
+            // Bits up to and including the lowest line end.
+            let through = ends ^ (ends - 1);
+            if (rest & through).count_ones() as usize + in_row + 1 != fields {
+                return false;
+            }
+            rest &= !through;
+            in_row = 0;
+            ends &= ends - 1;
         }
-        self.separators += (separators & !low_bits(from)).count_ones() as usize;
-        self.row_bytes += u64::from(64 - from);
-        Ok(())
+        self.separators = in_row + rest.count_ones() as usize;
+        if line_ends == 0 {
+            self.row_bytes += 64;
+        } else {
+            self.line += u64::from(line_ends.count_ones());
+            self.row_line = self.line;
+            self.row_bytes = u64::from(line_ends.leading_zeros());
+        }
+        true
     }
 
     fn scalar(
         &mut self,
         bytes: &[u8],
         base: usize,
-        row_end: &mut impl FnMut(usize),
-    ) -> Result<(), CsvError> {
+        min_end: usize,
+    ) -> Result<Option<usize>, CsvError> {
         for (i, &b) in bytes.iter().enumerate() {
             match b {
                 b'\n' => {
@@ -135,7 +235,9 @@ impl CsvScanner {
                         continue;
                     }
                     self.end_row()?;
-                    row_end(base + i + 1);
+                    if base + i + 1 >= min_end {
+                        return Ok(Some(base + i + 1));
+                    }
                     continue;
                 }
                 b'"' => self.in_quotes = !self.in_quotes,
@@ -144,7 +246,7 @@ impl CsvScanner {
             }
             self.row_bytes += 1;
         }
-        Ok(())
+        Ok(None)
     }
 
     fn end_row(&mut self) -> Result<(), CsvError> {
@@ -152,8 +254,8 @@ impl CsvScanner {
             let fields = self.separators + 1;
             match self.expected {
                 None => self.expected = Some(fields),
-                Some(expected) if expected != fields => {
-                    return Err(CsvError {
+                Some(expected) if expected != fields && self.check_rows => {
+                    return Err(CsvError::FieldCount {
                         path: self.path.clone(),
                         line: self.row_line,
                         expected,
@@ -173,11 +275,9 @@ impl CsvScanner {
     /// Checks the last row when the input ends without a final line end.
     pub fn finish(&mut self) -> Result<(), CsvError> {
         if self.in_quotes {
-            return Err(CsvError {
+            return Err(CsvError::UnterminatedQuote {
                 path: self.path.clone(),
-                line: self.row_line,
-                expected: self.expected.unwrap_or(0),
-                found: self.separators + 1,
+                line: self.check_rows.then_some(self.row_line),
             });
         }
         if self.row_bytes > 0 {
@@ -190,49 +290,64 @@ impl CsvScanner {
     }
 }
 
-/// Bits set below `n` (n <= 64).
-fn low_bits(n: u32) -> u64 {
-    if n >= 64 { u64::MAX } else { (1u64 << n) - 1 }
-}
-
-/// Bitmasks of `,`, `\n` and `"` in a 64-byte block (bit i = byte i), eight bytes at a time
-/// with SWAR arithmetic (no `unsafe` SIMD intrinsics needed).
-fn block_masks(block: &[u8; 64]) -> (u64, u64, u64) {
-    let (mut separators, mut line_ends, mut quotes) = (0u64, 0u64, 0u64);
-    for (w, word) in block.chunks_exact(8).enumerate() {
-        let word = u64::from_le_bytes(word.try_into().expect("8 bytes"));
-        let shift = 8 * w as u32;
-        separators |= byte_eq_mask(word, b',') << shift;
-        line_ends |= byte_eq_mask(word, b'\n') << shift;
-        quotes |= byte_eq_mask(word, b'"') << shift;
+/// Bitmasks of the commas and the line ends in a 64-byte block (bit i = byte i). The byte
+/// comparisons vectorise; each group of eight 0/1 bytes is gathered into eight bits by one
+/// multiplication (no `unsafe` SIMD intrinsics needed).
+#[inline(always)]
+fn block_masks(block: &[u8; 64]) -> (u64, u64) {
+    let mut commas = [0u8; 64];
+    let mut line_ends = [0u8; 64];
+    for i in 0..64 {
+        commas[i] = u8::from(block[i] == b',');
+        line_ends[i] = u8::from(block[i] == b'\n');
     }
-    (separators, line_ends, quotes)
+    let (mut c, mut n) = (0u64, 0u64);
+    for w in 0..8 {
+        c |= gather_bits(&commas[w * 8..w * 8 + 8]) << (8 * w);
+        n |= gather_bits(&line_ends[w * 8..w * 8 + 8]) << (8 * w);
+    }
+    (c, n)
 }
 
-/// An 8-bit mask of the bytes of `word` equal to `byte` (bit k = byte k, little endian).
-fn byte_eq_mask(word: u64, byte: u8) -> u64 {
-    const LOW7: u64 = 0x7F7F_7F7F_7F7F_7F7F;
-    let t = word ^ (u64::from(byte) * 0x0101_0101_0101_0101);
-    // 0x80 exactly in the bytes where t is zero (no carries cross bytes).
-    let zero = !(((t & LOW7) + LOW7) | t | LOW7);
-    // Gather bit 7 of each byte into the top byte.
-    (zero >> 7).wrapping_mul(0x0102_0408_1020_4080) >> 56
+/// Eight bytes that are each 0 or 1, as an 8-bit mask (bit k = byte k).
+#[inline(always)]
+fn gather_bits(bytes: &[u8]) -> u64 {
+    u64::from_le_bytes(bytes.try_into().expect("8 bytes")).wrapping_mul(0x0102_0408_1020_4080) >> 56
 }
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
+    /// Every row end, found by asking for the next one each time.
     fn scan_all(data: &[u8], chunk: usize) -> Result<Vec<usize>, CsvError> {
         let mut scanner = CsvScanner::new("t.csv", true);
         let mut ends = Vec::new();
         let mut base = 0;
         for piece in data.chunks(chunk) {
-            scanner.scan(piece, |at| ends.push(base + at))?;
+            let mut from = 0;
+            while let Some(end) = scanner.scan_until(&piece[from..], 0)? {
+                ends.push(base + from + end);
+                from += end;
+            }
             base += piece.len();
         }
         scanner.finish()?;
         Ok(ends)
+    }
+
+    fn field_count_error(err: &CsvError) -> (u64, usize, usize) {
+        match err {
+            CsvError::FieldCount {
+                line,
+                expected,
+                found,
+                ..
+            } => (*line, *expected, *found),
+            other => panic!("not a field count error: {other}"),
+        }
     }
 
     #[test]
@@ -247,10 +362,10 @@ mod tests {
     fn reports_the_line_of_a_bad_row() {
         let data = b"a,b,c\n1,2,3\n4,5\n";
         let err = scan_all(data, 4).unwrap_err();
-        assert_eq!((err.line, err.expected, err.found), (3, 3, 2));
+        assert_eq!(field_count_error(&err), (3, 3, 2));
         assert_eq!(err.to_string(), "t.csv: line 3: expected 3 fields, found 2");
         let err = scan_all(b"a,b\n1,2\n3,4,5", 64).unwrap_err();
-        assert_eq!((err.line, err.found), (3, 3));
+        assert_eq!(field_count_error(&err), (3, 2, 3));
     }
 
     #[test]
@@ -260,7 +375,12 @@ mod tests {
             assert_eq!(scan_all(data, chunk).unwrap().len(), 3, "chunk {chunk}");
         }
         let err = scan_all(b"a,b\n\"x,y\",1\n\"x,y\"\n", 64).unwrap_err();
-        assert_eq!(err.line, 3);
+        assert_eq!(field_count_error(&err).0, 3);
+        let err = scan_all(b"a,b\n1,2\n\"open,3\n", 64).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "t.csv: line 3: a quoted field is not closed before the end of the file"
+        );
     }
 
     #[test]
@@ -271,10 +391,12 @@ mod tests {
         }
         block[1] = 0x80 | b',';
         block[2] = b'\n';
-        let (sep, nl, q) = block_masks(&block);
-        assert_eq!(sep, (1 << 0) | (1 << 7) | (1 << 8) | (1 << 33) | (1 << 63));
-        assert_eq!(nl, 1 << 2);
-        assert_eq!(q, 0);
+        let (commas, line_ends) = block_masks(&block);
+        assert_eq!(
+            commas,
+            (1 << 0) | (1 << 7) | (1 << 8) | (1 << 33) | (1 << 63)
+        );
+        assert_eq!(line_ends, 1 << 2);
     }
 
     #[test]
@@ -298,14 +420,169 @@ mod tests {
         let mut bad = data.clone();
         let at = bad.len() - 5;
         bad.insert(at, b',');
-        let err = scan_all(&bad, 4096).unwrap_err();
-        assert_eq!((err.line, err.found), (2001 + 2000 / 97 + 1, 4));
+        let mut scanner = CsvScanner::new("t.csv", true);
+        let err = bad
+            .chunks(4096)
+            .try_for_each(|piece| scanner.scan(piece))
+            .unwrap_err();
+        assert_eq!(field_count_error(&err), (2001 + 2000 / 97 + 1, 3, 4));
     }
 
     #[test]
     fn keeps_the_header_and_skips_blank_lines() {
         let mut scanner = CsvScanner::new("t.csv", true);
-        scanner.scan(b"name,age\nbob,3\n\nann,4\n", |_| {}).unwrap();
+        scanner.scan(b"name,age\nbob,3\n\nann,4\n").unwrap();
         assert_eq!(scanner.header(), Some(&b"name,age\n"[..]));
+    }
+
+    #[test]
+    fn unchecked_rows_still_split_on_row_boundaries() {
+        let data = b"a,b\n1,2,3\n\"x\ny\",2\n4\n";
+        let mut scanner = CsvScanner::new("t.csv", true).check_rows(false);
+        assert_eq!(scanner.scan_until(data, 11).unwrap(), Some(18));
+        assert_eq!(scanner.header(), Some(&b"a,b\n"[..]));
+        assert_eq!(scanner.scan_until(&data[18..], 0).unwrap(), Some(2));
+        scanner.finish().unwrap();
+        let mut scanner = CsvScanner::new("t.csv", false).check_rows(false);
+        scanner.scan(b"1,\"2\n").unwrap();
+        assert_eq!(
+            scanner.finish().unwrap_err().to_string(),
+            "t.csv: a quoted field is not closed before the end of the file"
+        );
+    }
+
+    /// The definition the scanner must match: byte by byte, all row ends outside quotes
+    /// (blank lines included) and the first error.
+    fn reference(data: &[u8], check: bool) -> (Vec<usize>, Option<CsvError>) {
+        let (mut ends, mut expected) = (Vec::new(), None);
+        let (mut quoted, mut separators, mut row_bytes) = (false, 0, 0);
+        let (mut line, mut row_line) = (1u64, 1u64);
+        for (i, &b) in data.iter().enumerate() {
+            match b {
+                b'\n' if !quoted => {
+                    line += 1;
+                    if row_bytes > 0 {
+                        match expected {
+                            None => expected = Some(separators + 1),
+                            Some(e) if check && e != separators + 1 => {
+                                let err = CsvError::FieldCount {
+                                    path: "t.csv".into(),
+                                    line: row_line,
+                                    expected: e,
+                                    found: separators + 1,
+                                };
+                                return (ends, Some(err));
+                            }
+                            Some(_) => {}
+                        }
+                    }
+                    ends.push(i + 1);
+                    (separators, row_bytes, row_line) = (0, 0, line);
+                    continue;
+                }
+                b'\n' => line += 1,
+                b'"' => quoted = !quoted,
+                b',' if !quoted => separators += 1,
+                _ => {}
+            }
+            row_bytes += 1;
+        }
+        let err = if quoted {
+            Some(CsvError::UnterminatedQuote {
+                path: "t.csv".into(),
+                line: check.then_some(row_line),
+            })
+        } else if check && row_bytes > 0 && expected.is_some_and(|e| e != separators + 1) {
+            Some(CsvError::FieldCount {
+                path: "t.csv".into(),
+                line: row_line,
+                expected: expected.unwrap_or(0),
+                found: separators + 1,
+            })
+        } else {
+            None
+        };
+        (ends, err)
+    }
+
+    /// CSV-like bytes: mostly well-formed rows of three fields, with random quotes, blank
+    /// lines, missing or extra commas.
+    fn csv_like() -> impl Strategy<Value = Vec<u8>> {
+        let row = prop_oneof![
+            20 => Just(b"abc,12,Developer\n".to_vec()),
+            20 => Just(b"a,1234567,x\n".to_vec()),
+            2 => Just(b"\n".to_vec()),
+            2 => Just(b"\"q,\n\"\"x\",1,2\n".to_vec()),
+            1 => Just(b"a,b\n".to_vec()),
+            1 => Just(b"a,b,c,d\n".to_vec()),
+            1 => Just(b"\"".to_vec()),
+            1 => Just(b",".to_vec()),
+            1 => Just(b"\r\n".to_vec()),
+        ];
+        prop::collection::vec(row, 0..400).prop_map(|rows| {
+            let mut data = b"name,age,job\n".to_vec();
+            rows.iter().for_each(|r| data.extend_from_slice(r));
+            data
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Asked for row ends at arbitrary offsets, over arbitrary chunks, the scanner finds
+        /// exactly the first row end at or past each offset, and the same first error, as
+        /// the byte-by-byte definition.
+        #[test]
+        fn matches_the_byte_by_byte_definition(
+            data in csv_like(),
+            chunk in 1usize..300,
+            wants in prop::collection::vec(0usize..8000, 0..8),
+            check in any::<bool>(),
+        ) {
+            let (ref_ends, ref_err) = reference(&data, check);
+            let mut wants = wants;
+            wants.sort_unstable();
+            let mut scanner = CsvScanner::new("t.csv", true).check_rows(check);
+            let (mut found, mut next_want, mut base) = (Vec::new(), 0, 0);
+            let result = (|| {
+                for piece in data.chunks(chunk) {
+                    let mut from = 0;
+                    loop {
+                        let want = wants.get(next_want).copied().unwrap_or(usize::MAX);
+                        let min_end = want.saturating_sub(base + from);
+                        match scanner.scan_until(&piece[from..], min_end)? {
+                            Some(end) => {
+                                found.push(base + from + end);
+                                from += end;
+                                next_want += 1;
+                            }
+                            None => break,
+                        }
+                    }
+                    base += piece.len();
+                }
+                scanner.finish()
+            })();
+            prop_assert_eq!(result.err(), ref_err.clone());
+            let mut expected = Vec::new();
+            let mut last = 0;
+            for &want in &wants {
+                match ref_ends.iter().find(|&&e| e >= want && e > last) {
+                    Some(&e) => {
+                        expected.push(e);
+                        last = e;
+                    }
+                    None => break,
+                }
+            }
+            if ref_err.is_some() {
+                // Scanning stopped at the error: only the row ends found before it count.
+                expected.truncate(found.len());
+            }
+            prop_assert_eq!(found, expected);
+            if ref_err.is_none() {
+                prop_assert_eq!(scanner.header(), Some(&data[..13]));
+            }
+        }
     }
 }

@@ -194,6 +194,7 @@ pub async fn run(args: &QuickstartArgs, settings: &mut Settings) -> Result<()> {
             out: (&encrypted).into(),
             partitions: args.partitions,
             no_header: false,
+            no_row_check: false,
             segment_size: ppml_format::DEFAULT_SEGMENT_SIZE,
             overwrite: false,
         },

@@ -561,6 +561,73 @@ fn csv_row_with_wrong_field_count_is_reported_with_its_line() {
 }
 
 #[test]
+fn without_the_row_check_parts_still_split_on_rows_and_a_query_reports_the_bad_row() {
+    let env = Env::new();
+    let csv = env.path("quoted.csv");
+    let mut text = String::from("name,note,age\n");
+    for i in 0..300 {
+        // Quoted fields with commas and line ends: a split inside one would corrupt a part.
+        text.push_str(&format!("n{i},\"a,\nb {i}\",{}\n", 20 + i % 30));
+    }
+    fs::write(&csv, &text).unwrap();
+    let enc = env.path("quoted.enc");
+    env.ok(&[
+        "encrypt",
+        "--in",
+        s(&csv),
+        "--out",
+        s(&enc),
+        "--partitions",
+        "3",
+        "--no-row-check",
+    ]);
+    let parts = env.path("parts");
+    env.ok(&["decrypt", "--in", s(&enc), "--out-dir", s(&parts)]);
+    let mut rows = 0;
+    let mut names: Vec<_> = fs::read_dir(&parts)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 3);
+    for part in &names {
+        let body = fs::read_to_string(part).unwrap();
+        let body = body
+            .strip_prefix("name,note,age\n")
+            .expect("every part has the header");
+        assert!(
+            body.starts_with('n') && body.ends_with('\n'),
+            "{}",
+            part.display()
+        );
+        rows += body.matches("\",").count();
+    }
+    assert_eq!(rows, 300);
+
+    // A bad row passes encryption unchecked and is reported when a query reads it.
+    let bad = env.path("bad.csv");
+    fs::write(&bad, "name,age,job\nann,30,Developer\nbob,31\n").unwrap();
+    let bad_enc = env.path("bad.enc");
+    env.ok(&[
+        "encrypt",
+        "--in",
+        s(&bad),
+        "--out",
+        s(&bad_enc),
+        "--no-row-check",
+    ]);
+    let out = env.ppml(&[
+        "simple-query",
+        "--input",
+        s(&bad_enc),
+        "--output",
+        s(&env.path("q.enc")),
+    ]);
+    assert_fails(&out, 3, &["incorrect number of fields for line 3"]);
+    assert!(!env.path("q.enc").exists());
+}
+
+#[test]
 fn existing_output_is_not_overwritten_without_flag() {
     let env = Env::new();
     let (csv, enc) = env.encrypted_people("people", 100, 1);

@@ -18,6 +18,7 @@ use ppml_format::{
 };
 use ppml_kms::{KeyManagementService, PrimaryKeyId};
 
+use crate::aligned_writer::AlignedWriter;
 use crate::location::{DatasetLocation, S3_SCHEME};
 use crate::{EngineError, Result, dataset_aad};
 
@@ -37,6 +38,31 @@ pub fn sync(file: &File) -> std::io::Result<()> {
     } else {
         Ok(())
     }
+}
+
+/// Reserves disk blocks for the first `len` bytes of a new, empty `file` (Linux `fallocate`),
+/// so that the writes that follow skip the file system's per-page block reservation: on ext4
+/// this makes writing a large file about a third cheaper in CPU, and a full disk is reported
+/// before any data is written. The file's length becomes `len`; a writer that ends up writing
+/// less must [`File::set_len`] it to what it wrote. File systems without `fallocate` are
+/// left as they are.
+pub fn preallocate(file: &File, len: u64) -> std::io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    #[cfg(target_os = "linux")]
+    match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, len) {
+        Ok(()) => {}
+        Err(e) if e == rustix::io::Errno::NOSPC || e == rustix::io::Errno::FBIG => {
+            return Err(e.into());
+        }
+        // Not supported by this file system (tmpfs and ext4 have it; some FUSE and network
+        // file systems do not): an optimisation only.
+        Err(_) => {}
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = file;
+    Ok(())
 }
 
 /// Media type of CSV datasets whose parts each start with a header line.
@@ -511,7 +537,7 @@ impl DatasetWriter {
                 (
                     name.to_string(),
                     path.display().to_string(),
-                    PartSink::File(file),
+                    PartSink::File(AlignedWriter::new(file)),
                 )
             }
             Target::S3(s3) => {
@@ -547,6 +573,7 @@ impl DatasetWriter {
             name,
             display,
             writer,
+            reserved: 0,
         })
     }
 
@@ -753,7 +780,7 @@ impl Drop for DatasetWriter {
 
 /// Where a part's ciphertext goes.
 enum PartSink {
-    File(File),
+    File(AlignedWriter<File>),
     S3(S3Sink),
 }
 
@@ -804,6 +831,8 @@ pub struct PartWriter {
     name: String,
     display: String,
     writer: EncryptingWriter<PartSink>,
+    /// File length reserved by [`PartWriter::reserve`].
+    reserved: u64,
 }
 
 impl Write for PartWriter {
@@ -819,6 +848,18 @@ impl PartWriter {
     /// The part's name in the manifest.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Reserves disk space for a part of about `plaintext_len` bytes (a local file; nothing
+    /// for S3), which makes writing it cheaper (see [`preallocate`]). A part that ends up
+    /// shorter is trimmed by [`PartWriter::finish`]; a longer one simply grows.
+    pub fn reserve(&mut self, plaintext_len: u64) -> Result<()> {
+        let len = self.writer.file_len_for(plaintext_len);
+        if let PartSink::File(file) = self.writer.get_mut() {
+            preallocate(file.get_ref(), len).map_err(|e| EngineError::io(&self.display, e))?;
+            self.reserved = len;
+        }
+        Ok(())
     }
 
     /// Waits until the part's uploads leave room for more data (S3; immediate for files).
@@ -847,6 +888,13 @@ impl PartWriter {
             .map_err(|e| EngineError::format(&self.display, e))?;
         match sink {
             PartSink::File(file) => {
+                let file = file
+                    .into_inner()
+                    .map_err(|e| EngineError::io(&self.display, e))?;
+                if finished.ciphertext_len < self.reserved {
+                    file.set_len(finished.ciphertext_len)
+                        .map_err(|e| EngineError::io(&self.display, e))?;
+                }
                 sync(&file).map_err(|e| EngineError::io(&self.display, e))?;
             }
             PartSink::S3(mut sink) => {

@@ -14,6 +14,7 @@
 //! - [`location`] and [`s3`]: datasets in directories or under `s3://` prefixes of any
 //!   S3-compatible object store (docs/storage.md).
 
+pub mod aligned_writer;
 pub mod dataset;
 mod error;
 pub mod location;

@@ -2,7 +2,7 @@
 
 use std::io::Read;
 
-use ring::digest;
+use aws_lc_rs::digest;
 
 use crate::key::random_bytes;
 use crate::segment::{FileCipher, MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE};

@@ -1,3 +1,5 @@
+// Randomness comes from the operating system through ring (getrandom): AWS-LC's generator
+// seeds a CPU-jitter entropy source on first use, which costs ~15 ms per process here.
 use ring::rand::{SecureRandom, SystemRandom};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 

@@ -8,9 +8,9 @@
 
 use std::collections::HashSet;
 
+use aws_lc_rs::hmac;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use ring::hmac;
 use serde::{Deserialize, Serialize};
 
 use crate::key::random_bytes;

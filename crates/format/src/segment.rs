@@ -2,7 +2,7 @@
 
 use std::ops::Range;
 
-use ring::{aead, hkdf, hmac};
+use aws_lc_rs::{aead, hkdf, hmac};
 
 use crate::{DataKey, FormatError};
 
@@ -66,7 +66,7 @@ impl FileCipher {
     }
 
     pub(crate) fn verify_header_tag(&self, header_body: &[u8], tag: &[u8]) -> bool {
-        // ring's verify compares in constant time.
+        // aws-lc-rs's verify compares in constant time.
         hmac::verify(&self.header_mac, header_body, tag).is_ok()
     }
 
@@ -99,7 +99,7 @@ impl FileCipher {
         if buf.len() < TAG_LEN || buf.len() > expected_max || (!last && buf.len() != expected_max) {
             return Err(FormatError::SegmentAuthentication { segment: index });
         }
-        // ring leaves the buffer unspecified on failure; keep a copy of a final segment so
+        // AWS-LC leaves the buffer unspecified on failure; keep a copy of a final segment so
         // that a failure can be told apart as truncation. Only one segment per file pays this.
         let backup = last.then(|| buf.to_vec());
         match self

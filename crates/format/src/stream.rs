@@ -30,6 +30,7 @@ pub struct EncryptingWriter<W: Write> {
     buf: Vec<u8>,
     plaintext_len: u64,
     ciphertext_len: u64,
+    header_len: u64,
     header_sha256: [u8; 32],
 }
 
@@ -46,9 +47,18 @@ impl<W: Write> EncryptingWriter<W> {
             buf: Vec::with_capacity(segment_size + TAG_LEN),
             plaintext_len: 0,
             ciphertext_len: encoded.len() as u64,
+            header_len: encoded.len() as u64,
             header_sha256: sha256(&encoded),
             cipher,
         })
+    }
+
+    /// The length the whole file will have once `plaintext_len` bytes in all were written.
+    pub fn file_len_for(&self, plaintext_len: u64) -> u64 {
+        let segments = plaintext_len
+            .div_ceil(self.cipher.segment_size() as u64)
+            .max(1);
+        self.header_len + plaintext_len + segments * TAG_LEN as u64
     }
 
     fn seal_buffered(&mut self, last: bool) -> io::Result<()> {

@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use std::io::{Cursor, Read, Write};
 use std::path::PathBuf;
 
-use ring::digest;
+use aws_lc_rs::digest;
 
 use crate::{
     DataKey, DecryptingReader, EncryptingWriter, FormatError, Header, KeyReference,
