@@ -230,6 +230,52 @@ fn client_mode_on_attested_executors_matches_local_tee_mode() {
         ],
         "cluster.enc",
     );
+    // A task error that would quote a value (casting names to numbers) reaches the submitter
+    // with the value withheld (docs/cluster.md §12); local mode shows it in full.
+    let cast = |mode: &[&str], out: &str| {
+        with_key(&home)
+            .args(["--tee", "sim", "--attestation-policy", &good])
+            .arg("submit")
+            .args(mode)
+            .args([
+                "query",
+                "--sql",
+                "SELECT CAST(name AS INT) AS n FROM people",
+            ])
+            .arg("--table")
+            .arg(format!("people={}", enc.display()))
+            .arg("--output")
+            .arg(dir.path().join(out))
+            .output()
+            .unwrap()
+    };
+    let local_cast = cast(&["--mode", "local-tee"], "cast-local.enc");
+    assert!(
+        String::from_utf8_lossy(&local_cast.stderr).contains("Cannot cast string '"),
+        "{local_cast:?}"
+    );
+    let cluster_cast = cast(
+        &[
+            "--mode",
+            "client",
+            "--master",
+            &master,
+            "--num-executors",
+            "2",
+            "--cluster-tls",
+            certs_arg,
+        ],
+        "cast-cluster.enc",
+    );
+    assert_eq!(cluster_cast.status.code(), Some(1), "{cluster_cast:?}");
+    let message = String::from_utf8_lossy(&cluster_cast.stderr);
+    assert!(
+        message.contains("Arrow CastError (details withheld"),
+        "{message}"
+    );
+    assert!(!message.contains("Cannot cast string"), "{message}");
+    assert!(!dir.path().join("cast-cluster.enc").exists());
+
     assert!(local_rows.len() > 100, "{} rows", local_rows.len());
     assert_eq!(
         local_rows, cluster_rows,

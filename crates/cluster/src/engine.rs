@@ -372,7 +372,8 @@ impl QueryStageExecutor for PpmlQueryStage {
         if let Some(metrics) = &self.metrics {
             metrics.task_finished(result.is_ok());
         }
-        result
+        // The error leaves the executor (scheduler, submitter): no data in it.
+        result.map_err(crate::redact::task_error)
     }
 
     fn collect_plan_metrics(&self) -> Vec<MetricsSet> {
@@ -519,7 +520,8 @@ impl QueryStageExecutor for DriverStage {
                 }])
             }
             Err(error) => {
-                let message = format!("{error:#}");
+                // The job log and the scheduler are outside the TEE: no data in the message.
+                let message = crate::redact::driver_error_text(&error);
                 log.line(format!("driver failed: {message}")).await;
                 // An execution error (not an I/O error): Ballista fails the job instead of
                 // running the driver again.

@@ -17,6 +17,7 @@
 //! - [`driver`]: cluster mode: the driver as a task on an executor, its plan node and
 //!   ppml's plan codec.
 //! - [`jobs`]: the scheduler's job log service, which cluster-mode drivers write to.
+//! - [`redact`]: what a failed task's error may say outside the executor (no data).
 //! - [`tls`]: mutual TLS on every cluster channel: the cluster CA, role certificates, server
 //!   configurations and the client endpoint customizer.
 
@@ -29,6 +30,7 @@ pub mod job;
 pub mod jobs;
 pub mod metrics;
 pub mod process;
+pub mod redact;
 pub mod shuffle;
 pub mod tls;
 
