@@ -217,19 +217,17 @@ fn client_mode_on_attested_executors_matches_local_tee_mode() {
     };
     let (local_report, local_rows) = submit(&["--mode", "local-tee"], "local.enc");
     let certs_arg = certs.to_str().unwrap();
-    let (cluster_report, cluster_rows) = submit(
-        &[
-            "--mode",
-            "client",
-            "--master",
-            &master,
-            "--num-executors",
-            "2",
-            "--cluster-tls",
-            certs_arg,
-        ],
-        "cluster.enc",
-    );
+    let client_mode = [
+        "--mode",
+        "client",
+        "--master",
+        &master,
+        "--num-executors",
+        "2",
+        "--cluster-tls",
+        certs_arg,
+    ];
+    let (cluster_report, cluster_rows) = submit(&client_mode, "cluster.enc");
     // A task error that would quote a value (casting names to numbers) reaches the submitter
     // with the value withheld (docs/cluster.md §12); local mode shows it in full.
     let cast = |mode: &[&str], out: &str| {
@@ -254,19 +252,7 @@ fn client_mode_on_attested_executors_matches_local_tee_mode() {
         String::from_utf8_lossy(&local_cast.stderr).contains("Cannot cast string '"),
         "{local_cast:?}"
     );
-    let cluster_cast = cast(
-        &[
-            "--mode",
-            "client",
-            "--master",
-            &master,
-            "--num-executors",
-            "2",
-            "--cluster-tls",
-            certs_arg,
-        ],
-        "cast-cluster.enc",
-    );
+    let cluster_cast = cast(&client_mode, "cast-cluster.enc");
     assert_eq!(cluster_cast.status.code(), Some(1), "{cluster_cast:?}");
     let message = String::from_utf8_lossy(&cluster_cast.stderr);
     assert!(
