@@ -84,6 +84,23 @@ impl FileCipher {
         buf.extend_from_slice(tag.as_ref());
     }
 
+    /// Encrypts `plaintext` as segment `index` into `out`: the ciphertext, then the tag, so
+    /// `out` must be `TAG_LEN` bytes longer. Saves the copy into a buffer that
+    /// [`FileCipher::seal`] needs when the plaintext is in someone else's buffer.
+    pub(crate) fn seal_into(&self, index: u64, last: bool, plaintext: &[u8], out: &mut [u8]) {
+        let (ciphertext, tag) = out.split_at_mut(plaintext.len());
+        self.segment_key
+            .seal_out_of_place_scatter(
+                segment_nonce(index, last),
+                aead::Aad::empty(),
+                plaintext,
+                ciphertext,
+                &[],
+                tag,
+            )
+            .expect("AES-GCM accepts segments of at most 16 MiB and the lengths match");
+    }
+
     /// Decrypts one segment (ciphertext followed by its tag) in place and returns the
     /// plaintext, which is the first `buf.len() - TAG_LEN` bytes of `buf`.
     ///

@@ -28,6 +28,8 @@ pub struct EncryptingWriter<W: Write> {
     cipher: FileCipher,
     next_index: u64,
     buf: Vec<u8>,
+    /// A sealed segment, when one was sealed straight from the caller's data.
+    sealed: Option<Vec<u8>>,
     plaintext_len: u64,
     ciphertext_len: u64,
     header_len: u64,
@@ -45,6 +47,7 @@ impl<W: Write> EncryptingWriter<W> {
             inner,
             next_index: 0,
             buf: Vec::with_capacity(segment_size + TAG_LEN),
+            sealed: None,
             plaintext_len: 0,
             ciphertext_len: encoded.len() as u64,
             header_len: encoded.len() as u64,
@@ -96,6 +99,21 @@ impl<W: Write> Write for EncryptingWriter<W> {
         while !rest.is_empty() {
             if self.buf.len() == segment_size {
                 self.seal_buffered(false)?;
+            }
+            if self.buf.is_empty() && rest.len() > segment_size {
+                // A whole segment with more data after it (so not the final one): seal it
+                // straight from `data`.
+                let (segment, more) = rest.split_at(segment_size);
+                let sealed = self
+                    .sealed
+                    .get_or_insert_with(|| vec![0; segment_size + TAG_LEN]);
+                self.cipher
+                    .seal_into(self.next_index, false, segment, sealed);
+                self.inner.write_all(sealed)?;
+                self.ciphertext_len += sealed.len() as u64;
+                self.next_index += 1;
+                rest = more;
+                continue;
             }
             let take = (segment_size - self.buf.len()).min(rest.len());
             self.buf.extend_from_slice(&rest[..take]);
