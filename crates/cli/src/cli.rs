@@ -529,7 +529,7 @@ pub struct EncryptArgs {
     #[arg(long)]
     pub no_header: bool,
     /// Do not check that every CSV row has as many fields as the first. Encryption runs about
-    /// 1.8x as fast; rows are still split on row boundaries (quotes respected), and a bad
+    /// 1.2x as fast; rows are still split on row boundaries (quotes respected), and a bad
     /// row is then reported only when a query reads it
     #[arg(long)]
     pub no_row_check: bool,
