@@ -19,7 +19,7 @@ COPY Cargo.toml Cargo.lock ./
 COPY crates ./crates
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release -p ppml --locked \
+    cargo build --release -p ppml-cli --locked \
     && install -D -m 0755 target/release/ppml /out/ppml
 
 FROM debian:${DEBIAN_RELEASE}-slim

@@ -72,7 +72,7 @@ def main():
     target = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
     ppml = args.ppml
     if ppml is None:
-        subprocess.run(["cargo", "build", "--release", "-p", "ppml"], cwd=ROOT, check=True)
+        subprocess.run(["cargo", "build", "--release", "-p", "ppml-cli"], cwd=ROOT, check=True)
         ppml = os.path.join(target, "release", "ppml")
     work = os.path.join(HERE, "out")
     os.makedirs(work, exist_ok=True)

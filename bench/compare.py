@@ -673,7 +673,7 @@ def main():
                     help="comma-separated row counts (default: 1M, 10M, 100M)")
     ap.add_argument("--runs", type=int, default=3, help="repetitions per engine; the median is reported")
     ap.add_argument("--engines", default=",".join(ENGINES), help="subset of " + ",".join(ENGINES))
-    ap.add_argument("--ppml", default=None, help="ppml binary (default: cargo build --release -p ppml)")
+    ap.add_argument("--ppml", default=None, help="ppml binary (default: cargo build --release -p ppml-cli)")
     ap.add_argument("--partitions", type=int, default=2, help="part files of the encrypted input")
     ap.add_argument("--no-sync", action="store_true", help="run ppml with --no-sync (Spark and DuckDB do not fsync)")
     ap.add_argument("--no-install", action="store_true", help="do not create the venv; skip engines it lacks")
@@ -706,7 +706,7 @@ def main():
 
     ppml = args.ppml
     if ppml is None:
-        subprocess.run(["cargo", "build", "--release", "-p", "ppml"], cwd=ROOT, check=True)
+        subprocess.run(["cargo", "build", "--release", "-p", "ppml-cli"], cwd=ROOT, check=True)
         target = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
         ppml = os.path.join(target, "release", "ppml")
     ppml = os.path.abspath(ppml)

@@ -671,8 +671,8 @@ fi
 mkdir -p "$OUT/bin"
 if [[ -z "$BINARY" && "$MODE" == "build" ]]; then
     command -v cargo >/dev/null || die "cargo not found: install Rust or pass --binary PATH" 2
-    printf 'build.sh: cargo build --release -p ppml --bin ppml\n' >&2
-    (cd "$REPO_ROOT" && cargo build --release -p ppml --bin ppml)
+    printf 'build.sh: cargo build --release -p ppml-cli --bin ppml\n' >&2
+    (cd "$REPO_ROOT" && cargo build --release -p ppml-cli --bin ppml)
     target_dir=$(cd "$REPO_ROOT" && cargo metadata --format-version 1 --no-deps |
         python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
     BINARY="$target_dir/release/ppml"

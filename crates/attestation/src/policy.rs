@@ -154,6 +154,78 @@ fn describe(claims: &Claims) -> String {
     parts.join(", ")
 }
 
+/// Why a runtime description cannot make a policy ([`Policy::for_runtime`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidPolicy(pub String);
+
+fn checked_hex(
+    name: &str,
+    value: &Option<String>,
+    bytes: usize,
+) -> Result<Option<String>, InvalidPolicy> {
+    let Some(text) = value else {
+        return Ok(None);
+    };
+    let decoded =
+        hex::decode(text).map_err(|_| InvalidPolicy(format!("--{name} {text:?} is not hex")))?;
+    if decoded.len() != bytes {
+        return Err(InvalidPolicy(format!(
+            "--{name} must be {bytes} bytes ({} hex digits), got {}",
+            bytes * 2,
+            decoded.len()
+        )));
+    }
+    Ok(Some(text.to_ascii_lowercase()))
+}
+
+impl Policy {
+    /// The strict policy that allows exactly the runtime `runtime` describes, after checking
+    /// it: its measurements are hex of the right length, it names its TEE's identity
+    /// (MRENCLAVE or MRSIGNER for SGX, MRTD for TDX, the executable's digest for `sim`) and
+    /// no other TEE's. A `sim` policy allows simulation.
+    pub fn for_runtime(runtime: &AllowedMeasurement) -> Result<Policy, InvalidPolicy> {
+        let tee = runtime
+            .tee
+            .ok_or_else(|| InvalidPolicy("a runtime policy names its TEE".into()))?;
+        let entry = AllowedMeasurement {
+            tee: Some(tee),
+            mrenclave: checked_hex("mrenclave", &runtime.mrenclave, 32)?,
+            mrsigner: checked_hex("mrsigner", &runtime.mrsigner, 32)?,
+            mrtd: checked_hex("mrtd", &runtime.mrtd, 48)?,
+            ..runtime.clone()
+        };
+        let identifies = match tee {
+            Tee::Sgx => entry.mrenclave.is_some() || entry.mrsigner.is_some(),
+            Tee::Tdx => entry.mrtd.is_some(),
+            Tee::Sim => entry.mrenclave.is_some(),
+        };
+        if !identifies {
+            return Err(InvalidPolicy(
+                match tee {
+                    Tee::Sgx => "an SGX policy needs --mrenclave or --mrsigner",
+                    Tee::Tdx => "a TDX policy needs --mrtd",
+                    Tee::Sim => "a simulation policy needs --mrenclave or --this-binary",
+                }
+                .into(),
+            ));
+        }
+        let wrong_tee = match tee {
+            Tee::Sgx => entry.mrtd.is_some(),
+            Tee::Tdx => entry.mrenclave.is_some() || entry.mrsigner.is_some(),
+            Tee::Sim => entry.mrtd.is_some() || entry.mrsigner.is_some(),
+        };
+        if wrong_tee {
+            return Err(InvalidPolicy(format!(
+                "measurements of another TEE than --tee {tee}"
+            )));
+        }
+        let mut policy = Policy::strict(vec![entry]);
+        policy.allow_simulation = tee == Tee::Sim;
+        Ok(policy)
+    }
+}
+
 /// Why a policy refused claims.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]

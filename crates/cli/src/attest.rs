@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use ppml_attestation::Tee;
 
-use crate::cli::{AttestPolicyCommand, AttestVerifyArgs, PolicyNewArgs, TeeKind};
+use crate::cli::{AttestPolicyCommand, AttestVerifyArgs, PolicyNewArgs};
 use crate::settings::Settings;
 
 pub async fn verify(args: &AttestVerifyArgs, settings: &Settings) -> Result<()> {
@@ -79,32 +79,9 @@ pub fn read_policy(path: &std::path::Path) -> Result<Policy> {
     Ok(policy)
 }
 
-fn check_hex(name: &str, value: &Option<String>, bytes: usize) -> Result<Option<String>> {
-    match value {
-        None => Ok(None),
-        Some(text) => {
-            let decoded =
-                hex::decode(text).with_context(|| format!("--{name} {text:?} is not hex"))?;
-            if decoded.len() != bytes {
-                anyhow::bail!(
-                    "--{name} must be {bytes} bytes ({} hex digits), got {}",
-                    bytes * 2,
-                    decoded.len()
-                );
-            }
-            Ok(Some(text.to_ascii_lowercase()))
-        }
-    }
-}
-
 /// The policy `ppml attest policy new` describes.
 pub fn new_policy(args: &PolicyNewArgs) -> Result<Policy> {
-    use ppml_attestation::policy::AllowedMeasurement;
-    let tee = match args.tee {
-        TeeKind::Sgx => Tee::Sgx,
-        TeeKind::Tdx => Tee::Tdx,
-        TeeKind::Sim => Tee::Sim,
-    };
+    let tee = args.tee.tee();
     let mrenclave = if args.this_binary {
         if tee != Tee::Sim {
             anyhow::bail!(
@@ -113,38 +90,17 @@ pub fn new_policy(args: &PolicyNewArgs) -> Result<Policy> {
         }
         Some(hex::encode(ppml_attestation::sim::executable_measurement()?))
     } else {
-        check_hex("mrenclave", &args.mrenclave, 32)?
+        args.mrenclave.clone()
     };
-    let entry = AllowedMeasurement {
+    let mut policy = Policy::for_runtime(&ppml_attestation::policy::AllowedMeasurement {
         tee: Some(tee),
         mrenclave,
-        mrsigner: check_hex("mrsigner", &args.mrsigner, 32)?,
+        mrsigner: args.mrsigner.clone(),
         isvprodid: args.isvprodid,
         min_isvsvn: args.min_isvsvn,
-        mrtd: check_hex("mrtd", &args.mrtd, 48)?,
+        mrtd: args.mrtd.clone(),
         rtmr: None,
-    };
-    let identifies = match tee {
-        Tee::Sgx => entry.mrenclave.is_some() || entry.mrsigner.is_some(),
-        Tee::Tdx => entry.mrtd.is_some(),
-        Tee::Sim => entry.mrenclave.is_some(),
-    };
-    if !identifies {
-        anyhow::bail!(match tee {
-            Tee::Sgx => "an SGX policy needs --mrenclave or --mrsigner",
-            Tee::Tdx => "a TDX policy needs --mrtd",
-            Tee::Sim => "a simulation policy needs --mrenclave or --this-binary",
-        });
-    }
-    let wrong_tee = match tee {
-        Tee::Sgx => entry.mrtd.is_some(),
-        Tee::Tdx => entry.mrenclave.is_some() || entry.mrsigner.is_some(),
-        Tee::Sim => entry.mrtd.is_some() || entry.mrsigner.is_some(),
-    };
-    if wrong_tee {
-        anyhow::bail!("measurements of another TEE than --tee {tee}");
-    }
-    let mut policy = Policy::strict(vec![entry]);
+    })?;
     for status in &args.accept_tcb_status {
         if !policy.accepted_tcb_statuses.contains(status) {
             policy.accepted_tcb_statuses.push(status.clone());
@@ -152,7 +108,6 @@ pub fn new_policy(args: &PolicyNewArgs) -> Result<Policy> {
     }
     policy.accepted_advisories = args.accept_advisory.clone();
     policy.allow_debug = args.allow_debug;
-    policy.allow_simulation = tee == Tee::Sim;
     Ok(policy)
 }
 
@@ -172,15 +127,7 @@ pub async fn policy(command: &AttestPolicyCommand, settings: &mut Settings) -> R
         }
         AttestPolicyCommand::Get { id } => {
             let remote = settings.open_remote().await?;
-            let stored = remote
-                .call("GetQuotePolicy", serde_json::json!({"policyId": id}))
-                .await?;
-            let text = stored
-                .get("policy")
-                .and_then(|v| v.as_str())
-                .context("GetQuotePolicy answered without a policy")?;
-            let policy: Policy = serde_json::from_str(text)
-                .context("the KMS server returned a policy ppml cannot read")?;
+            let policy = remote.get_policy(id).await?;
             println!("{}", serde_json::to_string_pretty(&policy)?);
         }
     }

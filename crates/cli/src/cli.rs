@@ -310,13 +310,6 @@ impl SubmitArgs {
     pub fn mode(&self) -> SubmitMode {
         self.mode.unwrap_or(SubmitMode::Local)
     }
-
-    /// The application (after `job_file::merge`, which refuses a submission without one).
-    pub fn app(&self) -> anyhow::Result<&SubmitApp> {
-        self.app
-            .as_ref()
-            .ok_or_else(|| anyhow::anyhow!("no application to submit"))
-    }
 }
 
 #[derive(Debug, Clone, Subcommand)]

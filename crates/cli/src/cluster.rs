@@ -3,19 +3,18 @@
 use anyhow::{Context, Result, bail};
 use ppml_cluster::tls::{self, ClusterTls};
 
+use ppml_cluster::app::{ClusterPlacement, Placement};
+use ppml_cluster::driver::AppDriver;
+use ppml_engine::app::AppSpec;
+
 use crate::cli::{
-    ClusterCertsArgs, ClusterTlsArgs, ExecutorArgs, SchedulerArgs, SubmitApp, SubmitArgs,
-    SubmitMode,
+    ClusterCertsArgs, ClusterTlsArgs, ExecutorArgs, SchedulerArgs, SubmitArgs, SubmitMode,
 };
-use crate::query::{self, ClusterPlacement, Placement};
+use crate::query;
 use crate::settings::Settings;
 
-/// Runs the application of `ppml submit` where `--mode` says; returns the exit code.
-pub async fn submit(args: &SubmitArgs, settings: &mut Settings) -> Result<u8> {
-    let plaintext = match args.app()? {
-        SubmitApp::SimpleQuery(app) => app.plaintext,
-        SubmitApp::Query(app) => app.plaintext,
-    };
+/// Runs `app`, the application of `ppml submit`, where `--mode` says; returns the exit code.
+pub async fn submit(args: &SubmitArgs, app: &AppSpec, settings: &mut Settings) -> Result<u8> {
     let driver_memory = args
         .driver_memory
         .as_deref()
@@ -49,13 +48,15 @@ pub async fn submit(args: &SubmitArgs, settings: &mut Settings) -> Result<u8> {
         SubmitMode::Cluster => {
             if args.driver_cores.is_some() {
                 bail!(
-                    "--driver-cores: in cluster mode the driver is one task on an executor;                      set the job's parallelism with --num-executors and --executor-cores"
+                    "--driver-cores: in cluster mode the driver is one task on an executor; \
+                     set the job's parallelism with --num-executors and --executor-cores"
                 );
             }
             let tls = cluster_tls(&args.tls, tls::DRIVER, "submit")?;
             let conf = parse_conf(&args.conf)?;
             return crate::cluster_job::submit(
                 args,
+                app,
                 settings,
                 conf,
                 driver_memory,
@@ -68,7 +69,7 @@ pub async fn submit(args: &SubmitArgs, settings: &mut Settings) -> Result<u8> {
                 .master
                 .clone()
                 .context("--mode client needs --master HOST:PORT (the scheduler)")?;
-            if plaintext {
+            if app.is_plaintext() {
                 bail!("--plaintext runs only in local mode: executors read only ppml datasets");
             }
             let tls = cluster_tls(&args.tls, tls::DRIVER, "submit")?;
@@ -95,14 +96,7 @@ pub async fn submit(args: &SubmitArgs, settings: &mut Settings) -> Result<u8> {
     if args.detach {
         bail!("--detach applies to --mode cluster only");
     }
-    match args.app()? {
-        SubmitApp::SimpleQuery(app) => {
-            query::simple_query_on(app, settings, &placement).await?;
-        }
-        SubmitApp::Query(app) => {
-            query::query_on(app, settings, &placement).await?;
-        }
-    }
+    query::run(app, settings, &placement).await?;
     Ok(crate::exit::OK)
 }
 
@@ -342,11 +336,13 @@ pub async fn executor(args: &ExecutorArgs, settings: &mut Settings) -> Result<()
             work_dir,
             vcores: args.cores.unwrap_or(0),
             memory_pool_size: memory.map(|bytes| bytes as u64),
-            kms: kms.dyn_kms(),
+            kms: kms.kms(),
             customizer: mtls.as_ref().and_then(tls::client_customizer),
-            driver: Some(std::sync::Arc::new(crate::cluster_job::CliJobDriver::new(
-                &kms,
-            ))),
+            driver: Some(std::sync::Arc::new(AppDriver {
+                input_key: kms.primary.clone(),
+                output_key: kms.output.clone(),
+                durability: settings.durability,
+            })),
             flight_tls: mtls.as_ref().map(tls::server_tls),
         },
         ppml_cluster::process::ExecutorMonitoring {
@@ -416,7 +412,8 @@ pub fn up(
         parse_size(size).with_context(|| format!("--executor-memory {size:?}"))?;
     }
     let dir = cluster_dir(&args.dir, settings);
-    let state = crate::cluster_up::up(&crate::cluster_up::UpOptions {
+    let state = ppml_cluster::local::up(&ppml_cluster::local::UpOptions {
+        executable: std::env::current_exe().context("locating the ppml executable")?,
         dir: dir.clone(),
         executors: args.executors,
         executor_cores: args.executor_cores,
@@ -457,7 +454,7 @@ pub fn up(
 /// `ppml cluster down`.
 pub fn down(args: &crate::cli::ClusterDirArgs, settings: &Settings) -> Result<()> {
     let dir = cluster_dir(args, settings);
-    let stopped = crate::cluster_up::down(&dir)?;
+    let stopped = ppml_cluster::local::down(&dir)?;
     if !settings.quiet {
         eprintln!(
             "stopped {stopped} process(es) of the cluster in {}",
@@ -470,7 +467,7 @@ pub fn down(args: &crate::cli::ClusterDirArgs, settings: &Settings) -> Result<()
 /// `ppml cluster status`: one line per process; exit 1 if any is not running.
 pub fn status(args: &crate::cli::ClusterDirArgs, settings: &Settings) -> Result<()> {
     let dir = cluster_dir(args, settings);
-    let Some((state, alive)) = crate::cluster_up::status(&dir)? else {
+    let Some((state, alive)) = ppml_cluster::local::status(&dir)? else {
         bail!("no cluster recorded in {}", dir.display());
     };
     println!("master {}", state.master);

@@ -1,130 +1,40 @@
-//! `ppml submit --job-file FILE`: the options of a submission in a TOML file.
-//!
-//! The keys are the long options of `ppml submit` with `_` for `-`, and the application is a
-//! `[simple_query]` or `[query]` table with the options of that subcommand. Options on the
-//! command line win over the file; `conf` entries of both are applied, the command line's
-//! last. Relative paths in the file are relative to the file's directory.
-//!
-//! ```toml
-//! mode = "cluster"
-//! master = "scheduler.example:50050"
-//! cluster_tls = "tls"
-//! name = "nightly developers"
-//! detach = true
-//! conf = { "datafusion.execution.batch_size" = "8192" }
-//!
-//! [simple_query]
-//! input = "/shared/people.enc"
-//! output = "/shared/developers.enc"
-//! ```
+//! `ppml submit --job-file FILE` ([`ppml::job::JobFile`]): options on the command line win
+//! over the file's; `conf` entries of both are applied, the command line's last.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use anyhow::{Context, Result};
+use ppml::AppSpec;
+use ppml::job::{JobFile, SubmitMode as FileMode};
 
-use anyhow::{Context, Result, bail};
-use serde::Deserialize;
+use crate::cli::{SubmitArgs, SubmitMode};
 
-use ppml_engine::DatasetLocation;
-
-use crate::cli::{QueryArgs, SimpleQueryArgs, SubmitApp, SubmitArgs, SubmitMode};
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JobFile {
-    mode: Option<String>,
-    master: Option<String>,
-    name: Option<String>,
-    driver_cores: Option<usize>,
-    driver_memory: Option<String>,
-    executor_cores: Option<usize>,
-    num_executors: Option<usize>,
-    #[serde(default)]
-    conf: BTreeMap<String, String>,
-    detach: Option<bool>,
-    cluster_tls: Option<PathBuf>,
-    insecure_cleartext: Option<bool>,
-    simple_query: Option<SimpleQueryTable>,
-    query: Option<QueryTable>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SimpleQueryTable {
-    input: String,
-    output: String,
-    input_partitions: Option<usize>,
-    output_partitions: Option<usize>,
-    #[serde(default)]
-    overwrite: bool,
-    #[serde(default)]
-    plaintext: bool,
-    #[serde(default)]
-    no_preview: bool,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct QueryTable {
-    sql: Option<String>,
-    sql_file: Option<PathBuf>,
-    /// Table name → dataset.
-    tables: BTreeMap<String, String>,
-    output: Option<String>,
-    input_partitions: Option<usize>,
-    output_partitions: Option<usize>,
-    #[serde(default)]
-    overwrite: bool,
-    #[serde(default)]
-    plaintext: bool,
-}
-
-/// `path` relative to `base` unless it is absolute.
-fn relative_to(base: &Path, path: PathBuf) -> PathBuf {
-    if path.is_absolute() {
-        path
-    } else {
-        base.join(path)
-    }
-}
-
-/// A dataset of the file: a URL, or a path relative to `base`.
-fn dataset(base: &Path, text: &str) -> Result<DatasetLocation> {
-    Ok(match DatasetLocation::parse(text)? {
-        DatasetLocation::Local(path) => DatasetLocation::Local(relative_to(base, path)),
-        url => url,
-    })
-}
-
-fn parse_mode(text: &str) -> Result<SubmitMode> {
-    use clap::ValueEnum;
-    SubmitMode::from_str(text, false).map_err(|_| {
-        anyhow::anyhow!("mode = {text:?}: expected local, local-tee, client or cluster")
-    })
-}
-
-/// `args` with the options of its `--job-file` filled in (none: `args` unchanged); fails if
-/// no application is given at all.
-pub fn merge(mut args: SubmitArgs) -> Result<SubmitArgs> {
+/// `args` with the options of its `--job-file` filled in (none: `args` unchanged), and the
+/// application to submit: the command line's, else the file's. Fails if there is none.
+pub fn merge(mut args: SubmitArgs) -> Result<(SubmitArgs, AppSpec)> {
+    let mut from_file = None;
     if let Some(path) = args.job_file.clone() {
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("--job-file {}", path.display()))?;
-        let file: JobFile =
-            toml::from_str(&text).with_context(|| format!("--job-file {}", path.display()))?;
-        let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
-        apply(&mut args, file, &base).with_context(|| format!("--job-file {}", path.display()))?;
+        let file =
+            JobFile::load(&path).with_context(|| format!("--job-file {}", path.display()))?;
+        from_file = file.app.clone();
+        apply(&mut args, file);
     }
-    if args.app.is_none() {
-        bail!(
-            "no application: give `simple-query …` or `query …`, or a --job-file with a [simple_query] or [query] table"
-        );
-    }
-    Ok(args)
+    let app = match &args.app {
+        Some(app) => crate::query::submit_app_spec(app)?,
+        None => from_file.context(
+            "no application: give `simple-query …` or `query …`, or a --job-file with a \
+             [simple_query] or [query] table",
+        )?,
+    };
+    Ok((args, app))
 }
 
-fn apply(args: &mut SubmitArgs, file: JobFile, base: &Path) -> Result<()> {
-    if args.mode.is_none() {
-        args.mode = file.mode.as_deref().map(parse_mode).transpose()?;
-    }
+/// Fills in what the command line left out.
+fn apply(args: &mut SubmitArgs, file: JobFile) {
+    args.mode = args.mode.or(file.mode.map(|mode| match mode {
+        FileMode::LocalTee => SubmitMode::LocalTee,
+        FileMode::Client => SubmitMode::Client,
+        FileMode::Cluster => SubmitMode::Cluster,
+        _ => SubmitMode::Local,
+    }));
     args.master = args.master.take().or(file.master);
     args.name = args.name.take().or(file.name);
     args.driver_cores = args.driver_cores.or(file.driver_cores);
@@ -140,51 +50,9 @@ fn apply(args: &mut SubmitArgs, file: JobFile, base: &Path) -> Result<()> {
     args.conf = conf;
     args.detach |= file.detach.unwrap_or(false);
     if args.tls.cluster_tls.is_none() && !args.tls.insecure_cleartext {
-        args.tls.cluster_tls = file.cluster_tls.map(|p| relative_to(base, p));
+        args.tls.cluster_tls = file.cluster_tls;
         args.tls.insecure_cleartext = file.insecure_cleartext.unwrap_or(false);
-        if args.tls.cluster_tls.is_some() && args.tls.insecure_cleartext {
-            bail!("cluster_tls and insecure_cleartext exclude each other");
-        }
     }
-    let app = match (file.simple_query, file.query) {
-        (Some(_), Some(_)) => bail!("give one of [simple_query] and [query], not both"),
-        (Some(sq), None) => Some(SubmitApp::SimpleQuery(SimpleQueryArgs {
-            input: dataset(base, &sq.input)?,
-            output: dataset(base, &sq.output)?,
-            input_partitions: sq.input_partitions,
-            output_partitions: sq.output_partitions,
-            overwrite: sq.overwrite,
-            plaintext: sq.plaintext,
-            no_preview: sq.no_preview,
-        })),
-        (None, Some(q)) => {
-            if q.sql.is_some() == q.sql_file.is_some() {
-                bail!("[query] needs exactly one of sql and sql_file");
-            }
-            if q.tables.is_empty() {
-                bail!("[query] needs at least one table (tables = {{ name = \"DIR\" }})");
-            }
-            Some(SubmitApp::Query(QueryArgs {
-                sql: q.sql,
-                sql_file: q.sql_file.map(|p| relative_to(base, p)),
-                tables: q
-                    .tables
-                    .into_iter()
-                    .map(|(name, text)| Ok(format!("{name}={}", dataset(base, &text)?)))
-                    .collect::<Result<_>>()?,
-                output: q.output.map(|text| dataset(base, &text)).transpose()?,
-                input_partitions: q.input_partitions,
-                output_partitions: q.output_partitions,
-                overwrite: q.overwrite,
-                plaintext: q.plaintext,
-            }))
-        }
-        (None, None) => None,
-    };
-    if args.app.is_none() {
-        args.app = app;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -192,7 +60,15 @@ mod tests {
     use clap::Parser;
 
     use super::*;
+    use std::path::{Path, PathBuf};
+
+    use ppml::DatasetLocation;
+
     use crate::cli::{Cli, Command};
+
+    fn local(location: &DatasetLocation) -> &Path {
+        location.as_local().unwrap()
+    }
 
     fn submit_args(argv: &[&str]) -> SubmitArgs {
         let mut full = vec!["ppml", "submit"];
@@ -228,7 +104,7 @@ tables = { people = "people.enc", other = "/abs/other.enc" }
 output = "s3://bucket/out"
 "#,
         );
-        let args = merge(submit_args(&[
+        let (args, app) = merge(submit_args(&[
             "--job-file",
             file.to_str().unwrap(),
             "--master",
@@ -249,12 +125,17 @@ output = "s3://bucket/out"
                 "datafusion.execution.batch_size=2048"
             ]
         );
-        let Some(SubmitApp::Query(query)) = &args.app else {
-            panic!("{:?}", args.app)
+        let AppSpec::Sql(query) = &app else {
+            panic!("{app:?}")
         };
-        assert_eq!(query.sql.as_deref(), Some("SELECT 1"));
+        assert_eq!(query.sql, "SELECT 1");
+        let tables: Vec<String> = query
+            .tables
+            .iter()
+            .map(|(name, location)| format!("{name}={location}"))
+            .collect();
         assert_eq!(
-            query.tables,
+            tables,
             [
                 "other=/abs/other.enc".to_string(),
                 format!("people={}", dir.path().join("people.enc").display())
@@ -273,7 +154,7 @@ output = "s3://bucket/out"
             dir.path(),
             "mode = \"local\"\n[simple_query]\ninput = \"a\"\noutput = \"b\"\n",
         );
-        let args = merge(submit_args(&[
+        let (args, app) = merge(submit_args(&[
             "--mode",
             "client",
             "--job-file",
@@ -286,34 +167,17 @@ output = "s3://bucket/out"
         ]))
         .unwrap();
         assert_eq!(args.mode, Some(SubmitMode::Client));
-        let Some(SubmitApp::SimpleQuery(app)) = &args.app else {
+        let AppSpec::SimpleQuery(app) = &app else {
             panic!()
         };
-        assert_eq!(app.input.as_local(), Some(Path::new("x")));
+        assert_eq!(local(&app.input), Path::new("x"));
     }
 
     #[test]
-    fn bad_files_are_refused_with_the_reason() {
+    fn a_submission_without_an_application_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        for (text, expected) in [
-            ("mod = \"cluster\"\n", "unknown field"),
-            ("mode = \"moon\"\n", "expected local"),
-            ("[query]\ntables = { a = \"x\" }\n", "exactly one of sql"),
-            ("[query]\nsql = \"x\"\ntables = {}\n", "at least one table"),
-            (
-                "[simple_query]\ninput = \"a\"\noutput = \"b\"\n[query]\nsql = \"x\"\ntables = { a = \"x\" }\n",
-                "not both",
-            ),
-            ("master = \"x\"\n", "no application"),
-        ] {
-            let file = write(dir.path(), text);
-            let error = merge(submit_args(&["--job-file", file.to_str().unwrap()])).unwrap_err();
-            assert!(
-                format!("{error:#}").contains(expected),
-                "{text:?}: {error:#}"
-            );
-        }
-        let missing = merge(submit_args(&["--job-file", "/nonexistent/job.toml"])).unwrap_err();
-        assert!(format!("{missing:#}").contains("/nonexistent/job.toml"));
+        let file = write(dir.path(), "master = \"x\"\n");
+        let error = merge(submit_args(&["--job-file", file.to_str().unwrap()])).unwrap_err();
+        assert!(format!("{error:#}").contains("no application"), "{error:#}");
     }
 }

@@ -1,66 +1,14 @@
 //! `ppml kms serve`: the eHSM-compatible KMS server; and `ppml kms audit verify`.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use anyhow::{Context, Result, bail};
-use ppml_kms_server::tls::{TlsIdentity, serve_tls};
-use ppml_kms_server::{RootKey, ServerState, Store, router};
-use serde::Deserialize;
+use anyhow::{Context, Result};
+use ppml_kms_server::server::{
+    AttestationSettings, KmsServer, RootKeySource, ServerConfig, TlsMode,
+};
 
 use crate::cli::{AuditVerifyArgs, KmsServeArgs, PccsArgs, RootKeyArgs};
 use crate::settings::Settings;
-
-const DEFAULT_LISTEN: &str = "127.0.0.1:9000";
-
-/// `[server]` of the configuration file: the same options as the flags of `ppml kms serve`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ServerSection {
-    pub listen: Option<String>,
-    pub data_dir: Option<PathBuf>,
-    pub root_key_file: Option<PathBuf>,
-    pub passphrase_file: Option<PathBuf>,
-    pub tls_cert: Option<PathBuf>,
-    pub tls_key: Option<PathBuf>,
-    #[serde(default)]
-    pub tls_san: Vec<String>,
-    #[serde(default)]
-    pub insecure_http: bool,
-    pub sgx_collateral: Option<PathBuf>,
-    pub tdx_collateral: Option<PathBuf>,
-    pub pccs_url: Option<String>,
-    pub pccs_ca_cert: Option<PathBuf>,
-    pub collateral_refresh: Option<u64>,
-    pub attestation_token_ttl: Option<u64>,
-}
-
-impl ServerSection {
-    /// `self` where set, otherwise `lower`.
-    pub fn over(self, lower: ServerSection) -> ServerSection {
-        ServerSection {
-            listen: self.listen.or(lower.listen),
-            data_dir: self.data_dir.or(lower.data_dir),
-            root_key_file: self.root_key_file.or(lower.root_key_file),
-            passphrase_file: self.passphrase_file.or(lower.passphrase_file),
-            tls_cert: self.tls_cert.or(lower.tls_cert),
-            tls_key: self.tls_key.or(lower.tls_key),
-            tls_san: if self.tls_san.is_empty() {
-                lower.tls_san
-            } else {
-                self.tls_san
-            },
-            insecure_http: self.insecure_http || lower.insecure_http,
-            sgx_collateral: self.sgx_collateral.or(lower.sgx_collateral),
-            tdx_collateral: self.tdx_collateral.or(lower.tdx_collateral),
-            pccs_url: self.pccs_url.or(lower.pccs_url),
-            pccs_ca_cert: self.pccs_ca_cert.or(lower.pccs_ca_cert),
-            collateral_refresh: self.collateral_refresh.or(lower.collateral_refresh),
-            attestation_token_ttl: self.attestation_token_ttl.or(lower.attestation_token_ttl),
-        }
-    }
-}
 
 /// A PCCS client caching in `cache_dir`, if `args` name a PCCS.
 pub fn pccs_client(
@@ -70,14 +18,21 @@ pub fn pccs_client(
     let Some(url) = &args.pccs_url else {
         return Ok(None);
     };
-    let options = ppml_attestation::pccs::PccsOptions {
-        ca_cert: args.pccs_ca_cert.clone(),
-        cache_dir: Some(cache_dir.to_path_buf()),
-        refresh_secs: args.collateral_refresh,
-    };
     Ok(Some(ppml_attestation::pccs::PccsClient::new(
-        url, &options,
+        url,
+        &pccs_options(args, Some(cache_dir.to_path_buf())),
     )?))
+}
+
+fn pccs_options(
+    args: &PccsArgs,
+    cache_dir: Option<PathBuf>,
+) -> ppml_attestation::pccs::PccsOptions {
+    ppml_attestation::pccs::PccsOptions {
+        ca_cert: args.pccs_ca_cert.clone(),
+        cache_dir,
+        refresh_secs: args.collateral_refresh,
+    }
 }
 
 fn data_dir(flag: &Option<PathBuf>, settings: &Settings) -> PathBuf {
@@ -86,257 +41,111 @@ fn data_dir(flag: &Option<PathBuf>, settings: &Settings) -> PathBuf {
         .unwrap_or_else(|| settings.home.join("kms-server"))
 }
 
-fn read_private(path: &Path, what: &str) -> Result<zeroize::Zeroizing<String>> {
-    let mode = std::fs::metadata(path)
-        .with_context(|| format!("reading the {what} {}", path.display()))?
-        .permissions()
-        .mode();
-    if mode & 0o077 != 0 {
-        bail!(
-            "{} is readable by other users (mode {:o}); run chmod 600 on it",
-            path.display(),
-            mode & 0o777
-        );
-    }
-    Ok(zeroize::Zeroizing::new(
-        std::fs::read_to_string(path)
-            .with_context(|| format!("reading the {what} {}", path.display()))?,
-    ))
-}
-
-/// The root key, from (first match) PPML_KMS_ROOT_KEY, a passphrase (PPML_KMS_PASSPHRASE or a
-/// passphrase file), or the root key file. With `create`, a missing key file (or salt) is
-/// created; otherwise its absence is an error.
-fn root_key(args: &RootKeyArgs, settings: &Settings, dir: &Path, create: bool) -> Result<RootKey> {
-    if let Ok(hex_key) = std::env::var("PPML_KMS_ROOT_KEY") {
-        let hex_key = zeroize::Zeroizing::new(hex_key);
-        return RootKey::from_hex(&hex_key).map_err(|e| anyhow::anyhow!("PPML_KMS_ROOT_KEY: {e}"));
-    }
-    let passphrase = match (
-        std::env::var("PPML_KMS_PASSPHRASE").ok(),
+/// The root key source of the flags, env vars and `[server]` table.
+fn root_key(args: &RootKeyArgs, settings: &Settings) -> RootKeySource {
+    RootKeySource::from_env_or(
         args.passphrase_file
             .clone()
             .or_else(|| settings.server.passphrase_file.clone()),
-    ) {
-        (Some(p), _) => Some(zeroize::Zeroizing::new(p)),
-        (None, Some(file)) => {
-            let text = read_private(&file, "passphrase file")?;
-            Some(zeroize::Zeroizing::new(
-                text.trim_end_matches(['\r', '\n']).to_string(),
-            ))
-        }
-        (None, None) => None,
-    };
-    if let Some(passphrase) = passphrase {
-        if passphrase.is_empty() {
-            bail!("the KMS passphrase is empty");
-        }
-        let salt_path = dir.join("root.salt");
-        let salt = if salt_path.exists() {
-            let text = std::fs::read_to_string(&salt_path)
-                .with_context(|| format!("reading {}", salt_path.display()))?;
-            RootKey::salt_from_hex(text.trim())
-                .map_err(|e| anyhow::anyhow!("{}: {e}", salt_path.display()))?
-        } else if create {
-            std::fs::create_dir_all(dir)?;
-            let salt = RootKey::generate_salt().map_err(anyhow::Error::msg)?;
-            ppml_kms::write_private_file_atomic(
-                &salt_path,
-                format!("{}\n", hex::encode(salt)).as_bytes(),
-            )
-            .with_context(|| format!("writing {}", salt_path.display()))?;
-            salt
-        } else {
-            bail!("{} does not exist", salt_path.display());
-        };
-        tracing::info!("deriving the root key from the passphrase (Argon2id)");
-        return RootKey::from_passphrase(passphrase.as_bytes(), &salt)
-            .map_err(|e| anyhow::anyhow!("deriving the root key: {e}"));
-    }
-    let path = args
-        .root_key_file
-        .clone()
-        .or_else(|| settings.server.root_key_file.clone())
-        .unwrap_or_else(|| dir.join("root.key"));
-    if !path.exists() {
-        if !create {
-            bail!(
-                "no root key: {} does not exist and neither PPML_KMS_ROOT_KEY nor a passphrase \
-                 is set",
-                path.display()
-            );
-        }
-        std::fs::create_dir_all(dir)?;
-        let (key, hex_key) = RootKey::generate().map_err(anyhow::Error::msg)?;
-        ppml_kms::write_private_file_atomic(&path, format!("{}\n", *hex_key).as_bytes())
-            .with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("ppml: created a new root key in {}", path.display());
-        return Ok(key);
-    }
-    let text = read_private(&path, "root key file")?;
-    RootKey::from_hex(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+        args.root_key_file
+            .clone()
+            .or_else(|| settings.server.root_key_file.clone()),
+    )
 }
 
-/// Creates `dir` (mode 0700) if needed, then opens the root key, the store and the audit log.
-pub(crate) fn open_server_state(
-    root: &RootKeyArgs,
-    settings: &Settings,
-    dir: &Path,
-) -> Result<(
-    Store,
-    ppml_kms_server::audit::AuditLog,
-    zeroize::Zeroizing<[u8; 32]>,
-)> {
-    if !dir.exists() {
-        use std::os::unix::fs::DirBuilderExt as _;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .with_context(|| format!("creating {}", dir.display()))?;
+fn tls_san(flag: &[String], settings: &Settings) -> Vec<String> {
+    if flag.is_empty() {
+        settings.server.tls_san.clone()
+    } else {
+        flag.to_vec()
     }
-    let root = root_key(root, settings, dir, true)?;
-    let audit_key = root.audit_mac_key();
-    let attestation_seed = root.attestation_seed();
-    let store = Store::open(dir, root)
-        .map_err(|e| anyhow::anyhow!("opening the store in {}: {e}", dir.display()))?;
-    let audit = ppml_kms_server::audit::AuditLog::open(dir, &audit_key)
-        .with_context(|| format!("opening the audit log in {}", dir.display()))?;
-    Ok((store, audit, attestation_seed))
 }
 
 /// `ppml kms init --server`: everything `ppml kms serve` would create on first start.
 pub fn init_server(args: &crate::cli::KmsInitArgs, settings: &Settings) -> Result<()> {
-    let dir = data_dir(&args.data_dir, settings);
-    let (store, _audit, _) = open_server_state(&args.root, settings, &dir)?;
-    let sans = if args.tls_san.is_empty() {
-        settings.server.tls_san.clone()
-    } else {
-        args.tls_san.clone()
+    let mut config = ServerConfig::new(data_dir(&args.data_dir, settings));
+    config.root_key = root_key(&args.root, settings);
+    config.tls = TlsMode::SelfSigned {
+        extra_names: tls_san(&args.tls_san, settings),
     };
-    let identity = TlsIdentity::self_signed_in(&dir.join("tls"), &sans)?;
-    println!("KMS server data directory ready: {}", dir.display());
-    println!("kms id: {}", store.kms_id());
-    println!("certificate fingerprint: {}", identity.fingerprint);
+    let made = ppml_kms_server::server::init_data_dir(&config)?;
+    println!(
+        "KMS server data directory ready: {}",
+        config.data_dir.display()
+    );
+    println!("kms id: {}", made.kms_id);
+    if let Some(fingerprint) = made.fingerprint {
+        println!("certificate fingerprint: {fingerprint}");
+    }
     Ok(())
 }
 
-pub async fn run(args: &KmsServeArgs, settings: &Settings) -> Result<()> {
-    let config = &settings.server;
-    let dir = data_dir(&args.data_dir, settings);
-    let listen = args
-        .listen
-        .clone()
-        .or_else(|| config.listen.clone())
-        .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
-    let insecure_http = args.insecure_http || config.insecure_http;
-    let (store, audit, attestation_seed) = open_server_state(&args.root, settings, &dir)?;
-    let mut attestation =
-        ppml_attestation::service::AttestationService::new(store.kms_id(), &attestation_seed)?;
-    drop(attestation_seed);
-    for path in &args.trust_sim_platform {
-        let platform = ppml_attestation::sim::SimPlatform::load_or_create(path)
-            .with_context(|| format!("loading the simulation platform key {}", path.display()))?;
-        tracing::warn!(
-            path = %path.display(),
-            "trusting a SIMULATION platform key: simulated TEEs can attest (policies must still allow simulation)"
-        );
-        attestation.trust_sim_platform(platform.public_key());
+/// The server configuration of `ppml kms serve`: flags over env vars over `[server]`.
+fn server_config(args: &KmsServeArgs, settings: &Settings) -> Result<ServerConfig> {
+    let file = &settings.server;
+    let mut config = ServerConfig::new(data_dir(&args.data_dir, settings));
+    if let Some(listen) = args.listen.clone().or_else(|| file.listen.clone()) {
+        config.listen = listen;
     }
-    for (tee, path) in [
-        (
-            ppml_attestation::Tee::Sgx,
-            args.sgx_collateral
-                .as_ref()
-                .or(config.sgx_collateral.as_ref()),
-        ),
-        (
-            ppml_attestation::Tee::Tdx,
-            args.tdx_collateral
-                .as_ref()
-                .or(config.tdx_collateral.as_ref()),
-        ),
-    ] {
-        if let Some(path) = path {
-            attestation.set_collateral(tee, ppml_attestation::dcap::Collateral::from_file(path)?);
+    config.root_key = root_key(&args.root, settings);
+    config.tls = if args.insecure_http || file.insecure_http {
+        TlsMode::InsecureHttp
+    } else {
+        match (
+            args.tls_cert.clone().or_else(|| file.tls_cert.clone()),
+            args.tls_key.clone().or_else(|| file.tls_key.clone()),
+        ) {
+            (Some(cert), Some(key)) => TlsMode::Files { cert, key },
+            (None, None) => TlsMode::SelfSigned {
+                extra_names: tls_san(&args.tls_san, settings),
+            },
+            _ => anyhow::bail!("--tls-cert and --tls-key go together"),
         }
-    }
+    };
     let pccs = PccsArgs {
-        pccs_url: args
-            .pccs
-            .pccs_url
-            .clone()
-            .or_else(|| config.pccs_url.clone()),
+        pccs_url: args.pccs.pccs_url.clone().or_else(|| file.pccs_url.clone()),
         pccs_ca_cert: args
             .pccs
             .pccs_ca_cert
             .clone()
-            .or_else(|| config.pccs_ca_cert.clone()),
-        collateral_refresh: args.pccs.collateral_refresh.or(config.collateral_refresh),
+            .or_else(|| file.pccs_ca_cert.clone()),
+        collateral_refresh: args.pccs.collateral_refresh.or(file.collateral_refresh),
     };
-    if let Some(ttl) = args.attestation_token_ttl.or(config.attestation_token_ttl) {
-        attestation.set_token_ttl(ttl);
-    }
-    if let Some(client) = pccs_client(&pccs, &dir.join("collateral-cache"))? {
-        tracing::info!(pccs = ?client, "DCAP collateral from the PCCS");
-        attestation.set_pccs(client);
-    }
+    config.attestation = AttestationSettings {
+        trust_sim_platforms: args.trust_sim_platform.clone(),
+        sgx_collateral: args
+            .sgx_collateral
+            .clone()
+            .or_else(|| file.sgx_collateral.clone()),
+        tdx_collateral: args
+            .tdx_collateral
+            .clone()
+            .or_else(|| file.tdx_collateral.clone()),
+        pccs_url: pccs.pccs_url.clone(),
+        pccs: pccs_options(&pccs, None),
+        token_ttl: args.attestation_token_ttl.or(file.attestation_token_ttl),
+    };
+    Ok(config)
+}
 
-    let tls = if insecure_http {
-        None
-    } else {
-        let cert = args.tls_cert.clone().or_else(|| config.tls_cert.clone());
-        let key = args.tls_key.clone().or_else(|| config.tls_key.clone());
-        Some(match (cert, key) {
-            (Some(cert), Some(key)) => TlsIdentity::from_pem_files(&cert, &key)?,
-            (None, None) => {
-                let sans = if args.tls_san.is_empty() {
-                    config.tls_san.clone()
-                } else {
-                    args.tls_san.clone()
-                };
-                TlsIdentity::self_signed_in(&dir.join("tls"), &sans)?
-            }
-            _ => bail!("--tls-cert and --tls-key go together"),
-        })
-    };
+/// Completes on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}
 
-    let listener = tokio::net::TcpListener::bind(&listen)
-        .await
-        .with_context(|| format!("listening on {listen}"))?;
-    let addr = listener.local_addr()?;
-    let state = Arc::new(
-        ServerState::new(store)
-            .with_audit(audit)
-            .with_attestation(attestation),
-    );
-    let app = router(state.clone());
-    let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        tracing::info!("shutting down");
-    };
+pub async fn run(args: &KmsServeArgs, settings: &Settings) -> Result<()> {
+    let server = KmsServer::start(&server_config(args, settings)?).await?;
     use std::io::Write as _;
-    match tls {
-        None => {
-            tracing::warn!(
-                "serving plain HTTP (--insecure-http): requests and keys are not encrypted in transit"
-            );
-            // Scripts wait for this line (with the real port when --listen ends in :0).
-            println!("ppml kms listening on http://{addr}");
-            std::io::stdout().flush()?;
-            use axum::serve::ListenerExt as _;
-            let listener = listener.tap_io(|tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await?;
-        }
+    let url = server.url();
+    // Scripts wait for these lines (with the real port when --listen ends in :0).
+    match server.tls() {
+        None => println!("ppml kms listening on {url}"),
         Some(identity) => {
             if identity.generated {
                 eprintln!(
@@ -344,24 +153,21 @@ pub async fn run(args: &KmsServeArgs, settings: &Settings) -> Result<()> {
                     identity.cert_path.display()
                 );
             }
-            println!("ppml kms listening on https://{addr}");
+            println!("ppml kms listening on {url}");
             println!("certificate fingerprint: {}", identity.fingerprint);
             println!(
-                "clients: --kms-url https://{addr} --kms-fingerprint {} (or PPML_KMS_URL, PPML_KMS_FINGERPRINT)",
+                "clients: --kms-url {url} --kms-fingerprint {} (or PPML_KMS_URL, PPML_KMS_FINGERPRINT)",
                 identity.fingerprint
             );
-            std::io::stdout().flush()?;
-            serve_tls(listener, identity.config.clone(), app, shutdown).await?;
         }
     }
-    if let Some(audit) = state.audit() {
-        // Operators record this outside the machine: it is what shows a truncated tail.
-        let head = audit.head();
-        eprintln!(
-            "ppml: audit log head at shutdown: seq {} hash {}",
-            head.seq, head.hash
-        );
-    }
+    std::io::stdout().flush()?;
+    let head = server.run(shutdown_signal()).await?;
+    // Operators record this outside the machine: it is what shows a truncated tail.
+    eprintln!(
+        "ppml: audit log head at shutdown: seq {} hash {}",
+        head.seq, head.hash
+    );
     Ok(())
 }
 
@@ -371,7 +177,7 @@ pub fn audit_verify(args: &AuditVerifyArgs, settings: &Settings) -> Result<()> {
     let mac_key = if args.chain_only {
         None
     } else {
-        let root = root_key(&args.root, settings, &dir, false)
+        let root = ppml_kms_server::server::load_root_key(&dir, &root_key(&args.root, settings))
             .context("the root key is needed to check the entries' MACs (or pass --chain-only)")?;
         Some(root.audit_mac_key())
     };

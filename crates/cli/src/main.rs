@@ -4,15 +4,12 @@ mod attest;
 mod cli;
 mod cluster;
 mod cluster_job;
-mod cluster_up;
 mod crypt;
-mod csv_split;
 mod exit;
 mod generate;
 mod job_file;
 mod kms_bench;
 mod kms_serve;
-mod output;
 mod progress;
 mod query;
 mod quickstart;
@@ -26,7 +23,9 @@ use ppml_kms::LocalKms;
 use tracing_subscriber::EnvFilter;
 
 use crate::cli::{AuditCommand, Cli, Command, Generate, KmsCommand};
-use crate::settings::{KmsBackend, Settings};
+use ppml::KmsBackend;
+
+use crate::settings::Settings;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -106,11 +105,10 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
 
 /// Runs the command; returns its exit code (errors are mapped by `exit::code_for`).
 async fn run(cli: Cli) -> Result<u8> {
-    ppml_engine::dataset::set_durable_writes(!cli.global.no_sync);
     let mut settings = Settings::resolve(&cli.global)?;
     match &cli.command {
         Command::Generate(Generate::People(args)) => {
-            generate::run(args, settings.quiet)?;
+            generate::run(args, settings.quiet, settings.durability)?;
         }
         Command::Encrypt(args) => {
             let summary = crypt::encrypt(args, &mut settings).await?;
@@ -128,15 +126,17 @@ async fn run(cli: Cli) -> Result<u8> {
             }
         }
         Command::SimpleQuery(args) => {
-            query::simple_query(args, &mut settings).await?;
+            let spec = query::simple_query_spec(args);
+            query::run(&spec, &mut settings, &ppml_cluster::app::Placement::LOCAL).await?;
         }
         Command::Query(args) => {
-            query::query(args, &mut settings).await?;
+            let spec = query::query_spec(args)?;
+            query::run(&spec, &mut settings, &ppml_cluster::app::Placement::LOCAL).await?;
         }
         Command::Quickstart(args) => quickstart::run(args, &mut settings).await?,
         Command::Submit(args) => {
-            let args = job_file::merge(args.as_ref().clone())?;
-            return cluster::submit(&args, &mut settings).await;
+            let (args, app) = job_file::merge(args.as_ref().clone())?;
+            return cluster::submit(&args, &app, &mut settings).await;
         }
         Command::Scheduler(args) => cluster::scheduler(args).await?,
         Command::Executor(args) => cluster::executor(args, &mut settings).await?,
@@ -195,18 +195,19 @@ async fn kms_command(command: &KmsCommand, settings: &mut Settings) -> Result<()
         }
         KmsCommand::CreateKey => {
             let kms = settings.open_kms().await?;
-            let id = kms.kms.create_primary_key().await?;
+            let id = kms.kms().create_primary_key().await?;
             println!("{id}");
         }
         KmsCommand::ListKeys => {
             let kms = settings.open_kms().await?;
             match &kms.backend {
-                KmsBackend::Local(local) => {
+                KmsBackend::Embedded(local) => {
                     for id in local.list_keys()? {
                         println!("{id}");
                     }
                 }
-                KmsBackend::Remote(remote) => {
+                _ => {
+                    let remote = kms.backend.remote().expect("a KMS server");
                     for key in remote.list_keys().await? {
                         println!(
                             "{}\t{}\t{}",
@@ -224,7 +225,7 @@ async fn kms_command(command: &KmsCommand, settings: &mut Settings) -> Result<()
                 Some(id) => id.clone(),
                 None => kms.primary()?.0.clone(),
             };
-            let KmsBackend::Remote(remote) = &kms.backend else {
+            let Some(remote) = kms.backend.remote() else {
                 anyhow::bail!("attested key release needs a KMS server (--kms-url)");
             };
             let policy_id = match (&args.policy_id, &args.policy) {
@@ -244,7 +245,7 @@ async fn kms_command(command: &KmsCommand, settings: &mut Settings) -> Result<()
                 Some(id) => ppml_kms::PrimaryKeyId(id.clone()),
                 None => kms.primary()?.clone(),
             };
-            let KmsBackend::Remote(remote) = &kms.backend else {
+            let Some(remote) = kms.backend.remote() else {
                 anyhow::bail!(
                     "the embedded KMS keeps one version per key and cannot disable keys; \
                      use a KMS server (--kms-url) for key rotation and lifecycle"

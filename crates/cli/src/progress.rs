@@ -37,3 +37,28 @@ pub fn rows(total: u64, message: &str, quiet: bool) -> ProgressBar {
     bar.set_message(message.to_string());
     bar
 }
+
+/// A byte bar that library operations drive through [`ppml_engine::files::Progress`].
+pub struct ByteBar(pub ProgressBar);
+
+impl ByteBar {
+    /// A hidden-until-started bar; its length comes from the operation.
+    pub fn new(message: &str, quiet: bool) -> Self {
+        ByteBar(bytes(0, message, quiet))
+    }
+
+    /// Removes the bar.
+    pub fn finish(&self) {
+        self.0.finish_and_clear();
+    }
+}
+
+impl ppml_engine::files::Progress for ByteBar {
+    fn start(&self, bytes: u64) {
+        self.0.set_length(bytes);
+    }
+
+    fn advance(&self, bytes: u64) {
+        self.0.inc(bytes);
+    }
+}

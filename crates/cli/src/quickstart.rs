@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use ppml_engine::app::AppReport;
 use ppml_kms::{AppCredentials, KeyManagementService};
 
 use crate::cli::{DecryptArgs, EncryptArgs, GeneratePeopleArgs, QuickstartArgs, SimpleQueryArgs};
@@ -62,27 +63,19 @@ fn actual_rows(result: &Path) -> Result<RowSet> {
 /// Starts a KMS server (plain HTTP on loopback, inside this process) over
 /// `work/kms-server`, trusting the simulation platform key `work/sim-platform.pk8`; returns
 /// its URL. It stops when the process ends.
-async fn start_in_process_kms(work: &Path, settings: &Settings) -> Result<String> {
-    let dir = work.join("kms-server");
-    let (store, audit, seed) =
-        crate::kms_serve::open_server_state(&Default::default(), settings, &dir)?;
-    let mut attestation =
-        ppml_attestation::service::AttestationService::new(store.kms_id(), &seed)?;
-    let platform =
-        ppml_attestation::sim::SimPlatform::load_or_create(work.join("sim-platform.pk8"))?;
-    attestation.trust_sim_platform(platform.public_key());
-    let state = ppml_kms_server::ServerState::new(store)
-        .with_audit(audit)
-        .with_attestation(attestation);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let app = ppml_kms_server::router(std::sync::Arc::new(state));
+async fn start_in_process_kms(work: &Path) -> Result<String> {
+    let mut config = ppml_kms_server::ServerConfig::new(work.join("kms-server"));
+    config.listen = "127.0.0.1:0".into();
+    config.tls = ppml_kms_server::TlsMode::InsecureHttp;
+    config.attestation.trust_sim_platforms = vec![work.join("sim-platform.pk8")];
+    let server = ppml_kms_server::KmsServer::start(&config).await?;
+    let url = server.url();
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
+        if let Err(e) = server.run(std::future::pending()).await {
             tracing::error!(error = %e, "the in-process KMS server stopped");
         }
     });
-    Ok(format!("http://{addr}"))
+    Ok(url)
 }
 
 pub async fn run(args: &QuickstartArgs, settings: &mut Settings) -> Result<()> {
@@ -111,7 +104,7 @@ pub async fn run(args: &QuickstartArgs, settings: &mut Settings) -> Result<()> {
     // main command exercises the real protocol end to end.
     let in_process = settings.kms_url.is_none();
     if in_process {
-        let url = start_in_process_kms(work, settings).await?;
+        let url = start_in_process_kms(work).await?;
         println!(
             "[0/5] prepare: KMS server in this process at {url} (audit log and data in {}), \
              simulated TEE",
@@ -136,7 +129,7 @@ pub async fn run(args: &QuickstartArgs, settings: &mut Settings) -> Result<()> {
         (Some(appid), Some(apikey)) => AppCredentials::new(appid.clone(), apikey.clone()),
         _ => remote.enroll().await?,
     };
-    let kms = ppml_kms::RemoteKms::connect(
+    let kms = ppml_kms_client::RemoteKms::connect(
         &settings
             .remote_config()?
             .context("a KMS URL is configured")?,
@@ -185,6 +178,7 @@ pub async fn run(args: &QuickstartArgs, settings: &mut Settings) -> Result<()> {
             overwrite: false,
         },
         true,
+        settings.durability,
     )?;
     timings.push(("generate", t.elapsed()));
     let t = Instant::now();
@@ -213,19 +207,20 @@ pub async fn run(args: &QuickstartArgs, settings: &mut Settings) -> Result<()> {
     }
     println!("[4/5] submit: local mode, DataFusion over the encrypted dataset");
     let t = Instant::now();
-    let report = query::simple_query(
-        &SimpleQueryArgs {
-            input: (&encrypted).into(),
-            output: (&output).into(),
-            input_partitions: None,
-            output_partitions: Some(1),
-            overwrite: false,
-            plaintext: false,
-            no_preview: false,
-        },
-        settings,
-    )
-    .await?;
+    let spec = query::simple_query_spec(&SimpleQueryArgs {
+        input: (&encrypted).into(),
+        output: (&output).into(),
+        input_partitions: None,
+        output_partitions: Some(1),
+        overwrite: false,
+        plaintext: false,
+        no_preview: false,
+    });
+    let AppReport::SimpleQuery(report) =
+        query::run(&spec, settings, &ppml_cluster::app::Placement::LOCAL).await?
+    else {
+        bail!("SimpleQuery reported another application's result");
+    };
     timings.push(("simple-query", t.elapsed()));
 
     println!("[5/5] decrypt the result with the data owner's credentials, outside the TEE");

@@ -1256,9 +1256,9 @@ fn check_dockerfile(text: &str, uid: u64, rust_version: &str) -> Vec<String> {
     };
     if !lines
         .iter()
-        .any(|l| l.contains("cargo build --release -p ppml --locked"))
+        .any(|l| l.contains("cargo build --release -p ppml-cli --locked"))
     {
-        problems.push("Dockerfile: no `cargo build --release -p ppml --locked`".to_string());
+        problems.push("Dockerfile: no `cargo build --release -p ppml-cli --locked`".to_string());
     }
     if !instruction("ARG")
         .iter()

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{free_port_block, http_get, ppml, run, stdout};
+use common::{free_port_block, ppml, run, stdout};
 use futures::TryStreamExt;
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as StorePath;
@@ -617,27 +617,7 @@ fn cluster_executors_read_s3_datasets() {
         .unwrap();
     // The executors decrypted the input themselves (their metrics count the plaintext bytes
     // their `ppml://s3-<bucket>` stores returned).
-    let state: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(cluster.join("cluster.json")).unwrap())
-            .unwrap();
-    let decrypted_by_executors: f64 = state["processes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|p| p["metrics"].as_str())
-        .filter_map(|url| {
-            let (addr, path) = url.strip_prefix("http://")?.split_once('/')?;
-            http_get(addr, &format!("/{path}"))
-                .ok()
-                .map(|(_, body)| body)
-        })
-        .flat_map(|page| {
-            page.lines()
-                .filter(|l| l.starts_with("ppml_executor_input_bytes_decrypted_total "))
-                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-                .collect::<Vec<_>>()
-        })
-        .sum();
+    let decrypted_by_executors = common::executors_decrypted_bytes(&cluster);
     let logs: String = (0..2)
         .map(|i| {
             std::fs::read_to_string(cluster.join(format!("executor-{i}.log"))).unwrap_or_default()

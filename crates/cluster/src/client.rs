@@ -27,7 +27,7 @@ use datafusion_proto::physical_plan::AsExecutionPlan;
 use datafusion_proto::protobuf::PhysicalPlanNode;
 use futures::{StreamExt, TryStreamExt};
 use ppml_engine::PlanRunner;
-use ppml_kms::remote::error_chain;
+use ppml_kms::error_chain;
 use ppml_kms::{KeyManagementService, PrimaryKeyId};
 use prost::Message;
 use rand::Rng as _;

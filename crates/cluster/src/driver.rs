@@ -3,10 +3,10 @@
 //! `ppml submit --mode cluster` holds no key and sees no row: it submits a one-node plan,
 //! [`PpmlDriverExec`], whose only content is the application's description ([`DriverSpec`]).
 //! The scheduler runs it as a job of one task; the executor that takes the task recognises
-//! the node (see [`crate::engine`]) and hands the spec to its [`JobDriver`], which plans the
-//! application with the executor's attested KMS client, runs it as further jobs on the
-//! cluster (a [`crate::ClusterRunner`]) and writes the encrypted output to storage. Progress
-//! goes to the scheduler's job log ([`crate::jobs`]).
+//! the node (see [`crate::engine`]) and hands the spec to its [`JobDriver`] (by default an
+//! [`AppDriver`]), which plans the application with the executor's attested KMS client, runs
+//! it as further jobs on the cluster (a [`crate::ClusterRunner`]) and writes the encrypted
+//! output to storage. Progress goes to the scheduler's job log ([`crate::jobs`]).
 //!
 //! The node travels through [`PpmlPhysicalCodec`], which wraps Ballista's codec and is
 //! installed in the scheduler, the executors and the submitting client. ppml nodes are encoded
@@ -28,26 +28,61 @@ use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
 };
 use datafusion_proto::physical_plan::{PhysicalExtensionCodec, PhysicalProtoConverterExtension};
-use ppml_kms::KeyManagementService;
+use ppml_engine::app::{AppReport, AppSpec};
+use ppml_engine::dataset::Durability;
+use ppml_kms::{KeyManagementService, PrimaryKeyId};
 use serde::{Deserialize, Serialize};
 
+use crate::ClusterError;
+use crate::app::{AppKeys, ClusterPlacement, Placement, run_app};
 use crate::flight::EndpointCustomizer;
 use crate::jobs::DriverLog;
 
 /// First bytes of every ppml plan node in a serialized plan.
 const NODE_MAGIC: &[u8] = b"\0PPML\x01";
 /// Version of the driver node's encoding.
-const DRIVER_NODE_VERSION: u32 = 1;
+const DRIVER_NODE_VERSION: u32 = 2;
 
 /// What a cluster-mode job runs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DriverSpec {
-    /// The application, as the submitting command describes it; interpreted by the
-    /// executor's [`JobDriver`] (the `ppml` command's is in `crates/cli/src/cluster.rs`).
-    pub app: serde_json::Value,
+    /// The application; its paths are absolute or URLs (they are opened on the executors).
+    pub app: AppSpec,
     /// One line for logs and plan displays: the application's kind and output, no values.
     pub summary: String,
+    /// The input key, under which the job's shuffle keys are wrapped [default: the
+    /// executor's primary key].
+    #[serde(default)]
+    pub input_key: Option<String>,
+    /// The key of the output [default: the executor's output key, else its primary key].
+    #[serde(default)]
+    pub output_key: Option<String>,
+    /// Partitions the plans are cut into [default: the driver session's].
+    #[serde(default)]
+    pub target_partitions: Option<usize>,
+    /// `datafusion.*` / `ballista.*` settings.
+    #[serde(default)]
+    pub conf: Vec<(String, String)>,
+    /// Memory limit of the driver's query engine, in bytes.
+    #[serde(default)]
+    pub driver_memory: Option<usize>,
+}
+
+impl DriverSpec {
+    /// A job running `app` (its paths made absolute) with the executor's defaults.
+    pub fn new(app: &AppSpec) -> Result<Self, ClusterError> {
+        let app = app.with_absolute_paths()?;
+        Ok(DriverSpec {
+            summary: app.summary(),
+            app,
+            input_key: None,
+            output_key: None,
+            target_partitions: None,
+            conf: Vec::new(),
+            driver_memory: None,
+        })
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -162,8 +197,78 @@ impl fmt::Debug for DriverContext {
 #[async_trait::async_trait]
 pub trait JobDriver: Send + Sync + fmt::Debug {
     /// Runs `spec` to completion: plans it, runs its jobs on the cluster, writes and commits
-    /// its encrypted output. Errors must not contain row values.
-    async fn run(&self, spec: &DriverSpec, context: DriverContext) -> anyhow::Result<()>;
+    /// its encrypted output. Errors leave the executor redacted ([`crate::redact`]).
+    async fn run(&self, spec: &DriverSpec, context: DriverContext) -> Result<(), ClusterError>;
+}
+
+/// The executor's [`JobDriver`]: runs the job's [`AppSpec`] with the executor's attested KMS
+/// client, on the cluster, exactly as a client-mode driver would.
+#[derive(Clone, Debug, Default)]
+pub struct AppDriver {
+    /// The input key of jobs that name none.
+    pub input_key: Option<PrimaryKeyId>,
+    /// The output key of jobs that name none (else the input key).
+    pub output_key: Option<PrimaryKeyId>,
+    /// Whether outputs are synced before they appear.
+    pub durability: Durability,
+}
+
+#[async_trait::async_trait]
+impl JobDriver for AppDriver {
+    async fn run(&self, spec: &DriverSpec, context: DriverContext) -> Result<(), ClusterError> {
+        if spec.app.is_plaintext() {
+            return Err(ClusterError::Setup(
+                "plaintext applications run only in local mode".into(),
+            ));
+        }
+        let input = spec
+            .input_key
+            .clone()
+            .map(PrimaryKeyId)
+            .or_else(|| self.input_key.clone());
+        let output = spec
+            .output_key
+            .clone()
+            .map(PrimaryKeyId)
+            .or_else(|| self.output_key.clone())
+            .or_else(|| input.clone())
+            .ok_or_else(|| {
+                ClusterError::Setup(
+                    "no output key: the job names none and the executor has no primary key".into(),
+                )
+            })?;
+        let keys = AppKeys {
+            kms: context.kms.clone(),
+            input,
+            output,
+        };
+        let log = context.log.clone();
+        let placement = Placement::Cluster(Box::new(ClusterPlacement {
+            master: context.master.clone(),
+            target_partitions: spec.target_partitions,
+            conf: spec.conf.clone(),
+            customizer: context.customizer.clone(),
+            driver_memory: spec.driver_memory,
+            log: Some(log.clone()),
+        }));
+        let report = run_app(&spec.app, Some(&keys), &placement, self.durability).await?;
+        if let AppReport::SimpleQuery(report) = &report {
+            for (phase, duration) in &report.timings {
+                log.line(format!("{phase} time: {:.3} s", duration.as_secs_f64()))
+                    .await;
+            }
+        }
+        let output = spec.app.output().map(|o| o.to_string()).unwrap_or_default();
+        let line = match &report {
+            AppReport::SimpleQuery(report) => format!(
+                "wrote {} rows in {} part(s) to {output}",
+                report.output.rows, report.output.parts
+            ),
+            other => format!("wrote {} rows to {output}", other.rows()),
+        };
+        log.line(line).await;
+        Ok(())
+    }
 }
 
 /// ppml's physical plan codec: ppml's nodes, and Ballista's for everything else.
@@ -263,10 +368,16 @@ mod tests {
     use super::*;
 
     fn spec() -> DriverSpec {
-        DriverSpec {
-            app: serde_json::json!({"simple_query": {"input": "/in", "output": "/out"}}),
-            summary: "SimpleQuery -> /out".into(),
-        }
+        DriverSpec::new(&AppSpec::SimpleQuery(ppml_engine::app::SimpleQuerySpec {
+            input: "/in".parse().unwrap(),
+            output: "/out".parse().unwrap(),
+            input_partitions: None,
+            output_partitions: None,
+            overwrite: false,
+            plaintext: false,
+            no_preview: true,
+        }))
+        .unwrap()
     }
 
     fn round_trip(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
@@ -301,8 +412,9 @@ mod tests {
         let ctx = datafusion::prelude::SessionContext::new();
         let converter = datafusion_proto::physical_plan::DefaultPhysicalProtoConverter {};
         for json in [
-            r#"{"node":"driver","v":2,"spec":{"app":null,"summary":""}}"#,
-            r#"{"node":"driver","v":1,"spec":{"app":null,"summary":"","extra":1}}"#,
+            r#"{"node":"driver","v":1,"spec":{"app":{"sql":{"sql":"","tables":{}}},"summary":""}}"#,
+            r#"{"node":"driver","v":2,"spec":{"app":{"sql":{"sql":"","tables":{}}},"summary":"","extra":1}}"#,
+            r#"{"node":"driver","v":2,"spec":{"app":{"copy":{}},"summary":""}}"#,
             r#"{"node":"sink","v":1}"#,
         ] {
             let mut buf = NODE_MAGIC.to_vec();

@@ -112,59 +112,28 @@ impl PpmlExecutionEngine {
     }
 }
 
-/// The operators an executor runs (fail closed: anything else is refused). DataFusion's
-/// query operators and Ballista's shuffle nodes; not sinks (a plan could write rows in
-/// plaintext), `EXPLAIN`/`EXPLAIN ANALYZE` (their output describes the plan and its metrics,
-/// not the query), streaming tables or async UDF evaluation, nor the range shuffles only
-/// Ballista's adaptive planner creates. User-defined functions cannot reach an executor: the
-/// plan codec resolves functions in the executor's registry, which holds only DataFusion's
-/// built-ins.
-const ALLOWED_OPERATORS: &[&str] = &[
-    "AggregateExec",
-    "BoundedWindowAggExec",
-    "CoalesceBatchesExec",
-    "CoalescePartitionsExec",
-    "CooperativeExec",
-    "CrossJoinExec",
-    "DataSourceExec",
-    "EmptyExec",
-    "FilterExec",
-    "GlobalLimitExec",
-    "HashJoinExec",
-    "InterleaveExec",
-    "LocalLimitExec",
-    "NestedLoopJoinExec",
-    "OutputRequirementExec",
-    "PartialSortExec",
-    "PiecewiseMergeJoinExec",
-    "PlaceholderRowExec",
-    "ProjectionExec",
-    "RepartitionExec",
-    "SortExec",
-    "SortMergeJoinExec",
-    "SortPreservingMergeExec",
-    "SymmetricHashJoinExec",
-    "UnionExec",
-    "UnnestExec",
-    "WindowAggExec",
-    // Ballista's stage boundaries.
+/// What an executor runs besides DataFusion's query operators
+/// ([`ppml_engine::plan_check::QUERY_OPERATORS`]): Ballista's stage boundaries. Not the range
+/// shuffles only Ballista's adaptive planner creates. User-defined functions cannot reach an
+/// executor: the plan codec resolves functions in the executor's registry, which holds only
+/// DataFusion's built-ins.
+const SHUFFLE_OPERATORS: &[&str] = &[
     "ShuffleReaderExec",
     "ShuffleWriterExec",
     "SortShuffleWriterExec",
 ];
 
-/// Refuses stage plans an executor must not run: operators not in [`ALLOWED_OPERATORS`],
-/// and scans of anything but ppml's decrypting store.
+/// Refuses stage plans an executor must not run: operators that are neither query operators
+/// nor in [`SHUFFLE_OPERATORS`], and scans of anything but ppml's decrypting store.
 pub fn check_stage_plan(plan: &Arc<dyn ExecutionPlan>) -> Result<(), ClusterError> {
+    ppml_engine::plan_check::check_operators(plan, SHUFFLE_OPERATORS).map_err(|e| match e {
+        ppml_engine::EngineError::RefusedPlan(reason) => ClusterError::RefusedPlan(reason),
+        other => ClusterError::RefusedPlan(other.to_string()),
+    })?;
     let mut refused = None;
     plan.apply(|node| {
         let name = node.name();
-        // `SortExec(TopK)`: a sort with a limit.
-        let operator = name.split('(').next().unwrap_or(name);
-        if !ALLOWED_OPERATORS.contains(&operator)
-            || node.is::<RangeShuffleReaderExec>()
-            || node.is::<RangeShuffleWriterExec>()
-        {
+        if node.is::<RangeShuffleReaderExec>() || node.is::<RangeShuffleWriterExec>() {
             refused = Some(format!("operator {name} is not allowed on a ppml executor"));
             return Ok(TreeNodeRecursion::Stop);
         }
@@ -800,10 +769,17 @@ mod tests {
         assert!(scan.to_string().contains("file://"), "{scan}");
 
         // A driver node anywhere but as the whole stage of a driver job.
-        let driver: Arc<dyn ExecutionPlan> = Arc::new(PpmlDriverExec::new(DriverSpec {
-            app: serde_json::Value::Null,
-            summary: String::new(),
-        }));
+        let app = ppml_engine::app::AppSpec::Sql(ppml_engine::app::SqlSpec {
+            sql: "SELECT 1".into(),
+            tables: Default::default(),
+            output: Some("/out".parse().unwrap()),
+            input_partitions: None,
+            output_partitions: None,
+            overwrite: false,
+            plaintext: false,
+        });
+        let driver: Arc<dyn ExecutionPlan> =
+            Arc::new(PpmlDriverExec::new(DriverSpec::new(&app).unwrap()));
         let wrapped: Arc<dyn ExecutionPlan> = Arc::new(CoalescePartitionsExec::new(driver));
         let refused = check_stage_plan(&wrapped).unwrap_err();
         assert!(refused.to_string().contains("PpmlDriverExec"), "{refused}");

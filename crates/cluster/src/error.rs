@@ -43,6 +43,9 @@ pub enum ClusterError {
     /// DataFusion failed.
     #[error(transparent)]
     DataFusion(#[from] datafusion::error::DataFusionError),
+    /// The application failed: planning, reading its inputs or writing its output.
+    #[error(transparent)]
+    App(#[from] ppml_engine::EngineError),
     /// Setting up TLS or networking failed.
     #[error("{0}")]
     Setup(String),

@@ -13,14 +13,19 @@
 //! - [`process`]: ppml's builds of the Ballista scheduler and executor.
 //! - [`metrics`]: Prometheus metrics of the scheduler and executors (counts only), served
 //!   at `/metrics` in plain HTTP, and the counting KMS and object store decorators.
+//! - [`app`]: running an application ([`ppml_engine::app::AppSpec`]) in this process or on a
+//!   cluster: [`app::Placement`], [`app::run_app`].
 //! - [`client`]: the driver's [`ppml_engine::PlanRunner`], which runs plans on the cluster.
-//! - [`driver`]: cluster mode: the driver as a task on an executor, its plan node and
-//!   ppml's plan codec.
+//! - [`driver`]: cluster mode: the driver as a task on an executor ([`driver::AppDriver`]), its
+//!   plan node and ppml's plan codec.
+//! - [`submit`]: submitting a cluster-mode job, and following its state and log.
 //! - [`jobs`]: the scheduler's job log service, which cluster-mode drivers write to.
+//! - [`local`]: a local development cluster of separate processes (`ppml cluster up`).
 //! - [`redact`]: what a failed task's error may say outside the executor (no data).
 //! - [`tls`]: mutual TLS on every cluster channel: the cluster CA, role certificates, server
 //!   configurations and the client endpoint customizer.
 
+pub mod app;
 pub mod client;
 pub mod driver;
 pub mod engine;
@@ -28,10 +33,12 @@ mod error;
 pub mod flight;
 pub mod job;
 pub mod jobs;
+pub mod local;
 pub mod metrics;
 pub mod process;
 pub mod redact;
 pub mod shuffle;
+pub mod submit;
 pub mod tls;
 
 pub use client::ClusterRunner;

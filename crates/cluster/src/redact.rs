@@ -35,11 +35,11 @@ pub fn task_error(error: DataFusionError) -> DataFusionError {
     }
 }
 
-/// The text of a cluster-mode driver's error (`{:#}`, the whole chain), with the messages
-/// that can quote data replaced.
-pub fn driver_error_text(error: &anyhow::Error) -> String {
-    let text = format!("{error:#}");
-    redact(&text, error.chain()).unwrap_or(text)
+/// The text of a cluster-mode driver's error (the whole chain, causes not already quoted
+/// joined with `: `), with the messages that can quote data replaced.
+pub fn driver_error_text(error: &(dyn Error + 'static)) -> String {
+    let text = ppml_kms::error_chain(error);
+    redact(&text, std::iter::successors(Some(error), |e| (*e).source())).unwrap_or(text)
 }
 
 /// `text` with the message of every error in `chain` that can quote data replaced by its
@@ -129,7 +129,7 @@ mod tests {
         assert!(text.contains("execution error (details withheld"), "{text}");
 
         let wrapped = anyhow::Error::new(cast_error()).context("running the query");
-        let text = driver_error_text(&wrapped);
+        let text = driver_error_text(&*wrapped);
         assert!(!text.contains("ann"), "{text}");
         assert!(text.starts_with("running the query: "), "{text}");
     }
@@ -154,7 +154,7 @@ mod tests {
         )));
         assert!(matches!(task_error(fetch), DataFusionError::External(_)));
         let own = anyhow::anyhow!("out.enc: output already exists");
-        assert_eq!(driver_error_text(&own), "out.enc: output already exists");
+        assert_eq!(driver_error_text(&*own), "out.enc: output already exists");
         let divide = DataFusionError::ArrowError(Box::new(ArrowError::DivideByZero), None);
         assert_eq!(
             task_error(divide).to_string(),

@@ -4,7 +4,6 @@ use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::TryStreamExt;
@@ -22,21 +21,25 @@ use crate::aligned_writer::AlignedWriter;
 use crate::location::{DatasetLocation, S3_SCHEME};
 use crate::{EngineError, Result, dataset_aad};
 
-static DURABLE_WRITES: AtomicBool = AtomicBool::new(true);
-
-/// Whether outputs are fsynced before they are renamed into place (default true). Turning it
-/// off trades crash durability for speed; integrity is unaffected, since a dataset cut short by
-/// a crash fails verification loudly.
-pub fn set_durable_writes(durable: bool) {
-    DURABLE_WRITES.store(durable, Ordering::Relaxed);
+/// Whether outputs are synced to disk before they appear.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// Files and directories are fsynced before they are renamed into place: after a crash an
+    /// output is either complete or absent.
+    #[default]
+    Durable,
+    /// No fsync: faster, but after a crash an output may be incomplete. Integrity is
+    /// unaffected: a dataset cut short fails verification loudly, it is never silently wrong.
+    NoSync,
 }
 
-/// Syncs `file` (a file or a directory) to disk when durable writes are on.
-pub fn sync(file: &File) -> std::io::Result<()> {
-    if DURABLE_WRITES.load(Ordering::Relaxed) {
-        file.sync_all()
-    } else {
-        Ok(())
+impl Durability {
+    /// Syncs `file` (a file or a directory) to disk unless [`Durability::NoSync`].
+    pub fn sync(self, file: &File) -> std::io::Result<()> {
+        match self {
+            Durability::Durable => file.sync_all(),
+            Durability::NoSync => Ok(()),
+        }
     }
 }
 
@@ -282,6 +285,7 @@ pub struct DatasetWriter {
     location: DatasetLocation,
     target: Target,
     overwrite: bool,
+    durability: Durability,
     dataset_id: [u8; 16],
     data_key: Arc<DataKey>,
     key: KeyReference,
@@ -387,6 +391,8 @@ pub struct WriteOptions {
     pub segment_size: u32,
     /// Replace an existing destination (only once the new dataset is complete).
     pub overwrite: bool,
+    /// Sync parts, manifest and directory before the dataset appears.
+    pub durability: Durability,
 }
 
 impl Default for WriteOptions {
@@ -395,6 +401,7 @@ impl Default for WriteOptions {
             media_type: CSV_WITH_HEADER.to_string(),
             segment_size: ppml_format::DEFAULT_SEGMENT_SIZE,
             overwrite: false,
+            durability: Durability::default(),
         }
     }
 }
@@ -511,6 +518,7 @@ impl DatasetWriter {
             location,
             target,
             overwrite: options.overwrite,
+            durability: options.durability,
             dataset_id,
             data_key: Arc::new(data_key),
             key,
@@ -574,6 +582,7 @@ impl DatasetWriter {
             display,
             writer,
             reserved: 0,
+            durability: self.durability,
         })
     }
 
@@ -601,13 +610,14 @@ impl DatasetWriter {
                 let manifest_path = temp.join(MANIFEST_FILE_NAME);
                 let mut file = File::create_new(&manifest_path)
                     .map_err(|e| EngineError::io(&manifest_path, e))?;
+                let durability = self.durability;
                 file.write_all(&json)
-                    .and_then(|_| sync(&file))
+                    .and_then(|_| durability.sync(&file))
                     .map_err(|e| EngineError::io(&manifest_path, e))?;
                 File::open(&temp)
-                    .and_then(|d| sync(&d))
+                    .and_then(|d| durability.sync(&d))
                     .map_err(|e| EngineError::io(&temp, e))?;
-                replace_path(&temp, destination, self.overwrite)?;
+                replace_path(&temp, destination, self.overwrite, durability)?;
                 *temp_dir = None;
             }
             Target::S3(s3) => {
@@ -726,8 +736,9 @@ async fn commit_s3(
 }
 
 /// Moves `from` to `to`; with `overwrite`, an existing `to` is replaced only after `from` is
-/// complete (the old content is moved aside, then removed).
-pub fn replace_path(from: &Path, to: &Path, overwrite: bool) -> Result<()> {
+/// complete (the old content is moved aside, then removed). The parent directory is synced
+/// unless [`Durability::NoSync`].
+pub fn replace_path(from: &Path, to: &Path, overwrite: bool, durability: Durability) -> Result<()> {
     let mut aside = None;
     if to.exists() {
         if !overwrite {
@@ -739,7 +750,7 @@ pub fn replace_path(from: &Path, to: &Path, overwrite: bool) -> Result<()> {
     }
     fs::rename(from, to).map_err(|e| EngineError::io(to, e))?;
     if let Some(parent) = to.parent().filter(|p| !p.as_os_str().is_empty()) {
-        let _ = File::open(parent).and_then(|d| sync(&d));
+        let _ = File::open(parent).and_then(|d| durability.sync(&d));
     }
     if let Some(old) = aside {
         let _ = if old.is_dir() {
@@ -833,6 +844,7 @@ pub struct PartWriter {
     writer: EncryptingWriter<PartSink>,
     /// File length reserved by [`PartWriter::reserve`].
     reserved: u64,
+    durability: Durability,
 }
 
 impl Write for PartWriter {
@@ -895,7 +907,9 @@ impl PartWriter {
                     file.set_len(finished.ciphertext_len)
                         .map_err(|e| EngineError::io(&self.display, e))?;
                 }
-                sync(&file).map_err(|e| EngineError::io(&self.display, e))?;
+                self.durability
+                    .sync(&file)
+                    .map_err(|e| EngineError::io(&self.display, e))?;
             }
             PartSink::S3(mut sink) => {
                 let upload = sink.upload.take().expect("an open upload");

@@ -78,6 +78,22 @@ pub enum EngineError {
         /// One of the objects.
         example: String,
     },
+    /// An input the caller gave cannot be processed as asked (an empty directory, files of
+    /// different kinds, a split that does not apply).
+    #[error("{path}: {reason}")]
+    InvalidInput {
+        /// The input.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A CSV file is not a table: a row with another number of fields than the first, or a
+    /// quoted field that never ends.
+    #[error(transparent)]
+    Csv(#[from] crate::csv_split::CsvError),
+    /// The query plan holds an operator a ppml runtime does not run ([`crate::plan_check`]).
+    #[error("refused plan: {0}")]
+    RefusedPlan(String),
     /// A dataset location given by the user is not valid.
     #[error("{location}: {reason}")]
     InvalidLocation {

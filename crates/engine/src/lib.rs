@@ -11,13 +11,26 @@
 //!   sessions: sorts, aggregations and joins under memory pressure spill ppml-encrypted files
 //!   under a key that exists only in process memory, never plaintext.
 //! - [`simple_query`]: the SimpleQuery application of the reference workflow.
+//! - [`app`]: [`app::AppSpec`], the applications ppml runs by name (SimpleQuery, SQL), described
+//!   once and run the same way in every placement.
 //! - [`location`] and [`s3`]: datasets in directories or under `s3://` prefixes of any
 //!   S3-compatible object store (docs/storage.md).
+//! - [`files`]: files in, datasets out, and back ([`files::encrypt_paths`],
+//!   [`files::decrypt_dataset`]), with the CSV row check of [`csv_split`].
+//! - [`output`]: [`output::AtomicFile`], a file that appears only when complete.
+//! - [`people`]: the reference workflow's `people.csv` generator.
+//! - [`plan_check`]: the operators a ppml runtime runs (an allow-list).
 
 pub mod aligned_writer;
+pub mod app;
+pub mod csv_split;
 pub mod dataset;
 mod error;
+pub mod files;
 pub mod location;
+pub mod output;
+pub mod people;
+pub mod plan_check;
 pub mod s3;
 #[cfg(test)]
 mod s3_tests;

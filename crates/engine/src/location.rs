@@ -68,6 +68,50 @@ impl DatasetLocation {
             DatasetLocation::S3 { .. } => None,
         }
     }
+
+    /// The location as another process sees it: URLs unchanged, a relative path made
+    /// absolute (against the current directory).
+    pub fn absolute(&self) -> Result<Self, EngineError> {
+        match self {
+            DatasetLocation::Local(path) => std::path::absolute(path)
+                .map(DatasetLocation::Local)
+                .map_err(|e| EngineError::io(path, e)),
+            s3 => Ok(s3.clone()),
+        }
+    }
+
+    /// A local path relative to `base` (unless absolute); URLs unchanged.
+    pub fn relative_to(self, base: &Path) -> Self {
+        match self {
+            DatasetLocation::Local(path) if path.is_relative() => {
+                DatasetLocation::Local(base.join(path))
+            }
+            other => other,
+        }
+    }
+}
+
+/// As its text: a path or an `s3://` URL.
+impl serde::Serialize for DatasetLocation {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            DatasetLocation::Local(path) => match path.to_str() {
+                Some(text) => serializer.serialize_str(text),
+                None => Err(serde::ser::Error::custom(format!(
+                    "{}: the path is not UTF-8",
+                    path.display()
+                ))),
+            },
+            s3 => serializer.collect_str(s3),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for DatasetLocation {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        DatasetLocation::parse(&text).map_err(serde::de::Error::custom)
+    }
 }
 
 /// Checks the S3 bucket naming rules that matter here: 3 to 63 characters, lowercase

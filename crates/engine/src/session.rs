@@ -8,6 +8,7 @@ use std::sync::Arc;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::csv::WriterBuilder;
 use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::catalog::TableProvider;
 use datafusion::datasource::file_format::csv::CsvFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
@@ -24,7 +25,7 @@ use object_store::local::LocalFileSystem;
 use ppml_kms::{KeyManagementService, PrimaryKeyId};
 
 use crate::dataset::{
-    DatasetWriter, PART_SUFFIX, VerifiedDataset, WriteOptions, open_dataset, part_name,
+    DatasetWriter, Durability, PART_SUFFIX, VerifiedDataset, WriteOptions, open_dataset, part_name,
     replace_path, temp_sibling,
 };
 use crate::location::DatasetLocation;
@@ -51,6 +52,8 @@ pub enum OutputTarget<'a> {
         dir: &'a Path,
         /// Replace an existing destination.
         overwrite: bool,
+        /// Sync the parts and directory before it appears.
+        durability: Durability,
     },
 }
 
@@ -77,7 +80,8 @@ pub trait PlanRunner: Send + Sync {
     ) -> Result<Vec<SendableRecordBatchStream>>;
 }
 
-/// Runs plans in this process, with the session's own task context.
+/// Runs plans in this process, with the session's own task context, if they hold only the
+/// operators a ppml runtime runs ([`crate::plan_check`]).
 #[derive(Debug, Default)]
 pub struct LocalRunner;
 
@@ -88,6 +92,7 @@ impl PlanRunner for LocalRunner {
         plan: Arc<dyn ExecutionPlan>,
         ctx: &SessionContext,
     ) -> Result<Vec<SendableRecordBatchStream>> {
+        crate::plan_check::check_operators(&plan, &[])?;
         Ok(execute_stream_partitioned(plan, ctx.task_ctx())?)
     }
 }
@@ -240,6 +245,18 @@ impl PpmlSession {
         location: impl Into<DatasetLocation>,
         schema: Option<SchemaRef>,
     ) -> Result<Option<VerifiedDataset>> {
+        let (table, dataset) = self.csv_table(location, schema).await?;
+        self.ctx.register_table(name, table)?;
+        Ok(dataset)
+    }
+
+    /// The CSV data at `location` as a table (see [`PpmlSession::register_csv`]), and the
+    /// verified dataset behind it in an encrypted session.
+    pub async fn csv_table(
+        &self,
+        location: impl Into<DatasetLocation>,
+        schema: Option<SchemaRef>,
+    ) -> Result<(Arc<dyn TableProvider>, Option<VerifiedDataset>)> {
         let location = location.into();
         let display = location.to_string();
         let (url, has_header, extension, dataset) = match (&self.decrypting, &location) {
@@ -250,12 +267,7 @@ impl PpmlSession {
                 });
             }
             (None, DatasetLocation::Local(path)) => {
-                let absolute = std::path::absolute(path).map_err(|e| EngineError::io(path, e))?;
-                let mut text = absolute.to_string_lossy().into_owned();
-                if absolute.is_dir() && !text.ends_with('/') {
-                    text.push('/');
-                }
-                (ListingTableUrl::parse(&text)?, true, "", None)
+                return Ok((self.plaintext_csv_table(path, schema).await?, None));
             }
             (Some((store, kms)), DatasetLocation::Local(path)) => {
                 let absolute = std::path::absolute(path).map_err(|e| EngineError::io(path, e))?;
@@ -292,6 +304,43 @@ impl PpmlSession {
                 (url, dataset.csv_has_header(), PART_SUFFIX, Some(dataset))
             }
         };
+        Ok((
+            self.listing_table(url, has_header, extension, schema)
+                .await?,
+            dataset,
+        ))
+    }
+
+    /// A local plaintext CSV file or directory (with a header line) as a table, in any
+    /// session: plaintext in, encrypted out is a choice the caller makes explicitly. Such a
+    /// table is read in this process only (cluster executors read only ppml datasets).
+    pub async fn plaintext_csv_table(
+        &self,
+        path: &Path,
+        schema: Option<SchemaRef>,
+    ) -> Result<Arc<dyn TableProvider>> {
+        let absolute = std::path::absolute(path).map_err(|e| EngineError::io(path, e))?;
+        if !absolute.exists() {
+            return Err(EngineError::InvalidLocation {
+                location: path.display().to_string(),
+                reason: "no such file or directory".into(),
+            });
+        }
+        let mut text = absolute.to_string_lossy().into_owned();
+        if absolute.is_dir() && !text.ends_with('/') {
+            text.push('/');
+        }
+        self.listing_table(ListingTableUrl::parse(&text)?, true, "", schema)
+            .await
+    }
+
+    async fn listing_table(
+        &self,
+        url: ListingTableUrl,
+        has_header: bool,
+        extension: &str,
+        schema: Option<SchemaRef>,
+    ) -> Result<Arc<dyn TableProvider>> {
         let format = CsvFormat::default().with_has_header(has_header);
         let options = ListingOptions::new(Arc::new(format)).with_file_extension(extension);
         let schema = match schema {
@@ -301,9 +350,7 @@ impl PpmlSession {
         let config = ListingTableConfig::new(url)
             .with_listing_options(options)
             .with_schema(schema);
-        self.ctx
-            .register_table(name, Arc::new(ListingTable::try_new(config)?))?;
-        Ok(dataset)
+        Ok(Arc::new(ListingTable::try_new(config)?))
     }
 
     /// Runs `df` and writes its rows as CSV (with a header line per part) to `target`, one
@@ -365,7 +412,11 @@ impl PpmlSession {
                     }
                 }
             }
-            OutputTarget::Plaintext { dir, overwrite } => {
+            OutputTarget::Plaintext {
+                dir,
+                overwrite,
+                durability,
+            } => {
                 if dir.exists() && !overwrite {
                     return Err(EngineError::OutputExists(dir.display().to_string()));
                 }
@@ -383,13 +434,13 @@ impl PpmlSession {
                 for (mut sink, rows) in results {
                     // Same durability as the encrypted path, which syncs every part.
                     sink.flush()
-                        .and_then(|_| crate::dataset::sync(sink.inner.get_ref()))
+                        .and_then(|_| durability.sync(sink.inner.get_ref()))
                         .map_err(|e| EngineError::io(&temp.0, e))?;
                     summary.rows += rows;
                     summary.parts += 1;
                     summary.plaintext_bytes += sink.written;
                 }
-                replace_path(&temp.0, dir, overwrite)?;
+                replace_path(&temp.0, dir, overwrite, durability)?;
                 temp.keep();
                 Ok(summary)
             }

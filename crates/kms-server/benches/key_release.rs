@@ -12,7 +12,8 @@ use ppml_attestation::Tee;
 use ppml_attestation::policy::{AllowedMeasurement, Policy};
 use ppml_attestation::service::AttestationService;
 use ppml_attestation::sim::{SimPlatform, SimTee, executable_measurement};
-use ppml_kms::{KeyManagementService as _, RemoteKms, RemoteKmsConfig};
+use ppml_kms::KeyManagementService as _;
+use ppml_kms_client::{RemoteKms, RemoteKmsConfig};
 use ppml_kms_server::audit::AuditLog;
 use ppml_kms_server::{RootKey, ServerState, Store, router};
 
@@ -65,8 +66,8 @@ fn bench(c: &mut Criterion) {
             .unwrap();
         let (_, plain_ref) = kms.generate_data_key(&open_key, b"ds").await.unwrap();
         let (_, gated_ref) = kms.generate_data_key(&gated_key, b"ds").await.unwrap();
-        let mut attested = kms.clone();
-        attested
+        let attested = kms
+            .clone()
             .attest(Arc::clone(&provider), &policy_id)
             .await
             .unwrap();
@@ -91,7 +92,7 @@ fn bench(c: &mut Criterion) {
     });
     group.bench_function("attest_round_trip_sim", |b| {
         b.iter(|| {
-            let mut kms = plain.clone();
+            let kms = plain.clone();
             runtime
                 .block_on(kms.attest(Arc::clone(&provider), &policy_id))
                 .unwrap()

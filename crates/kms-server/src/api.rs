@@ -15,6 +15,7 @@ use axum::routing::get;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use ppml_kms::ehsm::{self, ReplayCache, RequestError};
+use ppml_kms::protocol::Action;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -42,73 +43,42 @@ pub const MAX_PLAINTEXT: usize = 6 * 1024;
 const CIPHERTEXT_VERSION: u8 = 1;
 const AAD_DATA: &[u8] = b"ppml-kms-server/v1 data\0";
 
-/// Every action of the protocol (docs/kms-api.md §5); other names are counted as `unknown`.
-const ACTIONS: [&str; 23] = [
-    "VerifyQuote",
-    "SetKeyReleasePolicy",
-    "ReleaseDataKey",
-    "UploadQuotePolicy",
-    "GetQuotePolicy",
-    "AttestChallenge",
-    "Attest",
-    "Enroll",
-    "GetVersion",
-    "CreateKey",
-    "GenerateDataKey",
-    "GenerateDataKeyWithoutPlaintext",
-    "Encrypt",
-    "Decrypt",
-    "ListKey",
-    "EnableKey",
-    "DisableKey",
-    "DeleteKey",
-    "RotateKey",
-    "ReEncrypt",
-    "RasRegisterPolicy",
-    "RasVerifyQuote",
-    "unknown",
-];
+/// Metric labels of requests that are not protocol actions: the BigDL-RAS endpoints, and
+/// every unknown name (so clients cannot create new series).
+const OTHER_LABELS: [&str; 3] = ["RasRegisterPolicy", "RasVerifyQuote", "unknown"];
 
 /// Actions that write to the store (an fsync) or scan it: run on the blocking pool. The others
 /// are served from the store's caches and run on the async workers.
-const BLOCKING: [&str; 11] = [
-    "VerifyQuote",
-    "SetKeyReleasePolicy",
-    "UploadQuotePolicy",
-    "Attest",
-    "Enroll",
-    "CreateKey",
-    "EnableKey",
-    "DisableKey",
-    "DeleteKey",
-    "RotateKey",
-    "ListKey",
-];
+fn is_blocking(action: Option<Action>) -> bool {
+    use Action as A;
+    matches!(
+        action,
+        Some(
+            A::VerifyQuote
+                | A::SetKeyReleasePolicy
+                | A::UploadQuotePolicy
+                | A::Attest
+                | A::Enroll
+                | A::CreateKey
+                | A::EnableKey
+                | A::DisableKey
+                | A::DeleteKey
+                | A::RotateKey
+                | A::ListKey
+        )
+    )
+}
 
-/// Actions whose envelope must carry a `payload` (docs/kms-api.md §4 rule 1).
-const CRYPTOGRAPHIC: [&str; 13] = [
-    "VerifyQuote",
-    "SetKeyReleasePolicy",
-    "ReleaseDataKey",
-    "UploadQuotePolicy",
-    "GetQuotePolicy",
-    "Attest",
-    "CreateKey",
-    "GenerateDataKey",
-    "GenerateDataKeyWithoutPlaintext",
-    "Encrypt",
-    "Decrypt",
-    "RotateKey",
-    "ReEncrypt",
-];
-
-/// The action's name as a metric label: one of [`ACTIONS`].
+/// The action's name as a metric label: an [`Action`]'s name or one of [`OTHER_LABELS`].
 fn action_label(action: &str) -> &'static str {
-    ACTIONS
-        .iter()
-        .find(|a| **a == action)
-        .copied()
-        .unwrap_or("unknown")
+    match Action::from_name(action) {
+        Some(known) => known.name(),
+        None => OTHER_LABELS
+            .iter()
+            .find(|a| **a == action)
+            .copied()
+            .unwrap_or("unknown"),
+    }
 }
 
 type Labels<const N: usize> = [(&'static str, &'static str); N];
@@ -266,7 +236,7 @@ impl ServerState {
         self.request_ids.next()
     }
 
-    /// Counts a request in the metrics (for `ras.rs`; `action` must be one of [`ACTIONS`]).
+    /// Counts a request in the metrics (for `ras.rs`; `action` must be one of [`OTHER_LABELS`]).
     pub(crate) fn record_request(&self, action: &str, outcome: &'static str, started: Instant) {
         self.metrics.record(action, outcome, started);
     }
@@ -383,19 +353,19 @@ async fn respond(
             } else {
                 tracing::info!(action, request_id, outcome = %err, "request rejected");
             }
-            json!({"code": err.code(), "message": err.message(), "result": {}})
+            err.answer().to_json()
         }
     };
     ([("x-request-id", request_id)], Json(body)).into_response()
 }
 
-/// Runs `work` on the blocking pool for the actions in [`BLOCKING`], inline otherwise.
+/// Runs `work` on the blocking pool for the actions of [`is_blocking`], inline otherwise.
 async fn run_action<T: Send + 'static>(
     state: &Arc<ServerState>,
     action: &str,
     work: impl FnOnce(&ServerState) -> T + Send + 'static,
 ) -> Result<T, ApiError> {
-    if BLOCKING.contains(&action) {
+    if is_blocking(Action::from_name(action)) {
         let state = Arc::clone(state);
         tokio::task::spawn_blocking(move || work(&state))
             .await
@@ -467,8 +437,9 @@ fn signed(
     body: &[u8],
     context: &mut RequestContext,
 ) -> Result<Value, ApiError> {
-    if matches!(action, "Enroll" | "GetVersion") {
-        return unsigned(state, action);
+    let action = Action::from_name(action).ok_or(ApiError::UnknownAction)?;
+    if !action.is_signed() {
+        return unsigned(state, action.name());
     }
     let value: Value = serde_json::from_slice(body).map_err(|_| RequestError::ParamType)?;
     let obj = value.as_object().ok_or(RequestError::ParamType)?;
@@ -478,7 +449,7 @@ fn signed(
         return Err(RequestError::MissingParameters.into());
     };
     let payload = obj.get("payload");
-    if payload.is_none() && CRYPTOGRAPHIC.contains(&action) {
+    if payload.is_none() && action.needs_payload() {
         return Err(RequestError::MissingParameters.into());
     }
     let (Some(appid), Some(timestamp), Some(sign)) =
@@ -512,14 +483,15 @@ fn signed(
         return Err(RequestError::Sign.into());
     }
     state.replay.record(replay_id, now)?;
+    use Action as A;
     match action {
-        "UploadQuotePolicy"
-        | "GetQuotePolicy"
-        | "AttestChallenge"
-        | "Attest"
-        | "SetKeyReleasePolicy"
-        | "ReleaseDataKey"
-        | "VerifyQuote" => attestation_action(state, action, appid, payload, context),
+        A::UploadQuotePolicy
+        | A::GetQuotePolicy
+        | A::AttestChallenge
+        | A::Attest
+        | A::SetKeyReleasePolicy
+        | A::ReleaseDataKey
+        | A::VerifyQuote => attestation_action(state, action, appid, payload, context),
         _ => run(&state.store, action, appid, payload),
     }
 }
@@ -533,7 +505,7 @@ fn b64_field(payload: &Map<String, Value>, name: &str) -> Result<Vec<u8>, ApiErr
 /// The attestation actions (docs/attestation.md §7).
 fn attestation_action(
     state: &ServerState,
-    action: &str,
+    action: Action,
     appid: &str,
     payload: &Map<String, Value>,
     context: &mut RequestContext,
@@ -544,7 +516,7 @@ fn attestation_action(
         .ok_or_else(|| ApiError::Internal("attestation is not configured".into()))?;
     let now_secs = now_ms() / 1000;
     match action {
-        "UploadQuotePolicy" => {
+        Action::UploadQuotePolicy => {
             // ppml's policy document, or eHSM's {mr_enclave, mr_signer} shape.
             let policy = match payload.get("policy") {
                 Some(Value::String(text)) => {
@@ -571,17 +543,17 @@ fn attestation_action(
             let id = state.store.put_policy(appid, &text, now_ms())?;
             Ok(json!({"policyId": id}))
         }
-        "GetQuotePolicy" => {
+        Action::GetQuotePolicy => {
             let id = field(payload, "policyId")?;
             Ok(json!({"policyId": id, "policy": state.store.policy(appid, id)?}))
         }
-        "AttestChallenge" => {
+        Action::AttestChallenge => {
             let nonce = service
                 .challenge(now_secs)
                 .map_err(|e| ApiError::Internal(e.to_string()))?;
             Ok(json!({"nonce": BASE64.encode(nonce), "expires_in": CHALLENGE_TTL_SECS}))
         }
-        "Attest" => {
+        Action::Attest => {
             let policy_id = field(payload, "policyId")?;
             let policy: Policy = serde_json::from_str(&state.store.policy(appid, policy_id)?)
                 .map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -616,7 +588,7 @@ fn attestation_action(
                 Err(e) => Err(ApiError::AttestationFailed(e.to_string())),
             }
         }
-        "VerifyQuote" => {
+        Action::VerifyQuote => {
             // eHSM's action: verify a DCAP quote against one of the app's policies. The nonce
             // is echoed; unlike `Attest` it is not a server challenge, so the answer proves
             // nothing about freshness (see docs/attestation.md §6.2).
@@ -642,14 +614,14 @@ fn attestation_action(
             }
             Ok(answer)
         }
-        "SetKeyReleasePolicy" => {
+        Action::SetKeyReleasePolicy => {
             let keyid = field(payload, "keyid")?;
             state
                 .store
                 .set_release_policy(appid, keyid, field(payload, "policyId")?)?;
             Ok(json!({}))
         }
-        "ReleaseDataKey" => {
+        Action::ReleaseDataKey => {
             let keyid = field(payload, "keyid")?;
             let aad = optional_str(payload, "aad")?;
             let Some(required) = state.store.release_policy(appid, keyid)? else {
@@ -748,12 +720,12 @@ fn decrypt(
 
 fn run(
     store: &Store,
-    action: &str,
+    action: Action,
     appid: &str,
     payload: &Map<String, Value>,
 ) -> Result<Value, ApiError> {
     match action {
-        "CreateKey" => {
+        Action::CreateKey => {
             let keyspec = optional_str(payload, "keyspec")?;
             let keyspec = if keyspec.is_empty() {
                 "EH_AES_GCM_256"
@@ -767,7 +739,7 @@ fn run(
             let keyid = store.create_key(appid, keyspec, now_ms())?;
             Ok(json!({"keyid": keyid}))
         }
-        "GenerateDataKey" | "GenerateDataKeyWithoutPlaintext" => {
+        Action::GenerateDataKey | Action::GenerateDataKeyWithoutPlaintext => {
             let keyid = field(payload, "keyid")?;
             let aad = optional_str(payload, "aad")?;
             let keylen = payload
@@ -782,13 +754,13 @@ fn run(
                 chunk.copy_from_slice(&bytes[..chunk.len()]);
             }
             let ciphertext = encrypt(&key, version, keyid, aad, &data_key)?;
-            if action == "GenerateDataKey" {
+            if action == Action::GenerateDataKey {
                 Ok(json!({"plaintext": BASE64.encode(&*data_key), "ciphertext": ciphertext}))
             } else {
                 Ok(json!({"ciphertext": ciphertext}))
             }
         }
-        "Encrypt" => {
+        Action::Encrypt => {
             let keyid = field(payload, "keyid")?;
             let aad = optional_str(payload, "aad")?;
             let plaintext = zeroize::Zeroizing::new(
@@ -802,14 +774,14 @@ fn run(
             let (version, key) = store.usable_key(appid, keyid)?;
             Ok(json!({"ciphertext": encrypt(&key, version, keyid, aad, &plaintext)?}))
         }
-        "Decrypt" => {
+        Action::Decrypt => {
             let keyid = field(payload, "keyid")?;
             let aad = optional_str(payload, "aad")?;
             let ciphertext = field(payload, "ciphertext")?;
             let plaintext = decrypt(store, appid, keyid, aad, ciphertext, Release::ToCaller)?;
             Ok(json!({"plaintext": BASE64.encode(&*plaintext)}))
         }
-        "ReEncrypt" => {
+        Action::ReEncrypt => {
             let keyid = field(payload, "keyid")?;
             let aad = optional_str(payload, "aad")?;
             let ciphertext = field(payload, "ciphertext")?;
@@ -817,12 +789,12 @@ fn run(
             let (version, key) = store.usable_key(appid, keyid)?;
             Ok(json!({"ciphertext": encrypt(&key, version, keyid, aad, &plaintext)?}))
         }
-        "RotateKey" => {
+        Action::RotateKey => {
             let keyid = field(payload, "keyid")?;
             let version = store.rotate_key(appid, keyid)?;
             Ok(json!({"keyid": keyid, "version": version}))
         }
-        "ListKey" => {
+        Action::ListKey => {
             let list: Vec<Value> = store
                 .list_keys(appid)?
                 .into_iter()
@@ -834,11 +806,11 @@ fn run(
                 .collect();
             Ok(json!({"list": list}))
         }
-        "EnableKey" | "DisableKey" => {
-            store.set_enabled(appid, field(payload, "keyid")?, action == "EnableKey")?;
+        Action::EnableKey | Action::DisableKey => {
+            store.set_enabled(appid, field(payload, "keyid")?, action == Action::EnableKey)?;
             Ok(json!({}))
         }
-        "DeleteKey" => {
+        Action::DeleteKey => {
             store.delete_key(appid, field(payload, "keyid")?)?;
             Ok(json!({}))
         }

@@ -1,3 +1,5 @@
+use ppml_kms::protocol::{ErrorAnswer, ErrorKind};
+
 /// Every way a request can fail, with its eHSM code and message in one place
 /// ([`ApiError::code`], [`ApiError::message`]); `docs/kms-api.md` §6 lists the same table.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -51,48 +53,95 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// The error of the shared wire contract this one is answered as.
+    pub fn wire_kind(&self) -> ErrorKind {
+        match self {
+            ApiError::Request(e) => ErrorKind::from(e),
+            ApiError::PayloadType => ErrorKind::PayloadType,
+            ApiError::KeyNotFound => ErrorKind::KeyNotFound,
+            ApiError::KeyDisabled => ErrorKind::KeyDisabled,
+            ApiError::AttestationRequired => ErrorKind::AttestationRequired,
+            ApiError::NotMarkedForRelease => ErrorKind::NotMarkedForRelease,
+            ApiError::PolicyNotFound => ErrorKind::PolicyNotFound,
+            ApiError::AttestationFailed(_) => ErrorKind::AttestationFailed,
+            ApiError::TokenExpired => ErrorKind::TokenExpired,
+            ApiError::Base64 => ErrorKind::Base64,
+            ApiError::DecryptFailed => ErrorKind::DecryptFailed,
+            ApiError::TooLarge => ErrorKind::TooLarge,
+            ApiError::UnknownAction => ErrorKind::UnknownAction,
+            // Never tell a client about the server's keys.
+            ApiError::Internal(_) | ApiError::RootKeyMismatch => ErrorKind::Internal,
+        }
+    }
+
+    /// The answer sent to the client (no server detail except an attestation refusal's reason).
+    pub fn answer(&self) -> ErrorAnswer {
+        ErrorAnswer {
+            kind: self.wire_kind(),
+            detail: match self {
+                ApiError::AttestationFailed(reason) => Some(reason.clone()),
+                _ => None,
+            },
+        }
+    }
+
     /// The eHSM `code` of the response body.
     pub fn code(&self) -> u16 {
-        match self {
-            ApiError::Internal(_) | ApiError::RootKeyMismatch => 500,
-            _ => 400,
-        }
+        self.wire_kind().code()
     }
 
     /// The eHSM `message` of the response body.
     pub fn message(&self) -> String {
-        match self {
-            // Never tell a client about the server's keys.
-            ApiError::RootKeyMismatch => ApiError::Internal(String::new()).to_string(),
-            _ => self.to_string(),
-        }
+        self.answer().message()
     }
 
     /// A short, fixed name of the error (the `outcome` label of the request metrics).
     pub fn kind(&self) -> &'static str {
-        use ppml_kms::ehsm::RequestError as R;
         match self {
-            ApiError::Request(R::MissingParameters) => "missing_parameters",
-            ApiError::Request(R::ParamType) => "param_type",
-            ApiError::Request(R::TimestampLength) => "timestamp_length",
-            ApiError::Request(R::Timestamp) => "timestamp",
-            ApiError::Request(R::Replay) => "replay",
-            ApiError::Request(R::Sign) => "sign",
-            ApiError::Request(_) => "request",
-            ApiError::PayloadType => "payload_type",
-            ApiError::KeyNotFound => "key_not_found",
-            ApiError::KeyDisabled => "key_disabled",
-            ApiError::PolicyNotFound => "policy_not_found",
-            ApiError::AttestationRequired => "attestation_required",
-            ApiError::NotMarkedForRelease => "not_marked_for_release",
-            ApiError::AttestationFailed(_) => "attestation_failed",
-            ApiError::TokenExpired => "token_expired",
-            ApiError::Base64 => "base64",
-            ApiError::DecryptFailed => "decrypt_failed",
-            ApiError::TooLarge => "too_large",
-            ApiError::UnknownAction => "unknown_action",
-            ApiError::Internal(_) => "internal",
             ApiError::RootKeyMismatch => "root_key_mismatch",
+            other => other.wire_kind().label(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each error's own text is the message the shared contract gives its kind.
+    #[test]
+    fn messages_follow_the_wire_contract() {
+        use ppml_kms::ehsm::RequestError as R;
+        for error in [
+            ApiError::Request(R::MissingParameters),
+            ApiError::Request(R::ParamType),
+            ApiError::Request(R::TimestampLength),
+            ApiError::Request(R::Timestamp),
+            ApiError::Request(R::Replay),
+            ApiError::Request(R::Sign),
+            ApiError::PayloadType,
+            ApiError::KeyNotFound,
+            ApiError::KeyDisabled,
+            ApiError::AttestationRequired,
+            ApiError::NotMarkedForRelease,
+            ApiError::PolicyNotFound,
+            ApiError::AttestationFailed("debug enclave".into()),
+            ApiError::TokenExpired,
+            ApiError::Base64,
+            ApiError::DecryptFailed,
+            ApiError::TooLarge,
+            ApiError::UnknownAction,
+            ApiError::Internal("disk".into()),
+        ] {
+            assert_eq!(error.to_string(), error.message(), "{error:?}");
+            assert_eq!(
+                ErrorAnswer::from_json(&error.answer().to_json()),
+                Some(error.answer())
+            );
+        }
+        assert_eq!(
+            ApiError::RootKeyMismatch.message(),
+            ErrorKind::Internal.message()
+        );
     }
 }

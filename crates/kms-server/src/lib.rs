@@ -5,15 +5,21 @@
 //! - [`api`]: the axum router, request validation and the actions.
 //! - `ras`: BigDL-RAS compatible `/registerPolicy` and `/verifyQuote` (docs/attestation.md §6.5).
 //! - [`tls`]: the server certificate (given, or self-signed on first start) and the TLS listener.
+//! - [`server`]: starting a server from a [`ServerConfig`]: data directory, root key, store,
+//!   audit log, attestation service, TLS and listener ([`serve`], [`KmsServer`]).
 
 pub mod api;
 pub mod audit;
 mod error;
 mod ras;
+pub mod server;
 pub mod store;
 pub mod tls;
 
 pub use api::{ServerState, router};
 pub use error::ApiError;
+pub use server::{
+    AttestationSettings, KmsServer, RootKeySource, ServerConfig, ServerError, TlsMode, serve,
+};
 pub use store::PassphraseParams;
 pub use store::{RootKey, Store};

@@ -2,7 +2,7 @@
 //! kept in the data directory) and an HTTPS accept loop around the axum router.
 //!
 //! Clients trust a self-signed certificate by pinning its SHA-256 fingerprint, which the server
-//! prints at every start (`ppml_kms::remote::TlsTrust::Fingerprint`).
+//! prints at every start (`ppml_kms_client::TlsTrust::Fingerprint`).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -131,7 +131,7 @@ impl TlsIdentity {
         cert_path: &Path,
         generated: bool,
     ) -> Result<Self, TlsError> {
-        let fingerprint = ppml_kms::remote::format_fingerprint(certs[0].as_ref());
+        let fingerprint = ppml_kms::format_fingerprint(certs[0].as_ref());
         let mut config =
             ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
                 .with_safe_default_protocol_versions()?

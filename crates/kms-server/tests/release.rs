@@ -1,4 +1,4 @@
-//! Attestation-gated key release through the real client ([`ppml_kms::RemoteKms`]) against a
+//! Attestation-gated key release through the real client ([`ppml_kms_client::RemoteKms`]) against a
 //! server on loopback: a runtime attests again when its token is about to expire, and a
 //! server that only issues already-expired tokens releases nothing.
 
@@ -8,7 +8,8 @@ use ppml_attestation::Tee;
 use ppml_attestation::policy::{AllowedMeasurement, Policy};
 use ppml_attestation::service::AttestationService;
 use ppml_attestation::sim::{SimPlatform, SimTee, executable_measurement};
-use ppml_kms::{KeyManagementService as _, KmsError, RemoteKms, RemoteKmsConfig};
+use ppml_kms::{KeyManagementService as _, KmsError};
+use ppml_kms_client::{RemoteKms, RemoteKmsConfig};
 use ppml_kms_server::audit::AuditLog;
 use ppml_kms_server::{RootKey, ServerState, Store, router};
 
@@ -82,10 +83,16 @@ fn audit_count(fixture: &Fixture, action: &str, outcome: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_runtime_attests_again_before_its_token_expires() {
     let fixture = start(2).await;
-    let (mut kms, primary, policy_id) = gated_key(&fixture).await;
+    let (kms, primary, policy_id) = gated_key(&fixture).await;
     let (data_key, reference) = kms.generate_data_key(&primary, b"ds").await.unwrap();
+    // Unattested, the server refuses the gated key.
+    let refused = kms.unwrap_data_key(&reference, b"ds").await.unwrap_err();
+    assert!(
+        matches!(refused, KmsError::AttestationRequired),
+        "{refused}"
+    );
     let tee = SimTee::new(SimPlatform::load_or_create(&fixture.platform_key).unwrap());
-    kms.attest(Arc::new(tee), &policy_id).await.unwrap();
+    let kms = kms.attest(Arc::new(tee), &policy_id).await.unwrap();
 
     let released = kms.unwrap_data_key(&reference, b"ds").await.unwrap();
     assert_eq!(released.expose_secret(), data_key.expose_secret());
@@ -104,10 +111,10 @@ async fn expired_tokens_release_nothing() {
     // Tokens that expire the second they are issued: the client renews once when the server
     // says "expired", then gives up with a specific error.
     let fixture = start(0).await;
-    let (mut kms, primary, policy_id) = gated_key(&fixture).await;
+    let (kms, primary, policy_id) = gated_key(&fixture).await;
     let (_, reference) = kms.generate_data_key(&primary, b"ds").await.unwrap();
     let tee = SimTee::new(SimPlatform::load_or_create(&fixture.platform_key).unwrap());
-    kms.attest(Arc::new(tee), &policy_id).await.unwrap();
+    let kms = kms.attest(Arc::new(tee), &policy_id).await.unwrap();
     let err = kms.unwrap_data_key(&reference, b"ds").await.unwrap_err();
     assert!(matches!(err, KmsError::TokenExpired), "{err}");
     assert_eq!(audit_count(&fixture, "ReleaseDataKey", "ok"), 0);
@@ -119,4 +126,37 @@ async fn expired_tokens_release_nothing() {
         ) >= 1
     );
     assert!(audit_count(&fixture, "Attest", "ok") >= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unattested_client_gets_no_gated_key_whatever_it_sends() {
+    let fixture = start(300).await;
+    let (kms, primary, _) = gated_key(&fixture).await;
+    let (_, reference) = kms.generate_data_key(&primary, b"ds").await.unwrap();
+    let refused = kms.unwrap_data_key(&reference, b"ds").await.unwrap_err();
+    assert!(
+        matches!(refused, KmsError::AttestationRequired),
+        "{refused}"
+    );
+    // `RemoteKms` never asks for ReleaseDataKey; a hand-made request with a forged token or
+    // none is refused too.
+    let ciphertext = String::from_utf8(reference.wrapped.clone()).unwrap();
+    for token in ["", "eyJhbGciOiJFZERTQSJ9.eyJleHAiOjk5OTk5OTk5OTl9.c2ln"] {
+        let refused = kms
+            .call(
+                ppml_kms::protocol::Action::ReleaseDataKey,
+                serde_json::json!({"keyid": primary.0, "ciphertext": ciphertext, "aad": "ds",
+                                   "token": token}),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                refused,
+                KmsError::Attestation(_) | KmsError::Rejected { .. }
+            ),
+            "{token:?}: {refused}"
+        );
+    }
+    assert_eq!(audit_count(&fixture, "ReleaseDataKey", "ok"), 0);
 }

@@ -84,7 +84,8 @@ pub enum KmsError {
 }
 
 impl KmsError {
-    pub(crate) fn storage(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    /// A storage error of `path`.
+    pub fn storage(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         KmsError::Storage {
             path: path.into(),
             source,

@@ -7,22 +7,24 @@
 //!
 //! [`LocalKms`] is the embedded implementation: a directory holding a root key file (mode
 //! 0600) and a store in which every primary key is sealed under the root key. It needs no
-//! server and checks the app id and api key like a remote KMS would. [`RemoteKms`] implements
-//! the same trait over the eHSM REST protocol, for the ppml KMS server and eHSM itself.
+//! server and checks the app id and api key like a remote KMS would.
+//!
+//! [`protocol`] and [`ehsm`] are the wire contract of the eHSM-compatible KMS protocol, shared
+//! by the KMS server (`ppml-kms-server`) and its client (`ppml-kms-client`, which implements the
+//! same trait over the network).
 
 pub mod ehsm;
 mod error;
 mod fs;
 mod local;
-pub mod remote;
+pub mod protocol;
 pub mod sealing;
 
 use async_trait::async_trait;
 pub use error::KmsError;
 pub use fs::write_private_file_atomic;
 pub use local::LocalKms;
-pub use ppml_format::{DataKey, KeyReference};
-pub use remote::{RemoteKms, RemoteKmsConfig, TlsTrust};
+pub use ppml_format::{DATA_KEY_LEN, DataKey, KeyReference};
 use zeroize::Zeroizing;
 
 /// Identifier of a primary key inside one KMS.
@@ -85,4 +87,29 @@ pub trait KeyManagementService: Send + Sync + std::fmt::Debug {
 
     /// Unwraps a data key that this KMS wrapped, if the caller may use its primary key.
     async fn unwrap_data_key(&self, key: &KeyReference, aad: &[u8]) -> Result<DataKey, KmsError>;
+}
+
+/// Formats a certificate fingerprint as `ppml kms serve` prints it and clients pin it:
+/// `sha256:` and the SHA-256 of the certificate's DER encoding in lowercase hex.
+pub fn format_fingerprint(cert_der: &[u8]) -> String {
+    format!(
+        "sha256:{}",
+        hex::encode(ring::digest::digest(&ring::digest::SHA256, cert_der))
+    )
+}
+
+/// An error and its sources on one line (`error: cause: cause…`), skipping causes whose text
+/// is already included: the reason behind a generic "transport error" then shows.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }

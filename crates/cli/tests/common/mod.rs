@@ -203,3 +203,29 @@ pub fn http_get(addr: &str, path_and_query: &str) -> std::io::Result<(u16, Strin
         .unwrap_or(0);
     Ok((status, body.to_string()))
 }
+
+/// The plaintext input bytes the executors of the local cluster in `cluster` decrypted, from
+/// their metrics (`ppml_executor_input_bytes_decrypted_total`).
+pub fn executors_decrypted_bytes(cluster: &Path) -> f64 {
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(cluster.join("cluster.json")).unwrap())
+            .unwrap();
+    state["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["metrics"].as_str())
+        .filter_map(|url| {
+            let (addr, path) = url.strip_prefix("http://")?.split_once('/')?;
+            http_get(addr, &format!("/{path}"))
+                .ok()
+                .map(|(_, body)| body)
+        })
+        .flat_map(|page| {
+            page.lines()
+                .filter(|l| l.starts_with("ppml_executor_input_bytes_decrypted_total "))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use ppml_cluster::driver::AppDriver;
 use ppml_cluster::process::{ExecutorOptions, SchedulerOptions, run_executor, run_scheduler};
 use ppml_cluster::tls::{
     ClusterTls, DRIVER, EXECUTOR, ROLES, SCHEDULER, client_customizer, generate_cluster_certs,
@@ -90,7 +91,10 @@ pub async fn start_cluster(executors: usize, tls: bool) -> Cluster {
             memory_pool_size: None,
             kms: kms.clone(),
             customizer: executor_tls.as_ref().and_then(client_customizer),
-            driver: None,
+            driver: Some(Arc::new(AppDriver {
+                input_key: Some(primary.clone()),
+                ..AppDriver::default()
+            })),
             flight_tls: executor_tls.as_ref().map(server_tls),
         };
         tokio::spawn(async move { run_executor(options).await.unwrap() });

@@ -4,9 +4,9 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
-use ppml_engine::aligned_writer::AlignedWriter;
-use ppml_engine::dataset::{replace_path, temp_sibling};
+use crate::aligned_writer::AlignedWriter;
+use crate::dataset::{Durability, replace_path, temp_sibling};
+use crate::{EngineError, Result};
 
 /// A file written to a hidden temporary sibling and renamed into place by
 /// [`AtomicFile::commit`]. Dropped without commit, the temporary file is deleted, so a failed
@@ -16,57 +16,55 @@ pub struct AtomicFile {
     temp: Option<PathBuf>,
     writer: Option<AlignedWriter<File>>,
     overwrite: bool,
+    durability: Durability,
     /// Bytes written so far, and the length reserved by [`AtomicFile::preallocate`].
     written: u64,
     allocated: u64,
 }
 
 impl AtomicFile {
-    pub fn create(destination: &Path, overwrite: bool) -> Result<Self> {
+    /// Starts writing `destination`; refuses an existing one unless `overwrite`.
+    pub fn create(destination: &Path, overwrite: bool, durability: Durability) -> Result<Self> {
         if destination.exists() && !overwrite {
-            bail!(
-                "{}: output already exists (remove it or pass --overwrite)",
-                destination.display()
-            );
+            return Err(EngineError::OutputExists(destination.display().to_string()));
         }
         let temp = temp_sibling(destination);
-        let file =
-            File::create_new(&temp).with_context(|| format!("creating {}", temp.display()))?;
+        let file = File::create_new(&temp).map_err(|e| EngineError::io(&temp, e))?;
         Ok(AtomicFile {
             destination: destination.to_path_buf(),
             writer: Some(AlignedWriter::new(file)),
             temp: Some(temp),
             overwrite,
+            durability,
             written: 0,
             allocated: 0,
         })
     }
 
-    /// Reserves space for `len` bytes up front (see [`ppml_engine::dataset::preallocate`]);
+    /// Reserves space for `len` bytes up front (see [`crate::dataset::preallocate`]);
     /// `commit` trims the file to what was actually written.
     pub fn preallocate(&mut self, len: u64) -> Result<()> {
         let writer = self.writer.as_ref().expect("not committed");
-        ppml_engine::dataset::preallocate(writer.get_ref(), len)
-            .with_context(|| format!("reserving {len} bytes for {}", self.destination.display()))?;
+        crate::dataset::preallocate(writer.get_ref(), len)
+            .map_err(|e| EngineError::io(&self.destination, e))?;
         self.allocated = len;
         Ok(())
     }
 
+    /// Writes what is buffered, syncs (unless [`Durability::NoSync`]) and renames the file
+    /// into place.
     pub fn commit(mut self) -> Result<()> {
+        let io = |e| EngineError::io(&self.destination, e);
         let writer = self.writer.take().expect("not committed");
-        let file = writer
-            .into_inner()
-            .with_context(|| format!("writing {}", self.destination.display()))?;
+        let file = writer.into_inner().map_err(io)?;
         if self.written < self.allocated {
-            file.set_len(self.written)
-                .with_context(|| format!("writing {}", self.destination.display()))?;
+            file.set_len(self.written).map_err(io)?;
         }
-        ppml_engine::dataset::sync(&file)
-            .with_context(|| format!("syncing {}", self.destination.display()))?;
+        self.durability.sync(&file).map_err(io)?;
         let temp = self.temp.take().expect("not committed");
-        if let Err(e) = replace_path(&temp, &self.destination, self.overwrite) {
+        if let Err(e) = replace_path(&temp, &self.destination, self.overwrite, self.durability) {
             let _ = std::fs::remove_file(&temp);
-            return Err(e.into());
+            return Err(e);
         }
         Ok(())
     }

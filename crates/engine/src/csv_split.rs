@@ -1,4 +1,4 @@
-//! Streaming CSV row scanning for `ppml encrypt`: checks that every row has as many fields as
+//! Streaming CSV row scanning for [`crate::files::encrypt_paths`]: checks that every row has as many fields as
 //! the first (reporting the line number of the first bad row) and splits a file into parts on
 //! row boundaries. Quoted fields (RFC 4180, including embedded newlines and `""`) are handled.
 //!
@@ -15,13 +15,18 @@ use memchr::memchr;
 pub enum CsvError {
     /// Row `line` has `found` fields where the first row has `expected`.
     FieldCount {
+        /// The file.
         path: String,
+        /// The row's first line (1-based).
         line: u64,
+        /// Fields of the first row.
         expected: usize,
+        /// Fields of this row.
         found: usize,
     },
     /// The file ends inside a quoted field.
     UnterminatedQuote {
+        /// The file.
         path: String,
         /// The line where the unfinished row starts (`None` when rows were not checked, so
         /// lines were not counted).

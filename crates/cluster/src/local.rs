@@ -1,10 +1,10 @@
-//! `ppml cluster up|down|status`: a local development cluster of separate processes.
+//! A local development cluster of separate processes (`ppml cluster up|down|status`).
 //!
-//! `up` starts one scheduler and N executors on loopback, each a child process of its own
+//! [`up`] starts one scheduler and N executors on loopback, each a child process of its own
 //! (in its own process group, so it outlives `up` and a Ctrl-C in the terminal), with its
 //! output in `<dir>/<name>.log`, and records them in `<dir>/cluster.json`. The executors get
 //! the KMS and attestation settings of the invoking command through the environment (they
-//! attest exactly as `ppml executor` does). `down` stops them: SIGTERM, then SIGKILL after a
+//! attest exactly as `ppml executor` does). [`down`] stops them: SIGTERM, then SIGKILL after a
 //! grace period.
 //!
 //! Ports: the scheduler listens on PORT and executor i's shuffle service on PORT+1+i; their
@@ -16,8 +16,19 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
+
+use crate::ClusterError;
+
+type Result<T, E = ClusterError> = std::result::Result<T, E>;
+
+fn failed(message: impl Into<String>) -> ClusterError {
+    ClusterError::Setup(message.into())
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ClusterError + '_ {
+    move |e| failed(format!("{}: {e}", path.display()))
+}
 
 /// What `up` started.
 #[derive(Debug, Serialize, Deserialize)]
@@ -52,6 +63,8 @@ const STATE_FILE: &str = "cluster.json";
 /// How to start a local cluster.
 #[derive(Debug)]
 pub struct UpOptions {
+    /// The `ppml` executable whose `scheduler` and `executor` commands are started.
+    pub executable: PathBuf,
     /// Directory for logs, work dirs, certificates and the state file.
     pub dir: PathBuf,
     /// Executors to start.
@@ -92,14 +105,16 @@ fn read_state(dir: &Path) -> Result<Option<ClusterState>> {
     let path = dir.join(STATE_FILE);
     match fs::read(&path) {
         Ok(bytes) => Ok(Some(
-            serde_json::from_slice(&bytes).with_context(|| format!("{}", path.display()))?,
+            serde_json::from_slice(&bytes)
+                .map_err(|e| failed(format!("{}: {e}", path.display())))?,
         )),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("{}", path.display())),
+        Err(e) => Err(io(&path)(e)),
     }
 }
 
 fn spawn(
+    exe: &Path,
     dir: &Path,
     name: &str,
     env: &[(String, String)],
@@ -107,9 +122,8 @@ fn spawn(
 ) -> Result<ClusterProcess> {
     use std::os::unix::process::CommandExt;
     let log = dir.join(format!("{name}.log"));
-    let out = File::create(&log).with_context(|| format!("{}", log.display()))?;
-    let err = out.try_clone()?;
-    let exe = std::env::current_exe().context("locating the ppml executable")?;
+    let out = File::create(&log).map_err(io(&log))?;
+    let err = out.try_clone().map_err(io(&log))?;
     let child = Command::new(exe)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .args(args)
@@ -118,7 +132,7 @@ fn spawn(
         .stderr(err)
         .process_group(0)
         .spawn()
-        .with_context(|| format!("starting the {name}"))?;
+        .map_err(|e| failed(format!("starting the {name} ({}): {e}", exe.display())))?;
     Ok(ClusterProcess {
         name: name.to_string(),
         pid: child.id(),
@@ -139,7 +153,7 @@ fn wait_for_log(process: &ClusterProcess, needle: &str, timeout: Duration) -> Re
         if !is_alive(process.pid) || started.elapsed() > timeout {
             let tail: Vec<&str> = text.lines().rev().take(5).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
-            bail!(
+            return Err(failed(format!(
                 "the {} {} (log {}):\n{}",
                 process.name,
                 if is_alive(process.pid) {
@@ -149,7 +163,7 @@ fn wait_for_log(process: &ClusterProcess, needle: &str, timeout: Duration) -> Re
                 },
                 process.log.display(),
                 tail.join("\n")
-            );
+            )));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -160,11 +174,11 @@ pub fn up(options: &UpOptions) -> Result<ClusterState> {
     if let Some(state) = read_state(&options.dir)?
         && state.processes.iter().any(|p| is_alive(p.pid))
     {
-        bail!(
+        return Err(failed(format!(
             "a cluster is already running from {} (master {}); run `ppml cluster down` first",
             options.dir.display(),
             state.master
-        );
+        )));
     }
     {
         use std::os::unix::fs::DirBuilderExt;
@@ -172,13 +186,13 @@ pub fn up(options: &UpOptions) -> Result<ClusterState> {
             .recursive(true)
             .mode(0o700)
             .create(&options.dir)
-            .with_context(|| format!("{}", options.dir.display()))?;
+            .map_err(io(&options.dir))?;
     }
     let tls_dir = (!options.insecure_cleartext).then(|| options.dir.join("tls"));
     if let Some(tls_dir) = &tls_dir
         && !tls_dir.join("ca.pem").exists()
     {
-        ppml_cluster::tls::generate_cluster_certs(tls_dir, &ppml_cluster::tls::ROLES, &[], false)?;
+        crate::tls::generate_cluster_certs(tls_dir, &crate::tls::ROLES, &[], false)?;
     }
     let transport = |args: &mut Vec<String>| match &tls_dir {
         Some(dir) => {
@@ -190,18 +204,18 @@ pub fn up(options: &UpOptions) -> Result<ClusterState> {
     let last_port =
         usize::from(options.port) + usize::from(METRICS_PORT_OFFSET) + options.executors;
     if options.executors >= usize::from(METRICS_PORT_OFFSET) {
-        bail!(
+        return Err(failed(format!(
             "at most {} executors: their shuffle ports would reach the metrics ports",
             METRICS_PORT_OFFSET - 1
-        );
+        )));
     }
     if last_port > usize::from(u16::MAX) {
-        bail!(
+        return Err(failed(format!(
             "--port {} leaves no room for {} executors and their metrics ports (up to PORT+{})",
             options.port,
             options.executors,
             usize::from(METRICS_PORT_OFFSET) + options.executors
-        );
+        )));
     }
     let metrics_addr = |i: usize| {
         format!(
@@ -226,7 +240,13 @@ pub fn up(options: &UpOptions) -> Result<ClusterState> {
             scheduler_metrics.clone(),
         ];
         transport(&mut args);
-        let mut scheduler = spawn(&options.dir, "scheduler", &options.env, &args)?;
+        let mut scheduler = spawn(
+            &options.executable,
+            &options.dir,
+            "scheduler",
+            &options.env,
+            &args,
+        )?;
         scheduler.metrics = Some(metrics_url(&scheduler_metrics));
         let started = wait_for_log(&scheduler, "listening on", Duration::from_secs(30));
         state.processes.push(scheduler);
@@ -253,7 +273,13 @@ pub fn up(options: &UpOptions) -> Result<ClusterState> {
                 args.push(memory.clone());
             }
             transport(&mut args);
-            let mut executor = spawn(&options.dir, &name, &options.env, &args)?;
+            let mut executor = spawn(
+                &options.executable,
+                &options.dir,
+                &name,
+                &options.env,
+                &args,
+            )?;
             executor.metrics = Some(metrics_url(&metrics_addr(1 + i)));
             let started = wait_for_log(&executor, "ppml executor", Duration::from_secs(60));
             state.processes.push(executor);
@@ -266,8 +292,8 @@ pub fn up(options: &UpOptions) -> Result<ClusterState> {
         return Err(e);
     }
     let path = options.dir.join(STATE_FILE);
-    fs::write(&path, serde_json::to_vec_pretty(&state)?)
-        .with_context(|| format!("{}", path.display()))?;
+    let json = serde_json::to_vec_pretty(&state).map_err(|e| failed(e.to_string()))?;
+    fs::write(&path, json).map_err(io(&path))?;
     Ok(state)
 }
 
@@ -292,11 +318,14 @@ fn stop(processes: &[ClusterProcess], grace: Duration) {
 /// Stops the cluster recorded in `dir`; returns how many processes were running.
 pub fn down(dir: &Path) -> Result<usize> {
     let Some(state) = read_state(dir)? else {
-        bail!("no cluster recorded in {} (nothing to stop)", dir.display());
+        return Err(failed(format!(
+            "no cluster recorded in {} (nothing to stop)",
+            dir.display()
+        )));
     };
     let running = state.processes.iter().filter(|p| is_alive(p.pid)).count();
     stop(&state.processes, Duration::from_secs(10));
-    fs::remove_file(dir.join(STATE_FILE)).with_context(|| format!("{}", dir.display()))?;
+    fs::remove_file(dir.join(STATE_FILE)).map_err(io(dir))?;
     Ok(running)
 }
 

@@ -1,14 +1,24 @@
-//! A client for KMS servers that speak the eHSM REST protocol (`docs/kms-api.md`): the ppml
+//! The client of KMS servers that speak the eHSM REST protocol (`docs/kms-api.md`): the ppml
 //! KMS server (`ppml kms serve`) and Intel eHSM-KMS itself.
 //!
-//! [`RemoteKms`] implements [`KeyManagementService`]: data keys come from `GenerateDataKey`
-//! (32 bytes, bound to the caller's `aad`) and go back through `Decrypt`. The wrapped key kept
-//! in file headers is the server's base64 ciphertext, verbatim, so any client of the same KMS
-//! can unwrap it.
+//! Two types, one per state of the runtime, so that code cannot confuse them:
+//!
+//! - [`RemoteKms`], an *unattested* client: data keys come from `GenerateDataKey` (32 bytes,
+//!   bound to the caller's `aad`) and go back through `Decrypt`, which the server refuses for
+//!   keys marked for attested release ([`KmsError::AttestationRequired`]).
+//! - [`AttestedKms`], made only by [`RemoteKms::attest`] from evidence that the KMS accepted:
+//!   it unwraps with `ReleaseDataKey`, sealed to a runtime key that never leaves this process,
+//!   and attests again before its token expires.
+//!
+//! The wrapped key kept in file headers is the server's base64 ciphertext, verbatim, so any
+//! client of the same KMS can unwrap it. Answers are read through the shared wire contract
+//! ([`ppml_kms::protocol`]), never by their text.
 //!
 //! TLS trust is explicit ([`TlsTrust`]): the system roots, a CA certificate file, or the
 //! SHA-256 fingerprint of the server's certificate (what `ppml kms serve` prints for its
 //! self-signed certificate). Plain `http://` URLs are accepted, for loopback and tests.
+
+pub mod load_test;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,7 +34,11 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use serde_json::{Map, Value, json};
 use zeroize::Zeroizing;
 
-use crate::{AppCredentials, DataKey, KeyManagementService, KeyReference, KmsError, PrimaryKeyId};
+use ppml_kms::protocol::{Action, read_answer};
+pub use ppml_kms::{
+    AppCredentials, DataKey, KeyManagementService, KeyReference, KmsError, PrimaryKeyId,
+    error_chain, format_fingerprint,
+};
 
 /// How the client decides that it talks to the right server over TLS.
 #[derive(Clone, Debug, Default)]
@@ -61,14 +75,6 @@ impl TlsTrust {
             })?;
         Ok(TlsTrust::Fingerprint(bytes))
     }
-}
-
-/// Formats a certificate fingerprint the way [`TlsTrust::parse_fingerprint`] reads it.
-pub fn format_fingerprint(cert_der: &[u8]) -> String {
-    format!(
-        "sha256:{}",
-        hex::encode(ring::digest::digest(&ring::digest::SHA256, cert_der))
-    )
 }
 
 /// Accepts exactly one pinned certificate; handshake signatures are still verified with the
@@ -196,7 +202,6 @@ pub struct RemoteKms {
     http: reqwest::Client,
     creds: Option<AppCredentials>,
     kms_id: String,
-    attestation: Option<Arc<Attestation>>,
 }
 
 impl std::fmt::Debug for RemoteKms {
@@ -252,39 +257,6 @@ fn http_client(config: &RemoteKmsConfig) -> Result<reqwest::Client, KmsError> {
         .map_err(|e| KmsError::InvalidConfig(format!("building the HTTP client: {e}")))
 }
 
-/// A server's `{code, message, result}` answer turned into a result.
-fn interpret(value: Value) -> Result<Map<String, Value>, KmsError> {
-    let code = value.get("code").and_then(Value::as_u64).unwrap_or(0);
-    let message = value
-        .get("message")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_string();
-    if code == 200 {
-        return match value.get("result") {
-            Some(Value::Object(result)) => Ok(result.clone()),
-            _ => Err(KmsError::Protocol(
-                "response without a result object".into(),
-            )),
-        };
-    }
-    Err(match message.as_str() {
-        "sign error" => KmsError::Unauthorized,
-        "keyid not found" => KmsError::KeyNotFound(String::new()),
-        "key is disabled" => KmsError::KeyDisabled(String::new()),
-        "decrypt failed" => KmsError::UnwrapFailed,
-        "key is released only to attested runtimes (use ReleaseDataKey)" => {
-            KmsError::AttestationRequired
-        }
-        "key is not marked for attested release (use Decrypt)" => KmsError::NotMarkedForRelease,
-        "attestation token expired (attest again)" => KmsError::TokenExpired,
-        _ => KmsError::Rejected {
-            code: code as u16,
-            message,
-        },
-    })
-}
-
 fn string_field(result: &Map<String, Value>, name: &str) -> Result<String, KmsError> {
     result
         .get(name)
@@ -320,9 +292,8 @@ impl RemoteKms {
             http: http_client(config)?,
             creds,
             kms_id: String::new(),
-            attestation: None,
         };
-        let version = kms.unsigned("GetVersion").await?;
+        let version = kms.unsigned(Action::GetVersion).await?;
         // The ppml server names itself; a plain eHSM is named by its URL.
         kms.kms_id = match version.get("kms_id").and_then(Value::as_str) {
             Some(id) if !id.is_empty() => id.to_string(),
@@ -338,11 +309,11 @@ impl RemoteKms {
         }
     }
 
-    async fn unsigned(&self, action: &str) -> Result<Map<String, Value>, KmsError> {
+    async fn unsigned(&self, action: Action) -> Result<Map<String, Value>, KmsError> {
         let response = self
             .http
             .get(&self.endpoint)
-            .query(&[("Action", action)])
+            .query(&[("Action", action.name())])
             .send()
             .await
             .map_err(|e| self.transport(e))?;
@@ -358,24 +329,28 @@ impl RemoteKms {
                 bytes.len()
             ))
         })?;
-        interpret(value)
+        read_answer(value)
     }
 
     /// Sends a signed request and returns its `result`.
-    pub async fn call(&self, action: &str, payload: Value) -> Result<Map<String, Value>, KmsError> {
+    pub async fn call(
+        &self,
+        action: Action,
+        payload: Value,
+    ) -> Result<Map<String, Value>, KmsError> {
         let creds = self.creds.as_ref().ok_or(KmsError::Unauthorized)?;
-        let nonce = crate::sealing::random::<12>().ok_or(KmsError::Random)?;
+        let nonce = ppml_kms::sealing::random::<12>().ok_or(KmsError::Random)?;
         let mut body = Map::new();
         body.insert("appid".into(), Value::String(creds.appid.clone()));
         body.insert("payload".into(), payload);
         body.insert("timestamp".into(), Value::String(now_ms().to_string()));
         body.insert("nonce".into(), Value::String(hex::encode(nonce)));
-        let sign = crate::ehsm::sign(&creds.apikey, &body);
+        let sign = ppml_kms::ehsm::sign(&creds.apikey, &body);
         body.insert("sign".into(), Value::String(sign));
         let response = self
             .http
             .post(&self.endpoint)
-            .query(&[("Action", action)])
+            .query(&[("Action", action.name())])
             .json(&body)
             .send()
             .await
@@ -385,7 +360,7 @@ impl RemoteKms {
 
     /// Registers a new application (eHSM `Enroll`); the api key is shown only here.
     pub async fn enroll(&self) -> Result<AppCredentials, KmsError> {
-        let result = self.unsigned("Enroll").await?;
+        let result = self.unsigned(Action::Enroll).await?;
         Ok(AppCredentials::new(
             string_field(&result, "appid")?,
             Zeroizing::new(string_field(&result, "apikey")?).to_string(),
@@ -394,7 +369,7 @@ impl RemoteKms {
 
     /// The calling app's primary keys.
     pub async fn list_keys(&self) -> Result<Vec<RemoteKeyInfo>, KmsError> {
-        let result = self.call("ListKey", json!({})).await?;
+        let result = self.call(Action::ListKey, json!({})).await?;
         let list = result
             .get("list")
             .and_then(Value::as_array)
@@ -425,7 +400,7 @@ impl RemoteKms {
     /// version number. Data keys wrapped before stay unwrappable.
     pub async fn rotate_key(&self, primary: &PrimaryKeyId) -> Result<u64, KmsError> {
         let result = self
-            .call("RotateKey", json!({"keyid": primary.0}))
+            .call(Action::RotateKey, json!({"keyid": primary.0}))
             .await
             .map_err(|e| with_key(e, primary))?;
         result
@@ -436,7 +411,11 @@ impl RemoteKms {
 
     /// Enables or disables a primary key.
     pub async fn set_enabled(&self, primary: &PrimaryKeyId, enabled: bool) -> Result<(), KmsError> {
-        let action = if enabled { "EnableKey" } else { "DisableKey" };
+        let action = if enabled {
+            Action::EnableKey
+        } else {
+            Action::DisableKey
+        };
         self.call(action, json!({"keyid": primary.0}))
             .await
             .map_err(|e| with_key(e, primary))?;
@@ -451,7 +430,7 @@ impl RemoteKms {
         let text = serde_json::to_string(policy)
             .map_err(|e| KmsError::Protocol(format!("policy JSON: {e}")))?;
         let result = self
-            .call("UploadQuotePolicy", json!({"policy": text}))
+            .call(Action::UploadQuotePolicy, json!({"policy": text}))
             .await?;
         string_field(&result, "policyId")
     }
@@ -464,7 +443,7 @@ impl RemoteKms {
         policy_id: &str,
     ) -> Result<(), KmsError> {
         self.call(
-            "SetKeyReleasePolicy",
+            Action::SetKeyReleasePolicy,
             json!({"keyid": primary.0, "policyId": policy_id}),
         )
         .await
@@ -474,25 +453,38 @@ impl RemoteKms {
 }
 
 impl RemoteKms {
+    /// A stored attestation policy of this app (`GetQuotePolicy`).
+    pub async fn get_policy(&self, policy_id: &str) -> Result<ppml_attestation::Policy, KmsError> {
+        let stored = self
+            .call(Action::GetQuotePolicy, json!({"policyId": policy_id}))
+            .await?;
+        serde_json::from_str(&string_field(&stored, "policy")?).map_err(|e| {
+            KmsError::Protocol(format!(
+                "GetQuotePolicy returned a policy ppml cannot read: {e}"
+            ))
+        })
+    }
+
     /// Attests this process to the KMS (docs/attestation.md §6): a fresh runtime key, a
-    /// challenge, evidence from `provider` bound to both, and a token for `policy_id`. From
-    /// then on data keys of keys marked for attested release are unwrapped with
-    /// `ReleaseDataKey` and opened with the runtime key; before the token expires, or when
-    /// the server says it has, the process attests again with `provider` (a new runtime key
-    /// and fresh evidence). The first token is returned for logging.
+    /// challenge, evidence from `provider` bound to both, and a token for `policy_id`. The
+    /// returned client unwraps data keys of keys marked for attested release with
+    /// `ReleaseDataKey`, opened with the runtime key; before the token expires, or when the
+    /// server says it has, it attests again with `provider` (a new runtime key and fresh
+    /// evidence). A refusal is [`KmsError::Attestation`] and leaves no attested client.
     pub async fn attest(
-        &mut self,
+        self,
         provider: Arc<dyn ppml_attestation::EvidenceProvider>,
         policy_id: &str,
-    ) -> Result<String, KmsError> {
+    ) -> Result<AttestedKms, KmsError> {
         let attested = self.attest_once(provider.as_ref(), policy_id).await?;
-        let token = attested.token.clone();
-        self.attestation = Some(Arc::new(Attestation {
-            provider,
-            policy_id: policy_id.to_string(),
-            current: tokio::sync::Mutex::new(Arc::new(attested)),
-        }));
-        Ok(token)
+        Ok(AttestedKms {
+            remote: self,
+            attestation: Arc::new(Attestation {
+                provider,
+                policy_id: policy_id.to_string(),
+                current: tokio::sync::Mutex::new(Arc::new(attested)),
+            }),
+        })
     }
 
     async fn attest_once(
@@ -503,7 +495,7 @@ impl RemoteKms {
         use ppml_attestation::release::RuntimeKey;
         use ppml_attestation::service::expected_report_data;
         let runtime = RuntimeKey::generate();
-        let challenge = self.call("AttestChallenge", json!({})).await?;
+        let challenge = self.call(Action::AttestChallenge, json!({})).await?;
         let nonce = BASE64
             .decode(string_field(&challenge, "nonce")?)
             .map_err(|_| KmsError::Protocol("AttestChallenge nonce is not base64".into()))?;
@@ -512,7 +504,7 @@ impl RemoteKms {
             .map_err(|e| KmsError::Attestation(format!("collecting evidence: {e}")))?;
         let result = self
             .call(
-                "Attest",
+                Action::Attest,
                 json!({
                     "policyId": policy_id,
                     "tee": evidence.tee.to_string(),
@@ -523,11 +515,9 @@ impl RemoteKms {
             )
             .await
             .map_err(|e| match e {
-                KmsError::Rejected { message, .. } => KmsError::Attestation(
-                    message
-                        .trim_start_matches("attestation failed: ")
-                        .to_string(),
-                ),
+                // Any other refusal of the evidence (an unknown policy, say) is a failed
+                // attestation too.
+                KmsError::Rejected { message, .. } => KmsError::Attestation(message),
                 other => other,
             })?;
         let received = std::time::Instant::now();
@@ -540,18 +530,78 @@ impl RemoteKms {
         })
     }
 
+    async fn decrypt(&self, key: &KeyReference, aad: &[u8]) -> Result<DataKey, KmsError> {
+        let primary = PrimaryKeyId(key.key_id.clone());
+        let ciphertext = std::str::from_utf8(&key.wrapped).map_err(|_| KmsError::UnwrapFailed)?;
+        let result = self
+            .call(
+                Action::Decrypt,
+                json!({"keyid": key.key_id, "ciphertext": ciphertext, "aad": aad_text(aad)?}),
+            )
+            .await
+            .map_err(|e| with_key(e, &primary))?;
+        let plaintext = Zeroizing::new(
+            BASE64
+                .decode(string_field(&result, "plaintext")?)
+                .map_err(|_| KmsError::Protocol("Decrypt plaintext is not base64".into()))?,
+        );
+        DataKey::from_slice(&plaintext).map_err(|_| KmsError::UnwrapFailed)
+    }
+
+    fn check_kms(&self, key: &KeyReference) -> Result<(), KmsError> {
+        if key.kms != self.kms_id {
+            return Err(KmsError::WrongKms {
+                expected: self.kms_id.clone(),
+                found: key.kms.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A client of an attested runtime, made by [`RemoteKms::attest`]: the only type that can ask
+/// the KMS for `ReleaseDataKey`. Cheap to clone; clones share the token.
+#[derive(Clone)]
+pub struct AttestedKms {
+    remote: RemoteKms,
+    attestation: Arc<Attestation>,
+}
+
+impl std::fmt::Debug for AttestedKms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AttestedKms")
+            .field("remote", &self.remote)
+            .field("policy_id", &self.attestation.policy_id)
+            .finish()
+    }
+}
+
+impl AttestedKms {
+    /// The connection underneath, for the calls that need no attestation (admin actions).
+    pub fn remote(&self) -> &RemoteKms {
+        &self.remote
+    }
+
+    /// The attestation policy this runtime was attested under.
+    pub fn policy_id(&self) -> &str {
+        &self.attestation.policy_id
+    }
+
+    /// The current attestation token (a JWT signed by the KMS), renewed first if it is due.
+    pub async fn token(&self) -> Result<String, KmsError> {
+        Ok(self.current(None).await?.token.clone())
+    }
+
     /// The token to use now: the current one, or a new one if it is due for renewal or is
     /// `expired` (the token the server just refused; another task may have renewed it).
-    async fn token(
-        &self,
-        attestation: &Attestation,
-        expired: Option<&Arc<Attested>>,
-    ) -> Result<Arc<Attested>, KmsError> {
+    async fn current(&self, expired: Option<&Arc<Attested>>) -> Result<Arc<Attested>, KmsError> {
+        let attestation = &self.attestation;
         let mut current = attestation.current.lock().await;
         let refused = expired.is_some_and(|old| Arc::ptr_eq(old, &current));
         if refused || std::time::Instant::now() >= current.renew_at {
             tracing::info!("the attestation token is expiring: attesting again");
             let renewed = self
+                .remote
                 .attest_once(attestation.provider.as_ref(), &attestation.policy_id)
                 .await?;
             *current = Arc::new(renewed);
@@ -568,8 +618,9 @@ impl RemoteKms {
     ) -> Result<Option<DataKey>, KmsError> {
         let primary = PrimaryKeyId(key.key_id.clone());
         let result = self
+            .remote
             .call(
-                "ReleaseDataKey",
+                Action::ReleaseDataKey,
                 json!({"keyid": key.key_id, "ciphertext": ciphertext, "aad": aad,
                        "token": attested.token}),
             )
@@ -578,14 +629,7 @@ impl RemoteKms {
             Ok(result) => result,
             // The key is not marked for attested release: plain Decrypt applies.
             Err(KmsError::NotMarkedForRelease) => return Ok(None),
-            Err(KmsError::TokenExpired) => return Err(KmsError::TokenExpired),
-            Err(KmsError::Rejected { message, .. }) => {
-                return Err(KmsError::Attestation(
-                    message
-                        .trim_start_matches("attestation failed: ")
-                        .to_string(),
-                ));
-            }
+            Err(KmsError::Rejected { message, .. }) => return Err(KmsError::Attestation(message)),
             Err(e) => return Err(with_key(e, &primary)),
         };
         let decode = |name: &str| {
@@ -630,22 +674,6 @@ fn with_key(err: KmsError, primary: &PrimaryKeyId) -> KmsError {
     }
 }
 
-/// An error and its sources on one line (`error: cause: cause…`), skipping causes whose text
-/// is already included: the reason behind a generic "transport error" then shows.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
-
 #[async_trait]
 impl KeyManagementService for RemoteKms {
     fn kms_id(&self) -> &str {
@@ -655,7 +683,7 @@ impl KeyManagementService for RemoteKms {
     async fn create_primary_key(&self) -> Result<PrimaryKeyId, KmsError> {
         let result = self
             .call(
-                "CreateKey",
+                Action::CreateKey,
                 json!({"keyspec": "EH_AES_GCM_256", "origin": "EH_INTERNAL_KEY"}),
             )
             .await?;
@@ -669,8 +697,8 @@ impl KeyManagementService for RemoteKms {
     ) -> Result<(DataKey, KeyReference), KmsError> {
         let result = self
             .call(
-                "GenerateDataKey",
-                json!({"keyid": primary.0, "keylen": ppml_format::DATA_KEY_LEN, "aad": aad_text(aad)?}),
+                Action::GenerateDataKey,
+                json!({"keyid": primary.0, "keylen": ppml_kms::DATA_KEY_LEN, "aad": aad_text(aad)?}),
             )
             .await
             .map_err(|e| with_key(e, primary))?;
@@ -687,42 +715,51 @@ impl KeyManagementService for RemoteKms {
         Ok((key, KeyReference::new(&self.kms_id, &primary.0, wrapped)))
     }
 
+    /// Unwraps with `Decrypt`; a key marked for attested release is refused by the server
+    /// ([`KmsError::AttestationRequired`]): only an [`AttestedKms`] can release it.
     async fn unwrap_data_key(&self, key: &KeyReference, aad: &[u8]) -> Result<DataKey, KmsError> {
-        if key.kms != self.kms_id {
-            return Err(KmsError::WrongKms {
-                expected: self.kms_id.clone(),
-                found: key.kms.clone(),
-            });
-        }
+        self.check_kms(key)?;
+        self.decrypt(key, aad).await
+    }
+}
+
+#[async_trait]
+impl KeyManagementService for AttestedKms {
+    fn kms_id(&self) -> &str {
+        self.remote.kms_id()
+    }
+
+    async fn create_primary_key(&self) -> Result<PrimaryKeyId, KmsError> {
+        self.remote.create_primary_key().await
+    }
+
+    async fn generate_data_key(
+        &self,
+        primary: &PrimaryKeyId,
+        aad: &[u8],
+    ) -> Result<(DataKey, KeyReference), KmsError> {
+        self.remote.generate_data_key(primary, aad).await
+    }
+
+    /// Unwraps with `ReleaseDataKey` under the current token (renewed when it is due or the
+    /// server says it expired); a key that is not marked for attested release goes through
+    /// `Decrypt`.
+    async fn unwrap_data_key(&self, key: &KeyReference, aad: &[u8]) -> Result<DataKey, KmsError> {
+        self.remote.check_kms(key)?;
         let ciphertext = std::str::from_utf8(&key.wrapped).map_err(|_| KmsError::UnwrapFailed)?;
-        if let Some(attestation) = &self.attestation {
-            let aad = aad_text(aad)?;
-            let attested = self.token(attestation, None).await?;
-            let released = match self.release(&attested, key, ciphertext, aad).await {
-                Err(KmsError::TokenExpired) => {
-                    let renewed = self.token(attestation, Some(&attested)).await?;
-                    self.release(&renewed, key, ciphertext, aad).await?
-                }
-                other => other?,
-            };
-            if let Some(data_key) = released {
-                return Ok(data_key);
+        let aad_text = aad_text(aad)?;
+        let attested = self.current(None).await?;
+        let released = match self.release(&attested, key, ciphertext, aad_text).await {
+            Err(KmsError::TokenExpired) => {
+                let renewed = self.current(Some(&attested)).await?;
+                self.release(&renewed, key, ciphertext, aad_text).await?
             }
+            other => other?,
+        };
+        match released {
+            Some(data_key) => Ok(data_key),
+            None => self.remote.decrypt(key, aad).await,
         }
-        let primary = PrimaryKeyId(key.key_id.clone());
-        let result = self
-            .call(
-                "Decrypt",
-                json!({"keyid": key.key_id, "ciphertext": ciphertext, "aad": aad_text(aad)?}),
-            )
-            .await
-            .map_err(|e| with_key(e, &primary))?;
-        let plaintext = Zeroizing::new(
-            BASE64
-                .decode(string_field(&result, "plaintext")?)
-                .map_err(|_| KmsError::Protocol("Decrypt plaintext is not base64".into()))?,
-        );
-        DataKey::from_slice(&plaintext).map_err(|_| KmsError::UnwrapFailed)
     }
 }
 
@@ -747,32 +784,5 @@ mod tests {
         assert!(TlsTrust::parse_fingerprint(&with_colons).is_ok());
         assert!(TlsTrust::parse_fingerprint("sha256:abcd").is_err());
         assert!(TlsTrust::parse_fingerprint("not hex at all").is_err());
-    }
-
-    #[test]
-    fn server_errors_map_to_kms_errors() {
-        let reject = |message: &str| {
-            interpret(json!({"code": 400, "message": message, "result": {}})).unwrap_err()
-        };
-        assert!(matches!(reject("sign error"), KmsError::Unauthorized));
-        assert!(matches!(
-            reject("keyid not found"),
-            KmsError::KeyNotFound(_)
-        ));
-        assert!(matches!(
-            reject("key is disabled"),
-            KmsError::KeyDisabled(_)
-        ));
-        assert!(matches!(reject("decrypt failed"), KmsError::UnwrapFailed));
-        assert!(matches!(
-            reject("Timestamp error"),
-            KmsError::Rejected { code: 400, .. }
-        ));
-        let ok = interpret(json!({"code": 200, "message": "successful", "result": {"a": 1}}));
-        assert_eq!(ok.unwrap().get("a"), Some(&json!(1)));
-        assert!(matches!(
-            interpret(json!({"code": 200})),
-            Err(KmsError::Protocol(_))
-        ));
     }
 }

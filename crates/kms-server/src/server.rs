@@ -1,0 +1,566 @@
+//! Starting a KMS server: the one entry point of `ppml kms serve`, `ppml attest serve`, the
+//! quickstart's in-process server and any program that embeds the KMS.
+//!
+//! [`ServerConfig`] says where the data directory is, where the root key comes from, how TLS is
+//! set up and what the attestation service trusts. [`KmsServer::start`] opens the data
+//! directory (creating it, mode 0700, with a new root key or passphrase salt on first start),
+//! the store, the audit log and the attestation service, loads or creates the TLS identity and
+//! binds the listener; [`KmsServer::run`] serves until shutdown. [`serve`] does both.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ppml_attestation::Tee;
+use ppml_attestation::dcap::Collateral;
+use ppml_attestation::pccs::{PccsClient, PccsOptions};
+use ppml_attestation::service::AttestationService;
+use ppml_attestation::sim::SimPlatform;
+use zeroize::Zeroizing;
+
+use crate::audit::{AuditError, AuditHead, AuditLog};
+use crate::tls::{TlsError, TlsIdentity, serve_tls};
+use crate::{ApiError, RootKey, ServerState, Store, router};
+
+/// Address `ppml kms serve` listens on by default.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9000";
+
+/// Why a KMS server could not start, or stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// A file or directory of the server could not be read or written.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What the file is.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A secret file (root key, passphrase) is readable by others.
+    #[error("{path} is readable by other users (mode {mode:o}); run chmod 600 on it")]
+    InsecureFile {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The root key material is malformed, or could not be derived or generated.
+    #[error("{source_name}: {reason}")]
+    RootKey {
+        /// Where it came from (an env var or a file).
+        source_name: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// No root key source is given and the key file does not exist.
+    #[error(
+        "no root key: {0} does not exist and neither PPML_KMS_ROOT_KEY nor a passphrase is set"
+    )]
+    NoRootKey(PathBuf),
+    /// The store could not be opened (a wrong root key among others).
+    #[error("opening the store in {dir}: {source}")]
+    Store {
+        /// The data directory.
+        dir: PathBuf,
+        /// The cause.
+        source: ApiError,
+    },
+    /// The audit log could not be opened.
+    #[error("opening the audit log in {dir}: {source}")]
+    Audit {
+        /// The data directory.
+        dir: PathBuf,
+        /// The cause.
+        #[source]
+        source: AuditError,
+    },
+    /// The TLS identity could not be loaded or created.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The attestation service could not be set up (keys, collateral, PCCS).
+    #[error("attestation service: {0}")]
+    Attestation(String),
+    /// The listen address could not be bound.
+    #[error("listening on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Serving failed.
+    #[error("serving: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Where the root key comes from (`docs/kms-api.md` §8).
+#[derive(Clone)]
+pub enum RootKeySource {
+    /// 64 hex characters (`PPML_KMS_ROOT_KEY`).
+    Hex(Zeroizing<String>),
+    /// A passphrase (`PPML_KMS_PASSPHRASE`): Argon2id with the salt in `DATA_DIR/root.salt`.
+    Passphrase(Zeroizing<String>),
+    /// A file holding the passphrase (mode 0600; a final newline is dropped).
+    PassphraseFile(PathBuf),
+    /// A key file of 64 hex characters (mode 0600), created at random on first start;
+    /// `None` is `DATA_DIR/root.key`.
+    KeyFile(Option<PathBuf>),
+}
+
+impl std::fmt::Debug for RootKeySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RootKeySource::Hex(_) => f.write_str("Hex(<redacted>)"),
+            RootKeySource::Passphrase(_) => f.write_str("Passphrase(<redacted>)"),
+            RootKeySource::PassphraseFile(path) => write!(f, "PassphraseFile({path:?})"),
+            RootKeySource::KeyFile(path) => write!(f, "KeyFile({path:?})"),
+        }
+    }
+}
+
+impl Default for RootKeySource {
+    fn default() -> Self {
+        RootKeySource::KeyFile(None)
+    }
+}
+
+impl RootKeySource {
+    /// The source in the documented order of precedence: `PPML_KMS_ROOT_KEY`, then
+    /// `PPML_KMS_PASSPHRASE`, then `passphrase_file`, then the key file `key_file` (default
+    /// `DATA_DIR/root.key`).
+    pub fn from_env_or(passphrase_file: Option<PathBuf>, key_file: Option<PathBuf>) -> Self {
+        if let Ok(hex_key) = std::env::var("PPML_KMS_ROOT_KEY") {
+            return RootKeySource::Hex(Zeroizing::new(hex_key));
+        }
+        if let Ok(passphrase) = std::env::var("PPML_KMS_PASSPHRASE") {
+            return RootKeySource::Passphrase(Zeroizing::new(passphrase));
+        }
+        match passphrase_file {
+            Some(file) => RootKeySource::PassphraseFile(file),
+            None => RootKeySource::KeyFile(key_file),
+        }
+    }
+
+    /// Loads the root key of the data directory `dir`. With `create`, a missing key file (or
+    /// passphrase salt) is created; otherwise its absence is an error.
+    pub fn load(&self, dir: &Path, create: bool) -> Result<RootKey, ServerError> {
+        let passphrase = match self {
+            RootKeySource::Hex(hex_key) => {
+                return RootKey::from_hex(hex_key).map_err(|reason| ServerError::RootKey {
+                    source_name: "PPML_KMS_ROOT_KEY".into(),
+                    reason,
+                });
+            }
+            RootKeySource::Passphrase(passphrase) => passphrase.clone(),
+            RootKeySource::PassphraseFile(file) => {
+                let text = read_private(file, "passphrase file")?;
+                Zeroizing::new(text.trim_end_matches(['\r', '\n']).to_string())
+            }
+            RootKeySource::KeyFile(path) => {
+                let path = path.clone().unwrap_or_else(|| dir.join("root.key"));
+                return key_file(&path, dir, create);
+            }
+        };
+        if passphrase.is_empty() {
+            return Err(ServerError::RootKey {
+                source_name: "the KMS passphrase".into(),
+                reason: "it is empty".into(),
+            });
+        }
+        let salt_path = dir.join("root.salt");
+        let salt = if salt_path.exists() {
+            let text = std::fs::read_to_string(&salt_path).map_err(|source| ServerError::Io {
+                what: "reading",
+                path: salt_path.clone(),
+                source,
+            })?;
+            RootKey::salt_from_hex(text.trim()).map_err(|reason| ServerError::RootKey {
+                source_name: salt_path.display().to_string(),
+                reason,
+            })?
+        } else if create {
+            create_dir(dir)?;
+            let salt = RootKey::generate_salt().map_err(|reason| ServerError::RootKey {
+                source_name: "the passphrase salt".into(),
+                reason,
+            })?;
+            ppml_kms::write_private_file_atomic(
+                &salt_path,
+                format!("{}\n", hex::encode(salt)).as_bytes(),
+            )
+            .map_err(|source| ServerError::Io {
+                what: "writing",
+                path: salt_path.clone(),
+                source,
+            })?;
+            salt
+        } else {
+            return Err(ServerError::Io {
+                what: "reading",
+                path: salt_path,
+                source: std::io::ErrorKind::NotFound.into(),
+            });
+        };
+        tracing::info!("deriving the root key from the passphrase (Argon2id)");
+        RootKey::from_passphrase(passphrase.as_bytes(), &salt).map_err(|reason| {
+            ServerError::RootKey {
+                source_name: "deriving the root key".into(),
+                reason,
+            }
+        })
+    }
+}
+
+fn key_file(path: &Path, dir: &Path, create: bool) -> Result<RootKey, ServerError> {
+    if !path.exists() {
+        if !create {
+            return Err(ServerError::NoRootKey(path.to_path_buf()));
+        }
+        create_dir(dir)?;
+        let (key, hex_key) = RootKey::generate().map_err(|reason| ServerError::RootKey {
+            source_name: "generating a root key".into(),
+            reason,
+        })?;
+        ppml_kms::write_private_file_atomic(path, format!("{}\n", *hex_key).as_bytes()).map_err(
+            |source| ServerError::Io {
+                what: "writing",
+                path: path.to_path_buf(),
+                source,
+            },
+        )?;
+        tracing::warn!(path = %path.display(), "created a new root key");
+        return Ok(key);
+    }
+    let text = read_private(path, "root key file")?;
+    RootKey::from_hex(&text).map_err(|reason| ServerError::RootKey {
+        source_name: path.display().to_string(),
+        reason,
+    })
+}
+
+fn read_private(path: &Path, what: &'static str) -> Result<Zeroizing<String>, ServerError> {
+    let io = |source| ServerError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    };
+    let mode = std::fs::metadata(path).map_err(io)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(ServerError::InsecureFile {
+            path: path.to_path_buf(),
+            mode: mode & 0o777,
+        });
+    }
+    Ok(Zeroizing::new(std::fs::read_to_string(path).map_err(io)?))
+}
+
+/// Creates `dir` (mode 0700) if it does not exist.
+fn create_dir(dir: &Path) -> Result<(), ServerError> {
+    if dir.exists() {
+        return Ok(());
+    }
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| ServerError::Io {
+            what: "creating",
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
+/// How the server speaks TLS.
+#[derive(Clone, Debug)]
+pub enum TlsMode {
+    /// A self-signed certificate kept in `DATA_DIR/tls`, created on first start for
+    /// `localhost`, `127.0.0.1` and these further names.
+    SelfSigned {
+        /// Extra DNS names or IP addresses.
+        extra_names: Vec<String>,
+    },
+    /// A certificate chain and its key, PEM.
+    Files {
+        /// The certificate chain.
+        cert: PathBuf,
+        /// The private key.
+        key: PathBuf,
+    },
+    /// Plain HTTP: loopback or a trusted network only.
+    InsecureHttp,
+}
+
+/// What the attestation service trusts and how it gets DCAP collateral.
+#[derive(Clone, Debug, Default)]
+pub struct AttestationSettings {
+    /// Simulation platform key files (PKCS#8, created if missing) whose simulated-TEE
+    /// evidence is verified (only policies with `allow_simulation` accept it).
+    pub trust_sim_platforms: Vec<PathBuf>,
+    /// Collateral JSON for SGX quotes.
+    pub sgx_collateral: Option<PathBuf>,
+    /// Collateral JSON for TDX quotes.
+    pub tdx_collateral: Option<PathBuf>,
+    /// A PCCS to fetch collateral from (cached in `DATA_DIR/collateral-cache` unless the
+    /// options say otherwise).
+    pub pccs_url: Option<String>,
+    /// Options of the PCCS client.
+    pub pccs: PccsOptions,
+    /// Lifetime of attestation tokens in seconds (default 300).
+    pub token_ttl: Option<u64>,
+}
+
+/// Everything a KMS server needs to start.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// `HOST:PORT` to listen on (port 0: any free port).
+    pub listen: String,
+    /// The store, audit log, salt or key file and self-signed certificate.
+    pub data_dir: PathBuf,
+    /// Where the root key comes from.
+    pub root_key: RootKeySource,
+    /// TLS.
+    pub tls: TlsMode,
+    /// The attestation service.
+    pub attestation: AttestationSettings,
+}
+
+impl ServerConfig {
+    /// A server of `data_dir` on [`DEFAULT_LISTEN`], with the root key in `DATA_DIR/root.key`
+    /// and a self-signed certificate.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        ServerConfig {
+            listen: DEFAULT_LISTEN.into(),
+            data_dir: data_dir.into(),
+            root_key: RootKeySource::default(),
+            tls: TlsMode::SelfSigned {
+                extra_names: Vec::new(),
+            },
+            attestation: AttestationSettings::default(),
+        }
+    }
+}
+
+/// The store, audit log and attestation seed of a data directory.
+struct DataDir {
+    store: Store,
+    audit: AuditLog,
+    attestation_seed: Zeroizing<[u8; 32]>,
+}
+
+fn open_data_dir(dir: &Path, root_key: &RootKeySource) -> Result<DataDir, ServerError> {
+    create_dir(dir)?;
+    let root = root_key.load(dir, true)?;
+    let audit_key = root.audit_mac_key();
+    let attestation_seed = root.attestation_seed();
+    let store = Store::open(dir, root).map_err(|source| ServerError::Store {
+        dir: dir.to_path_buf(),
+        source,
+    })?;
+    let audit = AuditLog::open(dir, &audit_key).map_err(|source| ServerError::Audit {
+        dir: dir.to_path_buf(),
+        source,
+    })?;
+    Ok(DataDir {
+        store,
+        audit,
+        attestation_seed,
+    })
+}
+
+fn tls_identity(config: &ServerConfig) -> Result<Option<TlsIdentity>, ServerError> {
+    Ok(match &config.tls {
+        TlsMode::InsecureHttp => None,
+        TlsMode::Files { cert, key } => Some(TlsIdentity::from_pem_files(cert, key)?),
+        TlsMode::SelfSigned { extra_names } => Some(TlsIdentity::self_signed_in(
+            &config.data_dir.join("tls"),
+            extra_names,
+        )?),
+    })
+}
+
+fn attestation_service(
+    config: &ServerConfig,
+    store: &Store,
+    seed: &[u8; 32],
+) -> Result<AttestationService, ServerError> {
+    let failed = |e: &dyn std::fmt::Display| ServerError::Attestation(e.to_string());
+    let settings = &config.attestation;
+    let mut service = AttestationService::new(store.kms_id(), seed).map_err(|e| failed(&e))?;
+    for path in &settings.trust_sim_platforms {
+        let platform = SimPlatform::load_or_create(path).map_err(|e| {
+            ServerError::Attestation(format!(
+                "loading the simulation platform key {}: {e}",
+                path.display()
+            ))
+        })?;
+        tracing::warn!(
+            path = %path.display(),
+            "trusting a SIMULATION platform key: simulated TEEs can attest (policies must still allow simulation)"
+        );
+        service.trust_sim_platform(platform.public_key());
+    }
+    for (tee, path) in [
+        (Tee::Sgx, &settings.sgx_collateral),
+        (Tee::Tdx, &settings.tdx_collateral),
+    ] {
+        if let Some(path) = path {
+            service.set_collateral(tee, Collateral::from_file(path).map_err(|e| failed(&e))?);
+        }
+    }
+    if let Some(ttl) = settings.token_ttl {
+        service.set_token_ttl(ttl);
+    }
+    if let Some(url) = &settings.pccs_url {
+        let mut options = settings.pccs.clone();
+        if options.cache_dir.is_none() {
+            options.cache_dir = Some(config.data_dir.join("collateral-cache"));
+        }
+        let client = PccsClient::new(url, &options).map_err(|e| failed(&e))?;
+        tracing::info!(pccs = ?client, "DCAP collateral from the PCCS");
+        service.set_pccs(client);
+    }
+    Ok(service)
+}
+
+/// What [`init_data_dir`] made or found.
+#[derive(Clone, Debug)]
+pub struct InitializedDataDir {
+    /// The store's KMS id (`ppml-kms:<hex>`).
+    pub kms_id: String,
+    /// The TLS certificate's fingerprint, unless the configuration serves plain HTTP.
+    pub fingerprint: Option<String>,
+}
+
+/// Creates everything [`KmsServer::start`] would create on first start (data directory, root
+/// key or salt, store, audit log, TLS certificate) without serving.
+pub fn init_data_dir(config: &ServerConfig) -> Result<InitializedDataDir, ServerError> {
+    let data = open_data_dir(&config.data_dir, &config.root_key)?;
+    let identity = tls_identity(config)?;
+    Ok(InitializedDataDir {
+        kms_id: data.store.kms_id().to_string(),
+        fingerprint: identity.map(|i| i.fingerprint),
+    })
+}
+
+/// A KMS server that is bound and ready: [`KmsServer::run`] serves it.
+pub struct KmsServer {
+    state: Arc<ServerState>,
+    listener: tokio::net::TcpListener,
+    tls: Option<TlsIdentity>,
+    addr: SocketAddr,
+}
+
+impl std::fmt::Debug for KmsServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KmsServer")
+            .field("url", &self.url())
+            .finish_non_exhaustive()
+    }
+}
+
+impl KmsServer {
+    /// Opens the data directory, store, audit log and attestation service, loads or creates
+    /// the TLS identity and binds the listen address.
+    pub async fn start(config: &ServerConfig) -> Result<Self, ServerError> {
+        let data = open_data_dir(&config.data_dir, &config.root_key)?;
+        let attestation = attestation_service(config, &data.store, &data.attestation_seed)?;
+        drop(data.attestation_seed);
+        let tls = tls_identity(config)?;
+        let listener = tokio::net::TcpListener::bind(&config.listen)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: config.listen.clone(),
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| ServerError::Bind {
+            addr: config.listen.clone(),
+            source,
+        })?;
+        let state = Arc::new(
+            ServerState::new(data.store)
+                .with_audit(data.audit)
+                .with_attestation(attestation),
+        );
+        Ok(KmsServer {
+            state,
+            listener,
+            tls,
+            addr,
+        })
+    }
+
+    /// The bound address (the real port when the configuration asked for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The URL clients use: `https://ADDR`, or `http://ADDR` for plain HTTP.
+    pub fn url(&self) -> String {
+        match self.tls {
+            Some(_) => format!("https://{}", self.addr),
+            None => format!("http://{}", self.addr),
+        }
+    }
+
+    /// The TLS identity (its fingerprint is what clients pin), unless serving plain HTTP.
+    pub fn tls(&self) -> Option<&TlsIdentity> {
+        self.tls.as_ref()
+    }
+
+    /// The server's state (store, metrics, audit log).
+    pub fn state(&self) -> &Arc<ServerState> {
+        &self.state
+    }
+
+    /// Serves until `shutdown` completes; returns the audit log's head at shutdown, which
+    /// operators record outside the machine (it is what shows a truncated tail).
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<AuditHead, ServerError> {
+        let app = router(self.state.clone());
+        match self.tls {
+            None => {
+                tracing::warn!(
+                    "serving plain HTTP: requests and keys are not encrypted in transit"
+                );
+                use axum::serve::ListenerExt as _;
+                let listener = self.listener.tap_io(|tcp| {
+                    let _ = tcp.set_nodelay(true);
+                });
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+                    .map_err(ServerError::Serve)?;
+            }
+            Some(identity) => serve_tls(self.listener, identity.config.clone(), app, shutdown)
+                .await
+                .map_err(ServerError::Serve)?,
+        }
+        Ok(self
+            .state
+            .audit()
+            .map(|audit| audit.head())
+            .expect("a started server has an audit log"))
+    }
+}
+
+/// Starts a server with `config` and serves until `shutdown` completes ([`KmsServer::start`]
+/// and [`KmsServer::run`]).
+pub async fn serve(
+    config: &ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<AuditHead, ServerError> {
+    KmsServer::start(config).await?.run(shutdown).await
+}
+
+/// Loads the root key of an existing data directory (for checking the audit log's MACs).
+pub fn load_root_key(data_dir: &Path, source: &RootKeySource) -> Result<RootKey, ServerError> {
+    source.load(data_dir, false)
+}

@@ -1,0 +1,499 @@
+//! The wire contract of the eHSM-compatible KMS protocol (`docs/kms-api.md` §5 and §6), defined
+//! once for both ends: the KMS server answers with these values and the client reads them.
+//!
+//! An error answer is `{"code", "message", "result": {}, "kind"}`. `code` and `message` are
+//! eHSM's; `kind` (a ppml extension that eHSM clients ignore) names the error with a stable
+//! label, so that ppml's client classifies errors by [`ErrorKind`] and never by their text.
+//! A server that sends no `kind` (eHSM itself) is read through [`ErrorKind::from_message`],
+//! which compares the whole message with this table.
+
+use serde_json::{Map, Value, json};
+
+use crate::KmsError;
+use crate::ehsm::RequestError;
+
+/// Every action of the protocol (`docs/kms-api.md` §5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Action {
+    /// `GET`, unsigned: registers an application.
+    Enroll,
+    /// `GET`, unsigned: the server's version and KMS id.
+    GetVersion,
+    /// Creates a primary key.
+    CreateKey,
+    /// A data key in plaintext and wrapped.
+    GenerateDataKey,
+    /// A data key, wrapped only.
+    GenerateDataKeyWithoutPlaintext,
+    /// Encrypts a short plaintext under a primary key.
+    Encrypt,
+    /// Unwraps a ciphertext (refused for keys marked for attested release).
+    Decrypt,
+    /// The app's primary keys.
+    ListKey,
+    /// Deletes a primary key.
+    DeleteKey,
+    /// Enables a primary key.
+    EnableKey,
+    /// Disables a primary key.
+    DisableKey,
+    /// ppml: adds a version to a primary key.
+    RotateKey,
+    /// ppml: rewraps a ciphertext under the newest key version.
+    ReEncrypt,
+    /// Stores an attestation policy.
+    UploadQuotePolicy,
+    /// Reads a stored attestation policy.
+    GetQuotePolicy,
+    /// Verifies a quote against a policy.
+    VerifyQuote,
+    /// ppml: a fresh attestation challenge.
+    AttestChallenge,
+    /// ppml: evidence in, attestation token out.
+    Attest,
+    /// ppml: marks a key for attested release under a policy.
+    SetKeyReleasePolicy,
+    /// ppml: unwraps a data key for an attested runtime, sealed to its runtime key.
+    ReleaseDataKey,
+}
+
+impl Action {
+    /// Every action, in the order of `docs/kms-api.md` §5.
+    pub const ALL: [Action; 20] = [
+        Action::Enroll,
+        Action::GetVersion,
+        Action::CreateKey,
+        Action::GenerateDataKey,
+        Action::GenerateDataKeyWithoutPlaintext,
+        Action::Encrypt,
+        Action::Decrypt,
+        Action::ListKey,
+        Action::DeleteKey,
+        Action::EnableKey,
+        Action::DisableKey,
+        Action::RotateKey,
+        Action::ReEncrypt,
+        Action::UploadQuotePolicy,
+        Action::GetQuotePolicy,
+        Action::VerifyQuote,
+        Action::AttestChallenge,
+        Action::Attest,
+        Action::SetKeyReleasePolicy,
+        Action::ReleaseDataKey,
+    ];
+
+    /// The name in `?Action=`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::Enroll => "Enroll",
+            Action::GetVersion => "GetVersion",
+            Action::CreateKey => "CreateKey",
+            Action::GenerateDataKey => "GenerateDataKey",
+            Action::GenerateDataKeyWithoutPlaintext => "GenerateDataKeyWithoutPlaintext",
+            Action::Encrypt => "Encrypt",
+            Action::Decrypt => "Decrypt",
+            Action::ListKey => "ListKey",
+            Action::DeleteKey => "DeleteKey",
+            Action::EnableKey => "EnableKey",
+            Action::DisableKey => "DisableKey",
+            Action::RotateKey => "RotateKey",
+            Action::ReEncrypt => "ReEncrypt",
+            Action::UploadQuotePolicy => "UploadQuotePolicy",
+            Action::GetQuotePolicy => "GetQuotePolicy",
+            Action::VerifyQuote => "VerifyQuote",
+            Action::AttestChallenge => "AttestChallenge",
+            Action::Attest => "Attest",
+            Action::SetKeyReleasePolicy => "SetKeyReleasePolicy",
+            Action::ReleaseDataKey => "ReleaseDataKey",
+        }
+    }
+
+    /// The action called `name`, if it is one of the protocol's.
+    pub fn from_name(name: &str) -> Option<Action> {
+        Action::ALL.into_iter().find(|a| a.name() == name)
+    }
+
+    /// False for the two unsigned `GET` actions, true for every signed `POST` one.
+    pub fn is_signed(self) -> bool {
+        !matches!(self, Action::Enroll | Action::GetVersion)
+    }
+
+    /// Whether the signed envelope must carry a `payload` (`docs/kms-api.md` §4 rule 1: the
+    /// cryptographic actions and the attestation actions that name a policy or a key).
+    pub fn needs_payload(self) -> bool {
+        matches!(
+            self,
+            Action::VerifyQuote
+                | Action::SetKeyReleasePolicy
+                | Action::ReleaseDataKey
+                | Action::UploadQuotePolicy
+                | Action::GetQuotePolicy
+                | Action::Attest
+                | Action::CreateKey
+                | Action::GenerateDataKey
+                | Action::GenerateDataKeyWithoutPlaintext
+                | Action::Encrypt
+                | Action::Decrypt
+                | Action::RotateKey
+                | Action::ReEncrypt
+        )
+    }
+}
+
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Every error answer of the protocol (`docs/kms-api.md` §6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// `appid`, `timestamp` or `sign` (or a needed `payload`) is missing.
+    MissingParameters,
+    /// An envelope field has the wrong JSON type.
+    ParamType,
+    /// The timestamp is not 13 characters.
+    TimestampLength,
+    /// The timestamp is not a number or is outside the ±10 minute window.
+    Timestamp,
+    /// The (timestamp, nonce) was already used by this app within 20 minutes.
+    Replay,
+    /// The signature does not match (unknown app id or wrong api key).
+    Sign,
+    /// A payload field has the wrong type or range.
+    PayloadType,
+    /// Unknown key id, or another app's key.
+    KeyNotFound,
+    /// The key is disabled.
+    KeyDisabled,
+    /// A base64 field does not decode.
+    Base64,
+    /// Wrong key, wrong aad or modified ciphertext.
+    DecryptFailed,
+    /// The body is over the limit.
+    TooLarge,
+    /// The action is not one of the protocol's.
+    UnknownAction,
+    /// `Decrypt` of a key released only to attested runtimes (`ReleaseDataKey` serves it).
+    AttestationRequired,
+    /// `ReleaseDataKey` of a key that is not marked for attested release.
+    NotMarkedForRelease,
+    /// Unknown attestation policy id, or another app's.
+    PolicyNotFound,
+    /// The attestation evidence or token was refused; the message carries the reason.
+    AttestationFailed,
+    /// `ReleaseDataKey` with a token past its expiry.
+    TokenExpired,
+    /// A server fault; the request was not applied.
+    Internal,
+}
+
+/// Message prefix of [`ErrorKind::AttestationFailed`]; the reason follows.
+const ATTESTATION_FAILED: &str = "attestation failed";
+
+impl ErrorKind {
+    /// Every error kind, in the order of `docs/kms-api.md` §6.
+    pub const ALL: [ErrorKind; 19] = [
+        ErrorKind::MissingParameters,
+        ErrorKind::ParamType,
+        ErrorKind::TimestampLength,
+        ErrorKind::Timestamp,
+        ErrorKind::Replay,
+        ErrorKind::Sign,
+        ErrorKind::PayloadType,
+        ErrorKind::KeyNotFound,
+        ErrorKind::KeyDisabled,
+        ErrorKind::Base64,
+        ErrorKind::DecryptFailed,
+        ErrorKind::TooLarge,
+        ErrorKind::UnknownAction,
+        ErrorKind::AttestationRequired,
+        ErrorKind::NotMarkedForRelease,
+        ErrorKind::PolicyNotFound,
+        ErrorKind::AttestationFailed,
+        ErrorKind::TokenExpired,
+        ErrorKind::Internal,
+    ];
+
+    /// The eHSM `code`: 500 for server faults, 400 for everything the client caused.
+    pub fn code(self) -> u16 {
+        match self {
+            ErrorKind::Internal => 500,
+            _ => 400,
+        }
+    }
+
+    /// The eHSM `message` (for [`ErrorKind::AttestationFailed`], the part before the reason).
+    pub fn message(self) -> &'static str {
+        match self {
+            ErrorKind::MissingParameters => "Missing required parameters",
+            ErrorKind::ParamType | ErrorKind::PayloadType => "param type error",
+            ErrorKind::TimestampLength => "Timestamp length error",
+            ErrorKind::Timestamp => "Timestamp error",
+            ErrorKind::Replay => "Timestamp can't be repeated in 20 minutes",
+            ErrorKind::Sign => "sign error",
+            ErrorKind::KeyNotFound => "keyid not found",
+            ErrorKind::KeyDisabled => "key is disabled",
+            ErrorKind::Base64 => "base64 decode error",
+            ErrorKind::DecryptFailed => "decrypt failed",
+            ErrorKind::TooLarge => "payload too large",
+            ErrorKind::UnknownAction => "unknown action",
+            ErrorKind::AttestationRequired => {
+                "key is released only to attested runtimes (use ReleaseDataKey)"
+            }
+            ErrorKind::NotMarkedForRelease => {
+                "key is not marked for attested release (use Decrypt)"
+            }
+            ErrorKind::PolicyNotFound => "policyId not found",
+            ErrorKind::AttestationFailed => ATTESTATION_FAILED,
+            ErrorKind::TokenExpired => "attestation token expired (attest again)",
+            ErrorKind::Internal => "Server internal error, please contact the administrator.",
+        }
+    }
+
+    /// The stable label in the answer's `kind` field and the `outcome` of the request metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            ErrorKind::MissingParameters => "missing_parameters",
+            ErrorKind::ParamType => "param_type",
+            ErrorKind::TimestampLength => "timestamp_length",
+            ErrorKind::Timestamp => "timestamp",
+            ErrorKind::Replay => "replay",
+            ErrorKind::Sign => "sign",
+            ErrorKind::PayloadType => "payload_type",
+            ErrorKind::KeyNotFound => "key_not_found",
+            ErrorKind::KeyDisabled => "key_disabled",
+            ErrorKind::Base64 => "base64",
+            ErrorKind::DecryptFailed => "decrypt_failed",
+            ErrorKind::TooLarge => "too_large",
+            ErrorKind::UnknownAction => "unknown_action",
+            ErrorKind::AttestationRequired => "attestation_required",
+            ErrorKind::NotMarkedForRelease => "not_marked_for_release",
+            ErrorKind::PolicyNotFound => "policy_not_found",
+            ErrorKind::AttestationFailed => "attestation_failed",
+            ErrorKind::TokenExpired => "token_expired",
+            ErrorKind::Internal => "internal",
+        }
+    }
+
+    /// The kind labelled `label`.
+    pub fn from_label(label: &str) -> Option<ErrorKind> {
+        ErrorKind::ALL.into_iter().find(|k| k.label() == label)
+    }
+
+    /// The kind of an eHSM answer without a `kind` field, from its whole message (an
+    /// attestation failure also by its prefix). `param type error` reads as
+    /// [`ErrorKind::ParamType`]: eHSM does not tell envelope and payload apart.
+    pub fn from_message(message: &str) -> Option<ErrorKind> {
+        if message
+            .strip_prefix(ATTESTATION_FAILED)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(": "))
+        {
+            return Some(ErrorKind::AttestationFailed);
+        }
+        ErrorKind::ALL.into_iter().find(|k| k.message() == message)
+    }
+}
+
+impl From<&RequestError> for ErrorKind {
+    fn from(e: &RequestError) -> Self {
+        match e {
+            RequestError::MissingParameters => ErrorKind::MissingParameters,
+            RequestError::ParamType => ErrorKind::ParamType,
+            RequestError::TimestampLength => ErrorKind::TimestampLength,
+            RequestError::Timestamp => ErrorKind::Timestamp,
+            RequestError::Replay => ErrorKind::Replay,
+            RequestError::Sign => ErrorKind::Sign,
+        }
+    }
+}
+
+/// An error answer: its kind and, for [`ErrorKind::AttestationFailed`], the reason.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ErrorAnswer {
+    /// What went wrong.
+    pub kind: ErrorKind,
+    /// The reason of an attestation failure (in the message after `attestation failed: `).
+    pub detail: Option<String>,
+}
+
+impl ErrorAnswer {
+    /// An answer of `kind` without detail.
+    pub fn new(kind: ErrorKind) -> Self {
+        ErrorAnswer { kind, detail: None }
+    }
+
+    /// The eHSM `message`.
+    pub fn message(&self) -> String {
+        match &self.detail {
+            Some(detail) => format!("{}: {detail}", self.kind.message()),
+            None => self.kind.message().to_string(),
+        }
+    }
+
+    /// The response body.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "code": self.kind.code(),
+            "message": self.message(),
+            "result": {},
+            "kind": self.kind.label(),
+        })
+    }
+
+    /// Reads an error answer: by its `kind` when the server sent one, else by its message.
+    /// `None` when neither names an error of this table.
+    pub fn from_json(body: &Value) -> Option<Self> {
+        let message = body.get("message").and_then(Value::as_str).unwrap_or("");
+        let kind = match body.get("kind").and_then(Value::as_str) {
+            Some(label) => ErrorKind::from_label(label)?,
+            None => ErrorKind::from_message(message)?,
+        };
+        let detail = (kind == ErrorKind::AttestationFailed)
+            .then(|| {
+                message
+                    .strip_prefix(ATTESTATION_FAILED)
+                    .map(|rest| rest.trim_start_matches(": ").to_string())
+            })
+            .flatten()
+            .filter(|d| !d.is_empty());
+        Some(ErrorAnswer { kind, detail })
+    }
+}
+
+/// A response body turned into its `result`, or the [`KmsError`] it stands for.
+pub fn read_answer(body: Value) -> Result<Map<String, Value>, KmsError> {
+    let code = body.get("code").and_then(Value::as_u64).unwrap_or(0);
+    if code == 200 {
+        return match body.get("result") {
+            Some(Value::Object(result)) => Ok(result.clone()),
+            _ => Err(KmsError::Protocol(
+                "response without a result object".into(),
+            )),
+        };
+    }
+    match ErrorAnswer::from_json(&body) {
+        Some(answer) => Err(KmsError::from(answer)),
+        None => Err(KmsError::Rejected {
+            code: u16::try_from(code).unwrap_or(u16::MAX),
+            message: body
+                .get("message")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+        }),
+    }
+}
+
+impl From<ErrorAnswer> for KmsError {
+    fn from(answer: ErrorAnswer) -> Self {
+        match answer.kind {
+            ErrorKind::Sign => KmsError::Unauthorized,
+            ErrorKind::KeyNotFound => KmsError::KeyNotFound(String::new()),
+            ErrorKind::KeyDisabled => KmsError::KeyDisabled(String::new()),
+            ErrorKind::DecryptFailed => KmsError::UnwrapFailed,
+            ErrorKind::AttestationRequired => KmsError::AttestationRequired,
+            ErrorKind::NotMarkedForRelease => KmsError::NotMarkedForRelease,
+            ErrorKind::TokenExpired => KmsError::TokenExpired,
+            ErrorKind::AttestationFailed => KmsError::Attestation(
+                answer
+                    .detail
+                    .clone()
+                    .unwrap_or_else(|| "refused by the KMS".into()),
+            ),
+            kind => KmsError::Rejected {
+                code: kind.code(),
+                message: answer.message(),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_labels_round_trip() {
+        for action in Action::ALL {
+            assert_eq!(Action::from_name(action.name()), Some(action));
+        }
+        assert_eq!(Action::from_name("decrypt"), None);
+        for kind in ErrorKind::ALL {
+            assert_eq!(ErrorKind::from_label(kind.label()), Some(kind));
+            let answer = ErrorAnswer::new(kind);
+            assert_eq!(ErrorAnswer::from_json(&answer.to_json()), Some(answer));
+        }
+    }
+
+    #[test]
+    fn answers_without_a_kind_are_read_by_their_whole_message() {
+        let read = |message: &str| {
+            ErrorAnswer::from_json(&json!({"code": 400, "message": message, "result": {}}))
+        };
+        assert_eq!(
+            read("keyid not found").unwrap().kind,
+            ErrorKind::KeyNotFound
+        );
+        assert_eq!(read("param type error").unwrap().kind, ErrorKind::ParamType);
+        // A longer message that merely contains a known one is not that error.
+        assert_eq!(read("keyid not found in cache"), None);
+        assert_eq!(read("sign error!"), None);
+        let refused = read("attestation failed: MRENCLAVE not allowed").unwrap();
+        assert_eq!(refused.kind, ErrorKind::AttestationFailed);
+        assert_eq!(refused.detail.as_deref(), Some("MRENCLAVE not allowed"));
+        assert_eq!(read("attestation failedness"), None);
+    }
+
+    #[test]
+    fn the_kind_wins_over_the_message() {
+        let body = json!({"code": 400, "message": "param type error", "kind": "payload_type"});
+        assert_eq!(
+            ErrorAnswer::from_json(&body).unwrap().kind,
+            ErrorKind::PayloadType
+        );
+        let unknown = json!({"code": 400, "message": "sign error", "kind": "new_in_v9"});
+        assert_eq!(ErrorAnswer::from_json(&unknown), None);
+    }
+
+    #[test]
+    fn answers_become_kms_errors() {
+        let error = |body: Value| read_answer(body).unwrap_err();
+        assert!(matches!(
+            error(ErrorAnswer::new(ErrorKind::Sign).to_json()),
+            KmsError::Unauthorized
+        ));
+        assert!(matches!(
+            error(ErrorAnswer::new(ErrorKind::DecryptFailed).to_json()),
+            KmsError::UnwrapFailed
+        ));
+        assert!(matches!(
+            error(ErrorAnswer::new(ErrorKind::AttestationRequired).to_json()),
+            KmsError::AttestationRequired
+        ));
+        let refused = ErrorAnswer {
+            kind: ErrorKind::AttestationFailed,
+            detail: Some("debug enclave".into()),
+        };
+        assert!(
+            matches!(error(refused.to_json()), KmsError::Attestation(d) if d == "debug enclave")
+        );
+        assert!(matches!(
+            error(json!({"code": 400, "message": "Timestamp error"})),
+            KmsError::Rejected { code: 400, .. }
+        ));
+        assert!(matches!(
+            error(json!({"code": 404, "message": "API Not Found"})),
+            KmsError::Rejected { code: 404, .. }
+        ));
+        let ok = read_answer(json!({"code": 200, "message": "successful", "result": {"a": 1}}));
+        assert_eq!(ok.unwrap().get("a"), Some(&json!(1)));
+        assert!(matches!(
+            read_answer(json!({"code": 200})),
+            Err(KmsError::Protocol(_))
+        ));
+    }
+}

@@ -1,0 +1,90 @@
+//! Attesting this process to the KMS server: the evidence provider of each TEE, and the
+//! switch from an unattested KMS client to an attested one.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ppml_attestation::{EvidenceProvider, Tee};
+
+use crate::config::{KmsBackend, OpenKms};
+use crate::error::{Error, Result};
+
+/// How this process attests (`docs/attestation.md` §6).
+#[derive(Clone, Debug)]
+pub struct AttestationConfig {
+    /// The TEE it runs in: [`Tee::Sgx`] (Gramine's `/dev/attestation`), [`Tee::Tdx`]
+    /// (configfs-tsm), or [`Tee::Sim`] (the simulated TEE, development only).
+    pub tee: Tee,
+    /// The attestation policy id at the KMS (from `ppml kms release-policy`).
+    pub policy_id: String,
+    /// The simulation platform key of [`Tee::Sim`] [default: `$PPML_HOME/sim-platform.pk8`].
+    pub sim_platform_key: Option<PathBuf>,
+}
+
+impl AttestationConfig {
+    /// Attestation in `tee` under the policy `policy_id`.
+    pub fn new(tee: Tee, policy_id: impl Into<String>) -> Self {
+        AttestationConfig {
+            tee,
+            policy_id: policy_id.into(),
+            sim_platform_key: None,
+        }
+    }
+}
+
+/// The evidence provider of `tee`; `home` is `$PPML_HOME`, where the simulated TEE keeps its
+/// platform key by default.
+pub fn evidence_provider(
+    config: &AttestationConfig,
+    home: &Path,
+) -> Result<Arc<dyn EvidenceProvider>> {
+    Ok(match config.tee {
+        Tee::Sim => {
+            let path = config
+                .sim_platform_key
+                .clone()
+                .unwrap_or_else(|| home.join("sim-platform.pk8"));
+            tracing::warn!("SIMULATED TEE: no hardware protection; for development only");
+            let platform =
+                ppml_attestation::sim::SimPlatform::load_or_create(&path).map_err(|e| {
+                    Error::Config {
+                        what: format!("loading the simulation platform key {}", path.display()),
+                        reason: e.to_string(),
+                    }
+                })?;
+            Arc::new(ppml_attestation::sim::SimTee::new(platform))
+        }
+        Tee::Sgx => Arc::new(ppml_attestation::evidence::GramineSgx::default()),
+        Tee::Tdx => Arc::new(ppml_attestation::evidence::ConfigfsTdx::default()),
+    })
+}
+
+impl OpenKms {
+    /// Attests this process to the KMS server with `config`: from then on data keys of keys
+    /// marked for attested release are released to it (`ReleaseDataKey`, sealed to a runtime
+    /// key). Refused evidence is [`Error::Attestation`]; the embedded KMS cannot verify
+    /// evidence ([`Error::Config`]).
+    pub async fn attest(self, config: &AttestationConfig, home: &Path) -> Result<OpenKms> {
+        let remote = match &self.backend {
+            KmsBackend::Remote(remote) => (**remote).clone(),
+            KmsBackend::Attested(_) => return Ok(self),
+            KmsBackend::Embedded(_) => {
+                return Err(Error::Config {
+                    what: "--tee".into(),
+                    reason: "attestation needs a KMS server (--kms-url): the embedded KMS \
+                             cannot verify evidence"
+                        .into(),
+                });
+            }
+        };
+        let provider = evidence_provider(config, home)?;
+        let attested = remote
+            .attest(provider, &config.policy_id)
+            .await
+            .map_err(|source| Error::Attestation { source })?;
+        Ok(OpenKms {
+            backend: KmsBackend::Attested(Arc::new(attested)),
+            ..self
+        })
+    }
+}

@@ -1,0 +1,128 @@
+//! An unattested context is refused a key marked for attested release, by the KMS server;
+//! an attested one (simulated TEE) reads the same dataset. The unattested client has no way
+//! to ask for `ReleaseDataKey` at all (see the `compile_fail` example of the crate docs).
+
+use ppml::config::{GivenSettings, Settings};
+use ppml::crates::attestation::policy::{AllowedMeasurement, Policy};
+use ppml::crates::attestation::sim::executable_measurement;
+use ppml::files::{EncryptOptions, NoProgress};
+use ppml::{ErrorClass, KmsError, PpmlContext, Tee};
+
+struct Server {
+    dir: tempfile::TempDir,
+    url: String,
+}
+
+async fn start_server() -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ppml_kms_server::ServerConfig::new(dir.path().join("kms"));
+    config.listen = "127.0.0.1:0".into();
+    config.tls = ppml_kms_server::TlsMode::InsecureHttp;
+    config.attestation.trust_sim_platforms = vec![dir.path().join("sim-platform.pk8")];
+    let server = ppml_kms_server::KmsServer::start(&config).await.unwrap();
+    let url = server.url();
+    tokio::spawn(server.run(std::future::pending()));
+    Server { dir, url }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_an_attested_context_reads_a_gated_dataset() {
+    let server = start_server().await;
+    let home = server.dir.path().join("home");
+    let mut settings = Settings::resolve(GivenSettings {
+        home: Some(home.clone()),
+        kms_url: Some(server.url.clone()),
+        ..GivenSettings::default()
+    })
+    .unwrap();
+    let remote = settings.connect_remote_anonymous().await.unwrap().unwrap();
+    let creds = remote.enroll().await.unwrap();
+    settings.appid = Some(creds.appid.clone());
+    settings.apikey = Some(creds.apikey.to_string());
+    let kms = settings.open_kms().await.unwrap();
+    let remote = kms.backend.remote().unwrap().clone();
+    use ppml::crates::kms::KeyManagementService as _;
+    let gated = remote.create_primary_key().await.unwrap();
+    let owner = remote.create_primary_key().await.unwrap();
+    let policy = Policy {
+        allow_simulation: true,
+        ..Policy::strict(vec![AllowedMeasurement {
+            tee: Some(Tee::Sim),
+            mrenclave: Some(hex::encode(executable_measurement().unwrap())),
+            ..AllowedMeasurement::default()
+        }])
+    };
+    let policy_id = remote.upload_policy(&policy).await.unwrap();
+    remote.set_release_policy(&gated, &policy_id).await.unwrap();
+    settings.primary_key = Some(gated.0.clone());
+    settings.output_key = Some(owner.0.clone());
+
+    // The owner encrypts under the gated key (generating a data key needs no attestation).
+    let csv = server.dir.path().join("people.csv");
+    std::fs::write(&csv, "name,age,job\nann,31,Developer\nbob,52,Engineer\n").unwrap();
+    let dataset = server.dir.path().join("people.enc");
+    let owner_ctx = PpmlContext::builder()
+        .settings(settings.clone())
+        .build()
+        .await
+        .unwrap();
+    owner_ctx
+        .encrypt_paths(&csv, &dataset, &EncryptOptions::default(), &NoProgress)
+        .await
+        .unwrap();
+
+    // Unattested: the KMS refuses the gated key.
+    let refused = owner_ctx.read_csv(&dataset).await.unwrap_err();
+    assert_eq!(refused.class(), ErrorClass::AccessDenied, "{refused}");
+    assert!(
+        refused
+            .to_string()
+            .contains(&KmsError::AttestationRequired.to_string()),
+        "{refused}"
+    );
+
+    // Attested in the simulated TEE under the policy: the same dataset opens.
+    let attested = PpmlContext::builder()
+        .settings(settings.clone())
+        .attestation(ppml::AttestationConfig {
+            tee: Tee::Sim,
+            policy_id: policy_id.clone(),
+            sim_platform_key: Some(server.dir.path().join("sim-platform.pk8")),
+        })
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(attested.attestation().policy_id(), policy_id);
+    let people = attested.read_csv(&dataset).await.unwrap();
+    let rows: usize = attested
+        .collect(people)
+        .await
+        .unwrap()
+        .iter()
+        .map(|b| b.num_rows())
+        .sum();
+    assert_eq!(rows, 2);
+
+    // A policy the runtime does not satisfy: the build fails, there is no unattested fallback.
+    let strict = Policy::strict(vec![AllowedMeasurement {
+        tee: Some(Tee::Sgx),
+        mrenclave: Some("00".repeat(32)),
+        ..AllowedMeasurement::default()
+    }]);
+    let strict_id = remote.upload_policy(&strict).await.unwrap();
+    let failed = PpmlContext::builder()
+        .settings(settings)
+        .attestation(ppml::AttestationConfig {
+            tee: Tee::Sim,
+            policy_id: strict_id,
+            sim_platform_key: Some(server.dir.path().join("sim-platform.pk8")),
+        })
+        .build()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(failed, ppml::Error::Attestation { .. }),
+        "{failed}"
+    );
+    assert_eq!(failed.class(), ErrorClass::AccessDenied);
+}
