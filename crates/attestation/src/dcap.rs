@@ -59,7 +59,7 @@ struct CollateralJson {
 pub struct Collateral(QuoteCollateralV3);
 
 impl Collateral {
-    /// Parses collateral JSON (see [`CollateralJson`] for the fields).
+    /// Parses collateral JSON (see `CollateralJson` for the fields).
     pub fn from_json(text: &str, origin: &str) -> Result<Self, DcapError> {
         let fail = |reason: String| DcapError::Collateral {
             path: origin.to_string(),

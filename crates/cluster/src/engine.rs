@@ -117,7 +117,7 @@ impl PpmlExecutionEngine {
 /// shuffles only Ballista's adaptive planner creates. User-defined functions cannot reach an
 /// executor: the plan codec resolves functions in the executor's registry, which holds only
 /// DataFusion's built-ins.
-const SHUFFLE_OPERATORS: &[&str] = &[
+pub const SHUFFLE_OPERATORS: &[&str] = &[
     "ShuffleReaderExec",
     "ShuffleWriterExec",
     "SortShuffleWriterExec",

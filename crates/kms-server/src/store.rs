@@ -7,7 +7,7 @@
 //! most need a key's material: api keys per app (apps are never deleted and their api key never
 //! changes) and opened key records per key id. Within one process the [`Store`] is the only
 //! writer, and every method that writes a key invalidates its cache entry after the commit (see
-//! [`KeyCache`] for why a concurrent fill never reinstates a stale entry).
+//! `KeyCache` for why a concurrent fill never reinstates a stale entry).
 
 use std::collections::HashMap;
 use std::path::Path;
