@@ -25,6 +25,10 @@ use crate::sim::verify_sim;
 pub const NONCE_LEN: usize = 32;
 /// How long a challenge may be answered.
 pub const CHALLENGE_TTL_SECS: u64 = 120;
+/// Most unexpired challenges one app may hold ([`AttestationService::challenge_for`]).
+pub const MAX_CHALLENGES_PER_APP: usize = 64;
+/// Most unexpired challenges the service holds for all apps together.
+pub const MAX_CHALLENGES: usize = 16_384;
 /// How long a token is valid by default ([`AttestationService::set_token_ttl`]).
 pub const TOKEN_TTL_SECS: u64 = 300;
 const JWT_HEADER: &str = r#"{"alg":"EdDSA","typ":"JWT"}"#;
@@ -44,9 +48,14 @@ pub fn expected_report_data(nonce: &[u8], runtime_public_key: &[u8]) -> [u8; 64]
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum AttestError {
-    /// The nonce was never issued, was already used, or expired.
+    /// The nonce was never issued (to this app), was already used, or expired.
     #[error("unknown, used or expired challenge")]
     Challenge,
+    /// The app (or the service) holds as many unexpired challenges as it may.
+    #[error(
+        "too many outstanding challenges: use the ones issued, or wait until they expire (120 s)"
+    )]
+    TooManyChallenges,
     /// The evidence's report data is not SHA-256(nonce || runtime key).
     #[error("the evidence is not bound to this challenge and runtime key")]
     Binding,
@@ -113,7 +122,8 @@ pub struct AttestationRequest<'a> {
 pub struct AttestationService {
     id: String,
     signing: Ed25519KeyPair,
-    challenges: Mutex<HashMap<[u8; NONCE_LEN], u64>>,
+    /// Outstanding challenges: the app each was issued to (empty: any) and its expiry.
+    challenges: Mutex<HashMap<[u8; NONCE_LEN], (String, u64)>>,
     trusted_sim_keys: Vec<[u8; 32]>,
     collateral: HashMap<Tee, Arc<Collateral>>,
     pccs: Option<PccsClient>,
@@ -209,14 +219,28 @@ impl AttestationService {
             .expect("32-byte key")
     }
 
-    /// A fresh single-use nonce, valid for [`CHALLENGE_TTL_SECS`].
+    /// A fresh single-use nonce, valid for [`CHALLENGE_TTL_SECS`], for any app.
     pub fn challenge(&self, now: u64) -> Result<[u8; NONCE_LEN], AttestError> {
+        self.challenge_for("", now)
+    }
+
+    /// A fresh single-use nonce for `app` only, valid for [`CHALLENGE_TTL_SECS`]. An app may
+    /// hold at most [`MAX_CHALLENGES_PER_APP`] unexpired challenges and the service
+    /// [`MAX_CHALLENGES`], so that asking for challenges cannot exhaust the server's memory.
+    pub fn challenge_for(&self, app: &str, now: u64) -> Result<[u8; NONCE_LEN], AttestError> {
         let mut nonce = [0u8; NONCE_LEN];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
             .map_err(|_| AttestError::Random)?;
         let mut challenges = self.challenges.lock().expect("challenge lock");
-        challenges.retain(|_, expiry| *expiry > now);
-        challenges.insert(nonce, now + CHALLENGE_TTL_SECS);
+        challenges.retain(|_, (_, expiry)| *expiry > now);
+        let held = challenges
+            .values()
+            .filter(|(owner, _)| owner == app)
+            .count();
+        if held >= MAX_CHALLENGES_PER_APP || challenges.len() >= MAX_CHALLENGES {
+            return Err(AttestError::TooManyChallenges);
+        }
+        challenges.insert(nonce, (app.to_string(), now + CHALLENGE_TTL_SECS));
         Ok(nonce)
     }
 
@@ -253,7 +277,7 @@ impl AttestationService {
             .expect("challenge lock")
             .remove(&nonce)
         {
-            Some(expiry) if expiry > now => {}
+            Some((owner, expiry)) if expiry > now && (owner.is_empty() || owner == app) => {}
             _ => return Err(AttestError::Challenge),
         }
         let claims = match evidence.tee {
@@ -484,6 +508,31 @@ mod tests {
             attest(&f, &old, b"k", b"k"),
             Err(AttestError::Challenge)
         ));
+    }
+
+    #[test]
+    fn challenges_are_per_app_and_bounded() {
+        let f = fixture();
+        // Another app's challenge does not attest this one ("app-1").
+        let foreign = f.service.challenge_for("app-2", NOW).unwrap();
+        assert!(matches!(
+            attest(&f, &foreign, b"k", b"k"),
+            Err(AttestError::Challenge)
+        ));
+        let own = f.service.challenge_for("app-1", NOW).unwrap();
+        attest(&f, &own, b"k", b"k").unwrap();
+        for _ in 0..MAX_CHALLENGES_PER_APP {
+            f.service.challenge_for("app-3", NOW).unwrap();
+        }
+        assert!(matches!(
+            f.service.challenge_for("app-3", NOW),
+            Err(AttestError::TooManyChallenges)
+        ));
+        // Others are not affected, and the app gets more once its challenges expire.
+        f.service.challenge_for("app-4", NOW).unwrap();
+        f.service
+            .challenge_for("app-3", NOW + CHALLENGE_TTL_SECS)
+            .unwrap();
     }
 
     #[test]

@@ -63,6 +63,11 @@ pub struct GlobalArgs {
     /// Trust KMS server certificates signed by this CA (PEM) instead of the system roots
     #[arg(long, env = "PPML_KMS_CA_CERT", global = true, value_name = "FILE")]
     pub kms_ca_cert: Option<PathBuf>,
+    /// The data owner's key (Ed25519, PKCS#8), made by `ppml kms enroll`: it signs what only
+    /// the owner may do (mark, disable, rotate or delete keys). Keep it on the owner's machine,
+    /// never on hosts that run jobs [default: $PPML_HOME/owner.pk8 when it exists]
+    #[arg(long, env = "PPML_OWNER_KEY", global = true, value_name = "FILE")]
+    pub owner_key: Option<PathBuf>,
     /// Attest this process before it reads data (simple-query, query, quickstart): `sim`
     /// (development), `sgx` (Gramine) or `tdx` (configfs-tsm). Needs a KMS server.
     #[arg(long, env = "PPML_TEE", global = true, value_enum)]
@@ -575,7 +580,8 @@ pub struct SimpleQueryArgs {
     /// Read plaintext CSV and write plaintext CSV, no KMS (for comparisons and benchmarks)
     #[arg(long)]
     pub plaintext: bool,
-    /// Do not print the preview rows (name, age + 1): stdout leaves the TEE
+    /// Do not print the preview rows (name, age + 1). Under --tee they are never printed:
+    /// stdout goes to the host
     #[arg(long)]
     pub no_preview: bool,
 }
@@ -630,14 +636,24 @@ pub struct QuickstartArgs {
     pub partitions: usize,
 }
 
+#[derive(Debug, Args)]
+pub struct EnrollArgs {
+    /// Enroll without an owner key, as eHSM does: the api key alone controls the app, and its
+    /// keys cannot be marked for attested release
+    #[arg(long)]
+    pub no_owner_key: bool,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum KmsCommand {
     /// Create the embedded KMS (root key, store) if it does not exist; with --server, set up
     /// a KMS server's data directory instead (root key or passphrase salt, store, audit log,
     /// TLS certificate) and print the certificate fingerprint
     Init(KmsInitArgs),
-    /// Register a new application; prints its app id and api key (shown once)
-    Enroll,
+    /// Register a new application; prints its app id and api key (shown once). At a ppml KMS
+    /// server the app is owned by the owner key (--owner-key, made if missing), which alone
+    /// can mark, disable, rotate or delete its keys
+    Enroll(EnrollArgs),
     /// Create a primary key for the current application
     CreateKey,
     /// List the current application's primary keys
@@ -787,6 +803,10 @@ pub struct KmsServeArgs {
     /// Serve plain HTTP instead of HTTPS (loopback or a trusted network only)
     #[arg(long, env = "PPML_KMS_INSECURE_HTTP")]
     pub insecure_http: bool,
+    /// Also serve BigDL-RAS's /registerPolicy and /verifyQuote, for BigDL's attestation
+    /// clients; they take the api key unsigned in the body, so they are off by default
+    #[arg(long, env = "PPML_KMS_BIGDL_RAS")]
+    pub enable_bigdl_ras: bool,
     /// Trust simulated-TEE evidence signed by this simulation platform key file (PKCS#8,
     /// created if missing); only policies with allow_simulation accept it (repeatable)
     #[arg(long, value_name = "FILE")]

@@ -88,6 +88,7 @@ fn server_config(args: &KmsServeArgs, settings: &Settings) -> Result<ServerConfi
         config.listen = listen;
     }
     config.root_key = root_key(&args.root, settings);
+    config.bigdl_ras = args.enable_bigdl_ras || file.bigdl_ras;
     config.tls = if args.insecure_http || file.insecure_http {
         TlsMode::InsecureHttp
     } else {

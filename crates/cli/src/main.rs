@@ -48,11 +48,22 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::FAILURE);
         }
     };
+    let in_tee = cli.global.tee.is_some();
     match runtime.block_on(run(cli)) {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
             if is_broken_pipe(&err) {
                 return ExitCode::from(exit::OK);
+            }
+            if in_tee {
+                // stderr goes to the host: errors that can quote row values (Arrow's and
+                // DataFusion's) are reduced to their kind, as an executor's are.
+                let error: &(dyn std::error::Error + 'static) = err.as_ref();
+                eprintln!(
+                    "ppml: error: {}",
+                    ppml_cluster::redact::driver_error_text(error)
+                );
+                return exit::code_for(&err);
             }
             eprintln!("ppml: error: {err}");
             // Wrapped library errors often repeat their source's text; print each cause once.
@@ -181,9 +192,25 @@ async fn kms_command(command: &KmsCommand, settings: &mut Settings) -> Result<()
             LocalKms::init(&dir)?;
             println!("embedded KMS ready in {}", dir.display());
         }
-        KmsCommand::Enroll => {
-            let creds = match settings.connect_remote_anonymous().await? {
-                Some(remote) => remote.enroll().await?,
+        KmsCommand::Enroll(args) => {
+            let remote = settings.connect_remote_anonymous().await?;
+            let creds = match remote {
+                Some(remote) if args.no_owner_key || !remote.is_ppml_server() => {
+                    eprintln!(
+                        "enrolling without an owner key: the api key alone controls this app, \
+                         and its keys cannot be marked for attested release"
+                    );
+                    remote.enroll().await?
+                }
+                Some(_) => {
+                    let (creds, owner_key) = settings.enroll_owned().await?;
+                    eprintln!(
+                        "owner key: {} (it alone can mark, disable, rotate or delete this \
+                         app's keys: keep it on the data owner's machine, never where jobs run)",
+                        owner_key.display()
+                    );
+                    creds
+                }
                 None => {
                     LocalKms::init(&dir)?;
                     LocalKms::enroll(&dir)?

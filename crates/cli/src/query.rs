@@ -64,6 +64,16 @@ pub async fn run(
     settings: &mut Settings,
     placement: &Placement,
 ) -> Result<AppReport> {
+    // In a TEE, stdout and stderr go to the host: rows leave the runtime only encrypted.
+    let in_tee = settings.tee.is_some();
+    if let (true, AppSpec::Sql(sql)) = (in_tee, spec)
+        && sql.output.is_none()
+    {
+        bail!(
+            "with --tee the result leaves the runtime only encrypted: give --output (the \
+             result rows would otherwise be printed to the host)"
+        );
+    }
     let keys = if spec.is_plaintext() {
         None
     } else {
@@ -81,7 +91,8 @@ pub async fn run(
     let report = run_app(spec, keys.as_ref(), placement, settings.durability).await?;
     match (&report, spec) {
         (AppReport::SimpleQuery(report), AppSpec::SimpleQuery(spec)) => {
-            print_report(report, !spec.no_preview)
+            // The preview prints rows; under --tee it would print them to the host.
+            print_report(report, !spec.no_preview && !in_tee)
         }
         (AppReport::Sql(report), AppSpec::Sql(spec)) => match (&report.written, &spec.output) {
             (Some(written), Some(out)) if !spec.plaintext => eprintln!(

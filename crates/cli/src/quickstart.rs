@@ -127,15 +127,30 @@ pub async fn run(args: &QuickstartArgs, settings: &mut Settings) -> Result<()> {
     }
     let creds = match (&settings.appid, &settings.apikey) {
         (Some(appid), Some(apikey)) => AppCredentials::new(appid.clone(), apikey.clone()),
-        _ => remote.enroll().await?,
+        _ => {
+            // The data owner's own key: it alone marks the input key for attested release
+            // and encrypts under it; the job below gets only the app id and api key.
+            if in_process {
+                settings.owner_key = Some(work.join("owner.pk8"));
+            }
+            let (creds, owner_key) = settings.enroll_owned().await?;
+            println!(
+                "      owner key {} (stays with the data owner)",
+                owner_key.display()
+            );
+            creds
+        }
     };
-    let kms = ppml_kms_client::RemoteKms::connect(
+    let mut kms = ppml_kms_client::RemoteKms::connect(
         &settings
             .remote_config()?
             .context("a KMS URL is configured")?,
         Some(creds.clone()),
     )
     .await?;
+    if let Some(owner) = settings.load_owner_key()? {
+        kms = kms.with_owner_key(owner);
+    }
     let primary = kms.create_primary_key().await?;
     if in_process {
         // Release this key's data keys only to this very binary in the simulated TEE.

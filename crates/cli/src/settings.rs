@@ -54,6 +54,7 @@ impl Settings {
             kms_url: global.kms_url.clone(),
             kms_fingerprint: global.kms_fingerprint.clone(),
             kms_ca_cert: global.kms_ca_cert.clone(),
+            owner_key: global.owner_key.clone(),
         })?;
         Ok(Settings {
             kms,

@@ -443,10 +443,58 @@ fn attested_runtime_gets_keys_and_others_do_not() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("attested runtimes"));
     assert!(!dir.path().join("r0.enc").exists());
 
-    // Attested in the simulated TEE under the policy: the query runs.
+    // Attested in the simulated TEE under the policy: the query runs. Its stdout goes to the
+    // host, so it prints no preview rows.
     let out = query(&["--tee", "sim", "--attestation-policy", &policy], "r1.enc");
     assert!(out.status.success(), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("Attestation Success!"));
+    assert!(!stdout(&out).contains("Developer"), "{}", stdout(&out));
+
+    // Attack 8, values in errors: a row the query cannot parse. Under --tee the error names
+    // its kind, never the row (the owner encrypts it: the key is marked, and the owner key
+    // in this home signs the data-key request).
+    let mut bad = String::from("name,age,job\n");
+    for i in 0..2000 {
+        bad.push_str(&format!("p{i},{},Developer\n", 20 + i % 50));
+    }
+    bad.push_str("alice-ssn-123-45-6789,unknown,Developer\n");
+    let bad_csv = dir.path().join("bad.csv");
+    std::fs::write(&bad_csv, bad).unwrap();
+    let bad_enc = dir.path().join("bad.enc");
+    run(client
+        .cmd()
+        .args(["encrypt", "--in"])
+        .arg(&bad_csv)
+        .arg("--out")
+        .arg(&bad_enc));
+    let out = client
+        .cmd()
+        .env("PPML_SIM_PLATFORM_KEY", &sim_key)
+        .args(["--tee", "sim", "--attestation-policy", &policy])
+        .args(["simple-query", "--input"])
+        .arg(&bad_enc)
+        .arg("--output")
+        .arg(dir.path().join("bad-out.enc"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    let printed = format!("{}{}", stdout(&out), String::from_utf8_lossy(&out.stderr));
+    assert!(printed.contains("details withheld"), "{printed}");
+    assert!(!printed.contains("alice-ssn"), "{printed}");
+    // A query that would print its rows is refused before it reads anything.
+    let out = client
+        .cmd()
+        .env("PPML_SIM_PLATFORM_KEY", &sim_key)
+        .args(["--tee", "sim", "--attestation-policy", &policy])
+        .args(["query", "--sql", "SELECT * FROM people", "--table"])
+        .arg(format!("people={}", enc.display()))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("give --output"),
+        "{out:?}"
+    );
     let out = client
         .cmd()
         .env("PPML_SIM_PLATFORM_KEY", &sim_key)

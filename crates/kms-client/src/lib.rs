@@ -34,7 +34,8 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use serde_json::{Map, Value, json};
 use zeroize::Zeroizing;
 
-use ppml_kms::protocol::{Action, read_answer};
+use ppml_kms::owner::OwnerKey;
+use ppml_kms::protocol::{Action, OwnerAuthority, read_answer};
 pub use ppml_kms::{
     AppCredentials, DataKey, KeyManagementService, KeyReference, KmsError, PrimaryKeyId,
     error_chain, format_fingerprint,
@@ -202,6 +203,7 @@ pub struct RemoteKms {
     http: reqwest::Client,
     creds: Option<AppCredentials>,
     kms_id: String,
+    owner: Option<Arc<OwnerKey>>,
 }
 
 impl std::fmt::Debug for RemoteKms {
@@ -210,6 +212,7 @@ impl std::fmt::Debug for RemoteKms {
             .field("endpoint", &self.endpoint)
             .field("kms_id", &self.kms_id)
             .field("creds", &self.creds)
+            .field("owner", &self.owner)
             .finish()
     }
 }
@@ -257,6 +260,19 @@ fn http_client(config: &RemoteKmsConfig) -> Result<reqwest::Client, KmsError> {
         .map_err(|e| KmsError::InvalidConfig(format!("building the HTTP client: {e}")))
 }
 
+/// Whether `url`'s host is `localhost` or a loopback IP address.
+fn is_loopback_url(url: &str) -> bool {
+    let Ok(parsed) = reqwest::Url::parse(url) else {
+        return false;
+    };
+    match parsed.host() {
+        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
 fn string_field(result: &Map<String, Value>, name: &str) -> Result<String, KmsError> {
     result
         .get(name)
@@ -287,11 +303,19 @@ impl RemoteKms {
                 config.url
             )));
         }
+        if base.starts_with("http://") && !is_loopback_url(base) {
+            // Credentials, wrapped keys and tokens would cross the network in the clear.
+            return Err(KmsError::InvalidConfig(format!(
+                "KMS URL {:?}: plain http:// is accepted only for loopback addresses; use https://",
+                config.url
+            )));
+        }
         let mut kms = RemoteKms {
             endpoint: format!("{base}/ehsm"),
             http: http_client(config)?,
             creds,
             kms_id: String::new(),
+            owner: None,
         };
         let version = kms.unsigned(Action::GetVersion).await?;
         // The ppml server names itself; a plain eHSM is named by its URL.
@@ -302,6 +326,25 @@ impl RemoteKms {
         Ok(kms)
     }
 
+    /// Signs the requests that need the data owner's authority with `owner`
+    /// (`docs/kms-api.md` §4.1): marking keys for attested release, disabling, enabling,
+    /// rotating and deleting keys, and plaintext data keys of marked keys.
+    pub fn with_owner_key(mut self, owner: Arc<OwnerKey>) -> Self {
+        self.owner = Some(owner);
+        self
+    }
+
+    /// Whether this client holds the data owner's key.
+    pub fn has_owner_key(&self) -> bool {
+        self.owner.is_some()
+    }
+
+    /// Whether the server is ppml's (it knows the `action` and `owner_sign` fields and owner
+    /// keys; eHSM signs a fixed set of fields and would refuse them).
+    pub fn is_ppml_server(&self) -> bool {
+        self.kms_id.starts_with("ppml-kms:")
+    }
+
     fn transport(&self, e: reqwest::Error) -> KmsError {
         KmsError::Transport {
             url: self.endpoint.clone(),
@@ -310,10 +353,20 @@ impl RemoteKms {
     }
 
     async fn unsigned(&self, action: Action) -> Result<Map<String, Value>, KmsError> {
+        self.unsigned_with(action, &[]).await
+    }
+
+    async fn unsigned_with(
+        &self,
+        action: Action,
+        parameters: &[(&str, &str)],
+    ) -> Result<Map<String, Value>, KmsError> {
+        let mut query = vec![("Action", action.name())];
+        query.extend_from_slice(parameters);
         let response = self
             .http
             .get(&self.endpoint)
-            .query(&[("Action", action.name())])
+            .query(&query)
             .send()
             .await
             .map_err(|e| self.transport(e))?;
@@ -345,6 +398,22 @@ impl RemoteKms {
         body.insert("payload".into(), payload);
         body.insert("timestamp".into(), Value::String(now_ms().to_string()));
         body.insert("nonce".into(), Value::String(hex::encode(nonce)));
+        if self.is_ppml_server() {
+            // The action inside the signature: the body is good for this action only.
+            body.insert(
+                ppml_kms::owner::ACTION_FIELD.into(),
+                Value::String(action.name().into()),
+            );
+            if let Some(owner) = &self.owner
+                && action.owner_authority() != OwnerAuthority::NotNeeded
+            {
+                let signature = owner.sign_request(&body);
+                body.insert(
+                    ppml_kms::owner::OWNER_SIGN_FIELD.into(),
+                    Value::String(signature),
+                );
+            }
+        }
         let sign = ppml_kms::ehsm::sign(&creds.apikey, &body);
         body.insert("sign".into(), Value::String(sign));
         let response = self
@@ -358,9 +427,30 @@ impl RemoteKms {
         self.read(response).await
     }
 
-    /// Registers a new application (eHSM `Enroll`); the api key is shown only here.
+    /// Registers a new application (eHSM `Enroll`); the api key is shown only here. The app
+    /// has no owner key: its api key alone can do everything eHSM allows, and it cannot mark
+    /// keys for attested release (see [`RemoteKms::enroll_owned`]).
     pub async fn enroll(&self) -> Result<AppCredentials, KmsError> {
         let result = self.unsigned(Action::Enroll).await?;
+        Ok(AppCredentials::new(
+            string_field(&result, "appid")?,
+            Zeroizing::new(string_field(&result, "apikey")?).to_string(),
+        ))
+    }
+
+    /// Registers a new application owned by `owner` (ppml's `Enroll` with `owner_key`): the
+    /// actions of `docs/kms-api.md` §4.1 then need `owner`'s signature, which the api key
+    /// handed to runtimes and hosts cannot give.
+    pub async fn enroll_owned(&self, owner: &OwnerKey) -> Result<AppCredentials, KmsError> {
+        if !self.is_ppml_server() {
+            return Err(KmsError::InvalidConfig(
+                "owner keys need a ppml KMS server; this KMS is not one".into(),
+            ));
+        }
+        let public = owner.public_text();
+        let result = self
+            .unsigned_with(Action::Enroll, &[("owner_key", &public)])
+            .await?;
         Ok(AppCredentials::new(
             string_field(&result, "appid")?,
             Zeroizing::new(string_field(&result, "apikey")?).to_string(),
@@ -477,8 +567,11 @@ impl RemoteKms {
         policy_id: &str,
     ) -> Result<AttestedKms, KmsError> {
         let attested = self.attest_once(provider.as_ref(), policy_id).await?;
+        // An attested runtime never speaks for the owner.
+        let mut remote = self;
+        remote.owner = None;
         Ok(AttestedKms {
-            remote: self,
+            remote,
             attestation: Arc::new(Attestation {
                 provider,
                 policy_id: policy_id.to_string(),
@@ -615,7 +708,7 @@ impl AttestedKms {
         key: &KeyReference,
         ciphertext: &str,
         aad: &str,
-    ) -> Result<Option<DataKey>, KmsError> {
+    ) -> Result<DataKey, KmsError> {
         let primary = PrimaryKeyId(key.key_id.clone());
         let result = self
             .remote
@@ -627,26 +720,59 @@ impl AttestedKms {
             .await;
         let result = match result {
             Ok(result) => result,
-            // The key is not marked for attested release: plain Decrypt applies.
-            Err(KmsError::NotMarkedForRelease) => return Ok(None),
             Err(KmsError::Rejected { message, .. }) => return Err(KmsError::Attestation(message)),
             Err(e) => return Err(with_key(e, &primary)),
         };
+        let plaintext = attested.open_sealed(&result, "ciphertext", &key.key_id)?;
+        DataKey::from_slice(&plaintext).map_err(|_| KmsError::UnwrapFailed)
+    }
+
+    async fn generate_sealed(
+        &self,
+        attested: &Attested,
+        primary: &PrimaryKeyId,
+        aad: &str,
+    ) -> Result<(DataKey, KeyReference), KmsError> {
+        let result = self
+            .remote
+            .call(
+                Action::GenerateSealedDataKey,
+                json!({"keyid": primary.0, "keylen": ppml_kms::DATA_KEY_LEN, "aad": aad,
+                       "token": attested.token}),
+            )
+            .await
+            .map_err(|e| match e {
+                KmsError::Rejected { message, .. } => KmsError::Attestation(message),
+                e => with_key(e, primary),
+            })?;
+        let plaintext = attested.open_sealed(&result, "sealed_key", &primary.0)?;
+        let key = DataKey::from_slice(&plaintext)
+            .map_err(|e| KmsError::Protocol(format!("GenerateSealedDataKey: {e}")))?;
+        let wrapped = string_field(&result, "ciphertext")?.into_bytes();
+        Ok((key, KeyReference::new(self.kms_id(), &primary.0, wrapped)))
+    }
+}
+
+impl Attested {
+    /// Opens the data key that an answer carries sealed to this runtime's key: the HPKE
+    /// `encapsulated_key` and the ciphertext in `field`, bound to `keyid`.
+    fn open_sealed(
+        &self,
+        result: &Map<String, Value>,
+        field: &str,
+        keyid: &str,
+    ) -> Result<Zeroizing<Vec<u8>>, KmsError> {
         let decode = |name: &str| {
             BASE64
-                .decode(string_field(&result, name)?)
-                .map_err(|_| KmsError::Protocol(format!("ReleaseDataKey {name} is not base64")))
+                .decode(string_field(result, name)?)
+                .map_err(|_| KmsError::Protocol(format!("sealed key: {name} is not base64")))
         };
-        let plaintext = attested
-            .runtime
+        self.runtime
             .open(
                 &decode("encapsulated_key")?,
-                &decode("ciphertext")?,
-                key.key_id.as_bytes(),
+                &decode(field)?,
+                keyid.as_bytes(),
             )
-            .map_err(|_| KmsError::UnwrapFailed)?;
-        DataKey::from_slice(&plaintext)
-            .map(Some)
             .map_err(|_| KmsError::UnwrapFailed)
     }
 }
@@ -733,32 +859,41 @@ impl KeyManagementService for AttestedKms {
         self.remote.create_primary_key().await
     }
 
+    /// A new data key sealed to this runtime (`GenerateSealedDataKey`): it never crosses the
+    /// wire in plaintext, and a key marked for attested release gives one only to a runtime
+    /// attested under its policy.
     async fn generate_data_key(
         &self,
         primary: &PrimaryKeyId,
         aad: &[u8],
     ) -> Result<(DataKey, KeyReference), KmsError> {
-        self.remote.generate_data_key(primary, aad).await
+        let aad = aad_text(aad)?;
+        let attested = self.current(None).await?;
+        match self.generate_sealed(&attested, primary, aad).await {
+            Err(KmsError::TokenExpired) => {
+                let renewed = self.current(Some(&attested)).await?;
+                self.generate_sealed(&renewed, primary, aad).await
+            }
+            other => other,
+        }
     }
 
     /// Unwraps with `ReleaseDataKey` under the current token (renewed when it is due or the
-    /// server says it expired); a key that is not marked for attested release goes through
-    /// `Decrypt`.
+    /// server says it expired). A key that is not marked for attested release is refused
+    /// ([`KmsError::NotMarkedForRelease`]), never unwrapped with `Decrypt`: anyone with the
+    /// api key can make such a key and data under it, so an attested runtime that accepted it
+    /// would read data the owner never wrote.
     async fn unwrap_data_key(&self, key: &KeyReference, aad: &[u8]) -> Result<DataKey, KmsError> {
         self.remote.check_kms(key)?;
         let ciphertext = std::str::from_utf8(&key.wrapped).map_err(|_| KmsError::UnwrapFailed)?;
         let aad_text = aad_text(aad)?;
         let attested = self.current(None).await?;
-        let released = match self.release(&attested, key, ciphertext, aad_text).await {
+        match self.release(&attested, key, ciphertext, aad_text).await {
             Err(KmsError::TokenExpired) => {
                 let renewed = self.current(Some(&attested)).await?;
-                self.release(&renewed, key, ciphertext, aad_text).await?
+                self.release(&renewed, key, ciphertext, aad_text).await
             }
-            other => other?,
-        };
-        match released {
-            Some(data_key) => Ok(data_key),
-            None => self.remote.decrypt(key, aad).await,
+            other => other,
         }
     }
 }
@@ -766,6 +901,27 @@ impl KeyManagementService for AttestedKms {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plain_http_only_to_loopback() {
+        for url in [
+            "http://127.0.0.1:9000",
+            "http://127.8.0.1",
+            "http://localhost:1",
+            "http://[::1]:9000",
+        ] {
+            assert!(is_loopback_url(url), "{url}");
+        }
+        for url in [
+            "http://10.0.0.1:9000",
+            "http://kms.example",
+            "http://localhost.example.com",
+            "http://[::2]",
+            "not a url",
+        ] {
+            assert!(!is_loopback_url(url), "{url}");
+        }
+    }
 
     #[test]
     fn fingerprints_round_trip() {

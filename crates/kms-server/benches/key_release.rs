@@ -13,6 +13,7 @@ use ppml_attestation::policy::{AllowedMeasurement, Policy};
 use ppml_attestation::service::AttestationService;
 use ppml_attestation::sim::{SimPlatform, SimTee, executable_measurement};
 use ppml_kms::KeyManagementService as _;
+use ppml_kms::owner::OwnerKey;
 use ppml_kms_client::{RemoteKms, RemoteKmsConfig};
 use ppml_kms_server::audit::AuditLog;
 use ppml_kms_server::{RootKey, ServerState, Store, router};
@@ -43,13 +44,17 @@ fn bench(c: &mut Criterion) {
         let url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         let config = RemoteKmsConfig::new(url);
+        let (owner, _) = OwnerKey::generate().unwrap();
         let creds = RemoteKms::connect(&config, None)
             .await
             .unwrap()
-            .enroll()
+            .enroll_owned(&owner)
             .await
             .unwrap();
-        let kms = RemoteKms::connect(&config, Some(creds)).await.unwrap();
+        let kms = RemoteKms::connect(&config, Some(creds))
+            .await
+            .unwrap()
+            .with_owner_key(Arc::new(owner));
         let open_key = kms.create_primary_key().await.unwrap();
         let gated_key = kms.create_primary_key().await.unwrap();
         let policy = Policy {

@@ -13,9 +13,10 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::engine::general_purpose::{STANDARD as BASE64, URL_SAFE_NO_PAD};
 use ppml_kms::ehsm::{self, ReplayCache, RequestError};
-use ppml_kms::protocol::Action;
+use ppml_kms::owner;
+use ppml_kms::protocol::{Action, OwnerAuthority};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -150,7 +151,47 @@ pub struct ServerState {
     audit: Option<AuditLog>,
     attestation: Option<AttestationService>,
     request_ids: RequestIds,
+    bigdl_ras: bool,
+    enrollments: std::sync::Mutex<TokenBucket>,
 }
+
+/// A budget of `capacity` events at once, refilled by one per `refill` (enrollments: each
+/// makes a durable record, and `Enroll` needs no credential).
+#[derive(Debug)]
+struct TokenBucket {
+    capacity: f64,
+    refill_per_sec: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(capacity: u32, refill_per_sec: f64) -> Self {
+        TokenBucket {
+            capacity: f64::from(capacity),
+            refill_per_sec,
+            tokens: f64::from(capacity),
+            last: Instant::now(),
+        }
+    }
+
+    /// Takes one event from the budget, or says there is none left.
+    fn take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.refill_per_sec).min(self.capacity);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// `Enroll`s allowed at once, and the refill per second after that.
+const ENROLL_BURST: u32 = 30;
+const ENROLL_PER_SEC: f64 = 1.0;
 
 /// Request ids: a random prefix per server start and a counter, e.g. `3f9a01c2-42`.
 #[derive(Debug)]
@@ -181,10 +222,76 @@ impl RequestIds {
 /// the request could be parsed.
 #[derive(Debug, Default)]
 struct RequestContext {
+    request_id: String,
     appid: String,
     keyid: String,
     /// The token claims of a successful attestation or key release, for the audit entry.
     attestation: Option<String>,
+    /// What a change changed (`AuditEntry::detail`).
+    detail: Option<String>,
+    /// The request's replay id, once its signature verified.
+    replay: Option<String>,
+    /// The change's entry was written ahead of its commit ([`write_ahead`]).
+    audited: bool,
+}
+
+impl RequestContext {
+    fn new(request_id: String) -> Self {
+        RequestContext {
+            request_id,
+            ..RequestContext::default()
+        }
+    }
+
+    fn entry(&self, action: &str, result: &Result<Value, ApiError>) -> AuditEntry {
+        let keyid = match (result, self.keyid.is_empty()) {
+            (Ok(value), true) => value
+                .get("keyid")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+            _ => self.keyid.clone(),
+        };
+        let (outcome, code) = match result {
+            Ok(_) => ("ok".to_string(), 200),
+            Err(e) => (e.message(), e.code()),
+        };
+        AuditEntry {
+            request_id: self.request_id.clone(),
+            appid: self.appid.clone(),
+            action: action.to_string(),
+            keyid,
+            outcome,
+            code,
+            attestation: self.attestation.clone().filter(|_| result.is_ok()),
+            detail: self.detail.clone(),
+            replay: self.replay.clone(),
+        }
+    }
+}
+
+/// Makes the audit entry of a change durable before the change commits (called from the
+/// store's [`store::BeforeCommit`] hook, on the blocking pool): a change the log cannot record
+/// never takes effect, and once the log has failed every later change is refused.
+fn write_ahead(
+    state: &ServerState,
+    context: &mut RequestContext,
+    action: Action,
+) -> Result<(), ApiError> {
+    if let Some(audit) = &state.audit {
+        audit
+            .append(context.entry(action.name(), &Ok(Value::Null)))
+            .map_err(|e| ApiError::Internal(format!("audit log: {e}")))?;
+    }
+    context.audited = true;
+    Ok(())
+}
+
+/// `{"policy_id", "policy_sha256"}` of a stored policy, for the audit entry of a change that
+/// stores or assigns it.
+fn policy_detail(policy_id: &str, policy_text: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, policy_text.as_bytes());
+    json!({"policy_id": policy_id, "policy_sha256": hex::encode(digest.as_ref())}).to_string()
 }
 
 impl std::fmt::Debug for ServerState {
@@ -205,13 +312,25 @@ impl ServerState {
             audit: None,
             attestation: None,
             request_ids: RequestIds::new(),
+            bigdl_ras: false,
+            enrollments: std::sync::Mutex::new(TokenBucket::new(ENROLL_BURST, ENROLL_PER_SEC)),
         }
     }
 
     /// Records every request in `audit` (docs/kms-audit.md) before answering it; when the log
     /// cannot be written, requests fail (fail closed).
+    /// The signed requests the log accepted in the replay window before a restart stay
+    /// refused as replays.
     pub fn with_audit(mut self, audit: AuditLog) -> Self {
+        self.replay.preload(audit.take_recent_replays());
         self.audit = Some(audit);
+        self
+    }
+
+    /// Also serves BigDL-RAS's `/registerPolicy` and `/verifyQuote` (docs/attestation.md
+    /// §6.5). They are off by default: they take the api key in the request body, unsigned.
+    pub fn with_bigdl_ras(mut self) -> Self {
+        self.bigdl_ras = true;
         self
     }
 
@@ -262,12 +381,16 @@ impl ServerState {
 
 /// The HTTP router.
 pub fn router(state: Arc<ServerState>) -> Router {
-    Router::new()
+    let api = Router::new()
         .route("/ehsm", get(handle_get).post(handle_post))
         .route("/metrics", get(handle_metrics))
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(Arc::clone(&state))
-        .merge(crate::ras::router(state))
+        .with_state(Arc::clone(&state));
+    if state.bigdl_ras {
+        api.merge(crate::ras::router(state))
+    } else {
+        api
+    }
 }
 
 async fn handle_metrics(State(state): State<Arc<ServerState>>) -> Response {
@@ -294,6 +417,8 @@ async fn handle_metrics(State(state): State<Arc<ServerState>>) -> Response {
 struct ActionQuery {
     #[serde(rename = "Action")]
     action: Option<String>,
+    /// `Enroll`: the owner's Ed25519 public key (base64url).
+    owner_key: Option<String>,
 }
 
 fn now_ms() -> u64 {
@@ -313,29 +438,12 @@ async fn respond(
     started: Instant,
     mut result: Result<Value, ApiError>,
 ) -> Response {
-    let request_id = state.request_ids.next();
-    if let Some(audit) = &state.audit {
-        let keyid = match (&result, context.keyid.is_empty()) {
-            (Ok(value), true) => value
-                .get("keyid")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string(),
-            _ => context.keyid,
-        };
-        let (outcome, code) = match &result {
-            Ok(_) => ("ok".to_string(), 200),
-            Err(e) => (e.message(), e.code()),
-        };
-        let entry = AuditEntry {
-            request_id: request_id.clone(),
-            appid: context.appid,
-            action: action.to_string(),
-            keyid,
-            outcome,
-            code,
-            attestation: context.attestation.filter(|_| result.is_ok()),
-        };
+    let request_id = context.request_id.clone();
+    // A change that succeeded was logged before it committed; a change whose commit failed
+    // after that gets a second entry with the failure.
+    let logged_ahead = context.audited && result.is_ok();
+    if let (Some(audit), false) = (&state.audit, logged_ahead) {
+        let entry = context.entry(action, &result);
         if let Err(e) = audit.append_async(entry).await {
             result = Err(ApiError::Internal(format!("audit log: {e}")));
         }
@@ -381,13 +489,18 @@ async fn handle_get(
 ) -> Response {
     let started = Instant::now();
     let action = q.action.unwrap_or_default();
-    let result = run_action(&state, &action, {
+    let request_id = state.request_ids.next();
+    let (result, context) = run_action(&state, &action, {
         let action = action.clone();
-        move |state| unsigned(state, &action)
+        let request_id = request_id.clone();
+        move |state| {
+            let mut context = RequestContext::new(request_id);
+            let result = unsigned(state, &action, q.owner_key.as_deref(), &mut context);
+            (result, context)
+        }
     })
     .await
-    .and_then(|r| r);
-    let context = RequestContext::default();
+    .unwrap_or_else(|e| (Err(e), RequestContext::new(request_id)));
     respond(&state, &action, context, started, result).await
 }
 
@@ -398,26 +511,53 @@ async fn handle_post(
 ) -> Response {
     let started = Instant::now();
     let action = q.action.unwrap_or_default();
+    let request_id = state.request_ids.next();
     let (result, context) = match body {
-        Err(_) => (Err(ApiError::TooLarge), RequestContext::default()),
+        Err(_) => (Err(ApiError::TooLarge), RequestContext::new(request_id)),
         Ok(body) => run_action(&state, &action, {
             let action = action.clone();
+            let request_id = request_id.clone();
             move |state| {
-                let mut context = RequestContext::default();
+                let mut context = RequestContext::new(request_id);
                 let result = signed(state, &action, &body, &mut context);
                 (result, context)
             }
         })
         .await
-        .unwrap_or_else(|e| (Err(e), RequestContext::default())),
+        .unwrap_or_else(|e| (Err(e), RequestContext::new(request_id))),
     };
     respond(&state, &action, context, started, result).await
 }
 
-fn unsigned(state: &ServerState, action: &str) -> Result<Value, ApiError> {
+fn unsigned(
+    state: &ServerState,
+    action: &str,
+    owner_key: Option<&str>,
+    context: &mut RequestContext,
+) -> Result<Value, ApiError> {
     match action {
         "Enroll" => {
-            let (appid, apikey) = state.store.enroll(now_ms())?;
+            let owner_key = match owner_key {
+                None => None,
+                Some(text) => {
+                    Some(ppml_kms::owner::parse_public_key(text).ok_or(ApiError::PayloadType)?)
+                }
+            };
+            let allowed = state
+                .enrollments
+                .lock()
+                .is_ok_and(|mut bucket| bucket.take(Instant::now()));
+            if !allowed {
+                return Err(ApiError::RateLimited);
+            }
+            if let Some(key) = owner_key {
+                context.detail =
+                    Some(json!({"owner_key": URL_SAFE_NO_PAD.encode(key)}).to_string());
+            }
+            let (appid, apikey) = state.store.enroll(now_ms(), owner_key, &mut |appid| {
+                context.appid = appid.to_string();
+                write_ahead(state, context, Action::Enroll)
+            })?;
             Ok(json!({"appid": appid, "apikey": *apikey}))
         }
         "GetVersion" => Ok(json!({
@@ -439,7 +579,7 @@ fn signed(
 ) -> Result<Value, ApiError> {
     let action = Action::from_name(action).ok_or(ApiError::UnknownAction)?;
     if !action.is_signed() {
-        return unsigned(state, action.name());
+        return unsigned(state, action.name(), None, context);
     }
     let value: Value = serde_json::from_slice(body).map_err(|_| RequestError::ParamType)?;
     let obj = value.as_object().ok_or(RequestError::ParamType)?;
@@ -475,14 +615,13 @@ fn signed(
     let now = now_ms();
     ehsm::check_timestamp(timestamp, now)?;
     let replay_id = state.replay.check(appid, timestamp, nonce, now)?;
-    let apikey = state
-        .store
-        .cached_apikey(appid)?
-        .ok_or(RequestError::Sign)?;
-    if !ehsm::verify(&apikey, obj, sign) {
+    let auth = state.store.app_auth(appid)?.ok_or(RequestError::Sign)?;
+    if !ehsm::verify(&auth.apikey, obj, sign) {
         return Err(RequestError::Sign.into());
     }
     state.replay.record(replay_id, now)?;
+    context.replay = Some(hex::encode(replay_id));
+    check_authority(state, action, appid, obj, payload, &auth)?;
     use Action as A;
     match action {
         A::UploadQuotePolicy
@@ -491,9 +630,55 @@ fn signed(
         | A::Attest
         | A::SetKeyReleasePolicy
         | A::ReleaseDataKey
+        | A::GenerateSealedDataKey
         | A::VerifyQuote => attestation_action(state, action, appid, payload, context),
-        _ => run(&state.store, action, appid, payload),
+        _ => run(state, action, appid, payload, context),
     }
+}
+
+/// The checks after the signature (`docs/kms-api.md` §4 rule 7 and §4.1): the body names the
+/// action it was signed for, and the owner signed what only the owner may do.
+fn check_authority(
+    state: &ServerState,
+    action: Action,
+    appid: &str,
+    body: &Map<String, Value>,
+    payload: &Map<String, Value>,
+    auth: &store::AppAuth,
+) -> Result<(), ApiError> {
+    let named = match body.get(owner::ACTION_FIELD) {
+        None => false,
+        Some(Value::String(name)) if name == action.name() => true,
+        Some(_) => return Err(ApiError::ActionNotSigned),
+    };
+    if !named && action.needs_signed_action() {
+        return Err(ApiError::ActionNotSigned);
+    }
+    let needs_owner = match action.owner_authority() {
+        OwnerAuthority::NotNeeded => false,
+        OwnerAuthority::OwnerOnly => true,
+        // Apps enrolled without an owner key keep eHSM's rules: the api key is everything.
+        OwnerAuthority::Required => auth.owner_key.is_some(),
+        OwnerAuthority::ForMarkedKeys => {
+            auth.owner_key.is_some()
+                && state
+                    .store
+                    .release_policy(appid, field(payload, "keyid")?)?
+                    .is_some()
+        }
+    };
+    if !needs_owner {
+        return Ok(());
+    }
+    let (Some(public_key), true, Some(Value::String(signature))) =
+        (auth.owner_key, named, body.get(owner::OWNER_SIGN_FIELD))
+    else {
+        return Err(ApiError::OwnerSignatureRequired);
+    };
+    if !owner::verify_request(&public_key, body, signature) {
+        return Err(ApiError::OwnerSignatureRequired);
+    }
+    Ok(())
 }
 
 fn b64_field(payload: &Map<String, Value>, name: &str) -> Result<Vec<u8>, ApiError> {
@@ -540,7 +725,10 @@ fn attestation_action(
             };
             let text =
                 serde_json::to_string(&policy).map_err(|e| ApiError::Internal(e.to_string()))?;
-            let id = state.store.put_policy(appid, &text, now_ms())?;
+            let id = state.store.put_policy(appid, &text, now_ms(), &mut |id| {
+                context.detail = Some(policy_detail(id, &text));
+                write_ahead(state, context, action)
+            })?;
             Ok(json!({"policyId": id}))
         }
         Action::GetQuotePolicy => {
@@ -549,8 +737,11 @@ fn attestation_action(
         }
         Action::AttestChallenge => {
             let nonce = service
-                .challenge(now_secs)
-                .map_err(|e| ApiError::Internal(e.to_string()))?;
+                .challenge_for(appid, now_secs)
+                .map_err(|e| match e {
+                    AttestError::TooManyChallenges => ApiError::AttestationFailed(e.to_string()),
+                    e => ApiError::Internal(e.to_string()),
+                })?;
             Ok(json!({"nonce": BASE64.encode(nonce), "expires_in": CHALLENGE_TTL_SECS}))
         }
         Action::Attest => {
@@ -616,10 +807,35 @@ fn attestation_action(
         }
         Action::SetKeyReleasePolicy => {
             let keyid = field(payload, "keyid")?;
+            let policy_id = field(payload, "policyId")?;
+            context.detail = Some(policy_detail(
+                policy_id,
+                &state.store.policy(appid, policy_id)?,
+            ));
             state
                 .store
-                .set_release_policy(appid, keyid, field(payload, "policyId")?)?;
+                .set_release_policy(appid, keyid, policy_id, &mut |_| {
+                    write_ahead(state, context, action)
+                })?;
             Ok(json!({}))
+        }
+        Action::GenerateSealedDataKey => {
+            let keyid = field(payload, "keyid")?;
+            let aad = optional_str(payload, "aad")?;
+            let keylen = data_key_len(payload)?;
+            let required = state.store.release_policy(appid, keyid)?;
+            let (token, runtime_key) =
+                check_token(service, payload, appid, required.as_deref(), now_secs)?;
+            let (version, key) = state.store.usable_key(appid, keyid)?;
+            let data_key = random_data_key(keylen)?;
+            let ciphertext = encrypt(&key, version, keyid, aad, &data_key)?;
+            let (encapsulated, sealed) = seal_to(&runtime_key, &data_key, keyid.as_bytes())
+                .map_err(|e| ApiError::AttestationFailed(e.to_string()))?;
+            context.attestation = serde_json::to_string(&token).ok();
+            Ok(
+                json!({"ciphertext": ciphertext, "encapsulated_key": BASE64.encode(encapsulated),
+                      "sealed_key": BASE64.encode(sealed)}),
+            )
         }
         Action::ReleaseDataKey => {
             let keyid = field(payload, "keyid")?;
@@ -627,19 +843,8 @@ fn attestation_action(
             let Some(required) = state.store.release_policy(appid, keyid)? else {
                 return Err(ApiError::NotMarkedForRelease);
             };
-            let token = verify_token(field(payload, "token")?, &service.public_key(), now_secs)
-                .map_err(|e| match e {
-                    AttestError::TokenExpired => ApiError::TokenExpired,
-                    e => ApiError::AttestationFailed(e.to_string()),
-                })?;
-            if token.sub != appid || token.policy != required {
-                return Err(ApiError::AttestationFailed(
-                    "the token was issued for another app or policy than this key's".into(),
-                ));
-            }
-            let runtime_key = base64::engine::general_purpose::URL_SAFE_NO_PAD
-                .decode(&token.runtime_key)
-                .map_err(|_| ApiError::AttestationFailed("token runtime key".into()))?;
+            let (token, runtime_key) =
+                check_token(service, payload, appid, Some(&required), now_secs)?;
             let plaintext = decrypt(
                 &state.store,
                 appid,
@@ -666,6 +871,53 @@ fn attestation_action(
         }
         _ => Err(ApiError::UnknownAction),
     }
+}
+
+/// The payload's attestation token, checked: signed by this server, not expired, issued to
+/// `appid` and, when `required_policy` is given, for exactly that policy. Returns the token
+/// and the runtime public key it vouches for.
+fn check_token(
+    service: &AttestationService,
+    payload: &Map<String, Value>,
+    appid: &str,
+    required_policy: Option<&str>,
+    now_secs: u64,
+) -> Result<(ppml_attestation::service::TokenClaims, Vec<u8>), ApiError> {
+    let token = verify_token(field(payload, "token")?, &service.public_key(), now_secs).map_err(
+        |e| match e {
+            AttestError::TokenExpired => ApiError::TokenExpired,
+            e => ApiError::AttestationFailed(e.to_string()),
+        },
+    )?;
+    if token.sub != appid || required_policy.is_some_and(|p| token.policy != p) {
+        return Err(ApiError::AttestationFailed(
+            "the token was issued for another app or policy than this key's".into(),
+        ));
+    }
+    let runtime_key = URL_SAFE_NO_PAD
+        .decode(&token.runtime_key)
+        .map_err(|_| ApiError::AttestationFailed("token runtime key".into()))?;
+    Ok((token, runtime_key))
+}
+
+/// `keylen` of a data-key request: 1 to 1024 bytes.
+fn data_key_len(payload: &Map<String, Value>) -> Result<usize, ApiError> {
+    payload
+        .get("keylen")
+        .and_then(Value::as_u64)
+        .filter(|n| (1..=1024).contains(n))
+        .map(|n| n as usize)
+        .ok_or(ApiError::PayloadType)
+}
+
+/// `len` random bytes.
+fn random_data_key(len: usize) -> Result<zeroize::Zeroizing<Vec<u8>>, ApiError> {
+    let mut data_key = zeroize::Zeroizing::new(vec![0u8; len]);
+    for chunk in data_key.chunks_mut(32) {
+        let bytes = zeroize::Zeroizing::new(random::<32>()?);
+        chunk.copy_from_slice(&bytes[..chunk.len()]);
+    }
+    Ok(data_key)
 }
 
 fn field<'a>(payload: &'a Map<String, Value>, name: &str) -> Result<&'a str, ApiError> {
@@ -719,11 +971,17 @@ fn decrypt(
 }
 
 fn run(
-    store: &Store,
+    state: &ServerState,
     action: Action,
     appid: &str,
     payload: &Map<String, Value>,
+    context: &mut RequestContext,
 ) -> Result<Value, ApiError> {
+    let store = &state.store;
+    let mut write_ahead = |id: &str| {
+        context.keyid = id.chars().take(128).collect();
+        write_ahead(state, context, action)
+    };
     match action {
         Action::CreateKey => {
             let keyspec = optional_str(payload, "keyspec")?;
@@ -736,23 +994,15 @@ fn run(
             if !(origin.is_empty() || origin == "EH_INTERNAL_KEY") {
                 return Err(ApiError::PayloadType);
             }
-            let keyid = store.create_key(appid, keyspec, now_ms())?;
+            let keyid = store.create_key(appid, keyspec, now_ms(), &mut write_ahead)?;
             Ok(json!({"keyid": keyid}))
         }
         Action::GenerateDataKey | Action::GenerateDataKeyWithoutPlaintext => {
             let keyid = field(payload, "keyid")?;
             let aad = optional_str(payload, "aad")?;
-            let keylen = payload
-                .get("keylen")
-                .and_then(Value::as_u64)
-                .filter(|n| (1..=1024).contains(n))
-                .ok_or(ApiError::PayloadType)? as usize;
+            let keylen = data_key_len(payload)?;
             let (version, key) = store.usable_key(appid, keyid)?;
-            let mut data_key = zeroize::Zeroizing::new(vec![0u8; keylen]);
-            for chunk in data_key.chunks_mut(32) {
-                let bytes = zeroize::Zeroizing::new(random::<32>()?);
-                chunk.copy_from_slice(&bytes[..chunk.len()]);
-            }
+            let data_key = random_data_key(keylen)?;
             let ciphertext = encrypt(&key, version, keyid, aad, &data_key)?;
             if action == Action::GenerateDataKey {
                 Ok(json!({"plaintext": BASE64.encode(&*data_key), "ciphertext": ciphertext}))
@@ -791,7 +1041,7 @@ fn run(
         }
         Action::RotateKey => {
             let keyid = field(payload, "keyid")?;
-            let version = store.rotate_key(appid, keyid)?;
+            let version = store.rotate_key(appid, keyid, &mut write_ahead)?;
             Ok(json!({"keyid": keyid, "version": version}))
         }
         Action::ListKey => {
@@ -807,11 +1057,12 @@ fn run(
             Ok(json!({"list": list}))
         }
         Action::EnableKey | Action::DisableKey => {
-            store.set_enabled(appid, field(payload, "keyid")?, action == Action::EnableKey)?;
+            let enable = action == Action::EnableKey;
+            store.set_enabled(appid, field(payload, "keyid")?, enable, &mut write_ahead)?;
             Ok(json!({}))
         }
         Action::DeleteKey => {
-            store.delete_key(appid, field(payload, "keyid")?)?;
+            store.delete_key(appid, field(payload, "keyid")?, &mut write_ahead)?;
             Ok(json!({}))
         }
         _ => Err(ApiError::UnknownAction),
@@ -883,6 +1134,81 @@ mod tests {
         assert_eq!(report.entries, 2);
     }
 
+    /// Attack 6, changes behind a failing audit log: once the log cannot be written, a change
+    /// (here the owner disabling a key) is refused *and does not happen*, so the log never
+    /// misses a change that took effect; the owner's policy assignment is logged with the
+    /// policy's content hash.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn attack_changes_behind_a_failed_audit_log_do_not_happen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (root, _) = RootKey::generate().unwrap();
+        let mac_key = root.audit_mac_key();
+        let seed = root.attestation_seed();
+        let store = Store::open(dir.path(), root).unwrap();
+        let audit = AuditLog::open(dir.path(), &mac_key).unwrap();
+        let service = AttestationService::new(store.kms_id(), &seed).unwrap();
+        let state = Arc::new(
+            ServerState::new(store)
+                .with_audit(audit.clone())
+                .with_attestation(service),
+        );
+        let app = router(state.clone());
+        let (owner, _) = owner::OwnerKey::generate().unwrap();
+        let enrolled = get(&app, &format!("Enroll&owner_key={}", owner.public_text())).await;
+        let appid = enrolled["result"]["appid"].as_str().unwrap().to_string();
+        let apikey = enrolled["result"]["apikey"].as_str().unwrap().to_string();
+        let call = |action: &'static str, payload: Value| {
+            post_as(&app, action, &appid, &apikey, Some(&owner), payload)
+        };
+        let keyid =
+            call("CreateKey", json!({"keyspec": "EH_AES_GCM_256"})).await["result"]["keyid"]
+                .as_str()
+                .unwrap()
+                .to_string();
+        let policy = json!({"allowed": [{"tee": "sgx", "mrenclave": "ab".repeat(32)}]});
+        let policy_id = call("UploadQuotePolicy", json!({"policy": policy.to_string()})).await
+            ["result"]["policyId"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let marked = call(
+            "SetKeyReleasePolicy",
+            json!({"keyid": keyid, "policyId": policy_id}),
+        )
+        .await;
+        assert_eq!(marked["code"], 200, "{marked}");
+        let assigned = audit_lines(dir.path(), "SetKeyReleasePolicy");
+        assert_eq!(assigned.len(), 1, "one entry per change: {assigned:?}");
+        let detail: Value = serde_json::from_str(assigned[0]["detail"].as_str().unwrap()).unwrap();
+        let stored = state.store.policy(&appid, &policy_id).unwrap();
+        let digest = ring::digest::digest(&ring::digest::SHA256, stored.as_bytes());
+        assert_eq!(detail["policy_id"], policy_id.as_str());
+        assert_eq!(detail["policy_sha256"], hex::encode(digest.as_ref()));
+        let entries_before = audit.head().seq;
+
+        audit.replace_file_for_test(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/full")
+                .unwrap(),
+        );
+        let refused = call("DisableKey", json!({"keyid": keyid})).await;
+        assert_eq!(refused["code"], 500, "{refused}");
+        assert!(state.store.key(&appid, &keyid).unwrap().enabled);
+        for action in ["RotateKey", "DeleteKey"] {
+            let refused = call(action, json!({"keyid": keyid})).await;
+            assert_eq!(refused["code"], 500, "{action}: {refused}");
+        }
+        let key = state.store.key(&appid, &keyid).unwrap();
+        assert!(key.enabled);
+        assert_eq!(key.newest_version(), 0);
+        drop(app);
+        drop(state);
+        drop(audit);
+        let report = crate::audit::verify(&dir.path().join("audit.log"), Some(&mac_key)).unwrap();
+        assert_eq!(report.entries, entries_before);
+    }
+
     /// A server over a fresh store in `dir` with an attestation service set up by `configure`.
     fn attested_server(
         dir: &std::path::Path,
@@ -912,14 +1238,32 @@ mod tests {
     }
 
     async fn post(app: &Router, action: &str, appid: &str, apikey: &str, payload: Value) -> Value {
+        post_as(app, action, appid, apikey, None, payload).await
+    }
+
+    /// A request as ppml's client signs it: the body names its action, and `owner` (if given)
+    /// signs it as the app's owner.
+    async fn post_as(
+        app: &Router,
+        action: &str,
+        appid: &str,
+        apikey: &str,
+        owner: Option<&owner::OwnerKey>,
+        payload: Value,
+    ) -> Value {
         let mut body = Map::new();
         body.insert("appid".into(), json!(appid));
+        body.insert("action".into(), json!(action));
         body.insert("payload".into(), payload);
         body.insert("timestamp".into(), json!(now_ms().to_string()));
         body.insert(
             "nonce".into(),
             json!(hex::encode(ppml_kms::sealing::random::<8>().unwrap())),
         );
+        if let Some(owner) = owner {
+            let signature = owner.sign_request(&body);
+            body.insert(owner::OWNER_SIGN_FIELD.into(), json!(signature));
+        }
         let sign = ehsm::sign(apikey, &body);
         body.insert("sign".into(), json!(sign));
         let response = app
@@ -1075,12 +1419,15 @@ mod tests {
         });
         let tee = SimTee::new(platform);
 
-        let enrolled = get(&app, "Enroll").await;
+        let (owner_a, _) = owner::OwnerKey::generate().unwrap();
+        let owner_a = Arc::new(owner_a);
+        let enrolled = get(&app, &format!("Enroll&owner_key={}", owner_a.public_text())).await;
         let appid = enrolled["result"]["appid"].as_str().unwrap().to_string();
         let apikey = enrolled["result"]["apikey"].as_str().unwrap().to_string();
         let call = |action: &'static str, payload: Value| {
             let (app, appid, apikey) = (app.clone(), appid.clone(), apikey.clone());
-            async move { post(&app, action, &appid, &apikey, payload).await }
+            let owner = Arc::clone(&owner_a);
+            async move { post_as(&app, action, &appid, &apikey, Some(&owner), payload).await }
         };
         let policy = json!({
             "allowed": [{"tee": "sim", "mrenclave": hex::encode(executable_measurement().unwrap())}],
@@ -1204,14 +1551,17 @@ mod tests {
 
         // App A's token opens nothing of app B's: not through B's credentials (wrong app), not
         // through A's (B's key is not A's).
-        let enrolled_b = get(&app, "Enroll").await;
+        let (owner_b, _) = owner::OwnerKey::generate().unwrap();
+        let owner_b = Arc::new(owner_b);
+        let enrolled_b = get(&app, &format!("Enroll&owner_key={}", owner_b.public_text())).await;
         let (appid_b, apikey_b) = (
             enrolled_b["result"]["appid"].as_str().unwrap().to_string(),
             enrolled_b["result"]["apikey"].as_str().unwrap().to_string(),
         );
         let call_b = |action: &'static str, payload: Value| {
             let (app, appid, apikey) = (app.clone(), appid_b.clone(), apikey_b.clone());
-            async move { post(&app, action, &appid, &apikey, payload).await }
+            let owner = Arc::clone(&owner_b);
+            async move { post_as(&app, action, &appid, &apikey, Some(&owner), payload).await }
         };
         let policy_b = call_b("UploadQuotePolicy", json!({"policy": policy.to_string()})).await
             ["result"]["policyId"]

@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use ppml_kms::ehsm::{REPLAY_WINDOW_MS, ReplayId};
 use ring::{digest, hmac};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
@@ -66,6 +67,13 @@ pub struct AuditEntry {
     /// For successful attestations and key releases: the attestation token's claims as
     /// compact JSON (who was attested, to which policy, with what measurements).
     pub attestation: Option<String>,
+    /// What a change changed, as compact JSON: the policy id and the SHA-256 of the policy a
+    /// key was bound to, the owner key an app was enrolled with.
+    pub detail: Option<String>,
+    /// The [`ReplayId`] of a signed request whose signature
+    /// verified, as 32 hex digits: a restarted server reads the last 20 minutes of them back
+    /// and refuses those requests as replays.
+    pub replay: Option<String>,
 }
 
 impl AuditEntry {
@@ -79,6 +87,8 @@ impl AuditEntry {
         ]
         .into_iter()
         .chain(self.attestation.as_mut())
+        .chain(self.detail.as_mut())
+        .chain(self.replay.as_mut())
         {
             if field.len() > MAX_FIELD_BYTES {
                 let mut cut = MAX_FIELD_BYTES;
@@ -232,10 +242,14 @@ struct Inner {
 struct Shared {
     failed: OnceLock<String>,
     head: Mutex<AuditHead>,
+    /// The replay ids found when the log was opened, until taken.
+    recent_replays: Mutex<Vec<(u64, ReplayId)>>,
 }
 
 type Reply = oneshot::Sender<Result<u64, AuditError>>;
 
+// Only the test-only `SwapFile` variant is small; production messages are all `Append`.
+#[cfg_attr(test, allow(clippy::large_enum_variant))]
 enum Msg {
     Append {
         entry: AuditEntry,
@@ -296,7 +310,10 @@ impl AuditLog {
         }
 
         let key = hmac::Key::new(hmac::HMAC_SHA256, mac_key);
-        let scan = scan(&path, &mut file, Some(&key))?;
+        // Requests accepted within the replay window (plus a minute for clock steps) must stay
+        // refused after this restart.
+        let since = now_ms().saturating_sub(REPLAY_WINDOW_MS + 60_000);
+        let scan = scan(&path, &mut file, Some(&key), Some(since))?;
         if scan.report.torn_tail_bytes > 0 {
             tracing::warn!(
                 path = %path.display(),
@@ -313,6 +330,7 @@ impl AuditLog {
         let shared = Arc::new(Shared {
             failed: OnceLock::new(),
             head: Mutex::new(head),
+            recent_replays: Mutex::new(scan.replays),
         });
         let writer = Writer {
             file,
@@ -350,6 +368,19 @@ impl AuditLog {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// The (time, replay id) of the signed requests the log recorded in the 21 minutes before
+    /// it was opened, oldest first; empty after the first call.
+    pub fn take_recent_replays(&self) -> Vec<(u64, ReplayId)> {
+        std::mem::take(
+            &mut *self
+                .inner
+                .shared
+                .recent_replays
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
     }
 
     /// Whether the log has failed (every append now returns an error).
@@ -523,6 +554,10 @@ struct Body<'a> {
     code: u16,
     #[serde(skip_serializing_if = "Option::is_none")]
     attestation: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replay: Option<&'a str>,
     prev: &'a str,
 }
 
@@ -540,6 +575,10 @@ struct Line {
     code: u16,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     attestation: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    detail: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    replay: Option<String>,
     prev: String,
     mac: String,
 }
@@ -566,6 +605,8 @@ fn encode_line(
         outcome: &entry.outcome,
         code: entry.code,
         attestation: entry.attestation.as_deref(),
+        detail: entry.detail.as_deref(),
+        replay: entry.replay.as_deref(),
         prev: std::str::from_utf8(&prev_hex).map_err(io::Error::other)?,
     };
     serde_json::to_writer(&mut *out, &body).map_err(io::Error::other)?;
@@ -606,6 +647,9 @@ struct Verifier<'a> {
     scratch: Vec<u8>,
     first_time_ms: Option<u64>,
     last_time_ms: Option<u64>,
+    /// Collect the replay ids of entries written at or after this time.
+    replays_since_ms: Option<u64>,
+    replays: Vec<(u64, ReplayId)>,
 }
 
 impl Verifier<'_> {
@@ -659,18 +703,33 @@ impl Verifier<'_> {
         self.entries = n;
         self.first_time_ms.get_or_insert(parsed.time_ms);
         self.last_time_ms = Some(parsed.time_ms);
+        if let (Some(since), Some(replay)) = (self.replays_since_ms, &parsed.replay)
+            && parsed.time_ms >= since
+        {
+            let mut id = ReplayId::default();
+            hex::decode_to_slice(replay, &mut id)
+                .map_err(|_| corrupt("replay is not 32 hex digits".into()))?;
+            self.replays.push((parsed.time_ms, id));
+        }
         Ok(())
     }
 }
 
 struct Scan {
     report: VerifyReport,
+    /// (time, id) of the replay ids written since the time asked for, in log order.
+    replays: Vec<(u64, ReplayId)>,
     last_hash: [u8; 32],
     /// Length of the file up to and including the last newline.
     valid_len: u64,
 }
 
-fn scan(path: &Path, file: &mut File, key: Option<&hmac::Key>) -> Result<Scan, AuditError> {
+fn scan(
+    path: &Path,
+    file: &mut File,
+    key: Option<&hmac::Key>,
+    replays_since_ms: Option<u64>,
+) -> Result<Scan, AuditError> {
     let mut verifier = Verifier {
         path,
         key,
@@ -679,6 +738,8 @@ fn scan(path: &Path, file: &mut File, key: Option<&hmac::Key>) -> Result<Scan, A
         scratch: Vec::with_capacity(1024),
         first_time_ms: None,
         last_time_ms: None,
+        replays_since_ms,
+        replays: Vec::new(),
     };
     let mut reader = BufReader::with_capacity(1 << 20, file);
     let mut line = Vec::with_capacity(1024);
@@ -724,6 +785,7 @@ fn scan(path: &Path, file: &mut File, key: Option<&hmac::Key>) -> Result<Scan, A
         },
         last_hash: verifier.prev,
         valid_len,
+        replays: verifier.replays,
     })
 }
 
@@ -740,7 +802,7 @@ pub fn verify(path: &Path, mac_key: Option<&[u8; 32]>) -> Result<VerifyReport, A
         source,
     })?;
     let key = mac_key.map(|k| hmac::Key::new(hmac::HMAC_SHA256, k));
-    Ok(scan(path, &mut file, key.as_ref())?.report)
+    Ok(scan(path, &mut file, key.as_ref(), None)?.report)
 }
 
 #[cfg(test)]
@@ -759,6 +821,8 @@ mod tests {
             outcome: "ok".into(),
             code: 200,
             attestation: None,
+            detail: None,
+            replay: None,
         }
     }
 
@@ -815,6 +879,8 @@ mod tests {
             outcome: "decrypt failed: \u{1} é ✓ \\".into(),
             code: 400,
             attestation: None,
+            detail: None,
+            replay: None,
         };
         assert_eq!(log.append(entry(1)).unwrap(), 1);
         assert_eq!(log.append(odd.clone()).unwrap(), 2);
@@ -898,6 +964,8 @@ mod tests {
             outcome: "ok".into(),
             code: 200,
             attestation: None,
+            detail: None,
+            replay: None,
         };
         let e2 = AuditEntry {
             request_id: "req-2".into(),
@@ -907,6 +975,8 @@ mod tests {
             outcome: "decrypt failed".into(),
             code: 400,
             attestation: None,
+            detail: None,
+            replay: None,
         };
         let mut buf = Vec::new();
         let h1 = encode_line(&mut buf, &key, 1, 1_700_000_000_001, &e1, &ZERO_HASH).unwrap();

@@ -32,6 +32,15 @@ pub enum ApiError {
     /// `ReleaseDataKey` with a token past its expiry: the runtime must attest again.
     #[error("attestation token expired (attest again)")]
     TokenExpired,
+    /// The signed body names another action, or none where one is needed.
+    #[error("the signed request does not name this action")]
+    ActionNotSigned,
+    /// The action needs the data owner's signature.
+    #[error("this action needs the data owner's signature (owner_sign)")]
+    OwnerSignatureRequired,
+    /// Too many `Enroll` requests in a short time.
+    #[error("too many requests, try again later")]
+    RateLimited,
     /// A base64 field does not decode.
     #[error("base64 decode error")]
     Base64,
@@ -65,6 +74,9 @@ impl ApiError {
             ApiError::PolicyNotFound => ErrorKind::PolicyNotFound,
             ApiError::AttestationFailed(_) => ErrorKind::AttestationFailed,
             ApiError::TokenExpired => ErrorKind::TokenExpired,
+            ApiError::ActionNotSigned => ErrorKind::ActionNotSigned,
+            ApiError::OwnerSignatureRequired => ErrorKind::OwnerSignatureRequired,
+            ApiError::RateLimited => ErrorKind::RateLimited,
             ApiError::Base64 => ErrorKind::Base64,
             ApiError::DecryptFailed => ErrorKind::DecryptFailed,
             ApiError::TooLarge => ErrorKind::TooLarge,
@@ -127,6 +139,9 @@ mod tests {
             ApiError::PolicyNotFound,
             ApiError::AttestationFailed("debug enclave".into()),
             ApiError::TokenExpired,
+            ApiError::ActionNotSigned,
+            ApiError::OwnerSignatureRequired,
+            ApiError::RateLimited,
             ApiError::Base64,
             ApiError::DecryptFailed,
             ApiError::TooLarge,

@@ -233,11 +233,8 @@ fn authenticate<'a>(
     else {
         return Err(RasError::Credentials);
     };
-    let stored = state
-        .store
-        .cached_apikey(appid)?
-        .ok_or(RasError::Credentials)?;
-    if same_secret(stored.as_bytes(), apikey.as_bytes()) {
+    let stored = state.store.app_auth(appid)?.ok_or(RasError::Credentials)?;
+    if same_secret(stored.apikey.as_bytes(), apikey.as_bytes()) {
         Ok(appid)
     } else {
         Err(RasError::Credentials)
@@ -261,7 +258,17 @@ fn register(
 ) -> Result<Value, RasError> {
     let policy = Policy::strict(vec![measurement(request)?]);
     let text = serde_json::to_string(&policy).map_err(|e| RasError::Internal(e.to_string()))?;
-    let id = state.store.put_policy(appid, &text, now_ms)?;
+    // A stored policy changes nothing until the owner assigns it to a key; its entry follows
+    // the response like every RAS request's, and a failed audit log refuses it here.
+    let id = state
+        .store
+        .put_policy(appid, &text, now_ms, &mut |_| match state
+            .audit()
+            .filter(|audit| audit.is_failed())
+        {
+            Some(_) => Err(ApiError::Internal("the audit log has failed".into())),
+            None => Ok(()),
+        })?;
     Ok(json!({"policyID": id}))
 }
 
@@ -456,6 +463,8 @@ async fn respond(
             outcome,
             code,
             attestation: None,
+            detail: None,
+            replay: None,
         };
         if let Err(e) = audit.append_async(entry).await {
             result = Err(RasError::Internal(format!("audit log: {e}")));
@@ -544,7 +553,9 @@ mod tests {
                 service.set_collateral(tee, Collateral::from_file(&file).unwrap());
             }
         }
-        let mut state = ServerState::new(store).with_attestation(service);
+        let mut state = ServerState::new(store)
+            .with_attestation(service)
+            .with_bigdl_ras();
         let mut audit = None;
         if audited {
             let log = AuditLog::open(dir, &mac_key).unwrap();
@@ -561,7 +572,10 @@ mod tests {
     }
 
     fn enroll(state: &ServerState) -> (String, String) {
-        let (appid, apikey) = state.store.enroll(system_ms()).unwrap();
+        let (appid, apikey) = state
+            .store
+            .enroll(system_ms(), None, &mut |_| Ok(()))
+            .unwrap();
         (appid, apikey.to_string())
     }
 

@@ -328,6 +328,8 @@ pub struct ServerConfig {
     pub tls: TlsMode,
     /// The attestation service.
     pub attestation: AttestationSettings,
+    /// Serve BigDL-RAS's unsigned `/registerPolicy` and `/verifyQuote` (off by default).
+    pub bigdl_ras: bool,
 }
 
 impl ServerConfig {
@@ -342,6 +344,7 @@ impl ServerConfig {
                 extra_names: Vec::new(),
             },
             attestation: AttestationSettings::default(),
+            bigdl_ras: false,
         }
     }
 }
@@ -482,11 +485,13 @@ impl KmsServer {
             addr: config.listen.clone(),
             source,
         })?;
-        let state = Arc::new(
-            ServerState::new(data.store)
-                .with_audit(data.audit)
-                .with_attestation(attestation),
-        );
+        let mut state = ServerState::new(data.store)
+            .with_audit(data.audit)
+            .with_attestation(attestation);
+        if config.bigdl_ras {
+            state = state.with_bigdl_ras();
+        }
+        let state = Arc::new(state);
         Ok(KmsServer {
             state,
             listener,

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::{Arc, RwLock};
 
 use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::engine::general_purpose::{STANDARD as BASE64, URL_SAFE_NO_PAD};
 use ppml_kms::sealing::{self, binding, uuid_like};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use ring::aead::{AES_256_GCM, LessSafeKey, UnboundKey};
@@ -207,7 +207,25 @@ pub(crate) use sealing::open;
 struct AppRecord {
     apikey_sealed: String,
     created_ms: u64,
+    /// The owner's Ed25519 public key (base64url), for apps enrolled with one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    owner_key: Option<String>,
 }
+
+/// What authenticates an app's requests: its api key and, if it was enrolled with one, its
+/// owner's public key (`ppml_kms::owner`).
+pub struct AppAuth {
+    /// The api key (HMAC key of the request signature).
+    pub apikey: Zeroizing<String>,
+    /// The owner's Ed25519 public key.
+    pub owner_key: Option<[u8; 32]>,
+}
+
+/// Called once a change is staged and before it commits, with the id of what it creates or
+/// changes (app id, key id, policy id): the server makes the change's audit entry durable
+/// there, so that a change the audit log could not record never takes effect
+/// (`docs/kms-audit.md` §9). An error aborts the change.
+pub type BeforeCommit<'a> = &'a mut dyn FnMut(&str) -> Result<(), ApiError>;
 
 /// Where the plaintext of a decryption goes; see [`Store::key_version`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -282,7 +300,7 @@ pub struct Store {
     db: Database,
     root: RootKey,
     kms_id: String,
-    apikeys: RwLock<HashMap<String, Arc<Zeroizing<String>>>>,
+    apikeys: RwLock<HashMap<String, Arc<AppAuth>>>,
     keys: RwLock<KeyCache>,
 }
 
@@ -379,8 +397,13 @@ impl Store {
         &self.kms_id
     }
 
-    /// Registers a new app; returns its id and api key.
-    pub fn enroll(&self, now_ms: u64) -> Result<(String, Zeroizing<String>), ApiError> {
+    /// Registers a new app, with the owner's public key if given; returns its id and api key.
+    pub fn enroll(
+        &self,
+        now_ms: u64,
+        owner_key: Option<[u8; 32]>,
+        before_commit: BeforeCommit<'_>,
+    ) -> Result<(String, Zeroizing<String>), ApiError> {
         let appid = uuid_like(random::<16>()?);
         let apikey = Zeroizing::new(BASE64.encode(random::<24>()?));
         let record = AppRecord {
@@ -388,24 +411,23 @@ impl Store {
                 .root
                 .seal(&binding(AAD_APIKEY, &[appid.as_bytes()]), apikey.as_bytes())?,
             created_ms: now_ms,
+            owner_key: owner_key.map(|k| URL_SAFE_NO_PAD.encode(k)),
         };
-        self.insert_json(APPS, &appid, &record)?;
+        self.insert_json(APPS, &appid, &record, before_commit)?;
         Ok((appid, apikey))
     }
 
     /// The api key of `appid`, if the app exists.
     pub fn apikey(&self, appid: &str) -> Result<Option<Zeroizing<String>>, ApiError> {
         Ok(self
-            .cached_apikey(appid)?
-            .map(|k| Zeroizing::new(String::clone(&k))))
+            .app_auth(appid)?
+            .map(|auth| Zeroizing::new(String::clone(&auth.apikey))))
     }
 
-    /// The api key of `appid` from the cache, read and opened on a miss. Apps are never deleted
-    /// and api keys never change, so entries never go stale; unknown apps are not cached.
-    pub(crate) fn cached_apikey(
-        &self,
-        appid: &str,
-    ) -> Result<Option<Arc<Zeroizing<String>>>, ApiError> {
+    /// The api key and owner key of `appid` from the cache, read and opened on a miss. Apps
+    /// are never deleted and neither key ever changes, so entries never go stale; unknown apps
+    /// are not cached.
+    pub fn app_auth(&self, appid: &str) -> Result<Option<Arc<AppAuth>>, ApiError> {
         if let Some(k) = self.apikeys.read().expect("apikey cache").get(appid) {
             return Ok(Some(Arc::clone(k)));
         }
@@ -417,12 +439,22 @@ impl Store {
             &record.apikey_sealed,
         )?;
         let text = String::from_utf8(plain.to_vec()).map_err(internal)?;
-        let key = Arc::new(Zeroizing::new(text));
+        let owner_key = match &record.owner_key {
+            None => None,
+            Some(text) => Some(
+                ppml_kms::owner::parse_public_key(text)
+                    .ok_or_else(|| internal("stored owner key is malformed"))?,
+            ),
+        };
+        let auth = Arc::new(AppAuth {
+            apikey: Zeroizing::new(text),
+            owner_key,
+        });
         self.apikeys
             .write()
             .expect("apikey cache")
-            .insert(appid.to_string(), Arc::clone(&key));
-        Ok(Some(key))
+            .insert(appid.to_string(), Arc::clone(&auth));
+        Ok(Some(auth))
     }
 
     fn key_aad(keyid: &str, appid: &str, version: usize) -> Vec<u8> {
@@ -451,7 +483,13 @@ impl Store {
     }
 
     /// Creates a primary key for `appid`; durable when this returns.
-    pub fn create_key(&self, appid: &str, keyspec: &str, now_ms: u64) -> Result<String, ApiError> {
+    pub fn create_key(
+        &self,
+        appid: &str,
+        keyspec: &str,
+        now_ms: u64,
+        before_commit: BeforeCommit<'_>,
+    ) -> Result<String, ApiError> {
         KeyRecord::key_len(keyspec).ok_or(ApiError::PayloadType)?;
         let keyid = uuid_like(random::<16>()?);
         let record = KeyRecord {
@@ -462,7 +500,7 @@ impl Store {
             versions: vec![self.new_version(&keyid, appid, keyspec, 0)?],
             release_policy: None,
         };
-        self.insert_json(KEYS, &keyid, &record)?;
+        self.insert_json(KEYS, &keyid, &record, before_commit)?;
         Ok(keyid)
     }
 
@@ -474,6 +512,7 @@ impl Store {
         appid: &str,
         keyid: &str,
         change: impl FnOnce(&mut KeyRecord) -> Result<(bool, T), ApiError>,
+        before_commit: BeforeCommit<'_>,
     ) -> Result<T, ApiError> {
         let tx = self.db.begin_write().map_err(internal)?;
         let result = (|| {
@@ -495,6 +534,7 @@ impl Store {
             } else {
                 keys.remove(keyid).map_err(internal)?;
             }
+            before_commit(keyid)?;
             Ok(out)
         })();
         match result {
@@ -619,27 +659,48 @@ impl Store {
 
     /// Adds a new version to an enabled key; returns its number (the first rotation gives 1).
     /// New encryptions use it; older versions still decrypt. Durable when this returns.
-    pub fn rotate_key(&self, appid: &str, keyid: &str) -> Result<usize, ApiError> {
-        self.modify_key(appid, keyid, |record| {
-            if !record.enabled {
-                return Err(ApiError::KeyDisabled);
-            }
-            let version = record.versions.len();
-            if u32::try_from(version).is_err() {
-                return Err(ApiError::Internal("too many key versions".into()));
-            }
-            let sealed = self.new_version(keyid, &record.appid, &record.keyspec, version)?;
-            record.versions.push(sealed);
-            Ok((true, version))
-        })
+    pub fn rotate_key(
+        &self,
+        appid: &str,
+        keyid: &str,
+        before_commit: BeforeCommit<'_>,
+    ) -> Result<usize, ApiError> {
+        self.modify_key(
+            appid,
+            keyid,
+            |record| {
+                if !record.enabled {
+                    return Err(ApiError::KeyDisabled);
+                }
+                let version = record.versions.len();
+                if u32::try_from(version).is_err() {
+                    return Err(ApiError::Internal("too many key versions".into()));
+                }
+                let sealed = self.new_version(keyid, &record.appid, &record.keyspec, version)?;
+                record.versions.push(sealed);
+                Ok((true, version))
+            },
+            before_commit,
+        )
     }
 
     /// Enables or disables a key.
-    pub fn set_enabled(&self, appid: &str, keyid: &str, enabled: bool) -> Result<(), ApiError> {
-        self.modify_key(appid, keyid, |record| {
-            record.enabled = enabled;
-            Ok((true, ()))
-        })
+    pub fn set_enabled(
+        &self,
+        appid: &str,
+        keyid: &str,
+        enabled: bool,
+        before_commit: BeforeCommit<'_>,
+    ) -> Result<(), ApiError> {
+        self.modify_key(
+            appid,
+            keyid,
+            |record| {
+                record.enabled = enabled;
+                Ok((true, ()))
+            },
+            before_commit,
+        )
     }
 
     /// Marks a key "release only to attested runtimes" under policy `policy_id` of the same
@@ -649,12 +710,18 @@ impl Store {
         appid: &str,
         keyid: &str,
         policy_id: &str,
+        before_commit: BeforeCommit<'_>,
     ) -> Result<(), ApiError> {
         self.policy(appid, policy_id)?;
-        self.modify_key(appid, keyid, |record| {
-            record.release_policy = Some(policy_id.to_string());
-            Ok((true, ()))
-        })
+        self.modify_key(
+            appid,
+            keyid,
+            |record| {
+                record.release_policy = Some(policy_id.to_string());
+                Ok((true, ()))
+            },
+            before_commit,
+        )
     }
 
     /// The release policy of an enabled key of `appid`, if it has one (from the cache).
@@ -663,8 +730,13 @@ impl Store {
     }
 
     /// Deletes a key for good.
-    pub fn delete_key(&self, appid: &str, keyid: &str) -> Result<(), ApiError> {
-        self.modify_key(appid, keyid, |_| Ok((false, ())))
+    pub fn delete_key(
+        &self,
+        appid: &str,
+        keyid: &str,
+        before_commit: BeforeCommit<'_>,
+    ) -> Result<(), ApiError> {
+        self.modify_key(appid, keyid, |_| Ok((false, ())), before_commit)
     }
 
     /// The JSON value under `key` in `table`, if any.
@@ -689,14 +761,22 @@ impl Store {
         table: TableDefinition<&str, &[u8]>,
         key: &str,
         value: &T,
+        before_commit: BeforeCommit<'_>,
     ) -> Result<(), ApiError> {
         let bytes = serde_json::to_vec(value).map_err(internal)?;
         let tx = self.db.begin_write().map_err(internal)?;
-        tx.open_table(table)
-            .map_err(internal)?
-            .insert(key, bytes.as_slice())
-            .map_err(internal)?;
-        tx.commit().map_err(internal)
+        let staged = tx
+            .open_table(table)
+            .map_err(internal)
+            .and_then(|mut t| t.insert(key, bytes.as_slice()).map(drop).map_err(internal))
+            .and_then(|()| before_commit(key));
+        match staged {
+            Ok(()) => tx.commit().map_err(internal),
+            Err(e) => {
+                tx.abort().map_err(internal)?;
+                Err(e)
+            }
+        }
     }
 
     /// Stores an attestation policy (JSON text) for `appid`; returns its id. Durable on return.
@@ -705,11 +785,12 @@ impl Store {
         appid: &str,
         policy_json: &str,
         now_ms: u64,
+        before_commit: BeforeCommit<'_>,
     ) -> Result<String, ApiError> {
         let id = uuid_like(random::<16>()?);
         let record =
             serde_json::json!({"appid": appid, "policy": policy_json, "created_ms": now_ms});
-        self.insert_json(POLICIES, &id, &record)?;
+        self.insert_json(POLICIES, &id, &record, before_commit)?;
         Ok(id)
     }
 

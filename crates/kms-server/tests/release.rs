@@ -8,6 +8,7 @@ use ppml_attestation::Tee;
 use ppml_attestation::policy::{AllowedMeasurement, Policy};
 use ppml_attestation::service::AttestationService;
 use ppml_attestation::sim::{SimPlatform, SimTee, executable_measurement};
+use ppml_kms::owner::OwnerKey;
 use ppml_kms::{KeyManagementService as _, KmsError};
 use ppml_kms_client::{RemoteKms, RemoteKmsConfig};
 use ppml_kms_server::audit::AuditLog;
@@ -50,13 +51,17 @@ async fn start(token_ttl: u64) -> Fixture {
 /// simulated TEE; returns the client, the key and the policy id.
 async fn gated_key(fixture: &Fixture) -> (RemoteKms, ppml_kms::PrimaryKeyId, String) {
     let config = RemoteKmsConfig::new(fixture.url.clone());
+    let (owner, _) = OwnerKey::generate().unwrap();
     let creds = RemoteKms::connect(&config, None)
         .await
         .unwrap()
-        .enroll()
+        .enroll_owned(&owner)
         .await
         .unwrap();
-    let kms = RemoteKms::connect(&config, Some(creds)).await.unwrap();
+    let kms = RemoteKms::connect(&config, Some(creds))
+        .await
+        .unwrap()
+        .with_owner_key(Arc::new(owner));
     let primary = kms.create_primary_key().await.unwrap();
     let policy = Policy {
         allow_simulation: true,

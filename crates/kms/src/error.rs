@@ -73,8 +73,16 @@ pub enum KmsError {
     #[error("the attestation token has expired")]
     TokenExpired,
     /// `ReleaseDataKey` was asked for a key that is not marked for attested release.
-    #[error("the key is not marked for attested release")]
+    #[error(
+        "the data is under a key that is not marked for attested release, so an attested runtime does not read it (the owner marks keys with `ppml kms release-policy`)"
+    )]
     NotMarkedForRelease,
+    /// The action needs the data owner's signature (an owner key the app was enrolled with),
+    /// and the request had none or a wrong one.
+    #[error(
+        "the KMS refused the request: it needs the data owner's key (--owner-key), which this machine does not hold or which is not the app's"
+    )]
+    OwnerSignatureRequired,
     /// Attestation failed: evidence could not be collected, or the KMS refused it.
     #[error("attestation failed: {0}")]
     Attestation(String),
@@ -103,6 +111,8 @@ impl KmsError {
                 | KmsError::UnwrapFailed
                 | KmsError::WrongKms { .. }
                 | KmsError::AttestationRequired
+                | KmsError::OwnerSignatureRequired
+                | KmsError::NotMarkedForRelease
                 | KmsError::Attestation(_)
         )
     }

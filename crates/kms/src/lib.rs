@@ -16,7 +16,9 @@
 pub mod ehsm;
 mod error;
 mod fs;
+pub mod grant;
 mod local;
+pub mod owner;
 pub mod protocol;
 pub mod sealing;
 

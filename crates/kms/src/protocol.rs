@@ -56,11 +56,30 @@ pub enum Action {
     SetKeyReleasePolicy,
     /// ppml: unwraps a data key for an attested runtime, sealed to its runtime key.
     ReleaseDataKey,
+    /// ppml: a new data key for an attested runtime, wrapped and sealed to its runtime key.
+    GenerateSealedDataKey,
+}
+
+/// Whether an action needs the data owner's signature (`docs/kms-api.md` §4.1), in an app
+/// enrolled with an owner key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OwnerAuthority {
+    /// Never: the api key suffices.
+    NotNeeded,
+    /// Only an owner may: an app without an owner key cannot do it at all (marking a key for
+    /// attested release, which would protect nothing if the api key could undo it).
+    OwnerOnly,
+    /// In apps with an owner key: the action changes a key's state or removes it. Apps
+    /// enrolled without one keep eHSM's rules.
+    Required,
+    /// When the key is marked for attested release: the action would hand a plaintext data
+    /// key of that key to the caller.
+    ForMarkedKeys,
 }
 
 impl Action {
     /// Every action, in the order of `docs/kms-api.md` §5.
-    pub const ALL: [Action; 20] = [
+    pub const ALL: [Action; 21] = [
         Action::Enroll,
         Action::GetVersion,
         Action::CreateKey,
@@ -81,6 +100,7 @@ impl Action {
         Action::Attest,
         Action::SetKeyReleasePolicy,
         Action::ReleaseDataKey,
+        Action::GenerateSealedDataKey,
     ];
 
     /// The name in `?Action=`.
@@ -106,6 +126,7 @@ impl Action {
             Action::Attest => "Attest",
             Action::SetKeyReleasePolicy => "SetKeyReleasePolicy",
             Action::ReleaseDataKey => "ReleaseDataKey",
+            Action::GenerateSealedDataKey => "GenerateSealedDataKey",
         }
     }
 
@@ -137,7 +158,44 @@ impl Action {
                 | Action::Decrypt
                 | Action::RotateKey
                 | Action::ReEncrypt
+                | Action::DeleteKey
+                | Action::EnableKey
+                | Action::DisableKey
+                | Action::GenerateSealedDataKey
         )
+    }
+
+    /// Whether the signed body must name this action in its `action` field (`docs/kms-api.md`
+    /// §4 rule 7). eHSM's clients do not send it, so eHSM's own actions that create or read
+    /// accept a body without it; every action that changes or removes an existing key, and
+    /// every ppml extension, does not.
+    pub fn needs_signed_action(self) -> bool {
+        !matches!(
+            self,
+            Action::Enroll
+                | Action::GetVersion
+                | Action::CreateKey
+                | Action::GenerateDataKey
+                | Action::GenerateDataKeyWithoutPlaintext
+                | Action::Encrypt
+                | Action::Decrypt
+                | Action::ListKey
+                | Action::UploadQuotePolicy
+                | Action::GetQuotePolicy
+                | Action::VerifyQuote
+        )
+    }
+
+    /// Whether the action needs the owner's signature in an app with an owner key.
+    pub fn owner_authority(self) -> OwnerAuthority {
+        match self {
+            Action::SetKeyReleasePolicy => OwnerAuthority::OwnerOnly,
+            Action::DeleteKey | Action::EnableKey | Action::DisableKey | Action::RotateKey => {
+                OwnerAuthority::Required
+            }
+            Action::GenerateDataKey | Action::Encrypt => OwnerAuthority::ForMarkedKeys,
+            _ => OwnerAuthority::NotNeeded,
+        }
     }
 }
 
@@ -187,6 +245,13 @@ pub enum ErrorKind {
     AttestationFailed,
     /// `ReleaseDataKey` with a token past its expiry.
     TokenExpired,
+    /// The signed body names another action than the one asked, or none where one is needed.
+    ActionNotSigned,
+    /// The action needs the data owner's signature, and the request has no valid one (or the
+    /// app has no owner key).
+    OwnerSignatureRequired,
+    /// Too many requests of this kind (`Enroll`) in a short time: try again later.
+    RateLimited,
     /// A server fault; the request was not applied.
     Internal,
 }
@@ -196,7 +261,7 @@ const ATTESTATION_FAILED: &str = "attestation failed";
 
 impl ErrorKind {
     /// Every error kind, in the order of `docs/kms-api.md` §6.
-    pub const ALL: [ErrorKind; 19] = [
+    pub const ALL: [ErrorKind; 22] = [
         ErrorKind::MissingParameters,
         ErrorKind::ParamType,
         ErrorKind::TimestampLength,
@@ -215,6 +280,9 @@ impl ErrorKind {
         ErrorKind::PolicyNotFound,
         ErrorKind::AttestationFailed,
         ErrorKind::TokenExpired,
+        ErrorKind::ActionNotSigned,
+        ErrorKind::OwnerSignatureRequired,
+        ErrorKind::RateLimited,
         ErrorKind::Internal,
     ];
 
@@ -250,6 +318,11 @@ impl ErrorKind {
             ErrorKind::PolicyNotFound => "policyId not found",
             ErrorKind::AttestationFailed => ATTESTATION_FAILED,
             ErrorKind::TokenExpired => "attestation token expired (attest again)",
+            ErrorKind::ActionNotSigned => "the signed request does not name this action",
+            ErrorKind::OwnerSignatureRequired => {
+                "this action needs the data owner's signature (owner_sign)"
+            }
+            ErrorKind::RateLimited => "too many requests, try again later",
             ErrorKind::Internal => "Server internal error, please contact the administrator.",
         }
     }
@@ -275,6 +348,9 @@ impl ErrorKind {
             ErrorKind::PolicyNotFound => "policy_not_found",
             ErrorKind::AttestationFailed => "attestation_failed",
             ErrorKind::TokenExpired => "token_expired",
+            ErrorKind::ActionNotSigned => "action_not_signed",
+            ErrorKind::OwnerSignatureRequired => "owner_signature_required",
+            ErrorKind::RateLimited => "rate_limited",
             ErrorKind::Internal => "internal",
         }
     }
@@ -398,6 +474,7 @@ impl From<ErrorAnswer> for KmsError {
             ErrorKind::AttestationRequired => KmsError::AttestationRequired,
             ErrorKind::NotMarkedForRelease => KmsError::NotMarkedForRelease,
             ErrorKind::TokenExpired => KmsError::TokenExpired,
+            ErrorKind::OwnerSignatureRequired => KmsError::OwnerSignatureRequired,
             ErrorKind::AttestationFailed => KmsError::Attestation(
                 answer
                     .detail

@@ -9,6 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use ppml_kms::owner::OwnerKey;
 use ppml_kms::{AppCredentials, KeyManagementService, LocalKms, PrimaryKeyId};
 use ppml_kms_client::{AttestedKms, RemoteKms, RemoteKmsConfig, TlsTrust};
 use serde::Deserialize;
@@ -59,6 +60,8 @@ pub struct KmsSection {
     pub fingerprint: Option<String>,
     /// CA certificate (PEM) of the server.
     pub ca_cert: Option<PathBuf>,
+    /// The data owner's key (PKCS#8), for the actions only the owner may ask.
+    pub owner_key: Option<PathBuf>,
 }
 
 /// `[server]` of the configuration file: the options of `ppml kms serve`.
@@ -83,6 +86,9 @@ pub struct ServerSection {
     /// Serve plain HTTP.
     #[serde(default)]
     pub insecure_http: bool,
+    /// Serve BigDL-RAS's unsigned `/registerPolicy` and `/verifyQuote`.
+    #[serde(default)]
+    pub bigdl_ras: bool,
     /// Collateral JSON for SGX quotes.
     pub sgx_collateral: Option<PathBuf>,
     /// Collateral JSON for TDX quotes.
@@ -113,6 +119,7 @@ impl ServerSection {
                 self.tls_san
             },
             insecure_http: self.insecure_http || lower.insecure_http,
+            bigdl_ras: self.bigdl_ras || lower.bigdl_ras,
             sgx_collateral: self.sgx_collateral.or(lower.sgx_collateral),
             tdx_collateral: self.tdx_collateral.or(lower.tdx_collateral),
             pccs_url: self.pccs_url.or(lower.pccs_url),
@@ -145,6 +152,8 @@ pub struct GivenSettings {
     pub kms_fingerprint: Option<String>,
     /// `PPML_KMS_CA_CERT`.
     pub kms_ca_cert: Option<PathBuf>,
+    /// `PPML_OWNER_KEY`.
+    pub owner_key: Option<PathBuf>,
 }
 
 impl GivenSettings {
@@ -162,6 +171,7 @@ impl GivenSettings {
             kms_url: text("PPML_KMS_URL"),
             kms_fingerprint: text("PPML_KMS_FINGERPRINT"),
             kms_ca_cert: path("PPML_KMS_CA_CERT"),
+            owner_key: path("PPML_OWNER_KEY"),
         }
     }
 }
@@ -185,6 +195,8 @@ pub struct Settings {
     pub kms_fingerprint: Option<String>,
     /// CA certificate of the KMS server.
     pub kms_ca_cert: Option<PathBuf>,
+    /// The data owner's key file [default: `$PPML_HOME/owner.pk8`, used when it exists].
+    pub owner_key: Option<PathBuf>,
     /// `[server]` of the configuration files.
     pub server: ServerSection,
 }
@@ -227,6 +239,7 @@ impl Settings {
             kms_url: given.kms_url,
             kms_fingerprint: given.kms_fingerprint,
             kms_ca_cert: given.kms_ca_cert,
+            owner_key: given.owner_key,
             server: ServerSection::default(),
             home,
         };
@@ -247,6 +260,7 @@ impl Settings {
             settings.kms_url = settings.kms_url.or(file.kms.url);
             settings.kms_fingerprint = settings.kms_fingerprint.or(file.kms.fingerprint);
             settings.kms_ca_cert = settings.kms_ca_cert.or(file.kms.ca_cert);
+            settings.owner_key = settings.owner_key.or(file.kms.owner_key);
             server_sections.push(file.server);
         }
         for section in server_sections.into_iter().rev() {
@@ -300,6 +314,51 @@ impl Settings {
         Ok(Some(RemoteKms::connect(&config, None).await?))
     }
 
+    /// Where the data owner's key is: the configured file, else `$PPML_HOME/owner.pk8`.
+    pub fn owner_key_path(&self) -> PathBuf {
+        self.owner_key
+            .clone()
+            .unwrap_or_else(|| self.home.join("owner.pk8"))
+    }
+
+    /// The data owner's key, if this machine holds one: the configured file (which must
+    /// exist), else `$PPML_HOME/owner.pk8` when it exists.
+    pub fn load_owner_key(&self) -> Result<Option<Arc<OwnerKey>>> {
+        let path = self.owner_key_path();
+        if self.owner_key.is_none() && !path.exists() {
+            return Ok(None);
+        }
+        OwnerKey::load(&path)
+            .map(|key| Some(Arc::new(key)))
+            .map_err(|source| Error::Kms {
+                context: format!("reading the owner key {}", path.display()),
+                source,
+            })
+    }
+
+    /// Enrolls a new app at the configured KMS server, owned by this machine's owner key
+    /// ([`Settings::owner_key_path`], made there if missing): only that key can then mark the
+    /// app's keys for attested release or disable, rotate or delete them. Returns the
+    /// credentials (for runtimes) and the owner key's path (for the owner only).
+    pub async fn enroll_owned(&self) -> Result<(AppCredentials, PathBuf)> {
+        let remote = self
+            .connect_remote_anonymous()
+            .await?
+            .ok_or_else(|| Error::Config {
+                what: "no KMS server".into(),
+                reason: "owner keys are kept by a KMS server: set --kms-url or PPML_KMS_URL".into(),
+            })?;
+        let path = self.owner_key_path();
+        let kms_error = |context: String| move |source| Error::Kms { context, source };
+        let owner = OwnerKey::load_or_create(&path)
+            .map_err(kms_error(format!("the owner key {}", path.display())))?;
+        let creds = remote
+            .enroll_owned(&owner)
+            .await
+            .map_err(kms_error("enrolling at the KMS".into()))?;
+        Ok((creds, path))
+    }
+
     /// Directory of the embedded KMS.
     pub fn kms_dir(&self) -> PathBuf {
         self.home.join("kms")
@@ -313,12 +372,15 @@ impl Settings {
         let output = self.output_key.clone().map(PrimaryKeyId);
         if let Some(config) = self.remote_config()? {
             let creds = self.credentials()?;
-            let remote = RemoteKms::connect(&config, Some(creds))
+            let mut remote = RemoteKms::connect(&config, Some(creds))
                 .await
                 .map_err(|source| Error::Kms {
                     context: format!("connecting to the KMS at {}", config.url),
                     source,
                 })?;
+            if let Some(owner) = self.load_owner_key()? {
+                remote = remote.with_owner_key(owner);
+            }
             tracing::info!(url = %config.url, kms_id = %remote.kms_id(), "using the KMS server");
             return Ok(OpenKms {
                 backend: KmsBackend::Remote(Arc::new(remote)),

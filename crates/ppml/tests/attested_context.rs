@@ -35,8 +35,7 @@ async fn only_an_attested_context_reads_a_gated_dataset() {
         ..GivenSettings::default()
     })
     .unwrap();
-    let remote = settings.connect_remote_anonymous().await.unwrap().unwrap();
-    let creds = remote.enroll().await.unwrap();
+    let (creds, _) = settings.enroll_owned().await.unwrap();
     settings.appid = Some(creds.appid.clone());
     settings.apikey = Some(creds.apikey.to_string());
     let kms = settings.open_kms().await.unwrap();

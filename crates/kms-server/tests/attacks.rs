@@ -1,0 +1,573 @@
+//! The host's attacks on the KMS (`docs/threat-model.md`), each one a test that the attack
+//! fails, with the refusal it gets.
+//!
+//! The attacker is root on a machine that runs the owner's jobs: it holds the app id and api
+//! key that jobs use (from their environment), can send any request to the KMS, can run the
+//! attested runtime binary, and can replay what it captured. It does not hold the owner's
+//! key (`ppml_kms::owner`), which stays on the owner's machine.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::Request;
+use ppml_attestation::Tee;
+use ppml_attestation::policy::{AllowedMeasurement, Policy};
+use ppml_attestation::service::AttestationService;
+use ppml_attestation::sim::{SimPlatform, SimTee, executable_measurement};
+use ppml_kms::owner::OwnerKey;
+use ppml_kms::protocol::Action;
+use ppml_kms::{AppCredentials, KeyManagementService as _, KmsError, PrimaryKeyId};
+use ppml_kms_client::{RemoteKms, RemoteKmsConfig};
+use ppml_kms_server::audit::AuditLog;
+use ppml_kms_server::{RootKey, ServerState, Store, router};
+use serde_json::{Value, json};
+use tower::ServiceExt as _;
+
+/// A KMS server on loopback over a store in `dir`, trusting the simulated TEE of `platform`.
+struct Kms {
+    url: String,
+    router: axum::Router,
+    platform_key: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+async fn start() -> Kms {
+    let dir = tempfile::tempdir().unwrap();
+    let platform_key = dir.path().join("sim.pk8");
+    let platform = SimPlatform::load_or_create(&platform_key).unwrap();
+    let (root, _) = RootKey::generate().unwrap();
+    let seed = root.attestation_seed();
+    let audit = AuditLog::open(dir.path(), &root.audit_mac_key()).unwrap();
+    let store = Store::open(dir.path(), root).unwrap();
+    let mut service = AttestationService::new(store.kms_id(), &seed).unwrap();
+    service.trust_sim_platform(platform.public_key());
+    let router = router(Arc::new(
+        ServerState::new(store)
+            .with_attestation(service)
+            .with_audit(audit),
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let served = router.clone();
+    tokio::spawn(async move { axum::serve(listener, served).await.unwrap() });
+    Kms {
+        url,
+        router,
+        platform_key,
+        _dir: dir,
+    }
+}
+
+/// The owner's side: an app enrolled with the owner's key, a key marked for release to this
+/// test binary in the simulated TEE, and the owner's client.
+struct Owner {
+    kms: RemoteKms,
+    creds: AppCredentials,
+    gated: PrimaryKeyId,
+    policy_id: String,
+}
+
+fn sim_policy() -> Policy {
+    Policy {
+        allow_simulation: true,
+        ..Policy::strict(vec![AllowedMeasurement {
+            tee: Some(Tee::Sim),
+            mrenclave: Some(hex::encode(executable_measurement().unwrap())),
+            ..AllowedMeasurement::default()
+        }])
+    }
+}
+
+async fn owner(kms: &Kms) -> Owner {
+    let config = RemoteKmsConfig::new(kms.url.clone());
+    let (owner_key, _) = OwnerKey::generate().unwrap();
+    let creds = RemoteKms::connect(&config, None)
+        .await
+        .unwrap()
+        .enroll_owned(&owner_key)
+        .await
+        .unwrap();
+    let client = RemoteKms::connect(&config, Some(creds.clone()))
+        .await
+        .unwrap()
+        .with_owner_key(Arc::new(owner_key));
+    let gated = client.create_primary_key().await.unwrap();
+    let policy_id = client.upload_policy(&sim_policy()).await.unwrap();
+    client.set_release_policy(&gated, &policy_id).await.unwrap();
+    Owner {
+        kms: client,
+        creds,
+        gated,
+        policy_id,
+    }
+}
+
+/// An app enrolled as eHSM enrolls (no owner key), and its client.
+async fn ownerless_app(kms: &Kms) -> (AppCredentials, RemoteKms) {
+    let config = RemoteKmsConfig::new(kms.url.clone());
+    let creds = RemoteKms::connect(&config, None)
+        .await
+        .unwrap()
+        .enroll()
+        .await
+        .unwrap();
+    let app = RemoteKms::connect(&config, Some(creds.clone()))
+        .await
+        .unwrap();
+    (creds, app)
+}
+
+/// What the host has: the app's credentials, no owner key.
+async fn host(kms: &Kms, owner: &Owner) -> RemoteKms {
+    let config = RemoteKmsConfig::new(kms.url.clone());
+    RemoteKms::connect(&config, Some(owner.creds.clone()))
+        .await
+        .unwrap()
+}
+
+fn sim_tee(kms: &Kms) -> Arc<SimTee> {
+    Arc::new(SimTee::new(
+        SimPlatform::load_or_create(&kms.platform_key).unwrap(),
+    ))
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// A body signed with the api key, as the host can make any: `action` names the action it
+/// is signed for (`None`: eHSM's envelope without one).
+fn signed_body(creds: &AppCredentials, action: Option<&str>, payload: Value) -> Value {
+    let nonce = hex::encode(ppml_kms::sealing::random::<12>().unwrap());
+    let mut body = json!({"appid": creds.appid, "payload": payload,
+                          "timestamp": now_ms().to_string(), "nonce": nonce});
+    if let Some(action) = action {
+        body["action"] = json!(action);
+    }
+    let sign = ppml_kms::ehsm::sign(&creds.apikey, body.as_object().unwrap());
+    body["sign"] = json!(sign);
+    body
+}
+
+async fn post(kms: &Kms, action: &str, body: &Value) -> Value {
+    let response = kms
+        .router
+        .clone()
+        .oneshot(
+            Request::post(format!("/ehsm?Action={action}"))
+                .header("content-type", "application/json")
+                .body(Body::from(body.to_string()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+fn assert_refused(answer: &Value, kind: &str) {
+    assert_eq!(answer["code"], 400, "{answer}");
+    assert_eq!(answer["kind"], kind, "{answer}");
+}
+
+/// Attack 1, policy swap: with the api key, upload a permissive policy and bind the owner's
+/// gated key to it, then release the key to any runtime. Refused: binding a key to a policy
+/// needs the owner's signature, and the key keeps the owner's policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_policy_swap_with_the_api_key_is_refused() {
+    let kms = start().await;
+    let owner = owner(&kms).await;
+    let host = host(&kms, &owner).await;
+    let permissive = Policy {
+        allow_simulation: true,
+        allow_debug: true,
+        ..Policy::strict(vec![AllowedMeasurement::default()])
+    };
+    let permissive_id = host.upload_policy(&permissive).await.unwrap();
+    let refused = host
+        .set_release_policy(&owner.gated, &permissive_id)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, KmsError::OwnerSignatureRequired),
+        "{refused}"
+    );
+    // A hand-made request with the host's own owner signature is refused as well.
+    let (stranger, _) = OwnerKey::generate().unwrap();
+    let mut body = signed_body(
+        &owner.creds,
+        Some("SetKeyReleasePolicy"),
+        json!({"keyid": owner.gated.0, "policyId": permissive_id}),
+    );
+    let object = body.as_object_mut().unwrap();
+    object.remove("sign");
+    let forged = stranger.sign_request(object);
+    object.insert("owner_sign".into(), json!(forged));
+    let sign = ppml_kms::ehsm::sign(&owner.creds.apikey, object);
+    object.insert("sign".into(), json!(sign));
+    assert_refused(
+        &post(&kms, "SetKeyReleasePolicy", &body).await,
+        "owner_signature_required",
+    );
+
+    // A runtime attested under the permissive policy gets nothing: the key kept the owner's.
+    let (_, reference) = owner
+        .kms
+        .generate_data_key(&owner.gated, b"ds")
+        .await
+        .unwrap();
+    let runtime = host
+        .clone()
+        .attest(sim_tee(&kms), &permissive_id)
+        .await
+        .unwrap();
+    let refused = runtime
+        .unwrap_data_key(&reference, b"ds")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, KmsError::Attestation(reason) if reason.contains("another app or policy")),
+        "{refused}"
+    );
+}
+
+/// Attack 1b: an app enrolled without an owner key (eHSM's way) cannot mark keys at all, so
+/// no key is ever "gated" by a protection its api key could undo.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_gating_without_an_owner_is_refused() {
+    let kms = start().await;
+    let (_, app) = ownerless_app(&kms).await;
+    let key = app.create_primary_key().await.unwrap();
+    let policy_id = app.upload_policy(&sim_policy()).await.unwrap();
+    let refused = app.set_release_policy(&key, &policy_id).await.unwrap_err();
+    assert!(
+        matches!(refused, KmsError::OwnerSignatureRequired),
+        "{refused}"
+    );
+}
+
+/// Attack 4b, known data keys: `GenerateDataKey` or `Encrypt` on the owner's marked key would
+/// give the host a data key it knows, which attested runtimes would then accept. Both need the
+/// owner's signature; `GenerateDataKeyWithoutPlaintext` (nothing known) stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_known_data_keys_under_a_marked_key_are_refused() {
+    let kms = start().await;
+    let owner = owner(&kms).await;
+    let host = host(&kms, &owner).await;
+    let refused = host
+        .generate_data_key(&owner.gated, b"ds")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, KmsError::OwnerSignatureRequired),
+        "{refused}"
+    );
+    let refused = host
+        .call(
+            Action::Encrypt,
+            json!({"keyid": owner.gated.0, "plaintext": "AAAA", "aad": "ds"}),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, KmsError::OwnerSignatureRequired),
+        "{refused}"
+    );
+    host.call(
+        Action::GenerateDataKeyWithoutPlaintext,
+        json!({"keyid": owner.gated.0, "keylen": 32, "aad": "ds"}),
+    )
+    .await
+    .unwrap();
+    // The owner can, and so can an attested runtime, which gets the key sealed to itself.
+    owner
+        .kms
+        .generate_data_key(&owner.gated, b"ds")
+        .await
+        .unwrap();
+    let runtime = host
+        .clone()
+        .attest(sim_tee(&kms), &owner.policy_id)
+        .await
+        .unwrap();
+    let (data_key, reference) = runtime
+        .generate_data_key(&owner.gated, b"ds")
+        .await
+        .unwrap();
+    let released = runtime.unwrap_data_key(&reference, b"ds").await.unwrap();
+    assert_eq!(released.expose_secret(), data_key.expose_secret());
+}
+
+/// Attack 4, input substitution: the host makes its own key, a data key it knows under it,
+/// and offers that wrapped key to an attested runtime as if it were the owner's. The runtime
+/// refuses it: it reads only keys the owner marked, never through `Decrypt`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_input_under_a_host_made_key_is_refused_by_attested_runtimes() {
+    let kms = start().await;
+    let owner = owner(&kms).await;
+    let host = host(&kms, &owner).await;
+    let forged_key = host.create_primary_key().await.unwrap();
+    let (_, forged_reference) = host.generate_data_key(&forged_key, b"ds").await.unwrap();
+    let runtime = host
+        .clone()
+        .attest(sim_tee(&kms), &owner.policy_id)
+        .await
+        .unwrap();
+    let refused = runtime
+        .unwrap_data_key(&forged_reference, b"ds")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, KmsError::NotMarkedForRelease),
+        "{refused}"
+    );
+    assert!(refused.is_access_denied());
+}
+
+/// Attack 9a, action substitution: a body the host signed (or captured) for one action is
+/// sent as another, e.g. a data-key request replayed as `DeleteKey`. Refused: the body names
+/// its action inside the signature, and the key-changing actions need that name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_a_body_signed_for_one_action_is_refused_as_another() {
+    let kms = start().await;
+    // An app without an owner key: the api key alone may delete its keys, so only the action
+    // binding stands between a captured body and a deletion.
+    let (creds, app) = ownerless_app(&kms).await;
+    let key = app.create_primary_key().await.unwrap();
+    let payload = json!({"keyid": key.0, "keylen": 32, "aad": "ds"});
+
+    // Each body is fresh: a refused one is spent too (its signature verified).
+    for action in ["DeleteKey", "DisableKey", "RotateKey"] {
+        let named = signed_body(
+            &creds,
+            Some("GenerateDataKeyWithoutPlaintext"),
+            payload.clone(),
+        );
+        assert_refused(&post(&kms, action, &named).await, "action_not_signed");
+        assert_refused(&post(&kms, action, &named).await, "replay");
+    }
+    for action in [
+        "DeleteKey",
+        "DisableKey",
+        "RotateKey",
+        "SetKeyReleasePolicy",
+    ] {
+        let unnamed = signed_body(&creds, None, payload.clone());
+        assert_refused(&post(&kms, action, &unnamed).await, "action_not_signed");
+    }
+    // The key is untouched, and eHSM's own envelope still works for eHSM's data actions.
+    let unnamed = signed_body(&creds, None, payload.clone());
+    let answer = post(&kms, "GenerateDataKeyWithoutPlaintext", &unnamed).await;
+    assert_eq!(answer["code"], 200, "{answer}");
+    let listed = app.list_keys().await.unwrap();
+    assert!(listed.iter().any(|k| k.keyid == key.0 && k.enabled));
+}
+
+/// Attacks 9b, the owner's other powers: disabling, enabling, rotating and deleting the
+/// owner's keys with the api key alone are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_key_state_changes_with_the_api_key_are_refused() {
+    let kms = start().await;
+    let owner = owner(&kms).await;
+    let host = host(&kms, &owner).await;
+    for action in [
+        Action::DisableKey,
+        Action::EnableKey,
+        Action::RotateKey,
+        Action::DeleteKey,
+    ] {
+        let refused = host
+            .call(action, json!({"keyid": owner.gated.0}))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(refused, KmsError::OwnerSignatureRequired),
+            "{action}: {refused}"
+        );
+    }
+    owner.kms.rotate_key(&owner.gated).await.unwrap();
+    owner.kms.set_enabled(&owner.gated, false).await.unwrap();
+    owner.kms.set_enabled(&owner.gated, true).await.unwrap();
+}
+
+/// Attack 9c, replay after a restart: a signed request captured before the KMS restarts is
+/// sent again after it. Refused: the audit log holds the ids of the last 20 minutes' signed
+/// requests, and the restarted server reads them back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_a_replay_after_a_restart_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (root, root_hex) = RootKey::generate().unwrap();
+    let serve = |root: RootKey| {
+        let audit = AuditLog::open(dir.path(), &root.audit_mac_key()).unwrap();
+        let store = Store::open(dir.path(), root).unwrap();
+        router(Arc::new(ServerState::new(store).with_audit(audit)))
+    };
+    let ask = |router: &axum::Router, request: Request<Body>| {
+        let router = router.clone();
+        async move {
+            let response = router.oneshot(request).await.unwrap();
+            let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            serde_json::from_slice::<Value>(&bytes).unwrap()
+        }
+    };
+    let post = |action: &str, body: &Value| {
+        Request::post(format!("/ehsm?Action={action}"))
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap()
+    };
+
+    let first = serve(root);
+    let enrolled = ask(
+        &first,
+        Request::get("/ehsm?Action=Enroll")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    let creds = AppCredentials::new(
+        enrolled["result"]["appid"].as_str().unwrap(),
+        enrolled["result"]["apikey"].as_str().unwrap(),
+    );
+    let create = signed_body(
+        &creds,
+        Some("CreateKey"),
+        json!({"keyspec": "EH_AES_GCM_256"}),
+    );
+    assert_eq!(ask(&first, post("CreateKey", &create)).await["code"], 200);
+    drop(first);
+
+    let restarted = serve(RootKey::from_hex(&root_hex).unwrap());
+    let replayed = ask(&restarted, post("CreateKey", &create)).await;
+    assert_eq!(replayed["kind"], "replay", "{replayed}");
+    // A fresh request of the same app still works.
+    let fresh = signed_body(
+        &creds,
+        Some("CreateKey"),
+        json!({"keyspec": "EH_AES_GCM_256"}),
+    );
+    assert_eq!(
+        ask(&restarted, post("CreateKey", &fresh)).await["code"],
+        200
+    );
+}
+
+/// Attack 9d, api keys in the clear: BigDL-RAS's endpoints take the api key unsigned in the
+/// body, so anything that sees one request can reuse the key. They are not served unless the
+/// operator enables them (`--enable-bigdl-ras`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_bigdl_ras_endpoints_are_off_by_default() {
+    let kms = start().await;
+    let owner = owner(&kms).await;
+    for path in ["/registerPolicy", "/verifyQuote"] {
+        let body = json!({"appID": owner.creds.appid, "apiKey": *owner.creds.apikey,
+                          "policyType": "SGXMREnclavePolicy", "mrEnclave": "ab".repeat(32)});
+        let response = kms
+            .router
+            .clone()
+            .oneshot(
+                Request::post(path)
+                    .header("content-type", "application/json")
+                    .body(Body::from(body.to_string()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 404, "{path}");
+    }
+}
+
+/// Attack 9e, credentials over plain HTTP: the client refuses an `http://` KMS URL that is not
+/// loopback, before it sends anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_plain_http_to_a_remote_kms_is_refused() {
+    let config = RemoteKmsConfig::new("http://192.0.2.1:9000");
+    let refused = RemoteKms::connect(&config, None).await.unwrap_err();
+    assert!(
+        matches!(&refused, KmsError::InvalidConfig(m) if m.contains("loopback")),
+        "{refused}"
+    );
+}
+
+/// `docs/threat-model.md` §2 names a test for every attack; each named test exists (in this
+/// file unless the row names another).
+#[test]
+fn the_threat_model_names_tests_that_exist() {
+    let root = std::path::PathBuf::from(
+        std::env::var("CARGO_MANIFEST_DIR")
+            .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string()),
+    )
+    .join("../..");
+    let doc = std::fs::read_to_string(root.join("docs/threat-model.md")).unwrap();
+    let section: Vec<&str> = doc
+        .lines()
+        .skip_while(|l| !l.starts_with("## 2."))
+        .take_while(|l| !l.starts_with("## 3."))
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| #") && !l.starts_with("|---"))
+        .collect();
+    assert!(section.len() >= 10, "{section:?}");
+    for row in section {
+        let test_cell = row
+            .trim_end()
+            .trim_end_matches('|')
+            .rsplit(" | ")
+            .next()
+            .unwrap();
+        // `test`, or `file` `test`, several separated by `;`.
+        for entry in test_cell.split(';') {
+            let names: Vec<&str> = entry
+                .split('`')
+                .enumerate()
+                .filter(|(i, _)| i % 2 == 1)
+                .map(|(_, s)| s)
+                .collect();
+            let (file, test) = match names.as_slice() {
+                [test] => ("crates/kms-server/tests/attacks.rs", *test),
+                [file, test] => (*file, *test),
+                other => panic!("row without a test: {row} ({other:?})"),
+            };
+            let source = std::fs::read_to_string(root.join(file))
+                .unwrap_or_else(|e| panic!("{file}: {e} (row: {row})"));
+            assert!(
+                source.contains(&format!("fn {test}(")),
+                "{file} has no test {test} (row: {row})"
+            );
+        }
+    }
+}
+
+/// Attack 9f, filling the KMS with apps: `Enroll` needs no credential and makes a durable
+/// record, so the server allows 30 at once and one per second after that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_an_enrollment_flood_is_limited() {
+    let kms = start().await;
+    let enroll = || async {
+        let response = kms
+            .router
+            .clone()
+            .oneshot(
+                Request::get("/ehsm?Action=Enroll")
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        serde_json::from_slice::<Value>(&bytes).unwrap()
+    };
+    for _ in 0..30 {
+        assert_eq!(enroll().await["code"], 200);
+    }
+    assert_refused(&enroll().await, "rate_limited");
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(enroll().await["code"], 200);
+}
