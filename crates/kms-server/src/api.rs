@@ -230,7 +230,7 @@ struct RequestContext {
     /// What a change changed (`AuditEntry::detail`).
     detail: Option<String>,
     /// The request's replay id, once its signature verified.
-    replay: Option<String>,
+    replay: Option<ppml_kms::ehsm::ReplayId>,
     /// The change's entry was written ahead of its commit ([`write_ahead`]).
     audited: bool,
 }
@@ -243,29 +243,45 @@ impl RequestContext {
         }
     }
 
+    /// The audit entry of the request with `result`, leaving the context as it was (for an
+    /// entry written ahead of a change).
     fn entry(&self, action: &str, result: &Result<Value, ApiError>) -> AuditEntry {
+        RequestContext {
+            request_id: self.request_id.clone(),
+            appid: self.appid.clone(),
+            keyid: self.keyid.clone(),
+            attestation: self.attestation.clone(),
+            detail: self.detail.clone(),
+            replay: self.replay,
+            audited: self.audited,
+        }
+        .into_entry(action, result)
+    }
+
+    /// The audit entry of the request with `result`.
+    fn into_entry(self, action: &str, result: &Result<Value, ApiError>) -> AuditEntry {
         let keyid = match (result, self.keyid.is_empty()) {
             (Ok(value), true) => value
                 .get("keyid")
                 .and_then(Value::as_str)
                 .unwrap_or("")
                 .to_string(),
-            _ => self.keyid.clone(),
+            _ => self.keyid,
         };
         let (outcome, code) = match result {
             Ok(_) => ("ok".to_string(), 200),
             Err(e) => (e.message(), e.code()),
         };
         AuditEntry {
-            request_id: self.request_id.clone(),
-            appid: self.appid.clone(),
+            request_id: self.request_id,
+            appid: self.appid,
             action: action.to_string(),
             keyid,
             outcome,
             code,
-            attestation: self.attestation.clone().filter(|_| result.is_ok()),
-            detail: self.detail.clone(),
-            replay: self.replay.clone(),
+            attestation: self.attestation.filter(|_| result.is_ok()),
+            detail: self.detail,
+            replay: self.replay.map(hex::encode),
         }
     }
 }
@@ -443,7 +459,7 @@ async fn respond(
     // after that gets a second entry with the failure.
     let logged_ahead = context.audited && result.is_ok();
     if let (Some(audit), false) = (&state.audit, logged_ahead) {
-        let entry = context.entry(action, &result);
+        let entry = context.into_entry(action, &result);
         if let Err(e) = audit.append_async(entry).await {
             result = Err(ApiError::Internal(format!("audit log: {e}")));
         }
@@ -620,7 +636,7 @@ fn signed(
         return Err(RequestError::Sign.into());
     }
     state.replay.record(replay_id, now)?;
-    context.replay = Some(hex::encode(replay_id));
+    context.replay = Some(replay_id);
     check_authority(state, action, appid, obj, payload, &auth)?;
     use Action as A;
     match action {
