@@ -100,22 +100,6 @@ fn wait_for_value(
     }
 }
 
-/// A base port such that the ports `ppml cluster up --executors 2` uses are free: the
-/// scheduler and two shuffle services (base..base+2), their metrics (base+100..base+102).
-fn free_cluster_ports() -> u16 {
-    for _ in 0..100 {
-        let base = free_port();
-        if base < 60000
-            && [1u16, 2, 100, 101, 102]
-                .iter()
-                .all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok())
-        {
-            return base;
-        }
-    }
-    panic!("no free ports for a cluster");
-}
-
 /// Runs `ppml cluster down` when dropped, so a failing test leaves no cluster behind.
 struct ClusterGuard {
     home: PathBuf,
@@ -274,7 +258,7 @@ fn prometheus_scrapes_the_metrics_of_a_local_cluster() {
     let cluster = dir.path().join("cluster");
     let enc = encrypted_people(&home, dir.path(), 20000, 7, 2, ppml(&home));
 
-    let port = free_cluster_ports();
+    let port = common::free_cluster_ports(2);
     run(ppml(&home)
         .args([
             "cluster",

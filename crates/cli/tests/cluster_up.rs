@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{encrypted_people, free_port_block, is_running, ppml, run};
+use common::{encrypted_people, free_cluster_ports, is_running, ppml, run};
 
 fn pids(state: &str) -> Vec<u32> {
     let value: serde_json::Value = serde_json::from_str(state).unwrap();
@@ -22,7 +22,7 @@ fn cluster_up_runs_client_mode_jobs_and_down_stops_every_process() {
     let cluster = dir.path().join("cluster");
     let enc = encrypted_people(&home, dir.path(), 50000, 5, 2, ppml(&home));
 
-    let port = free_port_block(3);
+    let port = free_cluster_ports(2);
     let up = run(ppml(&home)
         .args([
             "cluster",

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{encrypted_people, free_port_block, ppml, run, stdout};
+use common::{encrypted_people, free_cluster_ports, ppml, run, stdout};
 
 /// The built example `name` (`scripts/test` builds the examples, next to the `ppml` binary,
 /// before it runs the tests).
@@ -195,7 +195,7 @@ fn plaintext_in_example_encrypts_the_selected_rows() {
 fn client_mode_example_runs_on_a_local_cluster() {
     let f = fixture();
     let cluster = f.root.join("cluster");
-    let port = free_port_block(3);
+    let port = free_cluster_ports(2);
     run(ppml(&f.home)
         .args([
             "cluster",

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{free_port_block, ppml, run, stdout};
+use common::{free_cluster_ports, ppml, run, stdout};
 use futures::TryStreamExt;
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as StorePath;
@@ -555,7 +555,7 @@ fn cluster_executors_read_s3_datasets() {
 
     // The executors get the AWS variables from `cluster up`'s environment.
     let cluster = dir.path().join("cluster");
-    let port = free_port_block(3);
+    let port = free_cluster_ports(2);
     run(moto
         .ppml(&home)
         .args([

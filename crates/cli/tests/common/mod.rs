@@ -95,17 +95,21 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// A port whose next `count - 1` ports are free too.
-pub fn free_port_block(count: u16) -> u16 {
-    for _ in 0..50 {
+/// A base port such that the ports `ppml cluster up --executors N --port BASE` uses are
+/// free: the scheduler and the shuffle services (BASE..=BASE+N) and their metrics
+/// (BASE+100..=BASE+100+N).
+pub fn free_cluster_ports(executors: u16) -> u16 {
+    for _ in 0..100 {
         let base = free_port();
         if base < 60000
-            && (1..count).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok())
+            && (1..=executors)
+                .chain(100..=100 + executors)
+                .all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok())
         {
             return base;
         }
     }
-    panic!("no free block of {count} ports");
+    panic!("no free ports for a cluster of {executors} executors");
 }
 
 /// Every file under `dir`, recursively.
