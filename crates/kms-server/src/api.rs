@@ -220,7 +220,7 @@ impl RequestIds {
 
 /// What the audit entry of a request needs to know besides its outcome; filled in as far as
 /// the request could be parsed.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct RequestContext {
     request_id: String,
     appid: String,
@@ -246,16 +246,7 @@ impl RequestContext {
     /// The audit entry of the request with `result`, leaving the context as it was (for an
     /// entry written ahead of a change).
     fn entry(&self, action: &str, result: &Result<Value, ApiError>) -> AuditEntry {
-        RequestContext {
-            request_id: self.request_id.clone(),
-            appid: self.appid.clone(),
-            keyid: self.keyid.clone(),
-            attestation: self.attestation.clone(),
-            detail: self.detail.clone(),
-            replay: self.replay,
-            audited: self.audited,
-        }
-        .into_entry(action, result)
+        self.clone().into_entry(action, result)
     }
 
     /// The audit entry of the request with `result`.

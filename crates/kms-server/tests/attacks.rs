@@ -152,22 +152,32 @@ fn signed_body(creds: &AppCredentials, action: Option<&str>, payload: Value) -> 
     body
 }
 
-async fn post(kms: &Kms, action: &str, body: &Value) -> Value {
-    let response = kms
-        .router
-        .clone()
-        .oneshot(
-            Request::post(format!("/ehsm?Action={action}"))
-                .header("content-type", "application/json")
-                .body(Body::from(body.to_string()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+/// `POST /ehsm?Action=action` with `body`.
+fn post_request(action: &str, body: &Value) -> Request<Body> {
+    Request::post(format!("/ehsm?Action={action}"))
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap()
+}
+
+/// `GET /ehsm?Action=action`.
+fn get_request(action: &str) -> Request<Body> {
+    Request::get(format!("/ehsm?Action={action}"))
+        .body(Body::empty())
+        .unwrap()
+}
+
+/// The JSON answer of `router` to `request`.
+async fn ask(router: &axum::Router, request: Request<Body>) -> Value {
+    let response = router.clone().oneshot(request).await.unwrap();
     let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
         .await
         .unwrap();
     serde_json::from_slice(&bytes).unwrap()
+}
+
+async fn post(kms: &Kms, action: &str, body: &Value) -> Value {
+    ask(&kms.router, post_request(action, body)).await
 }
 
 fn assert_refused(answer: &Value, kind: &str) {
@@ -407,31 +417,9 @@ async fn attack_a_replay_after_a_restart_is_refused() {
         let store = Store::open(dir.path(), root).unwrap();
         router(Arc::new(ServerState::new(store).with_audit(audit)))
     };
-    let ask = |router: &axum::Router, request: Request<Body>| {
-        let router = router.clone();
-        async move {
-            let response = router.oneshot(request).await.unwrap();
-            let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
-                .await
-                .unwrap();
-            serde_json::from_slice::<Value>(&bytes).unwrap()
-        }
-    };
-    let post = |action: &str, body: &Value| {
-        Request::post(format!("/ehsm?Action={action}"))
-            .header("content-type", "application/json")
-            .body(Body::from(body.to_string()))
-            .unwrap()
-    };
 
     let first = serve(root);
-    let enrolled = ask(
-        &first,
-        Request::get("/ehsm?Action=Enroll")
-            .body(Body::empty())
-            .unwrap(),
-    )
-    .await;
+    let enrolled = ask(&first, get_request("Enroll")).await;
     let creds = AppCredentials::new(
         enrolled["result"]["appid"].as_str().unwrap(),
         enrolled["result"]["apikey"].as_str().unwrap(),
@@ -441,11 +429,14 @@ async fn attack_a_replay_after_a_restart_is_refused() {
         Some("CreateKey"),
         json!({"keyspec": "EH_AES_GCM_256"}),
     );
-    assert_eq!(ask(&first, post("CreateKey", &create)).await["code"], 200);
+    assert_eq!(
+        ask(&first, post_request("CreateKey", &create)).await["code"],
+        200
+    );
     drop(first);
 
     let restarted = serve(RootKey::from_hex(&root_hex).unwrap());
-    let replayed = ask(&restarted, post("CreateKey", &create)).await;
+    let replayed = ask(&restarted, post_request("CreateKey", &create)).await;
     assert_eq!(replayed["kind"], "replay", "{replayed}");
     // A fresh request of the same app still works.
     let fresh = signed_body(
@@ -454,7 +445,7 @@ async fn attack_a_replay_after_a_restart_is_refused() {
         json!({"keyspec": "EH_AES_GCM_256"}),
     );
     assert_eq!(
-        ask(&restarted, post("CreateKey", &fresh)).await["code"],
+        ask(&restarted, post_request("CreateKey", &fresh)).await["code"],
         200
     );
 }
@@ -548,22 +539,7 @@ fn the_threat_model_names_tests_that_exist() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attack_an_enrollment_flood_is_limited() {
     let kms = start().await;
-    let enroll = || async {
-        let response = kms
-            .router
-            .clone()
-            .oneshot(
-                Request::get("/ehsm?Action=Enroll")
-                    .body(Body::empty())
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
-        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
-            .await
-            .unwrap();
-        serde_json::from_slice::<Value>(&bytes).unwrap()
-    };
+    let enroll = || ask(&kms.router, get_request("Enroll"));
     for _ in 0..30 {
         assert_eq!(enroll().await["code"], 200);
     }
