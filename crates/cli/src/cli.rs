@@ -68,6 +68,15 @@ pub struct GlobalArgs {
     /// never on hosts that run jobs [default: $PPML_HOME/owner.pk8 when it exists]
     #[arg(long, env = "PPML_OWNER_KEY", global = true, value_name = "FILE")]
     pub owner_key: Option<PathBuf>,
+    /// The data owner's signed grant of this job (`ppml grant`): an attested job reads only
+    /// the datasets it names and writes only its output [default: with --owner-key at a KMS
+    /// server, a grant of exactly this job is signed at start]
+    #[arg(long, env = "PPML_GRANT", global = true, value_name = "FILE")]
+    pub grant: Option<PathBuf>,
+    /// Let row counts of jobs granted at start be printed and logged (they say how many rows
+    /// matched, so they leave the TEE only when the owner allows it)
+    #[arg(long, env = "PPML_REVEAL_COUNTS", global = true)]
+    pub reveal_counts: bool,
     /// Attest this process before it reads data (simple-query, query, quickstart): `sim`
     /// (development), `sgx` (Gramine) or `tdx` (configfs-tsm). Needs a KMS server.
     #[arg(long, env = "PPML_TEE", global = true, value_enum)]
@@ -142,6 +151,10 @@ pub enum Command {
     Status(JobArgs),
     /// Show the log of a cluster-mode job's driver (phases, jobs, errors; never row values)
     Logs(LogsArgs),
+    /// Sign a grant of one job with the owner key: the application, the datasets it may read
+    /// (pinned to their current versions), its output and output key. Give the file to the
+    /// job (--grant); an attested job runs only what its grant names
+    Grant(GrantArgs),
 }
 
 /// A job on a ppml cluster.
@@ -315,6 +328,24 @@ impl SubmitArgs {
     pub fn mode(&self) -> SubmitMode {
         self.mode.unwrap_or(SubmitMode::Local)
     }
+}
+
+/// `ppml grant`.
+#[derive(Debug, Args)]
+pub struct GrantArgs {
+    /// Where to write the signed grant
+    #[arg(long, short = 'o', value_name = "FILE")]
+    pub out: PathBuf,
+    /// How long the grant stays valid, in seconds
+    #[arg(long, default_value_t = 3600, value_name = "SECONDS")]
+    pub lifetime: u64,
+    /// Do not pin the inputs to their current versions (a newer version of a dataset is then
+    /// read too, and so is an older one)
+    #[arg(long)]
+    pub no_pin: bool,
+    /// The job, as `ppml submit` takes it
+    #[command(subcommand)]
+    pub app: SubmitApp,
 }
 
 #[derive(Debug, Clone, Subcommand)]

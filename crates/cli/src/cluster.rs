@@ -90,13 +90,14 @@ pub async fn submit(args: &SubmitArgs, app: &AppSpec, settings: &mut Settings) -
                 customizer: tls.as_ref().and_then(tls::client_customizer),
                 driver_memory,
                 log: None,
+                grant: None,
             }))
         }
     };
     if args.detach {
         bail!("--detach applies to --mode cluster only");
     }
-    query::run(app, settings, &placement).await?;
+    query::run(app, settings, placement).await?;
     Ok(crate::exit::OK)
 }
 

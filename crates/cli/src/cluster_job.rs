@@ -61,6 +61,24 @@ pub async fn submit(
     let mut spec = DriverSpec::new(app)?;
     spec.input_key = settings.primary_key.clone();
     spec.output_key = settings.output_key.clone();
+    // The job runs under the owner's grant: a file, or one the owner key here signs now.
+    let output_key = settings
+        .output_key
+        .clone()
+        .or_else(|| settings.primary_key.clone())
+        .map(ppml::PrimaryKeyId);
+    if let Some(grant) = settings
+        .job_grant(&spec.app, output_key.as_ref(), &settings.grant_options)
+        .await?
+    {
+        let granted_output = grant
+            .unverified()
+            .map_err(ppml::KmsError::from)?
+            .output
+            .map(|o| o.key_id);
+        spec.output_key = spec.output_key.or(granted_output);
+        spec.grant = Some(grant);
+    }
     spec.target_partitions = args
         .num_executors
         .zip(args.executor_cores)

@@ -38,7 +38,15 @@ pub async fn encrypt(args: &EncryptArgs, settings: &mut Settings) -> Result<Encr
 }
 
 pub async fn decrypt(args: &DecryptArgs, settings: &mut Settings) -> Result<u64> {
-    let kms = settings.open_kms_for_runtime().await?;
+    let mut kms = settings.open_kms_for_runtime().await?;
+    // An attested decryption is a job too: it runs under the owner's grant.
+    if matches!(kms.backend, ppml::KmsBackend::Attested(_))
+        && let Some(grant) = settings
+            .decrypt_grant(&args.input, &settings.grant_options)
+            .await?
+    {
+        kms = kms.under_grant(&grant)?;
+    }
     let options = DecryptOptions {
         overwrite: args.overwrite,
         durability: settings.durability,

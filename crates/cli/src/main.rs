@@ -17,7 +17,7 @@ mod settings;
 
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Parser;
 use ppml_kms::LocalKms;
 use tracing_subscriber::EnvFilter;
@@ -138,11 +138,11 @@ async fn run(cli: Cli) -> Result<u8> {
         }
         Command::SimpleQuery(args) => {
             let spec = query::simple_query_spec(args);
-            query::run(&spec, &mut settings, &ppml_cluster::app::Placement::LOCAL).await?;
+            query::run(&spec, &mut settings, ppml_cluster::app::Placement::LOCAL).await?;
         }
         Command::Query(args) => {
             let spec = query::query_spec(args)?;
-            query::run(&spec, &mut settings, &ppml_cluster::app::Placement::LOCAL).await?;
+            query::run(&spec, &mut settings, ppml_cluster::app::Placement::LOCAL).await?;
         }
         Command::Quickstart(args) => quickstart::run(args, &mut settings).await?,
         Command::Submit(args) => {
@@ -163,6 +163,7 @@ async fn run(cli: Cli) -> Result<u8> {
         }
         Command::Status(args) => return cluster::job_status(args).await,
         Command::Logs(args) => return cluster::job_logs(args).await,
+        Command::Grant(args) => grant(args, &settings).await?,
         Command::Attest(crate::cli::AttestCommand::Verify(args)) => {
             attest::verify(args, &settings).await?
         }
@@ -296,6 +297,47 @@ async fn kms_command(command: &KmsCommand, settings: &mut Settings) -> Result<()
         KmsCommand::Serve(args) => kms_serve::run(args, settings).await?,
         KmsCommand::Bench(args) => kms_bench::run(args, settings).await?,
         KmsCommand::Audit(AuditCommand::Verify(args)) => kms_serve::audit_verify(args, settings)?,
+    }
+    Ok(())
+}
+
+/// `ppml grant`: describes the job, signs it with the owner key, writes the file.
+async fn grant(args: &crate::cli::GrantArgs, settings: &Settings) -> Result<()> {
+    let spec = query::submit_app_spec(&args.app)?.with_absolute_paths()?;
+    let owner = settings.load_owner_key()?.with_context(|| {
+        format!(
+            "no owner key at {} (make it with `ppml kms enroll`, or give --owner-key)",
+            settings.owner_key_path().display()
+        )
+    })?;
+    let output_key = settings
+        .output_key
+        .clone()
+        .or_else(|| settings.primary_key.clone())
+        .map(ppml::PrimaryKeyId);
+    let options = ppml::grant::GrantOptions {
+        lifetime: std::time::Duration::from_secs(args.lifetime),
+        pin_versions: !args.no_pin,
+        ..settings.grant_options.clone()
+    };
+    let appid = settings.credentials()?.appid;
+    let grant = ppml::grant::grant_for_app(&spec, &appid, output_key.as_ref(), &options).await?;
+    let signed = ppml::grant::SignedGrant::sign(&grant, &owner).map_err(ppml::KmsError::from)?;
+    ppml::grant::write_grant(&args.out, &signed)?;
+    if !settings.quiet {
+        eprintln!(
+            "granted job {} ({}; {} input(s), counts {}) until unix time {}: {}",
+            grant.job_id,
+            spec.summary(),
+            grant.inputs.len(),
+            if grant.reveal_counts {
+                "revealed"
+            } else {
+                "withheld"
+            },
+            grant.not_after,
+            args.out.display()
+        );
     }
     Ok(())
 }

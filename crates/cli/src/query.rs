@@ -62,7 +62,7 @@ pub fn submit_app_spec(app: &SubmitApp) -> Result<AppSpec> {
 pub async fn run(
     spec: &AppSpec,
     settings: &mut Settings,
-    placement: &Placement,
+    mut placement: Placement,
 ) -> Result<AppReport> {
     // In a TEE, stdout and stderr go to the host: rows leave the runtime only encrypted.
     let in_tee = settings.tee.is_some();
@@ -74,27 +74,48 @@ pub async fn run(
              result rows would otherwise be printed to the host)"
         );
     }
+    let mut reveal_counts = !in_tee;
     let keys = if spec.is_plaintext() {
         None
     } else {
-        let kms = settings.open_kms_for_runtime().await?;
-        let input = match placement {
+        let mut kms = settings.open_kms_for_runtime().await?;
+        let output = kms.output_primary()?.clone();
+        // An attested runtime runs under the owner's grant of this job (a file, or one the
+        // owner key on this machine signs now); without one, the KMS releases it no key of an
+        // owner's marked keys.
+        if matches!(kms.backend, ppml::KmsBackend::Attested(_))
+            && let Some(signed) = settings
+                .job_grant(spec, Some(&output), &settings.grant_options)
+                .await?
+        {
+            let grant = signed.unverified().map_err(ppml::KmsError::from)?;
+            spec.check_grant(&grant, &output)?;
+            reveal_counts |= grant.reveal_counts;
+            kms = kms.under_grant(&signed)?;
+            if let Placement::Cluster(cluster) = &mut placement {
+                cluster.grant = Some(signed);
+            }
+        }
+        let input = match &placement {
             Placement::Cluster(_) => Some(kms.primary()?.clone()),
             Placement::Local { .. } => kms.primary.clone(),
         };
         Some(AppKeys {
             kms: kms.kms(),
-            output: kms.output_primary()?.clone(),
+            output,
             input,
         })
     };
-    let report = run_app(spec, keys.as_ref(), placement, settings.durability).await?;
+    let report = run_app(spec, keys.as_ref(), &placement, settings.durability).await?;
     match (&report, spec) {
         (AppReport::SimpleQuery(report), AppSpec::SimpleQuery(spec)) => {
             // The preview prints rows; under --tee it would print them to the host.
-            print_report(report, !spec.no_preview && !in_tee)
+            print_report(report, !spec.no_preview && !in_tee, reveal_counts)
         }
         (AppReport::Sql(report), AppSpec::Sql(spec)) => match (&report.written, &spec.output) {
+            (Some(_), Some(out)) if !spec.plaintext && !reveal_counts => {
+                eprintln!("wrote {out}")
+            }
             (Some(written), Some(out)) if !spec.plaintext => eprintln!(
                 "wrote {} rows in {} part(s) to {out}",
                 written.rows, written.parts
@@ -107,16 +128,23 @@ pub async fn run(
     Ok(report)
 }
 
-/// Prints SimpleQuery's count, preview, output and phase timings, as the original does.
-pub fn print_report(report: &SimpleQueryReport, preview: bool) {
-    println!("count(name): {}", report.count);
+/// Prints SimpleQuery's count, preview, output and phase timings, as the original does; the
+/// counts only when `counts` (in a TEE, when the owner's grant allows them).
+pub fn print_report(report: &SimpleQueryReport, preview: bool, counts: bool) {
+    if counts {
+        println!("count(name): {}", report.count);
+    }
     if preview {
         println!("{}", report.preview);
     }
-    println!(
-        "wrote {} rows in {} part(s)",
-        report.output.rows, report.output.parts
-    );
+    if counts {
+        println!(
+            "wrote {} rows in {} part(s)",
+            report.output.rows, report.output.parts
+        );
+    } else {
+        println!("wrote {} part(s)", report.output.parts);
+    }
     for (phase, duration) in &report.timings {
         println!("{phase} time: {:.3} s", duration.as_secs_f64());
     }

@@ -231,11 +231,42 @@ pub async fn run(args: &QuickstartArgs, settings: &mut Settings) -> Result<()> {
         plaintext: false,
         no_preview: false,
     });
+    // The owner grants exactly this job (what `ppml grant` writes); the runtime gets the file.
+    let output_key = settings
+        .output_key
+        .clone()
+        .or_else(|| settings.primary_key.clone())
+        .map(ppml::PrimaryKeyId);
+    if settings.tee.is_some()
+        && let Some(grant) = settings
+            .job_grant(&spec, output_key.as_ref(), &settings.grant_options)
+            .await?
+    {
+        let file = work.join("job.grant");
+        ppml::grant::write_grant(&file, &grant)?;
+        let granted = grant.unverified().map_err(ppml::KmsError::from)?;
+        println!(
+            "      the owner granted job {} (SimpleQuery of {} pinned input(s), output under \
+             {}, counts {}): {}",
+            granted.job_id,
+            granted.inputs.len(),
+            granted.output.as_ref().map_or("-", |o| o.key_id.as_str()),
+            if granted.reveal_counts {
+                "shown"
+            } else {
+                "withheld"
+            },
+            file.display()
+        );
+        settings.grant = Some(file);
+    }
     let AppReport::SimpleQuery(report) =
-        query::run(&spec, settings, &ppml_cluster::app::Placement::LOCAL).await?
+        query::run(&spec, settings, ppml_cluster::app::Placement::LOCAL).await?
     else {
         bail!("SimpleQuery reported another application's result");
     };
+    // The grant was for that job only.
+    settings.grant = None;
     timings.push(("simple-query", t.elapsed()));
 
     println!("[5/5] decrypt the result with the data owner's credentials, outside the TEE");

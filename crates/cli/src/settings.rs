@@ -17,6 +17,8 @@ pub struct Settings {
     pub quiet: bool,
     /// Whether outputs are synced before they appear (`--no-sync` turns it off).
     pub durability: ppml::Durability,
+    /// What grants signed at start allow.
+    pub grant_options: ppml::grant::GrantOptions,
 }
 
 impl std::ops::Deref for Settings {
@@ -55,6 +57,7 @@ impl Settings {
             kms_fingerprint: global.kms_fingerprint.clone(),
             kms_ca_cert: global.kms_ca_cert.clone(),
             owner_key: global.owner_key.clone(),
+            grant: global.grant.clone(),
         })?;
         Ok(Settings {
             kms,
@@ -63,6 +66,10 @@ impl Settings {
             attestation_debug: global.attestation_debug,
             sim_platform_key: global.sim_platform_key.clone(),
             quiet: global.quiet,
+            grant_options: ppml::grant::GrantOptions {
+                reveal_counts: global.reveal_counts,
+                ..Default::default()
+            },
             durability: if global.no_sync {
                 ppml::Durability::NoSync
             } else {

@@ -684,3 +684,222 @@ fn attestation_policies_and_an_owner_output_key() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("--kms-url"));
 }
+
+/// Attacks 2, 3/8b, 4c and 7 with the release build, as the host runs them: it holds the app
+/// credentials (not the owner key), runs the attested binary, and controls storage. An
+/// attested job runs only under the owner's grant, does only what the grant names, reads only
+/// the granted version of its inputs, and shows counts only if the grant says so.
+#[test]
+fn attack_jobs_outside_the_owners_grant_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim_key = dir.path().join("sim-platform.pk8");
+    let server = serve_tls_with(
+        &dir.path().join("kms"),
+        &["--trust-sim-platform".as_ref(), sim_key.as_os_str()],
+    );
+    let owner = Client::enroll(&server, dir.path().join("owner-home"));
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let enc = owner.encrypt(&people(dir.path(), 2000), &data);
+    let measurement = stdout(&run(owner.cmd().args(["attest", "measure"])))
+        .trim()
+        .to_string();
+    let policy_path = dir.path().join("policy.json");
+    std::fs::write(
+        &policy_path,
+        format!(
+            r#"{{"allowed": [{{"tee": "sim", "mrenclave": "{measurement}"}}], "allow_simulation": true}}"#
+        ),
+    )
+    .unwrap();
+    let policy = stdout(&run(owner
+        .cmd()
+        .args(["kms", "release-policy", "--policy"])
+        .arg(&policy_path)))
+    .trim()
+    .to_string();
+    let output_key = stdout(&run(owner.cmd().args(["kms", "create-key"])))
+        .trim()
+        .to_string();
+
+    // The host: the same credentials in a home without the owner key.
+    let host = Client {
+        home: dir.path().join("host-home"),
+        url: owner.url.clone(),
+        fingerprint: owner.fingerprint.clone(),
+        appid: owner.appid.clone(),
+        apikey: owner.apikey.clone(),
+        primary: owner.primary.clone(),
+    };
+    std::fs::create_dir(&host.home).unwrap();
+    let attested = |client: &Client, args: &[&str]| {
+        client
+            .cmd()
+            .env("PPML_SIM_PLATFORM_KEY", &sim_key)
+            .args(["--tee", "sim", "--attestation-policy", &policy])
+            .args(["--output-key", &output_key])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let path = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+    let enc_text = enc.to_string_lossy().into_owned();
+    let refused = |out: &std::process::Output, what: &str, output: &str| {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(4), "{what}: {out:?}");
+        assert!(stderr.contains("grant"), "{what}: {stderr}");
+        assert!(!dir.path().join(output).exists(), "{what}");
+    };
+
+    // Attack 2: a job nobody granted.
+    let out = attested(
+        &host,
+        &[
+            "simple-query",
+            "--input",
+            &enc_text,
+            "--output",
+            &path("r0.enc"),
+        ],
+    );
+    refused(&out, "no grant", "r0.enc");
+
+    // The owner grants one SimpleQuery, pinned to the dataset as it is now.
+    let grant = path("job.grant");
+    run(owner
+        .cmd()
+        .args(["--output-key", &output_key])
+        .args([
+            "grant",
+            "--out",
+            &grant,
+            "simple-query",
+            "--input",
+            &enc_text,
+        ])
+        .args(["--output", &path("granted.enc")]));
+    let with_grant = |args: &[&str]| {
+        let mut all = vec!["--grant", grant.as_str()];
+        all.extend_from_slice(args);
+        attested(&host, &all)
+    };
+    // Attack 2 with the grant: another application, another output, the input overwritten
+    // (attack 4c).
+    let table = format!("people={enc_text}");
+    let out = with_grant(&[
+        "query",
+        "--sql",
+        "SELECT * FROM people",
+        "--table",
+        &table,
+        "--output",
+        &path("all.enc"),
+    ]);
+    refused(&out, "other SQL", "all.enc");
+    let out = with_grant(&[
+        "simple-query",
+        "--input",
+        &enc_text,
+        "--output",
+        &path("elsewhere.enc"),
+    ]);
+    refused(&out, "other output", "elsewhere.enc");
+    let out = with_grant(&[
+        "simple-query",
+        "--input",
+        &enc_text,
+        "--output",
+        &enc_text,
+        "--overwrite",
+    ]);
+    assert_eq!(out.status.code(), Some(4), "input overwritten: {out:?}");
+    assert!(enc.join("_manifest.ppml.json").exists());
+
+    // The granted job runs; attack 3/8b: no counts leave the runtime.
+    let out = with_grant(&[
+        "simple-query",
+        "--input",
+        &enc_text,
+        "--output",
+        &path("granted.enc"),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let printed = format!("{}{}", stdout(&out), String::from_utf8_lossy(&out.stderr));
+    assert!(!printed.contains("count(name)"), "{printed}");
+    assert!(!printed.contains(" rows"), "{printed}");
+    // The owner reads the result.
+    let result = stdout(&run(owner.cmd().args([
+        "decrypt",
+        "--out",
+        "-",
+        "--in",
+        &path("granted.enc"),
+    ])));
+    assert!(result.starts_with("name,age,job\n"), "{result}");
+
+    // Attack 7: the host keeps this version, the owner writes a new one and grants a job on
+    // it, the host puts the old one back.
+    let old = dir.path().join("people.old");
+    copy_dir(&enc, &old);
+    run(owner
+        .cmd()
+        .args(["encrypt", "--overwrite", "--in"])
+        .arg(people(dir.path(), 1000))
+        .arg("--out")
+        .arg(&enc));
+    let v2 = dir.path().join("people.v2");
+    copy_dir(&enc, &v2);
+    let grant_v2 = path("v2.grant");
+    run(owner
+        .cmd()
+        .args(["--output-key", &output_key, "--reveal-counts"])
+        .args([
+            "grant",
+            "--out",
+            &grant_v2,
+            "simple-query",
+            "--input",
+            &enc_text,
+        ])
+        .args(["--output", &path("v2.enc")]));
+    std::fs::remove_dir_all(&enc).unwrap();
+    copy_dir(&old, &enc);
+    let out = attested(
+        &host,
+        &[
+            "--grant",
+            &grant_v2,
+            "simple-query",
+            "--input",
+            &enc_text,
+            "--output",
+            &path("v2.enc"),
+        ],
+    );
+    refused(&out, "rolled back", "v2.enc");
+    // With the granted version back, the job runs, and this grant shows counts.
+    std::fs::remove_dir_all(&enc).unwrap();
+    copy_dir(&v2, &enc);
+    let out = attested(
+        &host,
+        &[
+            "--grant",
+            &grant_v2,
+            "simple-query",
+            "--input",
+            &enc_text,
+            "--output",
+            &path("v2.enc"),
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout(&out).contains("count(name): 1000"), "{out:?}");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use ppml_engine::app::{AppReport, AppSpec, Sink};
 use ppml_engine::dataset::Durability;
 use ppml_engine::{EngineError, PpmlSession};
+use ppml_kms::grant::SignedGrant;
 use ppml_kms::{KeyManagementService, PrimaryKeyId};
 
 use crate::flight::EndpointCustomizer;
@@ -49,6 +50,9 @@ pub struct ClusterPlacement {
     pub driver_memory: Option<usize>,
     /// A cluster-mode driver's job log, which records the jobs it runs.
     pub log: Option<DriverLog>,
+    /// The data owner's grant of the job: its cluster jobs carry it to the executors, and
+    /// their shuffle keys are bound to its job id.
+    pub grant: Option<SignedGrant>,
 }
 
 impl std::fmt::Debug for ClusterPlacement {
@@ -132,6 +136,9 @@ pub fn encrypted_session(
             );
             if let Some(log) = &cluster.log {
                 runner = runner.with_log(log.clone());
+            }
+            if let Some(grant) = &cluster.grant {
+                runner = runner.with_grant(grant)?;
             }
             Ok(memory_limited(
                 PpmlSession::encrypted_with_config(kms, config),

@@ -28,6 +28,7 @@ use datafusion_proto::protobuf::PhysicalPlanNode;
 use futures::{StreamExt, TryStreamExt};
 use ppml_engine::PlanRunner;
 use ppml_kms::error_chain;
+use ppml_kms::grant::SignedGrant;
 use ppml_kms::{KeyManagementService, PrimaryKeyId};
 use prost::Message;
 use rand::Rng as _;
@@ -54,6 +55,7 @@ pub struct ClusterRunner {
     shuffle_primary: PrimaryKeyId,
     customizer: EndpointCustomizer,
     log: Option<DriverLog>,
+    grant: Option<(SignedGrant, String)>,
 }
 
 impl std::fmt::Debug for ClusterRunner {
@@ -79,7 +81,25 @@ impl ClusterRunner {
             shuffle_primary,
             customizer,
             log: None,
+            grant: None,
         }
+    }
+
+    /// Runs every job under the data owner's `grant`: the jobs' settings carry it to the
+    /// executors (which send it with their key requests) and each job's id, to which its
+    /// shuffle key is bound, is the grant's job id followed by `-` and a random part.
+    pub fn with_grant(mut self, grant: &SignedGrant) -> Result<Self, ClusterError> {
+        let job_id = grant
+            .unverified()
+            .map_err(|e| ClusterError::JobSettings(format!("ppml.grant: {e}")))?
+            .job_id;
+        if !crate::job::valid_job_id(&job_id) || job_id.len() > crate::job::MAX_JOB_ID_LEN - 33 {
+            return Err(ClusterError::JobSettings(format!(
+                "the grant's job id {job_id:?} is not 1..=95 characters of [A-Za-z0-9_-]"
+            )));
+        }
+        self.grant = Some((grant.clone(), job_id));
+        Ok(self)
     }
 
     /// Also records each job's submission and end in `log` (a cluster-mode driver's).
@@ -253,10 +273,14 @@ impl PlanRunner for ClusterRunner {
         plan: Arc<dyn ExecutionPlan>,
         ctx: &SessionContext,
     ) -> ppml_engine::Result<Vec<SendableRecordBatchStream>> {
-        let job_id = random_id();
-        let (job, key) = new_job_key(self.kms.as_ref(), &self.shuffle_primary, &job_id)
+        let job_id = match &self.grant {
+            Some((_, granted)) => format!("{granted}-{}", random_id()),
+            None => random_id(),
+        };
+        let (mut job, key) = new_job_key(self.kms.as_ref(), &self.shuffle_primary, &job_id)
             .await
             .map_err(datafusion::error::DataFusionError::from)?;
+        job.grant = self.grant.as_ref().map(|(grant, _)| grant.clone());
         let mut config = crate::job::with_job_settings(ctx.copied_config());
         job.apply(&mut config)
             .map_err(datafusion::error::DataFusionError::from)?;

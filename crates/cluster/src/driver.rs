@@ -28,8 +28,10 @@ use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
 };
 use datafusion_proto::physical_plan::{PhysicalExtensionCodec, PhysicalProtoConverterExtension};
+use ppml_engine::EngineError;
 use ppml_engine::app::{AppReport, AppSpec};
 use ppml_engine::dataset::Durability;
+use ppml_kms::grant::SignedGrant;
 use ppml_kms::{KeyManagementService, PrimaryKeyId};
 use serde::{Deserialize, Serialize};
 
@@ -67,6 +69,11 @@ pub struct DriverSpec {
     /// Memory limit of the driver's query engine, in bytes.
     #[serde(default)]
     pub driver_memory: Option<usize>,
+    /// The data owner's grant of the job. The driver refuses an application, output, output
+    /// key or overwrite the grant does not name, and every key request of the job carries it
+    /// (the KMS releases the data keys of marked keys only under a grant that names them).
+    #[serde(default)]
+    pub grant: Option<SignedGrant>,
 }
 
 impl DriverSpec {
@@ -81,6 +88,7 @@ impl DriverSpec {
             target_partitions: None,
             conf: Vec::new(),
             driver_memory: None,
+            grant: None,
         })
     }
 }
@@ -237,11 +245,26 @@ impl JobDriver for AppDriver {
                     "no output key: the job names none and the executor has no primary key".into(),
                 )
             })?;
-        let keys = AppKeys {
-            kms: context.kms.clone(),
-            input,
-            output,
+        // Under a grant, the job is what the owner granted, and its key requests say so.
+        let (kms, grant) = match &spec.grant {
+            Some(signed) => {
+                let not_granted = |e: String| ClusterError::App(EngineError::NotGranted(e));
+                let grant = signed
+                    .unverified()
+                    .map_err(|e| not_granted(e.to_string()))?;
+                spec.app.check_grant(&grant, &output)?;
+                let kms = context
+                    .kms
+                    .clone()
+                    .under_grant(signed)
+                    .map_err(|e| not_granted(e.to_string()))?;
+                (kms, Some(grant))
+            }
+            None => (context.kms.clone(), None),
         };
+        // Row counts leave the TEE (the job log is the scheduler's) only if the grant allows.
+        let reveal_counts = grant.as_ref().is_none_or(|g| g.reveal_counts);
+        let keys = AppKeys { kms, input, output };
         let log = context.log.clone();
         let placement = Placement::Cluster(Box::new(ClusterPlacement {
             master: context.master.clone(),
@@ -250,6 +273,7 @@ impl JobDriver for AppDriver {
             customizer: context.customizer.clone(),
             driver_memory: spec.driver_memory,
             log: Some(log.clone()),
+            grant: spec.grant.clone(),
         }));
         let report = run_app(&spec.app, Some(&keys), &placement, self.durability).await?;
         if let AppReport::SimpleQuery(report) = &report {
@@ -260,6 +284,7 @@ impl JobDriver for AppDriver {
         }
         let output = spec.app.output().map(|o| o.to_string()).unwrap_or_default();
         let line = match &report {
+            _ if !reveal_counts => format!("wrote {output}"),
             AppReport::SimpleQuery(report) => format!(
                 "wrote {} rows in {} part(s) to {output}",
                 report.output.rows, report.output.parts

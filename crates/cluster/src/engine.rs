@@ -36,6 +36,7 @@ use datafusion::physical_plan::{
 use datafusion::prelude::SessionConfig;
 use futures::{StreamExt, TryStreamExt};
 use ppml_kms::KeyManagementService;
+use ppml_kms::grant::GrantRouter;
 use tokio::sync::OnceCell;
 
 use crate::ClusterError;
@@ -57,6 +58,7 @@ pub struct PpmlExecutionEngine {
     customizer: EndpointCustomizer,
     metrics: Option<Arc<ExecutorMetrics>>,
     drivers: Option<Arc<DriverHost>>,
+    grants: Option<Arc<GrantRouter>>,
 }
 
 /// What an executor needs to run the driver tasks of cluster-mode jobs.
@@ -96,7 +98,15 @@ impl PpmlExecutionEngine {
             customizer,
             metrics: None,
             drivers: None,
+            grants: None,
         }
+    }
+
+    /// Offers the job grant each task carries (`ppml.grant`) to `grants`, the router the
+    /// executor's key requests go through.
+    pub fn with_grants(mut self, grants: Arc<GrantRouter>) -> Self {
+        self.grants = Some(grants);
+        self
     }
 
     /// Runs the driver tasks of cluster-mode jobs with `host` (without it, they are refused).
@@ -215,6 +225,11 @@ impl PpmlExecutionEngine {
         }
         let settings = JobSettings::from_config(config)?;
         check_stage_plan(&plan)?;
+        if let (Some(grant), Some(router)) = (&settings.grant, &self.grants) {
+            router
+                .offer(grant)
+                .map_err(|e| ClusterError::JobSettings(format!("ppml.grant: {e}")))?;
+        }
         let key: StageKey = Arc::new(OnceCell::new());
         let plan = plan
             .transform(|node| {

@@ -14,6 +14,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use datafusion::config::{ConfigEntry, ConfigExtension, ExtensionOptions};
 use datafusion::prelude::SessionConfig;
 use ppml_format::KeyReference;
+use ppml_kms::grant::SignedGrant;
 use ppml_kms::{KeyManagementService, PrimaryKeyId};
 use serde::{Deserialize, Serialize};
 
@@ -31,10 +32,13 @@ pub struct PpmlJobConfig {
     pub job_id: String,
     /// The job's shuffle data key, wrapped by the KMS ([`encode_key_reference`]).
     pub shuffle_key: String,
+    /// The data owner's grant of the job ([`SignedGrant::to_text`]), if it runs under one.
+    pub grant: String,
 }
 
 const JOB_ID: &str = "job_id";
 const SHUFFLE_KEY: &str = "shuffle_key";
+const GRANT: &str = "grant";
 
 impl ExtensionOptions for PpmlJobConfig {
     fn as_any(&self) -> &dyn std::any::Any {
@@ -53,6 +57,7 @@ impl ExtensionOptions for PpmlJobConfig {
         match key {
             JOB_ID => self.job_id = value.to_string(),
             SHUFFLE_KEY => self.shuffle_key = value.to_string(),
+            GRANT => self.grant = value.to_string(),
             other => {
                 return Err(datafusion::error::DataFusionError::Configuration(format!(
                     "unknown setting ppml.{other}"
@@ -70,6 +75,7 @@ impl ExtensionOptions for PpmlJobConfig {
                 &self.shuffle_key,
                 "the job's wrapped shuffle key",
             ),
+            (GRANT, &self.grant, "the data owner's grant of the job"),
         ]
         .into_iter()
         .map(|(key, value, description)| ConfigEntry {
@@ -136,6 +142,8 @@ pub struct JobSettings {
     pub job_id: String,
     /// The wrapped shuffle key.
     pub shuffle_key: KeyReference,
+    /// The data owner's grant the job runs under (executors send it with their key requests).
+    pub grant: Option<SignedGrant>,
 }
 
 impl JobSettings {
@@ -160,18 +168,28 @@ impl JobSettings {
                 settings.job_id
             )));
         }
+        let grant = match settings.grant.as_str() {
+            "" => None,
+            text => Some(
+                SignedGrant::from_text(text)
+                    .map_err(|e| ClusterError::JobSettings(format!("ppml.grant: {e}")))?,
+            ),
+        };
         Ok(JobSettings {
             job_id: settings.job_id.clone(),
             shuffle_key: decode_key_reference(&settings.shuffle_key)?,
+            grant,
         })
     }
 
     /// Writes the settings into `config`.
     pub fn apply(&self, config: &mut SessionConfig) -> Result<(), ClusterError> {
         let options = config.options_mut();
+        let grant = self.grant.as_ref().map(SignedGrant::to_text);
         for (key, value) in [
             ("ppml.job_id", self.job_id.clone()),
             ("ppml.shuffle_key", encode_key_reference(&self.shuffle_key)),
+            ("ppml.grant", grant.unwrap_or_default()),
         ] {
             options
                 .set(key, &value)
@@ -209,6 +227,7 @@ pub async fn new_job_key(
     let settings = JobSettings {
         job_id: job_id.to_string(),
         shuffle_key: reference.clone(),
+        grant: None,
     };
     Ok((settings, Arc::new(ShuffleKey::new(key, reference))))
 }
@@ -281,9 +300,22 @@ mod tests {
     #[test]
     fn key_references_round_trip_through_settings() {
         let reference = KeyReference::new("local:abc", "primary-1", vec![1, 2, 3, 250]);
+        let (owner, _) = ppml_kms::owner::OwnerKey::generate().unwrap();
+        let grant = ppml_kms::grant::JobGrant {
+            version: 1,
+            appid: "app".into(),
+            job_id: "0123456789abcdef0123456789abcdef".into(),
+            application: ppml_kms::grant::GrantedApp::SimpleQuery,
+            inputs: Vec::new(),
+            output: None,
+            reveal_counts: false,
+            not_after: 2_000_000_000,
+        };
+        let grant = SignedGrant::sign(&grant, &owner).unwrap();
         let settings = JobSettings {
             job_id: "job-1".into(),
             shuffle_key: reference.clone(),
+            grant: Some(grant.clone()),
         };
         let mut config = with_job_settings(SessionConfig::new());
         settings.apply(&mut config).unwrap();
@@ -304,8 +336,8 @@ mod tests {
         }
         let read = JobSettings::from_config(&received).unwrap();
         assert_eq!(
-            (read.job_id.as_str(), read.shuffle_key),
-            ("job-1", reference)
+            (read.job_id.as_str(), read.shuffle_key, read.grant),
+            ("job-1", reference, Some(grant))
         );
     }
 

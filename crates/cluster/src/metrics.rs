@@ -404,6 +404,25 @@ impl KeyManagementService for CountingKms {
         }
         result
     }
+
+    fn under_grant(
+        self: Arc<Self>,
+        grant: &ppml_kms::grant::SignedGrant,
+    ) -> Result<Arc<dyn KeyManagementService>, KmsError> {
+        Ok(Arc::new(CountingKms {
+            inner: self.inner.clone().under_grant(grant)?,
+            kind: self.kind,
+            metrics: self.metrics.clone(),
+        }))
+    }
+
+    fn check_version(
+        &self,
+        dataset_id: &[u8; 16],
+        manifest_sha256: &[u8; 32],
+    ) -> Result<(), KmsError> {
+        self.inner.check_version(dataset_id, manifest_sha256)
+    }
 }
 
 /// An [`ObjectStore`] that counts the bytes its inner store returns from reads: wrapped around

@@ -18,6 +18,7 @@
 //! Both keep Prometheus metrics (`crate::metrics`) and, given a metrics listener, serve them
 //! at `/metrics` (with `/healthz`) in plain HTTP: counts only, never values or keys.
 
+use ppml_kms::grant::GrantRouter;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -142,14 +143,17 @@ pub async fn run_executor_monitored(
     if monitoring.attested {
         metrics.attestation(crate::metrics::OK);
     }
-    // Releases are counted by kind: dataset keys by the store, shuffle keys by `JobKeys`.
+    // Key requests of tasks go out under the job grant the task carries (the KMS releases keys
+    // of marked keys only under one). Releases are counted by kind: dataset keys by the store,
+    // shuffle keys by `JobKeys`.
+    let grants = Arc::new(GrantRouter::new(options.kms.clone()));
     let dataset_kms = Arc::new(CountingKms::new(
-        options.kms.clone(),
+        grants.clone(),
         KeyKind::Dataset,
         metrics.clone(),
     ));
     let shuffle_kms = Arc::new(CountingKms::new(
-        options.kms.clone(),
+        grants.clone(),
         KeyKind::Shuffle,
         metrics.clone(),
     ));
@@ -184,8 +188,9 @@ pub async fn run_executor_monitored(
         Ok(Arc::new(runtime))
     });
     let keys = Arc::new(JobKeys::new(shuffle_kms));
-    let mut engine =
-        PpmlExecutionEngine::new(keys, options.customizer.clone()).with_metrics(metrics.clone());
+    let mut engine = PpmlExecutionEngine::new(keys, options.customizer.clone())
+        .with_metrics(metrics.clone())
+        .with_grants(grants);
     if let Some(driver) = options.driver {
         engine = engine.with_drivers(DriverHost {
             driver,

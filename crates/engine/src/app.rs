@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 
 use datafusion::arrow::array::RecordBatch;
+use ppml_kms::grant::{GrantedApp, JobGrant};
 use ppml_kms::{KeyManagementService, PrimaryKeyId};
 use serde::{Deserialize, Serialize};
 
@@ -79,6 +80,40 @@ impl SqlSpec {
         check_table_name(name).map_err(|_| invalid("table names are letters, digits and _"))?;
         Ok((name.to_string(), DatasetLocation::parse(location)?))
     }
+}
+
+/// Refuses a write the data owner's job grant does not allow ([`EngineError::NotGranted`]): to
+/// another location than the grant's output, under another key, or replacing an existing
+/// dataset when the grant does not allow it.
+pub fn check_granted_output(
+    grant: &JobGrant,
+    output: &DatasetLocation,
+    key: &PrimaryKeyId,
+    overwrite: bool,
+) -> Result<()> {
+    let refuse = |reason: String| Err(EngineError::NotGranted(reason));
+    let Some(granted) = &grant.output else {
+        return refuse(format!("job {} writes no output", grant.job_id));
+    };
+    if DatasetLocation::parse(&granted.location)?.absolute()? != output.absolute()? {
+        return refuse(format!(
+            "job {} writes to {}, not to {output}",
+            grant.job_id, granted.location
+        ));
+    }
+    if granted.key_id != key.0 {
+        return refuse(format!(
+            "job {} writes under key {}, not {key}",
+            grant.job_id, granted.key_id
+        ));
+    }
+    if overwrite && !granted.overwrite {
+        return refuse(format!(
+            "job {} may not replace an existing {output}",
+            grant.job_id
+        ));
+    }
+    Ok(())
 }
 
 /// Refuses a table name that is not letters, digits and `_`.
@@ -199,6 +234,52 @@ impl AppSpec {
                     None => format!("SQL over {}", names.join(", ")),
                 }
             }
+        }
+    }
+
+    /// The datasets the application reads.
+    pub fn inputs(&self) -> Vec<&DatasetLocation> {
+        match self {
+            AppSpec::SimpleQuery(spec) => vec![&spec.input],
+            AppSpec::Sql(spec) => spec.tables.values().collect(),
+        }
+    }
+
+    /// Whether the spec may replace an existing output.
+    pub fn overwrite(&self) -> bool {
+        match self {
+            AppSpec::SimpleQuery(spec) => spec.overwrite,
+            AppSpec::Sql(spec) => spec.overwrite,
+        }
+    }
+
+    /// Refuses a spec the data owner's job grant does not allow ([`EngineError::NotGranted`]):
+    /// another application or SQL text, an output at another location or under another key
+    /// than `output_key`, or an overwrite the grant does not allow. The inputs are the KMS's
+    /// to check: it releases the data keys of the datasets the grant names, and no others.
+    pub fn check_grant(&self, grant: &JobGrant, output_key: &PrimaryKeyId) -> Result<()> {
+        let refuse = |reason: String| Err(EngineError::NotGranted(reason));
+        match (&grant.application, self) {
+            (GrantedApp::SimpleQuery, AppSpec::SimpleQuery(_)) => {}
+            (GrantedApp::Sql { sql }, AppSpec::Sql(spec)) => {
+                if *sql != spec.sql {
+                    return refuse(format!(
+                        "the SQL text is not the one job {} grants",
+                        grant.job_id
+                    ));
+                }
+            }
+            _ => {
+                return refuse(format!(
+                    "job {} grants another application than {}",
+                    grant.job_id,
+                    self.summary()
+                ));
+            }
+        }
+        match self.output() {
+            Some(output) => check_granted_output(grant, output, output_key, self.overwrite()),
+            None => Ok(()),
         }
     }
 

@@ -117,6 +117,69 @@ impl VerifiedDataset {
     }
 }
 
+/// A dataset as a job grant names it: its id, the primary key its data key is wrapped under,
+/// and the SHA-256 of its manifest, which pins this version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DatasetIdentity {
+    /// The manifest's dataset id.
+    pub dataset_id: [u8; 16],
+    /// The primary key the dataset's data key is wrapped under.
+    pub key_id: String,
+    /// SHA-256 of the manifest file's bytes.
+    pub manifest_sha256: [u8; 32],
+}
+
+/// Reads the identity of the dataset at `location` from its manifest, without a key: the
+/// manifest is authenticated when a runtime opens the dataset (with the data key), and a
+/// version other than the one read here is then refused by a grant that pins it.
+pub async fn read_dataset_identity(location: &DatasetLocation) -> Result<DatasetIdentity> {
+    let display = location.to_string();
+    let (store, root): (Arc<dyn ObjectStore>, StorePath) = match location {
+        DatasetLocation::Local(dir) => {
+            let absolute = std::path::absolute(dir).map_err(|e| EngineError::io(dir, e))?;
+            let root = StorePath::from_absolute_path(&absolute).map_err(|e| {
+                EngineError::InvalidLocation {
+                    location: display.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
+            (Arc::new(object_store::local::LocalFileSystem::new()), root)
+        }
+        DatasetLocation::S3 { bucket, prefix } => {
+            (crate::s3::s3_object_store(bucket)?, prefix.clone())
+        }
+    };
+    let manifest_display = format!("{display}/{MANIFEST_FILE_NAME}");
+    let bytes = match store.get(&root.clone().join(MANIFEST_FILE_NAME)).await {
+        Ok(result) => result
+            .bytes()
+            .await
+            .map_err(|source| EngineError::Storage {
+                location: manifest_display.clone(),
+                source,
+            })?,
+        Err(object_store::Error::NotFound { .. }) => {
+            return Err(EngineError::NotADataset(display));
+        }
+        Err(source) => {
+            return Err(EngineError::Storage {
+                location: manifest_display,
+                source,
+            });
+        }
+    };
+    let manifest = UnverifiedManifest::from_json(&bytes)
+        .map_err(|e| EngineError::format(&manifest_display, e))?;
+    Ok(DatasetIdentity {
+        dataset_id: *manifest.dataset_id(),
+        key_id: manifest.key().key_id.clone(),
+        manifest_sha256: ring::digest::digest(&ring::digest::SHA256, &bytes)
+            .as_ref()
+            .try_into()
+            .expect("SHA-256 is 32 bytes"),
+    })
+}
+
 /// Opens the dataset under `root` in `store`: reads and authenticates the manifest with the
 /// data key released by `kms`, checks that the directory holds exactly the listed parts with
 /// the recorded sizes, and verifies every part's header. No plaintext is read yet.
@@ -141,6 +204,17 @@ pub async fn open_dataset(
     };
     let unverified = UnverifiedManifest::from_json(&manifest_bytes)
         .map_err(|e| EngineError::format(&manifest_display, e))?;
+    let manifest_sha256: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, &manifest_bytes)
+        .as_ref()
+        .try_into()
+        .expect("SHA-256 is 32 bytes");
+    // A job grant may pin the dataset's version: a rolled-back dataset is refused before any
+    // key is asked for.
+    kms.check_version(unverified.dataset_id(), &manifest_sha256)
+        .map_err(|source| EngineError::Kms {
+            dataset: display.to_string(),
+            source,
+        })?;
     let data_key = kms
         .unwrap_data_key(unverified.key(), &dataset_aad(unverified.dataset_id()))
         .await
@@ -234,10 +308,6 @@ pub async fn open_dataset(
             layout,
         });
     }
-    let manifest_sha256 = ring::digest::digest(&ring::digest::SHA256, &manifest_bytes)
-        .as_ref()
-        .try_into()
-        .expect("SHA-256 is 32 bytes");
     Ok(VerifiedDataset {
         display: display.to_string(),
         root: root.clone(),

@@ -91,6 +91,10 @@ pub enum EngineError {
     /// quoted field that never ends.
     #[error(transparent)]
     Csv(#[from] crate::csv_split::CsvError),
+    /// The data owner's job grant does not allow what the job was asked to do
+    /// ([`crate::app::AppSpec::check_grant`]).
+    #[error("the data owner's job grant does not allow this job: {0}")]
+    NotGranted(String),
     /// The query plan holds an operator a ppml runtime does not run ([`crate::plan_check`]).
     #[error("refused plan: {0}")]
     RefusedPlan(String),

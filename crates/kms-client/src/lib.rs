@@ -34,6 +34,7 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use serde_json::{Map, Value, json};
 use zeroize::Zeroizing;
 
+use ppml_kms::grant::SignedGrant;
 use ppml_kms::owner::OwnerKey;
 use ppml_kms::protocol::{Action, OwnerAuthority, read_answer};
 pub use ppml_kms::{
@@ -577,6 +578,7 @@ impl RemoteKms {
                 policy_id: policy_id.to_string(),
                 current: tokio::sync::Mutex::new(Arc::new(attested)),
             }),
+            grant: None,
         })
     }
 
@@ -658,6 +660,13 @@ impl RemoteKms {
 pub struct AttestedKms {
     remote: RemoteKms,
     attestation: Arc<Attestation>,
+    grant: Option<Arc<GrantInUse>>,
+}
+
+/// The job grant an [`AttestedKms`] acts under: its wire text and its content.
+struct GrantInUse {
+    text: String,
+    grant: ppml_kms::grant::JobGrant,
 }
 
 impl std::fmt::Debug for AttestedKms {
@@ -678,6 +687,34 @@ impl AttestedKms {
     /// The attestation policy this runtime was attested under.
     pub fn policy_id(&self) -> &str {
         &self.attestation.policy_id
+    }
+
+    /// This client acting under the data owner's job grant: `ReleaseDataKey` and
+    /// `GenerateSealedDataKey` carry it (the KMS checks the owner's signature and that the
+    /// grant names the dataset, the output or the job's shuffle key), and dataset versions the
+    /// grant pins are enforced ([`KeyManagementService::check_version`]). Shares the token.
+    pub fn with_grant(&self, grant: &SignedGrant) -> Result<AttestedKms, KmsError> {
+        let content = grant.unverified()?;
+        Ok(AttestedKms {
+            grant: Some(Arc::new(GrantInUse {
+                text: grant.to_text(),
+                grant: content,
+            })),
+            ..self.clone()
+        })
+    }
+
+    /// The grant this client acts under, if any.
+    pub fn grant(&self) -> Option<&ppml_kms::grant::JobGrant> {
+        self.grant.as_deref().map(|g| &g.grant)
+    }
+
+    /// `payload` with this client's grant, if it has one.
+    fn with_grant_field(&self, mut payload: Value) -> Value {
+        if let (Some(grant), Value::Object(map)) = (&self.grant, &mut payload) {
+            map.insert("grant".into(), Value::String(grant.text.clone()));
+        }
+        payload
     }
 
     /// The current attestation token (a JWT signed by the KMS), renewed first if it is due.
@@ -714,8 +751,10 @@ impl AttestedKms {
             .remote
             .call(
                 Action::ReleaseDataKey,
-                json!({"keyid": key.key_id, "ciphertext": ciphertext, "aad": aad,
-                       "token": attested.token}),
+                self.with_grant_field(
+                    json!({"keyid": key.key_id, "ciphertext": ciphertext, "aad": aad,
+                           "token": attested.token}),
+                ),
             )
             .await;
         let result = match result {
@@ -737,8 +776,10 @@ impl AttestedKms {
             .remote
             .call(
                 Action::GenerateSealedDataKey,
-                json!({"keyid": primary.0, "keylen": ppml_kms::DATA_KEY_LEN, "aad": aad,
-                       "token": attested.token}),
+                self.with_grant_field(
+                    json!({"keyid": primary.0, "keylen": ppml_kms::DATA_KEY_LEN, "aad": aad,
+                           "token": attested.token}),
+                ),
             )
             .await
             .map_err(|e| match e {
@@ -847,6 +888,15 @@ impl KeyManagementService for RemoteKms {
         self.check_kms(key)?;
         self.decrypt(key, aad).await
     }
+
+    /// An unattested client reads only keys that are not marked for attested release, which
+    /// need no grant.
+    fn under_grant(
+        self: Arc<Self>,
+        _grant: &SignedGrant,
+    ) -> Result<Arc<dyn KeyManagementService>, KmsError> {
+        Ok(self)
+    }
 }
 
 #[async_trait]
@@ -894,6 +944,24 @@ impl KeyManagementService for AttestedKms {
                 self.release(&renewed, key, ciphertext, aad_text).await
             }
             other => other,
+        }
+    }
+
+    fn under_grant(
+        self: Arc<Self>,
+        grant: &SignedGrant,
+    ) -> Result<Arc<dyn KeyManagementService>, KmsError> {
+        Ok(Arc::new(self.with_grant(grant)?))
+    }
+
+    fn check_version(
+        &self,
+        dataset_id: &[u8; 16],
+        manifest_sha256: &[u8; 32],
+    ) -> Result<(), KmsError> {
+        match self.grant() {
+            Some(grant) => Ok(grant.allows_version(dataset_id, manifest_sha256)?),
+            None => Ok(()),
         }
     }
 }

@@ -18,6 +18,9 @@ use ppml_kms_client::{RemoteKms, RemoteKmsConfig};
 use ppml_kms_server::audit::AuditLog;
 use ppml_kms_server::{RootKey, ServerState, Store, router};
 
+/// The aad of a dataset's data keys.
+const DS: &[u8] = b"ppml-dataset:0123456789abcdef0123456789abcdef";
+
 fn bench(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -51,10 +54,12 @@ fn bench(c: &mut Criterion) {
             .enroll_owned(&owner)
             .await
             .unwrap();
+        let appid = creds.appid.clone();
+        let owner = Arc::new(owner);
         let kms = RemoteKms::connect(&config, Some(creds))
             .await
             .unwrap()
-            .with_owner_key(Arc::new(owner));
+            .with_owner_key(owner.clone());
         let open_key = kms.create_primary_key().await.unwrap();
         let gated_key = kms.create_primary_key().await.unwrap();
         let policy = Policy {
@@ -69,12 +74,31 @@ fn bench(c: &mut Criterion) {
         kms.set_release_policy(&gated_key, &policy_id)
             .await
             .unwrap();
-        let (_, plain_ref) = kms.generate_data_key(&open_key, b"ds").await.unwrap();
-        let (_, gated_ref) = kms.generate_data_key(&gated_key, b"ds").await.unwrap();
+        let (_, plain_ref) = kms.generate_data_key(&open_key, DS).await.unwrap();
+        let (_, gated_ref) = kms.generate_data_key(&gated_key, DS).await.unwrap();
+        // The owner's grant of a job reading the dataset of `DS`, as a granted runtime sends
+        // it with every release.
+        let grant = ppml_kms::grant::JobGrant {
+            version: 1,
+            appid,
+            job_id: "0123456789abcdef0123456789abcdef".into(),
+            application: ppml_kms::grant::GrantedApp::SimpleQuery,
+            inputs: vec![ppml_kms::grant::GrantedInput {
+                dataset_id: "0123456789abcdef0123456789abcdef".into(),
+                key_id: gated_key.0.clone(),
+                manifest_sha256: None,
+            }],
+            output: None,
+            reveal_counts: false,
+            not_after: u64::MAX,
+        };
+        let grant = ppml_kms::grant::SignedGrant::sign(&grant, &owner).unwrap();
         let attested = kms
             .clone()
             .attest(Arc::clone(&provider), &policy_id)
             .await
+            .unwrap()
+            .with_grant(&grant)
             .unwrap();
         (kms, attested, plain_ref, gated_ref, policy_id)
     });
@@ -84,14 +108,14 @@ fn bench(c: &mut Criterion) {
     group.bench_function("decrypt_round_trip_unmarked_key", |b| {
         b.iter(|| {
             runtime
-                .block_on(plain.unwrap_data_key(&plain_ref, b"ds"))
+                .block_on(plain.unwrap_data_key(&plain_ref, DS))
                 .unwrap()
         })
     });
     group.bench_function("release_round_trip_attested", |b| {
         b.iter(|| {
             runtime
-                .block_on(attested.unwrap_data_key(&gated_ref, b"ds"))
+                .block_on(attested.unwrap_data_key(&gated_ref, DS))
                 .unwrap()
         })
     });

@@ -15,6 +15,7 @@ use axum::routing::get;
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD as BASE64, URL_SAFE_NO_PAD};
 use ppml_kms::ehsm::{self, ReplayCache, RequestError};
+use ppml_kms::grant::SignedGrant;
 use ppml_kms::owner;
 use ppml_kms::protocol::{Action, OwnerAuthority};
 use prometheus_client::metrics::counter::Counter;
@@ -638,7 +639,7 @@ fn signed(
         | A::SetKeyReleasePolicy
         | A::ReleaseDataKey
         | A::GenerateSealedDataKey
-        | A::VerifyQuote => attestation_action(state, action, appid, payload, context),
+        | A::VerifyQuote => attestation_action(state, action, appid, payload, &auth, context),
         _ => run(state, action, appid, payload, context),
     }
 }
@@ -700,6 +701,7 @@ fn attestation_action(
     action: Action,
     appid: &str,
     payload: &Map<String, Value>,
+    auth: &store::AppAuth,
     context: &mut RequestContext,
 ) -> Result<Value, ApiError> {
     let service = state
@@ -833,6 +835,16 @@ fn attestation_action(
             let required = state.store.release_policy(appid, keyid)?;
             let (token, runtime_key) =
                 check_token(service, payload, appid, required.as_deref(), now_secs)?;
+            let use_ = GrantedUse::Generation { keyid, aad };
+            check_grant(
+                appid,
+                auth,
+                required.is_some(),
+                payload,
+                use_,
+                now_secs,
+                context,
+            )?;
             let (version, key) = state.store.usable_key(appid, keyid)?;
             let data_key = random_data_key(keylen)?;
             let ciphertext = encrypt(&key, version, keyid, aad, &data_key)?;
@@ -852,6 +864,15 @@ fn attestation_action(
             };
             let (token, runtime_key) =
                 check_token(service, payload, appid, Some(&required), now_secs)?;
+            check_grant(
+                appid,
+                auth,
+                true,
+                payload,
+                GrantedUse::Release { keyid, aad },
+                now_secs,
+                context,
+            )?;
             let plaintext = decrypt(
                 &state.store,
                 appid,
@@ -878,6 +899,60 @@ fn attestation_action(
         }
         _ => Err(ApiError::UnknownAction),
     }
+}
+
+/// What a data-key request asks of a job grant.
+#[derive(Clone, Copy)]
+enum GrantedUse<'a> {
+    /// Unwrap an existing data key (`ReleaseDataKey`).
+    Release { keyid: &'a str, aad: &'a str },
+    /// Make a new one (`GenerateSealedDataKey`).
+    Generation { keyid: &'a str, aad: &'a str },
+}
+
+/// The job-grant rule of data-key requests (`docs/kms-api.md` §4.2): in an app with an owner
+/// key, a data key of a key marked for attested release goes only to a request carrying a
+/// grant the owner signed, for this app, unexpired, that allows this use (the dataset, the
+/// output, or the job's shuffle key); a grant sent for any other key is checked the same.
+/// Apps without an owner key keep eHSM's rules: the api key is everything. The grant's job id
+/// and digest go into the request's audit entry.
+fn check_grant(
+    appid: &str,
+    auth: &store::AppAuth,
+    marked: bool,
+    payload: &Map<String, Value>,
+    use_: GrantedUse<'_>,
+    now_secs: u64,
+    context: &mut RequestContext,
+) -> Result<(), ApiError> {
+    let text = match payload.get("grant") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(text)) => Some(text.as_str()),
+        Some(_) => return Err(ApiError::PayloadType),
+    };
+    let Some(owner_key) = auth.owner_key else {
+        return Ok(());
+    };
+    let Some(text) = text else {
+        return if marked {
+            Err(ApiError::GrantRefused(
+                "this key's data keys go only to jobs the data owner granted, and the request \
+                 carries no grant"
+                    .into(),
+            ))
+        } else {
+            Ok(())
+        };
+    };
+    let signed = SignedGrant::from_text(text)?;
+    let grant = signed.verify(&owner_key, appid, now_secs)?;
+    match use_ {
+        GrantedUse::Release { keyid, aad } => grant.allows_release(keyid, aad)?,
+        GrantedUse::Generation { keyid, aad } => grant.allows_generation(keyid, aad)?,
+    }
+    context.detail =
+        Some(json!({"job_id": grant.job_id, "grant_sha256": signed.sha256_hex()}).to_string());
+    Ok(())
 }
 
 /// The payload's attestation token, checked: signed by this server, not expired, issued to
@@ -1450,9 +1525,33 @@ mod tests {
                 .as_str()
                 .unwrap()
                 .to_string();
+        // Data keys of two datasets, and the owner's grant of a job reading both.
+        let ds = format!("ppml-dataset:{}", "0a".repeat(16));
+        let other = format!("ppml-dataset:{}", "0b".repeat(16));
+        let grant = ppml_kms::grant::SignedGrant::sign(
+            &ppml_kms::grant::JobGrant {
+                version: 1,
+                appid: appid.clone(),
+                job_id: "0c".repeat(16),
+                application: ppml_kms::grant::GrantedApp::SimpleQuery,
+                inputs: ["0a", "0b"]
+                    .map(|id| ppml_kms::grant::GrantedInput {
+                        dataset_id: id.repeat(16),
+                        key_id: keyid.clone(),
+                        manifest_sha256: None,
+                    })
+                    .to_vec(),
+                output: None,
+                reveal_counts: false,
+                not_after: u64::MAX,
+            },
+            &owner_a,
+        )
+        .unwrap()
+        .to_text();
         let generated = call(
             "GenerateDataKey",
-            json!({"keyid": keyid, "keylen": 32, "aad": "ds"}),
+            json!({"keyid": keyid, "keylen": 32, "aad": ds}),
         )
         .await;
         let data_key = BASE64
@@ -1466,13 +1565,13 @@ mod tests {
         // Before marking, ReleaseDataKey is refused and Decrypt works; after, the reverse.
         let plain = call(
             "Decrypt",
-            json!({"keyid": keyid, "ciphertext": wrapped, "aad": "ds"}),
+            json!({"keyid": keyid, "ciphertext": wrapped, "aad": ds}),
         )
         .await;
         assert_eq!(plain["code"], 200, "{plain}");
         let unmarked = call(
             "ReleaseDataKey",
-            json!({"keyid": keyid, "ciphertext": wrapped, "aad": "ds", "token": "x.y.z"}),
+            json!({"keyid": keyid, "ciphertext": wrapped, "aad": ds, "token": "x.y.z"}),
         )
         .await;
         assert_eq!(unmarked["message"], ApiError::NotMarkedForRelease.message());
@@ -1484,7 +1583,7 @@ mod tests {
         assert_eq!(marked["code"], 200, "{marked}");
         let refused = call(
             "Decrypt",
-            json!({"keyid": keyid, "ciphertext": wrapped, "aad": "ds"}),
+            json!({"keyid": keyid, "ciphertext": wrapped, "aad": ds}),
         )
         .await;
         assert_eq!(refused["message"], ApiError::AttestationRequired.message());
@@ -1512,7 +1611,7 @@ mod tests {
         let released = call(
             "ReleaseDataKey",
             json!({"keyid": keyid, "ciphertext": wrapped,
-            "aad": "ds", "token": token}),
+            "aad": ds, "token": token, "grant": grant}),
         )
         .await;
         assert_eq!(released["code"], 200, "{released}");
@@ -1538,7 +1637,7 @@ mod tests {
         let refused = call(
             "ReleaseDataKey",
             json!({"keyid": keyid, "ciphertext": wrapped,
-            "aad": "ds", "token": forged}),
+            "aad": ds, "token": forged, "grant": grant}),
         )
         .await;
         assert!(
@@ -1551,7 +1650,7 @@ mod tests {
         let refused = call(
             "ReleaseDataKey",
             json!({"keyid": keyid, "ciphertext": wrapped,
-            "aad": "other", "token": token}),
+            "aad": other, "token": token, "grant": grant}),
         )
         .await;
         assert_eq!(refused["message"], "decrypt failed");

@@ -41,6 +41,9 @@ pub enum ApiError {
     /// Too many `Enroll` requests in a short time.
     #[error("too many requests, try again later")]
     RateLimited,
+    /// The data owner's job grant is missing, not the owner's, or does not allow the request.
+    #[error("job grant refused: {0}")]
+    GrantRefused(String),
     /// A base64 field does not decode.
     #[error("base64 decode error")]
     Base64,
@@ -61,6 +64,15 @@ pub enum ApiError {
     RootKeyMismatch,
 }
 
+impl From<ppml_kms::grant::GrantError> for ApiError {
+    fn from(e: ppml_kms::grant::GrantError) -> Self {
+        match e {
+            ppml_kms::grant::GrantError::NotGranted(reason) => ApiError::GrantRefused(reason),
+            other => ApiError::GrantRefused(other.to_string()),
+        }
+    }
+}
+
 impl ApiError {
     /// The error of the shared wire contract this one is answered as.
     pub fn wire_kind(&self) -> ErrorKind {
@@ -77,6 +89,7 @@ impl ApiError {
             ApiError::ActionNotSigned => ErrorKind::ActionNotSigned,
             ApiError::OwnerSignatureRequired => ErrorKind::OwnerSignatureRequired,
             ApiError::RateLimited => ErrorKind::RateLimited,
+            ApiError::GrantRefused(_) => ErrorKind::GrantRefused,
             ApiError::Base64 => ErrorKind::Base64,
             ApiError::DecryptFailed => ErrorKind::DecryptFailed,
             ApiError::TooLarge => ErrorKind::TooLarge,
@@ -91,7 +104,9 @@ impl ApiError {
         ErrorAnswer {
             kind: self.wire_kind(),
             detail: match self {
-                ApiError::AttestationFailed(reason) => Some(reason.clone()),
+                ApiError::AttestationFailed(reason) | ApiError::GrantRefused(reason) => {
+                    Some(reason.clone())
+                }
                 _ => None,
             },
         }
@@ -142,6 +157,7 @@ mod tests {
             ApiError::ActionNotSigned,
             ApiError::OwnerSignatureRequired,
             ApiError::RateLimited,
+            ApiError::GrantRefused("dataset 00 is not an input of job 11".into()),
             ApiError::Base64,
             ApiError::DecryptFailed,
             ApiError::TooLarge,

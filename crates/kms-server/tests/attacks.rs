@@ -14,6 +14,10 @@ use ppml_attestation::Tee;
 use ppml_attestation::policy::{AllowedMeasurement, Policy};
 use ppml_attestation::service::AttestationService;
 use ppml_attestation::sim::{SimPlatform, SimTee, executable_measurement};
+use ppml_kms::grant::{
+    DATASET_AAD_PREFIX, GrantedApp, GrantedInput, GrantedOutput, JobGrant, SHUFFLE_AAD_PREFIX,
+    SignedGrant,
+};
 use ppml_kms::owner::OwnerKey;
 use ppml_kms::protocol::Action;
 use ppml_kms::{AppCredentials, KeyManagementService as _, KmsError, PrimaryKeyId};
@@ -65,6 +69,7 @@ struct Owner {
     creds: AppCredentials,
     gated: PrimaryKeyId,
     policy_id: String,
+    key: Arc<OwnerKey>,
 }
 
 fn sim_policy() -> Policy {
@@ -87,10 +92,11 @@ async fn owner(kms: &Kms) -> Owner {
         .enroll_owned(&owner_key)
         .await
         .unwrap();
+    let owner_key = Arc::new(owner_key);
     let client = RemoteKms::connect(&config, Some(creds.clone()))
         .await
         .unwrap()
-        .with_owner_key(Arc::new(owner_key));
+        .with_owner_key(owner_key.clone());
     let gated = client.create_primary_key().await.unwrap();
     let policy_id = client.upload_policy(&sim_policy()).await.unwrap();
     client.set_release_policy(&gated, &policy_id).await.unwrap();
@@ -99,6 +105,38 @@ async fn owner(kms: &Kms) -> Owner {
         creds,
         gated,
         policy_id,
+        key: owner_key,
+    }
+}
+
+const DATASET: &str = "0123456789abcdef0123456789abcdef";
+const OTHER_DATASET: &str = "fedcba9876543210fedcba9876543210";
+const JOB: &str = "00112233445566778899aabbccddeeff";
+
+fn dataset_aad(id: &str) -> Vec<u8> {
+    format!("{DATASET_AAD_PREFIX}{id}").into_bytes()
+}
+
+/// The owner's grant of a job reading `DATASET` under the gated key and writing under
+/// `output_key`.
+fn job_grant(owner: &Owner, output_key: &PrimaryKeyId) -> JobGrant {
+    JobGrant {
+        version: 1,
+        appid: owner.creds.appid.clone(),
+        job_id: JOB.into(),
+        application: GrantedApp::SimpleQuery,
+        inputs: vec![GrantedInput {
+            dataset_id: DATASET.into(),
+            key_id: owner.gated.0.clone(),
+            manifest_sha256: None,
+        }],
+        output: Some(GrantedOutput {
+            location: "/results/out.enc".into(),
+            key_id: output_key.0.clone(),
+            overwrite: false,
+        }),
+        reveal_counts: false,
+        not_after: now_ms() / 1000 + 600,
     }
 }
 
@@ -294,22 +332,27 @@ async fn attack_known_data_keys_under_a_marked_key_are_refused() {
     )
     .await
     .unwrap();
-    // The owner can, and so can an attested runtime, which gets the key sealed to itself.
+    // The owner can, and so can an attested runtime under the owner's grant, which gets the
+    // key (here the job's shuffle key) sealed to itself.
     owner
         .kms
         .generate_data_key(&owner.gated, b"ds")
         .await
         .unwrap();
+    let grant = SignedGrant::sign(&job_grant(&owner, &owner.gated), &owner.key).unwrap();
     let runtime = host
         .clone()
         .attest(sim_tee(&kms), &owner.policy_id)
         .await
+        .unwrap()
+        .with_grant(&grant)
         .unwrap();
+    let shuffle = format!("{SHUFFLE_AAD_PREFIX}{JOB}").into_bytes();
     let (data_key, reference) = runtime
-        .generate_data_key(&owner.gated, b"ds")
+        .generate_data_key(&owner.gated, &shuffle)
         .await
         .unwrap();
-    let released = runtime.unwrap_data_key(&reference, b"ds").await.unwrap();
+    let released = runtime.unwrap_data_key(&reference, &shuffle).await.unwrap();
     assert_eq!(released.expose_secret(), data_key.expose_secret());
 }
 
@@ -337,6 +380,216 @@ async fn attack_input_under_a_host_made_key_is_refused_by_attested_runtimes() {
         "{refused}"
     );
     assert!(refused.is_access_denied());
+}
+
+/// Attack 2, jobs nobody granted: the host, with the api key and the attested runtime binary
+/// (or a cluster certificate, which lets it submit any job to the runtimes), asks for the
+/// owner's data keys for a job of its own. Refused unless the request carries the owner's
+/// grant naming the dataset: no grant, a grant signed by another key, an edited, expired or
+/// other app's grant, or a grant of other datasets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_a_job_the_owner_did_not_grant_gets_no_key() {
+    let kms = start().await;
+    let owner = owner(&kms).await;
+    let host = host(&kms, &owner).await;
+    let (_, reference) = owner
+        .kms
+        .generate_data_key(&owner.gated, &dataset_aad(DATASET))
+        .await
+        .unwrap();
+    let runtime = host
+        .clone()
+        .attest(sim_tee(&kms), &owner.policy_id)
+        .await
+        .unwrap();
+    let grant_refused = |result: Result<ppml_kms::DataKey, KmsError>, why: &str| {
+        let refused = result.err().unwrap_or_else(|| panic!("{why}: released"));
+        assert!(
+            matches!(&refused, KmsError::GrantRefused(_)),
+            "{why}: {refused}"
+        );
+        assert!(refused.is_access_denied(), "{why}");
+    };
+    grant_refused(
+        runtime
+            .unwrap_data_key(&reference, &dataset_aad(DATASET))
+            .await,
+        "no grant",
+    );
+    let (stranger, _) = OwnerKey::generate().unwrap();
+    let grant = job_grant(&owner, &owner.gated);
+    let mut expired = grant.clone();
+    expired.not_after = now_ms() / 1000 - 1;
+    let mut other_app = grant.clone();
+    other_app.appid = "another-app".into();
+    let mut other_inputs = grant.clone();
+    other_inputs.inputs[0].dataset_id = OTHER_DATASET.into();
+    let signed = SignedGrant::sign(&grant, &owner.key).unwrap();
+    let mut widened = grant.clone();
+    widened.inputs.push(GrantedInput {
+        dataset_id: OTHER_DATASET.into(),
+        key_id: owner.gated.0.clone(),
+        manifest_sha256: None,
+    });
+    let edited = SignedGrant {
+        grant: SignedGrant::sign(&widened, &stranger).unwrap().grant,
+        signature: signed.signature.clone(),
+    };
+    for (why, forged) in [
+        (
+            "signed by another key",
+            SignedGrant::sign(&grant, &stranger).unwrap(),
+        ),
+        ("edited after signing", edited),
+        ("expired", SignedGrant::sign(&expired, &owner.key).unwrap()),
+        (
+            "another app's",
+            SignedGrant::sign(&other_app, &owner.key).unwrap(),
+        ),
+        (
+            "of other datasets",
+            SignedGrant::sign(&other_inputs, &owner.key).unwrap(),
+        ),
+    ] {
+        grant_refused(
+            runtime
+                .with_grant(&forged)
+                .unwrap()
+                .unwrap_data_key(&reference, &dataset_aad(DATASET))
+                .await,
+            why,
+        );
+    }
+    // The owner's grant opens exactly what it names.
+    let granted = runtime.with_grant(&signed).unwrap();
+    granted
+        .unwrap_data_key(&reference, &dataset_aad(DATASET))
+        .await
+        .unwrap();
+    // The release is in the audit log with the grant's job id.
+    let released = audit_lines(&kms, |line| {
+        line["action"] == "ReleaseDataKey" && line["outcome"] == "ok"
+    });
+    assert_eq!(released.len(), 1, "{released:?}");
+    assert!(
+        released[0]["detail"].as_str().unwrap_or("").contains(JOB),
+        "{:?}",
+        released[0]
+    );
+}
+
+/// The audit log's entries for which `pick` holds (waiting briefly for entries written after
+/// the answer).
+fn audit_lines(kms: &Kms, pick: impl Fn(&Value) -> bool) -> Vec<Value> {
+    for _ in 0..50 {
+        let text = std::fs::read_to_string(kms._dir.path().join("audit.log")).unwrap_or_default();
+        let lines: Vec<Value> = text
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .filter(|line| pick(line))
+            .collect();
+        if !lines.is_empty() {
+            return lines;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(40));
+    }
+    Vec::new()
+}
+
+/// Attacks 4c and 2 (outputs): a granted runtime asked to write under a key of the host's
+/// choosing (to read the result), or to write a dataset under an input's key (to replace
+/// the owner's input). The KMS makes new dataset keys only under the grant's output key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_output_under_another_key_than_the_granted_one_is_refused() {
+    let kms = start().await;
+    let owner = owner(&kms).await;
+    let host = host(&kms, &owner).await;
+    let output_key = owner.kms.create_primary_key().await.unwrap();
+    let host_key = host.create_primary_key().await.unwrap();
+    let grant = SignedGrant::sign(&job_grant(&owner, &output_key), &owner.key).unwrap();
+    let runtime = host
+        .clone()
+        .attest(sim_tee(&kms), &owner.policy_id)
+        .await
+        .unwrap()
+        .with_grant(&grant)
+        .unwrap();
+    for key in [&host_key, &owner.gated] {
+        let refused = runtime
+            .generate_data_key(key, &dataset_aad(OTHER_DATASET))
+            .await
+            .unwrap_err();
+        assert!(matches!(refused, KmsError::GrantRefused(_)), "{refused}");
+    }
+    runtime
+        .generate_data_key(&output_key, &dataset_aad(OTHER_DATASET))
+        .await
+        .unwrap();
+}
+
+/// Attack 5, shuffle key substitution: the scheduler hands a job's tasks a shuffle key of
+/// another job (or one under a key that is not the job's input key). Refused: a shuffle key
+/// is released only for the grant's own job id, under an input's key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_a_shuffle_key_of_another_job_is_refused() {
+    let kms = start().await;
+    let owner = owner(&kms).await;
+    let host = host(&kms, &owner).await;
+    let runtime = host
+        .clone()
+        .attest(sim_tee(&kms), &owner.policy_id)
+        .await
+        .unwrap();
+    let mut other_job = job_grant(&owner, &owner.gated);
+    other_job.job_id = "ffeeddccbbaa99887766554433221100".into();
+    let other_aad = format!("{SHUFFLE_AAD_PREFIX}{}-1", other_job.job_id).into_bytes();
+    let (_, others) = runtime
+        .with_grant(&SignedGrant::sign(&other_job, &owner.key).unwrap())
+        .unwrap()
+        .generate_data_key(&owner.gated, &other_aad)
+        .await
+        .unwrap();
+    let ours = runtime
+        .with_grant(&SignedGrant::sign(&job_grant(&owner, &owner.gated), &owner.key).unwrap())
+        .unwrap();
+    let refused = ours.unwrap_data_key(&others, &other_aad).await.unwrap_err();
+    assert!(matches!(refused, KmsError::GrantRefused(_)), "{refused}");
+    // Nor can the job's own shuffle id be claimed for another job's wrapped key: the aad is
+    // bound into the wrapping.
+    let ours_aad = format!("{SHUFFLE_AAD_PREFIX}{JOB}-1").into_bytes();
+    let refused = ours.unwrap_data_key(&others, &ours_aad).await.unwrap_err();
+    assert!(refused.is_access_denied(), "{refused}");
+    // A key that is not the job's input key makes no shuffle key.
+    let output_key = owner.kms.create_primary_key().await.unwrap();
+    let refused = ours
+        .generate_data_key(&output_key, &ours_aad)
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, KmsError::GrantRefused(_)), "{refused}");
+}
+
+/// Attack 7, rollback: the host restores an older version of a granted dataset. A grant that
+/// pins the version (the manifest's SHA-256) makes the runtime refuse any other before it asks
+/// for a key; `crates/cli/tests/kms_remote.rs` runs the same attack on real datasets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_a_rolled_back_dataset_is_refused_under_a_pinning_grant() {
+    let kms = start().await;
+    let owner = owner(&kms).await;
+    let host = host(&kms, &owner).await;
+    let mut grant = job_grant(&owner, &owner.gated);
+    grant.inputs[0].manifest_sha256 = Some(hex::encode([7u8; 32]));
+    let runtime = host
+        .clone()
+        .attest(sim_tee(&kms), &owner.policy_id)
+        .await
+        .unwrap()
+        .with_grant(&SignedGrant::sign(&grant, &owner.key).unwrap())
+        .unwrap();
+    let mut id = [0u8; 16];
+    hex::decode_to_slice(DATASET, &mut id).unwrap();
+    runtime.check_version(&id, &[7u8; 32]).unwrap();
+    let refused = runtime.check_version(&id, &[6u8; 32]).unwrap_err();
+    assert!(matches!(refused, KmsError::GrantRefused(_)), "{refused}");
 }
 
 /// Attack 9a, action substitution: a body the host signed (or captured) for one action is

@@ -49,7 +49,14 @@ async fn start(token_ttl: u64) -> Fixture {
 
 /// An app whose new primary key releases data keys only to this test binary in the
 /// simulated TEE; returns the client, the key and the policy id.
-async fn gated_key(fixture: &Fixture) -> (RemoteKms, ppml_kms::PrimaryKeyId, String) {
+async fn gated_key(
+    fixture: &Fixture,
+) -> (
+    RemoteKms,
+    ppml_kms::PrimaryKeyId,
+    String,
+    ppml_kms::grant::SignedGrant,
+) {
     let config = RemoteKmsConfig::new(fixture.url.clone());
     let (owner, _) = OwnerKey::generate().unwrap();
     let creds = RemoteKms::connect(&config, None)
@@ -58,10 +65,12 @@ async fn gated_key(fixture: &Fixture) -> (RemoteKms, ppml_kms::PrimaryKeyId, Str
         .enroll_owned(&owner)
         .await
         .unwrap();
+    let appid = creds.appid.clone();
+    let owner = Arc::new(owner);
     let kms = RemoteKms::connect(&config, Some(creds))
         .await
         .unwrap()
-        .with_owner_key(Arc::new(owner));
+        .with_owner_key(owner.clone());
     let primary = kms.create_primary_key().await.unwrap();
     let policy = Policy {
         allow_simulation: true,
@@ -73,8 +82,28 @@ async fn gated_key(fixture: &Fixture) -> (RemoteKms, ppml_kms::PrimaryKeyId, Str
     };
     let policy_id = kms.upload_policy(&policy).await.unwrap();
     kms.set_release_policy(&primary, &policy_id).await.unwrap();
-    (kms, primary, policy_id)
+    // The owner's grant of a job reading the dataset `DS` names.
+    let grant = ppml_kms::grant::JobGrant {
+        version: 1,
+        appid,
+        job_id: "0123456789abcdef0123456789abcdef".into(),
+        application: ppml_kms::grant::GrantedApp::SimpleQuery,
+        inputs: vec![ppml_kms::grant::GrantedInput {
+            dataset_id: DATASET_ID.into(),
+            key_id: primary.0.clone(),
+            manifest_sha256: None,
+        }],
+        output: None,
+        reveal_counts: false,
+        not_after: u64::MAX,
+    };
+    let grant = ppml_kms::grant::SignedGrant::sign(&grant, &owner).unwrap();
+    (kms, primary, policy_id, grant)
 }
+
+const DATASET_ID: &str = "0123456789abcdef0123456789abcdef";
+/// The aad of the data keys of dataset `DATASET_ID`.
+const DS: &[u8] = b"ppml-dataset:0123456789abcdef0123456789abcdef";
 
 fn audit_count(fixture: &Fixture, action: &str, outcome: &str) -> usize {
     std::fs::read_to_string(fixture.dir.path().join("audit.log"))
@@ -88,24 +117,29 @@ fn audit_count(fixture: &Fixture, action: &str, outcome: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_runtime_attests_again_before_its_token_expires() {
     let fixture = start(2).await;
-    let (kms, primary, policy_id) = gated_key(&fixture).await;
-    let (data_key, reference) = kms.generate_data_key(&primary, b"ds").await.unwrap();
+    let (kms, primary, policy_id, grant) = gated_key(&fixture).await;
+    let (data_key, reference) = kms.generate_data_key(&primary, DS).await.unwrap();
     // Unattested, the server refuses the gated key.
-    let refused = kms.unwrap_data_key(&reference, b"ds").await.unwrap_err();
+    let refused = kms.unwrap_data_key(&reference, DS).await.unwrap_err();
     assert!(
         matches!(refused, KmsError::AttestationRequired),
         "{refused}"
     );
     let tee = SimTee::new(SimPlatform::load_or_create(&fixture.platform_key).unwrap());
-    let kms = kms.attest(Arc::new(tee), &policy_id).await.unwrap();
+    let kms = kms
+        .attest(Arc::new(tee), &policy_id)
+        .await
+        .unwrap()
+        .with_grant(&grant)
+        .unwrap();
 
-    let released = kms.unwrap_data_key(&reference, b"ds").await.unwrap();
+    let released = kms.unwrap_data_key(&reference, DS).await.unwrap();
     assert_eq!(released.expose_secret(), data_key.expose_secret());
     assert_eq!(audit_count(&fixture, "Attest", "ok"), 1);
 
     // Past the token's lifetime: the client attests again on its own, and the release works.
     tokio::time::sleep(std::time::Duration::from_millis(2600)).await;
-    let released = kms.unwrap_data_key(&reference, b"ds").await.unwrap();
+    let released = kms.unwrap_data_key(&reference, DS).await.unwrap();
     assert_eq!(released.expose_secret(), data_key.expose_secret());
     assert_eq!(audit_count(&fixture, "Attest", "ok"), 2);
     assert_eq!(audit_count(&fixture, "ReleaseDataKey", "ok"), 2);
@@ -116,11 +150,16 @@ async fn expired_tokens_release_nothing() {
     // Tokens that expire the second they are issued: the client renews once when the server
     // says "expired", then gives up with a specific error.
     let fixture = start(0).await;
-    let (kms, primary, policy_id) = gated_key(&fixture).await;
-    let (_, reference) = kms.generate_data_key(&primary, b"ds").await.unwrap();
+    let (kms, primary, policy_id, grant) = gated_key(&fixture).await;
+    let (_, reference) = kms.generate_data_key(&primary, DS).await.unwrap();
     let tee = SimTee::new(SimPlatform::load_or_create(&fixture.platform_key).unwrap());
-    let kms = kms.attest(Arc::new(tee), &policy_id).await.unwrap();
-    let err = kms.unwrap_data_key(&reference, b"ds").await.unwrap_err();
+    let kms = kms
+        .attest(Arc::new(tee), &policy_id)
+        .await
+        .unwrap()
+        .with_grant(&grant)
+        .unwrap();
+    let err = kms.unwrap_data_key(&reference, DS).await.unwrap_err();
     assert!(matches!(err, KmsError::TokenExpired), "{err}");
     assert_eq!(audit_count(&fixture, "ReleaseDataKey", "ok"), 0);
     assert!(
@@ -136,9 +175,9 @@ async fn expired_tokens_release_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unattested_client_gets_no_gated_key_whatever_it_sends() {
     let fixture = start(300).await;
-    let (kms, primary, _) = gated_key(&fixture).await;
-    let (_, reference) = kms.generate_data_key(&primary, b"ds").await.unwrap();
-    let refused = kms.unwrap_data_key(&reference, b"ds").await.unwrap_err();
+    let (kms, primary, _, _) = gated_key(&fixture).await;
+    let (_, reference) = kms.generate_data_key(&primary, DS).await.unwrap();
+    let refused = kms.unwrap_data_key(&reference, DS).await.unwrap_err();
     assert!(
         matches!(refused, KmsError::AttestationRequired),
         "{refused}"

@@ -83,6 +83,10 @@ pub enum KmsError {
         "the KMS refused the request: it needs the data owner's key (--owner-key), which this machine does not hold or which is not the app's"
     )]
     OwnerSignatureRequired,
+    /// The data owner's job grant does not allow the request (or none was given where one is
+    /// needed); the reason says which rule.
+    #[error("the data owner's job grant does not allow this: {0}")]
+    GrantRefused(String),
     /// Attestation failed: evidence could not be collected, or the KMS refused it.
     #[error("attestation failed: {0}")]
     Attestation(String),
@@ -113,6 +117,7 @@ impl KmsError {
                 | KmsError::AttestationRequired
                 | KmsError::OwnerSignatureRequired
                 | KmsError::NotMarkedForRelease
+                | KmsError::GrantRefused(_)
                 | KmsError::Attestation(_)
         )
     }

@@ -16,7 +16,13 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use ring::signature::{ED25519, UnparsedPublicKey};
 use serde::{Deserialize, Serialize};
 
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+
 use crate::owner::OwnerKey;
+use crate::{DataKey, KeyManagementService, KeyReference, KmsError, PrimaryKeyId};
 
 /// Domain separation of grant signatures from request signatures.
 pub const GRANT_CONTEXT: &[u8] = b"ppml job grant v1\0";
@@ -38,6 +44,8 @@ pub enum GrantedApp {
         /// The query.
         sql: String,
     },
+    /// Decryption of the inputs, in plaintext to whoever runs it (the owner's own use).
+    Decrypt,
 }
 
 /// An input the job may read.
@@ -143,6 +151,22 @@ impl SignedGrant {
         serde_json::from_str(text).map_err(|e| GrantError::Malformed(e.to_string()))
     }
 
+    /// The grant's content without checking its signature: for routing requests to the grant
+    /// that covers them and for checks a runtime makes before the KMS has seen the grant (the
+    /// KMS verifies the signature of every grant it is sent).
+    pub fn unverified(&self) -> Result<JobGrant, GrantError> {
+        let bytes = BASE64
+            .decode(&self.grant)
+            .map_err(|_| GrantError::Malformed("grant is not base64".into()))?;
+        JobGrant::from_json(&bytes)
+    }
+
+    /// SHA-256 of the grant's bytes, lowercase hex: names the grant in audit entries.
+    pub fn sha256_hex(&self) -> String {
+        let bytes = BASE64.decode(&self.grant).unwrap_or_default();
+        hex::encode(ring::digest::digest(&ring::digest::SHA256, &bytes))
+    }
+
     /// The grant, if `owner_public_key` signed it, it is for `appid` and it has not expired
     /// at `now_secs`.
     pub fn verify(
@@ -162,14 +186,7 @@ impl SignedGrant {
         UnparsedPublicKey::new(&ED25519, owner_public_key)
             .verify(&message, &signature)
             .map_err(|_| GrantError::Signature)?;
-        let grant: JobGrant =
-            serde_json::from_slice(&bytes).map_err(|e| GrantError::Malformed(e.to_string()))?;
-        if grant.version != 1 {
-            return Err(GrantError::Malformed(format!(
-                "version {} (this build reads 1)",
-                grant.version
-            )));
-        }
+        let grant = JobGrant::from_json(&bytes)?;
         if grant.appid != appid {
             return Err(GrantError::OtherApp);
         }
@@ -181,6 +198,52 @@ impl SignedGrant {
 }
 
 impl JobGrant {
+    /// Parses a grant's JSON bytes (version 1).
+    pub fn from_json(bytes: &[u8]) -> Result<JobGrant, GrantError> {
+        let grant: JobGrant =
+            serde_json::from_slice(bytes).map_err(|e| GrantError::Malformed(e.to_string()))?;
+        if grant.version != 1 {
+            return Err(GrantError::Malformed(format!(
+                "version {} (this build reads 1)",
+                grant.version
+            )));
+        }
+        Ok(grant)
+    }
+
+    /// A new random job id: 32 lowercase hex digits.
+    pub fn new_job_id() -> Result<String, GrantError> {
+        let mut bytes = [0u8; 16];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+            .map_err(|_| GrantError::Malformed("the system random generator failed".into()))?;
+        Ok(hex::encode(bytes))
+    }
+
+    /// The granted input with this dataset id (lowercase hex).
+    pub fn input(&self, dataset_id: &str) -> Option<&GrantedInput> {
+        self.inputs.iter().find(|i| i.dataset_id == dataset_id)
+    }
+
+    /// Whether the grant lets a runtime read this version of a dataset: refused when the
+    /// grant pins the dataset to another manifest digest (a rolled-back or replaced dataset).
+    /// Datasets the grant does not name are the KMS's to refuse.
+    pub fn allows_version(
+        &self,
+        dataset_id: &[u8; 16],
+        manifest_sha256: &[u8; 32],
+    ) -> Result<(), GrantError> {
+        let id = hex::encode(dataset_id);
+        match self.input(&id).and_then(|i| i.manifest_sha256.as_deref()) {
+            Some(pinned) if pinned != hex::encode(manifest_sha256) => {
+                Err(GrantError::NotGranted(format!(
+                    "dataset {id} is granted at manifest sha256 {pinned}, and this one is {}",
+                    hex::encode(manifest_sha256)
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Whether the grant lets a runtime unwrap a data key of `key_id` bound to `aad`: a data
     /// key of an input dataset under that input's key, or the job's shuffle key under an
     /// input's key.
@@ -219,12 +282,12 @@ impl JobGrant {
         let job = aad.strip_prefix(SHUFFLE_AAD_PREFIX).ok_or_else(|| {
             GrantError::NotGranted(format!("a key bound to {aad:?} is not a job's"))
         })?;
-        // The shuffle key's job id is the grant's, optionally followed by `/` and more (a
-        // grant may cover several cluster jobs of one application).
+        // The shuffle key's job id is the grant's, optionally followed by `-` and more: one
+        // application runs as several cluster jobs, each with a shuffle key of its own.
         let ours = job == self.job_id
             || job
                 .strip_prefix(self.job_id.as_str())
-                .is_some_and(|rest| rest.starts_with('/'));
+                .is_some_and(|rest| rest.starts_with('-'));
         if !ours {
             return Err(GrantError::NotGranted(format!(
                 "the shuffle key of job {job:?} is not job {}'s",
@@ -238,6 +301,131 @@ impl JobGrant {
             )));
         }
         Ok(())
+    }
+}
+
+impl From<GrantError> for crate::KmsError {
+    fn from(e: GrantError) -> Self {
+        match e {
+            GrantError::NotGranted(reason) => crate::KmsError::GrantRefused(reason),
+            other => crate::KmsError::GrantRefused(other.to_string()),
+        }
+    }
+}
+
+/// Most grants a [`GrantRouter`] keeps; the oldest is forgotten first.
+pub const ROUTED_GRANTS: usize = 64;
+
+/// A client of an executor that runs tasks of many jobs: each data-key request goes out under
+/// the newest grant offered to it that covers the request (its dataset or its job's shuffle
+/// key), or under none. The grants come from task settings, which the scheduler controls:
+/// the router trusts none of them, it only picks which one a request carries, and the KMS
+/// verifies the owner's signature of the grant it is sent.
+pub struct GrantRouter {
+    inner: Arc<dyn KeyManagementService>,
+    grants: Mutex<VecDeque<RoutedGrant>>,
+}
+
+struct RoutedGrant {
+    signed: SignedGrant,
+    grant: JobGrant,
+    client: Arc<dyn KeyManagementService>,
+}
+
+impl std::fmt::Debug for GrantRouter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrantRouter")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GrantRouter {
+    /// Routes the requests of `inner`.
+    pub fn new(inner: Arc<dyn KeyManagementService>) -> Self {
+        GrantRouter {
+            inner,
+            grants: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// Adds `signed` (or makes it the newest, when it is known) to the grants requests may go
+    /// out under.
+    pub fn offer(&self, signed: &SignedGrant) -> Result<(), KmsError> {
+        let grant = signed.unverified()?;
+        let mut grants = self.grants.lock().expect("grant router lock");
+        if let Some(at) = grants.iter().position(|g| &g.signed == signed) {
+            let known = grants.remove(at).expect("position is in range");
+            grants.push_back(known);
+            return Ok(());
+        }
+        let client = self.inner.clone().under_grant(signed)?;
+        if grants.len() >= ROUTED_GRANTS {
+            grants.pop_front();
+        }
+        grants.push_back(RoutedGrant {
+            signed: signed.clone(),
+            grant,
+            client,
+        });
+        Ok(())
+    }
+
+    /// The client of the newest grant for which `covers` holds, else the inner client.
+    fn route(&self, covers: impl Fn(&JobGrant) -> bool) -> Arc<dyn KeyManagementService> {
+        let grants = self.grants.lock().expect("grant router lock");
+        grants
+            .iter()
+            .rev()
+            .find(|g| covers(&g.grant))
+            .map(|g| g.client.clone())
+            .unwrap_or_else(|| self.inner.clone())
+    }
+}
+
+#[async_trait]
+impl KeyManagementService for GrantRouter {
+    fn kms_id(&self) -> &str {
+        self.inner.kms_id()
+    }
+
+    async fn create_primary_key(&self) -> Result<PrimaryKeyId, KmsError> {
+        self.inner.create_primary_key().await
+    }
+
+    async fn generate_data_key(
+        &self,
+        primary: &PrimaryKeyId,
+        aad: &[u8],
+    ) -> Result<(DataKey, KeyReference), KmsError> {
+        let aad_text = std::str::from_utf8(aad).unwrap_or("");
+        self.route(|g| g.allows_generation(&primary.0, aad_text).is_ok())
+            .generate_data_key(primary, aad)
+            .await
+    }
+
+    async fn unwrap_data_key(&self, key: &KeyReference, aad: &[u8]) -> Result<DataKey, KmsError> {
+        let aad_text = std::str::from_utf8(aad).unwrap_or("");
+        self.route(|g| g.allows_release(&key.key_id, aad_text).is_ok())
+            .unwrap_data_key(key, aad)
+            .await
+    }
+
+    fn under_grant(
+        self: Arc<Self>,
+        grant: &SignedGrant,
+    ) -> Result<Arc<dyn KeyManagementService>, KmsError> {
+        self.inner.clone().under_grant(grant)
+    }
+
+    fn check_version(
+        &self,
+        dataset_id: &[u8; 16],
+        manifest_sha256: &[u8; 32],
+    ) -> Result<(), KmsError> {
+        let id = hex::encode(dataset_id);
+        self.route(|g| g.input(&id).is_some())
+            .check_version(dataset_id, manifest_sha256)
     }
 }
 
@@ -317,7 +505,7 @@ mod tests {
         assert!(g.allows_release("K-in", &other_dataset).is_err());
         assert_eq!(g.allows_release("K-in", &shuffle), Ok(()));
         assert_eq!(
-            g.allows_release("K-in", &format!("{shuffle}/stage-2")),
+            g.allows_release("K-in", &format!("{shuffle}-stage-2")),
             Ok(())
         );
         assert!(
@@ -325,6 +513,7 @@ mod tests {
                 .is_err()
         );
         assert!(g.allows_release("K-in", &format!("{shuffle}x")).is_err());
+        assert!(g.allows_release("K-in", &format!("{shuffle}/x")).is_err());
         assert!(g.allows_release("K-in", "free text").is_err());
         assert_eq!(g.allows_generation("K-out", &other_dataset), Ok(()));
         assert!(g.allows_generation("K-in", &other_dataset).is_err());

@@ -89,6 +89,28 @@ pub trait KeyManagementService: Send + Sync + std::fmt::Debug {
 
     /// Unwraps a data key that this KMS wrapped, if the caller may use its primary key.
     async fn unwrap_data_key(&self, key: &KeyReference, aad: &[u8]) -> Result<DataKey, KmsError>;
+
+    /// This client acting under the data owner's job grant ([`grant`]): its data-key requests
+    /// carry the grant, and its [`check_version`](Self::check_version) follows the grant's
+    /// pins. A KMS server releases the data keys of keys marked for attested release only
+    /// under a grant that names their use. Clients of services without grants (the embedded
+    /// KMS, which has one user) return themselves.
+    fn under_grant(
+        self: std::sync::Arc<Self>,
+        grant: &grant::SignedGrant,
+    ) -> Result<std::sync::Arc<dyn KeyManagementService>, KmsError>;
+
+    /// Whether a dataset's version (its manifest digest) may be read: a client under a grant
+    /// that pins the dataset to another version refuses it ([`KmsError::GrantRefused`]).
+    /// Called by readers after they verified a manifest.
+    fn check_version(
+        &self,
+        dataset_id: &[u8; 16],
+        manifest_sha256: &[u8; 32],
+    ) -> Result<(), KmsError> {
+        let _ = (dataset_id, manifest_sha256);
+        Ok(())
+    }
 }
 
 /// Formats a certificate fingerprint as `ppml kms serve` prints it and clients pin it:

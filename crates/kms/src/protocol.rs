@@ -252,16 +252,21 @@ pub enum ErrorKind {
     OwnerSignatureRequired,
     /// Too many requests of this kind (`Enroll`) in a short time: try again later.
     RateLimited,
+    /// A data-key request of a key marked for attested release, in an app with an owner key,
+    /// without a job grant of the owner's that allows it; the message carries the reason.
+    GrantRefused,
     /// A server fault; the request was not applied.
     Internal,
 }
 
 /// Message prefix of [`ErrorKind::AttestationFailed`]; the reason follows.
 const ATTESTATION_FAILED: &str = "attestation failed";
+/// Message prefix of [`ErrorKind::GrantRefused`]; the reason follows.
+const GRANT_REFUSED: &str = "job grant refused";
 
 impl ErrorKind {
     /// Every error kind, in the order of `docs/kms-api.md` §6.
-    pub const ALL: [ErrorKind; 22] = [
+    pub const ALL: [ErrorKind; 23] = [
         ErrorKind::MissingParameters,
         ErrorKind::ParamType,
         ErrorKind::TimestampLength,
@@ -283,6 +288,7 @@ impl ErrorKind {
         ErrorKind::ActionNotSigned,
         ErrorKind::OwnerSignatureRequired,
         ErrorKind::RateLimited,
+        ErrorKind::GrantRefused,
         ErrorKind::Internal,
     ];
 
@@ -323,6 +329,7 @@ impl ErrorKind {
                 "this action needs the data owner's signature (owner_sign)"
             }
             ErrorKind::RateLimited => "too many requests, try again later",
+            ErrorKind::GrantRefused => GRANT_REFUSED,
             ErrorKind::Internal => "Server internal error, please contact the administrator.",
         }
     }
@@ -351,6 +358,7 @@ impl ErrorKind {
             ErrorKind::ActionNotSigned => "action_not_signed",
             ErrorKind::OwnerSignatureRequired => "owner_signature_required",
             ErrorKind::RateLimited => "rate_limited",
+            ErrorKind::GrantRefused => "grant_refused",
             ErrorKind::Internal => "internal",
         }
     }
@@ -364,13 +372,20 @@ impl ErrorKind {
     /// attestation failure also by its prefix). `param type error` reads as
     /// [`ErrorKind::ParamType`]: eHSM does not tell envelope and payload apart.
     pub fn from_message(message: &str) -> Option<ErrorKind> {
-        if message
-            .strip_prefix(ATTESTATION_FAILED)
-            .is_some_and(|rest| rest.is_empty() || rest.starts_with(": "))
-        {
-            return Some(ErrorKind::AttestationFailed);
+        for kind in [ErrorKind::AttestationFailed, ErrorKind::GrantRefused] {
+            if message
+                .strip_prefix(kind.message())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(": "))
+            {
+                return Some(kind);
+            }
         }
         ErrorKind::ALL.into_iter().find(|k| k.message() == message)
+    }
+
+    /// Whether answers of this kind carry a reason after their message.
+    pub fn has_detail(self) -> bool {
+        matches!(self, ErrorKind::AttestationFailed | ErrorKind::GrantRefused)
     }
 }
 
@@ -387,12 +402,14 @@ impl From<&RequestError> for ErrorKind {
     }
 }
 
-/// An error answer: its kind and, for [`ErrorKind::AttestationFailed`], the reason.
+/// An error answer: its kind and, for kinds that [have one](ErrorKind::has_detail), the
+/// reason.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ErrorAnswer {
     /// What went wrong.
     pub kind: ErrorKind,
-    /// The reason of an attestation failure (in the message after `attestation failed: `).
+    /// The reason of an attestation failure or a refused grant (in the message after
+    /// `attestation failed: ` or `job grant refused: `).
     pub detail: Option<String>,
 }
 
@@ -428,10 +445,11 @@ impl ErrorAnswer {
             Some(label) => ErrorKind::from_label(label)?,
             None => ErrorKind::from_message(message)?,
         };
-        let detail = (kind == ErrorKind::AttestationFailed)
+        let detail = kind
+            .has_detail()
             .then(|| {
                 message
-                    .strip_prefix(ATTESTATION_FAILED)
+                    .strip_prefix(kind.message())
                     .map(|rest| rest.trim_start_matches(": ").to_string())
             })
             .flatten()
@@ -475,6 +493,12 @@ impl From<ErrorAnswer> for KmsError {
             ErrorKind::NotMarkedForRelease => KmsError::NotMarkedForRelease,
             ErrorKind::TokenExpired => KmsError::TokenExpired,
             ErrorKind::OwnerSignatureRequired => KmsError::OwnerSignatureRequired,
+            ErrorKind::GrantRefused => KmsError::GrantRefused(
+                answer
+                    .detail
+                    .clone()
+                    .unwrap_or_else(|| "refused by the KMS".into()),
+            ),
             ErrorKind::AttestationFailed => KmsError::Attestation(
                 answer
                     .detail

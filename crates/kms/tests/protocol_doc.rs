@@ -46,7 +46,7 @@ fn the_error_table_is_the_error_kind_enum() {
         .into_iter()
         .map(|k| {
             let message = match k {
-                ErrorKind::AttestationFailed => format!("{}: <reason>", k.message()),
+                k if k.has_detail() => format!("{}: <reason>", k.message()),
                 _ => k.message().to_string(),
             };
             (k.code(), message, k.label().to_string())

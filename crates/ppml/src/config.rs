@@ -9,6 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use ppml_kms::grant::SignedGrant;
 use ppml_kms::owner::OwnerKey;
 use ppml_kms::{AppCredentials, KeyManagementService, LocalKms, PrimaryKeyId};
 use ppml_kms_client::{AttestedKms, RemoteKms, RemoteKmsConfig, TlsTrust};
@@ -154,6 +155,8 @@ pub struct GivenSettings {
     pub kms_ca_cert: Option<PathBuf>,
     /// `PPML_OWNER_KEY`.
     pub owner_key: Option<PathBuf>,
+    /// `PPML_GRANT`.
+    pub grant: Option<PathBuf>,
 }
 
 impl GivenSettings {
@@ -172,6 +175,7 @@ impl GivenSettings {
             kms_fingerprint: text("PPML_KMS_FINGERPRINT"),
             kms_ca_cert: path("PPML_KMS_CA_CERT"),
             owner_key: path("PPML_OWNER_KEY"),
+            grant: path("PPML_GRANT"),
         }
     }
 }
@@ -197,6 +201,9 @@ pub struct Settings {
     pub kms_ca_cert: Option<PathBuf>,
     /// The data owner's key file [default: `$PPML_HOME/owner.pk8`, used when it exists].
     pub owner_key: Option<PathBuf>,
+    /// The data owner's signed grant of the job to run ([`crate::grant`]) [default: one
+    /// signed at start with the owner key, when this machine holds it].
+    pub grant: Option<PathBuf>,
     /// `[server]` of the configuration files.
     pub server: ServerSection,
 }
@@ -240,6 +247,7 @@ impl Settings {
             kms_fingerprint: given.kms_fingerprint,
             kms_ca_cert: given.kms_ca_cert,
             owner_key: given.owner_key,
+            grant: given.grant,
             server: ServerSection::default(),
             home,
         };
@@ -357,6 +365,55 @@ impl Settings {
             .await
             .map_err(kms_error("enrolling at the KMS".into()))?;
         Ok((creds, path))
+    }
+
+    /// The grant a job running `spec` goes under: the file of [`Settings::grant`]; else, with
+    /// a KMS server, one signed now with the owner key when this machine holds it
+    /// ([`crate::grant::grant_for_app`] with `options`); else none, and the KMS then releases
+    /// no data key of a key marked for attested release in an app with an owner key.
+    pub async fn job_grant(
+        &self,
+        spec: &ppml_engine::app::AppSpec,
+        output_key: Option<&PrimaryKeyId>,
+        options: &crate::grant::GrantOptions,
+    ) -> Result<Option<SignedGrant>> {
+        if let Some(path) = &self.grant {
+            return crate::grant::read_grant(path).map(Some);
+        }
+        let Some((owner, appid)) = self.grant_signer()? else {
+            return Ok(None);
+        };
+        let grant = crate::grant::grant_for_app(spec, &appid, output_key, options).await?;
+        sign_grant(&grant, &owner).map(Some)
+    }
+
+    /// The grant of decrypting the dataset at `location`, found or signed as
+    /// [`Settings::job_grant`] finds or signs one.
+    pub async fn decrypt_grant(
+        &self,
+        location: &ppml_engine::DatasetLocation,
+        options: &crate::grant::GrantOptions,
+    ) -> Result<Option<SignedGrant>> {
+        if let Some(path) = &self.grant {
+            return crate::grant::read_grant(path).map(Some);
+        }
+        let Some((owner, appid)) = self.grant_signer()? else {
+            return Ok(None);
+        };
+        let grant = crate::grant::grant_for_decrypt(location, &appid, options).await?;
+        sign_grant(&grant, &owner).map(Some)
+    }
+
+    /// The owner key and app id that sign grants at start: with a KMS server, when this
+    /// machine holds the owner key.
+    fn grant_signer(&self) -> Result<Option<(Arc<OwnerKey>, String)>> {
+        if self.kms_url.is_none() {
+            return Ok(None);
+        }
+        let Some(owner) = self.load_owner_key()? else {
+            return Ok(None);
+        };
+        Ok(Some((owner, self.credentials()?.appid)))
     }
 
     /// Directory of the embedded KMS.
@@ -517,6 +574,19 @@ impl OpenKms {
         })
     }
 
+    /// This KMS acting under the data owner's job grant: an attested client's key requests
+    /// carry it ([`AttestedKms::with_grant`]); other clients read only keys that need no grant
+    /// and are returned unchanged.
+    pub fn under_grant(self, grant: &SignedGrant) -> Result<OpenKms> {
+        match &self.backend {
+            KmsBackend::Attested(attested) => Ok(OpenKms {
+                backend: KmsBackend::Attested(Arc::new(attested.with_grant(grant)?)),
+                ..self
+            }),
+            _ => Ok(self),
+        }
+    }
+
     /// The primary key query results are written under: the output key if one is configured
     /// (typically the data owner's, not released to runtimes), else the primary key.
     pub fn output_primary(&self) -> Result<&PrimaryKeyId> {
@@ -525,4 +595,13 @@ impl OpenKms {
             None => self.primary(),
         }
     }
+}
+
+fn sign_grant(grant: &crate::grant::JobGrant, owner: &OwnerKey) -> Result<SignedGrant> {
+    let signed = SignedGrant::sign(grant, owner).map_err(|e| Error::Kms {
+        context: "job grant".into(),
+        source: e.into(),
+    })?;
+    tracing::info!(job = %grant.job_id, "signed a job grant with the owner key");
+    Ok(signed)
 }

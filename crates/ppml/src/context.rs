@@ -16,7 +16,8 @@ use ppml_engine::files::{
     encrypt_paths,
 };
 use ppml_engine::{DatasetLocation, OutputTarget, PpmlSession, WriteSummary};
-use ppml_kms::{KeyManagementService, PrimaryKeyId};
+use ppml_kms::grant::{JobGrant, SignedGrant};
+use ppml_kms::{KeyManagementService, KmsError, PrimaryKeyId};
 
 use crate::attest::AttestationConfig;
 use crate::config::{GivenSettings, OpenKms, Settings};
@@ -151,6 +152,7 @@ pub struct PpmlContextBuilder<S> {
     memory_limit: Option<usize>,
     durability: Durability,
     attestation: Option<AttestationConfig>,
+    grant: Option<SignedGrant>,
     state: PhantomData<S>,
 }
 
@@ -166,6 +168,7 @@ impl<S> PpmlContextBuilder<S> {
             memory_limit: self.memory_limit,
             durability: self.durability,
             attestation: self.attestation,
+            grant: self.grant,
             state: PhantomData,
         }
     }
@@ -254,9 +257,15 @@ impl<S> PpmlContextBuilder<S> {
             Placement::Cluster(mut cluster) => {
                 cluster.target_partitions = self.target_partitions.or(cluster.target_partitions);
                 cluster.driver_memory = self.memory_limit.or(cluster.driver_memory);
+                cluster.grant = self.grant.clone().or(cluster.grant);
                 Placement::Cluster(cluster)
             }
         };
+        let grant = self
+            .grant
+            .as_ref()
+            .map(|g| g.unverified().map_err(|e| Error::from(KmsError::from(e))))
+            .transpose()?;
         let input = match &placement {
             Placement::Cluster(_) => Some(kms.primary()?.clone()),
             Placement::Local { .. } => kms.primary.clone(),
@@ -265,6 +274,7 @@ impl<S> PpmlContextBuilder<S> {
         Ok(PpmlContext {
             kms,
             session,
+            grant,
             placement,
             durability: self.durability,
             home: home.to_path_buf(),
@@ -283,6 +293,9 @@ impl PpmlContextBuilder<Unattested> {
     }
 
     /// Like [`PpmlContextBuilder::attest`], with every attestation setting.
+    ///
+    /// The attested context acts under the job grant given with
+    /// [`PpmlContextBuilder::grant`], if any.
     pub fn attestation(mut self, config: AttestationConfig) -> PpmlContextBuilder<Attested> {
         self.attestation = Some(config);
         self.with_state()
@@ -296,6 +309,15 @@ impl PpmlContextBuilder<Unattested> {
 }
 
 impl PpmlContextBuilder<Attested> {
+    /// Run under the data owner's job grant ([`crate::grant`]): every key request carries
+    /// it, so the KMS releases the data keys of the datasets it names (and no others, for
+    /// keys marked for attested release), [`PpmlContext::run`] refuses an application the
+    /// grant does not name, and [`PpmlContext::write`] an output it does not name.
+    pub fn grant(mut self, grant: SignedGrant) -> Self {
+        self.grant = Some(grant);
+        self
+    }
+
     /// Opens the KMS and attests this process to it; fails with [`Error::Attestation`] when
     /// the KMS refuses the evidence, and with [`Error::Config`] for the embedded KMS, which
     /// cannot verify evidence.
@@ -305,7 +327,10 @@ impl PpmlContextBuilder<Attested> {
             .attestation
             .clone()
             .expect("the Attested builder has an attestation configuration");
-        let kms = kms.attest(&config, &settings.home).await?;
+        let mut kms = kms.attest(&config, &settings.home).await?;
+        if let Some(grant) = &self.grant {
+            kms = kms.under_grant(grant)?;
+        }
         tracing::info!(tee = %config.tee, policy = %config.policy_id, "Attestation Success!");
         let state = Attested {
             tee: config.tee,
@@ -324,6 +349,7 @@ impl PpmlContextBuilder<Attested> {
 pub struct PpmlContext<S: RuntimeState = Unattested> {
     kms: OpenKms,
     session: PpmlSession,
+    grant: Option<JobGrant>,
     placement: Placement,
     durability: Durability,
     home: std::path::PathBuf,
@@ -353,6 +379,7 @@ impl PpmlContext<Unattested> {
             memory_limit: None,
             durability: Durability::default(),
             attestation: None,
+            grant: None,
             state: PhantomData,
         }
     }
@@ -455,11 +482,15 @@ impl<S: RuntimeState> PpmlContext<S> {
             Some(key) => key,
             None => self.kms.output_primary()?,
         };
+        let dir = location.into_location()?;
+        if let Some(grant) = &self.grant {
+            ppml_engine::app::check_granted_output(grant, &dir, primary, options.overwrite)?;
+        }
         let kms = self.kms.kms();
         let target = OutputTarget::Encrypted {
             kms: kms.as_ref(),
             primary,
-            dir: location.into_location()?,
+            dir,
             options: DatasetWriteOptions {
                 overwrite: options.overwrite,
                 durability: options.durability.unwrap_or(self.durability),
@@ -530,6 +561,9 @@ impl<S: RuntimeState> PpmlContext<S> {
         } else {
             &self.session
         };
+        if let Some(grant) = &self.grant {
+            spec.check_grant(grant, self.kms.output_primary()?)?;
+        }
         let kms = self.kms.kms();
         let sink = Sink::Encrypted {
             kms: kms.as_ref(),

@@ -160,6 +160,7 @@ fn class_of(error: &(dyn StdError + 'static)) -> Option<ErrorClass> {
             | EngineError::PartMismatch { .. }
             | EngineError::DatasetChanged(_)
             | EngineError::Csv(_) => Some(ErrorClass::BadInput),
+            EngineError::NotGranted(_) => Some(ErrorClass::AccessDenied),
             EngineError::DataFusion(e) => class_of(e),
             EngineError::Arrow(e) => class_of(e),
             _ => None,

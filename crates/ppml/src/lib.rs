@@ -86,6 +86,7 @@ mod attest;
 pub mod config;
 mod context;
 mod error;
+pub mod grant;
 pub mod job;
 
 use std::path::Path;
@@ -143,6 +144,7 @@ pub fn client_mode(master: impl Into<String>, tls_dir: Option<&Path>) -> Result<
         None => None,
     };
     Ok(Placement::Cluster(Box::new(ClusterPlacement {
+        grant: None,
         master: master.into(),
         target_partitions: None,
         conf: Vec::new(),

@@ -80,18 +80,62 @@ async fn only_an_attested_context_reads_a_gated_dataset() {
         "{refused}"
     );
 
-    // Attested in the simulated TEE under the policy: the same dataset opens.
+    let attestation = ppml::AttestationConfig {
+        tee: Tee::Sim,
+        policy_id: policy_id.clone(),
+        sim_platform_key: Some(server.dir.path().join("sim-platform.pk8")),
+    };
+    // Attested, but in a job the owner did not grant: the KMS refuses the gated key.
+    let ungranted = PpmlContext::builder()
+        .settings(settings.clone())
+        .attestation(attestation.clone())
+        .build()
+        .await
+        .unwrap();
+    let refused = ungranted.read_csv(&dataset).await.unwrap_err();
+    assert_eq!(refused.class(), ErrorClass::AccessDenied, "{refused}");
+    assert!(refused.to_string().contains("grant"), "{refused}");
+
+    // Attested in the simulated TEE under the policy, in the job the owner granted: the same
+    // dataset opens, and only the granted output can be written.
+    let job = ppml::AppSpec::Sql(ppml::SqlSpec {
+        sql: "SELECT name FROM people".into(),
+        tables: [(
+            "people".to_string(),
+            ppml::DatasetLocation::Local(dataset.clone()),
+        )]
+        .into(),
+        output: Some(ppml::DatasetLocation::Local(
+            server.dir.path().join("names.enc"),
+        )),
+        input_partitions: None,
+        output_partitions: None,
+        overwrite: false,
+        plaintext: false,
+    });
+    let grant = settings
+        .job_grant(&job, Some(&owner), &ppml::grant::GrantOptions::default())
+        .await
+        .unwrap()
+        .expect("the owner key is on this machine");
     let attested = PpmlContext::builder()
         .settings(settings.clone())
-        .attestation(ppml::AttestationConfig {
-            tee: Tee::Sim,
-            policy_id: policy_id.clone(),
-            sim_platform_key: Some(server.dir.path().join("sim-platform.pk8")),
-        })
+        .attestation(attestation)
+        .grant(grant)
         .build()
         .await
         .unwrap();
     assert_eq!(attested.attestation().policy_id(), policy_id);
+    let elsewhere = attested
+        .write(
+            attested.read_csv(&dataset).await.unwrap(),
+            server.dir.path().join("stolen.enc"),
+            ppml::WriteOptions::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(elsewhere.class(), ErrorClass::AccessDenied, "{elsewhere}");
+    assert!(!server.dir.path().join("stolen.enc").exists());
     let people = attested.read_csv(&dataset).await.unwrap();
     let rows: usize = attested
         .collect(people)
