@@ -198,8 +198,9 @@ fn client_mode_on_attested_executors_matches_local_tee_mode() {
     // SimpleQuery in local-tee mode and in client mode.
     let submit = |mode: &[&str], out: &str| {
         let output = dir.path().join(out);
+        // The owner key is in this home: the job's grant is signed at start, and shows counts.
         let result = with_key(&home)
-            .args(["--tee", "sim", "--attestation-policy", &good])
+            .args(["--tee", "sim", "--attestation-policy", &good, "--reveal-counts"])
             .arg("submit")
             .args(mode)
             .args(["simple-query", "--no-preview", "--input"])
@@ -290,8 +291,20 @@ fn client_mode_on_attested_executors_matches_local_tee_mode() {
     let submitter_home = dir.path().join("submitter-home");
     let cluster_args = ["--master", master.as_str(), "--cluster-tls", certs_arg];
     let output = dir.path().join("cluster-mode.enc");
+    // The owner grants the job; the submitter gets only the grant file.
+    let grant = dir.path().join("cluster-mode.grant");
+    run(with_key(&home)
+        .arg("grant")
+        .arg("--out")
+        .arg(&grant)
+        .args(["simple-query", "--input"])
+        .arg(&enc)
+        .arg("--output")
+        .arg(&output));
     let submit_cluster_mode = || {
         keyless(&submitter_home)
+            .arg("--grant")
+            .arg(&grant)
             .args(["submit", "--mode", "cluster"])
             .args(cluster_args)
             .args(["simple-query", "--input"])
@@ -310,10 +323,12 @@ fn client_mode_on_attested_executors_matches_local_tee_mode() {
         "{log}"
     );
     assert!(log.contains("driver started: SimpleQuery"), "{log}");
+    // Attack 3: the job log (the scheduler's) carries no row counts the grant did not allow.
     assert!(
-        log.contains("rows in 1 part(s)") || log.contains(" part(s) to "),
+        log.contains(&format!("wrote {}", output.display())),
         "{log}"
     );
+    assert!(!log.contains(" rows"), "{log}");
     assert!(log.contains("driver finished"), "{log}");
     assert!(
         !log.contains("count(name)"),
@@ -355,7 +370,15 @@ fn client_mode_on_attested_executors_matches_local_tee_mode() {
         ),
     )
     .unwrap();
+    let query_grant = dir.path().join("query.grant");
+    run(with_key(&home)
+        .arg("grant")
+        .arg("--out")
+        .arg(&query_grant)
+        .args(["query", "--sql", sql, "--table", &table, "--output"])
+        .arg(&query_out));
     let detached = keyless(&submitter_home)
+        .env("PPML_GRANT", &query_grant)
         .args(["submit", "--job-file"])
         .arg(&job_file)
         .output()
