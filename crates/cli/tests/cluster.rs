@@ -200,7 +200,13 @@ fn client_mode_on_attested_executors_matches_local_tee_mode() {
         let output = dir.path().join(out);
         // The owner key is in this home: the job's grant is signed at start, and shows counts.
         let result = with_key(&home)
-            .args(["--tee", "sim", "--attestation-policy", &good, "--reveal-counts"])
+            .args([
+                "--tee",
+                "sim",
+                "--attestation-policy",
+                &good,
+                "--reveal-counts",
+            ])
             .arg("submit")
             .args(mode)
             .args(["simple-query", "--no-preview", "--input"])
