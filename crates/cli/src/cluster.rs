@@ -90,7 +90,6 @@ pub async fn submit(args: &SubmitArgs, app: &AppSpec, settings: &mut Settings) -
                 customizer: tls.as_ref().and_then(tls::client_customizer),
                 driver_memory,
                 log: None,
-                grant: None,
             }))
         }
     };

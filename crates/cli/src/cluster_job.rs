@@ -62,15 +62,12 @@ pub async fn submit(
     spec.input_key = settings.primary_key.clone();
     spec.output_key = settings.output_key.clone();
     // The job runs under the owner's grant: a file, or one the owner key here signs now.
-    let output_key = settings
-        .output_key
-        .clone()
-        .or_else(|| settings.primary_key.clone())
-        .map(ppml::PrimaryKeyId);
-    if let Some(grant) = settings
-        .job_grant(&spec.app, output_key.as_ref(), &settings.grant_options)
-        .await?
-    {
+    let output_key = settings.output_primary_key();
+    let job = ppml::grant::GrantedJob::App {
+        spec: &spec.app,
+        output_key: output_key.as_ref(),
+    };
+    if let Some(grant) = settings.job_grant(job, &settings.grant_options).await? {
         let granted_output = grant
             .unverified()
             .map_err(ppml::KmsError::from)?

@@ -42,7 +42,10 @@ pub async fn decrypt(args: &DecryptArgs, settings: &mut Settings) -> Result<u64>
     // An attested decryption is a job too: it runs under the owner's grant.
     if matches!(kms.backend, ppml::KmsBackend::Attested(_))
         && let Some(grant) = settings
-            .decrypt_grant(&args.input, &settings.grant_options)
+            .job_grant(
+                ppml::grant::GrantedJob::Decrypt(&args.input),
+                &settings.grant_options,
+            )
             .await?
     {
         kms = kms.under_grant(&grant)?;

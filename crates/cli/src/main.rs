@@ -17,7 +17,7 @@ mod settings;
 
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Parser;
 use ppml_kms::LocalKms;
 use tracing_subscriber::EnvFilter;
@@ -304,25 +304,18 @@ async fn kms_command(command: &KmsCommand, settings: &mut Settings) -> Result<()
 /// `ppml grant`: describes the job, signs it with the owner key, writes the file.
 async fn grant(args: &crate::cli::GrantArgs, settings: &Settings) -> Result<()> {
     let spec = query::submit_app_spec(&args.app)?.with_absolute_paths()?;
-    let owner = settings.load_owner_key()?.with_context(|| {
-        format!(
-            "no owner key at {} (make it with `ppml kms enroll`, or give --owner-key)",
-            settings.owner_key_path().display()
-        )
-    })?;
-    let output_key = settings
-        .output_key
-        .clone()
-        .or_else(|| settings.primary_key.clone())
-        .map(ppml::PrimaryKeyId);
     let options = ppml::grant::GrantOptions {
         lifetime: std::time::Duration::from_secs(args.lifetime),
         pin_versions: !args.no_pin,
         ..settings.grant_options.clone()
     };
-    let appid = settings.credentials()?.appid;
-    let grant = ppml::grant::grant_for_app(&spec, &appid, output_key.as_ref(), &options).await?;
-    let signed = ppml::grant::SignedGrant::sign(&grant, &owner).map_err(ppml::KmsError::from)?;
+    let output_key = settings.output_primary_key();
+    let job = ppml::grant::GrantedJob::App {
+        spec: &spec,
+        output_key: output_key.as_ref(),
+    };
+    let signed = settings.sign_grant(job, &options).await?;
+    let grant = signed.unverified().map_err(ppml::KmsError::from)?;
     ppml::grant::write_grant(&args.out, &signed)?;
     if !settings.quiet {
         eprintln!(

@@ -62,7 +62,7 @@ pub fn submit_app_spec(app: &SubmitApp) -> Result<AppSpec> {
 pub async fn run(
     spec: &AppSpec,
     settings: &mut Settings,
-    mut placement: Placement,
+    placement: Placement,
 ) -> Result<AppReport> {
     // In a TEE, stdout and stderr go to the host: rows leave the runtime only encrypted.
     let in_tee = settings.tee.is_some();
@@ -78,23 +78,26 @@ pub async fn run(
     let keys = if spec.is_plaintext() {
         None
     } else {
-        let mut kms = settings.open_kms_for_runtime().await?;
+        let kms = settings.open_kms_for_runtime().await?;
         let output = kms.output_primary()?.clone();
         // An attested runtime runs under the owner's grant of this job (a file, or one the
         // owner key on this machine signs now); without one, the KMS releases it no key of an
         // owner's marked keys.
-        if matches!(kms.backend, ppml::KmsBackend::Attested(_))
-            && let Some(signed) = settings
-                .job_grant(spec, Some(&output), &settings.grant_options)
-                .await?
-        {
-            let grant = signed.unverified().map_err(ppml::KmsError::from)?;
-            spec.check_grant(&grant, &output)?;
-            reveal_counts |= grant.reveal_counts;
-            kms = kms.under_grant(&signed)?;
-            if let Placement::Cluster(cluster) = &mut placement {
-                cluster.grant = Some(signed);
+        let grant = match kms.backend {
+            ppml::KmsBackend::Attested(_) => {
+                let job = ppml::grant::GrantedJob::App {
+                    spec,
+                    output_key: Some(&output),
+                };
+                settings.job_grant(job, &settings.grant_options).await?
             }
+            _ => None,
+        };
+        if let Some(grant) = &grant {
+            reveal_counts |= grant
+                .unverified()
+                .map_err(ppml::KmsError::from)?
+                .reveal_counts;
         }
         let input = match &placement {
             Placement::Cluster(_) => Some(kms.primary()?.clone()),
@@ -104,6 +107,7 @@ pub async fn run(
             kms: kms.kms(),
             output,
             input,
+            grant,
         })
     };
     let report = run_app(spec, keys.as_ref(), &placement, settings.durability).await?;

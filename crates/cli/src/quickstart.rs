@@ -232,15 +232,13 @@ pub async fn run(args: &QuickstartArgs, settings: &mut Settings) -> Result<()> {
         no_preview: false,
     });
     // The owner grants exactly this job (what `ppml grant` writes); the runtime gets the file.
-    let output_key = settings
-        .output_key
-        .clone()
-        .or_else(|| settings.primary_key.clone())
-        .map(ppml::PrimaryKeyId);
+    let output_key = settings.output_primary_key();
+    let job = ppml::grant::GrantedJob::App {
+        spec: &spec,
+        output_key: output_key.as_ref(),
+    };
     if settings.tee.is_some()
-        && let Some(grant) = settings
-            .job_grant(&spec, output_key.as_ref(), &settings.grant_options)
-            .await?
+        && let Some(grant) = settings.job_grant(job, &settings.grant_options).await?
     {
         let file = work.join("job.grant");
         ppml::grant::write_grant(&file, &grant)?;

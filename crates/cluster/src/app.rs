@@ -50,9 +50,6 @@ pub struct ClusterPlacement {
     pub driver_memory: Option<usize>,
     /// A cluster-mode driver's job log, which records the jobs it runs.
     pub log: Option<DriverLog>,
-    /// The data owner's grant of the job: its cluster jobs carry it to the executors, and
-    /// their shuffle keys are bound to its job id.
-    pub grant: Option<SignedGrant>,
 }
 
 impl std::fmt::Debug for ClusterPlacement {
@@ -75,6 +72,10 @@ pub struct AppKeys {
     pub input: Option<PrimaryKeyId>,
     /// The key the output is written under (typically the data owner's).
     pub output: PrimaryKeyId,
+    /// The data owner's grant of the job, if it runs under one: [`run_app`] refuses an
+    /// application or output the grant does not name, and every key request of the job (in
+    /// this process and, on a cluster, in its tasks) carries the grant.
+    pub grant: Option<SignedGrant>,
 }
 
 impl std::fmt::Debug for AppKeys {
@@ -95,12 +96,14 @@ fn memory_limited(session: PpmlSession, memory: Option<usize>) -> PpmlSession {
 
 /// An encrypted session with keys from `kms` whose plans run where `placement` says;
 /// `partitions` (the application's) wins over the placement's. On a cluster, each job's
-/// shuffle key is wrapped under `shuffle_key`.
+/// shuffle key is wrapped under `shuffle_key`, and its tasks carry `grant`, the data owner's
+/// grant of the job (which `kms` must be acting under, [`KeyManagementService::under_grant`]).
 pub fn encrypted_session(
     kms: Arc<dyn KeyManagementService>,
     shuffle_key: Option<&PrimaryKeyId>,
     partitions: Option<usize>,
     placement: &Placement,
+    grant: Option<&SignedGrant>,
 ) -> Result<PpmlSession, ClusterError> {
     match placement {
         Placement::Local {
@@ -137,7 +140,7 @@ pub fn encrypted_session(
             if let Some(log) = &cluster.log {
                 runner = runner.with_log(log.clone());
             }
-            if let Some(grant) = &cluster.grant {
+            if let Some(grant) = grant {
                 runner = runner.with_grant(grant)?;
             }
             Ok(memory_limited(
@@ -160,10 +163,28 @@ pub async fn run_app(
     let partitions = spec.input_partitions();
     match keys {
         Some(keys) => {
-            let session =
-                encrypted_session(keys.kms.clone(), keys.input.as_ref(), partitions, placement)?;
+            let kms = match &keys.grant {
+                Some(grant) => {
+                    let not_granted =
+                        |e: &dyn std::fmt::Display| EngineError::NotGranted(e.to_string());
+                    let granted = grant.unverified().map_err(|e| not_granted(&e))?;
+                    spec.check_grant(&granted, &keys.output)?;
+                    keys.kms
+                        .clone()
+                        .under_grant(grant)
+                        .map_err(|e| not_granted(&e))?
+                }
+                None => keys.kms.clone(),
+            };
+            let session = encrypted_session(
+                kms.clone(),
+                keys.input.as_ref(),
+                partitions,
+                placement,
+                keys.grant.as_ref(),
+            )?;
             let sink = Sink::Encrypted {
-                kms: keys.kms.as_ref(),
+                kms: kms.as_ref(),
                 primary: &keys.output,
                 durability,
             };

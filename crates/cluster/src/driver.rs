@@ -28,7 +28,6 @@ use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
 };
 use datafusion_proto::physical_plan::{PhysicalExtensionCodec, PhysicalProtoConverterExtension};
-use ppml_engine::EngineError;
 use ppml_engine::app::{AppReport, AppSpec};
 use ppml_engine::dataset::Durability;
 use ppml_kms::grant::SignedGrant;
@@ -245,26 +244,12 @@ impl JobDriver for AppDriver {
                     "no output key: the job names none and the executor has no primary key".into(),
                 )
             })?;
-        // Under a grant, the job is what the owner granted, and its key requests say so.
-        let (kms, grant) = match &spec.grant {
-            Some(signed) => {
-                let not_granted = |e: String| ClusterError::App(EngineError::NotGranted(e));
-                let grant = signed
-                    .unverified()
-                    .map_err(|e| not_granted(e.to_string()))?;
-                spec.app.check_grant(&grant, &output)?;
-                let kms = context
-                    .kms
-                    .clone()
-                    .under_grant(signed)
-                    .map_err(|e| not_granted(e.to_string()))?;
-                (kms, Some(grant))
-            }
-            None => (context.kms.clone(), None),
+        let keys = AppKeys {
+            kms: context.kms.clone(),
+            input,
+            output,
+            grant: spec.grant.clone(),
         };
-        // Row counts leave the TEE (the job log is the scheduler's) only if the grant allows.
-        let reveal_counts = grant.as_ref().is_none_or(|g| g.reveal_counts);
-        let keys = AppKeys { kms, input, output };
         let log = context.log.clone();
         let placement = Placement::Cluster(Box::new(ClusterPlacement {
             master: context.master.clone(),
@@ -273,9 +258,14 @@ impl JobDriver for AppDriver {
             customizer: context.customizer.clone(),
             driver_memory: spec.driver_memory,
             log: Some(log.clone()),
-            grant: spec.grant.clone(),
         }));
         let report = run_app(&spec.app, Some(&keys), &placement, self.durability).await?;
+        // Row counts leave the TEE (the job log is the scheduler's) only if the job's grant
+        // allows (`run_app` refused a grant that does not parse).
+        let reveal_counts = spec
+            .grant
+            .as_ref()
+            .is_none_or(|g| g.unverified().is_ok_and(|g| g.reveal_counts));
         if let AppReport::SimpleQuery(report) = &report {
             for (phase, duration) in &report.timings {
                 log.line(format!("{phase} time: {:.3} s", duration.as_secs_f64()))

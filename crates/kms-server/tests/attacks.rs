@@ -21,7 +21,7 @@ use ppml_kms::grant::{
 use ppml_kms::owner::OwnerKey;
 use ppml_kms::protocol::Action;
 use ppml_kms::{AppCredentials, KeyManagementService as _, KmsError, PrimaryKeyId};
-use ppml_kms_client::{RemoteKms, RemoteKmsConfig};
+use ppml_kms_client::{AttestedKms, RemoteKms, RemoteKmsConfig};
 use ppml_kms_server::audit::AuditLog;
 use ppml_kms_server::{RootKey, ServerState, Store, router};
 use serde_json::{Value, json};
@@ -159,6 +159,15 @@ async fn ownerless_app(kms: &Kms) -> (AppCredentials, RemoteKms) {
 async fn host(kms: &Kms, owner: &Owner) -> RemoteKms {
     let config = RemoteKmsConfig::new(kms.url.clone());
     RemoteKms::connect(&config, Some(owner.creds.clone()))
+        .await
+        .unwrap()
+}
+
+/// The host's attested runtime: the genuine binary in the simulated TEE, attested with the
+/// app's credentials under the owner's policy.
+async fn runtime(kms: &Kms, host: &RemoteKms, owner: &Owner) -> AttestedKms {
+    host.clone()
+        .attest(sim_tee(kms), &owner.policy_id)
         .await
         .unwrap()
 }
@@ -340,11 +349,8 @@ async fn attack_known_data_keys_under_a_marked_key_are_refused() {
         .await
         .unwrap();
     let grant = SignedGrant::sign(&job_grant(&owner, &owner.gated), &owner.key).unwrap();
-    let runtime = host
-        .clone()
-        .attest(sim_tee(&kms), &owner.policy_id)
+    let runtime = runtime(&kms, &host, &owner)
         .await
-        .unwrap()
         .with_grant(&grant)
         .unwrap();
     let shuffle = format!("{SHUFFLE_AAD_PREFIX}{JOB}").into_bytes();
@@ -366,11 +372,7 @@ async fn attack_input_under_a_host_made_key_is_refused_by_attested_runtimes() {
     let host = host(&kms, &owner).await;
     let forged_key = host.create_primary_key().await.unwrap();
     let (_, forged_reference) = host.generate_data_key(&forged_key, b"ds").await.unwrap();
-    let runtime = host
-        .clone()
-        .attest(sim_tee(&kms), &owner.policy_id)
-        .await
-        .unwrap();
+    let runtime = runtime(&kms, &host, &owner).await;
     let refused = runtime
         .unwrap_data_key(&forged_reference, b"ds")
         .await
@@ -397,11 +399,7 @@ async fn attack_a_job_the_owner_did_not_grant_gets_no_key() {
         .generate_data_key(&owner.gated, &dataset_aad(DATASET))
         .await
         .unwrap();
-    let runtime = host
-        .clone()
-        .attest(sim_tee(&kms), &owner.policy_id)
-        .await
-        .unwrap();
+    let runtime = runtime(&kms, &host, &owner).await;
     let grant_refused = |result: Result<ppml_kms::DataKey, KmsError>, why: &str| {
         let refused = result.err().unwrap_or_else(|| panic!("{why}: released"));
         assert!(
@@ -507,11 +505,8 @@ async fn attack_output_under_another_key_than_the_granted_one_is_refused() {
     let output_key = owner.kms.create_primary_key().await.unwrap();
     let host_key = host.create_primary_key().await.unwrap();
     let grant = SignedGrant::sign(&job_grant(&owner, &output_key), &owner.key).unwrap();
-    let runtime = host
-        .clone()
-        .attest(sim_tee(&kms), &owner.policy_id)
+    let runtime = runtime(&kms, &host, &owner)
         .await
-        .unwrap()
         .with_grant(&grant)
         .unwrap();
     for key in [&host_key, &owner.gated] {
@@ -535,11 +530,7 @@ async fn attack_a_shuffle_key_of_another_job_is_refused() {
     let kms = start().await;
     let owner = owner(&kms).await;
     let host = host(&kms, &owner).await;
-    let runtime = host
-        .clone()
-        .attest(sim_tee(&kms), &owner.policy_id)
-        .await
-        .unwrap();
+    let runtime = runtime(&kms, &host, &owner).await;
     let mut other_job = job_grant(&owner, &owner.gated);
     other_job.job_id = "ffeeddccbbaa99887766554433221100".into();
     let other_aad = format!("{SHUFFLE_AAD_PREFIX}{}-1", other_job.job_id).into_bytes();
@@ -578,11 +569,8 @@ async fn attack_a_rolled_back_dataset_is_refused_under_a_pinning_grant() {
     let host = host(&kms, &owner).await;
     let mut grant = job_grant(&owner, &owner.gated);
     grant.inputs[0].manifest_sha256 = Some(hex::encode([7u8; 32]));
-    let runtime = host
-        .clone()
-        .attest(sim_tee(&kms), &owner.policy_id)
+    let runtime = runtime(&kms, &host, &owner)
         .await
-        .unwrap()
         .with_grant(&SignedGrant::sign(&grant, &owner.key).unwrap())
         .unwrap();
     let mut id = [0u8; 16];

@@ -198,7 +198,9 @@ impl SignedGrant {
 }
 
 impl JobGrant {
-    /// Parses a grant's JSON bytes (version 1).
+    /// Parses a grant's JSON bytes (version 1): ids and digests as the format says (job and
+    /// dataset ids of 32, digests of 64 lowercase hex digits), so that a job id is safe in
+    /// paths and settings wherever it travels.
     pub fn from_json(bytes: &[u8]) -> Result<JobGrant, GrantError> {
         let grant: JobGrant =
             serde_json::from_slice(bytes).map_err(|e| GrantError::Malformed(e.to_string()))?;
@@ -207,6 +209,23 @@ impl JobGrant {
                 "version {} (this build reads 1)",
                 grant.version
             )));
+        }
+        let hex = |what: &str, text: &str, digits: usize| {
+            let lower_hex = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
+            if text.len() == digits && text.bytes().all(lower_hex) {
+                Ok(())
+            } else {
+                Err(GrantError::Malformed(format!(
+                    "{what} {text:?} is not {digits} lowercase hex digits"
+                )))
+            }
+        };
+        hex("job_id", &grant.job_id, 32)?;
+        for input in &grant.inputs {
+            hex("dataset_id", &input.dataset_id, 32)?;
+            if let Some(digest) = &input.manifest_sha256 {
+                hex("manifest_sha256", digest, 64)?;
+            }
         }
         Ok(grant)
     }
@@ -518,5 +537,125 @@ mod tests {
         assert_eq!(g.allows_generation("K-out", &other_dataset), Ok(()));
         assert!(g.allows_generation("K-in", &other_dataset).is_err());
         assert_eq!(g.allows_generation("K-in", &shuffle), Ok(()));
+    }
+
+    #[test]
+    fn ids_and_digests_must_follow_the_format() {
+        let (owner, _) = OwnerKey::generate().unwrap();
+        let mut bad_job = grant();
+        bad_job.job_id = "../../etc".into();
+        let mut bad_dataset = grant();
+        bad_dataset.inputs[0].dataset_id = "AA".repeat(16);
+        let mut bad_digest = grant();
+        bad_digest.inputs[0].manifest_sha256 = Some("ab".into());
+        for bad in [bad_job, bad_dataset, bad_digest] {
+            let signed = SignedGrant::sign(&bad, &owner).unwrap();
+            assert!(
+                matches!(signed.unverified(), Err(GrantError::Malformed(_))),
+                "{bad:?}"
+            );
+            assert!(matches!(
+                signed.verify(&owner.public_key(), "app", 1_900_000_000),
+                Err(GrantError::Malformed(_))
+            ));
+        }
+    }
+
+    /// A KMS whose answers name the grant it acts under.
+    #[derive(Debug)]
+    struct Tagged(String);
+
+    #[async_trait]
+    impl KeyManagementService for Tagged {
+        fn kms_id(&self) -> &str {
+            "tagged"
+        }
+        async fn create_primary_key(&self) -> Result<PrimaryKeyId, KmsError> {
+            Err(KmsError::Protocol(self.0.clone()))
+        }
+        async fn generate_data_key(
+            &self,
+            _primary: &PrimaryKeyId,
+            _aad: &[u8],
+        ) -> Result<(DataKey, KeyReference), KmsError> {
+            Err(KmsError::Protocol(self.0.clone()))
+        }
+        async fn unwrap_data_key(
+            &self,
+            _key: &KeyReference,
+            _aad: &[u8],
+        ) -> Result<DataKey, KmsError> {
+            Err(KmsError::Protocol(self.0.clone()))
+        }
+        fn under_grant(
+            self: Arc<Self>,
+            grant: &SignedGrant,
+        ) -> Result<Arc<dyn KeyManagementService>, KmsError> {
+            Ok(Arc::new(Tagged(grant.unverified()?.job_id)))
+        }
+    }
+
+    #[tokio::test]
+    async fn the_router_sends_each_request_under_the_newest_grant_that_covers_it() {
+        let (owner, _) = OwnerKey::generate().unwrap();
+        let router = GrantRouter::new(Arc::new(Tagged("none".into())));
+        let first = grant();
+        let mut second = grant();
+        second.job_id = "11".repeat(16);
+        second.inputs[0].dataset_id = "bb".repeat(16);
+        router
+            .offer(&SignedGrant::sign(&first, &owner).unwrap())
+            .unwrap();
+        router
+            .offer(&SignedGrant::sign(&second, &owner).unwrap())
+            .unwrap();
+        let answer = |result: Result<DataKey, KmsError>| match result {
+            Err(KmsError::Protocol(tag)) => tag,
+            other => panic!("{other:?}"),
+        };
+        let key = KeyReference::new("tagged", "K-in", Vec::new());
+        let aad = |text: String| text.into_bytes();
+        for (aad_text, expected) in [
+            (
+                format!("{DATASET_AAD_PREFIX}{}", "aa".repeat(16)),
+                first.job_id.as_str(),
+            ),
+            (
+                format!("{DATASET_AAD_PREFIX}{}", "bb".repeat(16)),
+                second.job_id.as_str(),
+            ),
+            (
+                format!("{SHUFFLE_AAD_PREFIX}{}-7", second.job_id),
+                second.job_id.as_str(),
+            ),
+            (format!("{DATASET_AAD_PREFIX}{}", "cc".repeat(16)), "none"),
+        ] {
+            let tag = answer(router.unwrap_data_key(&key, &aad(aad_text.clone())).await);
+            assert_eq!(tag, expected, "{aad_text}");
+        }
+        // Offering the first again makes it the newest; a dataset both grants name goes
+        // under it.
+        second.inputs.push(first.inputs[0].clone());
+        router
+            .offer(&SignedGrant::sign(&second, &owner).unwrap())
+            .unwrap();
+        let shared = aad(format!("{DATASET_AAD_PREFIX}{}", "aa".repeat(16)));
+        assert_eq!(
+            answer(router.unwrap_data_key(&key, &shared).await),
+            second.job_id
+        );
+        router
+            .offer(&SignedGrant::sign(&first, &owner).unwrap())
+            .unwrap();
+        assert_eq!(
+            answer(router.unwrap_data_key(&key, &shared).await),
+            first.job_id
+        );
+        // A malformed grant is not taken.
+        let malformed = SignedGrant {
+            grant: "not base64".into(),
+            signature: String::new(),
+        };
+        assert!(router.offer(&malformed).is_err());
     }
 }

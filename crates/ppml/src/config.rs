@@ -11,11 +11,12 @@ use std::sync::Arc;
 
 use ppml_kms::grant::SignedGrant;
 use ppml_kms::owner::OwnerKey;
-use ppml_kms::{AppCredentials, KeyManagementService, LocalKms, PrimaryKeyId};
+use ppml_kms::{AppCredentials, KeyManagementService, KmsError, LocalKms, PrimaryKeyId};
 use ppml_kms_client::{AttestedKms, RemoteKms, RemoteKmsConfig, TlsTrust};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::grant::{GrantOptions, GrantedJob};
 
 /// The TOML configuration file.
 #[derive(Debug, Default, Deserialize)]
@@ -367,53 +368,62 @@ impl Settings {
         Ok((creds, path))
     }
 
-    /// The grant a job running `spec` goes under: the file of [`Settings::grant`]; else, with
-    /// a KMS server, one signed now with the owner key when this machine holds it
-    /// ([`crate::grant::grant_for_app`] with `options`); else none, and the KMS then releases
-    /// no data key of a key marked for attested release in an app with an owner key.
+    /// The key results are written under: the output key, else the primary key.
+    pub fn output_primary_key(&self) -> Option<PrimaryKeyId> {
+        self.output_key
+            .clone()
+            .or_else(|| self.primary_key.clone())
+            .map(PrimaryKeyId)
+    }
+
+    /// The grant `job` runs under: the file of [`Settings::grant`]; else, with a KMS server,
+    /// one signed now ([`Settings::sign_grant`]) when this machine holds the owner key; else
+    /// none, and the KMS then releases no data key of a key marked for attested release in an
+    /// app with an owner key.
     pub async fn job_grant(
         &self,
-        spec: &ppml_engine::app::AppSpec,
-        output_key: Option<&PrimaryKeyId>,
-        options: &crate::grant::GrantOptions,
+        job: GrantedJob<'_>,
+        options: &GrantOptions,
     ) -> Result<Option<SignedGrant>> {
         if let Some(path) = &self.grant {
             return crate::grant::read_grant(path).map(Some);
         }
-        let Some((owner, appid)) = self.grant_signer()? else {
-            return Ok(None);
-        };
-        let grant = crate::grant::grant_for_app(spec, &appid, output_key, options).await?;
-        sign_grant(&grant, &owner).map(Some)
-    }
-
-    /// The grant of decrypting the dataset at `location`, found or signed as
-    /// [`Settings::job_grant`] finds or signs one.
-    pub async fn decrypt_grant(
-        &self,
-        location: &ppml_engine::DatasetLocation,
-        options: &crate::grant::GrantOptions,
-    ) -> Result<Option<SignedGrant>> {
-        if let Some(path) = &self.grant {
-            return crate::grant::read_grant(path).map(Some);
-        }
-        let Some((owner, appid)) = self.grant_signer()? else {
-            return Ok(None);
-        };
-        let grant = crate::grant::grant_for_decrypt(location, &appid, options).await?;
-        sign_grant(&grant, &owner).map(Some)
-    }
-
-    /// The owner key and app id that sign grants at start: with a KMS server, when this
-    /// machine holds the owner key.
-    fn grant_signer(&self) -> Result<Option<(Arc<OwnerKey>, String)>> {
         if self.kms_url.is_none() {
             return Ok(None);
         }
-        let Some(owner) = self.load_owner_key()? else {
-            return Ok(None);
-        };
-        Ok(Some((owner, self.credentials()?.appid)))
+        match self.load_owner_key()? {
+            Some(owner) => self.sign_grant_with(&owner, job, options).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The grant of `job` ([`crate::grant::describe`]), signed with the owner key, which must
+    /// be on this machine.
+    pub async fn sign_grant(
+        &self,
+        job: GrantedJob<'_>,
+        options: &GrantOptions,
+    ) -> Result<SignedGrant> {
+        let owner = self.load_owner_key()?.ok_or_else(|| Error::Config {
+            what: format!("no owner key at {}", self.owner_key_path().display()),
+            reason: "grants are signed with the owner key: make it with `ppml kms enroll`, or \
+                     give --owner-key (PPML_OWNER_KEY)"
+                .into(),
+        })?;
+        self.sign_grant_with(&owner, job, options).await
+    }
+
+    async fn sign_grant_with(
+        &self,
+        owner: &OwnerKey,
+        job: GrantedJob<'_>,
+        options: &GrantOptions,
+    ) -> Result<SignedGrant> {
+        let appid = self.credentials()?.appid;
+        let grant = crate::grant::describe(job, &appid, options).await?;
+        let signed = SignedGrant::sign(&grant, owner).map_err(KmsError::from)?;
+        tracing::info!(job = %grant.job_id, "signed a job grant with the owner key");
+        Ok(signed)
     }
 
     /// Directory of the embedded KMS.
@@ -595,13 +605,4 @@ impl OpenKms {
             None => self.primary(),
         }
     }
-}
-
-fn sign_grant(grant: &crate::grant::JobGrant, owner: &OwnerKey) -> Result<SignedGrant> {
-    let signed = SignedGrant::sign(grant, owner).map_err(|e| Error::Kms {
-        context: "job grant".into(),
-        source: e.into(),
-    })?;
-    tracing::info!(job = %grant.job_id, "signed a job grant with the owner key");
-    Ok(signed)
 }

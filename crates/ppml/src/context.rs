@@ -257,20 +257,27 @@ impl<S> PpmlContextBuilder<S> {
             Placement::Cluster(mut cluster) => {
                 cluster.target_partitions = self.target_partitions.or(cluster.target_partitions);
                 cluster.driver_memory = self.memory_limit.or(cluster.driver_memory);
-                cluster.grant = self.grant.clone().or(cluster.grant);
                 Placement::Cluster(cluster)
             }
         };
-        let grant = self
-            .grant
-            .as_ref()
-            .map(|g| g.unverified().map_err(|e| Error::from(KmsError::from(e))))
-            .transpose()?;
+        let grant = match self.grant {
+            Some(signed) => Some(Granted {
+                grant: signed.unverified().map_err(KmsError::from)?,
+                signed,
+            }),
+            None => None,
+        };
         let input = match &placement {
             Placement::Cluster(_) => Some(kms.primary()?.clone()),
             Placement::Local { .. } => kms.primary.clone(),
         };
-        let session = encrypted_session(kms.kms(), input.as_ref(), None, &placement)?;
+        let session = encrypted_session(
+            kms.kms(),
+            input.as_ref(),
+            None,
+            &placement,
+            grant.as_ref().map(|g| &g.signed),
+        )?;
         Ok(PpmlContext {
             kms,
             session,
@@ -349,11 +356,17 @@ impl PpmlContextBuilder<Attested> {
 pub struct PpmlContext<S: RuntimeState = Unattested> {
     kms: OpenKms,
     session: PpmlSession,
-    grant: Option<JobGrant>,
+    grant: Option<Granted>,
     placement: Placement,
     durability: Durability,
     home: std::path::PathBuf,
     state: S,
+}
+
+/// The job grant a context acts under, as given and as read.
+struct Granted {
+    signed: SignedGrant,
+    grant: JobGrant,
 }
 
 impl<S: RuntimeState> std::fmt::Debug for PpmlContext<S> {
@@ -483,8 +496,13 @@ impl<S: RuntimeState> PpmlContext<S> {
             None => self.kms.output_primary()?,
         };
         let dir = location.into_location()?;
-        if let Some(grant) = &self.grant {
-            ppml_engine::app::check_granted_output(grant, &dir, primary, options.overwrite)?;
+        if let Some(granted) = &self.grant {
+            ppml_engine::app::check_granted_output(
+                &granted.grant,
+                &dir,
+                primary,
+                options.overwrite,
+            )?;
         }
         let kms = self.kms.kms();
         let target = OutputTarget::Encrypted {
@@ -556,13 +574,19 @@ impl<S: RuntimeState> PpmlContext<S> {
                 Placement::Cluster(_) => Some(self.kms.primary()?.clone()),
                 Placement::Local { .. } => self.kms.primary.clone(),
             };
-            fresh = encrypted_session(self.kms.kms(), input.as_ref(), partitions, &self.placement)?;
+            fresh = encrypted_session(
+                self.kms.kms(),
+                input.as_ref(),
+                partitions,
+                &self.placement,
+                self.grant.as_ref().map(|g| &g.signed),
+            )?;
             &fresh
         } else {
             &self.session
         };
-        if let Some(grant) = &self.grant {
-            spec.check_grant(grant, self.kms.output_primary()?)?;
+        if let Some(granted) = &self.grant {
+            spec.check_grant(&granted.grant, self.kms.output_primary()?)?;
         }
         let kms = self.kms.kms();
         let sink = Sink::Encrypted {

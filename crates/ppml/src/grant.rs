@@ -3,20 +3,22 @@
 //! attested release only under a grant that names their use, and runtimes refuse an
 //! application, output or overwrite their grant does not name.
 //!
-//! [`grant_for_app`] describes an [`AppSpec`] as a grant: its application, its inputs (dataset
-//! id, key and manifest digest, read from the datasets' manifests), its output and output key.
-//! The owner signs it with [`SignedGrant::sign`] and hands the file to whoever runs the job
+//! [`describe`] makes the grant of an application ([`AppSpec`]) or of a decryption: the
+//! application, its inputs (dataset id, key and manifest digest, read from the datasets'
+//! manifests), its output and output key. The owner signs it with [`SignedGrant::sign`] (or
+//! [`crate::Settings::sign_grant`] does both) and hands the file to whoever runs the job
 //! ([`write_grant`], [`read_grant`]).
 
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use ppml_engine::DatasetLocation;
 use ppml_engine::app::AppSpec;
 use ppml_engine::dataset::read_dataset_identity;
-use ppml_kms::PrimaryKeyId;
 pub use ppml_kms::grant::{
     GrantError, GrantedApp, GrantedInput, GrantedOutput, JobGrant, SignedGrant,
 };
+use ppml_kms::{KmsError, PrimaryKeyId};
 
 use crate::{Error, Result};
 
@@ -42,31 +44,66 @@ impl Default for GrantOptions {
     }
 }
 
-/// The grant of a job running `spec` for `appid`, writing under `output_key`: the datasets
-/// it reads are named by id and key (and pinned to their current manifests unless
-/// `options.pin_versions` is off), read from their manifests at their locations now.
-pub async fn grant_for_app(
-    spec: &AppSpec,
+/// What a grant is for.
+#[derive(Clone, Copy, Debug)]
+pub enum GrantedJob<'a> {
+    /// An application, writing its output (if it has one) under `output_key`.
+    App {
+        /// The application.
+        spec: &'a AppSpec,
+        /// The key the output is written under.
+        output_key: Option<&'a PrimaryKeyId>,
+    },
+    /// Decrypting a dataset: its plaintext leaves the runtime (the owner's own use).
+    Decrypt(&'a DatasetLocation),
+}
+
+/// The grant of `job` for `appid`: the datasets it reads named by id and key (and pinned to
+/// their current manifests unless `options.pin_versions` is off), read from their manifests
+/// at their locations now.
+pub async fn describe(
+    job: GrantedJob<'_>,
     appid: &str,
-    output_key: Option<&PrimaryKeyId>,
     options: &GrantOptions,
 ) -> Result<JobGrant> {
-    let application = match spec {
-        AppSpec::SimpleQuery(_) => GrantedApp::SimpleQuery,
-        AppSpec::Sql(sql) => GrantedApp::Sql {
-            sql: sql.sql.clone(),
-        },
-        _ => {
-            return Err(Error::Config {
-                what: spec.summary(),
-                reason: "this build cannot describe that application in a grant".into(),
-            });
+    let (application, locations, output) = match job {
+        GrantedJob::App { spec, output_key } => {
+            let application = match spec {
+                AppSpec::SimpleQuery(_) => GrantedApp::SimpleQuery,
+                AppSpec::Sql(sql) => GrantedApp::Sql {
+                    sql: sql.sql.clone(),
+                },
+                _ => {
+                    return Err(Error::Config {
+                        what: spec.summary(),
+                        reason: "this build cannot describe that application in a grant".into(),
+                    });
+                }
+            };
+            let output = match spec.output() {
+                None => None,
+                Some(location) => {
+                    let key = output_key.ok_or_else(|| Error::Config {
+                        what: "the grant's output key".into(),
+                        reason: "give the key the output is written under (--output-key, \
+                                 PPML_OUTPUT_KEY or [kms] output_key)"
+                            .into(),
+                    })?;
+                    Some(GrantedOutput {
+                        location: location.absolute()?.to_string(),
+                        key_id: key.0.clone(),
+                        overwrite: spec.overwrite(),
+                    })
+                }
+            };
+            (application, spec.inputs(), output)
         }
+        GrantedJob::Decrypt(location) => (GrantedApp::Decrypt, vec![location], None),
     };
     let mut inputs: Vec<GrantedInput> = Vec::new();
-    for location in spec.inputs() {
+    for location in locations {
         let identity = read_dataset_identity(location).await?;
-        let dataset_id = hex::encode(&identity.dataset_id);
+        let dataset_id = hex::encode(identity.dataset_id);
         if inputs.iter().any(|i| i.dataset_id == dataset_id) {
             continue;
         }
@@ -75,25 +112,9 @@ pub async fn grant_for_app(
             key_id: identity.key_id,
             manifest_sha256: options
                 .pin_versions
-                .then(|| hex::encode(&identity.manifest_sha256)),
+                .then(|| hex::encode(identity.manifest_sha256)),
         });
     }
-    let output = match spec.output() {
-        None => None,
-        Some(location) => {
-            let key = output_key.ok_or_else(|| Error::Config {
-                what: "the grant's output key".into(),
-                reason: "give the key the output is written under (--output-key, \
-                         PPML_OUTPUT_KEY or [kms] output_key)"
-                    .into(),
-            })?;
-            Some(GrantedOutput {
-                location: location.absolute()?.to_string(),
-                key_id: key.0.clone(),
-                overwrite: spec.overwrite(),
-            })
-        }
-    };
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
@@ -101,40 +122,10 @@ pub async fn grant_for_app(
     Ok(JobGrant {
         version: 1,
         appid: appid.to_string(),
-        job_id: JobGrant::new_job_id().map_err(grant_error)?,
+        job_id: JobGrant::new_job_id().map_err(KmsError::from)?,
         application,
         inputs,
         output,
-        reveal_counts: options.reveal_counts,
-        not_after: now + options.lifetime.as_secs(),
-    })
-}
-
-/// The grant of decrypting the dataset at `location` for `appid` (its plaintext leaves the
-/// runtime: a grant for the owner's own use).
-pub async fn grant_for_decrypt(
-    location: &ppml_engine::DatasetLocation,
-    appid: &str,
-    options: &GrantOptions,
-) -> Result<JobGrant> {
-    let identity = read_dataset_identity(location).await?;
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
-    Ok(JobGrant {
-        version: 1,
-        appid: appid.to_string(),
-        job_id: JobGrant::new_job_id().map_err(grant_error)?,
-        application: GrantedApp::Decrypt,
-        inputs: vec![GrantedInput {
-            dataset_id: hex::encode(identity.dataset_id),
-            key_id: identity.key_id,
-            manifest_sha256: options
-                .pin_versions
-                .then(|| hex::encode(identity.manifest_sha256)),
-        }],
-        output: None,
         reveal_counts: options.reveal_counts,
         not_after: now + options.lifetime.as_secs(),
     })
@@ -159,11 +150,4 @@ pub fn write_grant(path: &Path, grant: &SignedGrant) -> Result<()> {
     std::fs::write(&temp, text)
         .and_then(|()| std::fs::rename(&temp, path))
         .map_err(|e| Error::io(format!("grant file {}", path.display()), e))
-}
-
-fn grant_error(e: GrantError) -> Error {
-    Error::Kms {
-        context: "job grant".into(),
-        source: e.into(),
-    }
 }

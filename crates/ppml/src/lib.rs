@@ -144,7 +144,6 @@ pub fn client_mode(master: impl Into<String>, tls_dir: Option<&Path>) -> Result<
         None => None,
     };
     Ok(Placement::Cluster(Box::new(ClusterPlacement {
-        grant: None,
         master: master.into(),
         target_partitions: None,
         conf: Vec::new(),

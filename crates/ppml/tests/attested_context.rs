@@ -114,7 +114,13 @@ async fn only_an_attested_context_reads_a_gated_dataset() {
         plaintext: false,
     });
     let grant = settings
-        .job_grant(&job, Some(&owner), &ppml::grant::GrantOptions::default())
+        .job_grant(
+            ppml::grant::GrantedJob::App {
+                spec: &job,
+                output_key: Some(&owner),
+            },
+            &ppml::grant::GrantOptions::default(),
+        )
         .await
         .unwrap()
         .expect("the owner key is on this machine");
