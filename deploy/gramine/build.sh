@@ -96,7 +96,7 @@ VALUE_OPTS = {
     "--input-partitions", "--output-partitions", "--sql", "--partitions", "--segment-size",
     "--rows", "--seed", "--workdir", "--policy", "--quote", "--collateral", "--at",
     "--connections", "--seconds", "--listen", "--data-dir", "--root-key-file",
-    "--passphrase-file", "--tls-cert", "--tls-key", "--tls-san", "--trust-sim-platform",
+    "--passphrase-file", "--tls-cert", "--tls-key", "--tls-san", "--sim-platform",
     "--sgx-collateral", "--tdx-collateral", "--log", "--pccs-url", "--pccs-ca-cert",
     "--collateral-cache", "--collateral-refresh",
 }

@@ -41,7 +41,7 @@ fn bench(c: &mut Criterion) {
     let platform = SimPlatform::load_or_create(dir.path().join("sim.pk8")).unwrap();
     let trusted = [platform.public_key()];
     let mut service = AttestationService::new("bench", &[9; 32]).unwrap();
-    service.trust_sim_platform(platform.public_key());
+    service.accept_simulation();
     let tee = SimTee::new(platform);
     let evidence = tee.evidence(&[1; 64]).unwrap();
     c.bench_function("attestation/verify_sim_quote", |b| {
@@ -50,6 +50,7 @@ fn bench(c: &mut Criterion) {
 
     let policy = Policy {
         allow_simulation: true,
+        sim_platforms: vec![hex::encode(trusted[0])],
         ..Policy::strict(vec![AllowedMeasurement {
             tee: Some(Tee::Sim),
             mrenclave: Some(hex::encode(executable_measurement().unwrap())),

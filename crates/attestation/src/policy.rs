@@ -47,6 +47,12 @@ pub struct Policy {
     /// Accept ppml's simulated TEE (development only; logged loudly) [default: false].
     #[serde(default)]
     pub allow_simulation: bool,
+    /// The simulation platforms whose simulated evidence this policy accepts: their public
+    /// keys (raw Ed25519, 64 hex digits, as `ppml attest sim-platform` prints them). A policy
+    /// that allows simulation names at least one; the KMS verifies simulated quotes with these
+    /// keys only, so trusting one host's development platform is each owner's own choice.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sim_platforms: Vec<String>,
 }
 
 fn default_statuses() -> Vec<String> {
@@ -62,7 +68,43 @@ impl Policy {
             accepted_advisories: Vec::new(),
             allow_debug: false,
             allow_simulation: false,
+            sim_platforms: Vec::new(),
         }
+    }
+
+    /// Checks what serde cannot: a policy allows some runtime, and one that allows simulation
+    /// names its simulation platforms as 32-byte hex keys.
+    pub fn check(&self) -> Result<(), InvalidPolicy> {
+        if self.allowed.is_empty() {
+            return Err(InvalidPolicy(
+                "the policy allows no runtime (\"allowed\" is empty)".into(),
+            ));
+        }
+        if self.allow_simulation && self.sim_platforms.is_empty() {
+            return Err(InvalidPolicy(
+                "a policy that allows simulation names the simulation platforms it trusts \
+                 (\"sim_platforms\": public keys from `ppml attest sim-platform`)"
+                    .into(),
+            ));
+        }
+        self.sim_platform_keys().map(drop)
+    }
+
+    /// The public keys of [`Self::sim_platforms`].
+    pub fn sim_platform_keys(&self) -> Result<Vec<[u8; 32]>, InvalidPolicy> {
+        self.sim_platforms
+            .iter()
+            .map(|text| {
+                let bytes = hex::decode(text)
+                    .ok()
+                    .and_then(|b| <[u8; 32]>::try_from(b).ok());
+                bytes.ok_or_else(|| {
+                    InvalidPolicy(format!(
+                        "sim_platforms entry {text:?} is not a 32-byte public key in hex"
+                    ))
+                })
+            })
+            .collect()
     }
 
     /// Judges `claims`; `Ok` means the runtime may receive keys under this policy.
@@ -183,8 +225,12 @@ impl Policy {
     /// The strict policy that allows exactly the runtime `runtime` describes, after checking
     /// it: its measurements are hex of the right length, it names its TEE's identity
     /// (MRENCLAVE or MRSIGNER for SGX, MRTD for TDX, the executable's digest for `sim`) and
-    /// no other TEE's. A `sim` policy allows simulation.
-    pub fn for_runtime(runtime: &AllowedMeasurement) -> Result<Policy, InvalidPolicy> {
+    /// no other TEE's. A `sim` policy allows simulation on the platforms `sim_platforms`
+    /// (public keys), and needs at least one.
+    pub fn for_runtime(
+        runtime: &AllowedMeasurement,
+        sim_platforms: &[[u8; 32]],
+    ) -> Result<Policy, InvalidPolicy> {
         let tee = runtime
             .tee
             .ok_or_else(|| InvalidPolicy("a runtime policy names its TEE".into()))?;
@@ -221,7 +267,11 @@ impl Policy {
             )));
         }
         let mut policy = Policy::strict(vec![entry]);
-        policy.allow_simulation = tee == Tee::Sim;
+        if tee == Tee::Sim {
+            policy.allow_simulation = true;
+            policy.sim_platforms = sim_platforms.iter().map(hex::encode).collect();
+        }
+        policy.check()?;
         Ok(policy)
     }
 }
@@ -374,5 +424,34 @@ mod tests {
         assert!(
             serde_json::from_str::<Policy>(r#"{"allowed": [], "allow_everything": true}"#).is_err()
         );
+    }
+
+    #[test]
+    fn a_policy_that_allows_simulation_names_its_platforms() {
+        let sim = AllowedMeasurement {
+            tee: Some(Tee::Sim),
+            mrenclave: Some("ab".repeat(32)),
+            ..AllowedMeasurement::default()
+        };
+        let refused = Policy::for_runtime(&sim, &[]).unwrap_err();
+        assert!(refused.0.contains("sim_platforms"), "{refused}");
+        let policy = Policy::for_runtime(&sim, &[[7u8; 32]]).unwrap();
+        assert!(policy.allow_simulation);
+        assert_eq!(policy.sim_platforms, ["07".repeat(32)]);
+        assert_eq!(policy.sim_platform_keys().unwrap(), [[7u8; 32]]);
+
+        let mut open = policy.clone();
+        open.sim_platforms.clear();
+        assert!(open.check().is_err());
+        open.sim_platforms = vec!["07".repeat(31)];
+        assert!(open.check().unwrap_err().0.contains("32-byte"));
+        // A DCAP policy serializes as before: no empty list.
+        let sgx = Policy::strict(vec![allow_enclave()]);
+        assert!(
+            !serde_json::to_string(&sgx)
+                .unwrap()
+                .contains("sim_platforms")
+        );
+        assert_eq!(sgx.check(), Ok(()));
     }
 }

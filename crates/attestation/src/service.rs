@@ -124,7 +124,7 @@ pub struct AttestationService {
     signing: Ed25519KeyPair,
     /// Outstanding challenges: the app each was issued to (empty: any) and its expiry.
     challenges: Mutex<HashMap<[u8; NONCE_LEN], (String, u64)>>,
-    trusted_sim_keys: Vec<[u8; 32]>,
+    accept_simulation: bool,
     collateral: HashMap<Tee, Arc<Collateral>>,
     pccs: Option<PccsClient>,
     token_ttl: u64,
@@ -148,17 +148,19 @@ impl AttestationService {
             id: id.into(),
             signing,
             challenges: Mutex::new(HashMap::new()),
-            trusted_sim_keys: Vec::new(),
+            accept_simulation: false,
             collateral: HashMap::new(),
             pccs: None,
             token_ttl: TOKEN_TTL_SECS,
         })
     }
 
-    /// Trusts evidence of the simulated TEE signed by this platform key (policies must still
-    /// allow simulation).
-    pub fn trust_sim_platform(&mut self, public_key: [u8; 32]) {
-        self.trusted_sim_keys.push(public_key);
+    /// Accepts evidence of the simulated TEE (development only). Each policy decides which
+    /// simulation platforms it trusts ([`Policy::sim_platforms`], public keys): the service
+    /// verifies a simulated quote with the keys of the policy it is judged by, and holds no
+    /// platform key itself.
+    pub fn accept_simulation(&mut self) {
+        self.accept_simulation = true;
     }
 
     /// Uses `collateral` to verify DCAP evidence of `tee` (takes precedence over a PCCS).
@@ -281,8 +283,23 @@ impl AttestationService {
             _ => return Err(AttestError::Challenge),
         }
         let claims = match evidence.tee {
-            Tee::Sim => verify_sim(&evidence.quote, &self.trusted_sim_keys)
-                .map_err(|e| AttestError::Evidence(e.to_string()))?,
+            Tee::Sim => {
+                if !self.accept_simulation {
+                    return Err(AttestError::Evidence(
+                        "this attestation service does not accept simulated TEEs (its operator \
+                         enables them with --allow-simulation)"
+                            .into(),
+                    ));
+                }
+                if !policy.allow_simulation {
+                    return Err(PolicyViolation::SimulationNotAllowed.into());
+                }
+                let platforms = policy
+                    .sim_platform_keys()
+                    .map_err(|e| AttestError::Evidence(format!("the policy: {e}")))?;
+                verify_sim(&evidence.quote, &platforms)
+                    .map_err(|e| AttestError::Evidence(e.to_string()))?
+            }
             tee => {
                 let collateral = self.dcap_collateral(tee, &evidence.quote, now)?;
                 let claims = verify_quote(&evidence.quote, &collateral, now)
@@ -393,13 +410,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let platform = SimPlatform::load_or_create(dir.path().join("platform.pk8")).unwrap();
         let mut service = AttestationService::new("ppml-kms:test", &[9; 32]).unwrap();
-        service.trust_sim_platform(platform.public_key());
+        service.accept_simulation();
         let mut policy = Policy::strict(vec![AllowedMeasurement {
             tee: Some(Tee::Sim),
             mrenclave: Some(hex::encode(executable_measurement().unwrap())),
             ..AllowedMeasurement::default()
         }]);
         policy.allow_simulation = true;
+        policy.sim_platforms = vec![hex::encode(platform.public_key())];
         Fixture {
             _dir: dir,
             service,
@@ -564,13 +582,21 @@ mod tests {
             attest(&f, &nonce, b"k", b"k"),
             Err(AttestError::Policy(PolicyViolation::SimulationNotAllowed))
         ));
-        // An untrusted simulation platform.
+        // A simulation platform the policy does not name (another owner's, say).
         let mut f = fixture();
-        f.service.trusted_sim_keys.clear();
+        f.policy.sim_platforms = vec!["07".repeat(32)];
         let nonce = f.service.challenge(NOW).unwrap();
         assert!(matches!(
             attest(&f, &nonce, b"k", b"k"),
-            Err(AttestError::Evidence(_))
+            Err(AttestError::Evidence(e)) if e.contains("trusted simulation platform keys")
+        ));
+        // A service whose operator did not enable simulation.
+        let mut f = fixture();
+        f.service.accept_simulation = false;
+        let nonce = f.service.challenge(NOW).unwrap();
+        assert!(matches!(
+            attest(&f, &nonce, b"k", b"k"),
+            Err(AttestError::Evidence(e)) if e.contains("--allow-simulation")
         ));
         // DCAP evidence without collateral.
         let f = fixture();

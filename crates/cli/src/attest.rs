@@ -64,24 +64,47 @@ pub fn measure() -> Result<()> {
     Ok(())
 }
 
-/// Reads and checks a policy file: valid JSON of a policy that allows some runtime.
+/// The public key of this machine's simulation platform, as policies name it.
+pub fn sim_platform(settings: &Settings) -> Result<()> {
+    let platform = ppml::sim_platform(settings.sim_platform_key.as_deref(), &settings.home)?;
+    println!("{}", hex::encode(platform.public_key()));
+    Ok(())
+}
+
+/// Reads and checks a policy file: valid JSON of a policy that allows some runtime (and, if
+/// it allows simulation, names its simulation platforms).
 pub fn read_policy(path: &std::path::Path) -> Result<Policy> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the policy {}", path.display()))?;
     let policy: Policy = serde_json::from_str(&text)
         .with_context(|| format!("parsing the policy {}", path.display()))?;
-    if policy.allowed.is_empty() {
-        anyhow::bail!(
-            "the policy {} allows no runtime (\"allowed\" is empty)",
-            path.display()
-        );
-    }
+    policy
+        .check()
+        .with_context(|| format!("the policy {}", path.display()))?;
     Ok(policy)
 }
 
 /// The policy `ppml attest policy new` describes.
-pub fn new_policy(args: &PolicyNewArgs) -> Result<Policy> {
+pub fn new_policy(args: &PolicyNewArgs, settings: &Settings) -> Result<Policy> {
     let tee = args.tee.tee();
+    let sim_platforms = if tee != Tee::Sim {
+        Vec::new()
+    } else if args.sim_platform.is_empty() {
+        let platform = ppml::sim_platform(settings.sim_platform_key.as_deref(), &settings.home)?;
+        vec![platform.public_key()]
+    } else {
+        args.sim_platform
+            .iter()
+            .map(|text| {
+                hex::decode(text)
+                    .ok()
+                    .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                    .with_context(|| {
+                        format!("--sim-platform {text:?} is not a 32-byte public key in hex")
+                    })
+            })
+            .collect::<Result<_>>()?
+    };
     let mrenclave = if args.this_binary {
         if tee != Tee::Sim {
             anyhow::bail!(
@@ -92,15 +115,18 @@ pub fn new_policy(args: &PolicyNewArgs) -> Result<Policy> {
     } else {
         args.mrenclave.clone()
     };
-    let mut policy = Policy::for_runtime(&ppml_attestation::policy::AllowedMeasurement {
-        tee: Some(tee),
-        mrenclave,
-        mrsigner: args.mrsigner.clone(),
-        isvprodid: args.isvprodid,
-        min_isvsvn: args.min_isvsvn,
-        mrtd: args.mrtd.clone(),
-        rtmr: None,
-    })?;
+    let mut policy = Policy::for_runtime(
+        &ppml_attestation::policy::AllowedMeasurement {
+            tee: Some(tee),
+            mrenclave,
+            mrsigner: args.mrsigner.clone(),
+            isvprodid: args.isvprodid,
+            min_isvsvn: args.min_isvsvn,
+            mrtd: args.mrtd.clone(),
+            rtmr: None,
+        },
+        &sim_platforms,
+    )?;
     for status in &args.accept_tcb_status {
         if !policy.accepted_tcb_statuses.contains(status) {
             policy.accepted_tcb_statuses.push(status.clone());
@@ -114,7 +140,10 @@ pub fn new_policy(args: &PolicyNewArgs) -> Result<Policy> {
 pub async fn policy(command: &AttestPolicyCommand, settings: &mut Settings) -> Result<()> {
     match command {
         AttestPolicyCommand::New(args) => {
-            println!("{}", serde_json::to_string_pretty(&new_policy(args)?)?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&new_policy(args, settings)?)?
+            );
         }
         AttestPolicyCommand::Check { file } => {
             let policy = read_policy(file)?;

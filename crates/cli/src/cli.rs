@@ -426,6 +426,9 @@ pub enum AttestCommand {
     /// Print the measurement of this ppml binary as the simulated TEE reports it (for
     /// policies)
     Measure,
+    /// Print the public key of the simulation platform (`--sim-platform-key`, created if
+    /// missing), which policies that allow simulation name in `sim_platforms`
+    SimPlatform,
     /// Verify an SGX or TDX DCAP quote (collateral from a file or a PCCS) and print its
     /// claims (JSON); with --policy, also judge them (exit 4 when the policy refuses, 3 when
     /// the quote does not verify)
@@ -473,6 +476,11 @@ pub struct PolicyNewArgs {
     /// For --tee sim: allow this very ppml binary (its measurement)
     #[arg(long, conflicts_with = "mrenclave")]
     pub this_binary: bool,
+    /// For --tee sim: a simulation platform public key to trust (64 hex digits, from `ppml
+    /// attest sim-platform` on the runtime's host; repeatable) [default: the public key of
+    /// --sim-platform-key]
+    #[arg(long = "sim-platform", value_name = "HEX")]
+    pub sim_platform: Vec<String>,
     /// SGX MRSIGNER
     #[arg(long, value_name = "HEX")]
     pub mrsigner: Option<String>,
@@ -789,7 +797,7 @@ pub struct AuditVerifyArgs {
 #[derive(Debug, Args, Clone, Default)]
 pub struct RootKeyArgs {
     /// Root key file (64 hex characters, mode 0600), created on first start
-    /// [default: DATA_DIR/root.key]
+    /// [default: DATA_DIR.root.key, next to the data directory]
     #[arg(long, env = "PPML_KMS_ROOT_KEY_FILE", value_name = "FILE")]
     pub root_key_file: Option<PathBuf>,
     /// Derive the root key from a passphrase read from this file (Argon2id; the salt is kept
@@ -838,10 +846,10 @@ pub struct KmsServeArgs {
     /// clients; they take the api key unsigned in the body, so they are off by default
     #[arg(long, env = "PPML_KMS_BIGDL_RAS")]
     pub enable_bigdl_ras: bool,
-    /// Trust simulated-TEE evidence signed by this simulation platform key file (PKCS#8,
-    /// created if missing); only policies with allow_simulation accept it (repeatable)
-    #[arg(long, value_name = "FILE")]
-    pub trust_sim_platform: Vec<PathBuf>,
+    /// Accept simulated-TEE evidence (development only): from the simulation platforms each
+    /// policy names in sim_platforms (public keys); the server holds no platform key
+    #[arg(long, env = "PPML_KMS_ALLOW_SIMULATION")]
+    pub allow_simulation: bool,
     /// Collateral JSON for verifying SGX quotes (docs/attestation.md §3)
     #[arg(long, value_name = "FILE")]
     pub sgx_collateral: Option<PathBuf>,

@@ -113,7 +113,7 @@ fn server_config(args: &KmsServeArgs, settings: &Settings) -> Result<ServerConfi
         collateral_refresh: args.pccs.collateral_refresh.or(file.collateral_refresh),
     };
     config.attestation = AttestationSettings {
-        trust_sim_platforms: args.trust_sim_platform.clone(),
+        allow_simulation: args.allow_simulation || file.allow_simulation,
         sgx_collateral: args
             .sgx_collateral
             .clone()

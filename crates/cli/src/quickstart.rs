@@ -61,13 +61,13 @@ fn actual_rows(result: &Path) -> Result<RowSet> {
 }
 
 /// Starts a KMS server (plain HTTP on loopback, inside this process) over
-/// `work/kms-server`, trusting the simulation platform key `work/sim-platform.pk8`; returns
-/// its URL. It stops when the process ends.
+/// `work/kms-server`, accepting simulated TEEs (of the platforms policies name); returns its
+/// URL. It stops when the process ends.
 async fn start_in_process_kms(work: &Path) -> Result<String> {
     let mut config = ppml_kms_server::ServerConfig::new(work.join("kms-server"));
     config.listen = "127.0.0.1:0".into();
     config.tls = ppml_kms_server::TlsMode::InsecureHttp;
-    config.attestation.trust_sim_platforms = vec![work.join("sim-platform.pk8")];
+    config.attestation.allow_simulation = true;
     let server = ppml_kms_server::KmsServer::start(&config).await?;
     let url = server.url();
     tokio::spawn(async move {
@@ -153,10 +153,14 @@ pub async fn run(args: &QuickstartArgs, settings: &mut Settings) -> Result<()> {
     }
     let primary = kms.create_primary_key().await?;
     if in_process {
-        // Release this key's data keys only to this very binary in the simulated TEE.
+        // Release this key's data keys only to this very binary in the simulated TEE of this
+        // machine's simulation platform.
         let measurement = hex::encode(ppml_attestation::sim::executable_measurement()?);
+        let platform =
+            ppml::sim_platform(settings.sim_platform_key.as_deref(), &settings.home)?.public_key();
         let policy = ppml_attestation::Policy {
             allow_simulation: true,
+            sim_platforms: vec![hex::encode(platform)],
             ..ppml_attestation::Policy::strict(vec![ppml_attestation::policy::AllowedMeasurement {
                 tee: Some(ppml_attestation::Tee::Sim),
                 mrenclave: Some(measurement.clone()),

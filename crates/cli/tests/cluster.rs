@@ -28,13 +28,13 @@ fn client_mode_on_attested_executors_matches_local_tee_mode() {
     let dir = tempfile::tempdir().unwrap();
     let sim_key = dir.path().join("sim-platform.pk8");
 
-    // The KMS and attestation service, trusting the simulated platform.
+    // The KMS and attestation service, accepting simulated TEEs of the platforms policies
+    // name.
     let mut serve = ppml(&dir.path().join("server-home"));
     serve
         .args(["kms", "serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir.path().join("kms"))
-        .arg("--trust-sim-platform")
-        .arg(&sim_key);
+        .arg("--allow-simulation");
     let mut kms = serve
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -92,12 +92,15 @@ fn client_mode_on_attested_executors_matches_local_tee_mode() {
     let measurement = stdout(&run(ppml(&home).args(["attest", "measure"])))
         .trim()
         .to_string();
+    let platform = stdout(&run(client(&home).args(["attest", "sim-platform"])))
+        .trim()
+        .to_string();
     let policy_file = |name: &str, mrenclave: &str| {
         let path = dir.path().join(name);
         std::fs::write(
             &path,
             format!(
-                r#"{{"allowed": [{{"tee": "sim", "mrenclave": "{mrenclave}"}}], "allow_simulation": true}}"#
+                r#"{{"allowed": [{{"tee": "sim", "mrenclave": "{mrenclave}"}}], "allow_simulation": true, "sim_platforms": ["{platform}"]}}"#
             ),
         )
         .unwrap();

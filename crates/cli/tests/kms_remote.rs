@@ -383,14 +383,23 @@ fn server_from_a_toml_config_with_a_passphrase_root_key() {
     assert!(stderr.contains("root key does not match"), "{stderr}");
 }
 
+/// The public key of the simulation platform `key` (created if missing), as policies name it.
+fn sim_platform(client: &Client, key: &Path) -> String {
+    let hex = stdout(&run(client
+        .cmd()
+        .env("PPML_SIM_PLATFORM_KEY", key)
+        .args(["attest", "sim-platform"])))
+    .trim()
+    .to_string();
+    assert_eq!(hex.len(), 64, "{hex}");
+    hex
+}
+
 #[test]
 fn attested_runtime_gets_keys_and_others_do_not() {
     let dir = tempfile::tempdir().unwrap();
     let sim_key = dir.path().join("sim-platform.pk8");
-    let server = serve_tls_with(
-        &dir.path().join("kms"),
-        &["--trust-sim-platform".as_ref(), sim_key.as_os_str()],
-    );
+    let server = serve_tls_with(&dir.path().join("kms"), &["--allow-simulation".as_ref()]);
     let client = Client::enroll(&server, dir.path().join("home"));
     let input = people(dir.path(), 2000);
     let enc = dir.path().join("people.enc");
@@ -406,12 +415,13 @@ fn attested_runtime_gets_keys_and_others_do_not() {
         .trim()
         .to_string();
     assert_eq!(measurement.len(), 64);
+    let platform = sim_platform(&client, &sim_key);
     let policy_file = |name: &str, mrenclave: &str| {
         let path = dir.path().join(name);
         std::fs::write(
             &path,
             format!(
-                r#"{{"allowed": [{{"tee": "sim", "mrenclave": "{mrenclave}"}}], "allow_simulation": true}}"#
+                r#"{{"allowed": [{{"tee": "sim", "mrenclave": "{mrenclave}"}}], "allow_simulation": true, "sim_platforms": ["{platform}"]}}"#
             ),
         )
         .unwrap();
@@ -572,24 +582,22 @@ fn attested_runtime_gets_keys_and_others_do_not() {
 fn attestation_policies_and_an_owner_output_key() {
     let dir = tempfile::tempdir().unwrap();
     let sim_key = dir.path().join("sim-platform.pk8");
-    let server = serve_tls_with(
-        &dir.path().join("kms"),
-        &["--trust-sim-platform".as_ref(), sim_key.as_os_str()],
-    );
+    let server = serve_tls_with(&dir.path().join("kms"), &["--allow-simulation".as_ref()]);
     let client = Client::enroll(&server, dir.path().join("home"));
 
-    let policy_json = stdout(&run(client.cmd().args([
-        "attest",
-        "policy",
-        "new",
-        "--tee",
-        "sim",
-        "--this-binary",
-    ])));
+    // Without --sim-platform, the policy names the platform of --sim-platform-key.
+    let policy_json = stdout(&run(client
+        .cmd()
+        .env("PPML_SIM_PLATFORM_KEY", &sim_key)
+        .args(["attest", "policy", "new", "--tee", "sim", "--this-binary"])));
     let policy: serde_json::Value = serde_json::from_str(&policy_json).unwrap();
     let measurement = stdout(&run(client.cmd().args(["attest", "measure"])));
     assert_eq!(policy["allowed"][0]["mrenclave"], measurement.trim());
     assert_eq!(policy["allow_simulation"], true);
+    assert_eq!(
+        policy["sim_platforms"],
+        serde_json::json!([sim_platform(&client, &sim_key)])
+    );
     assert_eq!(
         policy["accepted_tcb_statuses"],
         serde_json::json!(["UpToDate"])
@@ -693,10 +701,7 @@ fn attestation_policies_and_an_owner_output_key() {
 fn attack_jobs_outside_the_owners_grant_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let sim_key = dir.path().join("sim-platform.pk8");
-    let server = serve_tls_with(
-        &dir.path().join("kms"),
-        &["--trust-sim-platform".as_ref(), sim_key.as_os_str()],
-    );
+    let server = serve_tls_with(&dir.path().join("kms"), &["--allow-simulation".as_ref()]);
     let owner = Client::enroll(&server, dir.path().join("owner-home"));
     let data = dir.path().join("data");
     std::fs::create_dir(&data).unwrap();
@@ -704,11 +709,12 @@ fn attack_jobs_outside_the_owners_grant_are_refused() {
     let measurement = stdout(&run(owner.cmd().args(["attest", "measure"])))
         .trim()
         .to_string();
+    let platform = sim_platform(&owner, &sim_key);
     let policy_path = dir.path().join("policy.json");
     std::fs::write(
         &policy_path,
         format!(
-            r#"{{"allowed": [{{"tee": "sim", "mrenclave": "{measurement}"}}], "allow_simulation": true}}"#
+            r#"{{"allowed": [{{"tee": "sim", "mrenclave": "{measurement}"}}], "allow_simulation": true, "sim_platforms": ["{platform}"]}}"#
         ),
     )
     .unwrap();

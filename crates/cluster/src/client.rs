@@ -6,7 +6,6 @@
 //! the `ppml.*` settings, waits for the job, then fetches the final stage's files (ciphertext)
 //! from the executors and decrypts them here.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +24,7 @@ use datafusion::physical_plan::{ExecutionPlan, ExecutionPlanProperties};
 use datafusion::prelude::SessionContext;
 use datafusion_proto::physical_plan::AsExecutionPlan;
 use datafusion_proto::protobuf::PhysicalPlanNode;
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 use ppml_engine::PlanRunner;
 use ppml_kms::error_chain;
 use ppml_kms::grant::SignedGrant;
@@ -296,40 +295,171 @@ impl PlanRunner for ClusterRunner {
             .map_err(datafusion::error::DataFusionError::from)?;
 
         let partitions = plan.output_partitioning().partition_count();
-        let mut by_partition: BTreeMap<usize, Vec<PartitionLocation>> =
-            (0..partitions).map(|p| (p, Vec::new())).collect();
-        for location in locations {
-            by_partition
-                .entry(location.partition_id.partition_id)
-                .or_default()
-                .push(location);
-        }
+        let files = result_files(partitions, locations)
+            .map_err(datafusion::error::DataFusionError::from)?;
         let schema = plan.schema();
-        Ok(by_partition
-            .into_values()
-            .map(|locations| {
-                let key = key.clone();
-                let schema_for_files = schema.clone();
-                let customizer = self.customizer.clone();
-                let job = ballista_job.clone();
-                let files = futures::stream::iter(locations)
-                    .then(move |location| {
-                        let source = ShuffleSource {
-                            job_id: job.clone(),
-                            location,
-                            metrics: None,
-                        };
-                        source.open(
-                            None,
-                            key.clone(),
-                            schema_for_files.clone(),
-                            customizer.clone(),
-                        )
-                    })
-                    .try_flatten();
-                Box::pin(RecordBatchStreamAdapter::new(schema.clone(), files))
-                    as SendableRecordBatchStream
+        Ok(files
+            .into_iter()
+            .map(|location| {
+                let source = ShuffleSource {
+                    job_id: ballista_job.clone(),
+                    location,
+                    metrics: None,
+                };
+                let file = source.open(None, key.clone(), schema.clone(), self.customizer.clone());
+                Box::pin(RecordBatchStreamAdapter::new(
+                    schema.clone(),
+                    futures::stream::once(file).try_flatten(),
+                )) as SendableRecordBatchStream
             })
             .collect())
+    }
+}
+
+/// The final stage's files in partition order, checked against the plan: the driver expects
+/// exactly one file for each of the plan's `partitions` output partitions, all of one stage
+/// (each task of the final stage writes one file per partition it owns, empty or not). The
+/// list comes from the scheduler, outside the TEE: a partition missing or listed twice, or a
+/// file of another stage, would make a result with rows missing or counted twice that every
+/// file's own check accepts, so it is refused.
+pub(crate) fn result_files(
+    partitions: usize,
+    locations: Vec<PartitionLocation>,
+) -> Result<Vec<PartitionLocation>, ClusterError> {
+    let refused = |reason: String| Err(ClusterError::ShuffleFiles(reason));
+    let stage = locations.first().map(|l| l.partition_id.stage_id);
+    let mut by_partition: Vec<Option<PartitionLocation>> = vec![None; partitions];
+    for location in locations {
+        let place = &location.partition_id;
+        if Some(place.stage_id) != stage {
+            return refused(format!(
+                "result files of stages {} and {}",
+                stage.unwrap_or_default(),
+                place.stage_id
+            ));
+        }
+        let partition = place.partition_id;
+        match by_partition.get_mut(partition) {
+            None => {
+                return refused(format!(
+                    "a result file of partition {partition}; the plan has {partitions}"
+                ));
+            }
+            Some(Some(_)) => return refused(format!("result partition {partition} listed twice")),
+            Some(slot) => *slot = Some(location),
+        }
+    }
+    by_partition
+        .into_iter()
+        .enumerate()
+        .map(|(partition, file)| {
+            file.ok_or_else(|| {
+                ClusterError::ShuffleFiles(format!(
+                    "result partition {partition} of {partitions} is missing"
+                ))
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use ballista_core::serde::scheduler::{
+        ExecutorMetadata, ExecutorOperatingSystemSpecification, ExecutorSpecification, PartitionId,
+        PartitionStats,
+    };
+
+    use super::*;
+
+    fn file(stage: usize, partition: usize, file_id: u64) -> PartitionLocation {
+        PartitionLocation {
+            map_partition_id: partition,
+            partition_id: PartitionId::new(&"job".into(), stage, partition),
+            executor_meta: ExecutorMetadata {
+                id: "e".into(),
+                host: "localhost".into(),
+                port: 1,
+                grpc_port: 2,
+                specification: ExecutorSpecification::default(),
+                os_info: ExecutorOperatingSystemSpecification::default(),
+            },
+            partition_stats: PartitionStats::default(),
+            file_id: Some(file_id),
+            is_sort_shuffle: false,
+        }
+    }
+
+    fn refusal(result: Result<Vec<PartitionLocation>, ClusterError>) -> String {
+        match result {
+            Err(ClusterError::ShuffleFiles(reason)) => reason,
+            other => panic!("not refused: {other:?}"),
+        }
+    }
+
+    /// Attack 10, the scheduler alters the list of result files: drops a partition, lists
+    /// one twice, adds a partition the plan does not have, or mixes in a file of another
+    /// stage. The driver refuses each before reading a row.
+    #[test]
+    fn attack_missing_or_duplicated_result_partitions_are_refused() {
+        let files = vec![file(3, 1, 11), file(3, 0, 10), file(3, 2, 12)];
+        let ordered = result_files(3, files.clone()).unwrap();
+        let order: Vec<usize> = ordered
+            .iter()
+            .map(|f| f.partition_id.partition_id)
+            .collect();
+        assert_eq!(order, [0, 1, 2]);
+        assert_eq!(result_files(0, Vec::new()).unwrap().len(), 0);
+
+        let dropped = files[..2].to_vec();
+        assert!(refusal(result_files(3, dropped)).contains("partition 2 of 3 is missing"));
+        let mut twice = files.clone();
+        twice.push(files[0].clone());
+        assert!(refusal(result_files(3, twice)).contains("listed twice"));
+        let mut retried = files.clone();
+        retried.push(file(3, 1, 99));
+        assert!(refusal(result_files(3, retried)).contains("partition 1 listed twice"));
+        let mut extra = files.clone();
+        extra.push(file(3, 3, 13));
+        assert!(refusal(result_files(3, extra)).contains("the plan has 3"));
+        let mut other_stage = files[..2].to_vec();
+        other_stage.push(file(2, 2, 12));
+        assert!(refusal(result_files(3, other_stage)).contains("stages 3 and 2"));
+    }
+
+    /// The same for an executor's shuffle reader: a file listed twice, one of another stage,
+    /// a partition of the reader that reads several of the stage's partitions, or two that
+    /// read the same one, is refused. The reader may hold any slice of the stage's partitions.
+    #[test]
+    fn attack_altered_shuffle_inputs_are_refused() {
+        use crate::engine::check_partition_files;
+        let refusal = |result: Result<(), ClusterError>| match result {
+            Err(ClusterError::ShuffleFiles(reason)) => reason,
+            other => panic!("not refused: {other:?}"),
+        };
+        let reader = vec![
+            vec![file(2, 4, 1), file(2, 4, 2)],
+            vec![file(2, 6, 1), file(2, 6, 2)],
+        ];
+        check_partition_files(2, false, &reader).unwrap();
+
+        let mut twice = reader.clone();
+        twice[1].push(file(2, 6, 2));
+        assert!(refusal(check_partition_files(2, false, &twice)).contains("listed twice"));
+        assert!(
+            refusal(check_partition_files(1, false, &reader))
+                .contains("stage 2 in the input of stage 1")
+        );
+        let mut mixed = reader.clone();
+        mixed[0][1] = file(2, 5, 2);
+        assert!(refusal(check_partition_files(2, false, &mixed)).contains("reads several"));
+        let mut shared = reader.clone();
+        shared[1] = vec![file(2, 4, 3)];
+        assert!(refusal(check_partition_files(2, false, &shared)).contains("read by two"));
+        // A broadcast reader reads every partition of its stage, once.
+        let broadcast = vec![vec![file(2, 0, 1), file(2, 1, 1)]];
+        check_partition_files(2, true, &broadcast).unwrap();
+        let mut twice = broadcast.clone();
+        twice[0].push(file(2, 1, 1));
+        assert!(refusal(check_partition_files(2, true, &twice)).contains("listed twice"));
     }
 }

@@ -624,6 +624,7 @@ impl ExecutionPlan for PpmlShuffleReaderExec {
                 self.stage_id
             ))
         })?;
+        check_partition_files(self.stage_id, self.broadcast, &self.partition)?;
         let key = self.key.get().cloned().ok_or_else(|| {
             DataFusionError::Internal("the job key was not released before reading".into())
         })?;
@@ -652,6 +653,64 @@ impl ExecutionPlan for PpmlShuffleReaderExec {
             files,
         )))
     }
+}
+
+/// Refuses shuffle reader inputs (lists from the scheduler, outside the TEE) that read a file
+/// twice, a file of another stage than `stage_id`, or (unless the reader is a broadcast,
+/// which reads every partition) mix partitions: each of the reader's partitions reads files
+/// of one partition of the stage, and no two of them the same one. A task's reader holds a
+/// slice of the stage's partitions, so the check is on the lists as a whole, not on their
+/// positions. Each file's header already binds it to the place its location names
+/// ([`ShuffleFileId`]); this keeps a file's rows from being read twice, or another stage's or
+/// partition's rows from being read in place of the right ones.
+pub(crate) fn check_partition_files(
+    stage_id: usize,
+    broadcast: bool,
+    partitions: &[Vec<PartitionLocation>],
+) -> std::result::Result<(), ClusterError> {
+    let refused = |reason: String| Err(ClusterError::ShuffleFiles(reason));
+    let mut files = std::collections::HashSet::new();
+    let mut readers_of = std::collections::HashMap::new();
+    for (index, locations) in partitions.iter().enumerate() {
+        for location in locations {
+            let place = &location.partition_id;
+            if place.stage_id != stage_id {
+                return refused(format!(
+                    "a file of stage {} in the input of stage {stage_id}",
+                    place.stage_id
+                ));
+            }
+            if !files.insert((place.partition_id, location.file_id)) {
+                return refused(format!(
+                    "stage {stage_id} partition {} file {:?} listed twice",
+                    place.partition_id, location.file_id
+                ));
+            }
+            if broadcast {
+                continue;
+            }
+            match readers_of.insert(place.partition_id, index) {
+                Some(other) if other != index => {
+                    return refused(format!(
+                        "stage {stage_id} partition {} read by two partitions of the reader",
+                        place.partition_id
+                    ));
+                }
+                _ => {}
+            }
+        }
+        if !broadcast
+            && let Some(first) = locations.first()
+            && locations
+                .iter()
+                .any(|l| l.partition_id.partition_id != first.partition_id.partition_id)
+        {
+            return refused(format!(
+                "one partition of the reader of stage {stage_id} reads several of its partitions"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// One shuffle file a reader needs.

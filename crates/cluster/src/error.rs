@@ -46,6 +46,11 @@ pub enum ClusterError {
     /// The application failed: planning, reading its inputs or writing its output.
     #[error(transparent)]
     App(#[from] ppml_engine::EngineError),
+    /// The scheduler's list of shuffle or result files is not the one the plan makes: a file
+    /// listed twice, one missing, or one of another stage or partition. Each file proves its
+    /// own place in the job; this is what the list as a whole must satisfy.
+    #[error("incomplete or altered shuffle files: {0}")]
+    ShuffleFiles(String),
     /// Setting up TLS or networking failed.
     #[error("{0}")]
     Setup(String),

@@ -21,8 +21,10 @@
 //! file_id)[..16]` (big-endian integers, see [`ShuffleFileId::dataset_id`]). The header MAC
 //! covers it, and a reader recomputes it from the location it *asked for* and refuses any other
 //! value ([`ShuffleError::WrongFile`]). A host that stores or serves shuffle files therefore
-//! cannot swap files between partitions, duplicate one, or replay a file of another stage or
-//! task: it can only withhold data, which fails the read. The format's authenticated end of
+//! cannot swap files between partitions or replay a file of another stage or task: it can only
+//! withhold data, which fails the read. The lists of files the scheduler hands out are checked
+//! as a whole: a reader refuses a file listed twice, one of another stage, or lists that mix
+//! partitions, and the driver wants exactly one file per result partition. The format's authenticated end of
 //! stream (the final-segment flag) turns any truncation into an error rather than a short
 //! result, even one that ends on an Arrow IPC message boundary.
 //!

@@ -34,7 +34,8 @@ fn bench(c: &mut Criterion) {
     let audit = AuditLog::open(dir.path(), &root.audit_mac_key()).unwrap();
     let store = Store::open(dir.path(), root).unwrap();
     let mut service = AttestationService::new(store.kms_id(), &seed).unwrap();
-    service.trust_sim_platform(platform.public_key());
+    service.accept_simulation();
+    let platform_hex = hex::encode(platform.public_key());
     let app = router(Arc::new(
         ServerState::new(store)
             .with_attestation(service)
@@ -64,6 +65,7 @@ fn bench(c: &mut Criterion) {
         let gated_key = kms.create_primary_key().await.unwrap();
         let policy = Policy {
             allow_simulation: true,
+            sim_platforms: vec![platform_hex],
             ..Policy::strict(vec![AllowedMeasurement {
                 tee: Some(Tee::Sim),
                 mrenclave: Some(hex::encode(executable_measurement().unwrap())),

@@ -732,6 +732,7 @@ fn attestation_action(
                     Policy::strict(vec![entry])
                 }
             };
+            policy.check().map_err(|_| ApiError::PayloadType)?;
             let text =
                 serde_json::to_string(&policy).map_err(|e| ApiError::Internal(e.to_string()))?;
             let id = state.store.put_policy(appid, &text, now_ms(), &mut |id| {
@@ -1374,9 +1375,8 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         let platform = SimPlatform::load_or_create(dir.path().join("sim.pk8")).unwrap();
-        let app = attested_server(dir.path(), |service| {
-            service.trust_sim_platform(platform.public_key())
-        });
+        let platform_hex = hex::encode(platform.public_key());
+        let app = attested_server(dir.path(), |service| service.accept_simulation());
 
         let version = get(&app, "GetVersion").await;
         let service_key: [u8; 32] =
@@ -1389,7 +1389,8 @@ mod tests {
         let apikey = enrolled["result"]["apikey"].as_str().unwrap().to_string();
         let policy = json!({
             "allowed": [{"tee": "sim", "mrenclave": hex::encode(executable_measurement().unwrap())}],
-            "allow_simulation": true
+            "allow_simulation": true,
+            "sim_platforms": [platform_hex]
         });
         let uploaded = post(
             &app,
@@ -1496,9 +1497,8 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         let platform = SimPlatform::load_or_create(dir.path().join("sim.pk8")).unwrap();
-        let app = attested_server(dir.path(), |service| {
-            service.trust_sim_platform(platform.public_key())
-        });
+        let platform_hex = hex::encode(platform.public_key());
+        let app = attested_server(dir.path(), |service| service.accept_simulation());
         let tee = SimTee::new(platform);
 
         let (owner_a, _) = owner::OwnerKey::generate().unwrap();
@@ -1513,7 +1513,8 @@ mod tests {
         };
         let policy = json!({
             "allowed": [{"tee": "sim", "mrenclave": hex::encode(executable_measurement().unwrap())}],
-            "allow_simulation": true
+            "allow_simulation": true,
+            "sim_platforms": [platform_hex]
         });
         let policy_id = call("UploadQuotePolicy", json!({"policy": policy.to_string()})).await
             ["result"]["policyId"]

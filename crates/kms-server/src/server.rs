@@ -17,7 +17,6 @@ use ppml_attestation::Tee;
 use ppml_attestation::dcap::Collateral;
 use ppml_attestation::pccs::{PccsClient, PccsOptions};
 use ppml_attestation::service::AttestationService;
-use ppml_attestation::sim::SimPlatform;
 use zeroize::Zeroizing;
 
 use crate::audit::{AuditError, AuditHead, AuditLog};
@@ -108,7 +107,7 @@ pub enum RootKeySource {
     /// A file holding the passphrase (mode 0600; a final newline is dropped).
     PassphraseFile(PathBuf),
     /// A key file of 64 hex characters (mode 0600), created at random on first start;
-    /// `None` is `DATA_DIR/root.key`.
+    /// `None` is [`default_root_key_file`], next to the data directory.
     KeyFile(Option<PathBuf>),
 }
 
@@ -132,7 +131,7 @@ impl Default for RootKeySource {
 impl RootKeySource {
     /// The source in the documented order of precedence: `PPML_KMS_ROOT_KEY`, then
     /// `PPML_KMS_PASSPHRASE`, then `passphrase_file`, then the key file `key_file` (default
-    /// `DATA_DIR/root.key`).
+    /// [`default_root_key_file`]).
     pub fn from_env_or(passphrase_file: Option<PathBuf>, key_file: Option<PathBuf>) -> Self {
         if let Ok(hex_key) = std::env::var("PPML_KMS_ROOT_KEY") {
             return RootKeySource::Hex(Zeroizing::new(hex_key));
@@ -162,7 +161,7 @@ impl RootKeySource {
                 Zeroizing::new(text.trim_end_matches(['\r', '\n']).to_string())
             }
             RootKeySource::KeyFile(path) => {
-                let path = path.clone().unwrap_or_else(|| dir.join("root.key"));
+                let path = path.clone().unwrap_or_else(|| root_key_file_of(dir));
                 return key_file(&path, dir, create);
             }
         };
@@ -214,6 +213,39 @@ impl RootKeySource {
             }
         })
     }
+}
+
+/// Where [`RootKeySource::KeyFile`]`(None)` keeps the root key: next to the data directory,
+/// not in it (`DATA_DIR.root.key`, e.g. `/var/lib/ppml/kms.root.key` for `/var/lib/ppml/kms`),
+/// so that a copy, backup or volume snapshot of the data directory (store and audit log) does
+/// not carry the key that opens it.
+pub fn default_root_key_file(data_dir: &Path) -> PathBuf {
+    match data_dir.file_name() {
+        Some(name) => {
+            let mut name = name.to_os_string();
+            name.push(".root.key");
+            data_dir.with_file_name(name)
+        }
+        // `/` or a path ending in `..`: no sibling to name.
+        None => data_dir.join("root.key"),
+    }
+}
+
+/// The default key file of `dir`; a key file left inside the data directory by an older
+/// setup is still used (with a warning) until it is moved.
+fn root_key_file_of(dir: &Path) -> PathBuf {
+    let outside = default_root_key_file(dir);
+    let inside = dir.join("root.key");
+    if !outside.exists() && inside.exists() {
+        tracing::warn!(
+            path = %inside.display(),
+            move_to = %outside.display(),
+            "the root key file is inside the data directory, where every copy of the store \
+             carries it; move it out"
+        );
+        return inside;
+    }
+    outside
 }
 
 fn key_file(path: &Path, dir: &Path, create: bool) -> Result<RootKey, ServerError> {
@@ -299,9 +331,10 @@ pub enum TlsMode {
 /// What the attestation service trusts and how it gets DCAP collateral.
 #[derive(Clone, Debug, Default)]
 pub struct AttestationSettings {
-    /// Simulation platform key files (PKCS#8, created if missing) whose simulated-TEE
-    /// evidence is verified (only policies with `allow_simulation` accept it).
-    pub trust_sim_platforms: Vec<PathBuf>,
+    /// Accept simulated-TEE evidence (development only). The server holds no simulation
+    /// platform key: each policy that allows simulation names the platform public keys it
+    /// trusts, and simulated quotes are verified with those.
+    pub allow_simulation: bool,
     /// Collateral JSON for SGX quotes.
     pub sgx_collateral: Option<PathBuf>,
     /// Collateral JSON for TDX quotes.
@@ -333,8 +366,8 @@ pub struct ServerConfig {
 }
 
 impl ServerConfig {
-    /// A server of `data_dir` on [`DEFAULT_LISTEN`], with the root key in `DATA_DIR/root.key`
-    /// and a self-signed certificate.
+    /// A server of `data_dir` on [`DEFAULT_LISTEN`], with the root key in the key file
+    /// [`default_root_key_file`] and a self-signed certificate.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         ServerConfig {
             listen: DEFAULT_LISTEN.into(),
@@ -395,18 +428,12 @@ fn attestation_service(
     let failed = |e: &dyn std::fmt::Display| ServerError::Attestation(e.to_string());
     let settings = &config.attestation;
     let mut service = AttestationService::new(store.kms_id(), seed).map_err(|e| failed(&e))?;
-    for path in &settings.trust_sim_platforms {
-        let platform = SimPlatform::load_or_create(path).map_err(|e| {
-            ServerError::Attestation(format!(
-                "loading the simulation platform key {}: {e}",
-                path.display()
-            ))
-        })?;
+    if settings.allow_simulation {
         tracing::warn!(
-            path = %path.display(),
-            "trusting a SIMULATION platform key: simulated TEEs can attest (policies must still allow simulation)"
+            "accepting SIMULATED TEEs: runtimes on the simulation platforms a policy names can \
+             attest under it (development only)"
         );
-        service.trust_sim_platform(platform.public_key());
+        service.accept_simulation();
     }
     for (tee, path) in [
         (Tee::Sgx, &settings.sgx_collateral),
@@ -568,4 +595,32 @@ pub async fn serve(
 /// Loads the root key of an existing data directory (for checking the audit log's MACs).
 pub fn load_root_key(data_dir: &Path, source: &RootKeySource) -> Result<RootKey, ServerError> {
     source.load(data_dir, false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_root_key_file_is_kept_outside_the_data_directory() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("kms");
+        let config = ServerConfig::new(&data);
+        let first = init_data_dir(&config).unwrap();
+        let key = dir.path().join("kms.root.key");
+        assert_eq!(default_root_key_file(&data), key);
+        assert!(key.is_file());
+        assert_eq!(
+            std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert!(!data.join("root.key").exists());
+        assert_eq!(first.kms_id, init_data_dir(&config).unwrap().kms_id);
+
+        // A key file left inside the data directory still opens its store.
+        std::fs::rename(&key, data.join("root.key")).unwrap();
+        assert_eq!(first.kms_id, init_data_dir(&config).unwrap().kms_id);
+        assert!(!key.exists(), "no second root key was made");
+    }
 }

@@ -27,7 +27,8 @@ use ppml_kms_server::{RootKey, ServerState, Store, router};
 use serde_json::{Value, json};
 use tower::ServiceExt as _;
 
-/// A KMS server on loopback over a store in `dir`, trusting the simulated TEE of `platform`.
+/// A KMS server on loopback over a store in `dir`, accepting simulated TEEs, and the host's
+/// simulation platform (`platform_key`), which the owner's policy names.
 struct Kms {
     url: String,
     router: axum::Router,
@@ -38,13 +39,12 @@ struct Kms {
 async fn start() -> Kms {
     let dir = tempfile::tempdir().unwrap();
     let platform_key = dir.path().join("sim.pk8");
-    let platform = SimPlatform::load_or_create(&platform_key).unwrap();
     let (root, _) = RootKey::generate().unwrap();
     let seed = root.attestation_seed();
     let audit = AuditLog::open(dir.path(), &root.audit_mac_key()).unwrap();
     let store = Store::open(dir.path(), root).unwrap();
     let mut service = AttestationService::new(store.kms_id(), &seed).unwrap();
-    service.trust_sim_platform(platform.public_key());
+    service.accept_simulation();
     let router = router(Arc::new(
         ServerState::new(store)
             .with_attestation(service)
@@ -72,9 +72,20 @@ struct Owner {
     key: Arc<OwnerKey>,
 }
 
-fn sim_policy() -> Policy {
+/// The host's simulation platform's public key, as a policy names it.
+fn host_platform(kms: &Kms) -> String {
+    hex::encode(
+        SimPlatform::load_or_create(&kms.platform_key)
+            .unwrap()
+            .public_key(),
+    )
+}
+
+/// The owner's policy: this test binary, in the simulated TEE of the host's platform.
+fn sim_policy(kms: &Kms) -> Policy {
     Policy {
         allow_simulation: true,
+        sim_platforms: vec![host_platform(kms)],
         ..Policy::strict(vec![AllowedMeasurement {
             tee: Some(Tee::Sim),
             mrenclave: Some(hex::encode(executable_measurement().unwrap())),
@@ -98,7 +109,7 @@ async fn owner(kms: &Kms) -> Owner {
         .unwrap()
         .with_owner_key(owner_key.clone());
     let gated = client.create_primary_key().await.unwrap();
-    let policy_id = client.upload_policy(&sim_policy()).await.unwrap();
+    let policy_id = client.upload_policy(&sim_policy(kms)).await.unwrap();
     client.set_release_policy(&gated, &policy_id).await.unwrap();
     Owner {
         kms: client,
@@ -242,6 +253,7 @@ async fn attack_policy_swap_with_the_api_key_is_refused() {
     let host = host(&kms, &owner).await;
     let permissive = Policy {
         allow_simulation: true,
+        sim_platforms: vec![host_platform(&kms)],
         allow_debug: true,
         ..Policy::strict(vec![AllowedMeasurement::default()])
     };
@@ -300,7 +312,7 @@ async fn attack_gating_without_an_owner_is_refused() {
     let kms = start().await;
     let (_, app) = ownerless_app(&kms).await;
     let key = app.create_primary_key().await.unwrap();
-    let policy_id = app.upload_policy(&sim_policy()).await.unwrap();
+    let policy_id = app.upload_policy(&sim_policy(&kms)).await.unwrap();
     let refused = app.set_release_policy(&key, &policy_id).await.unwrap_err();
     assert!(
         matches!(refused, KmsError::OwnerSignatureRequired),
@@ -724,6 +736,40 @@ async fn attack_plain_http_to_a_remote_kms_is_refused() {
     let refused = RemoteKms::connect(&config, None).await.unwrap_err();
     assert!(
         matches!(&refused, KmsError::InvalidConfig(m) if m.contains("loopback")),
+        "{refused}"
+    );
+}
+
+/// Attack 9g, simulated evidence from a platform of the host's choosing: the KMS holds no
+/// simulation platform key and trusts none of its own; a simulated quote is verified with the
+/// platform keys the owner's policy names, so a quote signed by any other platform (one the
+/// host made, another tenant's) is refused, and a policy cannot allow simulation without
+/// naming its platforms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_a_simulation_platform_the_owner_did_not_name_is_refused() {
+    let kms = start().await;
+    let owner = owner(&kms).await;
+    let host = host(&kms, &owner).await;
+    let dir = tempfile::tempdir().unwrap();
+    let own_platform = SimPlatform::load_or_create(dir.path().join("host.pk8")).unwrap();
+    let refused = host
+        .clone()
+        .attest(Arc::new(SimTee::new(own_platform)), &owner.policy_id)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, KmsError::Attestation(reason)
+            if reason.contains("trusted simulation platform keys")),
+        "{refused}"
+    );
+    // The platform the owner named attests.
+    runtime(&kms, &host, &owner).await;
+
+    let mut open = sim_policy(&kms);
+    open.sim_platforms.clear();
+    let refused = host.upload_policy(&open).await.unwrap_err();
+    assert!(
+        refused.to_string().contains("param type error"),
         "{refused}"
     );
 }

@@ -20,17 +20,17 @@ struct Fixture {
     platform_key: std::path::PathBuf,
 }
 
-/// A server trusting a fresh simulation platform, issuing tokens valid for `token_ttl` s.
+/// A server accepting simulated TEEs, issuing tokens valid for `token_ttl` s, and a fresh
+/// simulation platform (which the app's policy names).
 async fn start(token_ttl: u64) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let platform_key = dir.path().join("sim.pk8");
-    let platform = SimPlatform::load_or_create(&platform_key).unwrap();
     let (root, _) = RootKey::generate().unwrap();
     let seed = root.attestation_seed();
     let audit = AuditLog::open(dir.path(), &root.audit_mac_key()).unwrap();
     let store = Store::open(dir.path(), root).unwrap();
     let mut service = AttestationService::new(store.kms_id(), &seed).unwrap();
-    service.trust_sim_platform(platform.public_key());
+    service.accept_simulation();
     service.set_token_ttl(token_ttl);
     let app = router(Arc::new(
         ServerState::new(store)
@@ -72,8 +72,10 @@ async fn gated_key(
         .unwrap()
         .with_owner_key(owner.clone());
     let primary = kms.create_primary_key().await.unwrap();
+    let platform = SimPlatform::load_or_create(&fixture.platform_key).unwrap();
     let policy = Policy {
         allow_simulation: true,
+        sim_platforms: vec![hex::encode(platform.public_key())],
         ..Policy::strict(vec![AllowedMeasurement {
             tee: Some(Tee::Sim),
             mrenclave: Some(hex::encode(executable_measurement().unwrap())),

@@ -32,6 +32,18 @@ impl AttestationConfig {
     }
 }
 
+/// The simulation platform key `path` [default: `home/sim-platform.pk8`], created if missing.
+pub fn sim_platform(
+    path: Option<&Path>,
+    home: &Path,
+) -> Result<ppml_attestation::sim::SimPlatform> {
+    let path = path.map_or_else(|| home.join("sim-platform.pk8"), Path::to_path_buf);
+    ppml_attestation::sim::SimPlatform::load_or_create(&path).map_err(|e| Error::Config {
+        what: format!("loading the simulation platform key {}", path.display()),
+        reason: e.to_string(),
+    })
+}
+
 /// The evidence provider of `tee`; `home` is `$PPML_HOME`, where the simulated TEE keeps its
 /// platform key by default.
 pub fn evidence_provider(
@@ -40,18 +52,8 @@ pub fn evidence_provider(
 ) -> Result<Arc<dyn EvidenceProvider>> {
     Ok(match config.tee {
         Tee::Sim => {
-            let path = config
-                .sim_platform_key
-                .clone()
-                .unwrap_or_else(|| home.join("sim-platform.pk8"));
             tracing::warn!("SIMULATED TEE: no hardware protection; for development only");
-            let platform =
-                ppml_attestation::sim::SimPlatform::load_or_create(&path).map_err(|e| {
-                    Error::Config {
-                        what: format!("loading the simulation platform key {}", path.display()),
-                        reason: e.to_string(),
-                    }
-                })?;
+            let platform = sim_platform(config.sim_platform_key.as_deref(), home)?;
             Arc::new(ppml_attestation::sim::SimTee::new(platform))
         }
         Tee::Sgx => Arc::new(ppml_attestation::evidence::GramineSgx::default()),

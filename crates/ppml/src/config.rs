@@ -91,6 +91,9 @@ pub struct ServerSection {
     /// Serve BigDL-RAS's unsigned `/registerPolicy` and `/verifyQuote`.
     #[serde(default)]
     pub bigdl_ras: bool,
+    /// Accept simulated-TEE evidence from the platforms each policy names.
+    #[serde(default)]
+    pub allow_simulation: bool,
     /// Collateral JSON for SGX quotes.
     pub sgx_collateral: Option<PathBuf>,
     /// Collateral JSON for TDX quotes.
@@ -122,6 +125,7 @@ impl ServerSection {
             },
             insecure_http: self.insecure_http || lower.insecure_http,
             bigdl_ras: self.bigdl_ras || lower.bigdl_ras,
+            allow_simulation: self.allow_simulation || lower.allow_simulation,
             sgx_collateral: self.sgx_collateral.or(lower.sgx_collateral),
             tdx_collateral: self.tdx_collateral.or(lower.tdx_collateral),
             pccs_url: self.pccs_url.or(lower.pccs_url),

@@ -18,7 +18,7 @@ async fn start_server() -> Server {
     let mut config = ppml_kms_server::ServerConfig::new(dir.path().join("kms"));
     config.listen = "127.0.0.1:0".into();
     config.tls = ppml_kms_server::TlsMode::InsecureHttp;
-    config.attestation.trust_sim_platforms = vec![dir.path().join("sim-platform.pk8")];
+    config.attestation.allow_simulation = true;
     let server = ppml_kms_server::KmsServer::start(&config).await.unwrap();
     let url = server.url();
     tokio::spawn(server.run(std::future::pending()));
@@ -43,8 +43,13 @@ async fn only_an_attested_context_reads_a_gated_dataset() {
     use ppml::crates::kms::KeyManagementService as _;
     let gated = remote.create_primary_key().await.unwrap();
     let owner = remote.create_primary_key().await.unwrap();
+    // The owner trusts the simulation platform of the host that runs the job.
+    let platform = ppml::sim_platform(Some(&server.dir.path().join("sim-platform.pk8")), &home)
+        .unwrap()
+        .public_key();
     let policy = Policy {
         allow_simulation: true,
+        sim_platforms: vec![hex::encode(platform)],
         ..Policy::strict(vec![AllowedMeasurement {
             tee: Some(Tee::Sim),
             mrenclave: Some(hex::encode(executable_measurement().unwrap())),
