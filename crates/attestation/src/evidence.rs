@@ -53,6 +53,21 @@ mod base64_bytes {
     }
 }
 
+/// The evidence provider of a process running in `tee`; the simulated TEE signs with the
+/// platform key `sim_platform_key` (created if missing).
+pub fn provider_for(
+    tee: Tee,
+    sim_platform_key: &Path,
+) -> Result<std::sync::Arc<dyn EvidenceProvider>, SimError> {
+    Ok(match tee {
+        Tee::Sim => std::sync::Arc::new(crate::sim::SimTee::new(
+            crate::sim::SimPlatform::load_or_create(sim_platform_key)?,
+        )),
+        Tee::Sgx => std::sync::Arc::new(GramineSgx::default()),
+        Tee::Tdx => std::sync::Arc::new(ConfigfsTdx::default()),
+    })
+}
+
 /// A source of evidence: the TEE the process runs in.
 pub trait EvidenceProvider: Send + Sync + std::fmt::Debug {
     /// The TEE this provider's evidence comes from.

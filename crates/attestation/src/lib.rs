@@ -6,6 +6,7 @@
 //! - [`policy`]: which claims an app accepts.
 //! - [`evidence`]: evidence providers (Gramine SGX, configfs-tsm TDX) behind one trait.
 //! - [`release`]: data keys sealed to an attested runtime's key with HPKE.
+//! - [`peer`]: a client's check of a service's own evidence (the KMS's quote).
 //! - [`service`]: challenges, evidence bound to them, policy evaluation, signed tokens.
 //! - [`sim`]: the simulated TEE for development: same protocol, Ed25519 platform key.
 
@@ -13,6 +14,7 @@ pub mod claims;
 pub mod dcap;
 pub mod evidence;
 pub mod pccs;
+pub mod peer;
 pub mod policy;
 pub mod release;
 pub mod service;

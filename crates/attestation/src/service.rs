@@ -44,6 +44,17 @@ pub fn expected_report_data(nonce: &[u8], runtime_public_key: &[u8]) -> [u8; 64]
     out
 }
 
+/// Verifies a simulated quote with the platform keys `policy` names, if it allows simulation.
+pub(crate) fn verify_sim_under(quote: &[u8], policy: &Policy) -> Result<Claims, AttestError> {
+    if !policy.allow_simulation {
+        return Err(PolicyViolation::SimulationNotAllowed.into());
+    }
+    let platforms = policy
+        .sim_platform_keys()
+        .map_err(|e| AttestError::Evidence(format!("the policy: {e}")))?;
+    verify_sim(quote, &platforms).map_err(|e| AttestError::Evidence(e.to_string()))
+}
+
 /// Why an attestation was refused or a token is invalid.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -291,14 +302,7 @@ impl AttestationService {
                             .into(),
                     ));
                 }
-                if !policy.allow_simulation {
-                    return Err(PolicyViolation::SimulationNotAllowed.into());
-                }
-                let platforms = policy
-                    .sim_platform_keys()
-                    .map_err(|e| AttestError::Evidence(format!("the policy: {e}")))?;
-                verify_sim(&evidence.quote, &platforms)
-                    .map_err(|e| AttestError::Evidence(e.to_string()))?
+                verify_sim_under(&evidence.quote, policy)?
             }
             tee => {
                 let collateral = self.dcap_collateral(tee, &evidence.quote, now)?;

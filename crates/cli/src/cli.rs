@@ -63,6 +63,14 @@ pub struct GlobalArgs {
     /// Trust KMS server certificates signed by this CA (PEM) instead of the system roots
     #[arg(long, env = "PPML_KMS_CA_CERT", global = true, value_name = "FILE")]
     pub kms_ca_cert: Option<PathBuf>,
+    /// Verify the KMS before trusting it: its quote (over a fresh challenge and its TLS
+    /// certificate) must satisfy this policy (JSON, as `ppml attest policy new` writes), or
+    /// nothing is sent to it
+    #[arg(long, env = "PPML_KMS_POLICY", global = true, value_name = "FILE")]
+    pub kms_policy: Option<PathBuf>,
+    /// Collateral JSON for the KMS platform's SGX or TDX quotes (with --kms-policy)
+    #[arg(long, env = "PPML_KMS_COLLATERAL", global = true, value_name = "FILE")]
+    pub kms_collateral: Option<PathBuf>,
     /// The data owner's key (Ed25519, PKCS#8), made by `ppml kms enroll`: it signs what only
     /// the owner may do (mark, disable, rotate or delete keys). Keep it on the owner's machine,
     /// never on hosts that run jobs [default: $PPML_HOME/owner.pk8 when it exists]

@@ -383,6 +383,14 @@ fn forwarded_env(global: &crate::cli::GlobalArgs, settings: &Settings) -> Vec<(S
         global.kms_ca_cert.as_ref().map(|p| p.display().to_string()),
     );
     put(
+        "PPML_KMS_POLICY",
+        global.kms_policy.as_ref().map(|p| p.display().to_string()),
+    );
+    put(
+        "PPML_KMS_COLLATERAL",
+        global.kms_collateral.as_ref().map(|p| p.display().to_string()),
+    );
+    put(
         "PPML_TEE",
         global.tee.and_then(|tee| {
             clap::ValueEnum::to_possible_value(&tee).map(|v| v.get_name().to_string())

@@ -112,6 +112,13 @@ fn server_config(args: &KmsServeArgs, settings: &Settings) -> Result<ServerConfi
             .or_else(|| file.pccs_ca_cert.clone()),
         collateral_refresh: args.pccs.collateral_refresh.or(file.collateral_refresh),
     };
+    config.own_tee = settings.tee.map(|tee| ppml_kms_server::OwnTee {
+        tee: tee.tee(),
+        sim_platform_key: settings
+            .sim_platform_key
+            .clone()
+            .unwrap_or_else(|| settings.home.join("sim-platform.pk8")),
+    });
     config.attestation = AttestationSettings {
         allow_simulation: args.allow_simulation || file.allow_simulation,
         sgx_collateral: args

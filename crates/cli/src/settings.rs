@@ -56,6 +56,8 @@ impl Settings {
             kms_url: global.kms_url.clone(),
             kms_fingerprint: global.kms_fingerprint.clone(),
             kms_ca_cert: global.kms_ca_cert.clone(),
+            kms_policy: global.kms_policy.clone(),
+            kms_collateral: global.kms_collateral.clone(),
             owner_key: global.owner_key.clone(),
             grant: global.grant.clone(),
         })?;

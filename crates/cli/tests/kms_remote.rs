@@ -887,3 +887,63 @@ fn copy_dir(from: &Path, to: &Path) {
         std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
     }
 }
+
+/// A KMS in the (simulated) TEE proves itself over TLS: a client with `--kms-policy` enrolls
+/// and works with it; the same client refuses a KMS outside a TEE (exit 4) and sends it
+/// nothing that needs a credential.
+#[test]
+fn clients_verify_the_kms_before_trusting_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let kms_platform = dir.path().join("kms-platform.pk8");
+    let in_tee = serve_tls_with(
+        &dir.path().join("kms"),
+        &[
+            "--tee".as_ref(),
+            "sim".as_ref(),
+            "--sim-platform-key".as_ref(),
+            kms_platform.as_os_str(),
+        ],
+    );
+    let home = dir.path().join("home");
+    let platform = stdout(&run(ppml(&home)
+        .env("PPML_SIM_PLATFORM_KEY", &kms_platform)
+        .args(["attest", "sim-platform"])))
+    .trim()
+    .to_string();
+    let policy = stdout(&run(ppml(&home).args([
+        "attest",
+        "policy",
+        "new",
+        "--tee",
+        "sim",
+        "--this-binary",
+        "--sim-platform",
+        &platform,
+    ])));
+    let policy_file = dir.path().join("kms-policy.json");
+    std::fs::write(&policy_file, policy).unwrap();
+
+    let verified = |server: &Server, home: &Path| {
+        ppml(home)
+            .args(["kms", "enroll", "--kms-url", &server.url])
+            .args(["--kms-fingerprint", &server.fingerprint])
+            .arg("--kms-policy")
+            .arg(&policy_file)
+            .output()
+            .unwrap()
+    };
+    let enrolled = verified(&in_tee, &home);
+    assert!(enrolled.status.success(), "{enrolled:?}");
+    assert!(stdout(&enrolled).contains("appid = "), "{enrolled:?}");
+
+    let outside = serve_tls(&dir.path().join("plain-kms"));
+    let other_home = dir.path().join("other-home");
+    let refused = verified(&outside, &other_home);
+    assert_eq!(refused.status.code(), Some(4), "{refused:?}");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("the KMS is not trusted") && stderr.contains("does not run in a TEE"),
+        "{stderr}"
+    );
+    assert!(!other_home.join("config.toml").exists());
+}

@@ -142,6 +142,90 @@ impl ServerCertVerifier for PinnedCertificate {
     }
 }
 
+/// Accepts what `inner` accepts, and then only the first certificate it saw: the client's
+/// connections all go to one certificate, the one the KMS's quote binds
+/// ([`RemoteKmsConfig::kms_policy`]).
+#[derive(Debug)]
+struct OneCertificate {
+    inner: Arc<dyn ServerCertVerifier>,
+    seen: std::sync::Mutex<Option<[u8; 32]>>,
+}
+
+impl OneCertificate {
+    fn seen(&self) -> Option<[u8; 32]> {
+        *self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl ServerCertVerifier for OneCertificate {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        let digest: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, end_entity.as_ref())
+            .as_ref()
+            .try_into()
+            .expect("32-byte digest");
+        let mut seen = self
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match *seen {
+            None => *seen = Some(digest),
+            Some(first) if bool::from(subtle::ConstantTimeEq::ct_eq(&first[..], &digest[..])) => {}
+            Some(_) => {
+                return Err(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::ApplicationVerificationFailure,
+                ));
+            }
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The client's own policy for the KMS (`docs/attestation.md` §8).
+#[derive(Clone, Debug)]
+pub struct KmsPolicy {
+    /// What the KMS must be: its TEE and measurement, as for runtimes. A simulated KMS is
+    /// accepted only on the platforms the policy names.
+    pub policy: ppml_attestation::Policy,
+    /// Collateral for the KMS platform's SGX or TDX quotes (not needed for simulation).
+    pub collateral: Option<ppml_attestation::dcap::Collateral>,
+}
+
 /// Where the KMS is and how to trust it.
 #[derive(Clone, Debug)]
 pub struct RemoteKmsConfig {
@@ -151,6 +235,11 @@ pub struct RemoteKmsConfig {
     pub trust: TlsTrust,
     /// Per-request timeout.
     pub timeout: Duration,
+    /// Verify the KMS before trusting it: at connection, before any credential or key is
+    /// sent, the client asks for the KMS's quote (`GenerateQuote`) over a fresh challenge and
+    /// the TLS certificate of its connection, and refuses a KMS this policy does not accept
+    /// ([`KmsError::UntrustedKms`]); every later connection must present the same certificate.
+    pub kms_policy: Option<KmsPolicy>,
 }
 
 impl RemoteKmsConfig {
@@ -160,6 +249,7 @@ impl RemoteKmsConfig {
             url: url.into(),
             trust: TlsTrust::default(),
             timeout: Duration::from_secs(30),
+            kms_policy: None,
         }
     }
 }
@@ -225,12 +315,77 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn http_client(config: &RemoteKmsConfig) -> Result<reqwest::Client, KmsError> {
+/// The certificate verifier of `trust`, as reqwest would build it, for [`OneCertificate`].
+fn certificate_verifier(
+    trust: &TlsTrust,
+    provider: Arc<CryptoProvider>,
+) -> Result<Arc<dyn ServerCertVerifier>, KmsError> {
+    let webpki = |roots: rustls::RootCertStore| {
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .map(|v| v as Arc<dyn ServerCertVerifier>)
+            .map_err(|e| KmsError::InvalidConfig(format!("TLS trust: {e}")))
+    };
+    match trust {
+        TlsTrust::Fingerprint(sha256) => Ok(Arc::new(PinnedCertificate {
+            sha256: *sha256,
+            provider: provider.clone(),
+        })),
+        TlsTrust::CaFile(path) => {
+            use rustls::pki_types::pem::PemObject as _;
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(path).map_err(|e| {
+                KmsError::InvalidConfig(format!("{}: {e}", path.display()))
+            })? {
+                let cert = cert.map_err(|e| {
+                    KmsError::InvalidConfig(format!("{}: not a PEM certificate: {e}", path.display()))
+                })?;
+                roots.add(cert).map_err(|e| {
+                    KmsError::InvalidConfig(format!("{}: {e}", path.display()))
+                })?;
+            }
+            webpki(roots)
+        }
+        TlsTrust::SystemRoots => {
+            let mut roots = rustls::RootCertStore::empty();
+            let (added, _) =
+                roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+            if added == 0 {
+                return Err(KmsError::InvalidConfig(
+                    "no trusted root certificates on this system".into(),
+                ));
+            }
+            webpki(roots)
+        }
+    }
+}
+
+fn http_client(
+    config: &RemoteKmsConfig,
+) -> Result<(reqwest::Client, Option<Arc<OneCertificate>>), KmsError> {
     let builder = reqwest::Client::builder()
         .timeout(config.timeout)
         .tcp_nodelay(true)
         .pool_max_idle_per_host(64)
         .user_agent(concat!("ppml/", env!("CARGO_PKG_VERSION")));
+    if config.kms_policy.is_some() {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = Arc::new(OneCertificate {
+            inner: certificate_verifier(&config.trust, provider.clone())?,
+            seen: std::sync::Mutex::new(None),
+        });
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| KmsError::InvalidConfig(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier.clone())
+            .with_no_client_auth();
+        let client = builder
+            .use_preconfigured_tls(tls)
+            .build()
+            .map_err(|e| KmsError::InvalidConfig(format!("building the HTTP client: {e}")))?;
+        return Ok((client, Some(verifier)));
+    }
     let builder = match &config.trust {
         TlsTrust::SystemRoots => builder,
         TlsTrust::CaFile(path) => {
@@ -256,9 +411,10 @@ fn http_client(config: &RemoteKmsConfig) -> Result<reqwest::Client, KmsError> {
             builder.use_preconfigured_tls(tls)
         }
     };
-    builder
+    let client = builder
         .build()
-        .map_err(|e| KmsError::InvalidConfig(format!("building the HTTP client: {e}")))
+        .map_err(|e| KmsError::InvalidConfig(format!("building the HTTP client: {e}")))?;
+    Ok((client, None))
 }
 
 /// Whether `url`'s host is `localhost` or a loopback IP address.
@@ -311,9 +467,10 @@ impl RemoteKms {
                 config.url
             )));
         }
+        let (http, certificate) = http_client(config)?;
         let mut kms = RemoteKms {
             endpoint: format!("{base}/ehsm"),
-            http: http_client(config)?,
+            http,
             creds,
             kms_id: String::new(),
             owner: None,
@@ -324,7 +481,60 @@ impl RemoteKms {
             Some(id) if !id.is_empty() => id.to_string(),
             _ => format!("ehsm:{base}"),
         };
+        if let Some(policy) = &config.kms_policy {
+            // Plain HTTP (loopback only) has no certificate: the KMS binds zeros.
+            let certificate = match certificate {
+                Some(verifier) if base.starts_with("https://") => {
+                    verifier.seen().ok_or_else(|| {
+                        KmsError::UntrustedKms("no TLS certificate was presented".into())
+                    })?
+                }
+                _ => [0; 32],
+            };
+            kms.verify_kms(policy, &certificate).await?;
+        }
         Ok(kms)
+    }
+
+    /// Asks the KMS for its quote over a fresh challenge and checks it against `policy`,
+    /// bound to the certificate of this client's connections (`docs/attestation.md` §8).
+    async fn verify_kms(&self, policy: &KmsPolicy, certificate: &[u8; 32]) -> Result<(), KmsError> {
+        use ppml_attestation::peer::{kms_quote_report_data, verify_peer_evidence};
+        let untrusted = |reason: String| KmsError::UntrustedKms(reason);
+        let mut challenge = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut challenge)
+            .map_err(|_| KmsError::Random)?;
+        let answer = self
+            .unsigned_with(
+                Action::GenerateQuote,
+                &[("challenge", BASE64.encode(challenge).as_str())],
+            )
+            .await
+            .map_err(|e| untrusted(format!("it gave no quote: {e}")))?;
+        let tee: ppml_attestation::Tee =
+            serde_json::from_value(answer.get("tee").cloned().unwrap_or(Value::Null))
+                .map_err(|_| KmsError::Protocol("GenerateQuote without a valid \"tee\"".into()))?;
+        let quote = BASE64
+            .decode(string_field(&answer, "quote")?)
+            .map_err(|_| KmsError::Protocol("GenerateQuote's quote is not base64".into()))?;
+        let evidence = ppml_attestation::Evidence { tee, quote };
+        let expected = kms_quote_report_data(&challenge, certificate, &self.kms_id);
+        let now = now_ms() / 1000;
+        let claims = verify_peer_evidence(
+            &evidence,
+            &expected,
+            &policy.policy,
+            policy.collateral.as_ref(),
+            now,
+        )
+        .map_err(|e| untrusted(e.to_string()))?;
+        tracing::info!(
+            kms_id = %self.kms_id,
+            tee = %claims.tee,
+            measurement = claims.measurements.mrenclave.as_deref().or(claims.measurements.mrtd.as_deref()).unwrap_or(""),
+            "the KMS's evidence satisfies the KMS policy"
+        );
+        Ok(())
     }
 
     /// Signs the requests that need the data owner's authority with `owner`

@@ -1,5 +1,5 @@
-//! The eHSM REST API: `GET /ehsm?Action=Enroll|GetVersion`, `POST /ehsm?Action=...`, and
-//! `GET /metrics` (Prometheus text format).
+//! The eHSM REST API: `GET /ehsm?Action=Enroll|GetVersion|GenerateQuote`,
+//! `POST /ehsm?Action=...`, and `GET /metrics` (Prometheus text format).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -57,6 +57,7 @@ fn is_blocking(action: Option<Action>) -> bool {
         action,
         Some(
             A::VerifyQuote
+                | A::GenerateQuote
                 | A::SetKeyReleasePolicy
                 | A::UploadQuotePolicy
                 | A::Attest
@@ -154,6 +155,15 @@ pub struct ServerState {
     request_ids: RequestIds,
     bigdl_ras: bool,
     enrollments: std::sync::Mutex<TokenBucket>,
+    own_evidence: Option<OwnEvidence>,
+    quotes: std::sync::Mutex<TokenBucket>,
+}
+
+/// The KMS's own TEE, which answers `GenerateQuote` (docs/attestation.md §8).
+struct OwnEvidence {
+    provider: Arc<dyn ppml_attestation::EvidenceProvider>,
+    /// SHA-256 of the TLS certificate the server presents (zeros for plain HTTP).
+    tls_cert_sha256: [u8; 32],
 }
 
 /// A budget of `capacity` events at once, refilled by one per `refill` (enrollments: each
@@ -193,6 +203,9 @@ impl TokenBucket {
 /// `Enroll`s allowed at once, and the refill per second after that.
 const ENROLL_BURST: u32 = 30;
 const ENROLL_PER_SEC: f64 = 1.0;
+/// `GenerateQuote` needs no credential either, and a hardware quote costs milliseconds.
+const QUOTE_BURST: u32 = 64;
+const QUOTE_PER_SEC: f64 = 32.0;
 
 /// Request ids: a random prefix per server start and a counter, e.g. `3f9a01c2-42`.
 #[derive(Debug)]
@@ -322,7 +335,24 @@ impl ServerState {
             request_ids: RequestIds::new(),
             bigdl_ras: false,
             enrollments: std::sync::Mutex::new(TokenBucket::new(ENROLL_BURST, ENROLL_PER_SEC)),
+            own_evidence: None,
+            quotes: std::sync::Mutex::new(TokenBucket::new(QUOTE_BURST, QUOTE_PER_SEC)),
         }
+    }
+
+    /// Answers `GenerateQuote` with evidence from `provider`, the TEE this server runs in,
+    /// binding the SHA-256 of the TLS certificate it serves (`None`: plain HTTP, bound as
+    /// zeros), so clients can verify the KMS before they trust it (docs/attestation.md §8).
+    pub fn with_own_evidence(
+        mut self,
+        provider: Arc<dyn ppml_attestation::EvidenceProvider>,
+        tls_cert_sha256: Option<[u8; 32]>,
+    ) -> Self {
+        self.own_evidence = Some(OwnEvidence {
+            provider,
+            tls_cert_sha256: tls_cert_sha256.unwrap_or([0; 32]),
+        });
+        self
     }
 
     /// Records every request in `audit` (docs/kms-audit.md) before answering it; when the log
@@ -427,6 +457,8 @@ struct ActionQuery {
     action: Option<String>,
     /// `Enroll`: the owner's Ed25519 public key (base64url).
     owner_key: Option<String>,
+    /// `GenerateQuote`: the client's challenge (base64).
+    challenge: Option<String>,
 }
 
 fn now_ms() -> u64 {
@@ -503,7 +535,7 @@ async fn handle_get(
         let request_id = request_id.clone();
         move |state| {
             let mut context = RequestContext::new(request_id);
-            let result = unsigned(state, &action, q.owner_key.as_deref(), &mut context);
+            let result = unsigned(state, &action, &q, &mut context);
             (result, context)
         }
     })
@@ -540,12 +572,12 @@ async fn handle_post(
 fn unsigned(
     state: &ServerState,
     action: &str,
-    owner_key: Option<&str>,
+    query: &ActionQuery,
     context: &mut RequestContext,
 ) -> Result<Value, ApiError> {
     match action {
         "Enroll" => {
-            let owner_key = match owner_key {
+            let owner_key = match query.owner_key.as_deref() {
                 None => None,
                 Some(text) => {
                     Some(ppml_kms::owner::parse_public_key(text).ok_or(ApiError::PayloadType)?)
@@ -574,8 +606,42 @@ fn unsigned(
             "kms_id": state.store.kms_id(),
             "attestation_key": state.attestation.as_ref().map(|a| hex::encode(a.public_key())),
         })),
+        "GenerateQuote" => generate_quote(state, query.challenge.as_deref()),
         _ => Err(ApiError::UnknownAction),
     }
+}
+
+/// The KMS's quote over a client's challenge, its TLS certificate and its id.
+fn generate_quote(state: &ServerState, challenge: Option<&str>) -> Result<Value, ApiError> {
+    use ppml_attestation::peer::{MAX_CHALLENGE_LEN, MIN_CHALLENGE_LEN, kms_quote_report_data};
+    let own = state.own_evidence.as_ref().ok_or_else(|| {
+        ApiError::AttestationFailed("this KMS does not run in a TEE".into())
+    })?;
+    let challenge = BASE64
+        .decode(challenge.ok_or(RequestError::MissingParameters)?)
+        .map_err(|_| ApiError::Base64)?;
+    if !(MIN_CHALLENGE_LEN..=MAX_CHALLENGE_LEN).contains(&challenge.len()) {
+        return Err(ApiError::PayloadType);
+    }
+    let allowed = state
+        .quotes
+        .lock()
+        .is_ok_and(|mut bucket| bucket.take(Instant::now()));
+    if !allowed {
+        return Err(ApiError::RateLimited);
+    }
+    let kms_id = state.store.kms_id();
+    let report_data = kms_quote_report_data(&challenge, &own.tls_cert_sha256, kms_id);
+    let evidence = own.provider.evidence(&report_data).map_err(|e| {
+        tracing::error!(error = %e, "the KMS's own evidence is unavailable");
+        ApiError::AttestationFailed(format!("the KMS's evidence is unavailable: {e}"))
+    })?;
+    Ok(json!({
+        "challenge": BASE64.encode(&challenge),
+        "tee": evidence.tee.to_string(),
+        "quote": BASE64.encode(&evidence.quote),
+        "kms_id": kms_id,
+    }))
 }
 
 /// Validates the envelope (docs/kms-api.md §4, in that order) and runs the action.
@@ -587,7 +653,12 @@ fn signed(
 ) -> Result<Value, ApiError> {
     let action = Action::from_name(action).ok_or(ApiError::UnknownAction)?;
     if !action.is_signed() {
-        return unsigned(state, action.name(), None, context);
+        let query = ActionQuery {
+            action: None,
+            owner_key: None,
+            challenge: None,
+        };
+        return unsigned(state, action.name(), &query, context);
     }
     let value: Value = serde_json::from_slice(body).map_err(|_| RequestError::ParamType)?;
     let obj = value.as_object().ok_or(RequestError::ParamType)?;

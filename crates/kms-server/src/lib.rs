@@ -19,7 +19,8 @@ pub mod tls;
 pub use api::{ServerState, router};
 pub use error::ApiError;
 pub use server::{
-    AttestationSettings, KmsServer, RootKeySource, ServerConfig, ServerError, TlsMode, serve,
+    AttestationSettings, KmsServer, OwnTee, RootKeySource, ServerConfig, ServerError, TlsMode,
+    serve,
 };
 pub use store::PassphraseParams;
 pub use store::{RootKey, Store};

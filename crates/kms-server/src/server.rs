@@ -363,6 +363,18 @@ pub struct ServerConfig {
     pub attestation: AttestationSettings,
     /// Serve BigDL-RAS's unsigned `/registerPolicy` and `/verifyQuote` (off by default).
     pub bigdl_ras: bool,
+    /// The TEE this server runs in, if any: it then answers `GenerateQuote` with its own
+    /// evidence, so that clients can verify it (docs/attestation.md §8).
+    pub own_tee: Option<OwnTee>,
+}
+
+/// The TEE a KMS server runs in.
+#[derive(Clone, Debug)]
+pub struct OwnTee {
+    /// SGX (Gramine), TDX (configfs-tsm) or the simulated TEE (development only).
+    pub tee: Tee,
+    /// The simulation platform key of [`Tee::Sim`] (created if missing).
+    pub sim_platform_key: PathBuf,
 }
 
 impl ServerConfig {
@@ -378,8 +390,24 @@ impl ServerConfig {
             },
             attestation: AttestationSettings::default(),
             bigdl_ras: false,
+            own_tee: None,
         }
     }
+}
+
+/// The SHA-256 of the certificate `identity` serves, from its printed fingerprint.
+fn tls_cert_sha256(identity: &TlsIdentity) -> Result<[u8; 32], ServerError> {
+    identity
+        .fingerprint
+        .strip_prefix("sha256:")
+        .and_then(|text| hex::decode(text).ok())
+        .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+        .ok_or_else(|| {
+            ServerError::Attestation(format!(
+                "unexpected certificate fingerprint {:?}",
+                identity.fingerprint
+            ))
+        })
 }
 
 /// The store, audit log and attestation seed of a data directory.
@@ -517,6 +545,23 @@ impl KmsServer {
             .with_attestation(attestation);
         if config.bigdl_ras {
             state = state.with_bigdl_ras();
+        }
+        if let Some(own) = &config.own_tee {
+            let provider = ppml_attestation::evidence::provider_for(own.tee, &own.sim_platform_key)
+                .map_err(|e| {
+                    ServerError::Attestation(format!(
+                        "the {} evidence of this KMS: {e}",
+                        own.tee
+                    ))
+                })?;
+            let cert_sha256 = tls.as_ref().map(tls_cert_sha256).transpose()?;
+            if own.tee == Tee::Sim {
+                tracing::warn!(
+                    "this KMS answers GenerateQuote from a SIMULATED TEE: no hardware \
+                     protection (development only)"
+                );
+            }
+            state = state.with_own_evidence(provider, cert_sha256);
         }
         let state = Arc::new(state);
         Ok(KmsServer {

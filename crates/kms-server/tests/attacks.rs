@@ -774,6 +774,80 @@ async fn attack_a_simulation_platform_the_owner_did_not_name_is_refused() {
     );
 }
 
+/// A KMS on loopback that answers `GenerateQuote` from `own` (its TEE and the certificate
+/// digest it binds), or not at all.
+async fn kms_with_evidence(own: Option<(Arc<SimTee>, [u8; 32])>) -> (String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let (root, _) = RootKey::generate().unwrap();
+    let store = Store::open(dir.path(), root).unwrap();
+    let mut state = ServerState::new(store);
+    if let Some((tee, certificate)) = own {
+        // Plain HTTP binds zeros; any other digest is what a relay of another KMS would show.
+        state = state.with_own_evidence(tee, Some(certificate));
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let router = router(Arc::new(state));
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    (url, dir)
+}
+
+/// Attack 11, a KMS the clients did not ask for: the host runs the KMS outside any TEE, or
+/// another KMS build, or relays the quote of a genuine KMS from behind an endpoint of its own.
+/// A client with a KMS policy asks the KMS for its quote over a fresh challenge and the TLS
+/// certificate of its connection before it sends anything secret, and refuses each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_a_kms_the_clients_policy_does_not_accept_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let platform = SimPlatform::load_or_create(dir.path().join("kms-platform.pk8")).unwrap();
+    let kms_policy = ppml_kms_client::KmsPolicy {
+        policy: Policy {
+            allow_simulation: true,
+            sim_platforms: vec![hex::encode(platform.public_key())],
+            ..Policy::strict(vec![AllowedMeasurement {
+                tee: Some(Tee::Sim),
+                mrenclave: Some(hex::encode(executable_measurement().unwrap())),
+                ..AllowedMeasurement::default()
+            }])
+        },
+        collateral: None,
+    };
+    let tee = Arc::new(SimTee::new(platform));
+    let connect = |url: String, policy: ppml_kms_client::KmsPolicy| async move {
+        let mut config = RemoteKmsConfig::new(url);
+        config.kms_policy = Some(policy);
+        RemoteKms::connect(&config, None).await
+    };
+
+    // The genuine KMS in its TEE: accepted, and enrolling works.
+    let (url, _genuine) = kms_with_evidence(Some((tee.clone(), [0; 32]))).await;
+    let kms = connect(url.clone(), kms_policy.clone()).await.unwrap();
+    kms.enroll().await.unwrap();
+
+    // Outside any TEE.
+    let (plain, _plain_dir) = kms_with_evidence(None).await;
+    let refused = connect(plain, kms_policy.clone()).await.unwrap_err();
+    assert!(
+        matches!(&refused, KmsError::UntrustedKms(reason) if reason.contains("does not run in a TEE")),
+        "{refused}"
+    );
+    // Another build than the policy names.
+    let mut other_build = kms_policy.clone();
+    other_build.policy.allowed[0].mrenclave = Some("ab".repeat(32));
+    let refused = connect(url, other_build).await.unwrap_err();
+    assert!(
+        matches!(&refused, KmsError::UntrustedKms(reason) if reason.contains("measurement")),
+        "{refused}"
+    );
+    // A quote bound to another TLS endpoint than the client's connection (a relay).
+    let (relay, _relay_dir) = kms_with_evidence(Some((tee, [7; 32]))).await;
+    let refused = connect(relay, kms_policy).await.unwrap_err();
+    assert!(
+        matches!(&refused, KmsError::UntrustedKms(reason) if reason.contains("not bound")),
+        "{refused}"
+    );
+}
+
 /// `docs/threat-model.md` §2 names a test for every attack; each named test exists (in this
 /// file unless the row names another).
 #[test]

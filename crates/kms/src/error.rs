@@ -90,6 +90,11 @@ pub enum KmsError {
     /// Attestation failed: evidence could not be collected, or the KMS refused it.
     #[error("attestation failed: {0}")]
     Attestation(String),
+    /// The client's policy for the KMS refuses it: its quote is missing, does not verify, is
+    /// not bound to this challenge and TLS connection, or shows a runtime the policy does not
+    /// allow. Nothing secret was sent to it.
+    #[error("the KMS is not trusted: {0}")]
+    UntrustedKms(String),
     /// The KMS server's answer does not follow the protocol.
     #[error("the KMS answered outside the protocol: {0}")]
     Protocol(String),
@@ -119,6 +124,7 @@ impl KmsError {
                 | KmsError::NotMarkedForRelease
                 | KmsError::GrantRefused(_)
                 | KmsError::Attestation(_)
+                | KmsError::UntrustedKms(_)
         )
     }
 }

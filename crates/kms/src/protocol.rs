@@ -20,6 +20,9 @@ pub enum Action {
     Enroll,
     /// `GET`, unsigned: the server's version and KMS id.
     GetVersion,
+    /// `GET`, unsigned: a quote of the KMS's own TEE over a client's challenge and its TLS
+    /// certificate, for clients that verify the KMS before trusting it.
+    GenerateQuote,
     /// Creates a primary key.
     CreateKey,
     /// A data key in plaintext and wrapped.
@@ -79,9 +82,10 @@ pub enum OwnerAuthority {
 
 impl Action {
     /// Every action, in the order of `docs/kms-api.md` §5.
-    pub const ALL: [Action; 21] = [
+    pub const ALL: [Action; 22] = [
         Action::Enroll,
         Action::GetVersion,
+        Action::GenerateQuote,
         Action::CreateKey,
         Action::GenerateDataKey,
         Action::GenerateDataKeyWithoutPlaintext,
@@ -108,6 +112,7 @@ impl Action {
         match self {
             Action::Enroll => "Enroll",
             Action::GetVersion => "GetVersion",
+            Action::GenerateQuote => "GenerateQuote",
             Action::CreateKey => "CreateKey",
             Action::GenerateDataKey => "GenerateDataKey",
             Action::GenerateDataKeyWithoutPlaintext => "GenerateDataKeyWithoutPlaintext",
@@ -135,9 +140,12 @@ impl Action {
         Action::ALL.into_iter().find(|a| a.name() == name)
     }
 
-    /// False for the two unsigned `GET` actions, true for every signed `POST` one.
+    /// False for the unsigned `GET` actions, true for every signed `POST` one.
     pub fn is_signed(self) -> bool {
-        !matches!(self, Action::Enroll | Action::GetVersion)
+        !matches!(
+            self,
+            Action::Enroll | Action::GetVersion | Action::GenerateQuote
+        )
     }
 
     /// Whether the signed envelope must carry a `payload` (`docs/kms-api.md` §4 rule 1: the
@@ -174,6 +182,7 @@ impl Action {
             self,
             Action::Enroll
                 | Action::GetVersion
+                | Action::GenerateQuote
                 | Action::CreateKey
                 | Action::GenerateDataKey
                 | Action::GenerateDataKeyWithoutPlaintext

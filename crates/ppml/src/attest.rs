@@ -37,7 +37,7 @@ pub fn sim_platform(
     path: Option<&Path>,
     home: &Path,
 ) -> Result<ppml_attestation::sim::SimPlatform> {
-    let path = path.map_or_else(|| home.join("sim-platform.pk8"), Path::to_path_buf);
+    let path = sim_platform_path(path, home);
     ppml_attestation::sim::SimPlatform::load_or_create(&path).map_err(|e| Error::Config {
         what: format!("loading the simulation platform key {}", path.display()),
         reason: e.to_string(),
@@ -50,15 +50,18 @@ pub fn evidence_provider(
     config: &AttestationConfig,
     home: &Path,
 ) -> Result<Arc<dyn EvidenceProvider>> {
-    Ok(match config.tee {
-        Tee::Sim => {
-            tracing::warn!("SIMULATED TEE: no hardware protection; for development only");
-            let platform = sim_platform(config.sim_platform_key.as_deref(), home)?;
-            Arc::new(ppml_attestation::sim::SimTee::new(platform))
-        }
-        Tee::Sgx => Arc::new(ppml_attestation::evidence::GramineSgx::default()),
-        Tee::Tdx => Arc::new(ppml_attestation::evidence::ConfigfsTdx::default()),
+    if config.tee == Tee::Sim {
+        tracing::warn!("SIMULATED TEE: no hardware protection; for development only");
+    }
+    let path = sim_platform_path(config.sim_platform_key.as_deref(), home);
+    ppml_attestation::evidence::provider_for(config.tee, &path).map_err(|e| Error::Config {
+        what: format!("loading the simulation platform key {}", path.display()),
+        reason: e.to_string(),
     })
+}
+
+fn sim_platform_path(path: Option<&Path>, home: &Path) -> PathBuf {
+    path.map_or_else(|| home.join("sim-platform.pk8"), Path::to_path_buf)
 }
 
 impl OpenKms {

@@ -62,6 +62,11 @@ pub struct KmsSection {
     pub fingerprint: Option<String>,
     /// CA certificate (PEM) of the server.
     pub ca_cert: Option<PathBuf>,
+    /// The client's policy for the KMS itself (JSON): verify the KMS's quote before
+    /// trusting it.
+    pub kms_policy: Option<PathBuf>,
+    /// Collateral JSON for the KMS platform's SGX or TDX quotes.
+    pub kms_collateral: Option<PathBuf>,
     /// The data owner's key (PKCS#8), for the actions only the owner may ask.
     pub owner_key: Option<PathBuf>,
 }
@@ -158,6 +163,10 @@ pub struct GivenSettings {
     pub kms_fingerprint: Option<String>,
     /// `PPML_KMS_CA_CERT`.
     pub kms_ca_cert: Option<PathBuf>,
+    /// `PPML_KMS_POLICY`.
+    pub kms_policy: Option<PathBuf>,
+    /// `PPML_KMS_COLLATERAL`.
+    pub kms_collateral: Option<PathBuf>,
     /// `PPML_OWNER_KEY`.
     pub owner_key: Option<PathBuf>,
     /// `PPML_GRANT`.
@@ -179,6 +188,8 @@ impl GivenSettings {
             kms_url: text("PPML_KMS_URL"),
             kms_fingerprint: text("PPML_KMS_FINGERPRINT"),
             kms_ca_cert: path("PPML_KMS_CA_CERT"),
+            kms_policy: path("PPML_KMS_POLICY"),
+            kms_collateral: path("PPML_KMS_COLLATERAL"),
             owner_key: path("PPML_OWNER_KEY"),
             grant: path("PPML_GRANT"),
         }
@@ -204,6 +215,11 @@ pub struct Settings {
     pub kms_fingerprint: Option<String>,
     /// CA certificate of the KMS server.
     pub kms_ca_cert: Option<PathBuf>,
+    /// The client's policy for the KMS (`docs/attestation.md` §8): when set, a KMS whose
+    /// quote it does not accept is refused before any credential is sent.
+    pub kms_policy: Option<PathBuf>,
+    /// Collateral for the KMS platform's SGX or TDX quotes.
+    pub kms_collateral: Option<PathBuf>,
     /// The data owner's key file [default: `$PPML_HOME/owner.pk8`, used when it exists].
     pub owner_key: Option<PathBuf>,
     /// The data owner's signed grant of the job to run ([`crate::grant`]) [default: one
@@ -251,6 +267,8 @@ impl Settings {
             kms_url: given.kms_url,
             kms_fingerprint: given.kms_fingerprint,
             kms_ca_cert: given.kms_ca_cert,
+            kms_policy: given.kms_policy,
+            kms_collateral: given.kms_collateral,
             owner_key: given.owner_key,
             grant: given.grant,
             server: ServerSection::default(),
@@ -273,6 +291,8 @@ impl Settings {
             settings.kms_url = settings.kms_url.or(file.kms.url);
             settings.kms_fingerprint = settings.kms_fingerprint.or(file.kms.fingerprint);
             settings.kms_ca_cert = settings.kms_ca_cert.or(file.kms.ca_cert);
+            settings.kms_policy = settings.kms_policy.or(file.kms.kms_policy);
+            settings.kms_collateral = settings.kms_collateral.or(file.kms.kms_collateral);
             settings.owner_key = settings.owner_key.or(file.kms.owner_key);
             server_sections.push(file.server);
         }
@@ -301,6 +321,28 @@ impl Settings {
             (None, Some(path)) => TlsTrust::CaFile(path.clone()),
             (None, None) => TlsTrust::SystemRoots,
         };
+        if let Some(path) = &self.kms_policy {
+            let config_error = |reason: String| Error::Config {
+                what: format!("the KMS policy {}", path.display()),
+                reason,
+            };
+            let text = std::fs::read_to_string(path).map_err(|e| config_error(e.to_string()))?;
+            let policy: ppml_attestation::Policy =
+                serde_json::from_str(&text).map_err(|e| config_error(e.to_string()))?;
+            policy.check().map_err(|e| config_error(e.to_string()))?;
+            let collateral = match &self.kms_collateral {
+                None => None,
+                Some(file) => Some(
+                    ppml_attestation::dcap::Collateral::from_file(file).map_err(|e| {
+                        Error::Config {
+                            what: format!("the KMS collateral {}", file.display()),
+                            reason: e.to_string(),
+                        }
+                    })?,
+                ),
+            };
+            config.kms_policy = Some(ppml_kms_client::KmsPolicy { policy, collateral });
+        }
         Ok(Some(config))
     }
 
