@@ -89,9 +89,18 @@ mod tests {
     #[test]
     fn report_data_binds_every_field() {
         let base = kms_quote_report_data(b"challenge-0123456", &[1; 32], "ppml-kms:a");
-        assert_ne!(base, kms_quote_report_data(b"challenge-0123457", &[1; 32], "ppml-kms:a"));
-        assert_ne!(base, kms_quote_report_data(b"challenge-0123456", &[2; 32], "ppml-kms:a"));
-        assert_ne!(base, kms_quote_report_data(b"challenge-0123456", &[1; 32], "ppml-kms:b"));
+        assert_ne!(
+            base,
+            kms_quote_report_data(b"challenge-0123457", &[1; 32], "ppml-kms:a")
+        );
+        assert_ne!(
+            base,
+            kms_quote_report_data(b"challenge-0123456", &[2; 32], "ppml-kms:a")
+        );
+        assert_ne!(
+            base,
+            kms_quote_report_data(b"challenge-0123456", &[1; 32], "ppml-kms:b")
+        );
     }
 
     #[test]

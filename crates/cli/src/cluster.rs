@@ -388,7 +388,10 @@ fn forwarded_env(global: &crate::cli::GlobalArgs, settings: &Settings) -> Vec<(S
     );
     put(
         "PPML_KMS_COLLATERAL",
-        global.kms_collateral.as_ref().map(|p| p.display().to_string()),
+        global
+            .kms_collateral
+            .as_ref()
+            .map(|p| p.display().to_string()),
     );
     put(
         "PPML_TEE",

@@ -153,7 +153,10 @@ struct OneCertificate {
 
 impl OneCertificate {
     fn seen(&self) -> Option<[u8; 32]> {
-        *self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        *self
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -321,10 +324,13 @@ fn certificate_verifier(
     provider: Arc<CryptoProvider>,
 ) -> Result<Arc<dyn ServerCertVerifier>, KmsError> {
     let webpki = |roots: rustls::RootCertStore| {
-        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .build()
-            .map(|v| v as Arc<dyn ServerCertVerifier>)
-            .map_err(|e| KmsError::InvalidConfig(format!("TLS trust: {e}")))
+        rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .build()
+        .map(|v| v as Arc<dyn ServerCertVerifier>)
+        .map_err(|e| KmsError::InvalidConfig(format!("TLS trust: {e}")))
     };
     match trust {
         TlsTrust::Fingerprint(sha256) => Ok(Arc::new(PinnedCertificate {
@@ -334,15 +340,18 @@ fn certificate_verifier(
         TlsTrust::CaFile(path) => {
             use rustls::pki_types::pem::PemObject as _;
             let mut roots = rustls::RootCertStore::empty();
-            for cert in CertificateDer::pem_file_iter(path).map_err(|e| {
-                KmsError::InvalidConfig(format!("{}: {e}", path.display()))
-            })? {
+            for cert in CertificateDer::pem_file_iter(path)
+                .map_err(|e| KmsError::InvalidConfig(format!("{}: {e}", path.display())))?
+            {
                 let cert = cert.map_err(|e| {
-                    KmsError::InvalidConfig(format!("{}: not a PEM certificate: {e}", path.display()))
+                    KmsError::InvalidConfig(format!(
+                        "{}: not a PEM certificate: {e}",
+                        path.display()
+                    ))
                 })?;
-                roots.add(cert).map_err(|e| {
-                    KmsError::InvalidConfig(format!("{}: {e}", path.display()))
-                })?;
+                roots
+                    .add(cert)
+                    .map_err(|e| KmsError::InvalidConfig(format!("{}: {e}", path.display())))?;
             }
             webpki(roots)
         }

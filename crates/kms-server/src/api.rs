@@ -528,7 +528,7 @@ async fn handle_get(
     Query(q): Query<ActionQuery>,
 ) -> Response {
     let started = Instant::now();
-    let action = q.action.unwrap_or_default();
+    let action = q.action.clone().unwrap_or_default();
     let request_id = state.request_ids.next();
     let (result, context) = run_action(&state, &action, {
         let action = action.clone();
@@ -614,9 +614,10 @@ fn unsigned(
 /// The KMS's quote over a client's challenge, its TLS certificate and its id.
 fn generate_quote(state: &ServerState, challenge: Option<&str>) -> Result<Value, ApiError> {
     use ppml_attestation::peer::{MAX_CHALLENGE_LEN, MIN_CHALLENGE_LEN, kms_quote_report_data};
-    let own = state.own_evidence.as_ref().ok_or_else(|| {
-        ApiError::AttestationFailed("this KMS does not run in a TEE".into())
-    })?;
+    let own = state
+        .own_evidence
+        .as_ref()
+        .ok_or_else(|| ApiError::AttestationFailed("this KMS does not run in a TEE".into()))?;
     let challenge = BASE64
         .decode(challenge.ok_or(RequestError::MissingParameters)?)
         .map_err(|_| ApiError::Base64)?;

@@ -549,10 +549,7 @@ impl KmsServer {
         if let Some(own) = &config.own_tee {
             let provider = ppml_attestation::evidence::provider_for(own.tee, &own.sim_platform_key)
                 .map_err(|e| {
-                    ServerError::Attestation(format!(
-                        "the {} evidence of this KMS: {e}",
-                        own.tee
-                    ))
+                    ServerError::Attestation(format!("the {} evidence of this KMS: {e}", own.tee))
                 })?;
             let cert_sha256 = tls.as_ref().map(tls_cert_sha256).transpose()?;
             if own.tee == Tee::Sim {

@@ -332,14 +332,12 @@ impl Settings {
             policy.check().map_err(|e| config_error(e.to_string()))?;
             let collateral = match &self.kms_collateral {
                 None => None,
-                Some(file) => Some(
-                    ppml_attestation::dcap::Collateral::from_file(file).map_err(|e| {
-                        Error::Config {
-                            what: format!("the KMS collateral {}", file.display()),
-                            reason: e.to_string(),
-                        }
-                    })?,
-                ),
+                Some(file) => Some(ppml_attestation::dcap::Collateral::from_file(file).map_err(
+                    |e| Error::Config {
+                        what: format!("the KMS collateral {}", file.display()),
+                        reason: e.to_string(),
+                    },
+                )?),
             };
             config.kms_policy = Some(ppml_kms_client::KmsPolicy { policy, collateral });
         }
