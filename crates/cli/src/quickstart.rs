@@ -61,13 +61,18 @@ fn actual_rows(result: &Path) -> Result<RowSet> {
 }
 
 /// Starts a KMS server (plain HTTP on loopback, inside this process) over
-/// `work/kms-server`, accepting simulated TEEs (of the platforms policies name); returns its
-/// URL. It stops when the process ends.
+/// `work/kms-server`, accepting simulated TEEs (of the platforms policies name) and itself
+/// in the simulated TEE of the platform `work/kms-platform.pk8`, so that clients can verify
+/// it; returns its URL. It stops when the process ends.
 async fn start_in_process_kms(work: &Path) -> Result<String> {
     let mut config = ppml_kms_server::ServerConfig::new(work.join("kms-server"));
     config.listen = "127.0.0.1:0".into();
     config.tls = ppml_kms_server::TlsMode::InsecureHttp;
     config.attestation.allow_simulation = true;
+    config.own_tee = Some(ppml_kms_server::OwnTee {
+        tee: ppml_attestation::Tee::Sim,
+        sim_platform_key: work.join("kms-platform.pk8"),
+    });
     let server = ppml_kms_server::KmsServer::start(&config).await?;
     let url = server.url();
     tokio::spawn(async move {
@@ -110,9 +115,31 @@ pub async fn run(args: &QuickstartArgs, settings: &mut Settings) -> Result<()> {
              simulated TEE",
             work.join("kms-server").display()
         );
+        // The owner's policy for the KMS: this very binary in the simulated TEE of the KMS's
+        // platform. Every client below verifies the KMS's quote against it first.
+        let kms_platform =
+            ppml::sim_platform(Some(&work.join("kms-platform.pk8")), &settings.home)?;
+        let kms_policy = ppml_attestation::Policy::for_runtime(
+            &ppml_attestation::policy::AllowedMeasurement {
+                tee: Some(ppml_attestation::Tee::Sim),
+                mrenclave: Some(hex::encode(ppml_attestation::sim::executable_measurement()?)),
+                ..Default::default()
+            },
+            &[kms_platform.public_key()],
+        )?;
+        let kms_policy_path = work.join("kms-policy.json");
+        fs::write(&kms_policy_path, serde_json::to_string_pretty(&kms_policy)?)
+            .with_context(|| format!("writing {}", kms_policy_path.display()))?;
+        println!(
+            "      the KMS runs in the simulated TEE; clients verify its quote against {} \
+             (--kms-policy) before they send anything",
+            kms_policy_path.display()
+        );
         settings.kms_url = Some(url);
         settings.kms_fingerprint = None;
         settings.kms_ca_cert = None;
+        settings.kms_policy = Some(kms_policy_path);
+        settings.kms_collateral = None;
         settings.tee = Some(crate::cli::TeeKind::Sim);
         settings.sim_platform_key = Some(work.join("sim-platform.pk8"));
         settings.appid = None;

@@ -287,6 +287,12 @@ fn quickstart_runs_the_whole_workflow() {
     // The main command runs the real protocol: a KMS server with its audit log, the
     // simulated TEE attesting, and keys released only through ReleaseDataKey.
     assert!(out.contains("simulated TEE"), "{out}");
+    // The KMS runs in the simulated TEE too, and the clients verified it first.
+    assert!(out.contains("clients verify its quote"), "{out}");
+    let kms_policy: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(work.join("kms-policy.json")).unwrap())
+            .unwrap();
+    assert_eq!(kms_policy["allow_simulation"], true);
     let audit = std::fs::read_to_string(work.join("kms-server/audit.log")).unwrap();
     for action in [
         "\"Attest\"",
