@@ -204,8 +204,8 @@ impl TokenBucket {
 const ENROLL_BURST: u32 = 30;
 const ENROLL_PER_SEC: f64 = 1.0;
 /// `GenerateQuote` needs no credential either, and a hardware quote costs milliseconds.
-const QUOTE_BURST: u32 = 64;
-const QUOTE_PER_SEC: f64 = 32.0;
+const QUOTE_BURST: u32 = 256;
+const QUOTE_PER_SEC: f64 = 64.0;
 
 /// Request ids: a random prefix per server start and a counter, e.g. `3f9a01c2-42`.
 #[derive(Debug)]
