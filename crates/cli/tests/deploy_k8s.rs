@@ -757,10 +757,16 @@ fn render(extra: &[&str]) -> Vec<Value> {
     )
 }
 
+/// `kmsClient.kmsPolicy` set to [`KMS_POLICY`] (a JSON string, for `--set-json`).
+const KMS_POLICY_SETTING: &str =
+    r#"kmsClient.kmsPolicy="{\"allowed\":[{\"tee\":\"sgx\",\"mrenclave\":\"ab\"}]}""#;
+const KMS_POLICY: &str = r#"{"allowed":[{"tee":"sgx","mrenclave":"ab"}]}"#;
+
 /// Chart settings rendered in the tests besides the defaults.
 const VARIANTS: &[&[&str]] = &[
     &[],
     &["--set", "submit.enabled=true"],
+    &["--set-json", KMS_POLICY_SETTING],
     &[
         "--set",
         "submit.enabled=true",
@@ -977,6 +983,40 @@ fn helm_lints_and_every_rendering_follows_the_rules() {
             assert_eq!(labelled, 0, "{variant:?}: labelled development without sim");
         }
     }
+
+    // The executors' policy for the KMS: a ConfigMap, mounted where PPML_KMS_POLICY points.
+    let docs = render(&["--set-json", KMS_POLICY_SETTING]);
+    let policy_map = docs
+        .iter()
+        .find(|d| {
+            str_at(d, "/kind") == Some("ConfigMap")
+                && str_at(d, "/metadata/name").is_some_and(|n| n.ends_with("-kms-policy"))
+        })
+        .expect("the KMS policy ConfigMap");
+    assert_eq!(
+        str_at(policy_map, "/data/kms-policy.json"),
+        Some(KMS_POLICY)
+    );
+    let executor = docs
+        .iter()
+        .filter_map(pod_template)
+        .find(|t| {
+            t.pointer("/spec/containers/0/args")
+                .and_then(Value::as_array)
+                .is_some_and(|a| a.iter().any(|v| v.as_str() == Some("executor")))
+        })
+        .expect("the executor's pod template");
+    let container = executor.pointer("/spec/containers/0").unwrap();
+    let env = container["env"].as_array().unwrap();
+    assert!(env.iter().any(|e| e["name"] == "PPML_KMS_POLICY"
+        && e["value"] == "/etc/ppml/kms-policy/kms-policy.json"));
+    assert!(
+        container["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["mountPath"] == "/etc/ppml/kms-policy")
+    );
 
     // The Grafana dashboard ConfigMap holds deploy/grafana/ppml-cluster.json (the chart's
     // files/ppml-cluster.json is a symbolic link to it).

@@ -118,6 +118,10 @@ commands.
 - name: PPML_KMS_CA_CERT
   value: /run/ppml/kms-ca/{{ .Values.kmsClient.caSecretKey }}
 {{- end }}
+{{- if .Values.kmsClient.kmsPolicy }}
+- name: PPML_KMS_POLICY
+  value: /etc/ppml/kms-policy/kms-policy.json
+{{- end }}
 - name: PPML_APPID
   valueFrom:
     secretKeyRef:
