@@ -1008,8 +1008,10 @@ fn helm_lints_and_every_rendering_follows_the_rules() {
         .expect("the executor's pod template");
     let container = executor.pointer("/spec/containers/0").unwrap();
     let env = container["env"].as_array().unwrap();
-    assert!(env.iter().any(|e| e["name"] == "PPML_KMS_POLICY"
-        && e["value"] == "/etc/ppml/kms-policy/kms-policy.json"));
+    assert!(
+        env.iter().any(|e| e["name"] == "PPML_KMS_POLICY"
+            && e["value"] == "/etc/ppml/kms-policy/kms-policy.json")
+    );
     assert!(
         container["volumeMounts"]
             .as_array()
