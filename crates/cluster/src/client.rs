@@ -19,12 +19,12 @@ use ballista_core::serde::protobuf::{
 use ballista_core::serde::scheduler::PartitionLocation;
 use ballista_core::version::insert_version_header;
 use datafusion::execution::SendableRecordBatchStream;
+use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
-use datafusion::physical_plan::{ExecutionPlan, ExecutionPlanProperties};
 use datafusion::prelude::SessionContext;
 use datafusion_proto::physical_plan::AsExecutionPlan;
 use datafusion_proto::protobuf::PhysicalPlanNode;
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 use ppml_engine::PlanRunner;
 use ppml_kms::error_chain;
 use ppml_kms::grant::SignedGrant;
@@ -294,53 +294,63 @@ impl PlanRunner for ClusterRunner {
             .await
             .map_err(datafusion::error::DataFusionError::from)?;
 
-        let partitions = plan.output_partitioning().partition_count();
+        let partitions =
+            final_stage_partitions(&plan, ctx).map_err(datafusion::error::DataFusionError::from)?;
         let files = result_files(partitions, locations)
             .map_err(datafusion::error::DataFusionError::from)?;
         let schema = plan.schema();
         Ok(files
             .into_iter()
-            .map(|locations| {
-                let key = key.clone();
-                let schema_for_files = schema.clone();
-                let customizer = self.customizer.clone();
-                let job = ballista_job.clone();
-                let files = futures::stream::iter(locations)
-                    .then(move |location| {
-                        let source = ShuffleSource {
-                            job_id: job.clone(),
-                            location,
-                            metrics: None,
-                        };
-                        source.open(
-                            None,
-                            key.clone(),
-                            schema_for_files.clone(),
-                            customizer.clone(),
-                        )
-                    })
-                    .try_flatten();
-                Box::pin(RecordBatchStreamAdapter::new(schema.clone(), files))
-                    as SendableRecordBatchStream
+            .map(|location| {
+                let source = ShuffleSource {
+                    job_id: ballista_job.clone(),
+                    location,
+                    metrics: None,
+                };
+                let file = source.open(None, key.clone(), schema.clone(), self.customizer.clone());
+                Box::pin(RecordBatchStreamAdapter::new(
+                    schema.clone(),
+                    futures::stream::once(file).try_flatten(),
+                )) as SendableRecordBatchStream
             })
             .collect())
     }
 }
 
-/// The final stage's files grouped by output partition, in partition order (at least the
-/// plan's `partitions`; the scheduler may cut the final stage finer). The list comes from
-/// the scheduler, outside the TEE, and each file proves only its own place in the job: a file
-/// listed twice would count its rows twice, and a file of another stage would put that
-/// stage's rows in the result, so both are refused.
+/// How many output partitions the job's final stage has: the scheduler cuts a submitted
+/// physical plan into stages with Ballista's static planner, which may change the root's
+/// partitioning (it drops a round-robin repartition at the root, for one), so the driver runs
+/// the same planner on its own plan rather than trusting the scheduler's count.
+fn final_stage_partitions(
+    plan: &Arc<dyn ExecutionPlan>,
+    ctx: &SessionContext,
+) -> Result<usize, ClusterError> {
+    use ballista_scheduler::planner::{DefaultDistributedPlanner, DistributedPlanner as _};
+    let config = ctx.copied_config();
+    let stages = DefaultDistributedPlanner::new().plan_query_stages(
+        &ballista_core::JobId::new("expected-stages"),
+        plan.clone(),
+        config.options(),
+    )?;
+    let last = stages
+        .last()
+        .ok_or_else(|| ClusterError::Plan("the plan makes no stage".into()))?;
+    Ok(last.input_partition_count())
+}
+
+/// The final stage's files in partition order, checked against the plan: the driver expects
+/// exactly one file for each of the final stage's `partitions` output partitions, all of one
+/// stage (each task of the final stage writes one file per partition it owns, empty or not).
+/// The list comes from the scheduler, outside the TEE: a partition missing or listed twice,
+/// or a file of another stage, would make a result with rows missing or counted twice that
+/// every file's own check accepts, so it is refused.
 pub(crate) fn result_files(
     partitions: usize,
     locations: Vec<PartitionLocation>,
-) -> Result<Vec<Vec<PartitionLocation>>, ClusterError> {
+) -> Result<Vec<PartitionLocation>, ClusterError> {
     let refused = |reason: String| Err(ClusterError::ShuffleFiles(reason));
     let stage = locations.first().map(|l| l.partition_id.stage_id);
-    let mut seen = std::collections::HashSet::with_capacity(locations.len());
-    let mut by_partition: std::collections::BTreeMap<usize, Vec<PartitionLocation>> =
-        (0..partitions).map(|p| (p, Vec::new())).collect();
+    let mut by_partition: Vec<Option<PartitionLocation>> = vec![None; partitions];
     for location in locations {
         let place = &location.partition_id;
         if Some(place.stage_id) != stage {
@@ -350,18 +360,28 @@ pub(crate) fn result_files(
                 place.stage_id
             ));
         }
-        if !seen.insert((place.partition_id, location.file_id)) {
-            return refused(format!(
-                "result partition {} file {:?} listed twice",
-                place.partition_id, location.file_id
-            ));
+        let partition = place.partition_id;
+        match by_partition.get_mut(partition) {
+            None => {
+                return refused(format!(
+                    "a result file of partition {partition}; the final stage has {partitions}"
+                ));
+            }
+            Some(Some(_)) => return refused(format!("result partition {partition} listed twice")),
+            Some(slot) => *slot = Some(location),
         }
-        by_partition
-            .entry(place.partition_id)
-            .or_default()
-            .push(location);
     }
-    Ok(by_partition.into_values().collect())
+    by_partition
+        .into_iter()
+        .enumerate()
+        .map(|(partition, file)| {
+            file.ok_or_else(|| {
+                ClusterError::ShuffleFiles(format!(
+                    "result partition {partition} of {partitions} is missing"
+                ))
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -391,29 +411,38 @@ mod tests {
         }
     }
 
-    fn refusal(result: Result<Vec<Vec<PartitionLocation>>, ClusterError>) -> String {
+    fn refusal(result: Result<Vec<PartitionLocation>, ClusterError>) -> String {
         match result {
             Err(ClusterError::ShuffleFiles(reason)) => reason,
             other => panic!("not refused: {other:?}"),
         }
     }
 
-    /// Attack 10, the scheduler alters the list of result files: lists a file twice, or
-    /// mixes in a file of another stage. The driver refuses each before reading a row.
+    /// Attack 10, the scheduler alters the list of result files: drops a partition, lists
+    /// one twice, adds a partition the final stage does not have, or mixes in a file of
+    /// another stage. The driver refuses each before reading a row.
     #[test]
-    fn attack_duplicated_or_foreign_result_files_are_refused() {
+    fn attack_missing_or_duplicated_result_partitions_are_refused() {
         let files = vec![file(3, 1, 11), file(3, 0, 10), file(3, 2, 12)];
-        let grouped = result_files(2, files.clone()).unwrap();
-        let order: Vec<Vec<usize>> = grouped
+        let ordered = result_files(3, files.clone()).unwrap();
+        let order: Vec<usize> = ordered
             .iter()
-            .map(|p| p.iter().map(|f| f.partition_id.partition_id).collect())
+            .map(|f| f.partition_id.partition_id)
             .collect();
-        assert_eq!(order, [vec![0], vec![1], vec![2]]);
-        assert_eq!(result_files(2, Vec::new()).unwrap().len(), 2);
+        assert_eq!(order, [0, 1, 2]);
+        assert_eq!(result_files(0, Vec::new()).unwrap().len(), 0);
 
+        let dropped = files[..2].to_vec();
+        assert!(refusal(result_files(3, dropped)).contains("partition 2 of 3 is missing"));
         let mut twice = files.clone();
         twice.push(files[0].clone());
         assert!(refusal(result_files(3, twice)).contains("listed twice"));
+        let mut retried = files.clone();
+        retried.push(file(3, 1, 99));
+        assert!(refusal(result_files(3, retried)).contains("partition 1 listed twice"));
+        let mut extra = files.clone();
+        extra.push(file(3, 3, 13));
+        assert!(refusal(result_files(3, extra)).contains("the final stage has 3"));
         let mut other_stage = files[..2].to_vec();
         other_stage.push(file(2, 2, 12));
         assert!(refusal(result_files(3, other_stage)).contains("stages 3 and 2"));

@@ -24,7 +24,7 @@
 //! cannot swap files between partitions or replay a file of another stage or task: it can only
 //! withhold data, which fails the read. The lists of files the scheduler hands out are checked
 //! as a whole: a reader refuses a file listed twice, one of another stage, or lists that mix
-//! partitions, and the driver refuses result files listed twice or of two stages. The format's authenticated end of
+//! partitions, and the driver wants exactly one file per partition of the final stage. The format's authenticated end of
 //! stream (the final-segment flag) turns any truncation into an error rather than a short
 //! result, even one that ends on an Arrow IPC message boundary.
 //!
