@@ -10,10 +10,10 @@
 use ring::digest;
 
 use crate::claims::Claims;
-use crate::dcap::{Collateral, verify_quote};
+use crate::dcap::Collateral;
 use crate::evidence::Evidence;
 use crate::policy::Policy;
-use crate::service::{AttestError, verify_sim_under};
+use crate::service::{AttestError, check_binding, verify_dcap_as, verify_sim_under};
 
 /// Domain separation prefix of [`kms_quote_report_data`].
 pub const KMS_QUOTE_DOMAIN: &[u8] = b"ppml-kms-quote/1";
@@ -57,24 +57,10 @@ pub fn verify_peer_evidence(
         crate::Tee::Sim => verify_sim_under(&evidence.quote, policy)?,
         tee => {
             let collateral = collateral.ok_or(AttestError::NoCollateral(tee))?;
-            let claims = verify_quote(&evidence.quote, collateral, now)
-                .map_err(|e| AttestError::Evidence(e.to_string()))?;
-            if claims.tee != tee {
-                return Err(AttestError::Evidence(format!(
-                    "declared {tee} evidence is a {} quote",
-                    claims.tee
-                )));
-            }
-            claims
+            verify_dcap_as(tee, &evidence.quote, collateral, now)?
         }
     };
-    let presented = claims.report_data_bytes().ok_or(AttestError::Binding)?;
-    if !bool::from(subtle::ConstantTimeEq::ct_eq(
-        &presented[..],
-        &expected_report_data[..],
-    )) {
-        return Err(AttestError::Binding);
-    }
+    check_binding(&claims, expected_report_data)?;
     policy.evaluate(&claims)?;
     Ok(claims)
 }

@@ -94,16 +94,7 @@ impl Policy {
     pub fn sim_platform_keys(&self) -> Result<Vec<[u8; 32]>, InvalidPolicy> {
         self.sim_platforms
             .iter()
-            .map(|text| {
-                let bytes = hex::decode(text)
-                    .ok()
-                    .and_then(|b| <[u8; 32]>::try_from(b).ok());
-                bytes.ok_or_else(|| {
-                    InvalidPolicy(format!(
-                        "sim_platforms entry {text:?} is not a 32-byte public key in hex"
-                    ))
-                })
-            })
+            .map(|text| parse_sim_platform(text))
             .collect()
     }
 
@@ -194,6 +185,18 @@ fn describe(claims: &Claims) -> String {
         }
     }
     parts.join(", ")
+}
+
+/// A simulation platform public key as policies name it: 64 hex digits (32 bytes).
+pub fn parse_sim_platform(text: &str) -> Result<[u8; 32], InvalidPolicy> {
+    hex::decode(text)
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .ok_or_else(|| {
+            InvalidPolicy(format!(
+                "simulation platform {text:?} is not a 32-byte public key in hex"
+            ))
+        })
 }
 
 /// Why a runtime description cannot make a policy ([`Policy::for_runtime`]).

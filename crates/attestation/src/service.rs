@@ -44,6 +44,35 @@ pub fn expected_report_data(nonce: &[u8], runtime_public_key: &[u8]) -> [u8; 64]
     out
 }
 
+/// Verifies a DCAP `quote` declared as `tee` evidence with `collateral`; a quote of another
+/// TEE than declared is refused.
+pub(crate) fn verify_dcap_as(
+    tee: Tee,
+    quote: &[u8],
+    collateral: &Collateral,
+    now: u64,
+) -> Result<Claims, AttestError> {
+    let claims =
+        verify_quote(quote, collateral, now).map_err(|e| AttestError::Evidence(e.to_string()))?;
+    if claims.tee != tee {
+        return Err(AttestError::Evidence(format!(
+            "declared {tee} evidence is a {} quote",
+            claims.tee
+        )));
+    }
+    Ok(claims)
+}
+
+/// Refuses claims whose report data is not `expected` (compared in constant time).
+pub(crate) fn check_binding(claims: &Claims, expected: &[u8; 64]) -> Result<(), AttestError> {
+    let presented = claims.report_data_bytes().ok_or(AttestError::Binding)?;
+    if ring_eq(expected, &presented) {
+        Ok(())
+    } else {
+        Err(AttestError::Binding)
+    }
+}
+
 /// Verifies a simulated quote with the platform keys `policy` names, if it allows simulation.
 pub(crate) fn verify_sim_under(quote: &[u8], policy: &Policy) -> Result<Claims, AttestError> {
     if !policy.allow_simulation {
@@ -306,22 +335,10 @@ impl AttestationService {
             }
             tee => {
                 let collateral = self.dcap_collateral(tee, &evidence.quote, now)?;
-                let claims = verify_quote(&evidence.quote, &collateral, now)
-                    .map_err(|e| AttestError::Evidence(e.to_string()))?;
-                if claims.tee != tee {
-                    return Err(AttestError::Evidence(format!(
-                        "declared {tee} evidence is a {} quote",
-                        claims.tee
-                    )));
-                }
-                claims
+                verify_dcap_as(tee, &evidence.quote, &collateral, now)?
             }
         };
-        let expected = expected_report_data(&nonce, runtime_key);
-        let presented = claims.report_data_bytes().ok_or(AttestError::Binding)?;
-        if !ring_eq(&expected, &presented) {
-            return Err(AttestError::Binding);
-        }
+        check_binding(&claims, &expected_report_data(&nonce, runtime_key))?;
         policy.evaluate(&claims)?;
         let token = TokenClaims {
             iss: self.id.clone(),

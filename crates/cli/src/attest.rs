@@ -95,15 +95,9 @@ pub fn new_policy(args: &PolicyNewArgs, settings: &Settings) -> Result<Policy> {
     } else {
         args.sim_platform
             .iter()
-            .map(|text| {
-                hex::decode(text)
-                    .ok()
-                    .and_then(|b| <[u8; 32]>::try_from(b).ok())
-                    .with_context(|| {
-                        format!("--sim-platform {text:?} is not a 32-byte public key in hex")
-                    })
-            })
-            .collect::<Result<_>>()?
+            .map(|text| ppml_attestation::policy::parse_sim_platform(text))
+            .collect::<Result<_, _>>()
+            .context("--sim-platform")?
     };
     let mrenclave = if args.this_binary {
         if tee != Tee::Sim {

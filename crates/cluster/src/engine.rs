@@ -234,6 +234,8 @@ impl PpmlExecutionEngine {
         let plan = plan
             .transform(|node| {
                 if let Some(reader) = node.downcast_ref::<ShuffleReaderExec>() {
+                    // The scheduler's lists of input files, checked once per task.
+                    check_partition_files(reader.stage_id, reader.broadcast, &reader.partition)?;
                     let reader = PpmlShuffleReaderExec::new(
                         reader,
                         job_id.as_str(),
@@ -624,7 +626,6 @@ impl ExecutionPlan for PpmlShuffleReaderExec {
                 self.stage_id
             ))
         })?;
-        check_partition_files(self.stage_id, self.broadcast, &self.partition)?;
         let key = self.key.get().cloned().ok_or_else(|| {
             DataFusionError::Internal("the job key was not released before reading".into())
         })?;

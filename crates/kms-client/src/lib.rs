@@ -79,32 +79,61 @@ impl TlsTrust {
     }
 }
 
-/// Accepts exactly one pinned certificate; handshake signatures are still verified with the
-/// provider's algorithms, so the server must hold the pinned certificate's private key.
+/// The client's check of the KMS's certificate when it is not reqwest's own: a chain to a
+/// CA or the system roots (`chain`), and one certificate only (`pinned`): the fingerprint
+/// given, or, with a KMS policy and no fingerprint, the first certificate the chain accepted
+/// (the one the KMS's quote is then checked against). Handshake signatures are verified with
+/// the provider's algorithms, so the server must hold the certificate's private key.
 #[derive(Debug)]
-struct PinnedCertificate {
-    sha256: [u8; 32],
+struct ServerCertificate {
+    chain: Option<Arc<rustls::client::WebPkiServerVerifier>>,
+    pinned: std::sync::Mutex<Option<[u8; 32]>>,
     provider: Arc<CryptoProvider>,
 }
 
-impl ServerCertVerifier for PinnedCertificate {
+impl ServerCertificate {
+    /// The certificate this client accepts, once there is one.
+    fn pinned(&self) -> Option<[u8; 32]> {
+        *self
+            .pinned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl ServerCertVerifier for ServerCertificate {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        use subtle::ConstantTimeEq as _;
-        let digest = ring::digest::digest(&ring::digest::SHA256, end_entity.as_ref());
-        if bool::from(digest.as_ref().ct_eq(&self.sha256)) {
-            Ok(ServerCertVerified::assertion())
-        } else {
+        let refused = || {
             Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::ApplicationVerificationFailure,
             ))
+        };
+        if let Some(chain) = &self.chain {
+            chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
         }
+        let digest: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, end_entity.as_ref())
+            .as_ref()
+            .try_into()
+            .expect("32-byte digest");
+        let mut pinned = self
+            .pinned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match *pinned {
+            // Only a certificate the chain accepted is pinned on first use.
+            None if self.chain.is_some() => *pinned = Some(digest),
+            None => return refused(),
+            Some(pin) if bool::from(subtle::ConstantTimeEq::ct_eq(&pin[..], &digest[..])) => {}
+            Some(_) => return refused(),
+        }
+        Ok(ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -139,83 +168,6 @@ impl ServerCertVerifier for PinnedCertificate {
         self.provider
             .signature_verification_algorithms
             .supported_schemes()
-    }
-}
-
-/// Accepts what `inner` accepts, and then only the first certificate it saw: the client's
-/// connections all go to one certificate, the one the KMS's quote binds
-/// ([`RemoteKmsConfig::kms_policy`]).
-#[derive(Debug)]
-struct OneCertificate {
-    inner: Arc<dyn ServerCertVerifier>,
-    seen: std::sync::Mutex<Option<[u8; 32]>>,
-}
-
-impl OneCertificate {
-    fn seen(&self) -> Option<[u8; 32]> {
-        *self
-            .seen
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
-impl ServerCertVerifier for OneCertificate {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        self.inner.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        )?;
-        let digest: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, end_entity.as_ref())
-            .as_ref()
-            .try_into()
-            .expect("32-byte digest");
-        let mut seen = self
-            .seen
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match *seen {
-            None => *seen = Some(digest),
-            Some(first) if bool::from(subtle::ConstantTimeEq::ct_eq(&first[..], &digest[..])) => {}
-            Some(_) => {
-                return Err(rustls::Error::InvalidCertificate(
-                    rustls::CertificateError::ApplicationVerificationFailure,
-                ));
-            }
-        }
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
     }
 }
 
@@ -318,25 +270,23 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// The certificate verifier of `trust`, as reqwest would build it, for [`OneCertificate`].
-fn certificate_verifier(
+/// The [`ServerCertificate`] check of `trust`: a fingerprint is the pin; with a CA or the
+/// system roots, the first certificate they accept becomes it.
+fn server_certificate(
     trust: &TlsTrust,
     provider: Arc<CryptoProvider>,
-) -> Result<Arc<dyn ServerCertVerifier>, KmsError> {
-    let webpki = |roots: rustls::RootCertStore| {
+) -> Result<ServerCertificate, KmsError> {
+    let chain = |roots: rustls::RootCertStore| {
         rustls::client::WebPkiServerVerifier::builder_with_provider(
             Arc::new(roots),
             provider.clone(),
         )
         .build()
-        .map(|v| v as Arc<dyn ServerCertVerifier>)
+        .map(Some)
         .map_err(|e| KmsError::InvalidConfig(format!("TLS trust: {e}")))
     };
-    match trust {
-        TlsTrust::Fingerprint(sha256) => Ok(Arc::new(PinnedCertificate {
-            sha256: *sha256,
-            provider: provider.clone(),
-        })),
+    let (chain, pinned) = match trust {
+        TlsTrust::Fingerprint(sha256) => (None, Some(*sha256)),
         TlsTrust::CaFile(path) => {
             use rustls::pki_types::pem::PemObject as _;
             let mut roots = rustls::RootCertStore::empty();
@@ -353,7 +303,7 @@ fn certificate_verifier(
                     .add(cert)
                     .map_err(|e| KmsError::InvalidConfig(format!("{}: {e}", path.display())))?;
             }
-            webpki(roots)
+            (chain(roots)?, None)
         }
         TlsTrust::SystemRoots => {
             let mut roots = rustls::RootCertStore::empty();
@@ -364,66 +314,54 @@ fn certificate_verifier(
                     "no trusted root certificates on this system".into(),
                 ));
             }
-            webpki(roots)
+            (chain(roots)?, None)
         }
-    }
+    };
+    Ok(ServerCertificate {
+        chain,
+        pinned: std::sync::Mutex::new(pinned),
+        provider,
+    })
 }
 
 fn http_client(
     config: &RemoteKmsConfig,
-) -> Result<(reqwest::Client, Option<Arc<OneCertificate>>), KmsError> {
+) -> Result<(reqwest::Client, Option<Arc<ServerCertificate>>), KmsError> {
     let builder = reqwest::Client::builder()
         .timeout(config.timeout)
         .tcp_nodelay(true)
         .pool_max_idle_per_host(64)
         .user_agent(concat!("ppml/", env!("CARGO_PKG_VERSION")));
-    if config.kms_policy.is_some() {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let verifier = Arc::new(OneCertificate {
-            inner: certificate_verifier(&config.trust, provider.clone())?,
-            seen: std::sync::Mutex::new(None),
-        });
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| KmsError::InvalidConfig(e.to_string()))?
-            .dangerous()
-            .with_custom_certificate_verifier(verifier.clone())
-            .with_no_client_auth();
-        let client = builder
-            .use_preconfigured_tls(tls)
-            .build()
-            .map_err(|e| KmsError::InvalidConfig(format!("building the HTTP client: {e}")))?;
-        return Ok((client, Some(verifier)));
-    }
-    let builder = match &config.trust {
-        TlsTrust::SystemRoots => builder,
-        TlsTrust::CaFile(path) => {
+    // A KMS policy or a fingerprint needs ppml's certificate check; a CA or the system roots
+    // alone are reqwest's.
+    let (builder, certificate) = match (&config.trust, &config.kms_policy) {
+        (TlsTrust::SystemRoots, None) => (builder, None),
+        (TlsTrust::CaFile(path), None) => {
             let pem = std::fs::read(path).map_err(|e| KmsError::storage(path, e))?;
             let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| {
                 KmsError::InvalidConfig(format!("{}: not a PEM certificate: {e}", path.display()))
             })?;
-            builder
+            let builder = builder
                 .tls_built_in_root_certs(false)
-                .add_root_certificate(cert)
+                .add_root_certificate(cert);
+            (builder, None)
         }
-        TlsTrust::Fingerprint(sha256) => {
+        (trust, _) => {
             let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+            let certificate = Arc::new(server_certificate(trust, provider.clone())?);
+            let tls = rustls::ClientConfig::builder_with_provider(provider)
                 .with_safe_default_protocol_versions()
                 .map_err(|e| KmsError::InvalidConfig(e.to_string()))?
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(PinnedCertificate {
-                    sha256: *sha256,
-                    provider,
-                }))
+                .with_custom_certificate_verifier(certificate.clone())
                 .with_no_client_auth();
-            builder.use_preconfigured_tls(tls)
+            (builder.use_preconfigured_tls(tls), Some(certificate))
         }
     };
     let client = builder
         .build()
         .map_err(|e| KmsError::InvalidConfig(format!("building the HTTP client: {e}")))?;
-    Ok((client, None))
+    Ok((client, certificate))
 }
 
 /// Whether `url`'s host is `localhost` or a loopback IP address.
@@ -494,7 +432,7 @@ impl RemoteKms {
             // Plain HTTP (loopback only) has no certificate: the KMS binds zeros.
             let certificate = match certificate {
                 Some(verifier) if base.starts_with("https://") => {
-                    verifier.seen().ok_or_else(|| {
+                    verifier.pinned().ok_or_else(|| {
                         KmsError::UntrustedKms("no TLS certificate was presented".into())
                     })?
                 }

@@ -200,6 +200,18 @@ impl TokenBucket {
     }
 }
 
+/// Takes one event from `bucket`, or refuses the request (`rate_limited`).
+fn rate_limit(bucket: &std::sync::Mutex<TokenBucket>) -> Result<(), ApiError> {
+    if bucket
+        .lock()
+        .is_ok_and(|mut bucket| bucket.take(Instant::now()))
+    {
+        Ok(())
+    } else {
+        Err(ApiError::RateLimited)
+    }
+}
+
 /// `Enroll`s allowed at once, and the refill per second after that.
 const ENROLL_BURST: u32 = 30;
 const ENROLL_PER_SEC: f64 = 1.0;
@@ -451,7 +463,7 @@ async fn handle_metrics(State(state): State<Arc<ServerState>>) -> Response {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Default, Deserialize)]
 struct ActionQuery {
     #[serde(rename = "Action")]
     action: Option<String>,
@@ -583,13 +595,7 @@ fn unsigned(
                     Some(ppml_kms::owner::parse_public_key(text).ok_or(ApiError::PayloadType)?)
                 }
             };
-            let allowed = state
-                .enrollments
-                .lock()
-                .is_ok_and(|mut bucket| bucket.take(Instant::now()));
-            if !allowed {
-                return Err(ApiError::RateLimited);
-            }
+            rate_limit(&state.enrollments)?;
             if let Some(key) = owner_key {
                 context.detail =
                     Some(json!({"owner_key": URL_SAFE_NO_PAD.encode(key)}).to_string());
@@ -624,13 +630,7 @@ fn generate_quote(state: &ServerState, challenge: Option<&str>) -> Result<Value,
     if !(MIN_CHALLENGE_LEN..=MAX_CHALLENGE_LEN).contains(&challenge.len()) {
         return Err(ApiError::PayloadType);
     }
-    let allowed = state
-        .quotes
-        .lock()
-        .is_ok_and(|mut bucket| bucket.take(Instant::now()));
-    if !allowed {
-        return Err(ApiError::RateLimited);
-    }
+    rate_limit(&state.quotes)?;
     let kms_id = state.store.kms_id();
     let report_data = kms_quote_report_data(&challenge, &own.tls_cert_sha256, kms_id);
     let evidence = own.provider.evidence(&report_data).map_err(|e| {
@@ -654,12 +654,7 @@ fn signed(
 ) -> Result<Value, ApiError> {
     let action = Action::from_name(action).ok_or(ApiError::UnknownAction)?;
     if !action.is_signed() {
-        let query = ActionQuery {
-            action: None,
-            owner_key: None,
-            challenge: None,
-        };
-        return unsigned(state, action.name(), &query, context);
+        return unsigned(state, action.name(), &ActionQuery::default(), context);
     }
     let value: Value = serde_json::from_slice(body).map_err(|_| RequestError::ParamType)?;
     let obj = value.as_object().ok_or(RequestError::ParamType)?;

@@ -395,21 +395,6 @@ impl ServerConfig {
     }
 }
 
-/// The SHA-256 of the certificate `identity` serves, from its printed fingerprint.
-fn tls_cert_sha256(identity: &TlsIdentity) -> Result<[u8; 32], ServerError> {
-    identity
-        .fingerprint
-        .strip_prefix("sha256:")
-        .and_then(|text| hex::decode(text).ok())
-        .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
-        .ok_or_else(|| {
-            ServerError::Attestation(format!(
-                "unexpected certificate fingerprint {:?}",
-                identity.fingerprint
-            ))
-        })
-}
-
 /// The store, audit log and attestation seed of a data directory.
 struct DataDir {
     store: Store,
@@ -551,7 +536,7 @@ impl KmsServer {
                 .map_err(|e| {
                     ServerError::Attestation(format!("the {} evidence of this KMS: {e}", own.tee))
                 })?;
-            let cert_sha256 = tls.as_ref().map(tls_cert_sha256).transpose()?;
+            let cert_sha256 = tls.as_ref().map(|identity| identity.cert_sha256);
             if own.tee == Tee::Sim {
                 tracing::warn!(
                     "this KMS answers GenerateQuote from a SIMULATED TEE: no hardware \
