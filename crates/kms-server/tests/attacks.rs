@@ -848,6 +848,44 @@ async fn attack_a_kms_the_clients_policy_does_not_accept_is_refused() {
     );
 }
 
+/// Attack 9f for `GenerateQuote`: it needs no credential and a hardware quote costs the KMS
+/// milliseconds, so anyone who reaches the KMS could keep it busy. The server answers 256 at
+/// once, then 64 per second, and refuses challenges outside 16 to 64 bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_a_quote_flood_is_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let (root, _) = RootKey::generate().unwrap();
+    let store = Store::open(dir.path(), root).unwrap();
+    let platform = SimPlatform::load_or_create(dir.path().join("kms-platform.pk8")).unwrap();
+    let state = ServerState::new(store).with_own_evidence(Arc::new(SimTee::new(platform)), None);
+    let router = router(Arc::new(state));
+    use base64::Engine as _;
+    let quote = |challenge: &[u8]| {
+        let challenge = base64::engine::general_purpose::STANDARD.encode(challenge);
+        ask(
+            &router,
+            get_request(&format!("GenerateQuote&challenge={challenge}")),
+        )
+    };
+    assert_refused(&quote(&[1; 8]).await, "payload_type");
+    // The bucket refills while the flood runs: count what passes until the first refusal.
+    let started = std::time::Instant::now();
+    let mut answered = 0u32;
+    let refused = loop {
+        let answer = quote(&[1; 32]).await;
+        if answer["code"] != 200 || answered > 10_000 {
+            break answer;
+        }
+        answered += 1;
+    };
+    assert_refused(&refused, "rate_limited");
+    let refilled = (started.elapsed().as_secs_f64() * 64.0).ceil() as u32;
+    assert!(
+        (256..=256 + refilled).contains(&answered),
+        "{answered} quotes before the limit ({refilled} refilled)"
+    );
+}
+
 /// `docs/threat-model.md` §2 names a test for every attack; each named test exists (in this
 /// file unless the row names another).
 #[test]
