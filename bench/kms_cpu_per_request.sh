@@ -2,8 +2,10 @@
 # One run of the KMS load test with a fresh `ppml kms serve` (TLS, audit log on), reporting
 # throughput and the server's and the client's CPU time per request (from /proc/PID/stat and
 # `time`). Alternate two binaries over several runs and compare medians.
-# With KMS_IN_TEE=1 the server runs in the simulated TEE and the client verifies it with a KMS
-# policy (--kms-policy) before it starts, as clients of an attested KMS do.
+# With KMS_IN_TEE=1 the server runs in the simulated TEE, starts sealed and is unsealed with
+# `ppml kms unseal` (a binary without that command gets a root key file instead), and the
+# client verifies it with a KMS policy (--kms-policy) before it starts, as clients of an
+# attested KMS do.
 # Usage: [KMS_IN_TEE=1] bench/kms_cpu_per_request.sh PPML_BINARY [CONNECTIONS] [SECONDS]
 set -euo pipefail
 bin="$1"; connections="${2:-64}"; seconds="${3:-8}"
@@ -23,6 +25,11 @@ pid=$!
 for _ in $(seq 100); do grep -q listening "$work/out" 2>/dev/null && break; sleep 0.1; done
 url=$(grep -o 'https://[0-9.:]*' "$work/out" | head -1)
 fingerprint=$(awk '/fingerprint:/ {print $3}' "$work/out")
+if [ "${KMS_IN_TEE:-0}" = 1 ] && grep -q "is sealed" "$work/out"; then
+    PPML_HOME="$work/h" "$bin" --kms-url "$url" --kms-fingerprint "$fingerprint" \
+        "${client_policy[@]}" kms unseal --root-key-file "$work/owner-root.key" --create \
+        > /dev/null
+fi
 ticks() { awk '{print $14 + $15}' "/proc/$pid/stat"; }
 hz=$(getconf CLK_TCK)
 before=$(ticks)

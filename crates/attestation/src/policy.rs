@@ -53,6 +53,11 @@ pub struct Policy {
     /// keys only, so trusting one host's development platform is each owner's own choice.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sim_platforms: Vec<String>,
+    /// Only in a client's policy for a KMS (`--kms-policy`, `docs/attestation.md` §9): the
+    /// root key ids (64 hex digits, as `ppml kms unseal` prints them) the KMS may hold. Empty:
+    /// any root key. A key's release policy has none (the KMS refuses one that names any).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kms_root_ids: Vec<String>,
 }
 
 fn default_statuses() -> Vec<String> {
@@ -69,6 +74,7 @@ impl Policy {
             allow_debug: false,
             allow_simulation: false,
             sim_platforms: Vec::new(),
+            kms_root_ids: Vec::new(),
         }
     }
 
@@ -87,7 +93,22 @@ impl Policy {
                     .into(),
             ));
         }
-        self.sim_platform_keys().map(drop)
+        self.sim_platform_keys()?;
+        self.kms_root_id_values().map(drop)
+    }
+
+    /// The root key ids of [`Self::kms_root_ids`].
+    pub fn kms_root_id_values(&self) -> Result<Vec<[u8; 32]>, InvalidPolicy> {
+        self.kms_root_ids
+            .iter()
+            .map(|text| {
+                parse_hex32(text).ok_or_else(|| {
+                    InvalidPolicy(format!(
+                        "kms_root_ids: {text:?} is not a root id (64 hex digits)"
+                    ))
+                })
+            })
+            .collect()
     }
 
     /// The public keys of [`Self::sim_platforms`].
@@ -189,14 +210,17 @@ fn describe(claims: &Claims) -> String {
 
 /// A simulation platform public key as policies name it: 64 hex digits (32 bytes).
 pub fn parse_sim_platform(text: &str) -> Result<[u8; 32], InvalidPolicy> {
+    parse_hex32(text).ok_or_else(|| {
+        InvalidPolicy(format!(
+            "simulation platform {text:?} is not a 32-byte public key in hex"
+        ))
+    })
+}
+
+fn parse_hex32(text: &str) -> Option<[u8; 32]> {
     hex::decode(text)
         .ok()
         .and_then(|b| <[u8; 32]>::try_from(b).ok())
-        .ok_or_else(|| {
-            InvalidPolicy(format!(
-                "simulation platform {text:?} is not a 32-byte public key in hex"
-            ))
-        })
 }
 
 /// Why a runtime description cannot make a policy ([`Policy::for_runtime`]).

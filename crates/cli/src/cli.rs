@@ -714,8 +714,12 @@ pub enum KmsCommand {
     Disable(KeyIdArg),
     /// Enable a disabled primary key (KMS server only)
     Enable(KeyIdArg),
-    /// Run the KMS server (eHSM-compatible REST API, see docs/kms-api.md)
+    /// Run the KMS server (eHSM-compatible REST API, see docs/kms-api.md). With --tee it
+    /// starts sealed: it serves no key until its owner runs `ppml kms unseal`
     Serve(Box<KmsServeArgs>),
+    /// Unseal a KMS that runs in a TEE (--kms-url): verify its quote against --kms-policy,
+    /// then send it the root key sealed to the key its quote binds; prints its root id
+    Unseal(UnsealArgs),
     /// Load-test a KMS server (--kms-url): signed GenerateDataKeyWithoutPlaintext and Decrypt
     /// from N concurrent connections; prints throughput and latency percentiles
     Bench(KmsBenchArgs),
@@ -742,6 +746,20 @@ pub struct KmsInitArgs {
     /// Extra DNS name or IP for the self-signed certificate (repeatable)
     #[arg(long, value_name = "NAME", requires = "server")]
     pub tls_san: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct UnsealArgs {
+    /// The owner's root key file (64 hex characters, mode 0600); keep it off the KMS's host
+    #[arg(long, env = "PPML_KMS_ROOT_KEY_FILE", value_name = "FILE")]
+    pub root_key_file: PathBuf,
+    /// Create the root key file if it does not exist (the first unseal of a new KMS)
+    #[arg(long)]
+    pub create: bool,
+    /// Add the root id to the KMS policy's kms_root_ids, so that every client using the
+    /// policy trusts this KMS only while it holds this root key
+    #[arg(long)]
+    pub pin: bool,
 }
 
 #[derive(Debug, Args)]

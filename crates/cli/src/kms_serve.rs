@@ -41,6 +41,16 @@ fn data_dir(flag: &Option<PathBuf>, settings: &Settings) -> PathBuf {
         .unwrap_or_else(|| settings.home.join("kms-server"))
 }
 
+/// Whether the flags, env vars or `[server]` table give the server a root key.
+fn root_key_given(args: &RootKeyArgs, settings: &Settings) -> bool {
+    args.root_key_file.is_some()
+        || args.passphrase_file.is_some()
+        || settings.server.root_key_file.is_some()
+        || settings.server.passphrase_file.is_some()
+        || std::env::var_os("PPML_KMS_ROOT_KEY").is_some()
+        || std::env::var_os("PPML_KMS_PASSPHRASE").is_some()
+}
+
 /// The root key source of the flags, env vars and `[server]` table.
 fn root_key(args: &RootKeyArgs, settings: &Settings) -> RootKeySource {
     RootKeySource::from_env_or(
@@ -87,7 +97,13 @@ fn server_config(args: &KmsServeArgs, settings: &Settings) -> Result<ServerConfi
     if let Some(listen) = args.listen.clone().or_else(|| file.listen.clone()) {
         config.listen = listen;
     }
-    config.root_key = root_key(&args.root, settings);
+    // In a TEE the root key comes only from the owner's unseal; one given by the host is
+    // passed on so that the server refuses it by name.
+    config.root_key = if settings.tee.is_some() && !root_key_given(&args.root, settings) {
+        RootKeySource::Unseal
+    } else {
+        root_key(&args.root, settings)
+    };
     config.bigdl_ras = args.enable_bigdl_ras || file.bigdl_ras;
     config.tls = if args.insecure_http || file.insecure_http {
         TlsMode::InsecureHttp
@@ -169,13 +185,68 @@ pub async fn run(args: &KmsServeArgs, settings: &Settings) -> Result<()> {
             );
         }
     }
+    if server.is_sealed() {
+        println!(
+            "the KMS is sealed: its owner unseals it with `ppml kms unseal --kms-url {url} \
+             --kms-policy KMS_POLICY --root-key-file ROOT_KEY`"
+        );
+    }
     std::io::stdout().flush()?;
-    let head = server.run(shutdown_signal()).await?;
-    // Operators record this outside the machine: it is what shows a truncated tail.
-    eprintln!(
-        "ppml: audit log head at shutdown: seq {} hash {}",
-        head.seq, head.hash
-    );
+    // Operators record the head outside the machine: it is what shows a truncated tail.
+    match server.run(shutdown_signal()).await? {
+        Some(head) => eprintln!(
+            "ppml: audit log head at shutdown: seq {} hash {}",
+            head.seq, head.hash
+        ),
+        None => eprintln!("ppml: the KMS was never unsealed"),
+    }
+    Ok(())
+}
+
+/// `ppml kms unseal`: sends the owner's root key to the KMS that the KMS policy accepts.
+pub async fn unseal(args: &crate::cli::UnsealArgs, settings: &Settings) -> Result<()> {
+    let config = settings
+        .remote_config()?
+        .context("unsealing needs the KMS's URL (--kms-url or PPML_KMS_URL)")?;
+    let policy_path = settings
+        .kms_policy
+        .clone()
+        .context("unsealing needs a KMS policy (--kms-policy): the root key goes only to a KMS whose quote satisfies it")?;
+    let (root_key, created) =
+        ppml_kms_server::server::owner_root_key_file(&args.root_key_file, args.create)?;
+    if created {
+        eprintln!(
+            "ppml: created a new root key in {}: it is the only way to unseal this KMS after a \
+             restart; keep it safe and off the KMS's host",
+            args.root_key_file.display()
+        );
+    }
+    let outcome = ppml_kms_client::RemoteKms::unseal(&config, &root_key).await?;
+    let root_id = hex::encode(outcome.root_id);
+    if outcome.was_sealed {
+        println!("unsealed KMS {}", outcome.kms_id);
+    } else {
+        println!("KMS {} already holds this root key", outcome.kms_id);
+    }
+    println!("root id: {root_id}");
+    if args.pin {
+        if ppml::pin_kms_root_id(&policy_path, &outcome.root_id)? {
+            println!(
+                "pinned: {} now names this root id (kms_root_ids)",
+                policy_path.display()
+            );
+        }
+    } else if !config
+        .kms_policy
+        .as_ref()
+        .is_some_and(|p| p.policy.kms_root_ids.contains(&root_id))
+    {
+        println!(
+            "clients trust any root key until the KMS policy pins this one: add it to \
+             kms_root_ids in {} (or run again with --pin)",
+            policy_path.display()
+        );
+    }
     Ok(())
 }
 

@@ -296,6 +296,7 @@ async fn kms_command(command: &KmsCommand, settings: &mut Settings) -> Result<()
             }
         }
         KmsCommand::Serve(args) => kms_serve::run(args, settings).await?,
+        KmsCommand::Unseal(args) => kms_serve::unseal(args, settings).await?,
         KmsCommand::Bench(args) => kms_bench::run(args, settings).await?,
         KmsCommand::Audit(AuditCommand::Verify(args)) => kms_serve::audit_verify(args, settings)?,
     }

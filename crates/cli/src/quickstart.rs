@@ -63,9 +63,10 @@ fn actual_rows(result: &Path) -> Result<RowSet> {
 /// Starts a KMS server (plain HTTP on loopback, inside this process) over
 /// `work/kms-server`, accepting simulated TEEs (of the platforms policies name) and itself
 /// in the simulated TEE of the platform `work/kms-platform.pk8`, so that clients can verify
-/// it; returns its URL. It stops when the process ends.
+/// it; returns its URL. It starts sealed, and stops when the process ends.
 async fn start_in_process_kms(work: &Path) -> Result<String> {
     let mut config = ppml_kms_server::ServerConfig::new(work.join("kms-server"));
+    config.root_key = ppml_kms_server::RootKeySource::Unseal;
     config.listen = "127.0.0.1:0".into();
     config.tls = ppml_kms_server::TlsMode::InsecureHttp;
     config.attestation.allow_simulation = true;
@@ -130,16 +131,37 @@ pub async fn run(args: &QuickstartArgs, settings: &mut Settings) -> Result<()> {
         let kms_policy_path = work.join("kms-policy.json");
         fs::write(&kms_policy_path, serde_json::to_string_pretty(&kms_policy)?)
             .with_context(|| format!("writing {}", kms_policy_path.display()))?;
-        println!(
-            "      the KMS runs in the simulated TEE; clients verify its quote against {} \
-             (--kms-policy) before they send anything",
-            kms_policy_path.display()
-        );
         settings.kms_url = Some(url);
         settings.kms_fingerprint = None;
         settings.kms_ca_cert = None;
-        settings.kms_policy = Some(kms_policy_path);
+        settings.kms_policy = Some(kms_policy_path.clone());
         settings.kms_collateral = None;
+        // The owner unseals the KMS: its root key goes only to the KMS whose quote satisfies
+        // the policy, and the policy then pins that root key.
+        let owner_root = work.join("owner-root.key");
+        let earlier_root = ppml_kms_server::server::default_root_key_file(&work.join("kms-server"));
+        if !owner_root.exists() && earlier_root.exists() {
+            // A work directory whose KMS kept its root key on the host: the owner takes it.
+            fs::rename(&earlier_root, &owner_root)?;
+        }
+        let (root_key, _) = ppml_kms_server::server::owner_root_key_file(&owner_root, true)?;
+        let unsealed = ppml_kms_client::RemoteKms::unseal(
+            &settings
+                .remote_config()?
+                .context("a KMS URL is configured")?,
+            &root_key,
+        )
+        .await?;
+        ppml::pin_kms_root_id(&kms_policy_path, &unsealed.root_id)?;
+        settings.kms_policy = Some(kms_policy_path.clone());
+        println!(
+            "      the KMS runs in the simulated TEE, sealed until the owner's root key ({}) \
+             unsealed it; clients verify its quote and root id {:.16}… against {} \
+             (--kms-policy) before they send anything",
+            owner_root.display(),
+            hex::encode(unsealed.root_id),
+            kms_policy_path.display()
+        );
         settings.tee = Some(crate::cli::TeeKind::Sim);
         settings.sim_platform_key = Some(work.join("sim-platform.pk8"));
         settings.appid = None;

@@ -293,6 +293,15 @@ fn quickstart_runs_the_whole_workflow() {
         serde_json::from_str(&std::fs::read_to_string(work.join("kms-policy.json")).unwrap())
             .unwrap();
     assert_eq!(kms_policy["allow_simulation"], true);
+    // The owner unsealed the KMS and pinned its root key; the KMS's host has no root key file.
+    assert!(out.contains("sealed until the owner's root key"), "{out}");
+    assert_eq!(
+        kms_policy["kms_root_ids"].as_array().map(Vec::len),
+        Some(1),
+        "{kms_policy}"
+    );
+    assert!(!work.join("kms-server.root.key").exists());
+    assert!(!work.join("kms-server/root.key").exists());
     let audit = std::fs::read_to_string(work.join("kms-server/audit.log")).unwrap();
     for action in [
         "\"Attest\"",

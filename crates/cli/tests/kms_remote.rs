@@ -880,6 +880,24 @@ fn attack_jobs_outside_the_owners_grant_are_refused() {
     assert!(stdout(&out).contains("count(name): 1000"), "{out:?}");
 }
 
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {
@@ -888,9 +906,11 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-/// A KMS in the (simulated) TEE proves itself over TLS: a client with `--kms-policy` enrolls
-/// and works with it; the same client refuses a KMS outside a TEE (exit 4) and sends it
-/// nothing that needs a credential.
+/// A KMS in the (simulated) TEE starts sealed and proves itself over TLS: its owner unseals
+/// it with `ppml kms unseal`, which pins the root id in the KMS policy; a client with
+/// `--kms-policy` then enrolls and works with it; the same client refuses a KMS outside a TEE
+/// (exit 4) and sends it nothing that needs a credential. The root key is nowhere on the
+/// KMS's disk.
 #[test]
 fn clients_verify_the_kms_before_trusting_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -932,9 +952,73 @@ fn clients_verify_the_kms_before_trusting_it() {
             .output()
             .unwrap()
     };
+    let sealed = verified(&in_tee, &home);
+    assert!(!sealed.status.success(), "{sealed:?}");
+    assert!(
+        String::from_utf8_lossy(&sealed.stderr).contains("the KMS is sealed"),
+        "{sealed:?}"
+    );
+
+    let owner = dir.path().join("owner");
+    std::fs::create_dir_all(&owner).unwrap();
+    let root_key_file = owner.join("root.key");
+    let unseal = |extra: &[&str]| {
+        ppml(&home)
+            .args(["kms", "unseal", "--kms-url", &in_tee.url])
+            .args(["--kms-fingerprint", &in_tee.fingerprint])
+            .arg("--kms-policy")
+            .arg(&policy_file)
+            .arg("--root-key-file")
+            .arg(&root_key_file)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let missing = unseal(&[]);
+    assert!(!missing.status.success(), "{missing:?}");
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("--create"),
+        "{missing:?}"
+    );
+    let unsealed = unseal(&["--create", "--pin"]);
+    assert!(unsealed.status.success(), "{unsealed:?}");
+    let root_id = stdout(&unsealed)
+        .lines()
+        .find_map(|l| l.strip_prefix("root id: "))
+        .expect("the root id is printed")
+        .to_string();
+    let pinned: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&policy_file).unwrap()).unwrap();
+    assert_eq!(pinned["kms_root_ids"][0], root_id.as_str());
+    // Again: the KMS already holds this root key.
+    let again = unseal(&[]);
+    assert!(again.status.success(), "{again:?}");
+    assert!(
+        stdout(&again).contains("already holds this root key"),
+        "{again:?}"
+    );
+
     let enrolled = verified(&in_tee, &home);
     assert!(enrolled.status.success(), "{enrolled:?}");
     assert!(stdout(&enrolled).contains("appid = "), "{enrolled:?}");
+
+    // The root key is not on the KMS's disk, in hex or in bytes.
+    let root_hex = std::fs::read_to_string(&root_key_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    let root_bytes = hex::decode(&root_hex).unwrap();
+    for entry in walk(dir.path()) {
+        if entry.starts_with(&owner) {
+            continue;
+        }
+        let content = std::fs::read(&entry).unwrap();
+        assert!(
+            !contains(&content, root_hex.as_bytes()) && !contains(&content, &root_bytes),
+            "the root key is in {}",
+            entry.display()
+        );
+    }
 
     let outside = serve_tls(&dir.path().join("plain-kms"));
     let other_home = dir.path().join("other-home");

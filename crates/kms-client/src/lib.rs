@@ -34,6 +34,7 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use serde_json::{Map, Value, json};
 use zeroize::Zeroizing;
 
+use ppml_attestation::peer::KmsKeyState;
 use ppml_kms::grant::SignedGrant;
 use ppml_kms::owner::OwnerKey;
 use ppml_kms::protocol::{Action, OwnerAuthority, read_answer};
@@ -206,6 +207,31 @@ impl RemoteKmsConfig {
             timeout: Duration::from_secs(30),
             kms_policy: None,
         }
+    }
+}
+
+/// What [`RemoteKms::unseal`] found or did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnsealOutcome {
+    /// The KMS's id (of its store).
+    pub kms_id: String,
+    /// The id of the root key it now holds ([`ppml_attestation::peer::kms_root_id`]).
+    pub root_id: [u8; 32],
+    /// False when the KMS was already unsealed with this root key.
+    pub was_sealed: bool,
+}
+
+/// The SHA-256 a KMS's quote binds for the connection to `url`: the certificate the client
+/// pinned, or zeros for plain HTTP (loopback only).
+fn bound_certificate(
+    url: &str,
+    certificate: Option<&ServerCertificate>,
+) -> Result<[u8; 32], KmsError> {
+    match certificate {
+        Some(verifier) if url.starts_with("https://") => verifier
+            .pinned()
+            .ok_or_else(|| KmsError::UntrustedKms("no TLS certificate was presented".into())),
+        _ => Ok([0; 32]),
     }
 }
 
@@ -395,11 +421,39 @@ fn aad_text(aad: &[u8]) -> Result<&str, KmsError> {
 
 impl RemoteKms {
     /// Connects to the KMS at `config.url`: asks its version (which also checks TLS trust)
-    /// and learns its id. `creds` may be `None` for [`RemoteKms::enroll`] only.
+    /// and learns its id; with a KMS policy, verifies the KMS first (`docs/attestation.md`
+    /// §8). `creds` may be `None` for [`RemoteKms::enroll`] only. A sealed KMS is
+    /// [`KmsError::Sealed`].
     pub async fn connect(
         config: &RemoteKmsConfig,
         creds: Option<AppCredentials>,
     ) -> Result<Self, KmsError> {
+        let (kms, version, certificate) = Self::reach(config, creds).await?;
+        if version.get("sealed").and_then(Value::as_bool) == Some(true) {
+            return Err(KmsError::Sealed);
+        }
+        if let Some(policy) = &config.kms_policy {
+            let certificate = bound_certificate(&config.url, certificate.as_deref())?;
+            let (state, kms_id) = kms.verify_kms(policy, &certificate).await?;
+            if matches!(state, KmsKeyState::Sealed { .. }) {
+                return Err(KmsError::Sealed);
+            }
+            if kms_id != kms.kms_id {
+                return Err(KmsError::UntrustedKms(format!(
+                    "its quote names KMS {kms_id:?}, its version {:?}",
+                    kms.kms_id
+                )));
+            }
+        }
+        Ok(kms)
+    }
+
+    /// The client of `config.url` after a first `GetVersion`: the version's result and the
+    /// certificate check that pinned the certificate it presented.
+    async fn reach(
+        config: &RemoteKmsConfig,
+        creds: Option<AppCredentials>,
+    ) -> Result<(Self, Map<String, Value>, Option<Arc<ServerCertificate>>), KmsError> {
         let base = config.url.trim_end_matches('/');
         if !(base.starts_with("https://") || base.starts_with("http://")) {
             return Err(KmsError::InvalidConfig(format!(
@@ -428,24 +482,95 @@ impl RemoteKms {
             Some(id) if !id.is_empty() => id.to_string(),
             _ => format!("ehsm:{base}"),
         };
-        if let Some(policy) = &config.kms_policy {
-            // Plain HTTP (loopback only) has no certificate: the KMS binds zeros.
-            let certificate = match certificate {
-                Some(verifier) if base.starts_with("https://") => {
-                    verifier.pinned().ok_or_else(|| {
-                        KmsError::UntrustedKms("no TLS certificate was presented".into())
-                    })?
-                }
-                _ => [0; 32],
-            };
-            kms.verify_kms(policy, &certificate).await?;
+        Ok((kms, version, certificate))
+    }
+
+    /// Unseals the KMS at `config.url` with the owner's `root_key` (`docs/attestation.md`
+    /// §9): verifies the KMS by `config.kms_policy` (required), sends the root key sealed to
+    /// the unseal key its quote binds, and checks that its next quote binds the root key's id.
+    /// A KMS already unsealed with this root key is left as it is; one unsealed with another
+    /// is [`KmsError::UnsealFailed`]. Nothing is sent to a KMS the policy refuses.
+    pub async fn unseal(
+        config: &RemoteKmsConfig,
+        root_key: &Zeroizing<[u8; 32]>,
+    ) -> Result<UnsealOutcome, KmsError> {
+        use ppml_attestation::peer::{kms_root_id, unseal_aad};
+        let policy = config.kms_policy.as_ref().ok_or_else(|| {
+            KmsError::InvalidConfig(
+                "unsealing needs a KMS policy (--kms-policy): the root key goes only to a KMS \
+                 whose evidence satisfies it"
+                    .into(),
+            )
+        })?;
+        let root_id = kms_root_id(root_key);
+        let pinned = policy
+            .policy
+            .kms_root_id_values()
+            .map_err(|e| KmsError::InvalidConfig(e.to_string()))?;
+        if !pinned.is_empty() && !pinned.contains(&root_id) {
+            return Err(KmsError::InvalidConfig(format!(
+                "the KMS policy pins other root keys (kms_root_ids) than this one ({})",
+                hex::encode(root_id)
+            )));
         }
-        Ok(kms)
+        let (kms, _, certificate) = Self::reach(config, None).await?;
+        let certificate = bound_certificate(&config.url, certificate.as_deref())?;
+        let unseal_key = match kms.verify_kms(policy, &certificate).await? {
+            (KmsKeyState::Unsealed { root_id: held }, kms_id) => {
+                if held != root_id {
+                    return Err(KmsError::UnsealFailed(format!(
+                        "the KMS is already unsealed with another root key (id {})",
+                        hex::encode(held)
+                    )));
+                }
+                return Ok(UnsealOutcome {
+                    kms_id,
+                    root_id,
+                    was_sealed: false,
+                });
+            }
+            (KmsKeyState::Sealed { unseal_key }, _) => unseal_key,
+        };
+        let (encapsulated, sealed_root_key) = ppml_attestation::release::seal_to(
+            &unseal_key,
+            root_key.as_slice(),
+            &unseal_aad(&unseal_key),
+        )
+        .map_err(|e| KmsError::UnsealFailed(e.to_string()))?;
+        let response = kms
+            .http
+            .post(&kms.endpoint)
+            .query(&[("Action", Action::Unseal.name())])
+            .json(&json!({
+                "enc": BASE64.encode(encapsulated),
+                "sealed_root_key": BASE64.encode(sealed_root_key),
+            }))
+            .send()
+            .await
+            .map_err(|e| kms.transport(e))?;
+        kms.read(response).await?;
+        match kms.verify_kms(policy, &certificate).await? {
+            (KmsKeyState::Unsealed { root_id: held }, kms_id) if held == root_id => {
+                Ok(UnsealOutcome {
+                    kms_id,
+                    root_id,
+                    was_sealed: true,
+                })
+            }
+            _ => Err(KmsError::UnsealFailed(
+                "after the unseal, the KMS's quote does not bind this root key".into(),
+            )),
+        }
     }
 
     /// Asks the KMS for its quote over a fresh challenge and checks it against `policy`,
-    /// bound to the certificate of this client's connections (`docs/attestation.md` §8).
-    async fn verify_kms(&self, policy: &KmsPolicy, certificate: &[u8; 32]) -> Result<(), KmsError> {
+    /// bound to the certificate of this client's connections (`docs/attestation.md` §8):
+    /// returns the key state and KMS id the quote binds.
+    async fn verify_kms(
+        &self,
+        policy: &KmsPolicy,
+        certificate: &[u8; 32],
+    ) -> Result<(KmsKeyState, String), KmsError> {
         use ppml_attestation::peer::{kms_quote_report_data, verify_peer_evidence};
         let untrusted = |reason: String| KmsError::UntrustedKms(reason);
         let mut challenge = [0u8; 32];
@@ -464,8 +589,30 @@ impl RemoteKms {
         let quote = BASE64
             .decode(string_field(&answer, "quote")?)
             .map_err(|_| KmsError::Protocol("GenerateQuote's quote is not base64".into()))?;
+        let hex32 = |name: &str| -> Result<[u8; 32], KmsError> {
+            hex::decode(string_field(&answer, name)?)
+                .ok()
+                .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+                .ok_or_else(|| {
+                    KmsError::Protocol(format!("GenerateQuote's {name} is not 32 hex bytes"))
+                })
+        };
+        let state = match answer.get("sealed").and_then(Value::as_bool) {
+            Some(true) => KmsKeyState::Sealed {
+                unseal_key: hex32("unseal_key")?,
+            },
+            Some(false) => KmsKeyState::Unsealed {
+                root_id: hex32("root_id")?,
+            },
+            None => {
+                return Err(KmsError::Protocol(
+                    "GenerateQuote without \"sealed\"".into(),
+                ));
+            }
+        };
+        let kms_id = string_field(&answer, "kms_id")?;
         let evidence = ppml_attestation::Evidence { tee, quote };
-        let expected = kms_quote_report_data(&challenge, certificate, &self.kms_id);
+        let expected = kms_quote_report_data(&challenge, certificate, &kms_id, &state);
         let now = now_ms() / 1000;
         let claims = verify_peer_evidence(
             &evidence,
@@ -475,13 +622,26 @@ impl RemoteKms {
             now,
         )
         .map_err(|e| untrusted(e.to_string()))?;
+        if let KmsKeyState::Unsealed { root_id } = &state {
+            let pinned = policy
+                .policy
+                .kms_root_id_values()
+                .map_err(|e| KmsError::InvalidConfig(e.to_string()))?;
+            if !pinned.is_empty() && !pinned.contains(root_id) {
+                return Err(untrusted(format!(
+                    "it holds root key {}, which the KMS policy does not name (kms_root_ids)",
+                    hex::encode(root_id)
+                )));
+            }
+        }
         tracing::info!(
-            kms_id = %self.kms_id,
+            kms_id = %kms_id,
             tee = %claims.tee,
+            sealed = matches!(state, KmsKeyState::Sealed { .. }),
             measurement = claims.measurements.mrenclave.as_deref().or(claims.measurements.mrtd.as_deref()).unwrap_or(""),
             "the KMS's evidence satisfies the KMS policy"
         );
-        Ok(())
+        Ok((state, kms_id))
     }
 
     /// Signs the requests that need the data owner's authority with `owner`

@@ -155,21 +155,78 @@ pub struct ServerState {
     request_ids: RequestIds,
     bigdl_ras: bool,
     enrollments: std::sync::Mutex<TokenBucket>,
-    own_evidence: Option<OwnEvidence>,
-    quotes: std::sync::Mutex<TokenBucket>,
+    own_evidence: Option<Arc<OwnEvidence>>,
+    /// [`Store::root_id`], computed once for `GenerateQuote`.
+    own_root_id: [u8; 32],
 }
 
-/// The KMS's own TEE, which answers `GenerateQuote` (docs/attestation.md §8).
-struct OwnEvidence {
+/// The KMS's own TEE, which answers `GenerateQuote` (docs/attestation.md §8), sealed or not.
+pub(crate) struct OwnEvidence {
     provider: Arc<dyn ppml_attestation::EvidenceProvider>,
     /// SHA-256 of the TLS certificate the server presents (zeros for plain HTTP).
     tls_cert_sha256: [u8; 32],
+    quotes: std::sync::Mutex<TokenBucket>,
+}
+
+impl OwnEvidence {
+    pub(crate) fn new(
+        provider: Arc<dyn ppml_attestation::EvidenceProvider>,
+        tls_cert_sha256: Option<[u8; 32]>,
+    ) -> Self {
+        OwnEvidence {
+            provider,
+            tls_cert_sha256: tls_cert_sha256.unwrap_or([0; 32]),
+            quotes: std::sync::Mutex::new(TokenBucket::new(QUOTE_BURST, QUOTE_PER_SEC)),
+        }
+    }
+
+    /// `GenerateQuote`'s answer: evidence over the client's challenge, the TLS certificate,
+    /// `kms_id` and the key `state`.
+    pub(crate) fn quote(
+        &self,
+        challenge: Option<&str>,
+        kms_id: &str,
+        state: ppml_attestation::peer::KmsKeyState,
+    ) -> Result<Value, ApiError> {
+        use ppml_attestation::peer::{
+            KmsKeyState, MAX_CHALLENGE_LEN, MIN_CHALLENGE_LEN, kms_quote_report_data,
+        };
+        let challenge = BASE64
+            .decode(challenge.ok_or(RequestError::MissingParameters)?)
+            .map_err(|_| ApiError::Base64)?;
+        if !(MIN_CHALLENGE_LEN..=MAX_CHALLENGE_LEN).contains(&challenge.len()) {
+            return Err(ApiError::PayloadType);
+        }
+        rate_limit(&self.quotes)?;
+        let report_data = kms_quote_report_data(&challenge, &self.tls_cert_sha256, kms_id, &state);
+        let evidence = self.provider.evidence(&report_data).map_err(|e| {
+            tracing::error!(error = %e, "the KMS's own evidence is unavailable");
+            ApiError::AttestationFailed(format!("the KMS's evidence is unavailable: {e}"))
+        })?;
+        let mut answer = json!({
+            "challenge": BASE64.encode(&challenge),
+            "tee": evidence.tee.to_string(),
+            "quote": BASE64.encode(&evidence.quote),
+            "kms_id": kms_id,
+        });
+        match state {
+            KmsKeyState::Sealed { unseal_key } => {
+                answer["sealed"] = json!(true);
+                answer["unseal_key"] = json!(hex::encode(unseal_key));
+            }
+            KmsKeyState::Unsealed { root_id } => {
+                answer["sealed"] = json!(false);
+                answer["root_id"] = json!(hex::encode(root_id));
+            }
+        }
+        Ok(answer)
+    }
 }
 
 /// A budget of `capacity` events at once, refilled by one per `refill` (enrollments: each
 /// makes a durable record, and `Enroll` needs no credential).
 #[derive(Debug)]
-struct TokenBucket {
+pub(crate) struct TokenBucket {
     capacity: f64,
     refill_per_sec: f64,
     tokens: f64,
@@ -177,7 +234,7 @@ struct TokenBucket {
 }
 
 impl TokenBucket {
-    fn new(capacity: u32, refill_per_sec: f64) -> Self {
+    pub(crate) fn new(capacity: u32, refill_per_sec: f64) -> Self {
         TokenBucket {
             capacity: f64::from(capacity),
             refill_per_sec,
@@ -201,7 +258,7 @@ impl TokenBucket {
 }
 
 /// Takes one event from `bucket`, or refuses the request (`rate_limited`).
-fn rate_limit(bucket: &std::sync::Mutex<TokenBucket>) -> Result<(), ApiError> {
+pub(crate) fn rate_limit(bucket: &std::sync::Mutex<TokenBucket>) -> Result<(), ApiError> {
     if bucket
         .lock()
         .is_ok_and(|mut bucket| bucket.take(Instant::now()))
@@ -348,22 +405,25 @@ impl ServerState {
             bigdl_ras: false,
             enrollments: std::sync::Mutex::new(TokenBucket::new(ENROLL_BURST, ENROLL_PER_SEC)),
             own_evidence: None,
-            quotes: std::sync::Mutex::new(TokenBucket::new(QUOTE_BURST, QUOTE_PER_SEC)),
+            own_root_id: [0; 32],
         }
     }
 
     /// Answers `GenerateQuote` with evidence from `provider`, the TEE this server runs in,
     /// binding the SHA-256 of the TLS certificate it serves (`None`: plain HTTP, bound as
-    /// zeros), so clients can verify the KMS before they trust it (docs/attestation.md §8).
+    /// zeros) and the id of its root key, so clients can verify the KMS before they trust it
+    /// (docs/attestation.md §8).
     pub fn with_own_evidence(
-        mut self,
+        self,
         provider: Arc<dyn ppml_attestation::EvidenceProvider>,
         tls_cert_sha256: Option<[u8; 32]>,
     ) -> Self {
-        self.own_evidence = Some(OwnEvidence {
-            provider,
-            tls_cert_sha256: tls_cert_sha256.unwrap_or([0; 32]),
-        });
+        self.with_own(Arc::new(OwnEvidence::new(provider, tls_cert_sha256)))
+    }
+
+    pub(crate) fn with_own(mut self, own: Arc<OwnEvidence>) -> Self {
+        self.own_evidence = Some(own);
+        self.own_root_id = self.store.root_id();
         self
     }
 
@@ -464,13 +524,28 @@ async fn handle_metrics(State(state): State<Arc<ServerState>>) -> Response {
 }
 
 #[derive(Default, Deserialize)]
-struct ActionQuery {
+pub(crate) struct ActionQuery {
     #[serde(rename = "Action")]
-    action: Option<String>,
+    pub(crate) action: Option<String>,
     /// `Enroll`: the owner's Ed25519 public key (base64url).
     owner_key: Option<String>,
     /// `GenerateQuote`: the client's challenge (base64).
-    challenge: Option<String>,
+    pub(crate) challenge: Option<String>,
+}
+
+/// Records in the audit log that an owner's root key, with id `root_id`, unsealed the KMS:
+/// the log's first entry after every start of a KMS in a TEE.
+pub(crate) async fn audit_unseal(state: &ServerState, root_id: &[u8; 32]) -> Result<(), ApiError> {
+    let Some(audit) = &state.audit else {
+        return Ok(());
+    };
+    let mut context = RequestContext::new(state.request_ids.next());
+    context.detail = Some(json!({"root_id": hex::encode(root_id)}).to_string());
+    audit
+        .append_async(context.into_entry(Action::Unseal.name(), &Ok(json!({}))))
+        .await
+        .map(drop)
+        .map_err(|e| ApiError::Internal(format!("audit log: {e}")))
 }
 
 fn now_ms() -> u64 {
@@ -611,38 +686,27 @@ fn unsigned(
             "git_sha": "",
             "kms_id": state.store.kms_id(),
             "attestation_key": state.attestation.as_ref().map(|a| hex::encode(a.public_key())),
+            "sealed": false,
         })),
         "GenerateQuote" => generate_quote(state, query.challenge.as_deref()),
+        "Unseal" => Err(ApiError::NotSealed),
         _ => Err(ApiError::UnknownAction),
     }
 }
 
-/// The KMS's quote over a client's challenge, its TLS certificate and its id.
+/// The KMS's quote over a client's challenge, its TLS certificate, its id and its root id.
 fn generate_quote(state: &ServerState, challenge: Option<&str>) -> Result<Value, ApiError> {
-    use ppml_attestation::peer::{MAX_CHALLENGE_LEN, MIN_CHALLENGE_LEN, kms_quote_report_data};
     let own = state
         .own_evidence
         .as_ref()
         .ok_or_else(|| ApiError::AttestationFailed("this KMS does not run in a TEE".into()))?;
-    let challenge = BASE64
-        .decode(challenge.ok_or(RequestError::MissingParameters)?)
-        .map_err(|_| ApiError::Base64)?;
-    if !(MIN_CHALLENGE_LEN..=MAX_CHALLENGE_LEN).contains(&challenge.len()) {
-        return Err(ApiError::PayloadType);
-    }
-    rate_limit(&state.quotes)?;
-    let kms_id = state.store.kms_id();
-    let report_data = kms_quote_report_data(&challenge, &own.tls_cert_sha256, kms_id);
-    let evidence = own.provider.evidence(&report_data).map_err(|e| {
-        tracing::error!(error = %e, "the KMS's own evidence is unavailable");
-        ApiError::AttestationFailed(format!("the KMS's evidence is unavailable: {e}"))
-    })?;
-    Ok(json!({
-        "challenge": BASE64.encode(&challenge),
-        "tee": evidence.tee.to_string(),
-        "quote": BASE64.encode(&evidence.quote),
-        "kms_id": kms_id,
-    }))
+    own.quote(
+        challenge,
+        state.store.kms_id(),
+        ppml_attestation::peer::KmsKeyState::Unsealed {
+            root_id: state.own_root_id,
+        },
+    )
 }
 
 /// Validates the envelope (docs/kms-api.md §4, in that order) and runs the action.
@@ -800,6 +864,10 @@ fn attestation_action(
                 }
             };
             policy.check().map_err(|_| ApiError::PayloadType)?;
+            if !policy.kms_root_ids.is_empty() {
+                // Root ids judge a KMS; a key's release policy judges runtimes.
+                return Err(ApiError::PayloadType);
+            }
             let text =
                 serde_json::to_string(&policy).map_err(|e| ApiError::Internal(e.to_string()))?;
             let id = state.store.put_policy(appid, &text, now_ms(), &mut |id| {

@@ -59,6 +59,15 @@ pub enum ApiError {
     /// A server fault; details are logged, not returned.
     #[error("Server internal error, please contact the administrator.")]
     Internal(String),
+    /// The KMS runs in a TEE and has no root key yet.
+    #[error("the KMS is sealed: its owner must unseal it (ppml kms unseal)")]
+    Sealed,
+    /// `Unseal` of a KMS that is not sealed.
+    #[error("the KMS is not sealed")]
+    NotSealed,
+    /// `Unseal` failed: why, for the owner who sent the root key.
+    #[error("unseal failed: {0}")]
+    UnsealFailed(String),
     /// [`Store::open`](crate::Store::open): the store was created under another root key.
     #[error("the root key does not match this store (wrong root key file, env var or passphrase)")]
     RootKeyMismatch,
@@ -94,19 +103,23 @@ impl ApiError {
             ApiError::DecryptFailed => ErrorKind::DecryptFailed,
             ApiError::TooLarge => ErrorKind::TooLarge,
             ApiError::UnknownAction => ErrorKind::UnknownAction,
+            ApiError::Sealed => ErrorKind::Sealed,
+            ApiError::NotSealed => ErrorKind::NotSealed,
+            ApiError::UnsealFailed(_) => ErrorKind::UnsealFailed,
             // Never tell a client about the server's keys.
             ApiError::Internal(_) | ApiError::RootKeyMismatch => ErrorKind::Internal,
         }
     }
 
-    /// The answer sent to the client (no server detail except an attestation refusal's reason).
+    /// The answer sent to the client (no server detail except the reason of an attestation,
+    /// grant or unseal refusal).
     pub fn answer(&self) -> ErrorAnswer {
         ErrorAnswer {
             kind: self.wire_kind(),
             detail: match self {
-                ApiError::AttestationFailed(reason) | ApiError::GrantRefused(reason) => {
-                    Some(reason.clone())
-                }
+                ApiError::AttestationFailed(reason)
+                | ApiError::GrantRefused(reason)
+                | ApiError::UnsealFailed(reason) => Some(reason.clone()),
                 _ => None,
             },
         }
@@ -162,6 +175,9 @@ mod tests {
             ApiError::DecryptFailed,
             ApiError::TooLarge,
             ApiError::UnknownAction,
+            ApiError::Sealed,
+            ApiError::NotSealed,
+            ApiError::UnsealFailed("the root key does not open this KMS's store".into()),
             ApiError::Internal("disk".into()),
         ] {
             assert_eq!(error.to_string(), error.message(), "{error:?}");

@@ -7,11 +7,13 @@
 //! - [`tls`]: the server certificate (given, or self-signed on first start) and the TLS listener.
 //! - [`server`]: starting a server from a [`ServerConfig`]: data directory, root key, store,
 //!   audit log, attestation service, TLS and listener ([`serve`], [`KmsServer`]).
+//! - `sealed`: a KMS in a TEE before its owner's root key arrives (`docs/attestation.md` §9).
 
 pub mod api;
 pub mod audit;
 mod error;
 mod ras;
+mod sealed;
 pub mod server;
 pub mod store;
 pub mod tls;

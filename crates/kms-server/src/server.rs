@@ -19,7 +19,9 @@ use ppml_attestation::pccs::{PccsClient, PccsOptions};
 use ppml_attestation::service::AttestationService;
 use zeroize::Zeroizing;
 
+use crate::api::OwnEvidence;
 use crate::audit::{AuditError, AuditHead, AuditLog};
+use crate::sealed::SealedKms;
 use crate::tls::{TlsError, TlsIdentity, serve_tls};
 use crate::{ApiError, RootKey, ServerState, Store, router};
 
@@ -61,6 +63,16 @@ pub enum ServerError {
         "no root key: {0} does not exist and neither PPML_KMS_ROOT_KEY nor a passphrase is set"
     )]
     NoRootKey(PathBuf),
+    /// A KMS in a TEE was given a root key by the host (a file, an env var or a passphrase):
+    /// it takes its root key only from an owner's `Unseal`.
+    #[error(
+        "a KMS in a TEE takes its root key only from its owner (`ppml kms unseal`), never from \
+         the host: drop the root key file, passphrase and PPML_KMS_ROOT_KEY"
+    )]
+    HostRootKeyInTee,
+    /// [`RootKeySource::Unseal`] outside a TEE: nothing could prove the KMS to an owner.
+    #[error("only a KMS in a TEE (--tee) can be unsealed by attestation")]
+    UnsealOutsideTee,
     /// The store could not be opened (a wrong root key among others).
     #[error("opening the store in {dir}: {source}")]
     Store {
@@ -109,6 +121,9 @@ pub enum RootKeySource {
     /// A key file of 64 hex characters (mode 0600), created at random on first start;
     /// `None` is [`default_root_key_file`], next to the data directory.
     KeyFile(Option<PathBuf>),
+    /// None on the host: the KMS, in a TEE, starts sealed and an owner sends the root key
+    /// to its attested unseal key (`docs/attestation.md` §9).
+    Unseal,
 }
 
 impl std::fmt::Debug for RootKeySource {
@@ -118,6 +133,7 @@ impl std::fmt::Debug for RootKeySource {
             RootKeySource::Passphrase(_) => f.write_str("Passphrase(<redacted>)"),
             RootKeySource::PassphraseFile(path) => write!(f, "PassphraseFile({path:?})"),
             RootKeySource::KeyFile(path) => write!(f, "KeyFile({path:?})"),
+            RootKeySource::Unseal => f.write_str("Unseal"),
         }
     }
 }
@@ -164,6 +180,7 @@ impl RootKeySource {
                 let path = path.clone().unwrap_or_else(|| root_key_file_of(dir));
                 return key_file(&path, dir, create);
             }
+            RootKeySource::Unseal => return Err(ServerError::UnsealOutsideTee),
         };
         if passphrase.is_empty() {
             return Err(ServerError::RootKey {
@@ -254,25 +271,59 @@ fn key_file(path: &Path, dir: &Path, create: bool) -> Result<RootKey, ServerErro
             return Err(ServerError::NoRootKey(path.to_path_buf()));
         }
         create_dir(dir)?;
-        let (key, hex_key) = RootKey::generate().map_err(|reason| ServerError::RootKey {
-            source_name: "generating a root key".into(),
-            reason,
-        })?;
-        ppml_kms::write_private_file_atomic(path, format!("{}\n", *hex_key).as_bytes()).map_err(
-            |source| ServerError::Io {
-                what: "writing",
-                path: path.to_path_buf(),
-                source,
-            },
-        )?;
+        let hex_key = new_root_key_file(path)?;
         tracing::warn!(path = %path.display(), "created a new root key");
-        return Ok(key);
+        return RootKey::from_hex(&hex_key).map_err(|reason| ServerError::RootKey {
+            source_name: path.display().to_string(),
+            reason,
+        });
     }
     let text = read_private(path, "root key file")?;
     RootKey::from_hex(&text).map_err(|reason| ServerError::RootKey {
         source_name: path.display().to_string(),
         reason,
     })
+}
+
+/// An owner's root key file for unsealing a KMS in a TEE (`ppml kms unseal`): 64 hex
+/// characters, mode 0600, kept off the KMS's host. With `create`, a missing file is made
+/// with a fresh random key. Returns the key and whether it was made.
+pub fn owner_root_key_file(
+    path: &Path,
+    create: bool,
+) -> Result<(Zeroizing<[u8; 32]>, bool), ServerError> {
+    let invalid = |reason: String| ServerError::RootKey {
+        source_name: path.display().to_string(),
+        reason,
+    };
+    let created = !path.exists();
+    let text = if created {
+        if !create {
+            return Err(invalid(
+                "does not exist (--create makes a new root key, for a new KMS)".into(),
+            ));
+        }
+        new_root_key_file(path)?
+    } else {
+        read_private(path, "root key file")?
+    };
+    Ok((RootKey::bytes_from_hex(&text).map_err(invalid)?, created))
+}
+
+/// Writes a fresh random root key to `path` (64 hex characters, mode 0600); returns it.
+fn new_root_key_file(path: &Path) -> Result<Zeroizing<String>, ServerError> {
+    let (_, hex_key) = RootKey::generate().map_err(|reason| ServerError::RootKey {
+        source_name: "generating a root key".into(),
+        reason,
+    })?;
+    ppml_kms::write_private_file_atomic(path, format!("{}\n", *hex_key).as_bytes()).map_err(
+        |source| ServerError::Io {
+            what: "writing",
+            path: path.to_path_buf(),
+            source,
+        },
+    )?;
+    Ok(hex_key)
 }
 
 fn read_private(path: &Path, what: &'static str) -> Result<Zeroizing<String>, ServerError> {
@@ -405,6 +456,11 @@ struct DataDir {
 fn open_data_dir(dir: &Path, root_key: &RootKeySource) -> Result<DataDir, ServerError> {
     create_dir(dir)?;
     let root = root_key.load(dir, true)?;
+    open_data_dir_with(dir, root)
+}
+
+fn open_data_dir_with(dir: &Path, root: RootKey) -> Result<DataDir, ServerError> {
+    create_dir(dir)?;
     let audit_key = root.audit_mac_key();
     let attestation_seed = root.attestation_seed();
     let store = Store::open(dir, root).map_err(|source| ServerError::Store {
@@ -471,6 +527,52 @@ fn attestation_service(
     Ok(service)
 }
 
+/// The full KMS of `config`'s data directory opened with `root`: store, audit log,
+/// attestation service and, in a TEE, `own` evidence for `GenerateQuote`.
+pub(crate) fn serving_state(
+    config: &ServerConfig,
+    root: RootKey,
+    own: Option<Arc<OwnEvidence>>,
+) -> Result<ServerState, ServerError> {
+    let data = open_data_dir_with(&config.data_dir, root)?;
+    let attestation = attestation_service(config, &data.store, &data.attestation_seed)?;
+    drop(data.attestation_seed);
+    let mut state = ServerState::new(data.store)
+        .with_audit(data.audit)
+        .with_attestation(attestation);
+    if config.bigdl_ras {
+        state = state.with_bigdl_ras();
+    }
+    if let Some(own) = own {
+        state = state.with_own(own);
+    }
+    Ok(state)
+}
+
+/// The evidence of the TEE `config` names, bound to the certificate of `tls`.
+fn own_evidence(
+    config: &ServerConfig,
+    tls: Option<&TlsIdentity>,
+) -> Result<Option<Arc<OwnEvidence>>, ServerError> {
+    let Some(own) = &config.own_tee else {
+        return Ok(None);
+    };
+    let provider = ppml_attestation::evidence::provider_for(own.tee, &own.sim_platform_key)
+        .map_err(|e| {
+            ServerError::Attestation(format!("the {} evidence of this KMS: {e}", own.tee))
+        })?;
+    if own.tee == Tee::Sim {
+        tracing::warn!(
+            "this KMS answers GenerateQuote from a SIMULATED TEE: no hardware protection \
+             (development only)"
+        );
+    }
+    Ok(Some(Arc::new(OwnEvidence::new(
+        provider,
+        tls.map(|identity| identity.cert_sha256),
+    ))))
+}
+
 /// What [`init_data_dir`] made or found.
 #[derive(Clone, Debug)]
 pub struct InitializedDataDir {
@@ -493,28 +595,61 @@ pub fn init_data_dir(config: &ServerConfig) -> Result<InitializedDataDir, Server
 
 /// A KMS server that is bound and ready: [`KmsServer::run`] serves it.
 pub struct KmsServer {
-    state: Arc<ServerState>,
+    serving: Serving,
     listener: tokio::net::TcpListener,
     tls: Option<TlsIdentity>,
     addr: SocketAddr,
+}
+
+/// What a started server serves.
+enum Serving {
+    /// The full KMS.
+    Open(Arc<ServerState>),
+    /// A KMS in a TEE waiting for its owner's root key.
+    Sealed(Arc<SealedKms>),
 }
 
 impl std::fmt::Debug for KmsServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KmsServer")
             .field("url", &self.url())
+            .field("sealed", &self.is_sealed())
             .finish_non_exhaustive()
     }
 }
 
 impl KmsServer {
     /// Opens the data directory, store, audit log and attestation service, loads or creates
-    /// the TLS identity and binds the listen address.
+    /// the TLS identity and binds the listen address. With [`RootKeySource::Unseal`] (in a
+    /// TEE only) the server starts sealed: it opens nothing until an owner unseals it.
     pub async fn start(config: &ServerConfig) -> Result<Self, ServerError> {
-        let data = open_data_dir(&config.data_dir, &config.root_key)?;
-        let attestation = attestation_service(config, &data.store, &data.attestation_seed)?;
-        drop(data.attestation_seed);
+        let sealed = matches!(config.root_key, RootKeySource::Unseal);
+        match (&config.own_tee, sealed) {
+            (Some(_), false) => return Err(ServerError::HostRootKeyInTee),
+            (None, true) => return Err(ServerError::UnsealOutsideTee),
+            (None, false) => tracing::warn!(
+                "this KMS runs outside any TEE: its root key comes from this host, and whoever \
+                 administers the host can read every key it keeps (run it with --tee to keep \
+                 the host out)"
+            ),
+            (Some(_), true) => {}
+        }
         let tls = tls_identity(config)?;
+        let own = own_evidence(config, tls.as_ref())?;
+        let serving = match own {
+            Some(own) => {
+                create_dir(&config.data_dir)?;
+                tracing::warn!(
+                    "the KMS is SEALED: it serves no key until its owner unseals it \
+                     (ppml kms unseal)"
+                );
+                Serving::Sealed(Arc::new(SealedKms::new(config.clone(), own)))
+            }
+            None => {
+                let root = config.root_key.load(&config.data_dir, true)?;
+                Serving::Open(Arc::new(serving_state(config, root, None)?))
+            }
+        };
         let listener = tokio::net::TcpListener::bind(&config.listen)
             .await
             .map_err(|source| ServerError::Bind {
@@ -525,29 +660,8 @@ impl KmsServer {
             addr: config.listen.clone(),
             source,
         })?;
-        let mut state = ServerState::new(data.store)
-            .with_audit(data.audit)
-            .with_attestation(attestation);
-        if config.bigdl_ras {
-            state = state.with_bigdl_ras();
-        }
-        if let Some(own) = &config.own_tee {
-            let provider = ppml_attestation::evidence::provider_for(own.tee, &own.sim_platform_key)
-                .map_err(|e| {
-                    ServerError::Attestation(format!("the {} evidence of this KMS: {e}", own.tee))
-                })?;
-            let cert_sha256 = tls.as_ref().map(|identity| identity.cert_sha256);
-            if own.tee == Tee::Sim {
-                tracing::warn!(
-                    "this KMS answers GenerateQuote from a SIMULATED TEE: no hardware \
-                     protection (development only)"
-                );
-            }
-            state = state.with_own_evidence(provider, cert_sha256);
-        }
-        let state = Arc::new(state);
         Ok(KmsServer {
-            state,
+            serving,
             listener,
             tls,
             addr,
@@ -572,18 +686,37 @@ impl KmsServer {
         self.tls.as_ref()
     }
 
-    /// The server's state (store, metrics, audit log).
-    pub fn state(&self) -> &Arc<ServerState> {
-        &self.state
+    /// The server's state (store, metrics, audit log); `None` while it is sealed.
+    pub fn state(&self) -> Option<Arc<ServerState>> {
+        match &self.serving {
+            Serving::Open(state) => Some(Arc::clone(state)),
+            Serving::Sealed(sealed) => sealed.state().cloned(),
+        }
+    }
+
+    /// Whether the server waits for its owner's root key.
+    pub fn is_sealed(&self) -> bool {
+        self.state().is_none()
     }
 
     /// Serves until `shutdown` completes; returns the audit log's head at shutdown, which
-    /// operators record outside the machine (it is what shows a truncated tail).
+    /// operators record outside the machine (it is what shows a truncated tail), or `None`
+    /// if the server was never unsealed.
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> Result<AuditHead, ServerError> {
-        let app = router(self.state.clone());
+    ) -> Result<Option<AuditHead>, ServerError> {
+        let app = match &self.serving {
+            Serving::Open(state) => router(Arc::clone(state)),
+            Serving::Sealed(sealed) => Arc::clone(sealed).router(),
+        };
+        let head = move |serving: Serving| {
+            let state = match serving {
+                Serving::Open(state) => Some(state),
+                Serving::Sealed(sealed) => sealed.state().cloned(),
+            };
+            state.and_then(|state| state.audit().map(|audit| audit.head()))
+        };
         match self.tls {
             None => {
                 tracing::warn!(
@@ -602,11 +735,7 @@ impl KmsServer {
                 .await
                 .map_err(ServerError::Serve)?,
         }
-        Ok(self
-            .state
-            .audit()
-            .map(|audit| audit.head())
-            .expect("a started server has an audit log"))
+        Ok(head(self.serving))
     }
 }
 
@@ -615,7 +744,7 @@ impl KmsServer {
 pub async fn serve(
     config: &ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<AuditHead, ServerError> {
+) -> Result<Option<AuditHead>, ServerError> {
     KmsServer::start(config).await?.run(shutdown).await
 }
 

@@ -80,8 +80,24 @@ impl RootKey {
         RootKey { key, bytes }
     }
 
+    /// A root key from its 32 bytes (an owner's, opened from an `Unseal`).
+    pub fn from_secret(bytes: Zeroizing<[u8; 32]>) -> Self {
+        Self::from_bytes(bytes)
+    }
+
+    /// The key's public id ([`ppml_attestation::peer::kms_root_id`]): what an unsealed KMS's
+    /// quote binds and what owners pin in their KMS policy.
+    pub fn id(&self) -> [u8; 32] {
+        ppml_attestation::peer::kms_root_id(&self.bytes)
+    }
+
     /// A root key from 64 hex characters.
     pub fn from_hex(hex_key: &str) -> Result<Self, String> {
+        Self::bytes_from_hex(hex_key).map(Self::from_bytes)
+    }
+
+    /// The 32 bytes of a root key in 64 hex characters (surrounding whitespace ignored).
+    pub fn bytes_from_hex(hex_key: &str) -> Result<Zeroizing<[u8; 32]>, String> {
         let decoded =
             Zeroizing::new(hex::decode(hex_key.trim()).map_err(|_| "root key is not hex")?);
         let mut bytes = Zeroizing::new([0u8; 32]);
@@ -89,7 +105,7 @@ impl RootKey {
             return Err("root key must be 32 bytes (64 hex characters)".into());
         }
         bytes.copy_from_slice(&decoded);
-        Ok(Self::from_bytes(bytes))
+        Ok(bytes)
     }
 
     /// A fresh random root key, returned with its hex form (to be saved by the caller).
@@ -395,6 +411,11 @@ impl Store {
     /// This store's stable id, `ppml-kms:` and 32 hex digits (random, made on first open).
     pub fn kms_id(&self) -> &str {
         &self.kms_id
+    }
+
+    /// The id of the root key the store is sealed under ([`RootKey::id`]).
+    pub fn root_id(&self) -> [u8; 32] {
+        self.root.id()
     }
 
     /// Registers a new app, with the owner's public key if given; returns its id and api key.

@@ -800,18 +800,7 @@ async fn kms_with_evidence(own: Option<(Arc<SimTee>, [u8; 32])>) -> (String, tem
 async fn attack_a_kms_the_clients_policy_does_not_accept_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let platform = SimPlatform::load_or_create(dir.path().join("kms-platform.pk8")).unwrap();
-    let kms_policy = ppml_kms_client::KmsPolicy {
-        policy: Policy {
-            allow_simulation: true,
-            sim_platforms: vec![hex::encode(platform.public_key())],
-            ..Policy::strict(vec![AllowedMeasurement {
-                tee: Some(Tee::Sim),
-                mrenclave: Some(hex::encode(executable_measurement().unwrap())),
-                ..AllowedMeasurement::default()
-            }])
-        },
-        collateral: None,
-    };
+    let kms_policy = kms_policy_for(&platform);
     let tee = Arc::new(SimTee::new(platform));
     let connect = |url: String, policy: ppml_kms_client::KmsPolicy| async move {
         let mut config = RemoteKmsConfig::new(url);
@@ -883,6 +872,206 @@ async fn attack_a_quote_flood_is_limited() {
     assert!(
         (256..=256 + refilled).contains(&answered),
         "{answered} quotes before the limit ({refilled} refilled)"
+    );
+}
+
+/// The owner's policy for a KMS in the simulated TEE of `platform`: this test binary.
+fn kms_policy_for(platform: &SimPlatform) -> ppml_kms_client::KmsPolicy {
+    ppml_kms_client::KmsPolicy {
+        policy: Policy {
+            allow_simulation: true,
+            sim_platforms: vec![hex::encode(platform.public_key())],
+            ..Policy::strict(vec![AllowedMeasurement {
+                tee: Some(Tee::Sim),
+                mrenclave: Some(hex::encode(executable_measurement().unwrap())),
+                ..AllowedMeasurement::default()
+            }])
+        },
+        collateral: None,
+    }
+}
+
+/// A KMS started sealed in the simulated TEE of `platform_key` over `data_dir`, on loopback:
+/// its URL, and the sender that stops it.
+async fn start_sealed(
+    data_dir: &std::path::Path,
+    platform_key: &std::path::Path,
+) -> (
+    String,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    use ppml_kms_server::{KmsServer, OwnTee, RootKeySource, ServerConfig, TlsMode};
+    let mut config = ServerConfig::new(data_dir);
+    config.listen = "127.0.0.1:0".into();
+    config.tls = TlsMode::InsecureHttp;
+    config.root_key = RootKeySource::Unseal;
+    config.own_tee = Some(OwnTee {
+        tee: Tee::Sim,
+        sim_platform_key: platform_key.to_path_buf(),
+    });
+    let server = KmsServer::start(&config).await.unwrap();
+    assert!(server.is_sealed());
+    let url = server.url();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(async move {
+        server
+            .run(async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+    });
+    (url, stop, running)
+}
+
+async fn unseal(
+    url: &str,
+    policy: &ppml_kms_client::KmsPolicy,
+    root: &[u8; 32],
+) -> Result<ppml_kms_client::UnsealOutcome, KmsError> {
+    let mut config = RemoteKmsConfig::new(url);
+    config.kms_policy = Some(policy.clone());
+    RemoteKms::unseal(&config, &zeroize::Zeroizing::new(*root)).await
+}
+
+/// Attack 12a, the KMS operator reads the root key: a KMS in a TEE takes no root key from the
+/// host and starts sealed; until its owner unseals it, it answers every key action with
+/// `sealed`. The owner's unseal goes only to a KMS that the owner's policy accepts: one of
+/// another build gets nothing and stays sealed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_a_sealed_kms_serves_nothing_until_its_owner_unseals_it() {
+    use ppml_kms_server::{KmsServer, OwnTee, RootKeySource, ServerConfig, ServerError};
+    let dir = tempfile::tempdir().unwrap();
+    let platform_key = dir.path().join("kms-platform.pk8");
+    let platform = SimPlatform::load_or_create(&platform_key).unwrap();
+    let policy = kms_policy_for(&platform);
+
+    // A root key from the host is refused by name.
+    let mut config = ServerConfig::new(dir.path().join("host-keyed"));
+    config.listen = "127.0.0.1:0".into();
+    config.own_tee = Some(OwnTee {
+        tee: Tee::Sim,
+        sim_platform_key: platform_key.clone(),
+    });
+    for source in [
+        RootKeySource::KeyFile(None),
+        RootKeySource::Hex(zeroize::Zeroizing::new("11".repeat(32))),
+    ] {
+        config.root_key = source;
+        assert!(matches!(
+            KmsServer::start(&config).await,
+            Err(ServerError::HostRootKeyInTee)
+        ));
+    }
+    assert!(!dir.path().join("host-keyed.root.key").exists());
+
+    let (url, _stop, _running) = start_sealed(&dir.path().join("kms"), &platform_key).await;
+    let http = reqwest::Client::new();
+    for action in Action::ALL {
+        if matches!(
+            action,
+            Action::GetVersion | Action::GenerateQuote | Action::Unseal
+        ) {
+            continue;
+        }
+        let request = if action.is_signed() {
+            http.post(format!("{url}/ehsm")).json(&json!({}))
+        } else {
+            http.get(format!("{url}/ehsm"))
+        };
+        let answer: Value = request
+            .query(&[("Action", action.name())])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(answer["kind"], "sealed", "{action}: {answer}");
+    }
+    assert!(matches!(
+        RemoteKms::connect(&RemoteKmsConfig::new(url.clone()), None).await,
+        Err(KmsError::Sealed)
+    ));
+
+    // The owner's policy for another build: the root key is not sent.
+    let root = [0x42; 32];
+    let mut other_build = policy.clone();
+    other_build.policy.allowed[0].mrenclave = Some("ab".repeat(32));
+    let refused = unseal(&url, &other_build, &root).await.unwrap_err();
+    assert!(matches!(&refused, KmsError::UntrustedKms(_)), "{refused}");
+    assert!(matches!(
+        RemoteKms::connect(&RemoteKmsConfig::new(url.clone()), None).await,
+        Err(KmsError::Sealed)
+    ));
+
+    // The owner's own policy: unsealed, and the quote now binds the root key's id.
+    let outcome = unseal(&url, &policy, &root).await.unwrap();
+    assert!(outcome.was_sealed);
+    assert_eq!(outcome.root_id, ppml_attestation::peer::kms_root_id(&root));
+    let mut config = RemoteKmsConfig::new(url.clone());
+    config.kms_policy = Some(policy);
+    let kms = RemoteKms::connect(&config, None).await.unwrap();
+    kms.enroll().await.unwrap();
+}
+
+/// Attack 12b, the KMS operator unseals a KMS with a root key of its own: a genuine KMS
+/// build over a fresh data directory, unsealed by the host, would hold every key created at
+/// it under a root key the host knows. Clients whose KMS policy pins the owner's root id
+/// refuse it. Over the owner's data directory, the host's root key does not open the store:
+/// the KMS stays sealed and the owner's unseal still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_a_kms_unsealed_with_the_hosts_root_key_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let platform_key = dir.path().join("kms-platform.pk8");
+    let platform = SimPlatform::load_or_create(&platform_key).unwrap();
+    let mut policy = kms_policy_for(&platform);
+    let (owner_root, host_root) = ([0x42; 32], [0x66; 32]);
+    policy.policy.kms_root_ids = vec![hex::encode(ppml_attestation::peer::kms_root_id(
+        &owner_root,
+    ))];
+    let pinned = |url: &str| {
+        let mut config = RemoteKmsConfig::new(url);
+        config.kms_policy = Some(policy.clone());
+        async move { RemoteKms::connect(&config, None).await }
+    };
+
+    // The owner's KMS, unsealed by the owner, then restarted (sealed again).
+    let owner_dir = dir.path().join("kms");
+    let (url, stop, running) = start_sealed(&owner_dir, &platform_key).await;
+    unseal(&url, &policy, &owner_root).await.unwrap();
+    pinned(&url).await.unwrap().enroll().await.unwrap();
+    stop.send(()).unwrap();
+    running.await.unwrap();
+    let (url, _stop, _running) = start_sealed(&owner_dir, &platform_key).await;
+
+    // The host's root key over the owner's store: refused, still sealed.
+    let mut unpinned = policy.clone();
+    unpinned.policy.kms_root_ids.clear();
+    let refused = unseal(&url, &unpinned, &host_root).await.unwrap_err();
+    assert!(
+        matches!(&refused, KmsError::UnsealFailed(reason) if reason.contains("does not open this KMS's store")),
+        "{refused}"
+    );
+    assert!(matches!(pinned(&url).await, Err(KmsError::Sealed)));
+    unseal(&url, &policy, &owner_root).await.unwrap();
+    pinned(&url).await.unwrap();
+
+    // A fresh KMS that the host unsealed with its own root key: pinning clients refuse it.
+    let (fresh, _stop_fresh, _running_fresh) =
+        start_sealed(&dir.path().join("fresh"), &platform_key).await;
+    unseal(&fresh, &unpinned, &host_root).await.unwrap();
+    let refused = pinned(&fresh).await.unwrap_err();
+    assert!(
+        matches!(&refused, KmsError::UntrustedKms(reason) if reason.contains("kms_root_ids")),
+        "{refused}"
+    );
+    // And the owner's unseal sends nothing to a KMS that holds another root key.
+    let refused = unseal(&fresh, &unpinned, &owner_root).await.unwrap_err();
+    assert!(
+        matches!(&refused, KmsError::UnsealFailed(reason) if reason.contains("another root key")),
+        "{refused}"
     );
 }
 

@@ -95,6 +95,12 @@ pub enum KmsError {
     /// allow. Nothing secret was sent to it.
     #[error("the KMS is not trusted: {0}")]
     UntrustedKms(String),
+    /// The KMS runs in a TEE and has no root key yet (`docs/attestation.md` §9).
+    #[error("the KMS is sealed: its owner must unseal it with `ppml kms unseal`")]
+    Sealed,
+    /// Unsealing the KMS failed; nothing changed at the KMS.
+    #[error("unsealing the KMS failed: {0}")]
+    UnsealFailed(String),
     /// The KMS server's answer does not follow the protocol.
     #[error("the KMS answered outside the protocol: {0}")]
     Protocol(String),
@@ -125,6 +131,7 @@ impl KmsError {
                 | KmsError::GrantRefused(_)
                 | KmsError::Attestation(_)
                 | KmsError::UntrustedKms(_)
+                | KmsError::UnsealFailed(_)
         )
     }
 }

@@ -23,6 +23,9 @@ pub enum Action {
     /// `GET`, unsigned: a quote of the KMS's own TEE over a client's challenge and its TLS
     /// certificate, for clients that verify the KMS before trusting it.
     GenerateQuote,
+    /// ppml, `POST`, unsigned: the owner's root key, sealed to the unseal key that a sealed
+    /// KMS's quote binds (`docs/attestation.md` §9).
+    Unseal,
     /// Creates a primary key.
     CreateKey,
     /// A data key in plaintext and wrapped.
@@ -82,10 +85,11 @@ pub enum OwnerAuthority {
 
 impl Action {
     /// Every action, in the order of `docs/kms-api.md` §5.
-    pub const ALL: [Action; 22] = [
+    pub const ALL: [Action; 23] = [
         Action::Enroll,
         Action::GetVersion,
         Action::GenerateQuote,
+        Action::Unseal,
         Action::CreateKey,
         Action::GenerateDataKey,
         Action::GenerateDataKeyWithoutPlaintext,
@@ -113,6 +117,7 @@ impl Action {
             Action::Enroll => "Enroll",
             Action::GetVersion => "GetVersion",
             Action::GenerateQuote => "GenerateQuote",
+            Action::Unseal => "Unseal",
             Action::CreateKey => "CreateKey",
             Action::GenerateDataKey => "GenerateDataKey",
             Action::GenerateDataKeyWithoutPlaintext => "GenerateDataKeyWithoutPlaintext",
@@ -140,11 +145,12 @@ impl Action {
         Action::ALL.into_iter().find(|a| a.name() == name)
     }
 
-    /// False for the unsigned `GET` actions, true for every signed `POST` one.
+    /// False for the unsigned actions (the `GET` ones and `Unseal`, whose sealed root key
+    /// is its own proof), true for every signed `POST` one.
     pub fn is_signed(self) -> bool {
         !matches!(
             self,
-            Action::Enroll | Action::GetVersion | Action::GenerateQuote
+            Action::Enroll | Action::GetVersion | Action::GenerateQuote | Action::Unseal
         )
     }
 
@@ -183,6 +189,7 @@ impl Action {
             Action::Enroll
                 | Action::GetVersion
                 | Action::GenerateQuote
+                | Action::Unseal
                 | Action::CreateKey
                 | Action::GenerateDataKey
                 | Action::GenerateDataKeyWithoutPlaintext
@@ -264,6 +271,13 @@ pub enum ErrorKind {
     /// A data-key request of a key marked for attested release, in an app with an owner key,
     /// without a job grant of the owner's that allows it; the message carries the reason.
     GrantRefused,
+    /// The KMS runs in a TEE and has no root key yet: its owner must unseal it.
+    Sealed,
+    /// `Unseal` of a KMS that is not sealed.
+    NotSealed,
+    /// `Unseal` failed; the message carries the reason (the sealed root key does not open
+    /// with this KMS's unseal key, or the root key does not open the KMS's store).
+    UnsealFailed,
     /// A server fault; the request was not applied.
     Internal,
 }
@@ -272,10 +286,12 @@ pub enum ErrorKind {
 const ATTESTATION_FAILED: &str = "attestation failed";
 /// Message prefix of [`ErrorKind::GrantRefused`]; the reason follows.
 const GRANT_REFUSED: &str = "job grant refused";
+/// Message prefix of [`ErrorKind::UnsealFailed`]; the reason follows.
+const UNSEAL_FAILED: &str = "unseal failed";
 
 impl ErrorKind {
     /// Every error kind, in the order of `docs/kms-api.md` §6.
-    pub const ALL: [ErrorKind; 23] = [
+    pub const ALL: [ErrorKind; 26] = [
         ErrorKind::MissingParameters,
         ErrorKind::ParamType,
         ErrorKind::TimestampLength,
@@ -298,6 +314,9 @@ impl ErrorKind {
         ErrorKind::OwnerSignatureRequired,
         ErrorKind::RateLimited,
         ErrorKind::GrantRefused,
+        ErrorKind::Sealed,
+        ErrorKind::NotSealed,
+        ErrorKind::UnsealFailed,
         ErrorKind::Internal,
     ];
 
@@ -339,6 +358,9 @@ impl ErrorKind {
             }
             ErrorKind::RateLimited => "too many requests, try again later",
             ErrorKind::GrantRefused => GRANT_REFUSED,
+            ErrorKind::Sealed => "the KMS is sealed: its owner must unseal it (ppml kms unseal)",
+            ErrorKind::NotSealed => "the KMS is not sealed",
+            ErrorKind::UnsealFailed => UNSEAL_FAILED,
             ErrorKind::Internal => "Server internal error, please contact the administrator.",
         }
     }
@@ -368,6 +390,9 @@ impl ErrorKind {
             ErrorKind::OwnerSignatureRequired => "owner_signature_required",
             ErrorKind::RateLimited => "rate_limited",
             ErrorKind::GrantRefused => "grant_refused",
+            ErrorKind::Sealed => "sealed",
+            ErrorKind::NotSealed => "not_sealed",
+            ErrorKind::UnsealFailed => "unseal_failed",
             ErrorKind::Internal => "internal",
         }
     }
@@ -381,7 +406,11 @@ impl ErrorKind {
     /// attestation failure also by its prefix). `param type error` reads as
     /// [`ErrorKind::ParamType`]: eHSM does not tell envelope and payload apart.
     pub fn from_message(message: &str) -> Option<ErrorKind> {
-        for kind in [ErrorKind::AttestationFailed, ErrorKind::GrantRefused] {
+        for kind in [
+            ErrorKind::AttestationFailed,
+            ErrorKind::GrantRefused,
+            ErrorKind::UnsealFailed,
+        ] {
             if message
                 .strip_prefix(kind.message())
                 .is_some_and(|rest| rest.is_empty() || rest.starts_with(": "))
@@ -394,7 +423,10 @@ impl ErrorKind {
 
     /// Whether answers of this kind carry a reason after their message.
     pub fn has_detail(self) -> bool {
-        matches!(self, ErrorKind::AttestationFailed | ErrorKind::GrantRefused)
+        matches!(
+            self,
+            ErrorKind::AttestationFailed | ErrorKind::GrantRefused | ErrorKind::UnsealFailed
+        )
     }
 }
 
@@ -509,6 +541,13 @@ impl From<ErrorAnswer> for KmsError {
                     .unwrap_or_else(|| "refused by the KMS".into()),
             ),
             ErrorKind::AttestationFailed => KmsError::Attestation(
+                answer
+                    .detail
+                    .clone()
+                    .unwrap_or_else(|| "refused by the KMS".into()),
+            ),
+            ErrorKind::Sealed => KmsError::Sealed,
+            ErrorKind::UnsealFailed => KmsError::UnsealFailed(
                 answer
                     .detail
                     .clone()

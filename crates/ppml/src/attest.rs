@@ -60,6 +60,33 @@ pub fn evidence_provider(
     })
 }
 
+/// Adds `root_id` to the `kms_root_ids` of the KMS policy file `path` (`docs/attestation.md`
+/// §9), so that clients using it trust the KMS only while it holds that root key. Returns
+/// false when the policy already names it. The file is replaced atomically.
+pub fn pin_kms_root_id(path: &Path, root_id: &[u8; 32]) -> Result<bool> {
+    let failed = |reason: String| Error::Config {
+        what: format!("the KMS policy {}", path.display()),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| failed(e.to_string()))?;
+    let mut policy: ppml_attestation::Policy =
+        serde_json::from_str(&text).map_err(|e| failed(e.to_string()))?;
+    let id = hex::encode(root_id);
+    if policy
+        .kms_root_ids
+        .iter()
+        .any(|pinned| pinned.eq_ignore_ascii_case(&id))
+    {
+        return Ok(false);
+    }
+    policy.kms_root_ids.push(id);
+    let mut json = serde_json::to_string_pretty(&policy).map_err(|e| failed(e.to_string()))?;
+    json.push('\n');
+    ppml_kms::write_private_file_atomic(path, json.as_bytes())
+        .map_err(|e| failed(e.to_string()))?;
+    Ok(true)
+}
+
 fn sim_platform_path(path: Option<&Path>, home: &Path) -> PathBuf {
     path.map_or_else(|| home.join("sim-platform.pk8"), Path::to_path_buf)
 }

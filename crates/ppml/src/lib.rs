@@ -91,7 +91,7 @@ pub mod job;
 
 use std::path::Path;
 
-pub use attest::{AttestationConfig, evidence_provider, sim_platform};
+pub use attest::{AttestationConfig, evidence_provider, pin_kms_root_id, sim_platform};
 pub use config::{GivenSettings, KmsBackend, OpenKms, Settings};
 pub use context::{
     Attested, IntoLocation, OutputFormat, PpmlContext, PpmlContextBuilder, RuntimeState,
