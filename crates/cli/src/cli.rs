@@ -65,7 +65,8 @@ pub struct GlobalArgs {
     pub kms_ca_cert: Option<PathBuf>,
     /// Verify the KMS before trusting it: its quote (over a fresh challenge and its TLS
     /// certificate) must satisfy this policy (JSON, as `ppml attest policy new` writes), or
-    /// nothing is sent to it
+    /// nothing is sent to it. Without --kms-fingerprint or --kms-ca-cert, the certificate the
+    /// quote binds is the one trusted
     #[arg(long, env = "PPML_KMS_POLICY", global = true, value_name = "FILE")]
     pub kms_policy: Option<PathBuf>,
     /// Collateral JSON for the KMS platform's SGX or TDX quotes (with --kms-policy)

@@ -170,6 +170,15 @@ pub async fn run(args: &KmsServeArgs, settings: &Settings) -> Result<()> {
     // Scripts wait for these lines (with the real port when --listen ends in :0).
     match server.tls() {
         None => println!("ppml kms listening on {url}"),
+        Some(identity) if server.is_sealed() => {
+            // Made in memory for this start: clients trust it through the KMS's quote.
+            println!("ppml kms listening on {url}");
+            println!("certificate fingerprint: {}", identity.fingerprint);
+            println!(
+                "clients: --kms-url {url} --kms-policy KMS_POLICY (the certificate is new at \
+                 each start and bound to the KMS's quote)"
+            );
+        }
         Some(identity) => {
             if identity.generated {
                 eprintln!(

@@ -909,8 +909,8 @@ fn copy_dir(from: &Path, to: &Path) {
 /// A KMS in the (simulated) TEE starts sealed and proves itself over TLS: its owner unseals
 /// it with `ppml kms unseal`, which pins the root id in the KMS policy; a client with
 /// `--kms-policy` then enrolls and works with it; the same client refuses a KMS outside a TEE
-/// (exit 4) and sends it nothing that needs a credential. The root key is nowhere on the
-/// KMS's disk.
+/// (exit 4) and sends it nothing that needs a credential. The root key and the TLS key are
+/// nowhere on the KMS's disk.
 #[test]
 fn clients_verify_the_kms_before_trusting_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -943,10 +943,10 @@ fn clients_verify_the_kms_before_trusting_it() {
     let policy_file = dir.path().join("kms-policy.json");
     std::fs::write(&policy_file, policy).unwrap();
 
+    // No fingerprint: the certificate a KMS's quote binds is the one trusted.
     let verified = |server: &Server, home: &Path| {
         ppml(home)
             .args(["kms", "enroll", "--kms-url", &server.url])
-            .args(["--kms-fingerprint", &server.fingerprint])
             .arg("--kms-policy")
             .arg(&policy_file)
             .output()
@@ -965,7 +965,6 @@ fn clients_verify_the_kms_before_trusting_it() {
     let unseal = |extra: &[&str]| {
         ppml(&home)
             .args(["kms", "unseal", "--kms-url", &in_tee.url])
-            .args(["--kms-fingerprint", &in_tee.fingerprint])
             .arg("--kms-policy")
             .arg(&policy_file)
             .arg("--root-key-file")
@@ -1002,6 +1001,8 @@ fn clients_verify_the_kms_before_trusting_it() {
     assert!(enrolled.status.success(), "{enrolled:?}");
     assert!(stdout(&enrolled).contains("appid = "), "{enrolled:?}");
 
+    // Nor is its TLS key: the certificate is made in memory at each start.
+    assert!(!dir.path().join("kms/tls").exists());
     // The root key is not on the KMS's disk, in hex or in bytes.
     let root_hex = std::fs::read_to_string(&root_key_file)
         .unwrap()

@@ -56,6 +56,10 @@ pub enum TlsTrust {
     /// are not checked: the pin names one certificate, and the handshake proves the server
     /// holds its private key.
     Fingerprint([u8; 32]),
+    /// The certificate the KMS's quote binds (a KMS in a TEE makes its own at each start):
+    /// the first one presented is pinned, and the KMS policy check, which this trust needs
+    /// ([`RemoteKmsConfig::kms_policy`]), refuses a KMS whose quote does not bind it.
+    Attested,
 }
 
 impl TlsTrust {
@@ -88,6 +92,8 @@ impl TlsTrust {
 #[derive(Debug)]
 struct ServerCertificate {
     chain: Option<Arc<rustls::client::WebPkiServerVerifier>>,
+    /// Pin the first certificate presented even without a chain ([`TlsTrust::Attested`]).
+    attested: bool,
     pinned: std::sync::Mutex<Option<[u8; 32]>>,
     provider: Arc<CryptoProvider>,
 }
@@ -128,8 +134,9 @@ impl ServerCertVerifier for ServerCertificate {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         match *pinned {
-            // Only a certificate the chain accepted is pinned on first use.
-            None if self.chain.is_some() => *pinned = Some(digest),
+            // Only a certificate the chain accepted is pinned on first use, or any for an
+            // attested KMS, whose quote must then bind it.
+            None if self.chain.is_some() || self.attested => *pinned = Some(digest),
             None => return refused(),
             Some(pin) if bool::from(subtle::ConstantTimeEq::ct_eq(&pin[..], &digest[..])) => {}
             Some(_) => return refused(),
@@ -313,6 +320,7 @@ fn server_certificate(
     };
     let (chain, pinned) = match trust {
         TlsTrust::Fingerprint(sha256) => (None, Some(*sha256)),
+        TlsTrust::Attested => (None, None),
         TlsTrust::CaFile(path) => {
             use rustls::pki_types::pem::PemObject as _;
             let mut roots = rustls::RootCertStore::empty();
@@ -345,6 +353,7 @@ fn server_certificate(
     };
     Ok(ServerCertificate {
         chain,
+        attested: matches!(trust, TlsTrust::Attested),
         pinned: std::sync::Mutex::new(pinned),
         provider,
     })
@@ -361,6 +370,11 @@ fn http_client(
     // A KMS policy or a fingerprint needs ppml's certificate check; a CA or the system roots
     // alone are reqwest's.
     let (builder, certificate) = match (&config.trust, &config.kms_policy) {
+        (TlsTrust::Attested, None) => {
+            return Err(KmsError::InvalidConfig(
+                "an attested KMS certificate needs a KMS policy (--kms-policy) to check it".into(),
+            ));
+        }
         (TlsTrust::SystemRoots, None) => (builder, None),
         (TlsTrust::CaFile(path), None) => {
             let pem = std::fs::read(path).map_err(|e| KmsError::storage(path, e))?;

@@ -70,6 +70,13 @@ pub enum ServerError {
          the host: drop the root key file, passphrase and PPML_KMS_ROOT_KEY"
     )]
     HostRootKeyInTee,
+    /// A KMS in a TEE was given a TLS key by the host: the host could then serve the
+    /// certificate the KMS's quote binds, and read what clients send.
+    #[error(
+        "a KMS in a TEE makes its own TLS key at each start, bound to its quote; drop \
+         --tls-cert and --tls-key"
+    )]
+    HostTlsKeyInTee,
     /// [`RootKeySource::Unseal`] outside a TEE: nothing could prove the KMS to an owner.
     #[error("only a KMS in a TEE (--tee) can be unsealed by attestation")]
     UnsealOutsideTee,
@@ -359,7 +366,9 @@ fn create_dir(dir: &Path) -> Result<(), ServerError> {
         })
 }
 
-/// How the server speaks TLS.
+/// How the server speaks TLS. In a TEE, [`TlsMode::SelfSigned`] is a certificate made in
+/// memory at each start (never written) and [`TlsMode::Files`] is refused: the host must not
+/// hold the key of the certificate the quote binds.
 #[derive(Clone, Debug)]
 pub enum TlsMode {
     /// A self-signed certificate kept in `DATA_DIR/tls`, created on first start for
@@ -479,6 +488,14 @@ fn open_data_dir_with(dir: &Path, root: RootKey) -> Result<DataDir, ServerError>
 }
 
 fn tls_identity(config: &ServerConfig) -> Result<Option<TlsIdentity>, ServerError> {
+    if config.own_tee.is_some() {
+        // A key the host stored or handed over is a key the host can serve with.
+        return match &config.tls {
+            TlsMode::InsecureHttp => Ok(None),
+            TlsMode::Files { .. } => Err(ServerError::HostTlsKeyInTee),
+            TlsMode::SelfSigned { extra_names } => Ok(Some(TlsIdentity::ephemeral(extra_names)?)),
+        };
+    }
     Ok(match &config.tls {
         TlsMode::InsecureHttp => None,
         TlsMode::Files { cert, key } => Some(TlsIdentity::from_pem_files(cert, key)?),

@@ -102,6 +102,21 @@ impl TlsIdentity {
         Self::build(certs, key, cert_path, false)
     }
 
+    /// A self-signed certificate for `localhost`, `127.0.0.1`, `::1` and `extra_names`, made
+    /// now and kept only in memory: a KMS in a TEE serves one, so that its host never holds
+    /// the private key of the certificate its quote binds (`docs/attestation.md` §8).
+    pub fn ephemeral(extra_names: &[String]) -> Result<Self, TlsError> {
+        let generated = rcgen::generate_simple_self_signed(subject_names(extra_names))?;
+        let key = PrivateKeyDer::try_from(generated.signing_key.serialize_der())
+            .map_err(|e| pem_error(Path::new("(in memory)"), e))?;
+        Self::build(
+            vec![generated.cert.der().clone()],
+            key,
+            Path::new("(in memory)"),
+            true,
+        )
+    }
+
     /// The certificate in `dir` (`cert.pem`, `key.pem` mode 0600), created self-signed for
     /// `localhost`, `127.0.0.1`, `::1` and `extra_names` when it does not exist yet.
     pub fn self_signed_in(dir: &Path, extra_names: &[String]) -> Result<Self, TlsError> {
@@ -110,13 +125,7 @@ impl TlsIdentity {
         if cert_path.exists() && key_path.exists() {
             return Self::from_pem_files(&cert_path, &key_path);
         }
-        let mut names = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
-        for name in extra_names {
-            if !names.contains(name) {
-                names.push(name.clone());
-            }
-        }
-        let generated = rcgen::generate_simple_self_signed(names)?;
+        let generated = rcgen::generate_simple_self_signed(subject_names(extra_names))?;
         std::fs::create_dir_all(dir).map_err(io_error(dir))?;
         let key_pem = zeroize::Zeroizing::new(generated.signing_key.serialize_pem());
         ppml_kms::write_private_file_atomic(&key_path, key_pem.as_bytes())
@@ -152,6 +161,17 @@ impl TlsIdentity {
             generated,
         })
     }
+}
+
+/// The names of a self-signed certificate: the loopback names and `extra_names`.
+fn subject_names(extra_names: &[String]) -> Vec<String> {
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
+    for name in extra_names {
+        if !names.contains(name) {
+            names.push(name.clone());
+        }
+    }
+    names
 }
 
 /// Serves `app` over HTTPS on `listener` until `shutdown` completes. Each connection does its

@@ -965,6 +965,16 @@ async fn attack_a_sealed_kms_serves_nothing_until_its_owner_unseals_it() {
         ));
     }
     assert!(!dir.path().join("host-keyed.root.key").exists());
+    // So is a TLS key from the host: it could serve the certificate the quote binds.
+    config.root_key = RootKeySource::Unseal;
+    config.tls = ppml_kms_server::TlsMode::Files {
+        cert: dir.path().join("cert.pem"),
+        key: dir.path().join("key.pem"),
+    };
+    assert!(matches!(
+        KmsServer::start(&config).await,
+        Err(ServerError::HostTlsKeyInTee)
+    ));
 
     let (url, _stop, _running) = start_sealed(&dir.path().join("kms"), &platform_key).await;
     let http = reqwest::Client::new();

@@ -319,6 +319,8 @@ impl Settings {
             }
             (Some(pin), None) => TlsTrust::parse_fingerprint(pin)?,
             (None, Some(path)) => TlsTrust::CaFile(path.clone()),
+            // A KMS in a TEE makes its certificate at each start; its quote vouches for it.
+            (None, None) if self.kms_policy.is_some() => TlsTrust::Attested,
             (None, None) => TlsTrust::SystemRoots,
         };
         if let Some(path) = &self.kms_policy {
