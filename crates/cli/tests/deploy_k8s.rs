@@ -827,6 +827,30 @@ const VARIANTS: &[&[&str]] = &[
         "--set",
         "submit.enabled=true",
     ],
+    &[
+        "--set",
+        "kms.tee.kind=sim",
+        "--set",
+        "kms.tee.sim.platformKeySecret=ppml-kms-sim-platform",
+        "--set",
+        "executor.tee.kind=sim",
+        "--set",
+        "executor.tee.sim.platformKeySecret=ppml-sim-platform",
+        "--set-json",
+        KMS_POLICY_SETTING,
+    ],
+    &[
+        "--set",
+        "kms.tee.kind=sgx",
+        "--set",
+        "kms.tee.sgx.resources.sgx\\.intel\\.com/enclave=1",
+        "--set",
+        "kms.tee.sgx.devices={/dev/sgx_enclave,/dev/sgx_provision}",
+        "--set",
+        "kms.command={gramine-sgx,ppml}",
+        "--set-json",
+        KMS_POLICY_SETTING,
+    ],
 ];
 
 /// Differences between two sets of objects, by `Kind/name` and the first differing field.
@@ -1039,8 +1063,70 @@ fn helm_lints_and_every_rendering_follows_the_rules() {
     .unwrap();
     assert_eq!(embedded, dashboard);
 
+    // The KMS in a TEE: started with --tee, given no root key, TLS key or passphrase by the
+    // cluster (it is sealed until its owner unseals it), trusted through the KMS policy.
+    let docs = render(&[
+        "--set",
+        "kms.tee.kind=tdx",
+        "--set",
+        "kms.passphrase.existingSecret=ppml-kms-passphrase",
+        "--set-json",
+        KMS_POLICY_SETTING,
+    ]);
+    let kms = docs
+        .iter()
+        .find(|d| object_id(d) == "StatefulSet/ppml-kms")
+        .and_then(pod_template)
+        .expect("the KMS's pod template");
+    let container = kms.pointer("/spec/containers/0").unwrap();
+    let args = ppml_args(container).unwrap();
+    assert_eq!(tee_of(container, &args).as_deref(), Some("tdx"), "{args:?}");
+    assert!(
+        !args.iter().any(|a| a.starts_with("--tls-cert")),
+        "{args:?}"
+    );
+    let env = container["env"].as_array().unwrap();
+    assert!(
+        !env.iter().any(|e| e["name"] == "PPML_KMS_ROOT_KEY"
+            || e["name"] == "PPML_KMS_PASSPHRASE"
+            || e["name"] == "PPML_KMS_ROOT_KEY_FILE"),
+        "{env:?}"
+    );
+    assert!(
+        kms.pointer("/spec/volumes")
+            .and_then(Value::as_array)
+            .unwrap()
+            .iter()
+            .all(|v| v.pointer("/secret").is_none()),
+        "no Secret reaches the KMS in a TEE"
+    );
+
     // Choices the chart refuses instead of rendering.
     for (args, message) in [
+        (
+            &["--set", "kms.tee.kind=tdx"][..],
+            "set kmsClient.kmsPolicy",
+        ),
+        (
+            &[
+                "--set",
+                "kms.tee.kind=tdx",
+                "--set",
+                "kms.tls.existingSecret=ppml-kms-tls",
+                "--set-json",
+                KMS_POLICY_SETTING,
+            ][..],
+            "makes its own TLS key",
+        ),
+        (
+            &[
+                "--set",
+                "kms.tee.kind=sim",
+                "--set-json",
+                KMS_POLICY_SETTING,
+            ][..],
+            "needs kms.tee.sim.platformKeySecret",
+        ),
         (
             &["--set", "executor.tee.kind=sim"][..],
             "needs executor.tee.sim.platformKeySecret",

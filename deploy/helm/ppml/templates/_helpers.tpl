@@ -62,6 +62,21 @@ https://{{ include "ppml.fullname" . }}-kms:{{ .Values.kms.port }}
 {{- if and (eq $tee "sim") (not .Values.executor.tee.sim.platformKeySecret) -}}
 {{- fail "executor.tee.kind=sim (development only) needs executor.tee.sim.platformKeySecret" -}}
 {{- end -}}
+{{- $kmsTee := .Values.kms.tee.kind -}}
+{{- if not (has $kmsTee (list "none" "tdx" "sgx" "sim")) -}}
+{{- fail (printf "kms.tee.kind must be none, tdx, sgx or sim, not %q" $kmsTee) -}}
+{{- end -}}
+{{- if ne $kmsTee "none" -}}
+{{- if .Values.kms.tls.existingSecret -}}
+{{- fail "a KMS in a TEE makes its own TLS key at each start: unset kms.tls.existingSecret" -}}
+{{- end -}}
+{{- if and (eq $kmsTee "sim") (not .Values.kms.tee.sim.platformKeySecret) -}}
+{{- fail "kms.tee.kind=sim (development only) needs kms.tee.sim.platformKeySecret" -}}
+{{- end -}}
+{{- if and .Values.kms.enabled (not .Values.kmsClient.url) (not .Values.kmsClient.kmsPolicy) -}}
+{{- fail "a KMS in a TEE is trusted through its quote: set kmsClient.kmsPolicy (docs/attestation.md §8)" -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{/*
