@@ -242,6 +242,23 @@ def prepare(settings_path, out_vars):
                 add_dir(v, name)
     for v in s["data_dirs"]:
         add_dir(v, "--data-dir")
+    # A KMS enclave: its data directory (store, audit log, collateral cache, all sealed under
+    # the root key or public) is the one directory it may write, and nothing secret may come
+    # from the host (docs/attestation.md §9): the owner's `ppml kms unseal` brings the root
+    # key, and the TLS key is made in enclave memory at each start.
+    is_kms = positionals[:2] == ["kms", "serve"]
+    if is_kms:
+        kms_dirs = values("--data-dir")
+        if not kms_dirs:
+            errors.append("kms serve needs --data-dir DIR (absolute): the KMS's store and audit "
+                          "log, the enclave's one writable directory")
+        for v in kms_dirs:
+            add_dir(v, "kms serve --data-dir")
+        for flag in ("--root-key-file", "--passphrase-file", "--tls-cert", "--tls-key",
+                     "--insecure-http"):
+            if has(flag):
+                errors.append(f"{flag}: a KMS enclave takes its root key only from its owner "
+                              "(`ppml kms unseal`) and makes its own TLS key in enclave memory")
     reserved = RESERVED + [s["arch_libdir"]]
     for d, origin in dirs:
         if d == "/":
@@ -299,20 +316,19 @@ def prepare(settings_path, out_vars):
         argv += ["--tee", "sgx"]
     argv += args
 
-    # Warnings about a command that will not work, or works with weaker guarantees.
-    if not has("--kms-url") and "url" not in creds:
-        warn("no --kms-url: `--tee sgx` needs a KMS server, the job will fail to attest")
-    if not has("--attestation-policy") and not s["policy_id_from_host"]:
-        warn("no --attestation-policy: `--tee sgx` needs the policy id printed by "
-             "`ppml kms release-policy`")
-    if not (has("--kms-fingerprint") or has("--kms-ca-cert") or "fingerprint" in creds):
-        warn("no --kms-fingerprint or --kms-ca-cert: the KMS is authenticated by the measured "
-             "CA bundle (any public CA); pinning its certificate is stronger")
-    if not has("--appid") and "appid" not in creds:
-        warn("no KMS app credentials (--credentials FILE): the job cannot authenticate to the KMS")
-    if has("--attestation-debug"):
-        warn("--attestation-debug: a failed attestation lets the job continue (the KMS still "
-             "releases no attested-only key)")
+    # Warnings about a job command that will not work, or works with weaker guarantees (a
+    # KMS is the server: it has no KMS URL, credentials or policy id of its own).
+    if not is_kms:
+        if not has("--kms-url") and "url" not in creds:
+            warn("no --kms-url: `--tee sgx` needs a KMS server, the job will fail to attest")
+        if not has("--attestation-policy") and not s["policy_id_from_host"]:
+            warn("no --attestation-policy: `--tee sgx` needs the policy id printed by "
+                 "`ppml kms release-policy`")
+        if not (has("--kms-fingerprint") or has("--kms-ca-cert") or "fingerprint" in creds):
+            warn("no --kms-fingerprint or --kms-ca-cert: the KMS is authenticated by the measured "
+                 "CA bundle (any public CA); pinning its certificate is stronger")
+        if not has("--appid") and "appid" not in creds:
+            warn("no KMS app credentials (--credentials FILE): the job cannot authenticate to the KMS")
     writes_encrypted = sub in ("simple-query", "encrypt") or (sub == "query" and has("--output"))
     if writes_encrypted and not (has("--primary-key") or has("--output-key")
                                  or "primary_key" in creds or "output_key" in creds):

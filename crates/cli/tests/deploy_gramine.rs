@@ -545,3 +545,77 @@ fn missing_gramine_tools_are_a_clear_exit_2() {
         assert!(!out.exists(), "nothing is written");
     }
 }
+
+/// `build.sh -- kms serve ...` bundles a KMS enclave: its data directory is the one directory
+/// it may open outside itself, it attests as `sgx` (so it starts sealed), and a root key,
+/// passphrase or TLS key from the host is refused.
+#[test]
+fn a_kms_enclave_writes_only_its_data_directory_and_takes_no_host_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("kms-bundle");
+    let serve = [
+        "kms",
+        "serve",
+        "--listen",
+        "0.0.0.0:9000",
+        "--data-dir",
+        "/var/lib/ppml/kms",
+    ];
+    let result = check(&out, &[], &serve);
+    assert!(result.status.success(), "{}", stderr(&result));
+    // A server has no KMS URL, credentials or policy id of its own to warn about.
+    assert!(
+        !stderr(&result).contains("--kms-url"),
+        "{}",
+        stderr(&result)
+    );
+    let m = manifest(&out);
+    let argv = strings(get(&m, "loader.argv"));
+    assert_eq!(argv[..5], ["ppml", "--tee", "sgx", "kms", "serve"]);
+    assert_eq!(
+        strings(get(&m, "sgx.allowed_files")),
+        ["file:/var/lib/ppml/kms/"]
+    );
+
+    for (extra, refused) in [
+        (
+            &["--root-key-file", "/var/lib/ppml/kms.root.key"][..],
+            "--root-key-file",
+        ),
+        (
+            &["--passphrase-file", "/etc/kms-passphrase"][..],
+            "--passphrase-file",
+        ),
+        (
+            &["--tls-cert", "/etc/tls.crt", "--tls-key", "/etc/tls.key"][..],
+            "--tls-cert",
+        ),
+        (&["--insecure-http"][..], "--insecure-http"),
+    ] {
+        let mut args = serve.to_vec();
+        args.extend_from_slice(extra);
+        let result = check(&dir.path().join("refused"), &[], &args);
+        assert_eq!(
+            result.status.code(),
+            Some(2),
+            "{extra:?}: {}",
+            stderr(&result)
+        );
+        assert!(
+            stderr(&result).contains(refused) && stderr(&result).contains("ppml kms unseal"),
+            "{}",
+            stderr(&result)
+        );
+    }
+    let result = check(
+        &dir.path().join("refused"),
+        &[],
+        &["kms", "serve", "--listen", "0.0.0.0:9000"],
+    );
+    assert_eq!(result.status.code(), Some(2), "{}", stderr(&result));
+    assert!(
+        stderr(&result).contains("needs --data-dir"),
+        "{}",
+        stderr(&result)
+    );
+}
