@@ -101,7 +101,7 @@ pub fn new_policy(args: &PolicyNewArgs, settings: &Settings) -> Result<Policy> {
     };
     let mrenclave = if args.this_binary {
         if tee != Tee::Sim {
-            anyhow::bail!(
+            crate::usage_bail!(
                 "--this-binary is the simulated TEE's measurement: use it with --tee sim"
             );
         }

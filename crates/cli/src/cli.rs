@@ -84,7 +84,7 @@ pub struct GlobalArgs {
     pub grant: Option<PathBuf>,
     /// Let row counts of jobs granted at start be printed and logged (they say how many rows
     /// matched, so they leave the TEE only when the owner allows it)
-    #[arg(long, env = "PPML_REVEAL_COUNTS", global = true)]
+    #[arg(long, env = "PPML_REVEAL_COUNTS", global = true, value_parser = clap::builder::BoolishValueParser::new())]
     pub reveal_counts: bool,
     /// Attest this process before it reads data (simple-query, query, quickstart): `sim`
     /// (development), `sgx` (Gramine) or `tdx` (configfs-tsm). Needs a KMS server.
@@ -115,7 +115,7 @@ pub struct GlobalArgs {
     pub verbose: u8,
     /// Do not fsync outputs before renaming them into place (faster; a crash may then leave
     /// an output that fails verification, never a wrong one)
-    #[arg(long, env = "PPML_NO_SYNC", global = true)]
+    #[arg(long, env = "PPML_NO_SYNC", global = true, value_parser = clap::builder::BoolishValueParser::new())]
     pub no_sync: bool,
     /// No progress bars or summaries
     #[arg(short, long, global = true)]
@@ -867,15 +867,15 @@ pub struct KmsServeArgs {
     #[arg(long, value_name = "NAME")]
     pub tls_san: Vec<String>,
     /// Serve plain HTTP instead of HTTPS (loopback or a trusted network only)
-    #[arg(long, env = "PPML_KMS_INSECURE_HTTP")]
+    #[arg(long, env = "PPML_KMS_INSECURE_HTTP", value_parser = clap::builder::BoolishValueParser::new())]
     pub insecure_http: bool,
     /// Also serve BigDL-RAS's /registerPolicy and /verifyQuote, for BigDL's attestation
     /// clients; they take the api key unsigned in the body, so they are off by default
-    #[arg(long, env = "PPML_KMS_BIGDL_RAS")]
+    #[arg(long, env = "PPML_KMS_BIGDL_RAS", value_parser = clap::builder::BoolishValueParser::new())]
     pub enable_bigdl_ras: bool,
     /// Accept simulated-TEE evidence (development only): from the simulation platforms each
     /// policy names in sim_platforms (public keys); the server holds no platform key
-    #[arg(long, env = "PPML_KMS_ALLOW_SIMULATION")]
+    #[arg(long, env = "PPML_KMS_ALLOW_SIMULATION", value_parser = clap::builder::BoolishValueParser::new())]
     pub allow_simulation: bool,
     /// Collateral JSON for verifying SGX quotes (docs/attestation.md §3)
     #[arg(long, value_name = "FILE")]

@@ -21,7 +21,7 @@ pub async fn submit(args: &SubmitArgs, app: &AppSpec, settings: &mut Settings) -
         .map(|size| parse_size(size).with_context(|| format!("--driver-memory {size:?}")))
         .transpose()?;
     if args.executor_memory.is_some() {
-        bail!(
+        crate::usage_bail!(
             "--executor-memory: ppml executors are long-running; set their memory where they \
              start (`ppml executor --memory SIZE`, `ppml cluster up --executor-memory SIZE`)"
         );
@@ -29,7 +29,9 @@ pub async fn submit(args: &SubmitArgs, app: &AppSpec, settings: &mut Settings) -
     let placement = match args.mode() {
         SubmitMode::Local => {
             if settings.tee.is_some() {
-                bail!("--mode local runs without a TEE; use --mode local-tee with --tee");
+                crate::usage_bail!(
+                    "--mode local runs without a TEE; use --mode local-tee with --tee"
+                );
             }
             Placement::Local {
                 partitions: args.driver_cores,
@@ -38,7 +40,9 @@ pub async fn submit(args: &SubmitArgs, app: &AppSpec, settings: &mut Settings) -
         }
         SubmitMode::LocalTee => {
             if settings.tee.is_none() {
-                bail!("--mode local-tee needs --tee (sim, sgx or tdx) and a KMS server");
+                crate::usage_bail!(
+                    "--mode local-tee needs --tee (sim, sgx or tdx) and a KMS server"
+                );
             }
             Placement::Local {
                 partitions: args.driver_cores,
@@ -47,7 +51,7 @@ pub async fn submit(args: &SubmitArgs, app: &AppSpec, settings: &mut Settings) -
         }
         SubmitMode::Cluster => {
             if args.driver_cores.is_some() {
-                bail!(
+                crate::usage_bail!(
                     "--driver-cores: in cluster mode the driver is one task on an executor; \
                      set the job's parallelism with --num-executors and --executor-cores"
                 );
@@ -70,7 +74,9 @@ pub async fn submit(args: &SubmitArgs, app: &AppSpec, settings: &mut Settings) -
                 .clone()
                 .context("--mode client needs --master HOST:PORT (the scheduler)")?;
             if app.is_plaintext() {
-                bail!("--plaintext runs only in local mode: executors read only ppml datasets");
+                crate::usage_bail!(
+                    "--plaintext runs only in local mode: executors read only ppml datasets"
+                );
             }
             let tls = cluster_tls(&args.tls, tls::DRIVER, "submit")?;
             let mut conf = parse_conf(&args.conf)?;
@@ -94,7 +100,7 @@ pub async fn submit(args: &SubmitArgs, app: &AppSpec, settings: &mut Settings) -
         }
     };
     if args.detach {
-        bail!("--detach applies to --mode cluster only");
+        crate::usage_bail!("--detach applies to --mode cluster only");
     }
     query::run(app, settings, placement).await?;
     Ok(crate::exit::OK)
@@ -132,7 +138,7 @@ pub fn parse_size(text: &str) -> Result<usize> {
         .checked_mul(1usize << shift)
         .with_context(|| format!("{text:?} is too large"))?;
     if bytes == 0 {
-        bail!("a memory size must be more than 0");
+        crate::usage_bail!("a memory size must be more than 0");
     }
     Ok(bytes)
 }
@@ -145,7 +151,9 @@ fn parse_conf(conf: &[String]) -> Result<Vec<(String, String)>> {
                 .split_once('=')
                 .with_context(|| format!("--conf {entry:?}: expected KEY=VALUE"))?;
             if !(key.starts_with("datafusion.") || key.starts_with("ballista.")) {
-                bail!("--conf {key}: only datafusion.* and ballista.* settings can be set");
+                crate::usage_bail!(
+                    "--conf {key}: only datafusion.* and ballista.* settings can be set"
+                );
             }
             Ok((key.to_string(), value.to_string()))
         })
@@ -184,7 +192,9 @@ fn cluster_tls(args: &ClusterTlsArgs, role: &str, command: &str) -> Result<Optio
             Ok(None)
         }
         // clap refuses both together.
-        (Some(_), true) => bail!("--cluster-tls and --insecure-cleartext exclude each other"),
+        (Some(_), true) => {
+            crate::usage_bail!("--cluster-tls and --insecure-cleartext exclude each other")
+        }
         (None, false) => usage_error(
             command,
             format!(
@@ -417,7 +427,7 @@ pub fn up(
     settings: &Settings,
 ) -> Result<()> {
     if args.executors == 0 || args.executor_cores == 0 {
-        bail!("--executors and --executor-cores must be at least 1");
+        crate::usage_bail!("--executors and --executor-cores must be at least 1");
     }
     if let Some(size) = &args.executor_memory {
         parse_size(size).with_context(|| format!("--executor-memory {size:?}"))?;

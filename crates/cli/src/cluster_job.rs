@@ -47,13 +47,15 @@ pub async fn submit(
     customizer: EndpointCustomizer,
 ) -> Result<u8> {
     let Some(master) = args.master.clone() else {
-        bail!("--mode cluster needs --master HOST:PORT (the scheduler)");
+        crate::usage_bail!("--mode cluster needs --master HOST:PORT (the scheduler)");
     };
     if app.is_plaintext() {
-        bail!("--plaintext runs only in local mode: executors read only ppml datasets");
+        crate::usage_bail!(
+            "--plaintext runs only in local mode: executors read only ppml datasets"
+        );
     }
     if app.output().is_none() {
-        bail!(
+        crate::usage_bail!(
             "--mode cluster writes the result as an encrypted dataset: give --output DIR \
              (nothing is printed on the submitting machine)"
         );

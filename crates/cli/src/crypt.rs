@@ -11,7 +11,7 @@ use crate::settings::Settings;
 
 pub async fn encrypt(args: &EncryptArgs, settings: &mut Settings) -> Result<EncryptSummary> {
     if args.partitions == 0 {
-        anyhow::bail!("--partitions must be at least 1");
+        crate::usage_bail!("--partitions must be at least 1");
     }
     let kms = settings.open_kms().await?;
     let bar = ByteBar::new("encrypting", settings.quiet);

@@ -11,10 +11,10 @@ use crate::settings::Settings;
 
 pub async fn run(args: &KmsBenchArgs, settings: &Settings) -> Result<()> {
     let Some(config) = settings.remote_config()? else {
-        bail!("`ppml kms bench` needs a KMS server: pass --kms-url (or PPML_KMS_URL)");
+        crate::usage_bail!("`ppml kms bench` needs a KMS server: pass --kms-url (or PPML_KMS_URL)");
     };
     if args.connections == 0 {
-        bail!("--connections must be at least 1");
+        crate::usage_bail!("--connections must be at least 1");
     }
     let (credentials, primary_key) = match (&settings.appid, &settings.apikey) {
         (Some(appid), Some(apikey)) if !args.enroll => (

@@ -73,11 +73,12 @@ fn tls_san(flag: &[String], settings: &Settings) -> Vec<String> {
 
 /// `ppml kms init --server`: everything `ppml kms serve` would create on first start.
 pub fn init_server(args: &crate::cli::KmsInitArgs, settings: &Settings) -> Result<()> {
-    anyhow::ensure!(
-        settings.tee.is_none(),
-        "a KMS in a TEE has no root key on its host to initialise: start it with `ppml kms \
-         serve --tee ...` and make its store with the owner's first `ppml kms unseal --create`"
-    );
+    if settings.tee.is_some() {
+        crate::usage_bail!(
+            "a KMS in a TEE has no root key on its host to initialise: start it with `ppml kms \
+             serve --tee ...` and make its store with the owner's first `ppml kms unseal --create`"
+        );
+    }
     let mut config = ServerConfig::new(data_dir(&args.data_dir, settings));
     config.root_key = root_key(&args.root, settings);
     config.tls = TlsMode::SelfSigned {
@@ -121,7 +122,7 @@ fn server_config(args: &KmsServeArgs, settings: &Settings) -> Result<ServerConfi
             (None, None) => TlsMode::SelfSigned {
                 extra_names: tls_san(&args.tls_san, settings),
             },
-            _ => anyhow::bail!("--tls-cert and --tls-key go together"),
+            _ => crate::usage_bail!("--tls-cert and --tls-key go together"),
         }
     };
     let pccs = PccsArgs {

@@ -186,7 +186,7 @@ async fn kms_command(command: &KmsCommand, settings: &mut Settings) -> Result<()
         KmsCommand::Init(args) if args.server => kms_serve::init_server(args, settings)?,
         KmsCommand::Init(_) => {
             if settings.kms_url.is_some() {
-                anyhow::bail!(
+                crate::usage_bail!(
                     "`ppml kms init` creates the embedded KMS; a KMS server initialises itself \
                      on first start (`ppml kms serve`)"
                 );
@@ -255,12 +255,12 @@ async fn kms_command(command: &KmsCommand, settings: &mut Settings) -> Result<()
                 None => kms.primary()?.0.clone(),
             };
             let Some(remote) = kms.backend.remote() else {
-                anyhow::bail!("attested key release needs a KMS server (--kms-url)");
+                crate::usage_bail!("attested key release needs a KMS server (--kms-url)");
             };
             let policy_id = match (&args.policy_id, &args.policy) {
                 (Some(id), _) => id.clone(),
                 (None, Some(path)) => remote.upload_policy(&attest::read_policy(path)?).await?,
-                (None, None) => anyhow::bail!("--policy or --policy-id is needed"),
+                (None, None) => crate::usage_bail!("--policy or --policy-id is needed"),
             };
             remote
                 .set_release_policy(&ppml_kms::PrimaryKeyId(keyid.clone()), &policy_id)

@@ -29,14 +29,14 @@ pub fn query_spec(args: &QueryArgs) -> Result<AppSpec> {
         (Some(sql), None) => sql.clone(),
         (None, Some(file)) => std::fs::read_to_string(file)
             .with_context(|| format!("--sql-file {}", file.display()))?,
-        _ => bail!("give the query with --sql or --sql-file"),
+        _ => crate::usage_bail!("give the query with --sql or --sql-file"),
     };
     let mut tables = std::collections::BTreeMap::new();
     for spec in &args.tables {
         let (name, location) =
             SqlSpec::parse_table(spec).with_context(|| format!("--table {spec:?}"))?;
         if tables.insert(name.clone(), location).is_some() {
-            bail!("--table {name}: given twice");
+            crate::usage_bail!("--table {name}: given twice");
         }
     }
     Ok(AppSpec::Sql(SqlSpec {
@@ -69,7 +69,7 @@ pub async fn run(
     if let (true, AppSpec::Sql(sql)) = (in_tee, spec)
         && sql.output.is_none()
     {
-        bail!(
+        crate::usage_bail!(
             "with --tee the result leaves the runtime only encrypted: give --output (the \
              result rows would otherwise be printed to the host)"
         );

@@ -656,6 +656,86 @@ fn usage_errors_exit_2() {
     let env = Env::new();
     let out = env.ppml(&["encrypt", "--in"]);
     assert_eq!(out.status.code(), Some(2));
+    // Found after parsing: flags that do not go together, values out of range.
+    let csv = env.path("p.csv");
+    env.ok(&["generate", "people", "--rows", "10", "--out", s(&csv)]);
+    for (args, message) in [
+        (
+            &[
+                "submit",
+                "--mode",
+                "local",
+                "--tee",
+                "sim",
+                "simple-query",
+                "--input",
+                "/nonexistent.enc",
+                "--output",
+                "/nonexistent-out.enc",
+            ][..],
+            "--mode local runs without a TEE",
+        ),
+        (
+            &[
+                "encrypt",
+                "--in",
+                s(&csv),
+                "--out",
+                s(&env.path("p.enc")),
+                "--partitions",
+                "0",
+            ][..],
+            "--partitions must be at least 1",
+        ),
+        (
+            &[
+                "query", "--table", "t=/x.enc", "--table", "t=/y.enc", "--sql", "SELECT 1",
+            ][..],
+            "given twice",
+        ),
+    ] {
+        let out = env.ppml(args);
+        assert_fails(&out, 2, &[message]);
+    }
+    assert!(!env.path("p.enc").exists());
+}
+
+/// Boolean env vars take 1/0, yes/no, true/false, on/off, as the README documents
+/// (`PPML_NO_SYNC=1`); anything else is a usage error naming the variable's values.
+#[test]
+fn boolean_env_vars_take_one_and_zero() {
+    let env = Env::new();
+    let csv = env.path("p.csv");
+    let out = env.ppml_env(
+        &["generate", "people", "--rows", "10", "--out", s(&csv)],
+        &[("PPML_NO_SYNC", "1"), ("PPML_REVEAL_COUNTS", "0")],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let out = env.ppml_env(
+        &[
+            "generate",
+            "people",
+            "--rows",
+            "10",
+            "--out",
+            s(&env.path("q.csv")),
+        ],
+        &[("PPML_NO_SYNC", "maybe")],
+    );
+    assert_fails(&out, 2, &["maybe"]);
+    assert!(!env.path("q.csv").exists());
+    let out = env.ppml_env(
+        &[
+            "kms",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            s(&env.path("kms")),
+        ],
+        &[("PPML_KMS_INSECURE_HTTP", "perhaps")],
+    );
+    assert_fails(&out, 2, &["perhaps"]);
 }
 
 #[test]

@@ -1,6 +1,5 @@
 //! Faults on a cluster of separate processes: an executor killed with SIGKILL in the middle of
-//! a job. The job either completes with the rows local mode gives, or fails with a clear
-//! error and leaves no output.
+//! a job. The job completes on the executor left, with the rows local mode gives.
 
 mod common;
 
@@ -127,6 +126,10 @@ fn an_executor_killed_mid_job_loses_no_rows_and_leaves_no_partial_output() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    assert!(
+        submit.try_wait().unwrap().is_none(),
+        "the job ended before the kill: nothing was tested"
+    );
     executors[1].0.kill().unwrap();
     executors[1].0.wait().unwrap();
 
@@ -143,33 +146,22 @@ fn an_executor_killed_mid_job_loses_no_rows_and_leaves_no_partial_output() {
     };
     let mut stderr = String::new();
     std::io::Read::read_to_string(submit.stderr.as_mut().unwrap(), &mut stderr).unwrap();
-    if status.success() {
-        assert_eq!(
-            decrypted_rows(&home, &output),
-            expected,
-            "the job completed after the kill with different rows"
-        );
-    } else {
-        assert!(!output.exists(), "a failed job left output behind");
-        let siblings: Vec<_> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.contains("cluster.enc"))
-            .collect();
-        assert!(siblings.is_empty(), "temporary output left: {siblings:?}");
-        assert!(
-            stderr.contains("ppml: error:")
-                && (stderr.contains("job") || stderr.contains("executor")),
-            "unclear error: {stderr}"
-        );
-    }
-    eprintln!(
-        "after SIGKILL the job {}",
-        if status.success() {
-            "completed with the local rows"
-        } else {
-            "failed cleanly"
-        }
+    // Ballista reruns the lost executor's tasks (and the map tasks whose shuffle files died
+    // with it) on the executor left: the job completes, with exactly the rows of local mode.
+    assert!(
+        status.success(),
+        "the job failed after one of two executors was killed: {stderr}"
     );
+    assert_eq!(
+        decrypted_rows(&home, &output),
+        expected,
+        "the job completed after the kill with different rows"
+    );
+    let siblings: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("cluster.enc") && n != "cluster.enc")
+        .collect();
+    assert!(siblings.is_empty(), "temporary output left: {siblings:?}");
 }
