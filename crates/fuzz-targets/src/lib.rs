@@ -1,0 +1,177 @@
+//! The bodies of ppml's fuzz targets: one function per parser or decoder that sees bytes an
+//! attacker chooses. `fuzz/` (cargo fuzz, nightly) calls them from libFuzzer, and
+//! `tests/corpus.rs` replays every file of `fuzz/corpus/<target>` and
+//! `fuzz/regressions/<target>` through them on stable Rust, in the test command.
+//!
+//! A target fails by panicking (or by a sanitizer report under cargo fuzz); every `Err` the
+//! code under test returns is a correct answer to bad input. Targets bound what they read, so
+//! that a declared length cannot make one input take unbounded time or memory here.
+
+use std::io::{Cursor, Read};
+
+use ppml_format::{DataKey, DecryptingReader, RandomAccessReader, UnverifiedHeader};
+
+/// Every target, by name: the directory names under `fuzz/corpus` and `fuzz/regressions`.
+pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+    ("file_header", file_header),
+    ("stream_reader", stream_reader),
+    ("random_access", random_access),
+    ("manifest", manifest),
+    ("kms_envelope", kms_envelope),
+    ("policy", policy),
+    ("sim_quote", sim_quote),
+    ("dcap_quote", dcap_quote),
+    ("collateral", collateral),
+    ("job_grant", job_grant),
+];
+
+/// The data key of the format's test vectors (`crates/format/testdata/vectors`), so that
+/// corpora seeded from them reach past the header's MAC.
+const VECTOR_KEY: [u8; 32] = [0x42; 32];
+
+/// Plaintext read from one input at most.
+const MAX_PLAINTEXT: u64 = 1 << 20;
+
+/// A file's header: parsed, then verified with the vectors' key.
+pub fn file_header(data: &[u8]) {
+    if let Ok(header) = UnverifiedHeader::parse(data) {
+        let _ = header.sha256();
+        let _ = header.verify(&DataKey::from_bytes(VECTOR_KEY));
+    }
+}
+
+/// A whole file through the streaming reader (header, then every segment).
+pub fn stream_reader(data: &[u8]) {
+    let mut cursor = Cursor::new(data);
+    let Ok(header) = UnverifiedHeader::read_from(&mut cursor) else {
+        return;
+    };
+    let Ok(reader) = DecryptingReader::new(cursor, header, &DataKey::from_bytes(VECTOR_KEY)) else {
+        return;
+    };
+    let _ = std::io::copy(&mut reader.take(MAX_PLAINTEXT), &mut std::io::sink());
+}
+
+/// A file through the random-access reader: the first 6 bytes are the range to read
+/// (offset u32, length u16, big-endian), the rest is the file.
+pub fn random_access(data: &[u8]) {
+    let Some((range, file)) = data.split_at_checked(6) else {
+        return;
+    };
+    let offset = u64::from(u32::from_be_bytes([range[0], range[1], range[2], range[3]]));
+    let len = usize::from(u16::from_be_bytes([range[4], range[5]]));
+    let Ok(mut reader) =
+        RandomAccessReader::new(Cursor::new(file), &DataKey::from_bytes(VECTOR_KEY))
+    else {
+        return;
+    };
+    let _ = reader.plaintext_len();
+    let mut out = vec![0u8; len];
+    let _ = reader.read_at(offset, &mut out);
+}
+
+/// A dataset manifest (`_manifest.ppml.json`): parsed, then verified with the vectors' key.
+pub fn manifest(data: &[u8]) {
+    if let Ok(manifest) = ppml_format::manifest::UnverifiedManifest::from_json(data) {
+        let _ = manifest.verify(&DataKey::from_bytes(VECTOR_KEY));
+    }
+}
+
+/// A KMS request envelope: its canonical string, signature check, timestamp and replay id.
+pub fn kms_envelope(data: &[u8]) {
+    let Ok(serde_json::Value::Object(body)) = serde_json::from_slice(data) else {
+        return;
+    };
+    let _ = ppml_kms::ehsm::canonical_string(&body);
+    let presented = body.get("sign").and_then(|v| v.as_str()).unwrap_or("");
+    let _ = ppml_kms::ehsm::verify("api-key", &body, presented);
+    let timestamp = body.get("timestamp").and_then(|v| v.as_str()).unwrap_or("");
+    let _ = ppml_kms::ehsm::check_timestamp(timestamp, 1_700_000_000_000);
+    let appid = body.get("appid").and_then(|v| v.as_str()).unwrap_or("");
+    let nonce = body.get("nonce").and_then(|v| v.as_str());
+    let _ = ppml_kms::ehsm::replay_id(appid, timestamp, nonce);
+}
+
+/// An attestation policy: parsed, checked, and used to judge a fixed set of claims.
+pub fn policy(data: &[u8]) {
+    use ppml_attestation::policy::Policy;
+    let Ok(policy) = serde_json::from_slice::<Policy>(data) else {
+        return;
+    };
+    let _ = policy.check();
+    let _ = policy.sim_platform_keys();
+    let _ = policy.kms_root_id_values();
+    let claims = ppml_attestation::Claims {
+        tee: ppml_attestation::Tee::Sgx,
+        measurements: ppml_attestation::claims::Measurements {
+            mrenclave: Some("ab".repeat(32)),
+            mrsigner: Some("cd".repeat(32)),
+            isvprodid: Some(1),
+            isvsvn: Some(2),
+            ..Default::default()
+        },
+        debug: false,
+        tcb_status: "UpToDate".into(),
+        advisory_ids: vec!["INTEL-SA-00615".into()],
+        report_data: "00".repeat(64),
+    };
+    let _ = policy.evaluate(&claims);
+}
+
+/// The simulation platform whose quotes [`sim_quote`] trusts: the Ed25519 key of seed
+/// `[7; 32]`, so that a seed corpus signed with it reaches past the signature check.
+pub fn fuzz_sim_platform() -> ring::signature::Ed25519KeyPair {
+    ring::signature::Ed25519KeyPair::from_seed_unchecked(&[7; 32]).expect("a 32-byte seed")
+}
+
+/// A simulated quote, verified against [`fuzz_sim_platform`].
+pub fn sim_quote(data: &[u8]) {
+    use ring::signature::KeyPair as _;
+    use std::sync::OnceLock;
+    static TRUSTED: OnceLock<[u8; 32]> = OnceLock::new();
+    let trusted = TRUSTED.get_or_init(|| {
+        fuzz_sim_platform()
+            .public_key()
+            .as_ref()
+            .try_into()
+            .expect("an Ed25519 public key is 32 bytes")
+    });
+    let _ = ppml_attestation::sim::verify_sim(data, &[*trusted]);
+}
+
+/// An SGX or TDX quote, verified with the test collateral of `crates/attestation/testdata`.
+pub fn dcap_quote(data: &[u8]) {
+    use std::sync::OnceLock;
+    static COLLATERAL: OnceLock<Option<ppml_attestation::dcap::Collateral>> = OnceLock::new();
+    let collateral = COLLATERAL.get_or_init(|| {
+        ppml_attestation::dcap::Collateral::from_json(
+            include_str!("../../attestation/testdata/sgx_quote_collateral.json"),
+            "sgx_quote_collateral.json",
+        )
+        .ok()
+    });
+    if let Some(collateral) = collateral {
+        let _ = ppml_attestation::dcap::verify_quote(data, collateral, 1_735_689_600);
+    }
+}
+
+/// DCAP collateral JSON (as a PCCS or a collateral file gives it).
+pub fn collateral(data: &[u8]) {
+    if let Ok(text) = std::str::from_utf8(data)
+        && let Ok(collateral) = ppml_attestation::dcap::Collateral::from_json(text, "fuzz")
+    {
+        let _ = collateral.next_update();
+        let _ = collateral.to_json();
+    }
+}
+
+/// A signed job grant file, and the grant JSON inside it.
+pub fn job_grant(data: &[u8]) {
+    let _ = ppml_kms::grant::JobGrant::from_json(data);
+    if let Ok(text) = std::str::from_utf8(data)
+        && let Ok(signed) = ppml_kms::grant::SignedGrant::from_text(text)
+    {
+        let _ = signed.unverified();
+        let _ = signed.sha256_hex();
+    }
+}
