@@ -23,6 +23,7 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("dcap_quote", dcap_quote),
     ("collateral", collateral),
     ("job_grant", job_grant),
+    ("kms_action", kms_action),
 ];
 
 /// The data key of the format's test vectors (`crates/format/testdata/vectors`), so that
@@ -174,4 +175,97 @@ pub fn job_grant(data: &[u8]) {
         let _ = signed.unverified();
         let _ = signed.sha256_hex();
     }
+}
+
+/// A KMS server of its own (a store in a temporary directory, one app), its router, and the
+/// app's credentials, made once per process.
+struct FuzzKms {
+    runtime: tokio::runtime::Runtime,
+    router: axum::Router,
+    appid: String,
+    apikey: String,
+    keyid: String,
+    nonce: std::sync::atomic::AtomicU64,
+    _dir: tempfile::TempDir,
+}
+
+fn fuzz_kms() -> &'static FuzzKms {
+    use std::sync::{Arc, OnceLock};
+    static KMS: OnceLock<FuzzKms> = OnceLock::new();
+    KMS.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let (root, _) = ppml_kms_server::RootKey::generate().expect("a root key");
+        let store = ppml_kms_server::Store::open(dir.path(), root).expect("a store");
+        let (appid, apikey) = store.enroll(0, None, &mut |_| Ok(())).expect("an app");
+        let keyid = store
+            .create_key(&appid, "EH_AES_GCM_256", 0, &mut |_| Ok(()))
+            .expect("a key");
+        // As `ppml kms serve` runs: with its attestation service.
+        let mut attestation =
+            ppml_attestation::service::AttestationService::new(store.kms_id(), &[9; 32])
+                .expect("an attestation service");
+        attestation.accept_simulation();
+        let router = ppml_kms_server::router(Arc::new(
+            ppml_kms_server::ServerState::new(store).with_attestation(attestation),
+        ));
+        FuzzKms {
+            runtime: tokio::runtime::Builder::new_current_thread()
+                .build()
+                .expect("a runtime"),
+            router,
+            appid,
+            apikey: apikey.to_string(),
+            keyid,
+            nonce: std::sync::atomic::AtomicU64::new(0),
+            _dir: dir,
+        }
+    })
+}
+
+/// A signed request of one KMS action to a live router: the first byte picks the action
+/// (`Action::ALL`), the rest is the payload (JSON, or else a string), in which `$KEY` stands
+/// for the id of the app's key. The envelope is valid (the app's signature, a fresh nonce,
+/// the current time), so every input reaches the action's own payload checks. An answer with
+/// code 500 (a server fault) is a finding: bad input must get a 400 answer.
+pub fn kms_action(data: &[u8]) {
+    use ppml_kms::protocol::Action;
+    use tower::ServiceExt as _;
+    let Some((&pick, payload)) = data.split_first() else {
+        return;
+    };
+    let action = Action::ALL[usize::from(pick) % Action::ALL.len()];
+    let kms = fuzz_kms();
+    let payload = String::from_utf8_lossy(payload).replace("$KEY", &kms.keyid);
+    let payload = serde_json::from_str(&payload).unwrap_or(serde_json::Value::String(payload));
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let nonce = kms.nonce.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut body = serde_json::Map::new();
+    body.insert("appid".into(), kms.appid.clone().into());
+    body.insert("payload".into(), payload);
+    body.insert("timestamp".into(), now_ms.to_string().into());
+    body.insert("nonce".into(), format!("{nonce:024x}").into());
+    body.insert("action".into(), action.name().into());
+    let sign = ppml_kms::ehsm::sign(&kms.apikey, &body);
+    body.insert("sign".into(), sign.into());
+    let request = axum::http::Request::post(format!("/ehsm?Action={}", action.name()))
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from(
+            serde_json::to_vec(&body).expect("JSON"),
+        ))
+        .expect("a request");
+    kms.runtime.block_on(async {
+        let response = kms
+            .router
+            .clone()
+            .oneshot(request)
+            .await
+            .expect("infallible");
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .expect("a body");
+        let answer: serde_json::Value = serde_json::from_slice(&body).expect("a JSON answer");
+        assert_ne!(answer["code"], 500, "{action}: {answer}");
+    });
 }
