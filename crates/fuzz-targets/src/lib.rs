@@ -1,6 +1,6 @@
 //! The bodies of ppml's fuzz targets: one function per parser or decoder that sees bytes an
 //! attacker chooses. `fuzz/` (cargo fuzz, nightly) calls them from libFuzzer, and
-//! `tests/corpus.rs` replays every file of `fuzz/corpus/<target>` and
+//! `tests/corpus.rs` replays every file of `fuzz/seeds/<target>` and
 //! `fuzz/regressions/<target>` through them on stable Rust, in the test command.
 //!
 //! A target fails by panicking (or by a sanitizer report under cargo fuzz); every `Err` the
@@ -11,7 +11,8 @@ use std::io::{Cursor, Read};
 
 use ppml_format::{DataKey, DecryptingReader, RandomAccessReader, UnverifiedHeader};
 
-/// Every target, by name: the directory names under `fuzz/corpus` and `fuzz/regressions`.
+/// Every target, by name: the directory names under `fuzz/seeds`, `fuzz/regressions` and a
+/// campaign's `fuzz/corpus`.
 pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("file_header", file_header),
     ("stream_reader", stream_reader),

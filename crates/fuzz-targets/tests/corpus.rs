@@ -1,6 +1,7 @@
-//! Replays every input of `fuzz/corpus/<target>` and `fuzz/regressions/<target>` through its
-//! target on stable Rust (the README's test command runs this), and holds the target list,
-//! `fuzz/Cargo.toml` and `fuzz/fuzz_targets/` together.
+//! Replays every input of `fuzz/seeds/<target>` and `fuzz/regressions/<target>` (and of a
+//! local campaign's `fuzz/corpus/<target>`, when there is one) through its target on stable
+//! Rust (the README's test command runs this), and holds the target list, `fuzz/Cargo.toml`
+//! and `fuzz/fuzz_targets/` together.
 
 use std::path::{Path, PathBuf};
 
@@ -25,13 +26,13 @@ fn files(dir: &Path) -> Vec<PathBuf> {
 #[test]
 fn every_corpus_and_regression_input_passes_its_target() {
     for (name, target) in TARGETS {
-        let seeds = files(&fuzz_dir().join("corpus").join(name));
-        assert!(!seeds.is_empty(), "fuzz/corpus/{name} has no seed");
-        for file in seeds
-            .iter()
-            .chain(&files(&fuzz_dir().join("regressions").join(name)))
-        {
-            let data = std::fs::read(file).unwrap();
+        let seeds = files(&fuzz_dir().join("seeds").join(name));
+        assert!(!seeds.is_empty(), "fuzz/seeds/{name} has no seed");
+        let others = ["regressions", "corpus"]
+            .into_iter()
+            .flat_map(|kind| files(&fuzz_dir().join(kind).join(name)));
+        for file in seeds.into_iter().chain(others) {
+            let data = std::fs::read(&file).unwrap();
             // A panic here names the input: `cargo fuzz run {name} FILE` reproduces it.
             eprintln!("{name}: {}", file.display());
             target(&data);
@@ -63,7 +64,7 @@ fn every_target_is_a_cargo_fuzz_binary() {
 /// ppml-fuzz-targets --test corpus -- --ignored`): a simulated quote signed by the fuzz
 /// platform key.
 #[test]
-#[ignore = "writes fuzz/corpus seeds"]
+#[ignore = "writes fuzz/seeds"]
 fn write_made_seeds() {
     let platform = ppml_fuzz_targets::fuzz_sim_platform();
     let mut signed = b"ppml-sim-quote/v1\0".to_vec();
@@ -80,7 +81,7 @@ fn write_made_seeds() {
     quote.push(0);
     quote.extend_from_slice(signature.as_ref());
     assert_eq!(quote.len(), 167);
-    let dir = fuzz_dir().join("corpus/sim_quote");
+    let dir = fuzz_dir().join("seeds/sim_quote");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("seed-valid"), &quote).unwrap();
 }
