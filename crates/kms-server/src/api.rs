@@ -835,10 +835,10 @@ fn attestation_action(
     auth: &store::AppAuth,
     context: &mut RequestContext,
 ) -> Result<Value, ApiError> {
-    let service = state
-        .attestation
-        .as_ref()
-        .ok_or_else(|| ApiError::Internal("attestation is not configured".into()))?;
+    let service = state.attestation.as_ref().ok_or_else(|| {
+        // A server without the service (a library embedding): a refusal, not a fault.
+        ApiError::AttestationFailed("this KMS has no attestation service".into())
+    })?;
     let now_secs = now_ms() / 1000;
     match action {
         Action::UploadQuotePolicy => {
@@ -1312,6 +1312,23 @@ mod tests {
             .await
             .unwrap();
         serde_json::from_slice(&bytes).unwrap()
+    }
+
+    /// A server embedded without an attestation service refuses the attestation actions with
+    /// a reason, as a client error (found by the `kms_action` fuzz target, which must see no
+    /// 500 answer).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn attestation_actions_without_the_service_are_refused_not_faults() {
+        let dir = tempfile::tempdir().unwrap();
+        let (root, _) = RootKey::generate().unwrap();
+        let store = Store::open(dir.path(), root).unwrap();
+        let (appid, apikey) = store.enroll(now_ms(), None, &mut |_| Ok(())).unwrap();
+        let app = router(Arc::new(ServerState::new(store)));
+        for action in ["AttestChallenge", "Attest", "UploadQuotePolicy"] {
+            let answer = post(&app, action, &appid, &apikey, json!({"policyId": "x"})).await;
+            assert_eq!(answer["kind"], "attestation_failed", "{action}: {answer}");
+            assert_eq!(answer["code"], 400, "{action}: {answer}");
+        }
     }
 
     /// When the audit log cannot be written, requests fail and keep failing (fail closed);
