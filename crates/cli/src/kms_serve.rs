@@ -251,11 +251,11 @@ pub async fn unseal(args: &crate::cli::UnsealArgs, settings: &Settings) -> Resul
                 policy_path.display()
             );
         }
-    } else if !config
-        .kms_policy
-        .as_ref()
-        .is_some_and(|p| p.policy.kms_root_ids.contains(&root_id))
-    {
+    } else if !config.kms_policy.as_ref().is_some_and(|p| {
+        p.policy
+            .kms_root_id_values()
+            .is_ok_and(|ids| ids.contains(&outcome.root_id))
+    }) {
         println!(
             "clients trust any root key until the KMS policy pins this one: add it to \
              kms_root_ids in {} (or run again with --pin)",

@@ -533,6 +533,17 @@ pub(crate) struct ActionQuery {
     pub(crate) challenge: Option<String>,
 }
 
+/// `GetVersion`'s answer, sealed (no store open: an empty `kms_id`) or not.
+pub(crate) fn version_answer(kms_id: &str, attestation_key: Option<String>, sealed: bool) -> Value {
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "git_sha": "",
+        "kms_id": kms_id,
+        "attestation_key": attestation_key,
+        "sealed": sealed,
+    })
+}
+
 /// Records in the audit log that an owner's root key, with id `root_id`, unsealed the KMS:
 /// the log's first entry after every start of a KMS in a TEE.
 pub(crate) async fn audit_unseal(state: &ServerState, root_id: &[u8; 32]) -> Result<(), ApiError> {
@@ -681,13 +692,14 @@ fn unsigned(
             })?;
             Ok(json!({"appid": appid, "apikey": *apikey}))
         }
-        "GetVersion" => Ok(json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "git_sha": "",
-            "kms_id": state.store.kms_id(),
-            "attestation_key": state.attestation.as_ref().map(|a| hex::encode(a.public_key())),
-            "sealed": false,
-        })),
+        "GetVersion" => Ok(version_answer(
+            state.store.kms_id(),
+            state
+                .attestation
+                .as_ref()
+                .map(|a| hex::encode(a.public_key())),
+            false,
+        )),
         "GenerateQuote" => generate_quote(state, query.challenge.as_deref()),
         "Unseal" => Err(ApiError::NotSealed),
         _ => Err(ApiError::UnknownAction),

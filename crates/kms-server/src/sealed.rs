@@ -140,12 +140,7 @@ impl SealedKms {
     /// What a sealed KMS answers to `action`.
     async fn answer(&self, action: &str, query: &ActionQuery, body: Option<&[u8]>) -> Value {
         let result = match (action, body) {
-            ("GetVersion", None) => Ok(json!({
-                "version": env!("CARGO_PKG_VERSION"),
-                "git_sha": "",
-                "kms_id": "",
-                "sealed": true,
-            })),
+            ("GetVersion", None) => Ok(crate::api::version_answer("", None, true)),
             ("GenerateQuote", None) => self.own.quote(
                 query.challenge.as_deref(),
                 "",
