@@ -24,7 +24,7 @@ use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::prelude::SessionContext;
 use datafusion_proto::physical_plan::AsExecutionPlan;
 use datafusion_proto::protobuf::PhysicalPlanNode;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use ppml_engine::PlanRunner;
 use ppml_kms::error_chain;
 use ppml_kms::grant::SignedGrant;
@@ -39,6 +39,7 @@ use crate::engine::ShuffleSource;
 use crate::flight::EndpointCustomizer;
 use crate::job::new_job_key;
 use crate::jobs::DriverLog;
+use crate::stages::{Feeding, SignedStages, plan_stages};
 
 /// How often the driver asks the scheduler about a running job: often at first (a status
 /// request on a cluster network costs well under a millisecond, and short jobs are common:
@@ -277,6 +278,13 @@ impl PlanRunner for ClusterRunner {
             .await
             .map_err(datafusion::error::DataFusionError::from)?;
         job.grant = self.grant.as_ref().map(|(grant, _)| grant.clone());
+        // The driver cuts its plan into stages as the scheduler will, and signs them: executors
+        // run only these (docs/cluster.md §6.6).
+        let stages = plan_stages(&plan, ctx.copied_config().options(), &ctx.task_ctx())
+            .map_err(datafusion::error::DataFusionError::from)?;
+        let signed =
+            SignedStages::from_stages(&stages).map_err(datafusion::error::DataFusionError::from)?;
+        job.stages = Some(signed.sign(&job_id, &key));
         let mut config = crate::job::with_job_settings(ctx.copied_config());
         job.apply(&mut config)
             .map_err(datafusion::error::DataFusionError::from)?;
@@ -294,48 +302,44 @@ impl PlanRunner for ClusterRunner {
             .await
             .map_err(datafusion::error::DataFusionError::from)?;
 
-        let partitions =
-            final_stage_partitions(&plan, ctx).map_err(datafusion::error::DataFusionError::from)?;
-        let files = result_files(partitions, locations)
+        // The final stage, as the driver planned it: its partitions, and which partitions of
+        // its input each result file must have been computed from.
+        let last = stages.last().expect("plan_stages makes at least one stage");
+        let final_stage: Arc<dyn ExecutionPlan> = last.clone();
+        let feeding = Arc::new(
+            Feeding::of(last.stage_id(), &final_stage)
+                .map_err(datafusion::error::DataFusionError::from)?,
+        );
+        let files = result_files(last.input_partition_count(), locations)
             .map_err(datafusion::error::DataFusionError::from)?;
         let schema = plan.schema();
         Ok(files
             .into_iter()
             .map(|location| {
+                let output = location.partition_id.partition_id;
+                let coverage = feeding.coverage(vec![output]);
+                let finished = coverage.clone();
                 let source = ShuffleSource {
                     job_id: ballista_job.clone(),
                     location,
                     metrics: None,
                 };
-                let file = source.open(None, key.clone(), schema.clone(), self.customizer.clone());
+                let file = source.open(
+                    None,
+                    key.clone(),
+                    schema.clone(),
+                    self.customizer.clone(),
+                    Box::new(move |map_partitions| coverage.record(output, map_partitions)),
+                );
+                let end = futures::stream::once(async move { finished.finish() })
+                    .filter_map(|checked| async move { checked.err().map(|e| Err(e.into())) });
                 Box::pin(RecordBatchStreamAdapter::new(
                     schema.clone(),
-                    futures::stream::once(file).try_flatten(),
+                    futures::stream::once(file).try_flatten().chain(end),
                 )) as SendableRecordBatchStream
             })
             .collect())
     }
-}
-
-/// How many output partitions the job's final stage has: the scheduler cuts a submitted
-/// physical plan into stages with Ballista's static planner, which may change the root's
-/// partitioning (it drops a round-robin repartition at the root, for one), so the driver runs
-/// the same planner on its own plan rather than trusting the scheduler's count.
-fn final_stage_partitions(
-    plan: &Arc<dyn ExecutionPlan>,
-    ctx: &SessionContext,
-) -> Result<usize, ClusterError> {
-    use ballista_scheduler::planner::{DefaultDistributedPlanner, DistributedPlanner as _};
-    let config = ctx.copied_config();
-    let stages = DefaultDistributedPlanner::new().plan_query_stages(
-        &ballista_core::JobId::new("expected-stages"),
-        plan.clone(),
-        config.options(),
-    )?;
-    let last = stages
-        .last()
-        .ok_or_else(|| ClusterError::Plan("the plan makes no stage".into()))?;
-    Ok(last.input_partition_count())
 }
 
 /// The final stage's files in partition order, checked against the plan: the driver expects

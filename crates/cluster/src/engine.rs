@@ -1,12 +1,14 @@
 //! The executor's execution engine: every stage reads and writes encrypted shuffle files.
 //!
 //! Ballista hands each task a stage plan whose root is a shuffle writer and whose leaves are
-//! scans or shuffle readers. [`PpmlExecutionEngine`] (docs/cluster.md §6.3) checks the plan
-//! against what an executor may run, replaces every `ShuffleReaderExec` by a
-//! [`PpmlShuffleReaderExec`] and the root writer by [`PpmlQueryStage`], which writes one
-//! encrypted file per output partition. The job's shuffle key is released from the KMS on the
-//! job's first task on this executor (see [`crate::job`]).
+//! scans or shuffle readers. [`PpmlExecutionEngine`] (docs/cluster.md §6.3) runs instead the
+//! stage as the job's driver planned and signed it, restricted to the task's partitions
+//! ([`crate::stages`]), checked against what an executor may run, with every
+//! `ShuffleReaderExec` replaced by a [`PpmlShuffleReaderExec`] and the root writer by
+//! [`PpmlQueryStage`], which writes one encrypted file per output partition. The job's shuffle
+//! key is released from the KMS on the job's first task on this executor (see [`crate::job`]).
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -37,7 +39,6 @@ use datafusion::prelude::SessionConfig;
 use futures::{StreamExt, TryStreamExt};
 use ppml_kms::KeyManagementService;
 use ppml_kms::grant::GrantRouter;
-use tokio::sync::OnceCell;
 
 use crate::ClusterError;
 use crate::driver::{DriverContext, DriverSpec, JobDriver, PpmlDriverExec};
@@ -46,11 +47,10 @@ use crate::job::{JobKeys, JobSettings};
 use crate::jobs::{DriverLog, JobsClient};
 use crate::metrics::{ExecutorMetrics, ShuffleOrigin};
 use crate::shuffle::{
-    ShuffleFileId, ShuffleKey, read_shuffle_file, read_shuffle_stream, write_shuffle_file,
+    MapPartitions, MapPartitionsCheck, ShuffleFileId, ShuffleKey, read_shuffle_file,
+    read_shuffle_stream, write_shuffle_file,
 };
-
-/// The job key of one stage, set by [`PpmlQueryStage`] before any reader runs.
-type StageKey = Arc<OnceCell<Arc<ShuffleKey>>>;
+use crate::stages::{Feeding, SignedStages, task_plan};
 
 /// ppml's [`ExecutionEngine`]: encrypted shuffle, plan checks, keys from the KMS.
 pub struct PpmlExecutionEngine {
@@ -173,19 +173,14 @@ impl ExecutionEngine for PpmlExecutionEngine {
         job_id: JobId,
         stage_id: usize,
         _task_id: usize,
-        global_output_partition_ids: Vec<usize>,
+        // Derived again from the signed stage and the task's partitions, not taken from the
+        // scheduler (`stages::TaskPlan::output_partitions`).
+        _global_output_partition_ids: Vec<usize>,
         plan: Arc<dyn ExecutionPlan>,
         work_dir: &str,
         config: &SessionConfig,
     ) -> Result<Arc<dyn QueryStageExecutor>> {
-        let stage = self.create_stage(
-            job_id,
-            stage_id,
-            global_output_partition_ids,
-            plan,
-            work_dir,
-            config,
-        );
+        let stage = self.create_stage(job_id, stage_id, plan, work_dir, config);
         // A task whose plan is refused (or whose settings are missing) fails here, before it
         // runs: count it with the tasks that fail while running.
         if stage.is_err()
@@ -202,7 +197,6 @@ impl PpmlExecutionEngine {
         &self,
         job_id: JobId,
         stage_id: usize,
-        global_output_partition_ids: Vec<usize>,
         plan: Arc<dyn ExecutionPlan>,
         work_dir: &str,
         config: &SessionConfig,
@@ -224,82 +218,85 @@ impl PpmlExecutionEngine {
             }));
         }
         let settings = JobSettings::from_config(config)?;
-        check_stage_plan(&plan)?;
-        if let (Some(grant), Some(router)) = (&settings.grant, &self.grants) {
-            router
-                .offer(grant)
-                .map_err(|e| ClusterError::JobSettings(format!("ppml.grant: {e}")))?;
+        if settings.stages.is_none() {
+            return Err(ClusterError::StagePlan(
+                "the task carries no ppml.stages: its job's stages were not signed by a ppml \
+                 driver"
+                    .into(),
+            )
+            .into());
         }
-        let key: StageKey = Arc::new(OnceCell::new());
-        let plan = plan
-            .transform(|node| {
-                if let Some(reader) = node.downcast_ref::<ShuffleReaderExec>() {
-                    // The scheduler's lists of input files, checked once per task.
-                    check_partition_files(reader.stage_id, reader.broadcast, &reader.partition)?;
-                    let reader = PpmlShuffleReaderExec::new(
-                        reader,
-                        job_id.as_str(),
-                        PathBuf::from(work_dir),
-                        key.clone(),
-                        self.customizer.clone(),
-                        self.metrics.clone(),
-                    );
-                    Ok(Transformed::yes(Arc::new(reader) as Arc<dyn ExecutionPlan>))
-                } else {
-                    Ok(Transformed::no(node))
-                }
-            })?
-            .data;
-        let output = if plan.is::<ShuffleWriterExec>() {
-            let child = plan.children()[0].clone();
-            let partitions = child.output_partitioning().partition_count();
-            let ids = (0..partitions)
-                .map(|local| {
-                    global_output_partition_ids
-                        .get(local)
-                        .copied()
-                        .unwrap_or(local)
-                })
-                .collect();
-            StageOutput {
-                child,
-                partition_ids: ids,
-            }
-        } else if let Some(writer) = plan.downcast_ref::<SortShuffleWriterExec>() {
-            // Hash shuffle: all K buckets of this task's rows, one file each. DataFusion hashes
-            // with a fixed seed, so every task and executor agrees on the buckets.
-            let partitioning = writer.shuffle_output_partitioning().clone();
-            let Partitioning::Hash(_, buckets) = partitioning else {
-                return Err(ClusterError::RefusedPlan(format!(
-                    "sort shuffle with {partitioning} partitioning"
-                ))
-                .into());
-            };
-            let child: Arc<dyn ExecutionPlan> = Arc::new(RepartitionExec::try_new(
-                plan.children()[0].clone(),
-                partitioning,
-            )?);
-            StageOutput {
-                child,
-                partition_ids: (0..buckets).collect(),
-            }
-        } else {
+        // The scheduler's plan is checked here for an early, clear refusal; the task runs the
+        // signed stage (`PpmlQueryStage::run`).
+        check_stage_plan(&plan)?;
+        if !plan.is::<ShuffleWriterExec>() && !plan.is::<SortShuffleWriterExec>() {
             return Err(ClusterError::RefusedPlan(format!(
                 "stage root {} is not a shuffle writer",
                 plan.name()
             ))
             .into());
-        };
+        }
+        if let (Some(grant), Some(router)) = (&settings.grant, &self.grants) {
+            router
+                .offer(grant)
+                .map_err(|e| ClusterError::JobSettings(format!("ppml.grant: {e}")))?;
+        }
         Ok(Arc::new(PpmlQueryStage {
             job_id,
             stage_id,
             work_dir: PathBuf::from(work_dir),
             settings,
             keys: self.keys.clone(),
-            key,
-            output,
+            received: plan,
+            customizer: self.customizer.clone(),
             metrics: self.metrics.clone(),
         }))
+    }
+}
+
+/// The writer of a task's output: its child's partitions and where each goes.
+fn stage_output(
+    plan: &Arc<dyn ExecutionPlan>,
+    output_partitions: Vec<usize>,
+) -> Result<StageOutput> {
+    if plan.is::<ShuffleWriterExec>() {
+        let child = plan.children()[0].clone();
+        let partitions = child.output_partitioning().partition_count();
+        if output_partitions.len() != partitions {
+            return Err(ClusterError::StagePlan(format!(
+                "the task's {partitions} partitions map to {} output partitions",
+                output_partitions.len()
+            ))
+            .into());
+        }
+        Ok(StageOutput {
+            child,
+            partition_ids: output_partitions,
+        })
+    } else if let Some(writer) = plan.downcast_ref::<SortShuffleWriterExec>() {
+        // Hash shuffle: all K buckets of this task's rows, one file each. DataFusion hashes
+        // with a fixed seed, so every task and executor agrees on the buckets.
+        let partitioning = writer.shuffle_output_partitioning().clone();
+        let Partitioning::Hash(_, buckets) = partitioning else {
+            return Err(ClusterError::RefusedPlan(format!(
+                "sort shuffle with {partitioning} partitioning"
+            ))
+            .into());
+        };
+        let child: Arc<dyn ExecutionPlan> = Arc::new(RepartitionExec::try_new(
+            plan.children()[0].clone(),
+            partitioning,
+        )?);
+        Ok(StageOutput {
+            child,
+            partition_ids: (0..buckets).collect(),
+        })
+    } else {
+        Err(ClusterError::RefusedPlan(format!(
+            "stage root {} is not a shuffle writer",
+            plan.name()
+        ))
+        .into())
     }
 }
 
@@ -321,8 +318,9 @@ pub struct PpmlQueryStage {
     work_dir: PathBuf,
     settings: JobSettings,
     keys: Arc<JobKeys>,
-    key: StageKey,
-    output: StageOutput,
+    /// The scheduler's plan of the task: only its partitions and input lists are used.
+    received: Arc<dyn ExecutionPlan>,
+    customizer: EndpointCustomizer,
     metrics: Option<Arc<ExecutorMetrics>>,
 }
 
@@ -339,10 +337,9 @@ impl fmt::Display for PpmlQueryStage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "PpmlQueryStage: job {} stage {}, {} encrypted output partitions",
+            "PpmlQueryStage: job {} stage {}",
             self.job_id.as_str(),
             self.stage_id,
-            self.output.partition_ids.len()
         )
     }
 }
@@ -368,19 +365,71 @@ impl QueryStageExecutor for PpmlQueryStage {
 }
 
 impl PpmlQueryStage {
+    /// The plan the task runs: the signed stage, restricted to the task's partitions, its
+    /// readers replaced by ppml's (docs/cluster.md §6.6).
+    fn plan(
+        &self,
+        key: &Arc<ShuffleKey>,
+        context: &TaskContext,
+    ) -> Result<(StageOutput, MapPartitions)> {
+        let text = self.settings.stages.as_deref().unwrap_or_default();
+        let stages = SignedStages::verify(text, &self.settings.job_id, key)?;
+        let signed = stages.stage(self.stage_id, context)?;
+        let task = task_plan(self.stage_id, &signed, &self.received)?;
+        check_stage_plan(&task.plan)?;
+        let map_partitions = task.map_partitions();
+        let output_partitions = task.output_partitions(&signed);
+        let mut feedings: HashMap<usize, Arc<Feeding>> = HashMap::new();
+        for reader in &task.readers {
+            // The scheduler's lists of input files, checked once per task.
+            check_partition_files(reader.stage_id, reader.broadcast, &reader.partition)?;
+            if let std::collections::hash_map::Entry::Vacant(entry) =
+                feedings.entry(reader.stage_id)
+            {
+                let producer = stages.stage(reader.stage_id, context)?;
+                entry.insert(Arc::new(Feeding::of(reader.stage_id, &producer)?));
+            }
+        }
+        // Leaves are visited left to right, the order `task.readers` is in.
+        let mut inputs = task.readers.into_iter();
+        let plan = task
+            .plan
+            .transform_up(|node| {
+                let Some(reader) = node.downcast_ref::<ShuffleReaderExec>() else {
+                    return Ok(Transformed::no(node));
+                };
+                let input = inputs.next().ok_or_else(|| {
+                    DataFusionError::Internal("fewer reader inputs than readers".into())
+                })?;
+                let reader = PpmlShuffleReaderExec {
+                    stage_id: reader.stage_id,
+                    job_id: self.job_id.as_str().to_string(),
+                    partition: input.partition,
+                    partition_ids: input.partition_ids,
+                    broadcast: reader.broadcast,
+                    properties: reader.properties().clone(),
+                    work_dir: self.work_dir.clone(),
+                    key: key.clone(),
+                    feeding: feedings[&reader.stage_id].clone(),
+                    customizer: self.customizer.clone(),
+                    metrics: self.metrics.clone(),
+                };
+                Ok(Transformed::yes(Arc::new(reader) as Arc<dyn ExecutionPlan>))
+            })?
+            .data;
+        Ok((stage_output(&plan, output_partitions)?, map_partitions))
+    }
+
     /// Runs the task: one encrypted shuffle file per output partition.
     async fn run(
         &self,
         task_id: usize,
         context: Arc<TaskContext>,
     ) -> Result<Vec<ShuffleWritePartition>> {
-        let key = self
-            .key
-            .get_or_try_init(|| self.keys.get(&self.settings))
-            .await?
-            .clone();
+        let key = self.keys.get(&self.settings).await?;
+        let (output, map_partitions) = self.plan(&key, &context)?;
         let mut writes = tokio::task::JoinSet::new();
-        for (local, &global) in self.output.partition_ids.iter().enumerate() {
+        for (local, &global) in output.partition_ids.iter().enumerate() {
             let id = ShuffleFileId {
                 job_id: self.job_id.as_str().to_string(),
                 stage_id: self.stage_id as u32,
@@ -395,11 +444,12 @@ impl PpmlQueryStage {
                 Some(task_id as u64),
                 false,
             )?;
-            let stream = self.output.child.execute(local, context.clone())?;
+            let stream = output.child.execute(local, context.clone())?;
             let key = key.clone();
             let metrics = self.metrics.clone();
+            let map_partitions = map_partitions.clone();
             writes.spawn(async move {
-                let stats = write_shuffle_file(stream, &path, &id, &key)
+                let stats = write_shuffle_file(stream, &path, &id, &key, &map_partitions)
                     .await
                     .map_err(|e| DataFusionError::External(Box::new(e)))?;
                 if let Some(metrics) = metrics {
@@ -528,10 +578,15 @@ pub struct PpmlShuffleReaderExec {
     stage_id: usize,
     job_id: String,
     partition: Vec<Vec<PartitionLocation>>,
+    /// The producing stage's output partition each list holds (all of them, in the one list,
+    /// for a broadcast).
+    partition_ids: Vec<usize>,
     broadcast: bool,
     properties: Arc<PlanProperties>,
     work_dir: PathBuf,
-    key: StageKey,
+    key: Arc<ShuffleKey>,
+    /// Which of the producing stage's map partitions each list must cover.
+    feeding: Arc<Feeding>,
     customizer: EndpointCustomizer,
     metrics: Option<Arc<ExecutorMetrics>>,
 }
@@ -544,29 +599,6 @@ impl fmt::Debug for PpmlShuffleReaderExec {
             .field("partitions", &self.partition.len())
             .field("broadcast", &self.broadcast)
             .finish_non_exhaustive()
-    }
-}
-
-impl PpmlShuffleReaderExec {
-    fn new(
-        reader: &ShuffleReaderExec,
-        job_id: &str,
-        work_dir: PathBuf,
-        key: StageKey,
-        customizer: EndpointCustomizer,
-        metrics: Option<Arc<ExecutorMetrics>>,
-    ) -> Self {
-        PpmlShuffleReaderExec {
-            stage_id: reader.stage_id,
-            job_id: job_id.to_string(),
-            partition: reader.partition.clone(),
-            broadcast: reader.broadcast,
-            properties: reader.properties().clone(),
-            work_dir,
-            key,
-            customizer,
-            metrics,
-        }
     }
 }
 
@@ -626,9 +658,21 @@ impl ExecutionPlan for PpmlShuffleReaderExec {
                 self.stage_id
             ))
         })?;
-        let key = self.key.get().cloned().ok_or_else(|| {
-            DataFusionError::Internal("the job key was not released before reading".into())
-        })?;
+        let key = self.key.clone();
+        let outputs = if self.broadcast {
+            self.partition_ids.clone()
+        } else {
+            vec![self.partition_ids.get(index).copied().ok_or_else(|| {
+                DataFusionError::Internal(format!(
+                    "shuffle reader of stage {} has no partition id {index}",
+                    self.stage_id
+                ))
+            })?]
+        };
+        // Each file's map partitions are checked as it opens; the cover of the stage after
+        // the last one.
+        let coverage = self.feeding.coverage(outputs);
+        let finished = coverage.clone();
         let schema = self.schema();
         let work_dir = self.work_dir.clone();
         let job_id = self.job_id.clone();
@@ -636,6 +680,8 @@ impl ExecutionPlan for PpmlShuffleReaderExec {
         let metrics = self.metrics.clone();
         let files = futures::stream::iter(locations)
             .then(move |location| {
+                let output = location.partition_id.partition_id;
+                let coverage = coverage.clone();
                 let source = ShuffleSource {
                     job_id: job_id.clone(),
                     location,
@@ -646,12 +692,15 @@ impl ExecutionPlan for PpmlShuffleReaderExec {
                     key.clone(),
                     schema.clone(),
                     customizer.clone(),
+                    Box::new(move |map_partitions| coverage.record(output, map_partitions)),
                 )
             })
             .try_flatten();
+        let end = futures::stream::once(async move { finished.finish() })
+            .filter_map(|checked| async move { checked.err().map(|e| Err(e.into())) });
         Ok(Box::pin(RecordBatchStreamAdapter::new(
             self.schema(),
-            files,
+            files.chain(end),
         )))
     }
 }
@@ -750,12 +799,13 @@ impl ShuffleSource {
         key: Arc<ShuffleKey>,
         schema: datafusion::arrow::datatypes::SchemaRef,
         customizer: EndpointCustomizer,
+        check: MapPartitionsCheck,
     ) -> Result<SendableRecordBatchStream> {
         let id = self.file_id()?;
         if let Some(work_dir) = work_dir {
             let path = self.location.path(work_dir.to_string_lossy().as_ref())?;
             if tokio::fs::try_exists(&path).await.unwrap_or(false) {
-                let stream = read_shuffle_file(&path, id, key, schema)
+                let stream = read_shuffle_file(&path, id, key, schema, check)
                     .map_err(|e| DataFusionError::External(Box::new(e)))?;
                 return Ok(match &self.metrics {
                     Some(metrics) => metrics.count_shuffle_rows(ShuffleOrigin::Local, stream),
@@ -791,10 +841,10 @@ impl ShuffleSource {
         Ok(match &self.metrics {
             Some(metrics) => {
                 let source = metrics.count_fetched_bytes(source);
-                let stream = read_shuffle_stream(source, display, id, key, schema);
+                let stream = read_shuffle_stream(source, display, id, key, schema, check);
                 metrics.count_shuffle_rows(ShuffleOrigin::Remote, stream)
             }
-            None => read_shuffle_stream(source, display, id, key, schema),
+            None => read_shuffle_stream(source, display, id, key, schema, check),
         })
     }
 }

@@ -18,6 +18,10 @@ pub enum ClusterError {
     /// A stage plan contains an operator an executor must not run (docs/cluster.md §5.2).
     #[error("refused plan: {0}")]
     RefusedPlan(String),
+    /// A task's plan is not a stage its job's driver planned and signed, or the signed
+    /// stages are missing or do not verify (docs/cluster.md §6.6).
+    #[error("refused stage: {0}")]
+    StagePlan(String),
     /// The scheduler could not be reached or refused a request.
     #[error("scheduler {addr}: {message}")]
     Scheduler {

@@ -34,11 +34,14 @@ pub struct PpmlJobConfig {
     pub shuffle_key: String,
     /// The data owner's grant of the job ([`SignedGrant::to_text`]), if it runs under one.
     pub grant: String,
+    /// The job's stage plans, signed by its driver ([`crate::stages::SignedStages::sign`]).
+    pub stages: String,
 }
 
 const JOB_ID: &str = "job_id";
 const SHUFFLE_KEY: &str = "shuffle_key";
 const GRANT: &str = "grant";
+const STAGES: &str = "stages";
 
 impl ExtensionOptions for PpmlJobConfig {
     fn as_any(&self) -> &dyn std::any::Any {
@@ -58,6 +61,7 @@ impl ExtensionOptions for PpmlJobConfig {
             JOB_ID => self.job_id = value.to_string(),
             SHUFFLE_KEY => self.shuffle_key = value.to_string(),
             GRANT => self.grant = value.to_string(),
+            STAGES => self.stages = value.to_string(),
             other => {
                 return Err(datafusion::error::DataFusionError::Configuration(format!(
                     "unknown setting ppml.{other}"
@@ -76,6 +80,11 @@ impl ExtensionOptions for PpmlJobConfig {
                 "the job's wrapped shuffle key",
             ),
             (GRANT, &self.grant, "the data owner's grant of the job"),
+            (
+                STAGES,
+                &self.stages,
+                "the job's stage plans, signed by its driver",
+            ),
         ]
         .into_iter()
         .map(|(key, value, description)| ConfigEntry {
@@ -144,6 +153,9 @@ pub struct JobSettings {
     pub shuffle_key: KeyReference,
     /// The data owner's grant the job runs under (executors send it with their key requests).
     pub grant: Option<SignedGrant>,
+    /// The job's signed stage plans (`ppml.stages`), verified once the shuffle key is
+    /// released ([`crate::stages::SignedStages::verify`]).
+    pub stages: Option<String>,
 }
 
 impl JobSettings {
@@ -179,6 +191,7 @@ impl JobSettings {
             job_id: settings.job_id.clone(),
             shuffle_key: decode_key_reference(&settings.shuffle_key)?,
             grant,
+            stages: (!settings.stages.is_empty()).then(|| settings.stages.clone()),
         })
     }
 
@@ -190,6 +203,7 @@ impl JobSettings {
             ("ppml.job_id", self.job_id.clone()),
             ("ppml.shuffle_key", encode_key_reference(&self.shuffle_key)),
             ("ppml.grant", grant.unwrap_or_default()),
+            ("ppml.stages", self.stages.clone().unwrap_or_default()),
         ] {
             options
                 .set(key, &value)
@@ -228,6 +242,7 @@ pub async fn new_job_key(
         job_id: job_id.to_string(),
         shuffle_key: reference.clone(),
         grant: None,
+        stages: None,
     };
     Ok((settings, Arc::new(ShuffleKey::new(key, reference))))
 }
@@ -316,6 +331,7 @@ mod tests {
             job_id: "job-1".into(),
             shuffle_key: reference.clone(),
             grant: Some(grant.clone()),
+            stages: Some("c3RhZ2Vz".into()),
         };
         let mut config = with_job_settings(SessionConfig::new());
         settings.apply(&mut config).unwrap();
@@ -336,8 +352,13 @@ mod tests {
         }
         let read = JobSettings::from_config(&received).unwrap();
         assert_eq!(
-            (read.job_id.as_str(), read.shuffle_key, read.grant),
-            ("job-1", reference, Some(grant))
+            (
+                read.job_id.as_str(),
+                read.shuffle_key,
+                read.grant,
+                read.stages
+            ),
+            ("job-1", reference, Some(grant), Some("c3RhZ2Vz".into()))
         );
     }
 

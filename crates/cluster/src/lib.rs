@@ -8,6 +8,8 @@
 //! - [`flight`]: the executor's Arrow Flight service, which serves those files (still
 //!   encrypted) to other executors and to the driver, and the matching client.
 //! - [`job`]: the `ppml.*` settings every task carries, and the job's shuffle key.
+//! - [`stages`]: the stage plans the job's driver signs, and how an executor runs only them
+//!   and checks that its inputs cover their stage.
 //! - [`engine`]: the executor's execution engine: plan checks, encrypted shuffle readers and
 //!   writers.
 //! - [`process`]: ppml's builds of the Ballista scheduler and executor.
@@ -38,6 +40,7 @@ pub mod metrics;
 pub mod process;
 pub mod redact;
 pub mod shuffle;
+pub mod stages;
 pub mod submit;
 pub mod tls;
 

@@ -13,11 +13,17 @@
 //!             Arrow IPC schema message ‖ record batch messages ‖ end-of-stream marker
 //! ```
 //!
+//! The schema message's metadata names the file's *map partitions*
+//! (`"ppml.map_partitions": "0-3,7"`, [`MapPartitions`]): the partitions of the writing stage
+//! the task computed, whose rows the file holds. A reader hands them to a
+//! [`MapPartitionsCheck`] before it releases any row, which is how the files of one
+//! partition are checked to cover their stage (`crate::stages`).
+//!
 //! All files of a job are encrypted under one data key (the *job key*, a [`ShuffleKey`]); the
 //! salt derives per-file keys from it, so one key safely encrypts any number of files.
 //!
 //! **Identity binding.** The header's `dataset_id` is
-//! `SHA-256("ppml-shuffle/1" ‖ u32 len(job_id) ‖ job_id ‖ u32 stage ‖ u32 partition ‖ u64
+//! `SHA-256("ppml-shuffle/2" ‖ u32 len(job_id) ‖ job_id ‖ u32 stage ‖ u32 partition ‖ u64
 //! file_id)[..16]` (big-endian integers, see [`ShuffleFileId::dataset_id`]). The header MAC
 //! covers it, and a reader recomputes it from the location it *asked for* and refuses any other
 //! value ([`ShuffleError::WrongFile`]). A host that stores or serves shuffle files therefore
@@ -62,7 +68,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 /// Domain separation prefix of [`ShuffleFileId::dataset_id`].
-const DATASET_ID_DOMAIN: &[u8] = b"ppml-shuffle/1";
+const DATASET_ID_DOMAIN: &[u8] = b"ppml-shuffle/2";
 /// Longest accepted job id.
 /// Buffer between the encrypting writer and the file.
 const WRITE_BUFFER: usize = 1 << 20;
@@ -118,7 +124,7 @@ pub struct ShuffleFileId {
 }
 
 impl ShuffleFileId {
-    /// `SHA-256("ppml-shuffle/1" ‖ u32 len(job_id) ‖ job_id ‖ u32 stage ‖ u32 partition ‖
+    /// `SHA-256("ppml-shuffle/2" ‖ u32 len(job_id) ‖ job_id ‖ u32 stage ‖ u32 partition ‖
     /// u64 file_id)[..16]`, integers big-endian: the header `dataset_id` of this file, checked
     /// on every read.
     pub fn dataset_id(&self) -> [u8; 16] {
@@ -159,6 +165,108 @@ impl fmt::Display for ShuffleFileId {
             self.job_id, self.stage_id, self.partition_id, self.file_id
         )
     }
+}
+
+/// The schema metadata key naming a shuffle file's [`MapPartitions`].
+pub const MAP_PARTITIONS_METADATA: &str = "ppml.map_partitions";
+/// Longest accepted `ppml.map_partitions` value.
+const MAX_MAP_PARTITIONS_TEXT: usize = 1 << 16;
+
+/// The partitions of the writing stage whose rows a shuffle file holds: the input partitions
+/// of the task that wrote it. Sorted, without repeats; written as ranges (`0-3,7`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapPartitions(Vec<u32>);
+
+impl MapPartitions {
+    /// The set of `partitions`.
+    pub fn new(partitions: impl IntoIterator<Item = u32>) -> Self {
+        let mut partitions: Vec<u32> = partitions.into_iter().collect();
+        partitions.sort_unstable();
+        partitions.dedup();
+        MapPartitions(partitions)
+    }
+
+    /// The partitions, ascending.
+    pub fn as_slice(&self) -> &[u32] {
+        &self.0
+    }
+
+    /// The metadata value: ascending ranges `a-b` or single partitions, comma-separated.
+    pub fn to_text(&self) -> String {
+        let mut ranges: Vec<(u32, u32)> = Vec::new();
+        for &p in &self.0 {
+            match ranges.last_mut() {
+                Some((_, end)) if end.checked_add(1) == Some(p) => *end = p,
+                _ => ranges.push((p, p)),
+            }
+        }
+        ranges
+            .iter()
+            .map(|&(a, b)| {
+                if a == b {
+                    a.to_string()
+                } else {
+                    format!("{a}-{b}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Parses [`MapPartitions::to_text`]; only its canonical form is accepted (ascending,
+    /// disjoint, non-adjacent ranges), so one set has one text.
+    pub fn parse(text: &str) -> Option<Self> {
+        if text.is_empty() || text.len() > MAX_MAP_PARTITIONS_TEXT {
+            return None;
+        }
+        let number = |s: &str| -> Option<u32> {
+            if s.is_empty() || (s.len() > 1 && s.starts_with('0')) {
+                return None;
+            }
+            if !s.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            s.parse().ok()
+        };
+        let mut partitions = Vec::new();
+        let mut next_allowed: u64 = 0;
+        for range in text.split(',') {
+            let (a, b) = match range.split_once('-') {
+                Some((a, b)) => {
+                    let (a, b) = (number(a)?, number(b)?);
+                    if a >= b {
+                        return None;
+                    }
+                    (a, b)
+                }
+                None => {
+                    let a = number(range)?;
+                    (a, a)
+                }
+            };
+            if u64::from(a) < next_allowed {
+                return None;
+            }
+            // Bounded by the text's length: a range's size is not (one range can name four
+            // billion partitions), so refuse more than a stage could have.
+            if partitions.len() as u64 + u64::from(b - a) + 1 > MAX_MAP_PARTITIONS_TEXT as u64 {
+                return None;
+            }
+            partitions.extend(a..=b);
+            next_allowed = u64::from(b) + 2;
+        }
+        Some(MapPartitions(partitions))
+    }
+}
+
+/// Checks a shuffle file's [`MapPartitions`] before any of its rows is released; its error
+/// says why they are not the ones expected.
+pub type MapPartitionsCheck = Box<dyn FnOnce(&MapPartitions) -> Result<(), String> + Send>;
+
+/// A [`MapPartitionsCheck`] that accepts any map partitions (for tools and tests that read a
+/// single file outside a job).
+pub fn any_map_partitions() -> MapPartitionsCheck {
+    Box::new(|_| Ok(()))
 }
 
 /// What [`write_shuffle_file`] wrote.
@@ -226,6 +334,14 @@ pub enum ShuffleError {
         /// The fields found in the file.
         found: String,
     },
+    /// The file names no map partitions, or not the ones its reader expects.
+    #[error("shuffle file {file}: {reason}")]
+    MapPartitions {
+        /// The file.
+        file: String,
+        /// What is wrong with its map partitions.
+        reason: String,
+    },
     /// A job id that is not 1 to 128 characters of `[A-Za-z0-9_-]`.
     #[error("invalid job id {0:?}: expected 1 to 128 characters of A-Z, a-z, 0-9, '_' and '-'")]
     InvalidJobId(String),
@@ -289,12 +405,14 @@ enum WriteMessage {
 /// when complete (replacing any file at `path`); on any error, or when the returned future is
 /// dropped, the temporary file is removed. IPC encoding and encryption run on a blocking thread
 /// fed through a channel of a few batches, so a slow disk never makes this buffer a whole
-/// partition. An empty stream still yields a valid file holding the schema.
+/// partition. An empty stream still yields a valid file holding the schema. The schema's
+/// metadata names `map_partitions`, the writing task's input partitions.
 pub async fn write_shuffle_file(
     mut stream: SendableRecordBatchStream,
     path: &Path,
     id: &ShuffleFileId,
     key: &Arc<ShuffleKey>,
+    map_partitions: &MapPartitions,
 ) -> Result<ShuffleFileStats, ShuffleError> {
     id.validate()?;
     let display = path.display().to_string();
@@ -338,7 +456,12 @@ pub async fn write_shuffle_file(
     })?;
     let (sender, receiver) = mpsc::channel(WRITE_CHANNEL_CAPACITY);
     let encoder = tokio::task::spawn_blocking({
-        let schema = stream.schema();
+        let mut metadata = stream.schema().metadata().clone();
+        metadata.insert(
+            MAP_PARTITIONS_METADATA.to_string(),
+            map_partitions.to_text(),
+        );
+        let schema = stream.schema().as_ref().clone().with_metadata(metadata);
         let key = Arc::clone(key);
         let display = display.clone();
         move || encode_file(file, &header, &key, &schema, receiver, &display)
@@ -434,6 +557,7 @@ pub fn read_shuffle_file(
     id: ShuffleFileId,
     key: Arc<ShuffleKey>,
     schema: SchemaRef,
+    check: MapPartitionsCheck,
 ) -> Result<SendableRecordBatchStream, ShuffleError> {
     let file = File::open(path).map_err(|source| ShuffleError::Io {
         path: path.to_path_buf(),
@@ -445,6 +569,7 @@ pub fn read_shuffle_file(
         id,
         key,
         schema,
+        check,
     ))
 }
 
@@ -454,8 +579,9 @@ pub fn read_shuffle_file(
 ///
 /// Before any batch is released, the header must name `key` and verify under it
 /// ([`ShuffleError::WrongKey`], [`ShuffleError::Format`]), its dataset id must be
-/// `id.dataset_id()` ([`ShuffleError::WrongFile`]) and the file's schema must have the field
-/// names and types of `schema` ([`ShuffleError::SchemaMismatch`]). Each batch is released only
+/// `id.dataset_id()` ([`ShuffleError::WrongFile`]), the file's schema must have the field
+/// names and types of `schema` ([`ShuffleError::SchemaMismatch`]) and `check` must accept the
+/// map partitions the file names ([`ShuffleError::MapPartitions`]). Each batch is released only
 /// after the segments holding it authenticated, and the stream ends successfully only at the
 /// file's authenticated end, so a truncated or modified file ends the stream with an error.
 /// Errors are [`DataFusionError::External`] wrapping a [`ShuffleError`].
@@ -468,6 +594,7 @@ pub fn read_shuffle_stream(
     id: ShuffleFileId,
     key: Arc<ShuffleKey>,
     schema: SchemaRef,
+    check: MapPartitionsCheck,
 ) -> SendableRecordBatchStream {
     let job = ReadJob {
         source,
@@ -475,6 +602,7 @@ pub fn read_shuffle_stream(
         id,
         key,
         schema: Arc::clone(&schema),
+        check,
     };
     let batches = futures::stream::unfold(ReadState::Pending(Box::new(job)), next_batch);
     Box::pin(RecordBatchStreamAdapter::new(schema, batches))
@@ -487,6 +615,7 @@ struct ReadJob {
     id: ShuffleFileId,
     key: Arc<ShuffleKey>,
     schema: SchemaRef,
+    check: MapPartitionsCheck,
 }
 
 enum ReadState {
@@ -543,6 +672,7 @@ fn decode_file(job: ReadJob, batches: mpsc::Sender<RecordBatch>) -> Result<(), S
         id,
         key,
         schema,
+        check,
     } = job;
     let format_error = |source| ShuffleError::Format {
         file: display.clone(),
@@ -570,6 +700,17 @@ fn decode_file(job: ReadJob, batches: mpsc::Sender<RecordBatch>) -> Result<(), S
             found: describe_fields(&found),
         });
     }
+    let map_error = |reason: String| ShuffleError::MapPartitions {
+        file: display.clone(),
+        reason,
+    };
+    let map_partitions = found
+        .metadata()
+        .get(MAP_PARTITIONS_METADATA)
+        .ok_or_else(|| map_error("the file names no map partitions".into()))?;
+    let map_partitions = MapPartitions::parse(map_partitions)
+        .ok_or_else(|| map_error("its map partitions are malformed".into()))?;
+    check(&map_partitions).map_err(map_error)?;
     for batch in &mut ipc {
         let batch = batch.map_err(|e| read_error(&display, e))?;
         // Re-labels the batch with the expected schema (which may differ in metadata) after
@@ -714,6 +855,7 @@ mod tests {
             &path,
             &file_id(),
             key,
+            &MapPartitions::new([0, 1, 2, 7]),
         )
         .await
         .unwrap();
@@ -731,6 +873,7 @@ mod tests {
             id,
             key,
             schema(),
+            any_map_partitions(),
         )
         .try_collect()
         .await
@@ -760,7 +903,14 @@ mod tests {
         assert!(stats.num_bytes > 2 * u64::from(DEFAULT_SEGMENT_SIZE));
         assert_eq!(listing(path.parent().unwrap()), vec!["data-42.arrow"]);
 
-        let stream = read_shuffle_file(&path, file_id(), key.clone(), schema()).unwrap();
+        let stream = read_shuffle_file(
+            &path,
+            file_id(),
+            key.clone(),
+            schema(),
+            any_map_partitions(),
+        )
+        .unwrap();
         assert_eq!(stream.schema(), schema());
         let read: Vec<RecordBatch> = stream.try_collect().await.unwrap();
         assert_eq!(read, batches);
@@ -780,11 +930,12 @@ mod tests {
         assert_eq!(stats.num_rows, 0);
         assert_eq!(stats.num_batches, 0);
         assert_eq!(stats.num_bytes, std::fs::metadata(&path).unwrap().len());
-        let read: Vec<RecordBatch> = read_shuffle_file(&path, file_id(), key, schema())
-            .unwrap()
-            .try_collect()
-            .await
-            .unwrap();
+        let read: Vec<RecordBatch> =
+            read_shuffle_file(&path, file_id(), key, schema(), any_map_partitions())
+                .unwrap()
+                .try_collect()
+                .await
+                .unwrap();
         assert!(read.is_empty());
     }
 
@@ -825,7 +976,7 @@ mod tests {
             },
         ];
         for other in others {
-            let err = read_shuffle_file(&path, other, key.clone(), schema())
+            let err = read_shuffle_file(&path, other, key.clone(), schema(), any_map_partitions())
                 .unwrap()
                 .try_collect::<Vec<_>>()
                 .await
@@ -896,10 +1047,11 @@ mod tests {
         }
         // On disk too.
         std::fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
-        let result: Result<Vec<_>, _> = read_shuffle_file(&path, file_id(), key, schema())
-            .unwrap()
-            .try_collect()
-            .await;
+        let result: Result<Vec<_>, _> =
+            read_shuffle_file(&path, file_id(), key, schema(), any_map_partitions())
+                .unwrap()
+                .try_collect()
+                .await;
         assert!(result.is_err());
     }
 
@@ -939,7 +1091,7 @@ mod tests {
             Field::new("id", DataType::Int64, false),
             Field::new("customer_name_column", DataType::Int32, true),
         ]));
-        let err = read_shuffle_file(&path, file_id(), key, other)
+        let err = read_shuffle_file(&path, file_id(), key, other, any_map_partitions())
             .unwrap()
             .try_collect::<Vec<_>>()
             .await
@@ -959,9 +1111,15 @@ mod tests {
             Err(DataFusionError::Execution("input broke".into())),
             Ok(batch(10, 10)),
         ]);
-        let err = write_shuffle_file(stream, &path, &file_id(), &test_key())
-            .await
-            .unwrap_err();
+        let err = write_shuffle_file(
+            stream,
+            &path,
+            &file_id(),
+            &test_key(),
+            &MapPartitions::new([0]),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, ShuffleError::DataFusion { .. }), "{err}");
         assert!(err.to_string().contains("input broke"), "{err}");
         assert!(listing(dir.path()).is_empty(), "{:?}", listing(dir.path()));
@@ -978,7 +1136,8 @@ mod tests {
             Box::pin(RecordBatchStreamAdapter::new(schema(), batches));
         let key = test_key();
         let id = file_id();
-        let write = write_shuffle_file(stream, &path, &id, &key);
+        let map_partitions = MapPartitions::new([0]);
+        let write = write_shuffle_file(stream, &path, &id, &key, &map_partitions);
         let timed_out = tokio::time::timeout(std::time::Duration::from_millis(200), write).await;
         assert!(timed_out.is_err());
         assert!(listing(dir.path()).is_empty(), "{:?}", listing(dir.path()));
@@ -997,9 +1156,15 @@ mod tests {
                 "{bad:?}"
             );
             let path = dir.path().join("x/data-1.arrow");
-            let err = write_shuffle_file(input(vec![Ok(batch(0, 1))]), &path, &id, &test_key())
-                .await
-                .unwrap_err();
+            let err = write_shuffle_file(
+                input(vec![Ok(batch(0, 1))]),
+                &path,
+                &id,
+                &test_key(),
+                &MapPartitions::new([0]),
+            )
+            .await
+            .unwrap_err();
             assert!(matches!(err, ShuffleError::InvalidJobId(_)), "{err}");
         }
         assert!(listing(dir.path()).is_empty());
@@ -1044,7 +1209,7 @@ mod tests {
             }
         }
         // The definition, spelled out.
-        let mut input = b"ppml-shuffle/1".to_vec();
+        let mut input = b"ppml-shuffle/2".to_vec();
         input.extend_from_slice(&12u32.to_be_bytes());
         input.extend_from_slice(b"job_0001-abc");
         input.extend_from_slice(&3u32.to_be_bytes());
@@ -1064,5 +1229,63 @@ mod tests {
             !shown.contains("90, 90") && !shown.to_lowercase().contains("5a5a"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn map_partitions_have_one_canonical_text() {
+        let set = MapPartitions::new([7, 0, 1, 2, 3, 9, 3]);
+        assert_eq!(set.as_slice(), &[0, 1, 2, 3, 7, 9]);
+        assert_eq!(set.to_text(), "0-3,7,9");
+        assert_eq!(MapPartitions::parse("0-3,7,9"), Some(set));
+        assert_eq!(MapPartitions::parse("5").unwrap().as_slice(), &[5]);
+        for bad in [
+            "",
+            "0-3,2",
+            "3-1",
+            "1-1",
+            "0-1,2",
+            "01",
+            "a",
+            "1,",
+            ",1",
+            "0-",
+            "-",
+            "1 ",
+            "7,3",
+            "0-4294967295",
+        ] {
+            assert_eq!(MapPartitions::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn readers_see_the_map_partitions_before_any_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = test_key();
+        let (path, _) = write(dir.path(), vec![batch(0, 10)], &key).await;
+        let seen = Arc::new(std::sync::Mutex::new(None));
+        let check: MapPartitionsCheck = Box::new({
+            let seen = seen.clone();
+            move |partitions: &MapPartitions| {
+                *seen.lock().unwrap() = Some(partitions.clone());
+                Ok(())
+            }
+        });
+        let read: Vec<RecordBatch> =
+            read_shuffle_file(&path, file_id(), key.clone(), schema(), check)
+                .unwrap()
+                .try_collect()
+                .await
+                .unwrap();
+        assert_eq!(read.iter().map(|b| b.num_rows()).sum::<usize>(), 10);
+        assert_eq!(
+            seen.lock().unwrap().as_ref().unwrap().as_slice(),
+            &[0, 1, 2, 7]
+        );
+        let refuse: MapPartitionsCheck = Box::new(|_| Err("not the partitions expected".into()));
+        let mut stream = read_shuffle_file(&path, file_id(), key, schema(), refuse).unwrap();
+        let err = stream.next().await.unwrap().unwrap_err().to_string();
+        assert!(err.contains("not the partitions expected"), "{err}");
+        assert!(stream.next().await.is_none());
     }
 }
