@@ -761,6 +761,23 @@ pub struct UnsealArgs {
     /// policy trusts this KMS only while it holds this root key
     #[arg(long)]
     pub pin: bool,
+    /// Where the KMS's audit head is kept between unseals [default: the root key file's name
+    /// followed by .audit-head.json]: each unseal sends it, so that a KMS over an older copy
+    /// of its store (a restored backup or snapshot) is refused, and keeps the new one
+    #[arg(long, env = "PPML_KMS_AUDIT_HEAD_FILE", value_name = "FILE")]
+    pub audit_head: Option<PathBuf>,
+}
+
+impl UnsealArgs {
+    /// The audit head file: `--audit-head`, or the root key file's name followed by
+    /// `.audit-head.json`.
+    pub fn audit_head_file(&self) -> PathBuf {
+        self.audit_head.clone().unwrap_or_else(|| {
+            let mut path = self.root_key_file.clone().into_os_string();
+            path.push(".audit-head.json");
+            path.into()
+        })
+    }
 }
 
 #[derive(Debug, Args)]

@@ -236,10 +236,21 @@ pub async fn unseal(args: &crate::cli::UnsealArgs, settings: &Settings) -> Resul
             args.root_key_file.display()
         );
     }
-    let outcome = ppml_kms_client::RemoteKms::unseal(&config, &root_key).await?;
+    let head_file = args.audit_head_file();
+    let last_head = ppml::read_kms_audit_head(&head_file)?;
+    let outcome =
+        ppml_kms_client::RemoteKms::unseal(&config, &root_key, last_head.as_ref()).await?;
     let root_id = hex::encode(outcome.root_id);
     if outcome.was_sealed {
         println!("unsealed KMS {}", outcome.kms_id);
+        if let Some(head) = &outcome.audit_head {
+            ppml::write_kms_audit_head(&head_file, head)?;
+            println!(
+                "audit head: entry {} (kept in {} for the next unseal)",
+                head.seq,
+                head_file.display()
+            );
+        }
     } else {
         println!("KMS {} already holds this root key", outcome.kms_id);
     }

@@ -145,13 +145,20 @@ pub async fn run(args: &QuickstartArgs, settings: &mut Settings) -> Result<()> {
             fs::rename(&earlier_root, &owner_root)?;
         }
         let (root_key, _) = ppml_kms_server::server::owner_root_key_file(&owner_root, true)?;
+        // The audit head of the last unseal: a KMS over an older copy of its store is refused.
+        let head_file = work.join("owner-root.key.audit-head.json");
+        let last_head = ppml::read_kms_audit_head(&head_file)?;
         let unsealed = ppml_kms_client::RemoteKms::unseal(
             &settings
                 .remote_config()?
                 .context("a KMS URL is configured")?,
             &root_key,
+            last_head.as_ref(),
         )
         .await?;
+        if let Some(head) = &unsealed.audit_head {
+            ppml::write_kms_audit_head(&head_file, head)?;
+        }
         ppml::pin_kms_root_id(&kms_policy_path, &unsealed.root_id)?;
         settings.kms_policy = Some(kms_policy_path.clone());
         println!(

@@ -989,6 +989,17 @@ fn clients_verify_the_kms_before_trusting_it() {
     let pinned: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&policy_file).unwrap()).unwrap();
     assert_eq!(pinned["kms_root_ids"][0], root_id.as_str());
+    // The owner keeps the KMS's audit head beside the root key, for the next unseal.
+    let head: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(owner.join("root.key.audit-head.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(head["seq"].as_u64().unwrap() >= 1, "{head}");
+    assert_eq!(head["hash"].as_str().unwrap().len(), 64, "{head}");
+    assert!(
+        stdout(&unsealed).contains("audit head: entry"),
+        "{unsealed:?}"
+    );
     // Again: the KMS already holds this root key.
     let again = unseal(&[]);
     assert!(again.status.success(), "{again:?}");

@@ -37,7 +37,7 @@ use zeroize::Zeroizing;
 use ppml_attestation::peer::KmsKeyState;
 use ppml_kms::grant::SignedGrant;
 use ppml_kms::owner::OwnerKey;
-use ppml_kms::protocol::{Action, OwnerAuthority, read_answer};
+use ppml_kms::protocol::{Action, AuditHead, OwnerAuthority, read_answer};
 pub use ppml_kms::{
     AppCredentials, DataKey, KeyManagementService, KeyReference, KmsError, PrimaryKeyId,
     error_chain, format_fingerprint,
@@ -226,6 +226,10 @@ pub struct UnsealOutcome {
     pub root_id: [u8; 32],
     /// False when the KMS was already unsealed with this root key.
     pub was_sealed: bool,
+    /// The KMS's audit head right after the unseal (its `Unseal` entry), when it was sealed
+    /// and keeps an audit log: give it to the next unseal, which a KMS over an older store
+    /// then refuses.
+    pub audit_head: Option<AuditHead>,
 }
 
 /// The SHA-256 a KMS's quote binds for the connection to `url`: the certificate the client
@@ -507,6 +511,7 @@ impl RemoteKms {
     pub async fn unseal(
         config: &RemoteKmsConfig,
         root_key: &Zeroizing<[u8; 32]>,
+        last_head: Option<&AuditHead>,
     ) -> Result<UnsealOutcome, KmsError> {
         use ppml_attestation::peer::{kms_root_id, unseal_aad};
         let policy = config.kms_policy.as_ref().ok_or_else(|| {
@@ -541,6 +546,7 @@ impl RemoteKms {
                     kms_id,
                     root_id,
                     was_sealed: false,
+                    audit_head: None,
                 });
             }
             (KmsKeyState::Sealed { unseal_key }, _) => unseal_key,
@@ -558,17 +564,25 @@ impl RemoteKms {
             .json(&json!({
                 "enc": BASE64.encode(encapsulated),
                 "sealed_root_key": BASE64.encode(sealed_root_key),
+                "audit_head": last_head,
             }))
             .send()
             .await
             .map_err(|e| kms.transport(e))?;
-        kms.read(response).await?;
+        let answer = kms.read(response).await?;
+        let audit_head = match answer.get("audit_head") {
+            None | Some(Value::Null) => None,
+            Some(head) => Some(serde_json::from_value(head.clone()).map_err(|e| {
+                KmsError::UnsealFailed(format!("the KMS answered a malformed audit head: {e}"))
+            })?),
+        };
         match kms.verify_kms(policy, &certificate).await? {
             (KmsKeyState::Unsealed { root_id: held }, kms_id) if held == root_id => {
                 Ok(UnsealOutcome {
                     kms_id,
                     root_id,
                     was_sealed: true,
+                    audit_head,
                 })
             }
             _ => Err(KmsError::UnsealFailed(

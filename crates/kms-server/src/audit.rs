@@ -103,14 +103,8 @@ impl AuditEntry {
 }
 
 /// The last durable entry of a log: record it outside the log (the server logs it on
-/// shutdown) to detect a later truncation of the tail.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AuditHead {
-    /// The last entry's `seq`; 0 for an empty log.
-    pub seq: u64,
-    /// Lowercase hex SHA-256 of the last entry's line; 64 zeros for an empty log.
-    pub hash: String,
-}
+/// shutdown, `Unseal` answers it) to detect a later truncation of the tail.
+pub use ppml_kms::protocol::AuditHead;
 
 /// What [`verify`] found in a valid log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -358,6 +352,38 @@ impl AuditLog {
     /// The log file's path.
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// Whether the log holds `head`: its entry `head.seq` is the line whose SHA-256 is
+    /// `head.hash`. The log was verified when opened (every line links to the one before),
+    /// so this says the log holds, unchanged, everything up to that entry: a log rolled back
+    /// to before it, or rewritten, does not.
+    pub fn holds(&self, head: &AuditHead) -> Result<bool, AuditError> {
+        if head.seq == 0 {
+            return Ok(head.hash == hex::encode(ZERO_HASH));
+        }
+        if self.head().seq < head.seq {
+            return Ok(false);
+        }
+        let io_err = |source| AuditError::Io {
+            path: self.inner.path.clone(),
+            op: "read",
+            source,
+        };
+        let mut reader = BufReader::new(File::open(&self.inner.path).map_err(io_err)?);
+        let mut line = Vec::with_capacity(1024);
+        for _ in 0..head.seq {
+            line.clear();
+            let read = (&mut reader)
+                .take(MAX_LINE_BYTES as u64 + 1)
+                .read_until(b'\n', &mut line)
+                .map_err(io_err)?;
+            if read == 0 || line.last() != Some(&b'\n') {
+                return Ok(false);
+            }
+        }
+        line.pop();
+        Ok(hex::encode(sha256(&line)) == head.hash)
     }
 
     /// The last durable entry.
@@ -1432,5 +1458,45 @@ mod tests {
         let start = std::time::Instant::now();
         verify(&dir.path().join(FILE_NAME), None).unwrap();
         println!("verify chain-only: {:?}", start.elapsed());
+    }
+
+    #[test]
+    fn a_log_holds_exactly_the_heads_it_passed_through() {
+        let (dir, path) = log_with(5);
+        let lines = read_lines(&path);
+        let head_of = |seq: u64| AuditHead {
+            seq,
+            hash: hex::encode(sha256(lines[seq as usize - 1].as_bytes())),
+        };
+        let log = AuditLog::open(dir.path(), &KEY).unwrap();
+        assert_eq!(log.head(), head_of(5));
+        for seq in 1..=5 {
+            assert!(log.holds(&head_of(seq)).unwrap(), "{seq}");
+        }
+        assert!(
+            log.holds(&AuditHead {
+                seq: 0,
+                hash: hex::encode(ZERO_HASH)
+            })
+            .unwrap()
+        );
+        // Another line at the same place, or a place beyond the log's end.
+        let mut forged = head_of(3);
+        forged.hash = head_of(4).hash;
+        assert!(!log.holds(&forged).unwrap());
+        assert!(
+            !log.holds(&AuditHead {
+                seq: 6,
+                hash: head_of(5).hash
+            })
+            .unwrap()
+        );
+        assert!(
+            !log.holds(&AuditHead {
+                seq: 0,
+                hash: head_of(1).hash
+            })
+            .unwrap()
+        );
     }
 }

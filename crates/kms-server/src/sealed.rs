@@ -22,6 +22,7 @@ use tower::ServiceExt as _;
 use zeroize::Zeroizing;
 
 use crate::api::{ActionQuery, MAX_BODY, OwnEvidence, TokenBucket, rate_limit};
+use crate::audit::AuditHead;
 use crate::server::{ServerConfig, ServerError, serving_state};
 use crate::{ApiError, RootKey, ServerState};
 
@@ -82,6 +83,14 @@ impl SealedKms {
             BASE64.decode(text).map_err(|_| ApiError::Base64)
         };
         let (encapsulated, sealed_root_key) = (field("enc")?, field("sealed_root_key")?);
+        // The last audit head the owner saw: a store whose log does not hold it is older
+        // than the one the owner last unsealed (docs/attestation.md §9.1).
+        let owners_head: Option<AuditHead> = match value.get("audit_head") {
+            None | Some(Value::Null) => None,
+            Some(head) => {
+                Some(serde_json::from_value(head.clone()).map_err(|_| RequestError::ParamType)?)
+            }
+        };
         let _one_at_a_time = self.unsealing.lock().await;
         if self.unsealed.get().is_some() {
             return Err(ApiError::NotSealed);
@@ -122,8 +131,35 @@ impl SealedKms {
                 } => ApiError::UnsealFailed("the root key does not open this KMS's store".into()),
                 other => ApiError::Internal(other.to_string()),
             })?;
+        if let Some(head) = &owners_head {
+            let holds = match state.audit() {
+                Some(log) => log
+                    .holds(head)
+                    .map_err(|e| ApiError::Internal(format!("audit log: {e}")))?,
+                None => {
+                    return Err(ApiError::UnsealFailed(
+                        "this KMS keeps no audit log, so it cannot show that its store is not \
+                         older than the one its owner last unsealed"
+                            .into(),
+                    ));
+                }
+            };
+            if !holds {
+                tracing::warn!(
+                    owners_seq = head.seq,
+                    "unseal refused: the store's audit log does not hold the owner's last head"
+                );
+                return Err(ApiError::UnsealFailed(format!(
+                    "the KMS's store is older than the one its owner last unsealed: its audit \
+                     log does not hold entry {} as the owner saw it (a restored backup or \
+                     snapshot?)",
+                    head.seq
+                )));
+            }
+        }
         let state = Arc::new(state);
         crate::api::audit_unseal(&state, &root_id).await?;
+        let head = state.audit().map(|log| log.head());
         let kms_id = state.store.kms_id().to_string();
         let router = crate::router(Arc::clone(&state));
         if self.unsealed.set((state, router)).is_err() {
@@ -134,7 +170,7 @@ impl SealedKms {
             root_id = hex::encode(root_id),
             "unsealed: an owner's root key opened the store"
         );
-        Ok(json!({"kms_id": kms_id, "root_id": hex::encode(root_id)}))
+        Ok(json!({"kms_id": kms_id, "root_id": hex::encode(root_id), "audit_head": head}))
     }
 
     /// What a sealed KMS answers to `action`.

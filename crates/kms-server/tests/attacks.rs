@@ -930,9 +930,19 @@ async fn unseal(
     policy: &ppml_kms_client::KmsPolicy,
     root: &[u8; 32],
 ) -> Result<ppml_kms_client::UnsealOutcome, KmsError> {
+    unseal_after(url, policy, root, None).await
+}
+
+/// Unseals, giving the audit head the owner kept from its last unseal.
+async fn unseal_after(
+    url: &str,
+    policy: &ppml_kms_client::KmsPolicy,
+    root: &[u8; 32],
+    head: Option<&ppml_kms::protocol::AuditHead>,
+) -> Result<ppml_kms_client::UnsealOutcome, KmsError> {
     let mut config = RemoteKmsConfig::new(url);
     config.kms_policy = Some(policy.clone());
-    RemoteKms::unseal(&config, &zeroize::Zeroizing::new(*root)).await
+    RemoteKms::unseal(&config, &zeroize::Zeroizing::new(*root), head).await
 }
 
 /// Attack 12a, the KMS operator reads the root key: a KMS in a TEE takes no root key from the
@@ -1083,6 +1093,92 @@ async fn attack_a_kms_unsealed_with_the_hosts_root_key_is_refused() {
         matches!(&refused, KmsError::UnsealFailed(reason) if reason.contains("another root key")),
         "{refused}"
     );
+}
+
+/// Attack 12c, KMS rollback: the host puts back an earlier copy of the KMS's data directory
+/// (a backup or volume snapshot taken before keys changed), then waits for the owner to unseal
+/// it. The owner's unseal carries the audit head of its last unseal; the KMS refuses a store
+/// whose audit log does not hold that entry and stays sealed, while the current store
+/// unseals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_a_rolled_back_kms_store_is_refused_at_unseal() {
+    let dir = tempfile::tempdir().unwrap();
+    let platform_key = dir.path().join("kms-platform.pk8");
+    let platform = SimPlatform::load_or_create(&platform_key).unwrap();
+    let policy = kms_policy_for(&platform);
+    let root = [0x42; 32];
+    let data = dir.path().join("kms");
+    let snapshot = dir.path().join("snapshot");
+    let connect = |url: &str| {
+        let mut config = RemoteKmsConfig::new(url);
+        config.kms_policy = Some(policy.clone());
+        async move { RemoteKms::connect(&config, None).await }
+    };
+    let stop_and_wait = |(stop, running): (
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    )| async move {
+        stop.send(()).unwrap();
+        running.await.unwrap();
+    };
+
+    // First unseal of a new KMS; the host snapshots its data directory afterwards.
+    let (url, stop, running) = start_sealed(&data, &platform_key).await;
+    let first = unseal(&url, &policy, &root).await.unwrap();
+    let first_head = first.audit_head.expect("the KMS keeps an audit log");
+    connect(&url).await.unwrap().enroll().await.unwrap();
+    stop_and_wait((stop, running)).await;
+    copy_dir(&data, &snapshot);
+
+    // The owner unseals again after a restart and enrolls another app: the head moves on.
+    let (url, stop, running) = start_sealed(&data, &platform_key).await;
+    let second = unseal_after(&url, &policy, &root, Some(&first_head))
+        .await
+        .unwrap();
+    let second_head = second.audit_head.unwrap();
+    assert!(second_head.seq > first_head.seq, "{second_head:?}");
+    connect(&url).await.unwrap().enroll().await.unwrap();
+    stop_and_wait((stop, running)).await;
+
+    // The host restores the snapshot: the owner's unseal with its last head is refused.
+    std::fs::remove_dir_all(&data).unwrap();
+    copy_dir(&snapshot, &data);
+    let (url, _stop, _running) = start_sealed(&data, &platform_key).await;
+    let refused = unseal_after(&url, &policy, &root, Some(&second_head))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, KmsError::UnsealFailed(reason) if reason.contains("older than the one its owner last unsealed")),
+        "{refused}"
+    );
+    assert!(matches!(connect(&url).await, Err(KmsError::Sealed)));
+    // A forged head (the right entry number, another line) is refused the same way.
+    let forged = ppml_kms::protocol::AuditHead {
+        seq: first_head.seq,
+        hash: "00".repeat(32),
+    };
+    assert!(matches!(
+        unseal_after(&url, &policy, &root, Some(&forged)).await,
+        Err(KmsError::UnsealFailed(_))
+    ));
+    // What the snapshot does hold still unseals it (the residual: a copy made after the
+    // owner's last unseal is not detected).
+    unseal_after(&url, &policy, &root, Some(&first_head))
+        .await
+        .unwrap();
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
 }
 
 /// `docs/threat-model.md` §2 names a test for every attack; each named test exists (in this

@@ -7,10 +7,24 @@
 //! A server that sends no `kind` (eHSM itself) is read through [`ErrorKind::from_message`],
 //! which compares the whole message with this table.
 
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use crate::KmsError;
 use crate::ehsm::RequestError;
+
+/// The last durable entry of a KMS's audit log: its `seq` (0 for an empty log) and the
+/// lowercase hex SHA-256 of its line (64 zeros for an empty log). `Unseal` carries the head
+/// the owner last saw to the KMS, which refuses a store whose log does not hold it, and
+/// answers with its head after the unseal (`docs/attestation.md` §9.1).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditHead {
+    /// The entry's `seq`.
+    pub seq: u64,
+    /// Lowercase hex SHA-256 of the entry's line (without its newline).
+    pub hash: String,
+}
 
 /// Every action of the protocol (`docs/kms-api.md` §5).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -87,6 +87,32 @@ pub fn pin_kms_root_id(path: &Path, root_id: &[u8; 32]) -> Result<bool> {
     Ok(true)
 }
 
+/// The audit head the owner kept at `path` from its last unseal (`docs/attestation.md` §9.1),
+/// or None when there is no such file yet.
+pub fn read_kms_audit_head(path: &Path) -> Result<Option<ppml_kms::protocol::AuditHead>> {
+    let failed = |reason: String| Error::Config {
+        what: format!("the KMS audit head file {}", path.display()),
+        reason,
+    };
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| failed(e.to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(failed(e.to_string())),
+    }
+}
+
+/// Keeps `head` at `path` for the next unseal (replaced atomically).
+pub fn write_kms_audit_head(path: &Path, head: &ppml_kms::protocol::AuditHead) -> Result<()> {
+    let mut json = serde_json::to_string_pretty(head).expect("an audit head serializes");
+    json.push('\n');
+    ppml_kms::write_private_file_atomic(path, json.as_bytes()).map_err(|e| Error::Config {
+        what: format!("the KMS audit head file {}", path.display()),
+        reason: e.to_string(),
+    })
+}
+
 fn sim_platform_path(path: Option<&Path>, home: &Path) -> PathBuf {
     path.map_or_else(|| home.join("sim-platform.pk8"), Path::to_path_buf)
 }

@@ -91,7 +91,10 @@ pub mod job;
 
 use std::path::Path;
 
-pub use attest::{AttestationConfig, evidence_provider, pin_kms_root_id, sim_platform};
+pub use attest::{
+    AttestationConfig, evidence_provider, pin_kms_root_id, read_kms_audit_head, sim_platform,
+    write_kms_audit_head,
+};
 pub use config::{GivenSettings, KmsBackend, OpenKms, Settings};
 pub use context::{
     Attested, IntoLocation, OutputFormat, PpmlContext, PpmlContextBuilder, RuntimeState,
