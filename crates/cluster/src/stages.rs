@@ -57,6 +57,9 @@ use crate::shuffle::{MapPartitions, ShuffleKey};
 pub const STAGES_DOMAIN: &[u8] = b"ppml-stages/1";
 /// Largest accepted `ppml.stages` value (base64url text).
 pub const MAX_STAGES_TEXT: usize = 16 << 20;
+/// Most input or output partitions of one stage whose cover a reader checks (real stages have
+/// about as many as the cluster has cores).
+pub const MAX_STAGE_PARTITIONS: usize = 4096;
 /// Length of the MAC that ends the decoded `ppml.stages` value.
 const MAC_LEN: usize = 32;
 /// The job id inside the placeholder locations [`task_plan`] plants to track partitions.
@@ -162,11 +165,7 @@ impl SignedStages {
         let bytes = self.encoded(stage_id).ok_or_else(|| {
             ClusterError::StagePlan(format!("the job's driver planned no stage {stage_id}"))
         })?;
-        let codec = PpmlPhysicalCodec::default();
-        PhysicalPlanNode::decode(bytes)
-            .map_err(|e| ClusterError::Plan(e.to_string()))?
-            .try_into_physical_plan(ctx, &codec)
-            .map_err(|e| ClusterError::Plan(e.to_string()))
+        decode_plan(bytes, ctx)
     }
 
     fn body(&self) -> Vec<u8> {
@@ -203,6 +202,19 @@ impl SignedStages {
         }
         (at == body.len() && !plans.is_empty()).then_some(SignedStages { plans })
     }
+}
+
+/// Decodes a physical plan encoded with ppml's codec (a stage plan, or a task's plan as the
+/// scheduler sends it).
+pub fn decode_plan(
+    bytes: &[u8],
+    ctx: &TaskContext,
+) -> Result<Arc<dyn ExecutionPlan>, ClusterError> {
+    let codec = PpmlPhysicalCodec::default();
+    PhysicalPlanNode::decode(bytes)
+        .map_err(|e| ClusterError::Plan(e.to_string()))?
+        .try_into_physical_plan(ctx, &codec)
+        .map_err(|e| ClusterError::Plan(e.to_string()))
 }
 
 /// HMAC-SHA256 key of the stage plans: HKDF-SHA256 of the job's shuffle data key, salt
@@ -333,6 +345,13 @@ fn with_placeholder_readers(
         };
         if unresolved.coalesce.is_some() {
             return Err(mismatch(stage_id, "a coalesced shuffle read (adaptive planning)").into());
+        }
+        if unresolved
+            .output_partition_count
+            .max(unresolved.upstream_partition_count)
+            > MAX_STAGE_PARTITIONS
+        {
+            return Err(mismatch(stage_id, "a shuffle read of too many partitions").into());
         }
         let input = unresolved.stage_id;
         let reader = if unresolved.broadcast {
@@ -622,9 +641,21 @@ impl Feeding {
             .first()
             .map(|child| child.output_partitioning().partition_count())
             .ok_or_else(|| ClusterError::StagePlan(format!("stage {stage_id} has no input")))?;
+        let too_many = |what: &str, count: usize| {
+            ClusterError::StagePlan(format!(
+                "stage {stage_id} has {count} {what} partitions (at most {MAX_STAGE_PARTITIONS})"
+            ))
+        };
+        if map_partitions > MAX_STAGE_PARTITIONS {
+            return Err(too_many("input", map_partitions));
+        }
         let mut by_output: HashMap<usize, BTreeSet<u32>> = HashMap::new();
         for p in 0..map_partitions {
-            for q in compute_global_output_partition_ids(stage, &[p]) {
+            let outputs = compute_global_output_partition_ids(stage, &[p]);
+            if outputs.len() > MAX_STAGE_PARTITIONS {
+                return Err(too_many("output", outputs.len()));
+            }
+            for q in outputs {
                 by_output.entry(q).or_default().insert(p as u32);
             }
         }

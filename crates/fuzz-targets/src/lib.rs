@@ -11,9 +11,12 @@ use std::io::{Cursor, Read};
 
 use ppml_format::{DataKey, DecryptingReader, RandomAccessReader, UnverifiedHeader};
 
+/// A target: its name and its body.
+pub type Target = (&'static str, fn(&[u8]));
+
 /// Every target, by name: the directory names under `fuzz/seeds`, `fuzz/regressions` and a
 /// campaign's `fuzz/corpus`.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[Target] = &[
     ("file_header", file_header),
     ("stream_reader", stream_reader),
     ("random_access", random_access),
@@ -25,6 +28,9 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("collateral", collateral),
     ("job_grant", job_grant),
     ("kms_action", kms_action),
+    ("map_partitions", map_partitions),
+    ("shuffle_file", shuffle_file),
+    ("cluster_plan", cluster_plan),
 ];
 
 /// The data key of the format's test vectors (`crates/format/testdata/vectors`), so that
@@ -269,4 +275,96 @@ pub fn kms_action(data: &[u8]) {
         let answer: serde_json::Value = serde_json::from_slice(&body).expect("a JSON answer");
         assert_ne!(answer["code"], 500, "{action}: {answer}");
     });
+}
+
+/// A shuffle file's `ppml.map_partitions` text: one set has one text, so whatever parses
+/// prints back as itself.
+pub fn map_partitions(data: &[u8]) {
+    use ppml_cluster::shuffle::MapPartitions;
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Some(set) = MapPartitions::parse(text) {
+        assert_eq!(set.to_text(), text, "a parsed set prints back as its text");
+    }
+}
+
+/// The key, place and schema of the fuzzed shuffle file (`write_made_seeds` writes a valid
+/// file with them).
+pub fn fuzz_shuffle_file() -> (
+    std::sync::Arc<ppml_cluster::shuffle::ShuffleKey>,
+    ppml_cluster::shuffle::ShuffleFileId,
+    datafusion::arrow::datatypes::SchemaRef,
+) {
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    let key = ppml_cluster::shuffle::ShuffleKey::new(
+        DataKey::from_bytes(VECTOR_KEY),
+        ppml_format::KeyReference::new("local:fuzz", "shuffle", vec![0x42; 16]),
+    );
+    let id = ppml_cluster::shuffle::ShuffleFileId {
+        job_id: "fuzz-job".into(),
+        stage_id: 1,
+        partition_id: 0,
+        file_id: 7,
+    };
+    let schema = Schema::new(vec![
+        Field::new("name", DataType::Utf8, true),
+        Field::new("age", DataType::Int64, true),
+    ]);
+    (std::sync::Arc::new(key), id, std::sync::Arc::new(schema))
+}
+
+fn current_thread_runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("a runtime")
+    })
+}
+
+/// A shuffle file as an executor reads it from another executor: header, key, place,
+/// segments, the Arrow IPC stream inside and its map partitions.
+pub fn shuffle_file(data: &[u8]) {
+    use futures::StreamExt as _;
+    let (key, id, schema) = fuzz_shuffle_file();
+    let source = Box::new(Cursor::new(data.to_vec()));
+    current_thread_runtime().block_on(async move {
+        let check = Box::new(|partitions: &ppml_cluster::shuffle::MapPartitions| {
+            let _ = partitions.to_text();
+            Ok(())
+        });
+        let mut batches = ppml_cluster::shuffle::read_shuffle_stream(
+            source,
+            "fuzz".into(),
+            id,
+            key,
+            schema,
+            check,
+        );
+        let mut rows = 0;
+        while let Some(Ok(batch)) = batches.next().await {
+            rows += batch.num_rows();
+            if rows as u64 > MAX_PLAINTEXT {
+                break;
+            }
+        }
+    });
+}
+
+/// A physical plan as the scheduler sends it to an executor (ppml's plan codec), then the
+/// executor's checks of it: the operator allow-list, and the partitions and inputs of a task
+/// of it against itself as the signed stage.
+pub fn cluster_plan(data: &[u8]) {
+    use std::sync::OnceLock;
+    static CONTEXT: OnceLock<datafusion::prelude::SessionContext> = OnceLock::new();
+    let ctx = CONTEXT.get_or_init(datafusion::prelude::SessionContext::new);
+    let Ok(plan) = ppml_cluster::stages::decode_plan(data, &ctx.task_ctx()) else {
+        return;
+    };
+    let _ = ppml_cluster::engine::check_stage_plan(&plan);
+    if let Ok(task) = ppml_cluster::stages::task_plan(1, &plan, &plan) {
+        let _ = task.output_partitions(&plan);
+    }
+    let _ = ppml_cluster::stages::Feeding::of(1, &plan);
 }

@@ -62,7 +62,7 @@ fn every_target_is_a_cargo_fuzz_binary() {
 
 /// Writes the seeds that are made rather than copied (`cargo test --release -p
 /// ppml-fuzz-targets --test corpus -- --ignored`): a simulated quote signed by the fuzz
-/// platform key.
+/// platform key (and, in `write_made_cluster_seeds`, a shuffle file and stage plans).
 #[test]
 #[ignore = "writes fuzz/seeds"]
 fn write_made_seeds() {
@@ -84,4 +84,83 @@ fn write_made_seeds() {
     let dir = fuzz_dir().join("seeds/sim_quote");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("seed-valid"), &quote).unwrap();
+}
+
+/// A valid shuffle file under the fuzz key and place, and the stage plans a driver signs for
+/// a few query shapes (over a CSV table in a temporary directory).
+#[tokio::test]
+#[ignore = "writes fuzz/seeds"]
+async fn write_made_cluster_seeds() {
+    use datafusion::arrow::array::{Int64Array, RecordBatch, StringArray};
+    use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+    use datafusion::prelude::{CsvReadOptions, SessionConfig, SessionContext};
+    use ppml_cluster::shuffle::{MapPartitions, write_shuffle_file};
+    use ppml_cluster::stages::{SignedStages, plan_stages};
+    use std::sync::Arc;
+
+    let (key, id, schema) = ppml_fuzz_targets::fuzz_shuffle_file();
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(StringArray::from(vec![Some("ann"), None, Some("bo")])),
+            Arc::new(Int64Array::from(vec![Some(41), Some(7), None])),
+        ],
+    )
+    .unwrap();
+    let stream = Box::pin(RecordBatchStreamAdapter::new(
+        schema,
+        futures::stream::iter(vec![Ok(batch.clone()), Ok(batch)]),
+    ));
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("data-7.arrow");
+    write_shuffle_file(stream, &path, &id, &key, &MapPartitions::new([0, 1, 3]))
+        .await
+        .unwrap();
+    let dir = fuzz_dir().join("seeds/shuffle_file");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(&path, dir.join("valid")).unwrap();
+
+    for i in 0..3 {
+        std::fs::write(
+            tmp.path().join(format!("{i}.csv")),
+            format!("a,b\n{i},x\n1,y\n"),
+        )
+        .unwrap();
+    }
+    let ctx = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(3));
+    let table = tmp.path().to_str().unwrap();
+    ctx.register_csv("t", table, CsvReadOptions::new())
+        .await
+        .unwrap();
+    ctx.register_csv("u", table, CsvReadOptions::new())
+        .await
+        .unwrap();
+    let dir = fuzz_dir().join("seeds/cluster_plan");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, sql) in [
+        (
+            "group",
+            "SELECT a, count(*) FROM t WHERE b <> 'z' GROUP BY a",
+        ),
+        ("join", "SELECT t.a, u.b FROM t JOIN u ON t.a = u.a"),
+        ("union", "SELECT a FROM t UNION ALL SELECT b FROM u"),
+        ("sort", "SELECT a, b FROM t ORDER BY b DESC LIMIT 2"),
+    ] {
+        let plan = ctx
+            .sql(sql)
+            .await
+            .unwrap()
+            .create_physical_plan()
+            .await
+            .unwrap();
+        let stages = plan_stages(&plan, ctx.copied_config().options(), &ctx.task_ctx()).unwrap();
+        let signed = SignedStages::from_stages(&stages).unwrap();
+        for stage in signed.stage_ids() {
+            let bytes = signed.encoded(stage).unwrap();
+            // The seed reaches the checks: it decodes where the target decodes it.
+            let fresh = SessionContext::new();
+            ppml_cluster::stages::decode_plan(bytes, &fresh.task_ctx()).unwrap();
+            std::fs::write(dir.join(format!("{name}-stage-{stage}")), bytes).unwrap();
+        }
+    }
 }
