@@ -769,14 +769,11 @@ pub struct UnsealArgs {
 }
 
 impl UnsealArgs {
-    /// The audit head file: `--audit-head`, or the root key file's name followed by
-    /// `.audit-head.json`.
+    /// The audit head file: `--audit-head`, or [`ppml::kms_audit_head_file`].
     pub fn audit_head_file(&self) -> PathBuf {
-        self.audit_head.clone().unwrap_or_else(|| {
-            let mut path = self.root_key_file.clone().into_os_string();
-            path.push(".audit-head.json");
-            path.into()
-        })
+        self.audit_head
+            .clone()
+            .unwrap_or_else(|| ppml::kms_audit_head_file(&self.root_key_file))
     }
 }
 

@@ -146,7 +146,7 @@ pub async fn run(args: &QuickstartArgs, settings: &mut Settings) -> Result<()> {
         }
         let (root_key, _) = ppml_kms_server::server::owner_root_key_file(&owner_root, true)?;
         // The audit head of the last unseal: a KMS over an older copy of its store is refused.
-        let head_file = work.join("owner-root.key.audit-head.json");
+        let head_file = ppml::kms_audit_head_file(&owner_root);
         let last_head = ppml::read_kms_audit_head(&head_file)?;
         let unsealed = ppml_kms_client::RemoteKms::unseal(
             &settings

@@ -22,19 +22,16 @@ use datafusion::execution::SendableRecordBatchStream;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::prelude::SessionContext;
-use datafusion_proto::physical_plan::AsExecutionPlan;
-use datafusion_proto::protobuf::PhysicalPlanNode;
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 use ppml_engine::PlanRunner;
 use ppml_kms::error_chain;
 use ppml_kms::grant::SignedGrant;
 use ppml_kms::{KeyManagementService, PrimaryKeyId};
-use prost::Message;
 use rand::Rng as _;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::ClusterError;
-use crate::driver::PpmlPhysicalCodec;
+use crate::driver::encode_plan;
 use crate::engine::ShuffleSource;
 use crate::flight::EndpointCustomizer;
 use crate::job::new_job_key;
@@ -195,7 +192,7 @@ pub fn scheduler_client(channel: Channel) -> SchedulerGrpcClient<Channel> {
         .max_encoding_message_size(64 << 20)
 }
 
-/// Submits a physical plan (encoded with [`PpmlPhysicalCodec`]); returns Ballista's job id.
+/// Submits a physical plan (encoded with [`encode_plan`]); returns Ballista's job id.
 pub async fn submit_plan(
     scheduler: &mut SchedulerGrpcClient<Channel>,
     addr: &str,
@@ -204,15 +201,7 @@ pub async fn submit_plan(
     session_id: String,
 ) -> Result<String, ClusterError> {
     let error = |message: String| scheduler_error(addr, message);
-    let codec = PpmlPhysicalCodec::default();
-    let encoded = PhysicalPlanNode::try_from_physical_plan(plan.clone(), &codec)
-        .map_err(|e| {
-            // DataFusion appends the whole plan's debug dump; the operator's name says enough.
-            let message = e.to_string();
-            let message = message.split(". Plan: ").next().unwrap_or(&message);
-            ClusterError::Plan(format!("{message} (this query cannot run on a cluster)"))
-        })?
-        .encode_to_vec();
+    let encoded = encode_plan(plan)?;
     let mut request = tonic::Request::new(ExecuteQueryParams {
         query: Some(Query::PhysicalPlan(encoded)),
         settings,
@@ -318,7 +307,7 @@ impl PlanRunner for ClusterRunner {
             .map(|location| {
                 let output = location.partition_id.partition_id;
                 let coverage = feeding.coverage(vec![output]);
-                let finished = coverage.clone();
+                let check = coverage.file_check(output);
                 let source = ShuffleSource {
                     job_id: ballista_job.clone(),
                     location,
@@ -329,13 +318,11 @@ impl PlanRunner for ClusterRunner {
                     key.clone(),
                     schema.clone(),
                     self.customizer.clone(),
-                    Box::new(move |map_partitions| coverage.record(output, map_partitions)),
+                    check,
                 );
-                let end = futures::stream::once(async move { finished.finish() })
-                    .filter_map(|checked| async move { checked.err().map(|e| Err(e.into())) });
                 Box::pin(RecordBatchStreamAdapter::new(
                     schema.clone(),
-                    futures::stream::once(file).try_flatten().chain(end),
+                    coverage.ending(futures::stream::once(file).try_flatten()),
                 )) as SendableRecordBatchStream
             })
             .collect())

@@ -27,11 +27,15 @@ use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
 use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
 };
-use datafusion_proto::physical_plan::{PhysicalExtensionCodec, PhysicalProtoConverterExtension};
+use datafusion_proto::physical_plan::{
+    AsExecutionPlan, PhysicalExtensionCodec, PhysicalProtoConverterExtension,
+};
+use datafusion_proto::protobuf::PhysicalPlanNode;
 use ppml_engine::app::{AppReport, AppSpec};
 use ppml_engine::dataset::Durability;
 use ppml_kms::grant::SignedGrant;
 use ppml_kms::{KeyManagementService, PrimaryKeyId};
+use prost::Message;
 use serde::{Deserialize, Serialize};
 
 use crate::ClusterError;
@@ -284,6 +288,33 @@ impl JobDriver for AppDriver {
         log.line(line).await;
         Ok(())
     }
+}
+
+/// Encodes a physical plan with [`PpmlPhysicalCodec`], as it goes to the scheduler. A plan
+/// the codec cannot carry (an operator Ballista has no encoding for) is a
+/// [`ClusterError::Plan`] naming the operator, without DataFusion's dump of the whole plan.
+pub fn encode_plan(plan: &Arc<dyn ExecutionPlan>) -> std::result::Result<Vec<u8>, ClusterError> {
+    let codec = PpmlPhysicalCodec::default();
+    let node = PhysicalPlanNode::try_from_physical_plan(plan.clone(), &codec).map_err(|e| {
+        // DataFusion appends the whole plan's debug dump; the operator's name says enough.
+        let message = e.to_string();
+        let message = message.split(". Plan: ").next().unwrap_or(&message);
+        ClusterError::Plan(format!("{message} (this query cannot run on a cluster)"))
+    })?;
+    Ok(node.encode_to_vec())
+}
+
+/// Decodes a physical plan encoded with [`PpmlPhysicalCodec`] (a plan as the scheduler
+/// receives it, a stage plan, or a task's plan as the scheduler sends it).
+pub fn decode_plan(
+    bytes: &[u8],
+    ctx: &TaskContext,
+) -> std::result::Result<Arc<dyn ExecutionPlan>, ClusterError> {
+    let codec = PpmlPhysicalCodec::default();
+    PhysicalPlanNode::decode(bytes)
+        .map_err(|e| ClusterError::Plan(e.to_string()))?
+        .try_into_physical_plan(ctx, &codec)
+        .map_err(|e| ClusterError::Plan(e.to_string()))
 }
 
 /// ppml's physical plan codec: ppml's nodes, and Ballista's for everything else.

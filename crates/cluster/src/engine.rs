@@ -672,7 +672,7 @@ impl ExecutionPlan for PpmlShuffleReaderExec {
         // Each file's map partitions are checked as it opens; the cover of the stage after
         // the last one.
         let coverage = self.feeding.coverage(outputs);
-        let finished = coverage.clone();
+        let checks = coverage.clone();
         let schema = self.schema();
         let work_dir = self.work_dir.clone();
         let job_id = self.job_id.clone();
@@ -680,8 +680,7 @@ impl ExecutionPlan for PpmlShuffleReaderExec {
         let metrics = self.metrics.clone();
         let files = futures::stream::iter(locations)
             .then(move |location| {
-                let output = location.partition_id.partition_id;
-                let coverage = coverage.clone();
+                let check = checks.file_check(location.partition_id.partition_id);
                 let source = ShuffleSource {
                     job_id: job_id.clone(),
                     location,
@@ -692,15 +691,13 @@ impl ExecutionPlan for PpmlShuffleReaderExec {
                     key.clone(),
                     schema.clone(),
                     customizer.clone(),
-                    Box::new(move |map_partitions| coverage.record(output, map_partitions)),
+                    check,
                 )
             })
             .try_flatten();
-        let end = futures::stream::once(async move { finished.finish() })
-            .filter_map(|checked| async move { checked.err().map(|e| Err(e.into())) });
         Ok(Box::pin(RecordBatchStreamAdapter::new(
             self.schema(),
-            files.chain(end),
+            coverage.ending(files),
         )))
     }
 }

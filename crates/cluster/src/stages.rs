@@ -35,23 +35,23 @@ use ballista_scheduler::planner::{DefaultDistributedPlanner, DistributedPlanner 
 use ballista_scheduler::state::task_builder::restrict_plan_to_partitions;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use datafusion::arrow::array::RecordBatch;
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::config::ConfigOptions;
 use datafusion::datasource::physical_plan::FileScanConfig;
 use datafusion::datasource::source::DataSourceExec;
+use datafusion::error::Result as DataFusionResult;
 use datafusion::execution::TaskContext;
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
 use datafusion::physical_plan::sorts::sort_preserving_merge::SortPreservingMergeExec;
 use datafusion::physical_plan::union::UnionExec;
 use datafusion::physical_plan::{Distribution, ExecutionPlan, ExecutionPlanProperties};
-use datafusion_proto::physical_plan::AsExecutionPlan;
-use datafusion_proto::protobuf::PhysicalPlanNode;
-use prost::Message;
+use futures::{Stream, StreamExt};
 use ring::{hkdf, hmac};
 
 use crate::ClusterError;
-use crate::driver::PpmlPhysicalCodec;
-use crate::shuffle::{MapPartitions, ShuffleKey};
+use crate::driver::{decode_plan, encode_plan};
+use crate::shuffle::{MapPartitions, MapPartitionsCheck, ShuffleKey};
 
 /// Domain separation of the stage plans' MAC key and MAC input.
 pub const STAGES_DOMAIN: &[u8] = b"ppml-stages/1";
@@ -74,10 +74,7 @@ pub fn plan_stages(
     config: &ConfigOptions,
     ctx: &TaskContext,
 ) -> Result<Vec<Arc<dyn ShuffleWriter>>, ClusterError> {
-    let codec = PpmlPhysicalCodec::default();
-    let received = PhysicalPlanNode::try_from_physical_plan(plan.clone(), &codec)
-        .and_then(|node| node.try_into_physical_plan(ctx, &codec))
-        .map_err(|e| ClusterError::Plan(e.to_string()))?;
+    let received = decode_plan(&encode_plan(plan)?, ctx)?;
     let stages = DefaultDistributedPlanner::new().plan_query_stages(
         &JobId::new("signed-stages"),
         received,
@@ -98,16 +95,12 @@ pub struct SignedStages {
 impl SignedStages {
     /// Encodes the stages [`plan_stages`] made.
     pub fn from_stages(stages: &[Arc<dyn ShuffleWriter>]) -> Result<Self, ClusterError> {
-        let codec = PpmlPhysicalCodec::default();
         let mut plans = BTreeMap::new();
         for stage in stages {
             let id = u32::try_from(stage.stage_id())
                 .map_err(|_| ClusterError::Plan("stage id out of range".into()))?;
             let plan: Arc<dyn ExecutionPlan> = stage.clone();
-            let bytes = PhysicalPlanNode::try_from_physical_plan(plan, &codec)
-                .map_err(|e| ClusterError::Plan(e.to_string()))?
-                .encode_to_vec();
-            plans.insert(id, bytes);
+            plans.insert(id, encode_plan(&plan)?);
         }
         Ok(SignedStages { plans })
     }
@@ -202,19 +195,6 @@ impl SignedStages {
         }
         (at == body.len() && !plans.is_empty()).then_some(SignedStages { plans })
     }
-}
-
-/// Decodes a physical plan encoded with ppml's codec (a stage plan, or a task's plan as the
-/// scheduler sends it).
-pub fn decode_plan(
-    bytes: &[u8],
-    ctx: &TaskContext,
-) -> Result<Arc<dyn ExecutionPlan>, ClusterError> {
-    let codec = PpmlPhysicalCodec::default();
-    PhysicalPlanNode::decode(bytes)
-        .map_err(|e| ClusterError::Plan(e.to_string()))?
-        .try_into_physical_plan(ctx, &codec)
-        .map_err(|e| ClusterError::Plan(e.to_string()))
 }
 
 /// HMAC-SHA256 key of the stage plans: HKDF-SHA256 of the job's shuffle data key, salt
@@ -696,12 +676,6 @@ impl Coverage {
                 "stage {stage} partition {output} is not one this reader reads"
             ));
         }
-        let feeds = self
-            .feeding
-            .by_output
-            .get(&output)
-            .cloned()
-            .unwrap_or_default();
         if let Some(&beyond) = map_partitions
             .as_slice()
             .iter()
@@ -712,7 +686,12 @@ impl Coverage {
                 self.feeding.map_partitions
             ));
         }
-        if !map_partitions.as_slice().iter().any(|p| feeds.contains(p)) {
+        let feeds = self.feeding.by_output.get(&output);
+        if !map_partitions
+            .as_slice()
+            .iter()
+            .any(|p| feeds.is_some_and(|feeds| feeds.contains(p)))
+        {
             return Err(format!(
                 "computed from partitions {} of stage {stage}, none of which feeds its partition {output}",
                 map_partitions.to_text()
@@ -729,19 +708,27 @@ impl Coverage {
         Ok(())
     }
 
+    /// The check to give the reader of a file of output partition `output`
+    /// ([`Coverage::record`] when the file names its map partitions).
+    pub fn file_check(&self, output: usize) -> MapPartitionsCheck {
+        let coverage = self.clone();
+        Box::new(move |map_partitions| coverage.record(output, map_partitions))
+    }
+
     /// After the last file: every map partition feeding each output partition was read.
     pub fn finish(&self) -> Result<(), ClusterError> {
         let stage = self.feeding.stage_id;
         let seen = self.seen.lock().expect("coverage lock");
         for output in &self.outputs {
-            let feeds = self
-                .feeding
-                .by_output
-                .get(output)
-                .cloned()
-                .unwrap_or_default();
-            let read = seen.get(output).cloned().unwrap_or_default();
-            let missing: Vec<u32> = feeds.difference(&read).copied().collect();
+            let Some(feeds) = self.feeding.by_output.get(output) else {
+                continue;
+            };
+            let read = seen.get(output);
+            let missing: Vec<u32> = feeds
+                .iter()
+                .filter(|p| !read.is_some_and(|read| read.contains(p)))
+                .copied()
+                .collect();
             if !missing.is_empty() {
                 return Err(ClusterError::ShuffleFiles(format!(
                     "stage {stage} partition {output}: the files of map partitions {} are missing",
@@ -750,6 +737,18 @@ impl Coverage {
             }
         }
         Ok(())
+    }
+
+    /// `files` (the record batches of the files this coverage checks, each opened with its
+    /// [`Coverage::file_check`]), ending with the error of [`Coverage::finish`] if their files
+    /// do not cover the stage.
+    pub fn ending<S>(self, files: S) -> impl Stream<Item = DataFusionResult<RecordBatch>> + Send
+    where
+        S: Stream<Item = DataFusionResult<RecordBatch>> + Send,
+    {
+        let end = futures::stream::once(async move { self.finish() })
+            .filter_map(|checked| async move { checked.err().map(|e| Err(e.into())) });
+        files.chain(end)
     }
 }
 
@@ -821,14 +820,7 @@ mod tests {
         let plan: Arc<dyn ExecutionPlan> = stage.clone();
         let resolved = remove_unresolved_shuffles(plan, files).unwrap();
         let restricted = restrict_plan_to_partitions(resolved, partitions).unwrap();
-        let codec = PpmlPhysicalCodec::default();
-        let bytes = PhysicalPlanNode::try_from_physical_plan(restricted, &codec)
-            .unwrap()
-            .encode_to_vec();
-        PhysicalPlanNode::decode(bytes.as_slice())
-            .unwrap()
-            .try_into_physical_plan(&ctx.task_ctx(), &codec)
-            .unwrap()
+        decode_plan(&encode_plan(&restricted).unwrap(), &ctx.task_ctx()).unwrap()
     }
 
     /// Every map task of stage 1 (two tasks of two partitions each) wrote all four buckets.

@@ -185,9 +185,8 @@ pub fn job_grant(data: &[u8]) {
 }
 
 /// A KMS server of its own (a store in a temporary directory, one app), its router, and the
-/// app's credentials, made once per process.
+/// app's credentials, made once per process (requests run on [`current_thread_runtime`]).
 struct FuzzKms {
-    runtime: tokio::runtime::Runtime,
     router: axum::Router,
     appid: String,
     apikey: String,
@@ -216,9 +215,6 @@ fn fuzz_kms() -> &'static FuzzKms {
             ppml_kms_server::ServerState::new(store).with_attestation(attestation),
         ));
         FuzzKms {
-            runtime: tokio::runtime::Builder::new_current_thread()
-                .build()
-                .expect("a runtime"),
             router,
             appid,
             apikey: apikey.to_string(),
@@ -262,7 +258,7 @@ pub fn kms_action(data: &[u8]) {
             serde_json::to_vec(&body).expect("JSON"),
         ))
         .expect("a request");
-    kms.runtime.block_on(async {
+    current_thread_runtime().block_on(async {
         let response = kms
             .router
             .clone()
@@ -289,8 +285,8 @@ pub fn map_partitions(data: &[u8]) {
     }
 }
 
-/// The key, place and schema of the fuzzed shuffle file (`write_made_seeds` writes a valid
-/// file with them).
+/// The key, place and schema of the fuzzed shuffle file (`write_made_cluster_seeds` writes a
+/// valid file with them).
 pub fn fuzz_shuffle_file() -> (
     std::sync::Arc<ppml_cluster::shuffle::ShuffleKey>,
     ppml_cluster::shuffle::ShuffleFileId,
@@ -314,6 +310,7 @@ pub fn fuzz_shuffle_file() -> (
     (std::sync::Arc::new(key), id, std::sync::Arc::new(schema))
 }
 
+/// The targets' runtime, made once per process.
 fn current_thread_runtime() -> &'static tokio::runtime::Runtime {
     static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
     RUNTIME.get_or_init(|| {
@@ -359,7 +356,7 @@ pub fn cluster_plan(data: &[u8]) {
     use std::sync::OnceLock;
     static CONTEXT: OnceLock<datafusion::prelude::SessionContext> = OnceLock::new();
     let ctx = CONTEXT.get_or_init(datafusion::prelude::SessionContext::new);
-    let Ok(plan) = ppml_cluster::stages::decode_plan(data, &ctx.task_ctx()) else {
+    let Ok(plan) = ppml_cluster::driver::decode_plan(data, &ctx.task_ctx()) else {
         return;
     };
     let _ = ppml_cluster::engine::check_stage_plan(&plan);

@@ -159,7 +159,7 @@ async fn write_made_cluster_seeds() {
             let bytes = signed.encoded(stage).unwrap();
             // The seed reaches the checks: it decodes where the target decodes it.
             let fresh = SessionContext::new();
-            ppml_cluster::stages::decode_plan(bytes, &fresh.task_ctx()).unwrap();
+            ppml_cluster::driver::decode_plan(bytes, &fresh.task_ctx()).unwrap();
             std::fs::write(dir.join(format!("{name}-stage-{stage}")), bytes).unwrap();
         }
     }

@@ -87,6 +87,14 @@ pub fn pin_kms_root_id(path: &Path, root_id: &[u8; 32]) -> Result<bool> {
     Ok(true)
 }
 
+/// Where the owner keeps the KMS's audit head between unseals, by default: the root key file's
+/// name followed by `.audit-head.json`, so that the two stay together off the KMS's host.
+pub fn kms_audit_head_file(root_key_file: &Path) -> PathBuf {
+    let mut path = root_key_file.as_os_str().to_os_string();
+    path.push(".audit-head.json");
+    path.into()
+}
+
 /// The audit head the owner kept at `path` from its last unseal (`docs/attestation.md` §9.1),
 /// or None when there is no such file yet.
 pub fn read_kms_audit_head(path: &Path) -> Result<Option<ppml_kms::protocol::AuditHead>> {

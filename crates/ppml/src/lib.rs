@@ -92,8 +92,8 @@ pub mod job;
 use std::path::Path;
 
 pub use attest::{
-    AttestationConfig, evidence_provider, pin_kms_root_id, read_kms_audit_head, sim_platform,
-    write_kms_audit_head,
+    AttestationConfig, evidence_provider, kms_audit_head_file, pin_kms_root_id,
+    read_kms_audit_head, sim_platform, write_kms_audit_head,
 };
 pub use config::{GivenSettings, KmsBackend, OpenKms, Settings};
 pub use context::{
