@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use ppml_engine::DatasetLocation;
+use ppml_engine::{DatasetLocation, OutputFormat};
 
 /// ppml: privacy-preserving analytics over encrypted data.
 ///
@@ -582,6 +582,20 @@ pub struct EncryptArgs {
     /// Plaintext bytes per encrypted segment
     #[arg(long, default_value_t = ppml_format::DEFAULT_SEGMENT_SIZE)]
     pub segment_size: u32,
+    /// Convert CSV, NDJSON or Parquet input to this format while encrypting (csv, json or
+    /// parquet; the schema is inferred) [default: the input's format, bytes kept]. Parquet is
+    /// written with Parquet Modular Encryption (AES_GCM_V1, every column encrypted), readable
+    /// by pyarrow with a KMS client of ppml's KMS
+    #[arg(long, value_name = "FORMAT")]
+    pub to: Option<OutputFormat>,
+    /// With --to parquet: encrypt COLUMN with a data key of its own, wrapped under primary key
+    /// KEY_ID; a reader the KMS refuses that key still reads every other column. Repeatable
+    #[arg(long = "column-key", value_name = "COLUMN=KEY_ID")]
+    pub column_keys: Vec<String>,
+    /// With --to parquet: leave the Parquet footer (schema, row counts) in plaintext, signed;
+    /// column data and statistics stay encrypted
+    #[arg(long)]
+    pub plaintext_footer: bool,
     /// Replace an existing output (only after the new one is complete)
     #[arg(long)]
     pub overwrite: bool,
@@ -660,10 +674,14 @@ pub struct QueryArgs {
     /// Number of output part files
     #[arg(long, value_name = "N")]
     pub output_partitions: Option<usize>,
+    /// Format of the output's parts: csv, json (newline-delimited) or parquet
+    #[arg(long, value_name = "FORMAT", default_value = "csv")]
+    pub output_format: OutputFormat,
     /// Replace an existing output
     #[arg(long)]
     pub overwrite: bool,
-    /// Tables are plaintext CSV, output plaintext (for comparisons and benchmarks)
+    /// Tables are plaintext (CSV, or Parquet and NDJSON by extension), output plaintext (for
+    /// comparisons and benchmarks)
     #[arg(long)]
     pub plaintext: bool,
 }
@@ -682,6 +700,10 @@ pub struct QuickstartArgs {
     /// Part files of the encrypted input
     #[arg(long, default_value_t = 2)]
     pub partitions: usize,
+    /// Format of the encrypted input: csv, json (newline-delimited) or parquet (Parquet
+    /// Modular Encryption)
+    #[arg(long, value_name = "FORMAT", default_value = "csv")]
+    pub format: OutputFormat,
 }
 
 #[derive(Debug, Args)]

@@ -5,6 +5,9 @@ use ppml_engine::files::{
     DecryptOptions, DecryptOutput, EncryptOptions, EncryptSummary, decrypt_dataset, encrypt_paths,
 };
 
+use ppml_engine::pme::PmeOptions;
+use ppml_kms::PrimaryKeyId;
+
 use crate::cli::{DecryptArgs, EncryptArgs};
 use crate::progress::ByteBar;
 use crate::settings::Settings;
@@ -22,6 +25,20 @@ pub async fn encrypt(args: &EncryptArgs, settings: &mut Settings) -> Result<Encr
         segment_size: args.segment_size,
         overwrite: args.overwrite,
         durability: settings.durability,
+        to: args.to,
+        parquet: PmeOptions {
+            column_keys: args
+                .column_keys
+                .iter()
+                .map(|spec| match spec.split_once('=') {
+                    Some((column, key)) if !column.is_empty() && !key.is_empty() => {
+                        Ok((column.to_string(), PrimaryKeyId(key.to_string())))
+                    }
+                    _ => crate::usage_bail!("--column-key {spec:?}: expected COLUMN=KEY_ID"),
+                })
+                .collect::<Result<_>>()?,
+            plaintext_footer: args.plaintext_footer,
+        },
     };
     let key_service = kms.kms();
     let summary = encrypt_paths(

@@ -45,6 +45,7 @@ pub fn query_spec(args: &QueryArgs) -> Result<AppSpec> {
         output: args.output.clone(),
         input_partitions: args.input_partitions,
         output_partitions: args.output_partitions,
+        output_format: args.output_format,
         overwrite: args.overwrite,
         plaintext: args.plaintext,
     }))

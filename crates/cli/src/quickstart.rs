@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use ppml_engine::OutputFormat;
 use ppml_engine::app::AppReport;
 use ppml_kms::{AppCredentials, KeyManagementService};
 
@@ -265,6 +266,9 @@ pub async fn run(args: &QuickstartArgs, settings: &mut Settings) -> Result<()> {
             no_header: false,
             no_row_check: false,
             segment_size: ppml_format::DEFAULT_SEGMENT_SIZE,
+            to: (args.format != OutputFormat::Csv).then_some(args.format),
+            column_keys: Vec::new(),
+            plaintext_footer: false,
             overwrite: false,
         },
         settings,

@@ -1,6 +1,7 @@
 //! The whole workflow against a real `ppml kms serve` over TLS (self-signed certificate pinned
 //! by fingerprint): enroll, create-key, encrypt, query, decrypt, rotate, disable; the audit
-//! log it leaves behind verifies, and an edited one does not.
+//! log it leaves behind verifies, and an edited one does not; pyarrow reads and writes the
+//! encrypted Parquet of ppml with keys of the same server.
 
 mod common;
 
@@ -1042,4 +1043,115 @@ fn clients_verify_the_kms_before_trusting_it() {
         "{stderr}"
     );
     assert!(!other_home.join("config.toml").exists());
+}
+
+/// pyarrow reads the Parquet ppml writes and writes Parquet ppml imports, both encrypted with
+/// Parquet Modular Encryption under keys of this KMS server (compat/pme_interop.py, a pyarrow
+/// KmsClient written from docs/file-format.md §12 and docs/kms-api.md).
+#[test]
+fn pyarrow_reads_and_writes_ppml_encrypted_parquet() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve_tls(&dir.path().join("kms"));
+    let client = Client::enroll(&server, dir.path().join("home"));
+    let secret = stdout(&run(client.cmd().args(["kms", "create-key"])))
+        .trim()
+        .to_string();
+    let input = people(dir.path(), 5000);
+    let script = std::path::PathBuf::from(
+        std::env::var("CARGO_MANIFEST_DIR")
+            .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string()),
+    )
+    .join("../../compat/pme_interop.py");
+    let python = |args: &[&std::ffi::OsStr]| {
+        let out = Command::new("python3")
+            .arg(&script)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pme_interop.py {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    let kms_args = |verb: &str| -> Vec<std::ffi::OsString> {
+        [
+            verb,
+            &client.url,
+            &client.fingerprint,
+            &client.appid,
+            &client.apikey,
+        ]
+        .iter()
+        .map(|s| s.into())
+        .collect()
+    };
+    let sorted_rows = |csv: &str| {
+        let mut rows: Vec<String> = csv.lines().skip(1).map(|l| l.replace('"', "")).collect();
+        rows.sort();
+        rows
+    };
+    let expected = sorted_rows(&std::fs::read_to_string(&input).unwrap());
+
+    // ppml writes, with the name column under a key of its own; pyarrow reads every row.
+    let enc = dir.path().join("people.pq.enc");
+    run(client
+        .cmd()
+        .args(["encrypt", "--to", "parquet", "--partitions", "2"])
+        .args(["--column-key", &format!("name={secret}"), "--in"])
+        .arg(&input)
+        .arg("--out")
+        .arg(&enc));
+    let mut args = kms_args("read");
+    for part in ["part-00000.parquet", "part-00001.parquet"] {
+        args.push(enc.join(part).into());
+    }
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    let read = String::from_utf8(python(&args)).unwrap();
+    assert_eq!(sorted_rows(&read), expected);
+
+    // pyarrow writes; ppml imports the file into a dataset and queries it.
+    let written = dir.path().join("py.parquet");
+    let mut args = kms_args("write");
+    args.push(client.primary.clone().into());
+    args.push("pyarrow-import".into());
+    args.push(input.clone().into());
+    args.push(written.clone().into());
+    args.push(format!("name={secret}").into());
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    python(&args);
+    // Encrypted footer: the file starts (and ends) with the PME magic.
+    assert_eq!(&std::fs::read(&written).unwrap()[..4], b"PARE");
+    let imported = dir.path().join("imported.enc");
+    run(client
+        .cmd()
+        .args(["encrypt", "--to", "parquet", "--in"])
+        .arg(&written)
+        .arg("--out")
+        .arg(&imported));
+    let out = run(client
+        .cmd()
+        .args(["query", "--table"])
+        .arg(format!("t={}", imported.display()))
+        .args([
+            "--sql",
+            "SELECT count(*) AS n, sum(age) AS s, min(name) AS m FROM t",
+        ]));
+    let sum: u64 = expected
+        .iter()
+        .map(|r| r.split(',').nth(1).unwrap().parse::<u64>().unwrap())
+        .sum();
+    let min = expected
+        .iter()
+        .map(|r| r.split(',').next().unwrap())
+        .min()
+        .unwrap();
+    let text = stdout(&out);
+    assert!(
+        text.contains(&format!("| {} ", expected.len()))
+            && text.contains(&format!("| {sum} "))
+            && text.contains(min),
+        "{text}"
+    );
 }

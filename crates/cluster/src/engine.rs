@@ -375,8 +375,15 @@ impl PpmlQueryStage {
         let text = self.settings.stages.as_deref().unwrap_or_default();
         let stages = SignedStages::verify(text, &self.settings.job_id, key)?;
         let signed = stages.stage(self.stage_id, context)?;
-        let task = task_plan(self.stage_id, &signed, &self.received)?;
+        let mut task = task_plan(self.stage_id, &signed, &self.received)?;
         check_stage_plan(&task.plan)?;
+        // The wire form of a Parquet scan does not carry its decryption.
+        task.plan = ppml_engine::pme::with_pme_factory(
+            task.plan,
+            context
+                .runtime_env()
+                .parquet_encryption_factory(ppml_engine::pme::FACTORY_ID)?,
+        )?;
         let map_partitions = task.map_partitions();
         let output_partitions = task.output_partitions(&signed);
         let mut feedings: HashMap<usize, Arc<Feeding>> = HashMap::new();
@@ -897,6 +904,7 @@ mod tests {
             output: Some("/out".parse().unwrap()),
             input_partitions: None,
             output_partitions: None,
+            output_format: Default::default(),
             overwrite: false,
             plaintext: false,
         });

@@ -158,12 +158,13 @@ pub async fn run_executor_monitored(
         metrics.clone(),
     ));
     // The decrypting store inside a counting one: the bytes it returns are the plaintext
-    // decrypted from input datasets.
+    // decrypted from input datasets (for Parquet parts with modular encryption, the stored
+    // bytes the Parquet reader decrypts).
+    let decrypting = Arc::new(
+        DecryptingStore::local(Arc::new(LocalFileSystem::new())).with_opener(dataset_kms.clone()),
+    );
     let store: Arc<dyn object_store::ObjectStore> = Arc::new(CountingStore::new(
-        Arc::new(
-            DecryptingStore::local(Arc::new(LocalFileSystem::new()))
-                .with_opener(dataset_kms.clone()),
-        ),
+        decrypting.clone(),
         metrics.input_bytes_counter(),
     ));
     let s3_input_bytes = metrics.input_bytes_counter();
@@ -172,6 +173,8 @@ pub async fn run_executor_monitored(
             Arc::new(CountingStore::new(store, s3_input_bytes.clone()))
         }),
     );
+    let pme = s3_stores.pme_factory();
+    pme.add_store(LOCAL_STORE_URL, &decrypting);
     let store_url = url::Url::parse(LOCAL_STORE_URL).expect("valid URL");
     // Operator spills are encrypted under a key that never leaves this process. They go next
     // to the work dir, not in it: Ballista's job-data cleanup empties the work dir.
@@ -185,6 +188,7 @@ pub async fn run_executor_monitored(
             .build()?;
         runtime.register_object_store(&store_url, store.clone());
         s3_stores.install(&mut runtime);
+        runtime.register_parquet_encryption_factory(ppml_engine::pme::FACTORY_ID, pme.clone());
         Ok(Arc::new(runtime))
     });
     let keys = Arc::new(JobKeys::new(shuffle_kms));
@@ -283,6 +287,63 @@ impl std::fmt::Debug for SchedulerOptions {
     }
 }
 
+/// The scheduler's sessions: Ballista's, with every `ppml://` store an empty decrypting
+/// store. Decoding a Parquet scan needs its object store, but the scheduler never reads data:
+/// it holds no dataset and no key, so every read is refused.
+fn scheduler_session(
+    config: SessionConfig,
+) -> datafusion::common::Result<datafusion::execution::SessionState> {
+    let state = ballista_core::utils::default_session_builder(config)?;
+    let registry = Arc::new(NoDataStores {
+        inner: state.runtime_env().object_store_registry.clone(),
+        empty: Arc::new(DecryptingStore::new(Arc::new(
+            object_store::memory::InMemory::new(),
+        ))),
+    });
+    let runtime = RuntimeEnvBuilder::from_runtime_env(state.runtime_env())
+        .with_object_store_registry(registry)
+        .build_arc()?;
+    Ok(
+        datafusion::execution::SessionStateBuilder::new_from_existing(state)
+            .with_runtime_env(runtime)
+            .build(),
+    )
+}
+
+/// Resolves every `ppml://` URL to one empty store, everything else through `inner`.
+#[derive(Debug)]
+struct NoDataStores {
+    inner: Arc<dyn datafusion::execution::object_store::ObjectStoreRegistry>,
+    empty: Arc<dyn object_store::ObjectStore>,
+}
+
+impl datafusion::execution::object_store::ObjectStoreRegistry for NoDataStores {
+    fn register_store(
+        &self,
+        url: &url::Url,
+        store: Arc<dyn object_store::ObjectStore>,
+    ) -> Option<Arc<dyn object_store::ObjectStore>> {
+        self.inner.register_store(url, store)
+    }
+
+    fn deregister_store(
+        &self,
+        url: &url::Url,
+    ) -> datafusion::common::Result<Arc<dyn object_store::ObjectStore>> {
+        self.inner.deregister_store(url)
+    }
+
+    fn get_store(
+        &self,
+        url: &url::Url,
+    ) -> datafusion::common::Result<Arc<dyn object_store::ObjectStore>> {
+        match url.scheme() {
+            "ppml" => Ok(self.empty.clone()),
+            _ => self.inner.get_store(url),
+        }
+    }
+}
+
 /// Runs a scheduler on `listener` until `shutdown` completes.
 pub async fn run_scheduler(
     listener: tokio::net::TcpListener,
@@ -300,6 +361,7 @@ pub async fn run_scheduler(
         override_config_producer: Some(config_producer()),
         override_create_grpc_client_endpoint: endpoint_override(&options.customizer),
         override_physical_codec: Some(PpmlPhysicalCodec::shared()),
+        override_session_builder: Some(Arc::new(scheduler_session)),
         ..SchedulerConfig::default()
     };
     if let Some(timeout) = options.executor_timeout_seconds {

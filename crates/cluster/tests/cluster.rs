@@ -14,7 +14,7 @@ use datafusion::arrow::util::pretty::pretty_format_batches;
 use ppml_cluster::ClusterRunner;
 use ppml_cluster::process::cluster_session_config;
 use ppml_engine::dataset::WriteOptions;
-use ppml_engine::{OutputTarget, PpmlSession, simple_query};
+use ppml_engine::{OutputFormat, OutputTarget, PpmlSession, simple_query};
 
 fn local_session(c: &Cluster) -> PpmlSession {
     PpmlSession::encrypted(c.kms.clone(), Some(3))
@@ -49,7 +49,7 @@ fn sorted_rows(batches: &[RecordBatch]) -> Vec<String> {
 
 async fn read_dataset(c: &Cluster, dir: &Path) -> Vec<String> {
     let session = local_session(c);
-    session.register_csv("out", dir, None).await.unwrap();
+    session.register_dataset("out", dir, None).await.unwrap();
     let df = session.context().table("out").await.unwrap();
     sorted_rows(&df.collect().await.unwrap())
 }
@@ -66,8 +66,11 @@ async fn local_and_cluster_rows(
         .iter_mut()
         .zip([local_session(c), cluster_session(c)])
     {
-        session.register_csv("people", people, None).await.unwrap();
-        session.register_csv("jobs", jobs, None).await.unwrap();
+        session
+            .register_dataset("people", people, None)
+            .await
+            .unwrap();
+        session.register_dataset("jobs", jobs, None).await.unwrap();
         let df = session.context().sql(sql).await.unwrap();
         let batches = tokio::time::timeout(Duration::from_secs(120), session.collect(df))
             .await
@@ -212,6 +215,60 @@ async fn query_shapes_on_the_cluster_match_local_mode() {
     }
 }
 
+/// Parquet and NDJSON datasets (written from a CSV one by a local query) are read by the
+/// executors as the driver reads them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parquet_and_ndjson_datasets_on_the_cluster_match_local_mode() {
+    let c = start_cluster(2, false).await;
+    let csv_people = write_dataset(
+        &c,
+        "people",
+        &[people(900, 0, None), people(400, 900, None)],
+    )
+    .await;
+    let csv_jobs = write_dataset(
+        &c,
+        "jobs",
+        &["job,dept\nDeveloper,R&D\nEngineer,R&D\nResearcher,Labs\n".to_string()],
+    )
+    .await;
+    let mut converted = Vec::new();
+    for (source, format, name) in [
+        (&csv_people, OutputFormat::Parquet, "people_pq"),
+        (&csv_jobs, OutputFormat::Json, "jobs_js"),
+    ] {
+        let session = local_session(&c);
+        session.register_dataset("t", source, None).await.unwrap();
+        let df = session.sql("SELECT * FROM t").await.unwrap();
+        let output = c.dir.path().join(name);
+        let target = OutputTarget::Encrypted {
+            kms: c.kms.as_ref(),
+            primary: &c.primary,
+            dir: (&output).into(),
+            options: WriteOptions::default(),
+        };
+        session.write(df, target, Some(2), format).await.unwrap();
+        converted.push(output);
+    }
+    for sql in [
+        "SELECT job, count(*) AS n, sum(age) AS s FROM people WHERE age > 30 GROUP BY job",
+        "SELECT p.name, j.dept FROM people p JOIN jobs j ON p.job = j.job WHERE p.age = 44",
+        "SELECT name, age FROM people ORDER BY age DESC, name LIMIT 5",
+    ] {
+        let answers = local_and_cluster_rows(&c, &converted[0], &converted[1], sql).await;
+        let csv_answers = local_and_cluster_rows(&c, &csv_people, &csv_jobs, sql).await;
+        assert!(!answers[0].is_empty(), "{sql}");
+        assert_eq!(
+            answers[0], answers[1],
+            "{sql}: the cluster differs from local"
+        );
+        assert_eq!(
+            answers[0], csv_answers[0],
+            "{sql}: Parquet/NDJSON differ from CSV"
+        );
+    }
+}
+
 /// Attack 2b on a running cluster: a holder of a cluster certificate copies a job's settings
 /// (its wrapped shuffle key, its grant, its signed stages) and submits a plan of its own over
 /// the same input, to read the task statistics of a predicate of its choosing. The executors
@@ -234,7 +291,10 @@ async fn attack_a_job_replayed_with_plans_of_its_own_is_refused() {
     )
     .await;
     let session = cluster_session(&c);
-    session.register_csv("people", &input, None).await.unwrap();
+    session
+        .register_dataset("people", &input, None)
+        .await
+        .unwrap();
     let ctx = session.context();
     let physical = |sql: &'static str| async move {
         ctx.sql(sql)

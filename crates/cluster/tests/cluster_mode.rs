@@ -59,7 +59,10 @@ async fn a_cluster_mode_job_runs_on_library_executors() {
 
     // The output holds exactly the rows SimpleQuery keeps.
     let session = PpmlSession::encrypted(c.kms.clone(), None);
-    session.register_csv("out", &output, None).await.unwrap();
+    session
+        .register_dataset("out", &output, None)
+        .await
+        .unwrap();
     let rows = session
         .collect(session.sql("SELECT name, age, job FROM out").await.unwrap())
         .await

@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::dataset::{Durability, WriteOptions};
 use crate::simple_query::{self, SimpleQueryReport};
-use crate::{DatasetLocation, EngineError, OutputTarget, PpmlSession, Result, WriteSummary};
+use crate::{
+    DatasetLocation, EngineError, OutputFormat, OutputTarget, PpmlSession, Result, WriteSummary,
+};
 
 /// SimpleQuery of the reference workflow (`crate::simple_query`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,6 +61,9 @@ pub struct SqlSpec {
     /// Output part files.
     #[serde(default)]
     pub output_partitions: Option<usize>,
+    /// The format of the output's parts.
+    #[serde(default)]
+    pub output_format: OutputFormat,
     /// Replace an existing output.
     #[serde(default)]
     pub overwrite: bool,
@@ -333,16 +338,17 @@ impl AppSpec {
             AppSpec::Sql(spec) => {
                 for (name, location) in &spec.tables {
                     check_table_name(name)?;
-                    session.register_csv(name, location, None).await?;
+                    session.register_dataset(name, location, None).await?;
                 }
                 let df = session.sql(&spec.sql).await?;
                 Ok(AppReport::Sql(match &spec.output {
                     Some(output) => {
                         let written = session
-                            .write_csv(
+                            .write(
                                 df,
                                 target(output, spec.overwrite, sink)?,
                                 spec.output_partitions,
+                                spec.output_format,
                             )
                             .await?;
                         SqlReport {
@@ -415,6 +421,7 @@ mod tests {
             output: Some(DatasetLocation::parse("/out").unwrap()),
             input_partitions: Some(2),
             output_partitions: None,
+            output_format: OutputFormat::Parquet,
             overwrite: false,
             plaintext: false,
         });
@@ -438,6 +445,7 @@ mod tests {
             output: Some(DatasetLocation::parse("/out").unwrap()),
             input_partitions: None,
             output_partitions: None,
+            output_format: OutputFormat::Csv,
             overwrite: false,
             plaintext: false,
         });

@@ -10,7 +10,9 @@ use futures::TryStreamExt;
 use object_store::{
     ObjectStore, ObjectStoreExt, PutMode, PutPayload, WriteMultipart, path::Path as StorePath,
 };
-use ppml_format::manifest::{MANIFEST_FILE_NAME, Manifest, PartEntry, UnverifiedManifest};
+use ppml_format::manifest::{
+    ColumnKey, MANIFEST_FILE_NAME, Manifest, PartEntry, UnverifiedManifest,
+};
 use ppml_format::{
     DataKey, EncryptingWriter, FileCipher, FormatError, Header, KeyReference, SegmentLayout,
     UnverifiedHeader,
@@ -19,7 +21,9 @@ use ppml_kms::{KeyManagementService, PrimaryKeyId};
 
 use crate::aligned_writer::AlignedWriter;
 use crate::location::{DatasetLocation, S3_SCHEME};
+use crate::pme::{PmeKeys, PmeOptions, PmePart, PmeWriteKeys};
 use crate::{EngineError, Result, dataset_aad};
+use ppml_format::pme::PME_MEDIA_TYPE;
 
 /// Whether outputs are synced to disk before they appear.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -74,17 +78,40 @@ pub const CSV_WITH_HEADER: &str = "text/csv; header=present";
 pub const PART_SUFFIX: &str = ".ppml";
 const HEADER_PROBE_LEN: u64 = 4096;
 
-/// One verified part: its location, keys and segment layout.
+/// One verified part: its location and how it is decrypted.
 #[derive(Clone)]
 pub struct VerifiedPart {
     /// Location in the object store.
     pub location: StorePath,
     /// The manifest entry.
     pub entry: PartEntry,
-    /// The part's keys (its header was verified with the data key).
-    pub cipher: Arc<FileCipher>,
-    /// Where its segments are.
-    pub layout: SegmentLayout,
+    /// How its bytes are decrypted.
+    pub body: PartBody,
+}
+
+/// How a part's bytes are decrypted.
+#[derive(Clone)]
+pub enum PartBody {
+    /// A ppml file (`docs/file-format.md` §4–6), decrypted segment by segment.
+    Sealed {
+        /// The part's keys (its header was verified with the data key).
+        cipher: Arc<FileCipher>,
+        /// Where its segments are.
+        layout: SegmentLayout,
+    },
+    /// A Parquet file with Parquet Modular Encryption (§12), decrypted by the Parquet reader.
+    Pme(crate::pme::PmePart),
+}
+
+impl VerifiedPart {
+    /// The size of the part as readers see it: its plaintext (a sealed part) or the file
+    /// itself (a PME part, decrypted by its reader).
+    pub fn readable_len(&self) -> u64 {
+        match &self.body {
+            PartBody::Sealed { layout, .. } => layout.plaintext_len(),
+            PartBody::Pme(_) => self.entry.ciphertext_len,
+        }
+    }
 }
 
 /// A dataset whose manifest, file list and part headers were all verified.
@@ -114,6 +141,23 @@ impl VerifiedDataset {
     /// True when the parts are CSV with a header line each.
     pub fn csv_has_header(&self) -> bool {
         self.manifest.media_type().contains("header=present")
+    }
+
+    /// True when the parts are Parquet files with Parquet Modular Encryption.
+    pub fn is_pme(&self) -> bool {
+        self.manifest.media_type() == PME_MEDIA_TYPE
+    }
+
+    /// The columns whose key the KMS did not release to this reader (PME datasets), and the
+    /// KMS's reason.
+    pub fn refused_columns(&self) -> (Vec<String>, String) {
+        match self.parts.first().map(|p| &p.body) {
+            Some(PartBody::Pme(part)) => (
+                part.keys.refused_columns(),
+                part.keys.refusal().unwrap_or_default(),
+            ),
+            _ => (Vec::new(), String::new()),
+        }
     }
 }
 
@@ -225,6 +269,25 @@ pub async fn open_dataset(
     let manifest = unverified
         .verify(&data_key)
         .map_err(|e| EngineError::format(&manifest_display, e))?;
+    let pme_keys = if manifest.media_type() == PME_MEDIA_TYPE {
+        Some(Arc::new(
+            PmeKeys::release(
+                kms,
+                manifest.dataset_id(),
+                manifest.key(),
+                &data_key,
+                manifest.column_keys(),
+            )
+            .await?,
+        ))
+    } else if !manifest.column_keys().is_empty() {
+        return Err(EngineError::format(
+            &manifest_display,
+            FormatError::MalformedManifest("column keys in a dataset without PME parts".into()),
+        ));
+    } else {
+        None
+    };
 
     let listed: BTreeMap<String, u64> = store
         .list(Some(root))
@@ -271,6 +334,38 @@ pub async fn open_dataset(
             });
         }
         let location = root.clone().join(entry.name.as_str());
+        if let Some(keys) = &pme_keys {
+            let digest = read_footer_digest(store, &location, size)
+                .await
+                .map_err(|e| match e {
+                    EngineError::Format { source, .. } => {
+                        EngineError::format(&path_display, source)
+                    }
+                    other => other,
+                })?;
+            if digest != entry.header_sha256 {
+                return Err(EngineError::PartMismatch {
+                    path: path_display,
+                    what: "footer",
+                });
+            }
+            if entry.plaintext_len != entry.ciphertext_len {
+                return Err(EngineError::PartMismatch {
+                    path: path_display,
+                    what: "plaintext length",
+                });
+            }
+            parts.push(VerifiedPart {
+                location,
+                entry: entry.clone(),
+                body: PartBody::Pme(PmePart::new(
+                    keys.clone(),
+                    manifest.dataset_id(),
+                    &entry.name,
+                )),
+            });
+            continue;
+        }
         let header = read_header(store, &location, size)
             .await
             .map_err(|e| match e {
@@ -304,8 +399,10 @@ pub async fn open_dataset(
         parts.push(VerifiedPart {
             location,
             entry: entry.clone(),
-            cipher: Arc::new(cipher),
-            layout,
+            body: PartBody::Sealed {
+                cipher: Arc::new(cipher),
+                layout,
+            },
         });
     }
     Ok(VerifiedDataset {
@@ -315,6 +412,36 @@ pub async fn open_dataset(
         parts,
         manifest_sha256,
     })
+}
+
+/// How much of a PME part's end is read at first to find its footer (most footers fit).
+const FOOTER_PROBE_LEN: u64 = 64 << 10;
+
+/// Reads the footer region of the Parquet file at `location` and returns its digest.
+async fn read_footer_digest(
+    store: &dyn ObjectStore,
+    location: &StorePath,
+    size: u64,
+) -> Result<[u8; 32]> {
+    let bad = |e: FormatError| EngineError::Format {
+        path: location.to_string(),
+        source: e,
+    };
+    let start = size.saturating_sub(FOOTER_PROBE_LEN);
+    let mut tail = store.get_range(location, start..size).await?;
+    if tail.len() as u64 != size - start {
+        return Err(bad(FormatError::BadLength(
+            "the file is shorter than listed".into(),
+        )));
+    }
+    if tail.len() >= 8 {
+        let region =
+            ppml_format::pme::footer_region_len(&tail[tail.len() - 8..], size).map_err(bad)?;
+        if region > tail.len() as u64 {
+            tail = store.get_range(location, size - region..size).await?;
+        }
+    }
+    ppml_format::pme::footer_digest(&tail, size).map_err(bad)
 }
 
 async fn read_header(
@@ -463,6 +590,8 @@ pub struct WriteOptions {
     pub overwrite: bool,
     /// Sync parts, manifest and directory before the dataset appears.
     pub durability: Durability,
+    /// How Parquet parts are encrypted (column keys, footer mode).
+    pub parquet: PmeOptions,
 }
 
 impl Default for WriteOptions {
@@ -472,8 +601,14 @@ impl Default for WriteOptions {
             segment_size: ppml_format::DEFAULT_SEGMENT_SIZE,
             overwrite: false,
             durability: Durability::default(),
+            parquet: PmeOptions::default(),
         }
     }
+}
+
+/// The name of the `index`-th PME part: `part-NNNNN.parquet` (a Parquet file, no `.ppml`).
+pub fn pme_part_name(index: usize) -> String {
+    format!("part-{index:05}.{}", ppml_format::pme::PME_PART_EXTENSION)
 }
 
 /// Name of the `index`-th part file.
@@ -606,9 +741,53 @@ impl DatasetWriter {
     /// overwriting, with a random tag inserted: see docs/storage.md). Parts may be written
     /// concurrently.
     pub async fn part(&self, name: &str) -> Result<PartWriter> {
+        let (name, display, sink) = self.open_sink(name).await?;
+        let header = Header::new(self.key.clone(), self.dataset_id, self.segment_size)
+            .map_err(|e| EngineError::format(&display, e))?;
+        let writer = EncryptingWriter::new(sink, &header, &self.data_key)
+            .map_err(|e| EngineError::format(&display, e))?;
+        Ok(PartWriter {
+            name,
+            display,
+            writer: BodyWriter::Sealed(Box::new(writer)),
+            reserved: 0,
+            durability: self.durability,
+        })
+    }
+
+    /// Opens a new part whose bytes are written as they are: a Parquet file that its writer
+    /// encrypts with PME ([`DatasetWriter::pme_keys`]). Call [`PartWriter::start_footer`]
+    /// before the Parquet writer writes its footer (the manifest records its digest).
+    pub async fn pme_part(&self, name: &str) -> Result<PartWriter> {
+        let (name, display, sink) = self.open_sink(name).await?;
+        Ok(PartWriter {
+            name,
+            display,
+            writer: BodyWriter::Pme {
+                sink,
+                written: 0,
+                tail: None,
+            },
+            reserved: 0,
+            durability: self.durability,
+        })
+    }
+
+    /// The keys of this dataset's PME parts: the footer under the dataset's data key, and a
+    /// new data key from `kms` for each primary key in `options.column_keys`. Pass
+    /// [`PmeWriteKeys::column_keys`] to [`DatasetWriter::commit_with_column_keys`].
+    pub async fn pme_keys(
+        &self,
+        kms: &dyn KeyManagementService,
+        options: &PmeOptions,
+    ) -> Result<PmeWriteKeys> {
+        PmeWriteKeys::generate(kms, self.dataset_id, &self.key, &self.data_key, options).await
+    }
+
+    async fn open_sink(&self, name: &str) -> Result<(String, String, PartSink)> {
         ppml_format::manifest::validate_part_name(name)
             .map_err(|e| EngineError::format(&self.location, e))?;
-        let (name, display, sink) = match &self.target {
+        Ok(match &self.target {
             Target::Local { temp_dir, .. } => {
                 let path = temp_dir.as_ref().expect("not committed").join(name);
                 let file = File::create_new(&path).map_err(|e| EngineError::io(&path, e))?;
@@ -642,17 +821,6 @@ impl DatasetWriter {
                     }),
                 )
             }
-        };
-        let header = Header::new(self.key.clone(), self.dataset_id, self.segment_size)
-            .map_err(|e| EngineError::format(&display, e))?;
-        let writer = EncryptingWriter::new(sink, &header, &self.data_key)
-            .map_err(|e| EngineError::format(&display, e))?;
-        Ok(PartWriter {
-            name,
-            display,
-            writer,
-            reserved: 0,
-            durability: self.durability,
         })
     }
 
@@ -661,13 +829,23 @@ impl DatasetWriter {
     /// written, and with `overwrite` the objects of the replaced dataset are deleted after it.
     /// On failure before the dataset appeared, what was written is deleted. Returns the
     /// manifest.
-    pub async fn commit(mut self, parts: Vec<PartEntry>) -> Result<Manifest> {
+    pub async fn commit(self, parts: Vec<PartEntry>) -> Result<Manifest> {
+        self.commit_with_column_keys(parts, Vec::new()).await
+    }
+
+    /// [`DatasetWriter::commit`] for a PME dataset with keys of its own for some columns.
+    pub async fn commit_with_column_keys(
+        mut self,
+        parts: Vec<PartEntry>,
+        column_keys: Vec<ColumnKey>,
+    ) -> Result<Manifest> {
         let manifest = Manifest::new(
             self.dataset_id,
             self.media_type.clone(),
             self.key.clone(),
             parts,
         )
+        .and_then(|m| m.with_column_keys(column_keys))
         .map_err(|e| EngineError::format(&self.location, e))?;
         let json = manifest.to_json(&self.data_key);
         let display = self.location.to_string();
@@ -911,18 +1089,57 @@ impl Drop for S3Sink {
 pub struct PartWriter {
     name: String,
     display: String,
-    writer: EncryptingWriter<PartSink>,
+    writer: BodyWriter,
     /// File length reserved by [`PartWriter::reserve`].
     reserved: u64,
     durability: Durability,
 }
 
+enum BodyWriter {
+    Sealed(Box<EncryptingWriter<PartSink>>),
+    Pme {
+        sink: PartSink,
+        written: u64,
+        /// Every byte written since [`PartWriter::start_footer`].
+        tail: Option<Vec<u8>>,
+    },
+}
+
+impl BodyWriter {
+    fn sink(&mut self) -> &mut PartSink {
+        match self {
+            BodyWriter::Sealed(writer) => writer.get_mut(),
+            BodyWriter::Pme { sink, .. } => sink,
+        }
+    }
+}
+
 impl Write for PartWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.writer.write(buf)
+        match &mut self.writer {
+            BodyWriter::Sealed(writer) => writer.write(buf),
+            BodyWriter::Pme {
+                sink,
+                written,
+                tail,
+            } => {
+                let n = sink.write(buf)?;
+                *written += n as u64;
+                if let Some(tail) = tail {
+                    if tail.len() as u64 + n as u64 > ppml_format::pme::MAX_FOOTER_LEN + 8 {
+                        return Err(std::io::Error::other("the Parquet footer exceeds 64 MiB"));
+                    }
+                    tail.extend_from_slice(&buf[..n]);
+                }
+                Ok(n)
+            }
+        }
     }
     fn flush(&mut self) -> std::io::Result<()> {
-        self.writer.flush()
+        match &mut self.writer {
+            BodyWriter::Sealed(writer) => writer.flush(),
+            BodyWriter::Pme { sink, .. } => sink.flush(),
+        }
     }
 }
 
@@ -936,8 +1153,11 @@ impl PartWriter {
     /// for S3), which makes writing it cheaper (see [`preallocate`]). A part that ends up
     /// shorter is trimmed by [`PartWriter::finish`]; a longer one simply grows.
     pub fn reserve(&mut self, plaintext_len: u64) -> Result<()> {
-        let len = self.writer.file_len_for(plaintext_len);
-        if let PartSink::File(file) = self.writer.get_mut() {
+        let len = match &self.writer {
+            BodyWriter::Sealed(writer) => writer.file_len_for(plaintext_len),
+            BodyWriter::Pme { .. } => plaintext_len,
+        };
+        if let PartSink::File(file) = self.writer.sink() {
             preallocate(file.get_ref(), len).map_err(|e| EngineError::io(&self.display, e))?;
             self.reserved = len;
         }
@@ -947,7 +1167,7 @@ impl PartWriter {
     /// Waits until the part's uploads leave room for more data (S3; immediate for files).
     /// Without it, an S3 part buffers everything written in memory until it is finished.
     pub async fn ready(&mut self) -> Result<()> {
-        if let PartSink::S3(sink) = self.writer.get_mut()
+        if let PartSink::S3(sink) = self.writer.sink()
             && let Some(upload) = sink.upload.as_mut()
         {
             upload
@@ -961,13 +1181,47 @@ impl PartWriter {
         Ok(())
     }
 
+    /// Marks where the footer of a PME part begins: everything written from now on is kept
+    /// to compute the footer digest (bounded by [`ppml_format::pme::MAX_FOOTER_LEN`]). No
+    /// effect on a sealed part.
+    pub fn start_footer(&mut self) {
+        if let BodyWriter::Pme { tail, .. } = &mut self.writer {
+            *tail = Some(Vec::new());
+        }
+    }
+
     /// Seals the final segment, makes the part durable (file synced, or upload completed) and
     /// returns its manifest entry.
     pub async fn finish(self) -> Result<PartEntry> {
-        let (sink, finished) = self
-            .writer
-            .finish()
-            .map_err(|e| EngineError::format(&self.display, e))?;
+        let (sink, finished) = match self.writer {
+            BodyWriter::Sealed(writer) => writer
+                .finish()
+                .map_err(|e| EngineError::format(&self.display, e))?,
+            BodyWriter::Pme {
+                sink,
+                written,
+                tail,
+            } => {
+                let tail = tail.ok_or_else(|| {
+                    EngineError::format(
+                        &self.display,
+                        FormatError::InvalidParameter(
+                            "a PME part was finished without start_footer".into(),
+                        ),
+                    )
+                })?;
+                let header_sha256 = ppml_format::pme::footer_digest(&tail, written)
+                    .map_err(|e| EngineError::format(&self.display, e))?;
+                (
+                    sink,
+                    ppml_format::FinishedFile {
+                        ciphertext_len: written,
+                        plaintext_len: written,
+                        header_sha256,
+                    },
+                )
+            }
+        };
         match sink {
             PartSink::File(file) => {
                 let file = file

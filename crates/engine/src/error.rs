@@ -51,8 +51,11 @@ pub enum EngineError {
         /// Which recorded property differs.
         what: &'static str,
     },
-    /// The dataset holds data the query engine cannot read yet (only CSV is queryable).
-    #[error("{dataset}: holds {media_type:?}; only CSV datasets can be queried")]
+    /// The dataset holds data the query engine cannot read (CSV, NDJSON and Parquet are
+    /// queryable).
+    #[error(
+        "{dataset}: holds {media_type:?}; only CSV, NDJSON and Parquet datasets can be queried"
+    )]
     UnsupportedMediaType {
         /// The dataset.
         dataset: String,
@@ -150,12 +153,58 @@ pub enum EngineError {
     /// The object store failed.
     #[error(transparent)]
     ObjectStore(#[from] object_store::Error),
+    /// A column of a Parquet dataset is under a key of its own that the KMS did not release
+    /// to this reader; its other columns stay readable.
+    #[error("access denied to column(s) {}: the KMS did not release their key ({reason})", columns.join(", "))]
+    ColumnAccessDenied {
+        /// The columns under that key.
+        columns: Vec<String>,
+        /// The KMS's refusal.
+        reason: String,
+    },
+    /// A module of a Parquet part (PME) did not decrypt: the part was modified after it was
+    /// verified, or it is not the file the manifest names.
+    #[error(
+        "a Parquet part failed authentication: it was modified, or is not the file its \
+         dataset's manifest names ({0})"
+    )]
+    ParquetAuthentication(datafusion::error::DataFusionError),
     /// DataFusion failed to plan or run the query.
     #[error(transparent)]
-    DataFusion(#[from] datafusion::error::DataFusionError),
+    DataFusion(datafusion::error::DataFusionError),
     /// Arrow failed to encode the output.
     #[error("encoding the output: {0}")]
     Arrow(#[from] datafusion::arrow::error::ArrowError),
+}
+
+impl From<datafusion::error::DataFusionError> for EngineError {
+    fn from(error: datafusion::error::DataFusionError) -> Self {
+        // arrow-rs reports a PME module whose tag does not verify as ring's bare
+        // `Unspecified`; name it. Where its Arrow reader flattened the error to text, the
+        // text ends with that type's name: the one place ppml reads an error's message,
+        // because no typed form of it survives.
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+        while let Some(e) = cause {
+            let flattened = matches!(
+                e.downcast_ref::<datafusion::arrow::error::ArrowError>(),
+                Some(datafusion::arrow::error::ArrowError::ParquetError(text))
+                    if text.ends_with("ring::error::Unspecified")
+            );
+            if flattened || e.is::<ring::error::Unspecified>() {
+                return EngineError::ParquetAuthentication(error);
+            }
+            if let Some(EngineError::ColumnAccessDenied { columns, reason }) =
+                e.downcast_ref::<EngineError>()
+            {
+                return EngineError::ColumnAccessDenied {
+                    columns: columns.clone(),
+                    reason: reason.clone(),
+                };
+            }
+            cause = e.source();
+        }
+        EngineError::DataFusion(error)
+    }
 }
 
 impl EngineError {

@@ -3,7 +3,8 @@
 //!
 //! [`encrypt_paths`] turns a file, or a directory of files of one [`MediaKind`], into an
 //! encrypted dataset; a CSV file is checked row by row (every row has as many fields as the
-//! first) and can be split into parts on row boundaries, each starting with the header.
+//! first) and can be split into parts on row boundaries, each starting with the header;
+//! CSV, NDJSON and Parquet inputs can also be converted to another of these formats.
 //! [`decrypt_dataset`] verifies a dataset and writes its plaintext to one file (CSV parts
 //! concatenated under a single header), a directory of part files, or a stream.
 //!
@@ -16,20 +17,22 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use futures::StreamExt;
-use object_store::ObjectStoreExt;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as StorePath;
+use object_store::{ObjectStore, ObjectStoreExt};
 use ppml_format::DecryptingReader;
 use ppml_format::manifest::PartEntry;
 use ppml_kms::{KeyManagementService, PrimaryKeyId};
 
 use crate::csv_split::CsvScanner;
 use crate::dataset::{
-    DatasetWriter, Durability, PART_SUFFIX, PartWriter, VerifiedDataset, VerifiedPart,
+    DatasetWriter, Durability, PART_SUFFIX, PartBody, PartWriter, VerifiedDataset, VerifiedPart,
     WriteOptions, open_dataset, part_name, replace_path, temp_sibling,
 };
 use crate::output::AtomicFile;
-use crate::{DatasetLocation, DecryptingStore, EngineError, Result};
+use crate::{
+    DatasetLocation, DecryptingStore, EngineError, OutputFormat, OutputTarget, PpmlSession, Result,
+};
 
 const CHUNK: usize = 1 << 18;
 
@@ -140,6 +143,13 @@ pub struct EncryptOptions {
     pub overwrite: bool,
     /// Sync the output before it appears.
     pub durability: Durability,
+    /// Convert the input to this format (CSV, NDJSON or Parquet input; the schema is
+    /// inferred) instead of encrypting its files as they are. `None`, or the input's own
+    /// format, keeps the files' bytes.
+    pub to: Option<OutputFormat>,
+    /// How Parquet output is encrypted (with `to` Parquet): keys of their own for some
+    /// columns, plaintext footer.
+    pub parquet: crate::pme::PmeOptions,
 }
 
 impl Default for EncryptOptions {
@@ -151,6 +161,8 @@ impl Default for EncryptOptions {
             segment_size: ppml_format::DEFAULT_SEGMENT_SIZE,
             overwrite: false,
             durability: Durability::default(),
+            to: None,
+            parquet: Default::default(),
         }
     }
 }
@@ -239,6 +251,28 @@ pub async fn encrypt_paths(
             "the number of partitions must be at least 1",
         ));
     }
+    if !options.parquet.column_keys.is_empty() && options.to != Some(OutputFormat::Parquet) {
+        return Err(invalid(
+            input,
+            "column keys are for Parquet output (--to parquet)",
+        ));
+    }
+    // Parquet is always re-encoded when asked for: its parts are then encrypted with PME.
+    if let Some(to) = options.to
+        && (!to.media_kind().same_file_kind(kind) || to == OutputFormat::Parquet)
+    {
+        return convert_paths(
+            kms,
+            primary,
+            input,
+            kind,
+            to,
+            destination,
+            options,
+            progress,
+        )
+        .await;
+    }
     let is_csv = matches!(kind, MediaKind::Csv { .. });
     if options.partitions > 1 && (files.len() > 1 || !is_csv) {
         return Err(invalid(
@@ -256,6 +290,7 @@ pub async fn encrypt_paths(
             segment_size: options.segment_size,
             overwrite: options.overwrite,
             durability: options.durability,
+            parquet: Default::default(),
         },
     )
     .await?;
@@ -277,6 +312,162 @@ pub async fn encrypt_paths(
     };
     writer.commit(entries).await?;
     Ok(summary)
+}
+
+/// Writes the rows of PME part `part` as a plaintext Parquet file to `out`, streaming row
+/// group by row group: every module is authenticated by the Parquet reader as it decrypts.
+async fn decrypt_pme_part<W: Write + Send + ?Sized>(
+    store: Arc<dyn ObjectStore>,
+    part: &VerifiedPart,
+    pme: &crate::pme::PmePart,
+    out: &mut W,
+    out_name: &Path,
+) -> Result<()> {
+    use datafusion::parquet::arrow::ArrowWriter;
+    use datafusion::parquet::arrow::ParquetRecordBatchStreamBuilder;
+    use datafusion::parquet::arrow::arrow_reader::ArrowReaderOptions;
+
+    let parquet = |e: datafusion::parquet::errors::ParquetError| {
+        EngineError::from(datafusion::error::DataFusionError::ParquetError(Box::new(
+            e,
+        )))
+    };
+    let reader = StoredParquet {
+        store,
+        location: part.location.clone(),
+        size: part.entry.ciphertext_len,
+    };
+    let options =
+        ArrowReaderOptions::new().with_file_decryption_properties(pme.decryption_properties()?);
+    let builder = ParquetRecordBatchStreamBuilder::new_with_options(reader, options)
+        .await
+        .map_err(parquet)?;
+    let mut writer =
+        ArrowWriter::try_new(&mut *out, builder.schema().clone(), None).map_err(parquet)?;
+    let mut batches = builder.build().map_err(parquet)?;
+    while let Some(batch) = batches.next().await {
+        writer.write(&batch.map_err(parquet)?).map_err(parquet)?;
+    }
+    writer.close().map_err(parquet)?;
+    out.flush().map_err(|e| EngineError::io(out_name, e))
+}
+
+/// A Parquet file in an object store, read by range for arrow-rs's async reader.
+struct StoredParquet {
+    store: Arc<dyn ObjectStore>,
+    location: StorePath,
+    size: u64,
+}
+
+impl datafusion::parquet::arrow::async_reader::AsyncFileReader for StoredParquet {
+    fn get_bytes(
+        &mut self,
+        range: std::ops::Range<u64>,
+    ) -> futures::future::BoxFuture<'_, datafusion::parquet::errors::Result<bytes::Bytes>> {
+        Box::pin(async move {
+            self.store
+                .get_range(&self.location, range)
+                .await
+                .map_err(|e| datafusion::parquet::errors::ParquetError::External(Box::new(e)))
+        })
+    }
+
+    fn get_metadata<'a>(
+        &'a mut self,
+        options: Option<&'a datafusion::parquet::arrow::arrow_reader::ArrowReaderOptions>,
+    ) -> futures::future::BoxFuture<
+        'a,
+        datafusion::parquet::errors::Result<
+            Arc<datafusion::parquet::file::metadata::ParquetMetaData>,
+        >,
+    > {
+        Box::pin(async move {
+            let decryption = options.and_then(|o| o.file_decryption_properties().cloned());
+            let size = self.size;
+            let metadata = datafusion::parquet::file::metadata::ParquetMetaDataReader::new()
+                .with_decryption_properties(decryption)
+                .load_and_finish(self, size)
+                .await?;
+            Ok(Arc::new(metadata))
+        })
+    }
+}
+
+/// Encrypts `input` (of `kind`) converted to `to`: the plaintext is read by a plaintext
+/// DataFusion session in this process and written by the encrypted dataset writer, one part
+/// per partition, so no plaintext copy of the converted data touches disk.
+#[allow(clippy::too_many_arguments)]
+async fn convert_paths(
+    kms: &dyn KeyManagementService,
+    primary: &PrimaryKeyId,
+    input: &Path,
+    kind: MediaKind,
+    to: OutputFormat,
+    destination: impl Into<DatasetLocation>,
+    options: &EncryptOptions,
+    progress: &dyn Progress,
+) -> Result<EncryptSummary> {
+    if matches!(kind, MediaKind::Binary) {
+        return Err(invalid(
+            input,
+            "only CSV, NDJSON and Parquet files can be converted to another format",
+        ));
+    }
+    if matches!(kind, MediaKind::Csv { header: false }) {
+        return Err(invalid(
+            input,
+            "a CSV file without a header line cannot be converted (its columns have no names)",
+        ));
+    }
+    let total: u64 = input_files(input)?
+        .iter()
+        .map(|f| fs::metadata(f).map(|m| m.len()).unwrap_or(0))
+        .sum();
+    progress.start(total);
+    let session = PpmlSession::plaintext(None);
+    let table = match kind {
+        // Parquet files another tool encrypted with PME: their keys come from `kms`.
+        MediaKind::Parquet => {
+            let mut import = crate::pme::ImportFactory::default();
+            for file in input_files(input)? {
+                let absolute = std::path::absolute(&file).map_err(|e| EngineError::io(&file, e))?;
+                if let Some(properties) =
+                    crate::pme::foreign_file_decryption(kms, &absolute).await?
+                {
+                    import.add(&absolute, properties)?;
+                }
+            }
+            if import.is_empty() {
+                session.plaintext_table(input, None).await?
+            } else {
+                session
+                    .encrypted_parquet_import(input, Arc::new(import))
+                    .await?
+            }
+        }
+        _ => session.plaintext_table(input, None).await?,
+    };
+    let df = session.context().read_table(table)?;
+    let target = OutputTarget::Encrypted {
+        kms,
+        primary,
+        dir: destination.into(),
+        options: WriteOptions {
+            media_type: to.media_kind().media_type().to_string(),
+            segment_size: options.segment_size,
+            overwrite: options.overwrite,
+            durability: options.durability,
+            parquet: options.parquet.clone(),
+        },
+    };
+    let written = session
+        .write(df, target, Some(options.partitions), to)
+        .await?;
+    progress.advance(total);
+    Ok(EncryptSummary {
+        parts: written.parts,
+        plaintext_bytes: written.plaintext_bytes,
+    })
 }
 
 async fn encrypt_files(
@@ -512,7 +703,7 @@ impl<W: Write + ?Sized> PlainOut<'_, W> {
 
 /// Decrypts one verified part into `out` (named `out_name` in errors), optionally dropping
 /// its first line.
-async fn decrypt_part<W: Write + ?Sized>(
+async fn decrypt_part<W: Write + Send + ?Sized>(
     source: &PartSource,
     part: &VerifiedPart,
     out: &mut W,
@@ -520,6 +711,18 @@ async fn decrypt_part<W: Write + ?Sized>(
     skip_first_line: bool,
     progress: &dyn Progress,
 ) -> Result<()> {
+    let (cipher, layout) = match &part.body {
+        PartBody::Sealed { cipher, layout } => (cipher, layout),
+        PartBody::Pme(pme) => {
+            let store: Arc<dyn ObjectStore> = match source {
+                PartSource::Dir(_) => Arc::new(LocalFileSystem::new()),
+                PartSource::Store(store, ..) => store.inner().clone(),
+            };
+            decrypt_pme_part(store, part, pme, out, out_name).await?;
+            progress.advance(part.entry.ciphertext_len);
+            return Ok(());
+        }
+    };
     let mut plain = PlainOut {
         out,
         skipping: skip_first_line,
@@ -532,9 +735,9 @@ async fn decrypt_part<W: Write + ?Sized>(
             let path = dir.join(&part.entry.name);
             let display = path.display().to_string();
             let mut file = File::open(&path).map_err(|e| EngineError::io(&path, e))?;
-            file.seek(SeekFrom::Start(part.layout.header_len()))
+            file.seek(SeekFrom::Start(layout.header_len()))
                 .map_err(|e| EngineError::io(&path, e))?;
-            let mut reader = DecryptingReader::from_verified(file, part.cipher.clone());
+            let mut reader = DecryptingReader::from_verified(file, cipher.clone());
             loop {
                 // Each decrypted segment is written straight from the reader's buffer.
                 let buf = match reader.fill_buf() {
@@ -621,6 +824,20 @@ pub async fn decrypt_dataset(
     progress: &dyn Progress,
 ) -> Result<u64> {
     let (dataset, source) = open_input(location, kms).await?;
+    if MediaKind::from_media_type(dataset.manifest.media_type()) == MediaKind::Parquet
+        && dataset.parts.len() > 1
+        && !matches!(output, DecryptOutput::Dir(_))
+    {
+        // Parquet files cannot be concatenated: each ends with its own footer.
+        return Err(EngineError::InvalidInput {
+            path: dataset.display.clone(),
+            reason: format!(
+                "a Parquet dataset of {} parts cannot be written as one file; decrypt it to a \
+                 directory (one file per part)",
+                dataset.parts.len()
+            ),
+        });
+    }
     let total = dataset.manifest.plaintext_len();
     let skip_headers = dataset.csv_has_header();
     progress.start(total);
@@ -647,7 +864,10 @@ pub async fn decrypt_dataset(
                     let path = temp.join(name);
                     let io = |e| EngineError::io(&path, e);
                     let mut file = File::create_new(&path).map_err(io)?;
-                    crate::dataset::preallocate(&file, part.entry.plaintext_len).map_err(io)?;
+                    // A PME part's plaintext size is known only once it is rewritten.
+                    if let PartBody::Sealed { .. } = part.body {
+                        crate::dataset::preallocate(&file, part.entry.plaintext_len).map_err(io)?;
+                    }
                     decrypt_part(&source, part, &mut file, &path, false, progress).await?;
                     options.durability.sync(&file).map_err(io)?;
                 }
@@ -672,7 +892,9 @@ pub async fn decrypt_dataset(
         }
         DecryptOutput::File(path) => {
             let mut file = AtomicFile::create(path, options.overwrite, options.durability)?;
-            file.preallocate(total)?;
+            if !dataset.is_pme() {
+                file.preallocate(total)?;
+            }
             whole.write_to(&mut file, path).await?;
             file.commit()?;
         }

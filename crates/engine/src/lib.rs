@@ -31,6 +31,7 @@ pub mod location;
 pub mod output;
 pub mod people;
 pub mod plan_check;
+pub mod pme;
 pub mod s3;
 #[cfg(test)]
 mod s3_tests;
@@ -43,7 +44,7 @@ mod tests;
 
 pub use error::EngineError;
 pub use location::DatasetLocation;
-pub use session::{LocalRunner, OutputTarget, PlanRunner, PpmlSession, WriteSummary};
+pub use session::{LocalRunner, OutputFormat, OutputTarget, PlanRunner, PpmlSession, WriteSummary};
 pub use store::{DatasetPin, DecryptingStore, LOCAL_STORE_URL};
 
 /// Result type of this crate.

@@ -10,6 +10,7 @@
 //! DataFusion as `ppml://s3-<bucket>`; [`S3Stores`] creates them on first use, so executors
 //! need no list of buckets in advance ([`S3Stores::install`]).
 
+use crate::pme::PmeFactory;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -66,6 +67,8 @@ pub struct S3Stores {
     opener: Option<Arc<dyn KeyManagementService>>,
     decorator: Option<StoreDecorator>,
     stores: Mutex<HashMap<String, StoreEntry>>,
+    /// Decrypts the PME parts of these stores (and of any other store added to it).
+    pme: Arc<PmeFactory>,
 }
 
 impl std::fmt::Debug for S3Stores {
@@ -118,12 +121,20 @@ impl S3Stores {
             store = store.with_opener(kms.clone());
         }
         let store = Arc::new(store);
+        self.pme.add_store(store_url(bucket).as_str(), &store);
         let registered = match &self.decorator {
             Some(decorate) => decorate(store.clone()),
             None => store.clone() as Arc<dyn ObjectStore>,
         };
         stores.insert(bucket.to_string(), (store.clone(), registered.clone()));
         Ok((store, registered))
+    }
+
+    /// The factory that decrypts the PME parts of these stores' datasets; add a process's
+    /// other decrypting stores to it and register it with DataFusion's runtime under
+    /// [`crate::pme::FACTORY_ID`].
+    pub fn pme_factory(&self) -> Arc<PmeFactory> {
+        self.pme.clone()
     }
 
     /// The decrypting store of `bucket`.

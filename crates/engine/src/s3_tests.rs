@@ -231,13 +231,16 @@ async fn s3_datasets_are_written_read_and_queried_like_directories() {
 
     let on_s3 = PpmlSession::encrypted(f.kms.clone(), Some(2));
     let dataset = on_s3
-        .register_csv("people", location("s3://ppml-engine-rw/in/people/"), None)
+        .register_dataset("people", location("s3://ppml-engine-rw/in/people/"), None)
         .await
         .unwrap()
         .unwrap();
     assert_eq!(dataset.display, "s3://ppml-engine-rw/in/people");
     let on_disk = PpmlSession::encrypted(f.kms.clone(), Some(2));
-    on_disk.register_csv("people", &local, None).await.unwrap();
+    on_disk
+        .register_dataset("people", &local, None)
+        .await
+        .unwrap();
     let expected = count_and_sum(&on_disk).await;
     assert!(expected.0 > 0);
     assert_eq!(count_and_sum(&on_s3).await, expected);
@@ -262,7 +265,7 @@ async fn s3_datasets_are_written_read_and_queried_like_directories() {
         .unwrap();
     assert_eq!(summary.rows, expected.0 as u64);
     let out = PpmlSession::encrypted(f.kms.clone(), None);
-    out.register_csv(
+    out.register_dataset(
         "people",
         location("s3://ppml-engine-rw/out/developers"),
         None,
@@ -306,7 +309,7 @@ async fn tampered_truncated_and_swapped_s3_objects_are_refused() {
         async move {
             let session = PpmlSession::encrypted(kms, None);
             session
-                .register_csv(
+                .register_dataset(
                     "people",
                     location(&format!("s3://ppml-engine-tamper/{name}")),
                     None,
@@ -382,7 +385,7 @@ async fn an_s3_dataset_replaced_after_planning_is_refused_by_executors() {
     // The planner verifies the dataset and pins it in the plan's locations...
     let planner = PpmlSession::encrypted(f.kms.clone(), None);
     let dataset = planner
-        .register_csv("people", location(url), None)
+        .register_dataset("people", location(url), None)
         .await
         .unwrap()
         .unwrap();
@@ -484,7 +487,7 @@ async fn failed_s3_writes_leave_nothing_and_outputs_are_not_replaced_silently() 
     assert!(!listed.contains(&"people/part-00000.csv.ppml".to_string()));
     let session = PpmlSession::encrypted(f.kms.clone(), None);
     session
-        .register_csv("people", location(url), None)
+        .register_dataset("people", location(url), None)
         .await
         .unwrap();
     let rows = session

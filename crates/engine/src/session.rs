@@ -8,12 +8,21 @@ use std::sync::Arc;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::csv::WriterBuilder;
 use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::json::LineDelimitedWriter;
 use datafusion::catalog::TableProvider;
+use datafusion::common::config::TableParquetOptions;
+use datafusion::datasource::file_format::FileFormat;
 use datafusion::datasource::file_format::csv::CsvFormat;
+use datafusion::datasource::file_format::json::JsonFormat;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
+use datafusion::error::DataFusionError;
 use datafusion::execution::SendableRecordBatchStream;
+use datafusion::parquet::arrow::ArrowWriter;
+use datafusion::parquet::encryption::encrypt::FileEncryptionProperties;
+use datafusion::parquet::file::properties::WriterProperties;
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
 use datafusion::physical_plan::repartition::RepartitionExec;
 use datafusion::physical_plan::{
@@ -22,12 +31,14 @@ use datafusion::physical_plan::{
 use datafusion::prelude::{DataFrame, SessionConfig, SessionContext};
 use futures::StreamExt;
 use object_store::local::LocalFileSystem;
+use ppml_format::pme::PME_MEDIA_TYPE;
 use ppml_kms::{KeyManagementService, PrimaryKeyId};
 
 use crate::dataset::{
     DatasetWriter, Durability, PART_SUFFIX, VerifiedDataset, WriteOptions, open_dataset, part_name,
-    replace_path, temp_sibling,
+    pme_part_name, replace_path, temp_sibling,
 };
+use crate::files::MediaKind;
 use crate::location::DatasetLocation;
 use crate::s3::S3Stores;
 use crate::store::LOCAL_STORE_URL;
@@ -55,6 +66,50 @@ pub enum OutputTarget<'a> {
         /// Sync the parts and directory before it appears.
         durability: Durability,
     },
+}
+
+/// The formats query results are written in.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum OutputFormat {
+    /// CSV with a header line in every part.
+    #[default]
+    Csv,
+    /// Newline-delimited JSON, one object per row.
+    Json,
+    /// Apache Parquet.
+    Parquet,
+}
+
+impl OutputFormat {
+    /// The media kind a manifest records for this format.
+    pub fn media_kind(self) -> MediaKind {
+        match self {
+            OutputFormat::Csv => MediaKind::Csv { header: true },
+            OutputFormat::Json => MediaKind::Json,
+            OutputFormat::Parquet => MediaKind::Parquet,
+        }
+    }
+
+    /// The extension of part files of this format.
+    pub fn extension(self) -> &'static str {
+        self.media_kind().extension()
+    }
+}
+
+impl std::str::FromStr for OutputFormat {
+    type Err = String;
+    fn from_str(text: &str) -> std::result::Result<Self, String> {
+        match text.to_ascii_lowercase().as_str() {
+            "csv" => Ok(OutputFormat::Csv),
+            "json" | "ndjson" | "jsonl" => Ok(OutputFormat::Json),
+            "parquet" => Ok(OutputFormat::Parquet),
+            other => Err(format!("unknown format {other:?} (csv, json or parquet)")),
+        }
+    }
 }
 
 /// What a write produced.
@@ -101,7 +156,7 @@ impl PlanRunner for LocalRunner {
 ///
 /// In an encrypted session the `ppml://fs` object store (and `ppml://s3-<bucket>` for each S3
 /// bucket) is a [`DecryptingStore`]: only parts of datasets registered through
-/// [`PpmlSession::register_csv`] (and therefore verified) can be read, and they are read as
+/// [`PpmlSession::register_dataset`] (and therefore verified) can be read, and they are read as
 /// plaintext without a plaintext copy ever touching disk.
 /// Plans run through the session's [`PlanRunner`].
 pub struct PpmlSession {
@@ -144,8 +199,11 @@ impl PpmlSession {
                 .with_object_store_registry(s3.registry(runtime.object_store_registry.clone()))
                 .build_arc()
                 .expect("a runtime with an existing disk manager builds");
-        let ctx = SessionContext::new_with_config_rt(config(target_partitions), runtime);
         let store = Arc::new(DecryptingStore::local(Arc::new(LocalFileSystem::new())));
+        let pme = s3.pme_factory();
+        pme.add_store(LOCAL_STORE_URL, &store);
+        runtime.register_parquet_encryption_factory(crate::pme::FACTORY_ID, pme);
+        let ctx = SessionContext::new_with_config_rt(config(target_partitions), runtime);
         let store_url = url::Url::parse(LOCAL_STORE_URL).expect("valid URL");
         ctx.register_object_store(&store_url, store.clone());
         PpmlSession {
@@ -235,31 +293,33 @@ impl PpmlSession {
         &self.ctx
     }
 
-    /// Registers the CSV data at `location` as table `name`. In an encrypted session it must
-    /// be a ppml dataset (a directory or an `s3://` prefix), which is verified first; in a
-    /// plaintext session, a local CSV file or directory. With `schema` None, the schema is
-    /// inferred from the data.
-    pub async fn register_csv(
+    /// Registers the dataset at `location` as table `name`. In an encrypted session it must
+    /// be a ppml dataset (a directory or an `s3://` prefix) of CSV, NDJSON or Parquet parts,
+    /// which is verified first and read as its manifest's media type says; in a plaintext
+    /// session, a local file or directory read as its extension says (see
+    /// [`PpmlSession::plaintext_table`]). With `schema` None, the schema is inferred from the
+    /// data.
+    pub async fn register_dataset(
         &self,
         name: &str,
         location: impl Into<DatasetLocation>,
         schema: Option<SchemaRef>,
     ) -> Result<Option<VerifiedDataset>> {
-        let (table, dataset) = self.csv_table(location, schema).await?;
+        let (table, dataset) = self.dataset_table(location, schema).await?;
         self.ctx.register_table(name, table)?;
         Ok(dataset)
     }
 
-    /// The CSV data at `location` as a table (see [`PpmlSession::register_csv`]), and the
+    /// The dataset at `location` as a table (see [`PpmlSession::register_dataset`]), and the
     /// verified dataset behind it in an encrypted session.
-    pub async fn csv_table(
+    pub async fn dataset_table(
         &self,
         location: impl Into<DatasetLocation>,
         schema: Option<SchemaRef>,
     ) -> Result<(Arc<dyn TableProvider>, Option<VerifiedDataset>)> {
         let location = location.into();
         let display = location.to_string();
-        let (url, has_header, extension, dataset) = match (&self.decrypting, &location) {
+        let (url, dataset) = match (&self.decrypting, &location) {
             (None, DatasetLocation::S3 { .. }) => {
                 return Err(EngineError::InvalidLocation {
                     location: display,
@@ -267,7 +327,7 @@ impl PpmlSession {
                 });
             }
             (None, DatasetLocation::Local(path)) => {
-                return Ok((self.plaintext_csv_table(path, schema).await?, None));
+                return Ok((self.plaintext_table(path, schema).await?, None));
             }
             (Some((store, kms)), DatasetLocation::Local(path)) => {
                 let absolute = std::path::absolute(path).map_err(|e| EngineError::io(path, e))?;
@@ -286,35 +346,50 @@ impl PpmlSession {
                     kms.as_ref(),
                 )
                 .await?;
-                only_csv(&dataset)?;
                 let pinned_root = store.register(&dataset);
                 let url = ListingTableUrl::parse(format!("{LOCAL_STORE_URL}/{pinned_root}/"))?;
-                (url, dataset.csv_has_header(), PART_SUFFIX, Some(dataset))
+                (url, dataset)
             }
             (Some((_, kms)), DatasetLocation::S3 { bucket, prefix }) => {
                 let store = self.s3.decrypting(bucket)?;
                 let dataset =
                     open_dataset(store.inner().as_ref(), prefix, &display, kms.as_ref()).await?;
-                only_csv(&dataset)?;
                 let pinned_root = store.register(&dataset);
                 let url = ListingTableUrl::parse(format!(
                     "{}/{pinned_root}/",
                     crate::s3::store_url(bucket)
                 ))?;
-                (url, dataset.csv_has_header(), PART_SUFFIX, Some(dataset))
+                (url, dataset)
             }
         };
-        Ok((
-            self.listing_table(url, has_header, extension, schema)
-                .await?,
-            dataset,
-        ))
+        let kind = queryable_kind(&dataset)?;
+        let table = if dataset.is_pme() {
+            let mut options = TableParquetOptions::default();
+            options.crypto.factory_id = Some(crate::pme::FACTORY_ID.to_string());
+            options.crypto.factory_options =
+                crate::pme::PmeFactory::table_options(url.object_store().as_str());
+            let format = ParquetFormat::default().with_options(options);
+            let table = self
+                .listing_table_of(url, Arc::new(format), "", schema)
+                .await?;
+            match dataset.refused_columns() {
+                (refused, _) if refused.is_empty() => table,
+                (refused, reason) => {
+                    Arc::new(crate::pme::RefusedColumnsTable::new(table, refused, reason))
+                }
+            }
+        } else {
+            self.listing_table(url, kind, PART_SUFFIX, schema).await?
+        };
+        Ok((table, Some(dataset)))
     }
 
-    /// A local plaintext CSV file or directory (with a header line) as a table, in any
-    /// session: plaintext in, encrypted out is a choice the caller makes explicitly. Such a
-    /// table is read in this process only (cluster executors read only ppml datasets).
-    pub async fn plaintext_csv_table(
+    /// A local plaintext file or directory as a table, in any session: plaintext in,
+    /// encrypted out is a choice the caller makes explicitly. Its format is that of its
+    /// (first) file's extension: `.parquet`; `.json`, `.jsonl` or `.ndjson` (newline-delimited
+    /// JSON); anything else is CSV with a header line. Such a table is read in this process
+    /// only (cluster executors read only ppml datasets).
+    pub async fn plaintext_table(
         &self,
         path: &Path,
         schema: Option<SchemaRef>,
@@ -326,23 +401,82 @@ impl PpmlSession {
                 reason: "no such file or directory".into(),
             });
         }
+        let (kind, extension) = if absolute.is_dir() {
+            let first = crate::files::input_files(&absolute)?.remove(0);
+            let kind = plaintext_kind(&first);
+            let extension = match first.extension() {
+                Some(e) => format!(".{}", e.to_string_lossy()),
+                None => String::new(),
+            };
+            (kind, extension)
+        } else {
+            (plaintext_kind(&absolute), String::new())
+        };
         let mut text = absolute.to_string_lossy().into_owned();
         if absolute.is_dir() && !text.ends_with('/') {
             text.push('/');
         }
-        self.listing_table(ListingTableUrl::parse(&text)?, true, "", schema)
+        self.listing_table(ListingTableUrl::parse(&text)?, kind, &extension, schema)
             .await
+    }
+
+    /// The Parquet file or directory `path`, whose files `import` decrypts (Parquet files
+    /// that another tool encrypted with PME, their keys released by the KMS), as a table: for
+    /// an import that re-encrypts them as a ppml dataset. Read in this process only.
+    pub async fn encrypted_parquet_import(
+        &self,
+        path: &Path,
+        import: Arc<crate::pme::ImportFactory>,
+    ) -> Result<Arc<dyn TableProvider>> {
+        let absolute = std::path::absolute(path).map_err(|e| EngineError::io(path, e))?;
+        self.ctx
+            .runtime_env()
+            .register_parquet_encryption_factory(crate::pme::ImportFactory::ID, import);
+        let mut options = TableParquetOptions::default();
+        options.crypto.factory_id = Some(crate::pme::ImportFactory::ID.to_string());
+        let mut text = absolute.to_string_lossy().into_owned();
+        let extension = if absolute.is_dir() {
+            if !text.ends_with('/') {
+                text.push('/');
+            }
+            ".parquet"
+        } else {
+            ""
+        };
+        let format = ParquetFormat::default().with_options(options);
+        self.listing_table_of(
+            ListingTableUrl::parse(&text)?,
+            Arc::new(format),
+            extension,
+            None,
+        )
+        .await
     }
 
     async fn listing_table(
         &self,
         url: ListingTableUrl,
-        has_header: bool,
+        kind: MediaKind,
         extension: &str,
         schema: Option<SchemaRef>,
     ) -> Result<Arc<dyn TableProvider>> {
-        let format = CsvFormat::default().with_has_header(has_header);
-        let options = ListingOptions::new(Arc::new(format)).with_file_extension(extension);
+        let format: Arc<dyn FileFormat> = match kind {
+            MediaKind::Csv { header } => Arc::new(CsvFormat::default().with_has_header(header)),
+            MediaKind::Json => Arc::new(JsonFormat::default()),
+            MediaKind::Parquet => Arc::new(ParquetFormat::default()),
+            MediaKind::Binary => unreachable!("binary datasets are refused before"),
+        };
+        self.listing_table_of(url, format, extension, schema).await
+    }
+
+    async fn listing_table_of(
+        &self,
+        url: ListingTableUrl,
+        format: Arc<dyn FileFormat>,
+        extension: &str,
+        schema: Option<SchemaRef>,
+    ) -> Result<Arc<dyn TableProvider>> {
+        let options = ListingOptions::new(format).with_file_extension(extension);
         let schema = match schema {
             Some(schema) => schema,
             None => options.infer_schema(&self.ctx.state(), &url).await?,
@@ -353,14 +487,26 @@ impl PpmlSession {
         Ok(Arc::new(ListingTable::try_new(config)?))
     }
 
-    /// Runs `df` and writes its rows as CSV (with a header line per part) to `target`, one
-    /// part per output partition (`partitions` repartitions round-robin first). Parts are
-    /// written in parallel; nothing appears at the destination unless every part succeeded.
+    /// Runs `df` and writes its rows as CSV (with a header line per part) to `target` (see
+    /// [`PpmlSession::write`]).
     pub async fn write_csv(
         &self,
         df: DataFrame,
         target: OutputTarget<'_>,
         partitions: Option<usize>,
+    ) -> Result<WriteSummary> {
+        self.write(df, target, partitions, OutputFormat::Csv).await
+    }
+
+    /// Runs `df` and writes its rows as `format` to `target`, one part per output partition
+    /// (`partitions` repartitions round-robin first). Parts are written in parallel; nothing
+    /// appears at the destination unless every part succeeded.
+    pub async fn write(
+        &self,
+        df: DataFrame,
+        target: OutputTarget<'_>,
+        partitions: Option<usize>,
+        format: OutputFormat,
     ) -> Result<WriteSummary> {
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
         let plan = df.create_physical_plan().await?;
@@ -382,13 +528,34 @@ impl PpmlSession {
                 dir,
                 options,
             } => {
+                let pme = format == OutputFormat::Parquet;
+                let media_type = match format {
+                    OutputFormat::Parquet => PME_MEDIA_TYPE,
+                    other => other.media_kind().media_type(),
+                };
+                let options = WriteOptions {
+                    media_type: media_type.to_string(),
+                    ..options
+                };
+                let parquet_options = options.parquet.clone();
                 let writer = DatasetWriter::create(kms, primary, dir, options).await?;
                 let written = async {
+                    let pme_keys = match pme {
+                        true => Some(writer.pme_keys(kms, &parquet_options).await?),
+                        false => None,
+                    };
                     let mut sinks = Vec::with_capacity(streams.len());
                     for i in 0..streams.len() {
-                        sinks.push(writer.part(&part_name(i, "csv")).await?);
+                        sinks.push(match &pme_keys {
+                            Some(keys) => {
+                                let name = pme_part_name(i);
+                                let encryption = keys.encryption_properties(&schema, &name)?;
+                                (writer.pme_part(&name).await?, Some(encryption))
+                            }
+                            None => (writer.part(&part_name(i, format.extension())).await?, None),
+                        });
                     }
-                    let results = write_all(streams, sinks, schema).await?;
+                    let results = write_all(streams, sinks, schema, format).await?;
                     let mut summary = WriteSummary::default();
                     let mut entries = Vec::with_capacity(results.len());
                     for (part, rows) in results {
@@ -398,12 +565,15 @@ impl PpmlSession {
                         summary.plaintext_bytes += entry.plaintext_len;
                         entries.push(entry);
                     }
-                    Ok::<_, EngineError>((summary, entries))
+                    let column_keys = pme_keys
+                        .map(|k| k.column_keys().to_vec())
+                        .unwrap_or_default();
+                    Ok::<_, EngineError>((summary, entries, column_keys))
                 }
                 .await;
                 match written {
-                    Ok((summary, entries)) => {
-                        writer.commit(entries).await?;
+                    Ok((summary, entries, column_keys)) => {
+                        writer.commit_with_column_keys(entries, column_keys).await?;
                         Ok(summary)
                     }
                     Err(e) => {
@@ -423,13 +593,18 @@ impl PpmlSession {
                 let temp = TempDir::create(temp_sibling(dir))?;
                 let sinks = (0..streams.len())
                     .map(|i| {
-                        let path = temp.0.join(format!("part-{i:05}.csv"));
+                        let path = temp.0.join(format!("part-{i:05}.{}", format.extension()));
                         File::create_new(&path)
-                            .map(|f| CountingWriter::new(BufWriter::with_capacity(1 << 20, f)))
+                            .map(|f| {
+                                (
+                                    CountingWriter::new(BufWriter::with_capacity(1 << 20, f)),
+                                    None,
+                                )
+                            })
                             .map_err(|e| EngineError::io(&path, e))
                     })
                     .collect::<Result<Vec<_>>>()?;
-                let results = write_all(streams, sinks, schema).await?;
+                let results = write_all(streams, sinks, schema, format).await?;
                 let mut summary = WriteSummary::default();
                 for (mut sink, rows) in results {
                     // Same durability as the encrypted path, which syncs every part.
@@ -448,15 +623,23 @@ impl PpmlSession {
     }
 }
 
-/// Refuses a dataset the query engine cannot read (only CSV is queryable).
-fn only_csv(dataset: &VerifiedDataset) -> Result<()> {
-    if dataset.manifest.media_type().starts_with("text/csv") {
-        return Ok(());
+/// The format of a dataset's parts, or an error if the query engine cannot read them.
+fn queryable_kind(dataset: &VerifiedDataset) -> Result<MediaKind> {
+    match MediaKind::from_media_type(dataset.manifest.media_type()) {
+        MediaKind::Binary => Err(EngineError::UnsupportedMediaType {
+            dataset: dataset.display.clone(),
+            media_type: dataset.manifest.media_type().to_string(),
+        }),
+        kind => Ok(kind),
     }
-    Err(EngineError::UnsupportedMediaType {
-        dataset: dataset.display.clone(),
-        media_type: dataset.manifest.media_type().to_string(),
-    })
+}
+
+/// The format of a plaintext input file, from its extension (CSV unless it says otherwise).
+fn plaintext_kind(path: &Path) -> MediaKind {
+    match MediaKind::of_path(path) {
+        MediaKind::Binary => MediaKind::Csv { header: true },
+        kind => kind,
+    }
 }
 
 struct TempDir(PathBuf);
@@ -506,12 +689,19 @@ trait CsvSink: Write + Send {
     async fn ready(&mut self) -> Result<()> {
         Ok(())
     }
+
+    /// A Parquet writer is about to write the footer.
+    fn start_footer(&mut self) {}
 }
 
 #[async_trait::async_trait]
 impl CsvSink for crate::dataset::PartWriter {
     async fn ready(&mut self) -> Result<()> {
         crate::dataset::PartWriter::ready(self).await
+    }
+
+    fn start_footer(&mut self) {
+        crate::dataset::PartWriter::start_footer(self)
     }
 }
 
@@ -521,13 +711,20 @@ impl<W: Write + Send> CsvSink for CountingWriter<W> {}
 /// cancelled (and dropped) and the error returned.
 async fn write_all<W: CsvSink + 'static>(
     streams: Vec<SendableRecordBatchStream>,
-    sinks: Vec<W>,
+    sinks: Vec<(W, Option<Arc<FileEncryptionProperties>>)>,
     schema: SchemaRef,
+    format: OutputFormat,
 ) -> Result<Vec<(W, u64)>> {
     let mut tasks = tokio::task::JoinSet::new();
     for (index, (stream, sink)) in streams.into_iter().zip(sinks).enumerate() {
         let schema = schema.clone();
-        tasks.spawn(async move { (index, write_partition(stream, sink, schema).await) });
+        tasks.spawn(async move {
+            let (sink, encryption) = sink;
+            (
+                index,
+                write_partition(stream, sink, schema, format, encryption).await,
+            )
+        });
     }
     let mut results: Vec<Option<(W, u64)>> = (0..tasks.len()).map(|_| None).collect();
     while let Some(joined) = tasks.join_next().await {
@@ -550,28 +747,71 @@ async fn write_all<W: CsvSink + 'static>(
 
 async fn write_partition<W: CsvSink>(
     mut stream: SendableRecordBatchStream,
-    mut sink: W,
+    sink: W,
     schema: SchemaRef,
+    format: OutputFormat,
+    encryption: Option<Arc<FileEncryptionProperties>>,
 ) -> Result<(W, u64)> {
     let mut rows = 0u64;
-    let mut wrote_header = false;
-    while let Some(batch) = stream.next().await {
-        let batch = batch?;
-        // One CSV writer per batch (it flushes at the end of each), so that the sink can
-        // apply back-pressure between batches.
-        WriterBuilder::new()
-            .with_header(!wrote_header)
-            .build(&mut sink)
-            .write(&batch)?;
-        sink.ready().await?;
-        rows += batch.num_rows() as u64;
-        wrote_header = true;
+    match format {
+        OutputFormat::Csv => {
+            let mut sink = sink;
+            let mut wrote_header = false;
+            while let Some(batch) = stream.next().await {
+                let batch = batch?;
+                // One CSV writer per batch (it flushes at the end of each), so that the sink
+                // can apply back-pressure between batches.
+                WriterBuilder::new()
+                    .with_header(!wrote_header)
+                    .build(&mut sink)
+                    .write(&batch)?;
+                sink.ready().await?;
+                rows += batch.num_rows() as u64;
+                wrote_header = true;
+            }
+            if !wrote_header {
+                WriterBuilder::new()
+                    .with_header(true)
+                    .build(&mut sink)
+                    .write(&RecordBatch::new_empty(schema))?;
+            }
+            Ok((sink, rows))
+        }
+        OutputFormat::Json => {
+            let mut sink = sink;
+            while let Some(batch) = stream.next().await {
+                let batch = batch?;
+                let mut writer = LineDelimitedWriter::new(&mut sink);
+                writer.write(&batch)?;
+                writer.finish()?;
+                sink.ready().await?;
+                rows += batch.num_rows() as u64;
+            }
+            Ok((sink, rows))
+        }
+        OutputFormat::Parquet => {
+            // Row groups are bounded (`max_row_group_size` rows), so a part never holds more
+            // than one row group of plaintext in memory.
+            let parquet = |e| EngineError::from(DataFusionError::ParquetError(Box::new(e)));
+            let mut properties = WriterProperties::builder();
+            if let Some(encryption) = encryption {
+                properties = properties.with_file_encryption_properties(encryption);
+            }
+            let mut writer =
+                ArrowWriter::try_new(sink, schema, Some(properties.build())).map_err(parquet)?;
+            while let Some(batch) = stream.next().await {
+                let batch = batch?;
+                writer.write(&batch).map_err(parquet)?;
+                writer.inner_mut().ready().await?;
+                rows += batch.num_rows() as u64;
+            }
+            // Everything after the last row group is the footer region (and page indexes).
+            writer.flush().map_err(parquet)?;
+            writer
+                .sync()
+                .map_err(|e| parquet(datafusion::parquet::errors::ParquetError::from(e)))?;
+            writer.inner_mut().start_footer();
+            Ok((writer.into_inner().map_err(parquet)?, rows))
+        }
     }
-    if !wrote_header {
-        WriterBuilder::new()
-            .with_header(true)
-            .build(&mut sink)
-            .write(&RecordBatch::new_empty(schema))?;
-    }
-    Ok((sink, rows))
 }

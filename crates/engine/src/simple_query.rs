@@ -63,7 +63,7 @@ pub async fn run(
 ) -> Result<SimpleQueryReport> {
     let started = Instant::now();
     session
-        .register_csv("people", input, Some(people_schema()))
+        .register_dataset("people", input, Some(people_schema()))
         .await?;
     let people = session.context().table("people").await?;
     let load_inputs = started.elapsed();

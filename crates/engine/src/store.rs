@@ -19,7 +19,8 @@ use ppml_format::{FileCipher, SegmentLayout};
 use ppml_kms::KeyManagementService;
 
 use crate::EngineError;
-use crate::dataset::VerifiedDataset;
+use crate::dataset::{PartBody, VerifiedDataset};
+use crate::pme::PmePart;
 
 const STORE_NAME: &str = "ppml";
 /// Segments fetched and decrypted per request to the inner store (1 MiB at the default size).
@@ -94,8 +95,9 @@ fn decode_hex(text: &str, out: &mut [u8]) -> Option<()> {
 struct RegisteredPart {
     /// Where the ciphertext is in the inner store.
     location: Path,
-    cipher: Arc<FileCipher>,
-    layout: SegmentLayout,
+    body: PartBody,
+    /// The size readers see ([`crate::dataset::VerifiedPart::readable_len`]).
+    len: u64,
     display: String,
 }
 
@@ -218,8 +220,8 @@ impl DecryptingStore {
                 pinned_root.clone().join(part.entry.name.as_str()),
                 RegisteredPart {
                     location: part.location.clone(),
-                    cipher: part.cipher.clone(),
-                    layout: part.layout,
+                    body: part.body.clone(),
+                    len: part.readable_len(),
                     display: format!("{}/{}", dataset.display, part.entry.name),
                 },
             );
@@ -275,23 +277,68 @@ impl DecryptingStore {
             })
     }
 
+    /// The PME part at `location` (opening its dataset first if this store has an opener),
+    /// for the Parquet reader's decryption ([`crate::pme::PmeFactory`]); `None` for a part
+    /// this store decrypts itself.
+    pub async fn pme_part(&self, location: &Path) -> object_store::Result<Option<PmePart>> {
+        match self.part_or_open(location).await?.body {
+            PartBody::Pme(part) => Ok(Some(part)),
+            PartBody::Sealed { .. } => Ok(None),
+        }
+    }
+
     fn meta(&self, location: &Path, part: &RegisteredPart) -> ObjectMeta {
         ObjectMeta {
             location: location.clone(),
             last_modified: self.registered_at,
-            size: part.layout.plaintext_len(),
+            size: part.len,
             e_tag: None,
             version: None,
         }
+    }
+
+    /// Streams `range` of a PME part as stored (its reader authenticates and decrypts it).
+    fn stored_range(
+        &self,
+        part: RegisteredPart,
+        range: Range<u64>,
+    ) -> BoxStream<'static, object_store::Result<Bytes>> {
+        let inner = self.inner.clone();
+        let local = self.local.clone();
+        stream::once(async move {
+            let fetched = match local {
+                Some(local) => {
+                    let path = local.path_to_filesystem(&part.location)?;
+                    let range = range.clone();
+                    tokio::task::spawn_blocking(move || read_local_range(&path, range))
+                        .await
+                        .map_err(generic)?
+                        .map_err(generic)?
+                }
+                None => inner.get_range(&part.location, range.clone()).await?,
+            };
+            if fetched.len() as u64 != range.end - range.start {
+                return Err(generic(EngineError::format(
+                    &part.display,
+                    ppml_format::FormatError::BadLength(
+                        "the file changed after it was verified".into(),
+                    ),
+                )));
+            }
+            Ok(fetched)
+        })
+        .boxed()
     }
 
     /// Streams the plaintext of `range` of a registered part, decrypting as it goes.
     fn decrypt_range(
         &self,
         part: RegisteredPart,
+        cipher: Arc<FileCipher>,
+        layout: SegmentLayout,
         range: Range<u64>,
     ) -> BoxStream<'static, object_store::Result<Bytes>> {
-        let segments = part.layout.segments_covering(range.clone());
+        let segments = layout.segments_covering(range.clone());
         let inner = self.inner.clone();
         let local = self.local.clone();
         let starts = (segments.start..segments.end).step_by(SEGMENTS_PER_FETCH as usize);
@@ -300,11 +347,12 @@ impl DecryptingStore {
                 let inner = inner.clone();
                 let local = local.clone();
                 let part = part.clone();
+                let cipher = cipher.clone();
                 let location = part.location.clone();
                 let range = range.clone();
                 async move {
                     let batch = first..(first + SEGMENTS_PER_FETCH).min(segments.end);
-                    let ciphertext_range = part.layout.ciphertext_range_of(batch.clone());
+                    let ciphertext_range = layout.ciphertext_range_of(batch.clone());
                     let fetched = match local {
                         Some(local) => {
                             let path = local.path_to_filesystem(&location)?;
@@ -324,7 +372,8 @@ impl DecryptingStore {
                             ),
                         )));
                     }
-                    let pieces = decrypt_batch(&part, batch, fetched, &range)?;
+                    let pieces =
+                        decrypt_batch(&part.display, &cipher, &layout, batch, fetched, &range)?;
                     Ok(stream::iter(pieces))
                 }
             })
@@ -355,7 +404,9 @@ fn read_local_range(path: &std::path::Path, range: Range<u64>) -> std::io::Resul
 /// deserializer takes in one chunk per record batch it emits, so large chunks would pile up in
 /// its queue.
 fn decrypt_batch(
-    part: &RegisteredPart,
+    display: &str,
+    cipher: &FileCipher,
+    layout: &SegmentLayout,
     batch: Range<u64>,
     ciphertext: Bytes,
     wanted: &Range<u64>,
@@ -364,18 +415,17 @@ fn decrypt_batch(
         Ok(owned) => owned,
         Err(shared) => BytesMut::from(&shared[..]),
     };
-    let base = part.layout.ciphertext_range(batch.start).start;
+    let base = layout.ciphertext_range(batch.start).start;
     let mut plaintexts = Vec::with_capacity((batch.end - batch.start) as usize);
     for index in batch {
-        let range = part.layout.ciphertext_range(index);
+        let range = layout.ciphertext_range(index);
         let (start, end) = ((range.start - base) as usize, (range.end - base) as usize);
-        let len = part
-            .cipher
-            .open(index, part.layout.is_last(index), &mut buf[start..end])
-            .map_err(|e| generic(EngineError::format(&part.display, e)))?
+        let len = cipher
+            .open(index, layout.is_last(index), &mut buf[start..end])
+            .map_err(|e| generic(EngineError::format(display, e)))?
             .len();
         // Plaintext offsets of this segment, clipped to the wanted range.
-        let offset = part.layout.plaintext_offset(index);
+        let offset = layout.plaintext_offset(index);
         let from = wanted.start.max(offset);
         let to = wanted.end.min(offset + len as u64);
         if from < to {
@@ -425,7 +475,7 @@ impl ObjectStore for DecryptingStore {
     ) -> object_store::Result<GetResult> {
         let part = self.part_or_open(location).await?;
         let meta = self.meta(location, &part);
-        let len = part.layout.plaintext_len();
+        let len = part.len;
         let range = match &options.range {
             Some(range) => range.as_range(len).map_err(generic)?,
             None => 0..len,
@@ -433,7 +483,12 @@ impl ObjectStore for DecryptingStore {
         let payload = if options.head || range.is_empty() {
             stream::empty().boxed()
         } else {
-            self.decrypt_range(part, range.clone())
+            match part.body.clone() {
+                PartBody::Sealed { cipher, layout } => {
+                    self.decrypt_range(part, cipher, layout, range.clone())
+                }
+                PartBody::Pme(_) => self.stored_range(part, range.clone()),
+            }
         };
         Ok(GetResult {
             payload: GetResultPayload::Stream(payload),

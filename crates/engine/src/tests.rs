@@ -184,34 +184,21 @@ async fn query_on_ciphertext_matches_query_on_plaintext() {
     let sql = "SELECT count(*) AS n, sum(age) AS s FROM people \
                WHERE job = 'Developer' AND age BETWEEN 20 AND 40";
     let encrypted = PpmlSession::encrypted(f.kms.clone(), Some(2));
-    encrypted.register_csv("people", &dest, None).await.unwrap();
-    let plaintext = PpmlSession::plaintext(Some(2));
-    plaintext
-        .register_csv("people", &plain_dir, None)
+    encrypted
+        .register_dataset("people", &dest, None)
         .await
         .unwrap();
-    let mut results = Vec::new();
-    for session in [&encrypted, &plaintext] {
-        let batches = session
-            .context()
-            .sql(sql)
-            .await
-            .unwrap()
-            .collect()
-            .await
-            .unwrap();
-        let col = |i: usize| {
-            batches[0]
-                .column(i)
-                .as_any()
-                .downcast_ref::<Int64Array>()
-                .unwrap()
-                .value(0)
-        };
-        results.push((col(0), col(1)));
-    }
+    let plaintext = PpmlSession::plaintext(Some(2));
+    plaintext
+        .register_dataset("people", &plain_dir, None)
+        .await
+        .unwrap();
+    let results = [
+        first_row(&encrypted, sql).await,
+        first_row(&plaintext, sql).await,
+    ];
     assert_eq!(results[0], results[1]);
-    assert!(results[0].0 > 0);
+    assert!(results[0][0] > 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -219,7 +206,10 @@ async fn only_queries_are_accepted_as_sql() {
     let f = fixture().await;
     let dest = write_dataset(&f, "people", &[people(20, 0)]).await;
     let session = PpmlSession::encrypted(f.kms.clone(), None);
-    session.register_csv("people", &dest, None).await.unwrap();
+    session
+        .register_dataset("people", &dest, None)
+        .await
+        .unwrap();
     let out = f.dir.path().join("leak.csv");
     for statement in [
         format!("COPY people TO '{}' STORED AS CSV", out.display()),
@@ -242,7 +232,10 @@ async fn a_memory_limit_keeps_the_tables_and_bounds_the_pool() {
     let f = fixture().await;
     let dest = write_dataset(&f, "people", &[people(2000, 0)]).await;
     let session = PpmlSession::encrypted(f.kms.clone(), Some(2));
-    session.register_csv("people", &dest, None).await.unwrap();
+    session
+        .register_dataset("people", &dest, None)
+        .await
+        .unwrap();
     let session = session.with_memory_limit(64 << 20);
     let pool = session.context().runtime_env().memory_pool.memory_limit();
     assert!(matches!(
@@ -268,7 +261,7 @@ async fn data_cannot_be_read_without_the_key() {
     let other = fixture().await;
     let session = PpmlSession::encrypted(other.kms.clone(), None);
     let err = session
-        .register_csv("people", &dest, None)
+        .register_dataset("people", &dest, None)
         .await
         .unwrap_err();
     assert!(matches!(err, EngineError::Kms { .. }), "{err}");
@@ -279,4 +272,534 @@ async fn data_cannot_be_read_without_the_key() {
     // The plaintext session sees only ciphertext: no row of the input appears.
     let part = std::fs::read(dest.join("part-00000.csv.ppml")).unwrap();
     assert!(!part.windows(3).any(|w| w == b"n10"));
+}
+
+/// The first row of `sql`'s result in `session`, whose columns are all 64-bit integers.
+async fn first_row(session: &PpmlSession, sql: &str) -> Vec<i64> {
+    let batches = session
+        .context()
+        .sql(sql)
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    batches[0]
+        .columns()
+        .iter()
+        .map(|c| c.as_any().downcast_ref::<Int64Array>().unwrap().value(0))
+        .collect()
+}
+
+/// `count(*)`, `sum(age)` and the number of distinct jobs of the `people` table in `session`.
+async fn people_totals(session: &PpmlSession, table: &str) -> Vec<i64> {
+    first_row(
+        session,
+        &format!("SELECT count(*) AS n, sum(age) AS s, count(DISTINCT job) AS j FROM {table}"),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parquet_and_ndjson_datasets_are_queried_converted_and_written() {
+    use crate::files::{
+        DecryptOptions, DecryptOutput, EncryptOptions, MediaKind, NoProgress, decrypt_dataset,
+        encrypt_paths,
+    };
+    use crate::{OutputFormat, OutputTarget};
+
+    let f = fixture().await;
+    let csv = f.dir.path().join("people.csv");
+    std::fs::write(&csv, people(5000, 0)).unwrap();
+    let plaintext = PpmlSession::plaintext(Some(2));
+    plaintext
+        .register_dataset("people", &csv, None)
+        .await
+        .unwrap();
+    let expected = people_totals(&plaintext, "people").await;
+    assert_eq!(expected[0], 5000);
+
+    let encrypted = PpmlSession::encrypted(f.kms.clone(), Some(2));
+    for (to, table) in [
+        (OutputFormat::Parquet, "pq"),
+        (OutputFormat::Json, "js"),
+        (OutputFormat::Csv, "cs"),
+    ] {
+        let dest = f.dir.path().join(table);
+        let options = EncryptOptions {
+            partitions: 2,
+            to: Some(to),
+            ..EncryptOptions::default()
+        };
+        let summary = encrypt_paths(
+            f.kms.as_ref(),
+            &f.primary,
+            &csv,
+            &dest,
+            &options,
+            &NoProgress,
+        )
+        .await
+        .unwrap();
+        assert_eq!(summary.parts, 2, "{to:?}");
+        let dataset = encrypted
+            .register_dataset(table, &dest, None)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            MediaKind::from_media_type(dataset.manifest.media_type()),
+            to.media_kind()
+        );
+        // Parquet parts are Parquet files with modular encryption; the others ppml files.
+        let suffix = match to {
+            OutputFormat::Parquet => ".parquet".to_string(),
+            other => format!(".{}{}", other.extension(), crate::dataset::PART_SUFFIX),
+        };
+        assert_eq!(dataset.is_pme(), to == OutputFormat::Parquet);
+        assert!(
+            dataset
+                .parts
+                .iter()
+                .all(|p| p.entry.name.ends_with(&suffix)),
+            "{to:?}"
+        );
+        assert_eq!(people_totals(&encrypted, table).await, expected, "{to:?}");
+    }
+
+    // One query over the three formats.
+    let joined = first_row(
+        &encrypted,
+        "SELECT count(*) AS n FROM pq JOIN js ON pq.name = js.name \
+         JOIN cs ON cs.name = js.name AND cs.age = pq.age",
+    )
+    .await;
+    assert_eq!(joined, [5000]);
+
+    // Query results written as encrypted Parquet and NDJSON read back the same.
+    for (format, name) in [
+        (OutputFormat::Parquet, "out_pq"),
+        (OutputFormat::Json, "out_js"),
+    ] {
+        let dest = f.dir.path().join(name);
+        let df = encrypted.sql("SELECT * FROM cs").await.unwrap();
+        let written = encrypted
+            .write(
+                df,
+                OutputTarget::Encrypted {
+                    kms: f.kms.as_ref(),
+                    primary: &f.primary,
+                    dir: dest.clone().into(),
+                    options: WriteOptions::default(),
+                },
+                Some(3),
+                format,
+            )
+            .await
+            .unwrap();
+        assert_eq!((written.rows, written.parts), (5000, 3), "{format:?}");
+        encrypted.register_dataset(name, &dest, None).await.unwrap();
+        assert_eq!(
+            people_totals(&encrypted, name).await,
+            expected,
+            "{format:?}"
+        );
+    }
+
+    // Decrypted to a directory, the Parquet parts are plain Parquet files; one file is refused.
+    let plain_dir = f.dir.path().join("pq_plain");
+    decrypt_dataset(
+        f.kms.as_ref(),
+        &f.dir.path().join("pq").into(),
+        DecryptOutput::Dir(&plain_dir),
+        &DecryptOptions::default(),
+        &NoProgress,
+    )
+    .await
+    .unwrap();
+    let files = crate::files::input_files(&plain_dir).unwrap();
+    assert!(
+        files.iter().all(|p| p.extension().unwrap() == "parquet"),
+        "{files:?}"
+    );
+    let reread = PpmlSession::plaintext(Some(2));
+    reread
+        .register_dataset("people", &plain_dir, None)
+        .await
+        .unwrap();
+    assert_eq!(people_totals(&reread, "people").await, expected);
+    let one_file = decrypt_dataset(
+        f.kms.as_ref(),
+        &f.dir.path().join("pq").into(),
+        DecryptOutput::File(&f.dir.path().join("all.parquet")),
+        &DecryptOptions::default(),
+        &NoProgress,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(one_file, EngineError::InvalidInput { ref reason, .. } if reason.contains("2 parts")),
+        "{one_file}"
+    );
+    assert!(!f.dir.path().join("all.parquet").exists());
+
+    // Plain Parquet files encrypted as they are are queryable too.
+    let kept = f.dir.path().join("kept");
+    encrypt_paths(
+        f.kms.as_ref(),
+        &f.primary,
+        &plain_dir,
+        &kept,
+        &EncryptOptions::default(),
+        &NoProgress,
+    )
+    .await
+    .unwrap();
+    encrypted
+        .register_dataset("kept", &kept, None)
+        .await
+        .unwrap();
+    assert_eq!(people_totals(&encrypted, "kept").await, expected);
+
+    // A flipped byte in a Parquet part fails the query.
+    let part = std::fs::read_dir(&kept)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with(".parquet.ppml"))
+        .unwrap();
+    let mut bytes = std::fs::read(&part).unwrap();
+    let at = bytes.len() - 100;
+    bytes[at] ^= 1;
+    std::fs::write(&part, bytes).unwrap();
+    let tampered = PpmlSession::encrypted(f.kms.clone(), Some(2));
+    let failed = match tampered.register_dataset("kept", &kept, None).await {
+        Err(e) => e.to_string(),
+        Ok(_) => tampered
+            .sql("SELECT * FROM kept")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap_err()
+            .to_string(),
+    };
+    assert!(
+        failed.contains("authentic") || failed.contains("tamper"),
+        "{failed}"
+    );
+}
+
+/// A KMS that refuses one primary key's data keys (a user or runtime the owner did not give
+/// that key), and otherwise is `inner`.
+#[derive(Debug)]
+struct RefusingKms {
+    inner: Arc<LocalKms>,
+    refused: PrimaryKeyId,
+}
+
+#[async_trait::async_trait]
+impl KeyManagementService for RefusingKms {
+    fn kms_id(&self) -> &str {
+        self.inner.kms_id()
+    }
+    async fn create_primary_key(&self) -> Result<PrimaryKeyId, ppml_kms::KmsError> {
+        self.inner.create_primary_key().await
+    }
+    async fn generate_data_key(
+        &self,
+        primary: &PrimaryKeyId,
+        aad: &[u8],
+    ) -> Result<(ppml_format::DataKey, ppml_format::KeyReference), ppml_kms::KmsError> {
+        self.inner.generate_data_key(primary, aad).await
+    }
+    async fn unwrap_data_key(
+        &self,
+        key: &ppml_format::KeyReference,
+        aad: &[u8],
+    ) -> Result<ppml_format::DataKey, ppml_kms::KmsError> {
+        if key.key_id == self.refused.0 {
+            return Err(ppml_kms::KmsError::GrantRefused(format!(
+                "key {} is not granted",
+                key.key_id
+            )));
+        }
+        self.inner.unwrap_data_key(key, aad).await
+    }
+    fn under_grant(
+        self: Arc<Self>,
+        _grant: &ppml_kms::grant::SignedGrant,
+    ) -> Result<Arc<dyn KeyManagementService>, ppml_kms::KmsError> {
+        Ok(self)
+    }
+}
+
+async fn collect_text(session: &PpmlSession, sql: &str) -> std::result::Result<String, String> {
+    let df = session.sql(sql).await.map_err(|e| e.to_string())?;
+    let batches = session.collect(df).await.map_err(|e| e.to_string())?;
+    Ok(
+        datafusion::arrow::util::pretty::pretty_format_batches(&batches)
+            .unwrap()
+            .to_string(),
+    )
+}
+
+/// Copies dataset directory `from` to a fresh `to`.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pme_parquet_detects_every_tampering_and_denies_only_withheld_columns() {
+    use crate::OutputFormat;
+    use crate::files::{EncryptOptions, NoProgress, encrypt_paths};
+    use crate::pme::PmeOptions;
+
+    let f = fixture().await;
+    let secret = f.kms.create_primary_key().await.unwrap();
+    let csv = f.dir.path().join("people.csv");
+    std::fs::write(&csv, people(4000, 0)).unwrap();
+    let write = |dest: std::path::PathBuf, column_keys: Vec<(String, PrimaryKeyId)>| {
+        let (kms, primary, csv) = (f.kms.clone(), f.primary.clone(), csv.clone());
+        async move {
+            let options = EncryptOptions {
+                partitions: 2,
+                to: Some(OutputFormat::Parquet),
+                parquet: PmeOptions {
+                    column_keys,
+                    plaintext_footer: false,
+                },
+                ..EncryptOptions::default()
+            };
+            encrypt_paths(kms.as_ref(), &primary, &csv, &dest, &options, &NoProgress)
+                .await
+                .unwrap();
+            dest
+        }
+    };
+    let dataset = write(
+        f.dir.path().join("pq"),
+        vec![("name".to_string(), secret.clone())],
+    )
+    .await;
+    let other = write(f.dir.path().join("other"), Vec::new()).await;
+    let parts: Vec<String> = ["part-00000.parquet", "part-00001.parquet"]
+        .map(String::from)
+        .to_vec();
+    for part in &parts {
+        assert!(dataset.join(part).exists(), "{part}");
+    }
+
+    // The owner reads everything.
+    let owner = PpmlSession::encrypted(f.kms.clone(), Some(2));
+    owner.register_dataset("t", &dataset, None).await.unwrap();
+    let plain = PpmlSession::plaintext(Some(2));
+    plain.register_dataset("t", &csv, None).await.unwrap();
+    assert_eq!(
+        people_totals(&owner, "t").await,
+        people_totals(&plain, "t").await
+    );
+    let names = "SELECT name FROM t ORDER BY name LIMIT 3";
+    assert_eq!(
+        collect_text(&owner, names).await.unwrap(),
+        collect_text(&plain, names).await.unwrap()
+    );
+
+    // A reader refused the name column's key reads the other columns, and is denied that one.
+    let refusing = Arc::new(RefusingKms {
+        inner: f.kms.clone(),
+        refused: secret.clone(),
+    });
+    let reader = PpmlSession::encrypted(refusing.clone(), Some(2));
+    let verified = reader
+        .register_dataset("t", &dataset, None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(verified.refused_columns().0, vec!["name".to_string()]);
+    let ages = "SELECT job, count(*) AS n, sum(age) AS s FROM t GROUP BY job ORDER BY job";
+    assert_eq!(
+        collect_text(&reader, ages).await.unwrap(),
+        collect_text(&plain, ages).await.unwrap()
+    );
+    let denied = collect_text(&reader, names).await.unwrap_err();
+    assert!(
+        denied.contains("access denied to column(s) name") && denied.contains("not granted"),
+        "{denied}"
+    );
+    // Withholding the dataset's own key withholds everything.
+    let nothing = PpmlSession::encrypted(
+        Arc::new(RefusingKms {
+            inner: f.kms.clone(),
+            refused: f.primary.clone(),
+        }),
+        Some(2),
+    );
+    let refused = nothing
+        .register_dataset("t", &dataset, None)
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("not granted"), "{refused}");
+
+    // Every tampering is detected, with a specific error.
+    type Edit = Box<dyn Fn(&Path)>;
+    let flip = |name: &'static str, from_end: Option<usize>| -> Edit {
+        Box::new(move |dir: &Path| {
+            let path = dir.join(name);
+            let mut bytes = std::fs::read(&path).unwrap();
+            let at = match from_end {
+                Some(n) => bytes.len() - n,
+                None => bytes.len() / 3,
+            };
+            bytes[at] ^= 0x40;
+            std::fs::write(&path, bytes).unwrap();
+        })
+    };
+    let other_part = other.join("part-00000.parquet");
+    let cases: Vec<(&str, Edit, &str)> = vec![
+        (
+            "a flipped byte in a page",
+            flip("part-00000.parquet", None),
+            "failed authentication",
+        ),
+        (
+            "a flipped byte in the footer",
+            flip("part-00000.parquet", Some(30)),
+            "footer",
+        ),
+        (
+            "a flipped byte in the manifest",
+            Box::new(|dir: &Path| {
+                // Moves the column key's protection from `name` to `age`.
+                let path = dir.join("_manifest.ppml.json");
+                let mut manifest: serde_json::Value =
+                    serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+                manifest["column_keys"][0]["columns"][0] = "age".into();
+                std::fs::write(&path, manifest.to_string()).unwrap();
+            }),
+            "manifest authentication failed",
+        ),
+        (
+            "a truncated part",
+            Box::new(|dir: &Path| {
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(dir.join("part-00001.parquet"))
+                    .unwrap();
+                let len = file.metadata().unwrap().len();
+                file.set_len(len - 10).unwrap();
+            }),
+            "size",
+        ),
+        (
+            "a removed part",
+            Box::new(|dir: &Path| std::fs::remove_file(dir.join("part-00001.parquet")).unwrap()),
+            "part-00001.parquet",
+        ),
+        (
+            "an added part",
+            Box::new(move |dir: &Path| {
+                std::fs::copy(
+                    dir.join("part-00001.parquet"),
+                    dir.join("part-00002.parquet"),
+                )
+                .unwrap();
+            }),
+            "part-00002.parquet",
+        ),
+        (
+            "swapped parts",
+            Box::new(|dir: &Path| {
+                let (a, b) = (
+                    dir.join("part-00000.parquet"),
+                    dir.join("part-00001.parquet"),
+                );
+                let tmp = dir.join("swap");
+                std::fs::rename(&a, &tmp).unwrap();
+                std::fs::rename(&b, &a).unwrap();
+                std::fs::rename(&tmp, &b).unwrap();
+            }),
+            "part-0000",
+        ),
+        (
+            "a part replayed from another dataset of the same primary key",
+            Box::new(move |dir: &Path| {
+                std::fs::copy(&other_part, dir.join("part-00000.parquet")).unwrap();
+            }),
+            "part-00000.parquet",
+        ),
+    ];
+    for (i, (what, edit, expected)) in cases.into_iter().enumerate() {
+        let copy = f.dir.path().join(format!("tampered-{i}"));
+        copy_dir(&dataset, &copy);
+        edit(&copy);
+        let session = PpmlSession::encrypted(f.kms.clone(), Some(2));
+        let error = match session.register_dataset("t", &copy, None).await {
+            Err(e) => e.to_string(),
+            Ok(_) => collect_text(&session, "SELECT * FROM t")
+                .await
+                .expect_err(what),
+        };
+        assert!(error.contains(expected), "{what}: {error}");
+        // Query output of a failed read is never left behind.
+        let out = f.dir.path().join(format!("out-{i}"));
+        if let Ok(df) = session.sql("SELECT * FROM t").await {
+            let target = crate::OutputTarget::Encrypted {
+                kms: f.kms.as_ref(),
+                primary: &f.primary,
+                dir: out.clone().into(),
+                options: WriteOptions::default(),
+            };
+            assert!(
+                session
+                    .write(df, target, None, OutputFormat::Parquet)
+                    .await
+                    .is_err(),
+                "{what}"
+            );
+        }
+        assert!(!out.exists(), "{what}: output left behind");
+    }
+
+    // The AAD prefix binds a part to its dataset and name: part 0 read as part 1 (a swap of
+    // two parts of one size) or as a part of another dataset fails in its first module.
+    let crate::dataset::PartBody::Pme(part) = &verified.parts[0].body else {
+        panic!("a PME part")
+    };
+    let id = *verified.manifest.dataset_id();
+    for (dataset_id, name) in [(id, "part-00001.parquet"), ([7; 16], "part-00000.parquet")] {
+        let misnamed = crate::pme::PmePart::new(part.keys.clone(), &dataset_id, name);
+        let options = datafusion::parquet::arrow::arrow_reader::ArrowReaderOptions::new()
+            .with_file_decryption_properties(misnamed.decryption_properties().unwrap());
+        let opened = datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new_with_options(
+            std::fs::File::open(dataset.join("part-00000.parquet")).unwrap(),
+            options,
+        );
+        assert!(opened.is_err(), "{name}");
+    }
+    let rightly = crate::pme::PmePart::new(part.keys.clone(), &id, "part-00000.parquet");
+    let options = datafusion::parquet::arrow::arrow_reader::ArrowReaderOptions::new()
+        .with_file_decryption_properties(rightly.decryption_properties().unwrap());
+    datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new_with_options(
+        std::fs::File::open(dataset.join("part-00000.parquet")).unwrap(),
+        options,
+    )
+    .unwrap();
+
+    // A part changed after its dataset was verified fails when it is read (the AAD prefix
+    // and the keys come from the verified manifest, not from the file).
+    let late = f.dir.path().join("late");
+    copy_dir(&dataset, &late);
+    let session = PpmlSession::encrypted(f.kms.clone(), Some(2));
+    session.register_dataset("t", &late, None).await.unwrap();
+    let a = late.join("part-00000.parquet");
+    let mut bytes = std::fs::read(&a).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 1;
+    std::fs::write(&a, bytes).unwrap();
+    let error = collect_text(&session, "SELECT * FROM t").await.unwrap_err();
+    assert!(error.contains("failed authentication"), "{error}");
 }

@@ -41,6 +41,9 @@ pub enum FormatError {
     /// The manifest's MAC did not verify: it was edited, or belongs to another data key.
     #[error("manifest authentication failed: the manifest was modified or the data key is wrong")]
     ManifestAuthentication,
+    /// The key metadata of a Parquet file is not key material ppml reads ([`crate::pme`]).
+    #[error("malformed Parquet key material: {0}")]
+    MalformedKeyMaterial(String),
     /// A parameter given by the caller is out of range (a programming or configuration error).
     #[error("invalid parameter: {0}")]
     InvalidParameter(String),

@@ -8,7 +8,8 @@
 //! any byte range can be decrypted by reading only the segments that cover it.
 //!
 //! A dataset is a directory of such part files plus an authenticated [`manifest`] listing every
-//! part by name, size and header digest.
+//! part by name, size and header digest. A Parquet dataset's parts may instead be Parquet
+//! files encrypted with Parquet Modular Encryption, bound to the dataset by [`pme`].
 //!
 //! This crate does no I/O beyond the [`std::io`] traits and knows nothing of any KMS or query
 //! engine: it turns a [`DataKey`] and bytes into bytes.
@@ -36,6 +37,7 @@ mod error;
 mod header;
 mod key;
 pub mod manifest;
+pub mod pme;
 mod random_access;
 mod segment;
 mod stream;

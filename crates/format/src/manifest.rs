@@ -37,6 +37,17 @@ pub struct PartEntry {
     pub header_sha256: [u8; 32],
 }
 
+/// A key of its own for some columns of a Parquet dataset ([`crate::pme`]): a data key
+/// wrapped under another primary key than the dataset's, so that a reader released only the
+/// dataset's key reads every other column.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ColumnKey {
+    /// The Parquet column paths (dot-separated) encrypted with this key.
+    pub columns: Vec<String>,
+    /// The wrapped data key (same KMS, `aad` bound to the dataset like the dataset's key).
+    pub key: KeyReference,
+}
+
 /// A verified manifest.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Manifest {
@@ -45,6 +56,7 @@ pub struct Manifest {
     key: KeyReference,
     salt: [u8; 32],
     parts: Vec<PartEntry>,
+    column_keys: Vec<ColumnKey>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -58,7 +70,18 @@ struct ManifestJson {
     wrapped_key: String,
     salt: String,
     parts: Vec<PartJson>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    column_keys: Vec<ColumnKeyJson>,
     mac: String,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ColumnKeyJson {
+    columns: Vec<String>,
+    kms: String,
+    key_id: String,
+    wrapped_key: String,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -101,9 +124,41 @@ impl Manifest {
             key,
             salt,
             parts,
+            column_keys: Vec::new(),
         };
         manifest.check_parts()?;
         Ok(manifest)
+    }
+
+    /// This manifest with `column_keys` (a Parquet dataset's keys for some of its columns).
+    pub fn with_column_keys(mut self, column_keys: Vec<ColumnKey>) -> Result<Self, FormatError> {
+        self.column_keys = column_keys;
+        self.check_column_keys()?;
+        Ok(self)
+    }
+
+    fn check_column_keys(&self) -> Result<(), FormatError> {
+        let mut seen = HashSet::new();
+        for key in &self.column_keys {
+            if key.columns.is_empty() {
+                return Err(FormatError::MalformedManifest(
+                    "a column key names no column".into(),
+                ));
+            }
+            for column in &key.columns {
+                if column.is_empty() || !seen.insert(column.as_str()) {
+                    return Err(FormatError::MalformedManifest(format!(
+                        "column {column:?} is empty or has two keys"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The keys of columns encrypted under their own primary keys (Parquet datasets).
+    pub fn column_keys(&self) -> &[ColumnKey] {
+        &self.column_keys
     }
 
     fn check_parts(&self) -> Result<(), FormatError> {
@@ -167,6 +222,23 @@ impl Manifest {
             out.extend_from_slice(&part.plaintext_len.to_be_bytes());
             out.extend_from_slice(&part.header_sha256);
         }
+        // Manifests without column keys encode exactly as before column keys existed.
+        if !self.column_keys.is_empty() {
+            out.extend_from_slice(b"column_keys\0");
+            out.extend_from_slice(&(self.column_keys.len() as u64).to_be_bytes());
+            for key in &self.column_keys {
+                out.extend_from_slice(&(key.columns.len() as u32).to_be_bytes());
+                let fields = key.columns.iter().map(|c| c.as_bytes()).chain([
+                    key.key.kms.as_bytes(),
+                    key.key.key_id.as_bytes(),
+                    &key.key.wrapped[..],
+                ]);
+                for field in fields {
+                    out.extend_from_slice(&(field.len() as u32).to_be_bytes());
+                    out.extend_from_slice(field);
+                }
+            }
+        }
         out
     }
 
@@ -190,6 +262,16 @@ impl Manifest {
                     ciphertext_len: p.ciphertext_len,
                     plaintext_len: p.plaintext_len,
                     header_sha256: hex::encode(p.header_sha256),
+                })
+                .collect(),
+            column_keys: self
+                .column_keys
+                .iter()
+                .map(|k| ColumnKeyJson {
+                    columns: k.columns.clone(),
+                    kms: k.key.kms.clone(),
+                    key_id: k.key.key_id.clone(),
+                    wrapped_key: BASE64.encode(&k.key.wrapped),
                 })
                 .collect(),
             mac: hex::encode(mac.as_ref()),
@@ -248,8 +330,22 @@ impl UnverifiedManifest {
             key: KeyReference::new(json.kms, json.key_id, wrapped),
             salt: decode_hex::<32>("salt", &json.salt)?,
             parts,
+            column_keys: json
+                .column_keys
+                .into_iter()
+                .map(|k| {
+                    let wrapped = BASE64.decode(&k.wrapped_key).map_err(|_| {
+                        FormatError::MalformedManifest("a column key is not base64".into())
+                    })?;
+                    Ok(ColumnKey {
+                        columns: k.columns,
+                        key: KeyReference::new(k.kms, k.key_id, wrapped),
+                    })
+                })
+                .collect::<Result<Vec<_>, FormatError>>()?,
         };
         manifest.check_parts()?;
+        manifest.check_column_keys()?;
         let mac = decode_hex::<32>("mac", &json.mac)?.to_vec();
         Ok(UnverifiedManifest { manifest, mac })
     }
@@ -257,6 +353,12 @@ impl UnverifiedManifest {
     /// The key reference to ask the KMS about. Not yet authenticated.
     pub fn key(&self) -> &KeyReference {
         &self.manifest.key
+    }
+
+    /// The column keys as written (Parquet datasets). Not yet authenticated: only to ask
+    /// the KMS for them.
+    pub fn column_keys(&self) -> &[ColumnKey] {
+        &self.manifest.column_keys
     }
 
     /// The dataset id as written. Not yet authenticated.
@@ -322,32 +424,89 @@ mod tests {
         assert!(matches!(err, FormatError::ManifestAuthentication));
     }
 
+    /// Asserts that `json` edited by each replacement, and by `edit`, fails authentication.
+    fn assert_edits_detected(
+        json: &str,
+        dk: &DataKey,
+        replacements: &[(&str, &str)],
+        edit: impl Fn(&mut serde_json::Value),
+    ) {
+        let mut edited: Vec<String> = replacements
+            .iter()
+            .map(|(from, to)| {
+                let edited = json.replacen(from, to, 1);
+                assert_ne!(edited, json, "{from} not found");
+                edited
+            })
+            .collect();
+        let mut value: serde_json::Value = serde_json::from_str(json).unwrap();
+        edit(&mut value);
+        edited.push(value.to_string());
+        for text in edited {
+            let err = UnverifiedManifest::from_json(text.as_bytes())
+                .unwrap()
+                .verify(dk)
+                .unwrap_err();
+            assert!(matches!(err, FormatError::ManifestAuthentication), "{text}");
+        }
+    }
+
     #[test]
     fn every_edit_is_detected() {
         let dk = DataKey::generate().unwrap();
         let json = String::from_utf8(sample(&dk)).unwrap();
-        for (from, to) in [
+        let replacements = [
             ("part-00001", "part-00002"),
             ("\"plaintext_len\": 100", "\"plaintext_len\": 101"),
             ("header=present", "header=absent"),
             ("\"key_id\": \"pk\"", "\"key_id\": \"pq\""),
-        ] {
-            let edited = json.replacen(from, to, 1);
-            assert_ne!(edited, json, "{from} not found");
-            let err = UnverifiedManifest::from_json(edited.as_bytes())
-                .unwrap()
-                .verify(&dk)
-                .unwrap_err();
-            assert!(matches!(err, FormatError::ManifestAuthentication), "{from}");
-        }
-        // Removing a part.
-        let mut value: serde_json::Value = serde_json::from_str(&json).unwrap();
-        value["parts"].as_array_mut().unwrap().pop();
-        let err = UnverifiedManifest::from_json(value.to_string().as_bytes())
+        ];
+        // And removing a part.
+        assert_edits_detected(&json, &dk, &replacements, |value| {
+            value["parts"].as_array_mut().unwrap().pop();
+        });
+    }
+
+    #[test]
+    fn column_keys_are_authenticated_and_optional() {
+        let dk = DataKey::generate().unwrap();
+        let plain = sample(&dk);
+        assert!(!String::from_utf8_lossy(&plain).contains("column_keys"));
+        let parts = UnverifiedManifest::from_json(&plain)
             .unwrap()
             .verify(&dk)
-            .unwrap_err();
-        assert!(matches!(err, FormatError::ManifestAuthentication));
+            .unwrap();
+        let keyed = parts
+            .clone()
+            .with_column_keys(vec![ColumnKey {
+                columns: vec!["ssn".into(), "address.street".into()],
+                key: KeyReference::new("local:test", "pk2", vec![7; 60]),
+            }])
+            .unwrap();
+        let json = String::from_utf8(keyed.to_json(&dk)).unwrap();
+        let read = UnverifiedManifest::from_json(json.as_bytes()).unwrap();
+        assert_eq!(read.column_keys()[0].key.key_id, "pk2");
+        assert_eq!(read.verify(&dk).unwrap(), keyed);
+        // Dropping the column keys is an edit too.
+        let replacements = [("\"ssn\"", "\"age\""), ("\"pk2\"", "\"pk3\"")];
+        assert_edits_detected(&json, &dk, &replacements, |value| {
+            value.as_object_mut().unwrap().remove("column_keys");
+        });
+        // A column under two keys is malformed.
+        assert!(
+            parts
+                .with_column_keys(vec![
+                    ColumnKey {
+                        columns: vec!["ssn".into()],
+                        key: KeyReference::new("local:test", "pk2", vec![7; 60]),
+                    },
+                    ColumnKey {
+                        columns: vec!["ssn".into()],
+                        key: KeyReference::new("local:test", "pk3", vec![7; 60]),
+                    },
+                ])
+                .is_err()
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@ async fn main() -> ppml::Result<()> {
 
     let ctx = PpmlContext::builder().build().await?;
     let seniors = ctx
-        .read_plaintext_csv(csv)
+        .read_plaintext(csv)
         .await?
         .filter(col("age").gt_eq(lit(55)))?;
     let written = ctx

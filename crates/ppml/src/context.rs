@@ -119,6 +119,8 @@ impl RuntimeState for Attested {}
 pub struct WriteOptions {
     /// The format of the parts.
     pub format: OutputFormat,
+    /// With [`OutputFormat::Parquet`]: keys of their own for some columns, plaintext footer.
+    pub parquet: ppml_engine::pme::PmeOptions,
     /// The primary key of the dataset [default: the context's output key].
     pub key: Option<PrimaryKeyId>,
     /// Part files: the plan's output partitions are merged or split round-robin to this many
@@ -131,13 +133,7 @@ pub struct WriteOptions {
 }
 
 /// The formats [`PpmlContext::write`] writes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum OutputFormat {
-    /// CSV with a header line in every part.
-    #[default]
-    Csv,
-}
+pub use ppml_engine::OutputFormat;
 
 /// Builds a [`PpmlContext`]; [`PpmlContextBuilder::attest`] moves it to the [`Attested`]
 /// state, whose [`PpmlContextBuilder::build`] attests or fails.
@@ -421,50 +417,48 @@ impl<S: RuntimeState> PpmlContext<S> {
         self.kms.primary()
     }
 
-    /// The encrypted CSV dataset at `location` (a directory or `s3://bucket/prefix`): its
-    /// manifest and every part's header are verified and its data key released by the KMS
-    /// before this returns; rows are decrypted as the query streams them.
-    pub async fn read_csv(&self, location: impl IntoLocation) -> Result<DataFrame> {
+    /// The encrypted dataset at `location` (a directory or `s3://bucket/prefix`), read as
+    /// its manifest's media type says (CSV, NDJSON or Parquet; other media types are refused
+    /// with [`ppml_engine::EngineError::UnsupportedMediaType`]). Its manifest and every
+    /// part are verified and its data key released by the KMS before this returns; rows are
+    /// decrypted as the query streams them.
+    pub async fn read(&self, location: impl IntoLocation) -> Result<DataFrame> {
         let (table, _) = self
             .session
-            .csv_table(location.into_location()?, None)
+            .dataset_table(location.into_location()?, None)
             .await?;
         Ok(self.session.context().read_table(table)?)
     }
 
-    /// The encrypted dataset at `location`, read according to its manifest's media type
-    /// (CSV; other media types are refused with [`ppml_engine::EngineError::UnsupportedMediaType`]).
-    pub async fn read(&self, location: impl IntoLocation) -> Result<DataFrame> {
-        self.read_csv(location).await
+    /// The encrypted dataset at `location` ([`PpmlContext::read`], whatever its format: the
+    /// name follows BigDL's `read(...).csv(path)`).
+    pub async fn read_csv(&self, location: impl IntoLocation) -> Result<DataFrame> {
+        self.read(location).await
     }
 
-    /// A plaintext CSV file or directory (with a header line), for plaintext-in,
-    /// encrypted-out programs (BigDL's `plain_text` mode). Read in this process only.
-    pub async fn read_plaintext_csv(&self, path: impl AsRef<Path>) -> Result<DataFrame> {
-        let table = self
-            .session
-            .plaintext_csv_table(path.as_ref(), None)
-            .await?;
+    /// A plaintext file or directory, for plaintext-in, encrypted-out programs (BigDL's
+    /// `plain_text` mode): Parquet, NDJSON (`.json`, `.jsonl`, `.ndjson`) or, for any other
+    /// extension, CSV with a header line. Read in this process only.
+    pub async fn read_plaintext(&self, path: impl AsRef<Path>) -> Result<DataFrame> {
+        let table = self.session.plaintext_table(path.as_ref(), None).await?;
         Ok(self.session.context().read_table(table)?)
     }
 
-    /// Registers the encrypted CSV dataset at `location` as the table `name` for
-    /// [`PpmlContext::sql`].
+    /// Registers the encrypted dataset at `location` (CSV, NDJSON or Parquet) as the table
+    /// `name` for [`PpmlContext::sql`].
     pub async fn register(&self, name: &str, location: impl IntoLocation) -> Result<()> {
         ppml_engine::app::check_table_name(name)?;
         self.session
-            .register_csv(name, location.into_location()?, None)
+            .register_dataset(name, location.into_location()?, None)
             .await?;
         Ok(())
     }
 
-    /// Registers a plaintext CSV file or directory as the table `name`.
-    pub async fn register_plaintext_csv(&self, name: &str, path: impl AsRef<Path>) -> Result<()> {
+    /// Registers a plaintext file or directory as the table `name` (formats as
+    /// [`PpmlContext::read_plaintext`]).
+    pub async fn register_plaintext(&self, name: &str, path: impl AsRef<Path>) -> Result<()> {
         ppml_engine::app::check_table_name(name)?;
-        let table = self
-            .session
-            .plaintext_csv_table(path.as_ref(), None)
-            .await?;
+        let table = self.session.plaintext_table(path.as_ref(), None).await?;
         self.session.context().register_table(name, table)?;
         Ok(())
     }
@@ -490,7 +484,6 @@ impl<S: RuntimeState> PpmlContext<S> {
         location: impl IntoLocation,
         options: WriteOptions,
     ) -> Result<WriteSummary> {
-        let OutputFormat::Csv = options.format;
         let primary = match &options.key {
             Some(key) => key,
             None => self.kms.output_primary()?,
@@ -512,12 +505,13 @@ impl<S: RuntimeState> PpmlContext<S> {
             options: DatasetWriteOptions {
                 overwrite: options.overwrite,
                 durability: options.durability.unwrap_or(self.durability),
+                parquet: options.parquet.clone(),
                 ..DatasetWriteOptions::default()
             },
         };
         Ok(self
             .session
-            .write_csv(df, target, options.partitions)
+            .write(df, target, options.partitions, options.format)
             .await?)
     }
 

@@ -159,8 +159,11 @@ fn class_of(error: &(dyn StdError + 'static)) -> Option<ErrorClass> {
             | EngineError::UnexpectedFile { .. }
             | EngineError::PartMismatch { .. }
             | EngineError::DatasetChanged(_)
+            | EngineError::ParquetAuthentication(_)
             | EngineError::Csv(_) => Some(ErrorClass::BadInput),
-            EngineError::NotGranted(_) => Some(ErrorClass::AccessDenied),
+            EngineError::NotGranted(_) | EngineError::ColumnAccessDenied { .. } => {
+                Some(ErrorClass::AccessDenied)
+            }
             EngineError::DataFusion(e) => class_of(e),
             EngineError::Arrow(e) => class_of(e),
             _ => None,
@@ -214,6 +217,15 @@ mod tests {
             source: FormatError::SegmentAuthentication { segment: 0 },
         };
         assert_eq!(classify(&tampered), ErrorClass::BadInput);
+        // A refused column key, as arrow-rs's reader reports it from deep in a query.
+        let column = EngineError::from(datafusion::error::DataFusionError::External(Box::new(
+            EngineError::ColumnAccessDenied {
+                columns: vec!["name".into()],
+                reason: "grant refused".into(),
+            },
+        )));
+        assert!(matches!(column, EngineError::ColumnAccessDenied { .. }));
+        assert_eq!(Error::Engine(column).class(), ErrorClass::AccessDenied);
         let config = Error::Config {
             what: "x".into(),
             reason: "y".into(),

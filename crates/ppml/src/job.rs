@@ -119,6 +119,8 @@ struct QueryTable {
     input_partitions: Option<usize>,
     output_partitions: Option<usize>,
     #[serde(default)]
+    output_format: ppml_engine::OutputFormat,
+    #[serde(default)]
     overwrite: bool,
     #[serde(default)]
     plaintext: bool,
@@ -192,6 +194,7 @@ impl JobFile {
                     output: q.output.map(|o| o.relative_to(base)),
                     input_partitions: q.input_partitions,
                     output_partitions: q.output_partitions,
+                    output_format: q.output_format,
                     overwrite: q.overwrite,
                     plaintext: q.plaintext,
                 }))

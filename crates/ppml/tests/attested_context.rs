@@ -115,6 +115,7 @@ async fn only_an_attested_context_reads_a_gated_dataset() {
         )),
         input_partitions: None,
         output_partitions: None,
+        output_format: Default::default(),
         overwrite: false,
         plaintext: false,
     });
