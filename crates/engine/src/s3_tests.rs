@@ -273,6 +273,39 @@ async fn s3_datasets_are_written_read_and_queried_like_directories() {
     .await
     .unwrap();
     assert_eq!(count_and_sum(&out).await, expected);
+
+    // As Parquet with modular encryption: written to S3, read back through the S3 store's
+    // PME decryption.
+    let df = on_s3
+        .sql("SELECT * FROM people WHERE job = 'Developer' AND age BETWEEN 20 AND 40")
+        .await
+        .unwrap();
+    on_s3
+        .write(
+            df,
+            crate::OutputTarget::Encrypted {
+                kms: f.kms.as_ref(),
+                primary: &f.primary,
+                dir: location("s3://ppml-engine-rw/out/developers-pq"),
+                options: WriteOptions::default(),
+            },
+            Some(2),
+            crate::OutputFormat::Parquet,
+        )
+        .await
+        .unwrap();
+    let pq = PpmlSession::encrypted(f.kms.clone(), None);
+    let dataset = pq
+        .register_dataset(
+            "people",
+            location("s3://ppml-engine-rw/out/developers-pq"),
+            None,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(dataset.is_pme());
+    assert_eq!(count_and_sum(&pq).await, expected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
