@@ -32,11 +32,18 @@ def main():
     session_s = time.perf_counter() - started
 
     query_started = time.perf_counter()
-    con.execute(
-        "CREATE VIEW people AS SELECT * FROM read_csv("
-        + sql_string(inp)
-        + ", header = true, columns = {'name': 'VARCHAR', 'age': 'BIGINT', 'job': 'VARCHAR'})"
-    )
+    if os.path.isdir(inp):  # a directory of plaintext Parquet files (bench/formats.py)
+        con.execute(
+            "CREATE VIEW people AS SELECT name, CAST(age AS BIGINT) AS age, job FROM read_parquet("
+            + sql_string(os.path.join(inp, "*.parquet"))
+            + ")"
+        )
+    else:
+        con.execute(
+            "CREATE VIEW people AS SELECT * FROM read_csv("
+            + sql_string(inp)
+            + ", header = true, columns = {'name': 'VARCHAR', 'age': 'BIGINT', 'job': 'VARCHAR'})"
+        )
     count = con.execute("SELECT count(name) FROM people").fetchone()[0]
     print(f"count(name): {count}")
     preview = con.execute('SELECT name, age + 1 AS "age + 1" FROM people LIMIT 20').fetchall()

@@ -47,7 +47,10 @@ def main():
             StructField("job", StringType(), True),
         ]
     )
-    df = spark.read.option("header", "true").schema(schema).csv(inp)
+    if os.path.isdir(inp) or inp.endswith(".parquet"):
+        df = spark.read.schema(schema).parquet(inp)  # plaintext Parquet (bench/formats.py)
+    else:
+        df = spark.read.option("header", "true").schema(schema).csv(inp)
     count = df.select(F.count("name")).collect()[0][0]
     print(f"count(name): {count}")
     df.select(df["name"], (df["age"] + 1).alias("age + 1")).show(20)
