@@ -617,6 +617,10 @@ pub struct DecryptArgs {
     /// Output directory with one plaintext file per part
     #[arg(long, value_name = "DIR")]
     pub out_dir: Option<PathBuf>,
+    /// Convert the rows to this format (csv, json or parquet) instead of writing the parts'
+    /// plaintext as it is; with --out-dir, one file per partition of the scan
+    #[arg(long, value_name = "FORMAT")]
+    pub to: Option<OutputFormat>,
     /// Replace an existing output (only after the new one is complete)
     #[arg(long)]
     pub overwrite: bool,

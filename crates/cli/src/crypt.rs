@@ -2,7 +2,8 @@
 
 use anyhow::Result;
 use ppml_engine::files::{
-    DecryptOptions, DecryptOutput, EncryptOptions, EncryptSummary, decrypt_dataset, encrypt_paths,
+    DecryptOptions, DecryptOutput, EncryptOptions, EncryptSummary, decrypt_converted,
+    decrypt_dataset, encrypt_paths,
 };
 
 use ppml_engine::pme::PmeOptions;
@@ -81,8 +82,11 @@ pub async fn decrypt(args: &DecryptArgs, settings: &mut Settings) -> Result<u64>
         (None, Some(out)) => (DecryptOutput::File(out), settings.quiet),
         (None, None) => unreachable!("clap requires --out or --out-dir"),
     };
-    let bar = ByteBar::new("decrypting", quiet);
     let key_service = kms.kms();
+    if let Some(to) = args.to {
+        return Ok(decrypt_converted(key_service, &args.input, output, to, &options).await?);
+    }
+    let bar = ByteBar::new("decrypting", quiet);
     let bytes = decrypt_dataset(key_service.as_ref(), &args.input, output, &options, &bar).await?;
     bar.finish();
     Ok(bytes)

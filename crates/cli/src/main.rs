@@ -131,9 +131,10 @@ async fn run(cli: Cli) -> Result<u8> {
             }
         }
         Command::Decrypt(args) => {
-            let bytes = crypt::decrypt(args, &mut settings).await?;
+            let amount = crypt::decrypt(args, &mut settings).await?;
             if !settings.quiet {
-                eprintln!("decrypted {bytes} bytes from {}", args.input);
+                let unit = if args.to.is_some() { "rows" } else { "bytes" };
+                eprintln!("decrypted {amount} {unit} from {}", args.input);
             }
         }
         Command::SimpleQuery(args) => {

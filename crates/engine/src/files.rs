@@ -314,6 +314,51 @@ pub async fn encrypt_paths(
     Ok(summary)
 }
 
+/// Decrypts the dataset at `location` and writes its rows converted to `to` (CSV with one
+/// header, NDJSON or Parquet): to a directory (one file per partition of the scan), one file,
+/// or a stream. The rows are read by an encrypted session, so every format and every column
+/// the KMS releases can be converted; outputs appear only when complete. Returns the rows
+/// written.
+pub async fn decrypt_converted(
+    kms: Arc<dyn KeyManagementService>,
+    location: &DatasetLocation,
+    output: DecryptOutput<'_>,
+    to: OutputFormat,
+    options: &DecryptOptions,
+) -> Result<u64> {
+    let session = PpmlSession::encrypted(kms, None);
+    let (table, _) = session.dataset_table(location.clone(), None).await?;
+    let df = session.context().read_table(table)?;
+    match output {
+        DecryptOutput::Dir(dir) => {
+            let target = OutputTarget::Plaintext {
+                dir,
+                overwrite: options.overwrite,
+                durability: options.durability,
+            };
+            Ok(session.write(df, target, None, to).await?.rows)
+        }
+        DecryptOutput::Stream(out) => {
+            let rows = session.write_one(df, &mut *out, to).await?;
+            out.flush().map_err(|e| EngineError::io("-", e))?;
+            Ok(rows)
+        }
+        DecryptOutput::File(path) if is_stream_device(path) => {
+            let mut device = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(|e| EngineError::io(path, e))?;
+            session.write_one(df, &mut device, to).await
+        }
+        DecryptOutput::File(path) => {
+            let mut file = AtomicFile::create(path, options.overwrite, options.durability)?;
+            let rows = session.write_one(df, &mut file, to).await?;
+            file.commit()?;
+            Ok(rows)
+        }
+    }
+}
+
 /// Writes the rows of PME part `part` as a plaintext Parquet file to `out`, streaming row
 /// group by row group: every module is authenticated by the Parquet reader as it decrypts.
 async fn decrypt_pme_part<W: Write + Send + ?Sized>(

@@ -498,6 +498,33 @@ impl PpmlSession {
         self.write(df, target, partitions, OutputFormat::Csv).await
     }
 
+    /// Runs `df` and writes all its rows as `format` into one plaintext writer `out` (CSV
+    /// with a single header line), streaming. Returns the rows written.
+    pub async fn write_one(
+        &self,
+        df: DataFrame,
+        out: &mut (dyn Write + Send),
+        format: OutputFormat,
+    ) -> Result<u64> {
+        let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+        let plan = df.create_physical_plan().await?;
+        let plan: Arc<dyn ExecutionPlan> = match plan.output_partitioning().partition_count() {
+            1 => plan,
+            _ => Arc::new(CoalescePartitionsExec::new(plan)),
+        };
+        let mut streams = self.runner.execute(plan, &self.ctx).await?;
+        let stream = match streams.len() {
+            1 => streams.remove(0),
+            n => {
+                return Err(EngineError::DataFusion(DataFusionError::Internal(format!(
+                    "a coalesced plan ran as {n} streams"
+                ))));
+            }
+        };
+        let (_, rows) = write_partition(stream, Unbuffered(out), schema, format, None).await?;
+        Ok(rows)
+    }
+
     /// Runs `df` and writes its rows as `format` to `target`, one part per output partition
     /// (`partitions` repartitions round-robin first). Parts are written in parallel; nothing
     /// appears at the destination unless every part succeeded.
@@ -706,6 +733,20 @@ impl CsvSink for crate::dataset::PartWriter {
 }
 
 impl<W: Write + Send> CsvSink for CountingWriter<W> {}
+
+/// A caller's writer as a sink.
+struct Unbuffered<'a>(&'a mut (dyn Write + Send));
+
+impl Write for Unbuffered<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl CsvSink for Unbuffered<'_> {}
 
 /// Drains every stream into its sink concurrently; on the first error the other writers are
 /// cancelled (and dropped) and the error returned.

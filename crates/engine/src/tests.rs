@@ -443,6 +443,53 @@ async fn parquet_and_ndjson_datasets_are_queried_converted_and_written() {
     );
     assert!(!f.dir.path().join("all.parquet").exists());
 
+    // Decrypted with conversion: Parquet (PME) to one CSV file with the input's rows, to
+    // NDJSON on a stream, and NDJSON to a directory of Parquet files.
+    let sorted_lines = |text: &str| {
+        let mut lines: Vec<String> = text.lines().skip(1).map(str::to_string).collect();
+        lines.sort();
+        lines
+    };
+    let as_csv = f.dir.path().join("pq.csv");
+    let rows = crate::files::decrypt_converted(
+        f.kms.clone(),
+        &f.dir.path().join("pq").into(),
+        DecryptOutput::File(&as_csv),
+        OutputFormat::Csv,
+        &DecryptOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(rows, 5000);
+    assert_eq!(
+        sorted_lines(&std::fs::read_to_string(&as_csv).unwrap()),
+        sorted_lines(&std::fs::read_to_string(&csv).unwrap())
+    );
+    let mut json = Vec::new();
+    let rows = crate::files::decrypt_converted(
+        f.kms.clone(),
+        &f.dir.path().join("pq").into(),
+        DecryptOutput::Stream(&mut json),
+        OutputFormat::Json,
+        &DecryptOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!((rows, json.iter().filter(|b| **b == b'\n').count()), (5000, 5000));
+    let pq_dir = f.dir.path().join("js_as_parquet");
+    crate::files::decrypt_converted(
+        f.kms.clone(),
+        &f.dir.path().join("js").into(),
+        DecryptOutput::Dir(&pq_dir),
+        OutputFormat::Parquet,
+        &DecryptOptions::default(),
+    )
+    .await
+    .unwrap();
+    let reread = PpmlSession::plaintext(Some(2));
+    reread.register_dataset("people", &pq_dir, None).await.unwrap();
+    assert_eq!(people_totals(&reread, "people").await, expected);
+
     // Plain Parquet files encrypted as they are are queryable too.
     let kept = f.dir.path().join("kept");
     encrypt_paths(
