@@ -475,7 +475,10 @@ async fn parquet_and_ndjson_datasets_are_queried_converted_and_written() {
     )
     .await
     .unwrap();
-    assert_eq!((rows, json.iter().filter(|b| **b == b'\n').count()), (5000, 5000));
+    assert_eq!(
+        (rows, json.iter().filter(|b| **b == b'\n').count()),
+        (5000, 5000)
+    );
     let pq_dir = f.dir.path().join("js_as_parquet");
     crate::files::decrypt_converted(
         f.kms.clone(),
@@ -487,7 +490,10 @@ async fn parquet_and_ndjson_datasets_are_queried_converted_and_written() {
     .await
     .unwrap();
     let reread = PpmlSession::plaintext(Some(2));
-    reread.register_dataset("people", &pq_dir, None).await.unwrap();
+    reread
+        .register_dataset("people", &pq_dir, None)
+        .await
+        .unwrap();
     assert_eq!(people_totals(&reread, "people").await, expected);
 
     // Plain Parquet files encrypted as they are are queryable too.

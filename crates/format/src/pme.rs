@@ -180,10 +180,15 @@ impl KeyMaterial {
                 "double-wrapped keys (write with double_wrapping=False)".into(),
             ));
         }
+        // The KMS instance belongs to footer key material only (as `to_bytes` writes it).
+        let footer_only = |field: Option<String>| match json.is_footer_key {
+            true => field.unwrap_or_default(),
+            false => String::new(),
+        };
         Ok(KeyMaterial {
             is_footer_key: json.is_footer_key,
-            kms_instance_id: json.kms_instance_id.unwrap_or_default(),
-            kms_instance_url: json.kms_instance_url.unwrap_or_default(),
+            kms_instance_id: footer_only(json.kms_instance_id),
+            kms_instance_url: footer_only(json.kms_instance_url),
             master_key_id: json.master_key_id,
             wrapped_dek: WrappedKey::decode(&json.wrapped_dek)?,
         })

@@ -31,6 +31,7 @@ pub const TARGETS: &[Target] = &[
     ("map_partitions", map_partitions),
     ("shuffle_file", shuffle_file),
     ("cluster_plan", cluster_plan),
+    ("parquet_key_material", parquet_key_material),
 ];
 
 /// The data key of the format's test vectors (`crates/format/testdata/vectors`), so that
@@ -364,4 +365,16 @@ pub fn cluster_plan(data: &[u8]) {
         let _ = task.output_partitions(&plan);
     }
     let _ = ppml_cluster::stages::Feeding::of(1, &plan);
+}
+
+/// The key metadata of a Parquet part (`ppml_format::pme`), as a foreign file carries it:
+/// parsed, and what parses must serialize and parse back to the same material. The same bytes
+/// as the end of a Parquet file give its footer digest or an error.
+pub fn parquet_key_material(data: &[u8]) {
+    if let Ok(material) = ppml_format::pme::KeyMaterial::parse(data) {
+        let bytes = material.to_bytes().expect("parsed key material serializes");
+        let again = ppml_format::pme::KeyMaterial::parse(&bytes).expect("its own bytes parse");
+        assert_eq!(again, material);
+    }
+    let _ = ppml_format::pme::footer_digest(data, data.len() as u64);
 }
