@@ -6,8 +6,7 @@ use ppml_engine::files::{
     decrypt_dataset, encrypt_paths,
 };
 
-use ppml_engine::pme::PmeOptions;
-use ppml_kms::PrimaryKeyId;
+use ppml_engine::pme::{PmeOptions, parse_column_key};
 
 use crate::cli::{DecryptArgs, EncryptArgs};
 use crate::progress::ByteBar;
@@ -31,11 +30,9 @@ pub async fn encrypt(args: &EncryptArgs, settings: &mut Settings) -> Result<Encr
             column_keys: args
                 .column_keys
                 .iter()
-                .map(|spec| match spec.split_once('=') {
-                    Some((column, key)) if !column.is_empty() && !key.is_empty() => {
-                        Ok((column.to_string(), PrimaryKeyId(key.to_string())))
-                    }
-                    _ => crate::usage_bail!("--column-key {spec:?}: expected COLUMN=KEY_ID"),
+                .map(|spec| match parse_column_key(spec) {
+                    Ok(key) => Ok(key),
+                    Err(e) => crate::usage_bail!("--column-key: {e}"),
                 })
                 .collect::<Result<_>>()?,
             plaintext_footer: args.plaintext_footer,

@@ -265,6 +265,7 @@ pub async fn encrypt_paths(
             kms,
             primary,
             input,
+            &files,
             kind,
             to,
             destination,
@@ -446,6 +447,7 @@ async fn convert_paths(
     kms: &dyn KeyManagementService,
     primary: &PrimaryKeyId,
     input: &Path,
+    files: &[PathBuf],
     kind: MediaKind,
     to: OutputFormat,
     destination: impl Into<DatasetLocation>,
@@ -464,7 +466,7 @@ async fn convert_paths(
             "a CSV file without a header line cannot be converted (its columns have no names)",
         ));
     }
-    let total: u64 = input_files(input)?
+    let total: u64 = files
         .iter()
         .map(|f| fs::metadata(f).map(|m| m.len()).unwrap_or(0))
         .sum();
@@ -474,8 +476,8 @@ async fn convert_paths(
         // Parquet files another tool encrypted with PME: their keys come from `kms`.
         MediaKind::Parquet => {
             let mut import = crate::pme::ImportFactory::default();
-            for file in input_files(input)? {
-                let absolute = std::path::absolute(&file).map_err(|e| EngineError::io(&file, e))?;
+            for file in files {
+                let absolute = std::path::absolute(file).map_err(|e| EngineError::io(file, e))?;
                 if let Some(properties) =
                     crate::pme::foreign_file_decryption(kms, &absolute).await?
                 {

@@ -178,6 +178,20 @@ impl PmePart {
     }
 }
 
+/// Parses a `COLUMN=KEY_ID` column key (`ppml encrypt --column-key`): the Parquet column
+/// path and the primary key of its own data key.
+pub fn parse_column_key(spec: &str) -> Result<(String, PrimaryKeyId)> {
+    match spec.split_once('=') {
+        Some((column, key)) if !column.is_empty() && !key.is_empty() => {
+            Ok((column.to_string(), PrimaryKeyId(key.to_string())))
+        }
+        _ => Err(EngineError::InvalidInput {
+            path: spec.to_string(),
+            reason: "expected COLUMN=KEY_ID".into(),
+        }),
+    }
+}
+
 /// How a PME part is written.
 #[derive(Clone, Debug, Default)]
 pub struct PmeOptions {
