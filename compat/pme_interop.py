@@ -10,52 +10,16 @@ over its eHSM API (docs/kms-api.md), pinned to the server certificate's fingerpr
       under keys of their own; data keys are 256-bit and single-wrapped, bound to AAD.
 """
 import base64
-import hashlib
-import http.client
-import json
-import ssl
 import struct
 import sys
-import time
-import urllib.parse
 
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pyarrow.parquet.encryption as pe
 
-from ehsm_sign import sign
+from ehsm_tls import PpmlKms
 
 WRAPPED_KEY_VERSION = 1
-
-
-class PpmlKms:
-    """Signed eHSM calls to one ppml KMS server, over TLS pinned by certificate fingerprint."""
-
-    def __init__(self, url, fingerprint, appid, apikey):
-        parsed = urllib.parse.urlparse(url)
-        self.host, self.port = parsed.hostname, parsed.port
-        self.fingerprint = fingerprint
-        self.appid, self.apikey = appid, apikey
-
-    def call(self, action, payload):
-        body = {"appid": self.appid, "payload": payload,
-                "timestamp": str(int(time.time() * 1000)), "nonce": str(time.monotonic_ns())}
-        body["sign"] = sign(self.apikey, body)
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE  # the certificate is pinned below instead
-        conn = http.client.HTTPSConnection(self.host, self.port, context=context, timeout=10)
-        conn.connect()
-        der = conn.sock.getpeercert(binary_form=True)
-        if "sha256:" + hashlib.sha256(der).hexdigest() != self.fingerprint:
-            raise RuntimeError("the KMS certificate does not match the pinned fingerprint")
-        conn.request("POST", f"/ehsm?Action={action}", json.dumps(body),
-                     {"Content-Type": "application/json"})
-        reply = json.loads(conn.getresponse().read())
-        conn.close()
-        if reply.get("code") != 200:
-            raise RuntimeError(f"{action}: {reply}")
-        return reply["result"]
 
 
 class PpmlKmsClient(pe.KmsClient):

@@ -134,6 +134,9 @@ pub enum Command {
     Encrypt(EncryptArgs),
     /// Decrypt a ppml dataset to a file, a directory or stdout
     Decrypt(DecryptArgs),
+    /// Import another system's encrypted dataset into a ppml dataset
+    #[command(subcommand)]
+    Import(ImportCommand),
     /// Run SimpleQuery on an encrypted people dataset
     SimpleQuery(SimpleQueryArgs),
     /// Run SQL over encrypted tables
@@ -599,6 +602,74 @@ pub struct EncryptArgs {
     /// Replace an existing output (only after the new one is complete)
     #[arg(long)]
     pub overwrite: bool,
+}
+
+/// `ppml import …`.
+#[derive(Debug, Subcommand)]
+pub enum ImportCommand {
+    /// Import a BigDL PPML encrypted dataset (AES-CBC "common" parts with .meta, BigDL 2.1/2.2
+    /// parts, or nativeaescbc) into a new ppml dataset, verifying every part's HMAC trailer.
+    /// The BigDL data key is unwrapped by the KMS (eHSM Decrypt with BigDL's aad) or with the
+    /// plaintext primary key of BigDL's no-KMS mode; the new dataset's key comes from ppml's
+    /// KMS as for `ppml encrypt`. Nothing is written unless every part verifies
+    Bigdl(ImportBigdlArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ImportBigdlArgs {
+    /// The BigDL dataset: a directory of part files (part-*.csv.cbc, part-*.json.cbc) with its
+    /// .meta, or one part file
+    #[arg(long = "in", value_name = "PATH")]
+    pub input: PathBuf,
+    /// Output dataset: a directory, or s3://BUCKET/PREFIX
+    #[arg(long, value_name = "DIR|s3://BUCKET/PREFIX")]
+    pub out: DatasetLocation,
+    /// The BigDL writer: common (2.3+), 2.2, 2.1 or nativeaescbc [default: detected; 2.2 is
+    /// tried before 2.1; nativeaescbc cannot be detected]
+    #[arg(long, value_name = "VARIANT", value_parser = parse_bigdl_variant)]
+    pub variant: Option<ppml_format::bigdl::Variant>,
+    /// BigDL's primary key file (its first line is the eHSM key id the data key is wrapped
+    /// under); the KMS of --kms-url unwraps it
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present_any = ["primary_key_id", "primary_key_plaintext"],
+        conflicts_with_all = ["primary_key_id", "primary_key_plaintext"]
+    )]
+    pub primary_key_path: Option<PathBuf>,
+    /// The eHSM key id the BigDL data key is wrapped under (instead of --primary-key-path)
+    #[arg(long, value_name = "KEY_ID", conflicts_with = "primary_key_plaintext")]
+    pub primary_key_id: Option<String>,
+    /// BigDL's no-KMS mode: the base64 primary key (spark.bigdl.primaryKey.*.plainText), or
+    /// @FILE to read it from FILE
+    #[arg(
+        long,
+        value_name = "BASE64|@FILE",
+        env = "PPML_BIGDL_PRIMARY_KEY_PLAINTEXT"
+    )]
+    pub primary_key_plaintext: Option<String>,
+    /// BigDL's data key file (dataKeyPath): the wrapped data key, for 2.1/2.2 datasets, which
+    /// have no .meta
+    #[arg(long, value_name = "FILE")]
+    pub data_key_path: Option<PathBuf>,
+    /// Import nativeaescbc parts, which carry no MAC: their integrity cannot be verified
+    #[arg(long)]
+    pub allow_unauthenticated: bool,
+    /// The CSV parts have no header line
+    #[arg(long)]
+    pub no_header: bool,
+    /// Plaintext bytes per encrypted segment of the new dataset
+    #[arg(long, default_value_t = ppml_format::DEFAULT_SEGMENT_SIZE)]
+    pub segment_size: u32,
+    /// Replace an existing output (only after the new one is complete)
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+fn parse_bigdl_variant(text: &str) -> Result<ppml_format::bigdl::Variant, String> {
+    ppml_format::bigdl::Variant::from_name(text).ok_or_else(|| {
+        format!("unknown BigDL variant {text:?}: one of common, 2.2, 2.1, nativeaescbc")
+    })
 }
 
 #[derive(Debug, Args)]

@@ -7,6 +7,7 @@ mod cluster_job;
 mod crypt;
 mod exit;
 mod generate;
+mod import;
 mod job_file;
 mod kms_bench;
 mod kms_serve;
@@ -127,6 +128,23 @@ async fn run(cli: Cli) -> Result<u8> {
                 eprintln!(
                     "encrypted {} bytes into {} part(s) in {}",
                     summary.plaintext_bytes, summary.parts, args.out
+                );
+            }
+        }
+        Command::Import(cli::ImportCommand::Bigdl(args)) => {
+            let summary = import::bigdl(args, &mut settings).await?;
+            if !settings.quiet {
+                eprintln!(
+                    "imported BigDL {} dataset: {} part(s), {} bytes, every part's MAC {}, into {}",
+                    summary.variant,
+                    summary.parts,
+                    summary.plaintext_bytes,
+                    if summary.variant.is_authenticated() {
+                        "verified"
+                    } else {
+                        "ABSENT (not verified)"
+                    },
+                    args.out
                 );
             }
         }

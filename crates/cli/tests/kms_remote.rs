@@ -1155,3 +1155,221 @@ fn pyarrow_reads_and_writes_ppml_encrypted_parquet() {
         "{text}"
     );
 }
+
+/// BigDL PPML datasets made by an independent writer (compat/bigdl_writer.py, written from
+/// BigDL's layout) import into ppml datasets with the same rows: data keys from this server
+/// standing in for BigDL's eHSM (GenerateDataKeyWithoutPlaintext and Decrypt with aad
+/// "test"), or from BigDL's no-KMS mode. Each part's HMAC trailer is verified: a flipped byte
+/// is refused and leaves nothing; nativeaescbc (no MAC) needs --allow-unauthenticated.
+#[test]
+fn bigdl_datasets_import_verified_and_query_to_the_same_rows() {
+    use std::ffi::OsStr;
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve_tls(&dir.path().join("kms"));
+    let client = Client::enroll(&server, dir.path().join("home"));
+    let bigdl_key = stdout(&run(client.cmd().args(["kms", "create-key"])))
+        .trim()
+        .to_string();
+    let primary_key_file = dir.path().join("primaryKey");
+    std::fs::write(&primary_key_file, format!("{bigdl_key}\n")).unwrap();
+    let input = people(dir.path(), 3000);
+    let sorted_rows = |csv: &str| {
+        let mut rows: Vec<String> = csv
+            .lines()
+            .filter(|l| *l != "name,age,job")
+            .map(str::to_string)
+            .collect();
+        rows.sort();
+        rows
+    };
+    let expected = sorted_rows(&std::fs::read_to_string(&input).unwrap());
+    let writer =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../compat/bigdl_writer.py");
+    let write_bigdl = |variant: &str, out: &Path, keys: &[&OsStr]| {
+        let result = Command::new("python3")
+            .arg(&writer)
+            .args(["--variant", variant, "--parts", "3", "--in"])
+            .arg(&input)
+            .arg("--out")
+            .arg(out)
+            .args(keys)
+            .output()
+            .unwrap();
+        assert!(
+            result.status.success(),
+            "bigdl_writer.py {variant}: {}",
+            String::from_utf8_lossy(&result.stderr)
+        );
+    };
+    let from_kms: Vec<std::ffi::OsString> = [
+        "--kms",
+        &client.url,
+        &client.fingerprint,
+        &client.appid,
+        &client.apikey,
+        &bigdl_key,
+    ]
+    .iter()
+    .map(|s| s.into())
+    .collect();
+    let from_kms: Vec<&OsStr> = from_kms.iter().map(|s| s.as_os_str()).collect();
+    let import = |bigdl: &Path, out: &Path, extra: &[&OsStr]| {
+        client
+            .cmd()
+            .args(["import", "bigdl", "--in"])
+            .arg(bigdl)
+            .arg("--out")
+            .arg(out)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let decrypted_rows = |dataset: &Path| {
+        let out = run(client
+            .cmd()
+            .args(["decrypt", "--out", "-", "--in"])
+            .arg(dataset));
+        sorted_rows(&stdout(&out))
+    };
+    let key_path: Vec<&OsStr> = vec![
+        OsStr::new("--primary-key-path"),
+        primary_key_file.as_os_str(),
+    ];
+
+    // common (BigDL 2.3+), data key from the KMS; the query runs over the imported dataset.
+    let common = dir.path().join("bigdl-common");
+    write_bigdl("common", &common, &from_kms);
+    assert!(common.join(".meta").is_file());
+    let imported = dir.path().join("common.enc");
+    let out = import(&common, &imported, &key_path);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(decrypted_rows(&imported), expected);
+    let count = run(client
+        .cmd()
+        .args(["query", "--table"])
+        .arg(format!("people={}", imported.display()))
+        .args([
+            "--sql",
+            "SELECT count(*) AS n FROM people WHERE job = 'Developer'",
+        ]));
+    let developers = expected
+        .iter()
+        .filter(|r| r.ends_with(",Developer"))
+        .count();
+    assert!(
+        stdout(&count).contains(&format!("| {developers} ")),
+        "{}",
+        stdout(&count)
+    );
+
+    // 2.2, wrapped key in BigDL's dataKey file; the variant is detected.
+    let legacy = dir.path().join("bigdl-2.2");
+    let data_key_file = dir.path().join("dataKey-2.2");
+    let mut keys = from_kms.clone();
+    keys.extend([OsStr::new("--data-key-file"), data_key_file.as_os_str()]);
+    write_bigdl("2.2", &legacy, &keys);
+    let imported = dir.path().join("legacy22.enc");
+    let mut args = key_path.clone();
+    args.extend([OsStr::new("--data-key-path"), data_key_file.as_os_str()]);
+    let out = import(&legacy, &imported, &args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(decrypted_rows(&imported), expected);
+
+    // 2.1 in BigDL's no-KMS mode (plaintext primary key); detected as 2.1 after 2.2 fails.
+    let primary_plaintext = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+    let legacy = dir.path().join("bigdl-2.1");
+    let data_key_file = dir.path().join("dataKey-2.1");
+    write_bigdl(
+        "2.1",
+        &legacy,
+        &[
+            OsStr::new("--primary-key-plaintext"),
+            OsStr::new(primary_plaintext),
+            OsStr::new("--data-key-file"),
+            data_key_file.as_os_str(),
+        ],
+    );
+    let imported = dir.path().join("legacy21.enc");
+    let out = import(
+        &legacy,
+        &imported,
+        &[
+            OsStr::new("--primary-key-plaintext"),
+            OsStr::new(primary_plaintext),
+            OsStr::new("--data-key-path"),
+            data_key_file.as_os_str(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(decrypted_rows(&imported), expected);
+
+    // nativeaescbc has no MAC: refused unless asked, then imported with a warning.
+    let native = dir.path().join("bigdl-native");
+    write_bigdl("nativeaescbc", &native, &from_kms);
+    let imported = dir.path().join("native.enc");
+    let mut args = key_path.clone();
+    args.extend([OsStr::new("--variant"), OsStr::new("nativeaescbc")]);
+    let out = import(&native, &imported, &args);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--allow-unauthenticated"));
+    assert!(!imported.exists());
+    args.push(OsStr::new("--allow-unauthenticated"));
+    let out = import(&native, &imported, &args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NOT verified"));
+    assert_eq!(decrypted_rows(&imported), expected);
+
+    // Attack: a flipped ciphertext byte in the second part. BigDL itself would read it; ppml
+    // refuses it (bad input) and leaves no dataset, not even the first part.
+    let mut parts: Vec<_> = std::fs::read_dir(&common)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(".csv.cbc"))
+        .collect();
+    parts.sort();
+    let mut bytes = std::fs::read(&parts[1]).unwrap();
+    let middle = 400 + (bytes.len() - 432) / 2;
+    bytes[middle] ^= 0x20;
+    std::fs::write(&parts[1], bytes).unwrap();
+    let imported = dir.path().join("tampered.enc");
+    let out = import(&common, &imported, &key_path);
+    assert_eq!(out.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("HMAC trailer does not match"), "{stderr}");
+    assert!(!imported.exists());
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.contains("tampered"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // A wrong primary key unwraps nothing (access denied).
+    let out = import(
+        &common,
+        &imported,
+        &[OsStr::new("--primary-key-id"), OsStr::new(&client.primary)],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -405,6 +405,17 @@ impl KeyManagementService for CountingKms {
         result
     }
 
+    async fn unwrap_foreign_key(
+        &self,
+        key_id: &str,
+        ciphertext: &str,
+        aad: &str,
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, KmsError> {
+        let result = self.inner.unwrap_foreign_key(key_id, ciphertext, aad).await;
+        self.metrics.key_release(self.kind, kms_outcome(&result));
+        result
+    }
+
     fn under_grant(
         self: Arc<Self>,
         grant: &ppml_kms::grant::SignedGrant,

@@ -295,11 +295,7 @@ pub async fn encrypt_paths(
         },
     )
     .await?;
-    let total: u64 = files
-        .iter()
-        .map(|f| fs::metadata(f).map(|m| m.len()).unwrap_or(0))
-        .sum();
-    progress.start(total);
+    progress.start(total_size(&files));
     let entries = match encrypt_files(&files, kind, options, &writer, progress).await {
         Ok(entries) => entries,
         Err(e) => {
@@ -552,7 +548,15 @@ async fn encrypt_files(
     Ok(entries)
 }
 
-async fn copy_with_progress(
+/// The total size of `files` (for a progress bar; unreadable files count 0).
+pub(crate) fn total_size(files: &[PathBuf]) -> u64 {
+    files
+        .iter()
+        .map(|f| fs::metadata(f).map(|m| m.len()).unwrap_or(0))
+        .sum()
+}
+
+pub(crate) async fn copy_with_progress(
     mut input: impl Read,
     path: &Path,
     out: &mut PartWriter,

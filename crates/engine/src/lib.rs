@@ -23,6 +23,7 @@
 
 pub mod aligned_writer;
 pub mod app;
+pub mod bigdl;
 pub mod csv_split;
 pub mod dataset;
 mod error;

@@ -44,6 +44,27 @@ pub enum FormatError {
     /// The key metadata of a Parquet file is not key material ppml reads ([`crate::pme`]).
     #[error("malformed Parquet key material: {0}")]
     MalformedKeyMaterial(String),
+    /// A BigDL PPML file ([`crate::bigdl`]) whose structure is wrong: header, length, `.meta`.
+    #[error("malformed BigDL file: {0}")]
+    BigDlMalformed(String),
+    /// A BigDL part's HMAC trailer does not verify: the part was modified, cut or extended, or
+    /// the data key is wrong.
+    #[error(
+        "BigDL file authentication failed: its HMAC trailer does not match (the file was \
+         modified or cut, or the data key is wrong)"
+    )]
+    BigDlAuthentication,
+    /// A BigDL ciphertext does not decrypt to validly padded plaintext: the data key is wrong
+    /// or (for `nativeaescbc`, which has no MAC) the file was modified.
+    #[error(
+        "BigDL file does not decrypt (bad padding): the data key is wrong or the file was \
+         modified"
+    )]
+    BigDlDecryption,
+    /// The input carries no authentication at all (BigDL `nativeaescbc`), so tampering with it
+    /// could not be detected; reading it needs the caller's explicit consent.
+    #[error("{0}")]
+    Unverifiable(String),
     /// A parameter given by the caller is out of range (a programming or configuration error).
     #[error("invalid parameter: {0}")]
     InvalidParameter(String),

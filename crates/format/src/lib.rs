@@ -33,6 +33,7 @@
 //! assert_eq!(plaintext, "name,age,job\nabc,30,Developer\n");
 //! ```
 
+pub mod bigdl;
 mod error;
 mod header;
 mod key;

@@ -971,21 +971,32 @@ impl RemoteKms {
     }
 
     async fn decrypt(&self, key: &KeyReference, aad: &[u8]) -> Result<DataKey, KmsError> {
-        let primary = PrimaryKeyId(key.key_id.clone());
         let ciphertext = std::str::from_utf8(&key.wrapped).map_err(|_| KmsError::UnwrapFailed)?;
+        let plaintext = self
+            .decrypt_text(&key.key_id, ciphertext, aad_text(aad)?)
+            .await?;
+        DataKey::from_slice(&plaintext).map_err(|_| KmsError::UnwrapFailed)
+    }
+
+    /// eHSM `Decrypt` with the request's fields as given; the plaintext bytes.
+    async fn decrypt_text(
+        &self,
+        key_id: &str,
+        ciphertext: &str,
+        aad: &str,
+    ) -> Result<Zeroizing<Vec<u8>>, KmsError> {
         let result = self
             .call(
                 Action::Decrypt,
-                json!({"keyid": key.key_id, "ciphertext": ciphertext, "aad": aad_text(aad)?}),
+                json!({"keyid": key_id, "ciphertext": ciphertext, "aad": aad}),
             )
             .await
-            .map_err(|e| with_key(e, &primary))?;
-        let plaintext = Zeroizing::new(
+            .map_err(|e| with_key(e, &PrimaryKeyId(key_id.to_string())))?;
+        Ok(Zeroizing::new(
             BASE64
                 .decode(string_field(&result, "plaintext")?)
                 .map_err(|_| KmsError::Protocol("Decrypt plaintext is not base64".into()))?,
-        );
-        DataKey::from_slice(&plaintext).map_err(|_| KmsError::UnwrapFailed)
+        ))
     }
 
     fn check_kms(&self, key: &KeyReference) -> Result<(), KmsError> {
@@ -1087,17 +1098,17 @@ impl AttestedKms {
     async fn release(
         &self,
         attested: &Attested,
-        key: &KeyReference,
+        key_id: &str,
         ciphertext: &str,
         aad: &str,
-    ) -> Result<DataKey, KmsError> {
-        let primary = PrimaryKeyId(key.key_id.clone());
+    ) -> Result<Zeroizing<Vec<u8>>, KmsError> {
+        let primary = PrimaryKeyId(key_id.to_string());
         let result = self
             .remote
             .call(
                 Action::ReleaseDataKey,
                 self.with_grant_field(
-                    json!({"keyid": key.key_id, "ciphertext": ciphertext, "aad": aad,
+                    json!({"keyid": key_id, "ciphertext": ciphertext, "aad": aad,
                            "token": attested.token}),
                 ),
             )
@@ -1107,8 +1118,24 @@ impl AttestedKms {
             Err(KmsError::Rejected { message, .. }) => return Err(KmsError::Attestation(message)),
             Err(e) => return Err(with_key(e, &primary)),
         };
-        let plaintext = attested.open_sealed(&result, "ciphertext", &key.key_id)?;
-        DataKey::from_slice(&plaintext).map_err(|_| KmsError::UnwrapFailed)
+        attested.open_sealed(&result, "ciphertext", key_id)
+    }
+
+    /// [`release`](Self::release), attesting again once when the token expired.
+    async fn release_renewing(
+        &self,
+        key_id: &str,
+        ciphertext: &str,
+        aad: &str,
+    ) -> Result<Zeroizing<Vec<u8>>, KmsError> {
+        let attested = self.current(None).await?;
+        match self.release(&attested, key_id, ciphertext, aad).await {
+            Err(KmsError::TokenExpired) => {
+                let renewed = self.current(Some(&attested)).await?;
+                self.release(&renewed, key_id, ciphertext, aad).await
+            }
+            other => other,
+        }
     }
 
     async fn generate_sealed(
@@ -1234,6 +1261,15 @@ impl KeyManagementService for RemoteKms {
         self.decrypt(key, aad).await
     }
 
+    async fn unwrap_foreign_key(
+        &self,
+        key_id: &str,
+        ciphertext: &str,
+        aad: &str,
+    ) -> Result<Zeroizing<Vec<u8>>, KmsError> {
+        self.decrypt_text(key_id, ciphertext, aad).await
+    }
+
     /// An unattested client reads only keys that are not marked for attested release, which
     /// need no grant.
     fn under_grant(
@@ -1281,15 +1317,20 @@ impl KeyManagementService for AttestedKms {
     async fn unwrap_data_key(&self, key: &KeyReference, aad: &[u8]) -> Result<DataKey, KmsError> {
         self.remote.check_kms(key)?;
         let ciphertext = std::str::from_utf8(&key.wrapped).map_err(|_| KmsError::UnwrapFailed)?;
-        let aad_text = aad_text(aad)?;
-        let attested = self.current(None).await?;
-        match self.release(&attested, key, ciphertext, aad_text).await {
-            Err(KmsError::TokenExpired) => {
-                let renewed = self.current(Some(&attested)).await?;
-                self.release(&renewed, key, ciphertext, aad_text).await
-            }
-            other => other,
-        }
+        let plaintext = self
+            .release_renewing(&key.key_id, ciphertext, aad_text(aad)?)
+            .await?;
+        DataKey::from_slice(&plaintext).map_err(|_| KmsError::UnwrapFailed)
+    }
+
+    /// Released like [`unwrap_data_key`](Self::unwrap_data_key): sealed to this runtime.
+    async fn unwrap_foreign_key(
+        &self,
+        key_id: &str,
+        ciphertext: &str,
+        aad: &str,
+    ) -> Result<Zeroizing<Vec<u8>>, KmsError> {
+        self.release_renewing(key_id, ciphertext, aad).await
     }
 
     fn under_grant(

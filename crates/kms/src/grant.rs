@@ -430,6 +430,17 @@ impl KeyManagementService for GrantRouter {
             .await
     }
 
+    async fn unwrap_foreign_key(
+        &self,
+        key_id: &str,
+        ciphertext: &str,
+        aad: &str,
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, KmsError> {
+        self.route(|g| g.allows_release(key_id, aad).is_ok())
+            .unwrap_foreign_key(key_id, ciphertext, aad)
+            .await
+    }
+
     fn under_grant(
         self: Arc<Self>,
         grant: &SignedGrant,

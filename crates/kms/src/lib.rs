@@ -90,6 +90,24 @@ pub trait KeyManagementService: Send + Sync + std::fmt::Debug {
     /// Unwraps a data key that this KMS wrapped, if the caller may use its primary key.
     async fn unwrap_data_key(&self, key: &KeyReference, aad: &[u8]) -> Result<DataKey, KmsError>;
 
+    /// Unwraps a key that another eHSM client wrapped (BigDL, migrating its datasets): eHSM
+    /// `Decrypt` of `ciphertext` under `key_id` with `aad` sent exactly as that client sent it
+    /// (BigDL sends `"test"`). Returns the plaintext bytes. The same release rules apply as to
+    /// [`unwrap_data_key`](Self::unwrap_data_key); a KMS that holds no other clients' keys (the
+    /// embedded one) refuses with [`KmsError::InvalidConfig`].
+    async fn unwrap_foreign_key(
+        &self,
+        key_id: &str,
+        ciphertext: &str,
+        aad: &str,
+    ) -> Result<Zeroizing<Vec<u8>>, KmsError> {
+        let _ = (key_id, ciphertext, aad);
+        Err(KmsError::InvalidConfig(format!(
+            "KMS {} holds no keys of other eHSM clients; use their KMS server (--kms-url)",
+            self.kms_id()
+        )))
+    }
+
     /// This client acting under the data owner's job grant ([`grant`]): its data-key requests
     /// carry the grant, and its [`check_version`](Self::check_version) follows the grant's
     /// pins. A KMS server releases the data keys of keys marked for attested release only
