@@ -60,6 +60,11 @@ pub struct GlobalArgs {
         value_name = "SHA256"
     )]
     pub kms_fingerprint: Option<String>,
+    /// The KMS server's protocol dialect: auto (learnt from its GetVersion), ppml, ehsm
+    /// (eHSM-KMS 1.x: base64 aad, keyusage) or ehsm-0.3 (eHSM-KMS 0.3, as BigDL deploys it:
+    /// no nonce) [default: auto]
+    #[arg(long, env = "PPML_KMS_FLAVOR", global = true, value_name = "FLAVOR")]
+    pub kms_flavor: Option<String>,
     /// Trust KMS server certificates signed by this CA (PEM) instead of the system roots
     #[arg(long, env = "PPML_KMS_CA_CERT", global = true, value_name = "FILE")]
     pub kms_ca_cert: Option<PathBuf>,

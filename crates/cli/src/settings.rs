@@ -55,6 +55,7 @@ impl Settings {
             output_key: global.output_key.clone(),
             kms_url: global.kms_url.clone(),
             kms_fingerprint: global.kms_fingerprint.clone(),
+            kms_flavor: global.kms_flavor.clone(),
             kms_ca_cert: global.kms_ca_cert.clone(),
             kms_policy: global.kms_policy.clone(),
             kms_collateral: global.kms_collateral.clone(),

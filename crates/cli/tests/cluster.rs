@@ -61,13 +61,7 @@ fn client_mode_on_attested_executors_matches_local_tee_mode() {
         &fingerprint,
     ]));
     let text = stdout(&enroll);
-    let value = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} = \"")))
-            .and_then(|v| v.strip_suffix('"'))
-            .unwrap_or_else(|| panic!("no {name} in {text:?}"))
-            .to_string()
-    };
+    let value = |name: &str| common::printed_value(&text, name);
     let (appid, apikey) = (value("appid"), value("apikey"));
     let client = |home: &Path| {
         let mut cmd = ppml(home);

@@ -93,13 +93,7 @@ impl Client {
             .args(["kms", "enroll", "--kms-url", &server.url])
             .args(["--kms-fingerprint", &server.fingerprint]));
         let text = stdout(&out);
-        let value = |name: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(&format!("{name} = \"")))
-                .and_then(|v| v.strip_suffix('"'))
-                .unwrap_or_else(|| panic!("no {name} in {text:?}"))
-                .to_string()
-        };
+        let value = |name: &str| common::printed_value(&text, name);
         let mut client = Client {
             home,
             url: server.url.clone(),

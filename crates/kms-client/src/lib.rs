@@ -203,6 +203,79 @@ pub struct RemoteKmsConfig {
     /// the TLS certificate of its connection, and refuses a KMS this policy does not accept
     /// ([`KmsError::UntrustedKms`]); every later connection must present the same certificate.
     pub kms_policy: Option<KmsPolicy>,
+    /// The protocol dialect the server speaks ([`KmsFlavor::Auto`]: learnt from `GetVersion`).
+    pub flavor: KmsFlavor,
+}
+
+/// The dialect of the eHSM protocol a KMS server speaks (`docs/kms-api.md` §9.1). eHSM's
+/// versions validate and sign requests differently, and a client must follow each one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum KmsFlavor {
+    /// Learnt from `GetVersion`: ppml's server names itself, eHSM gives its `version`
+    /// (`0.x` is [`KmsFlavor::Ehsm03`], later ones [`KmsFlavor::Ehsm`]).
+    #[default]
+    Auto,
+    /// ppml's KMS server: requests carry a nonce and their action; `aad` is text.
+    Ppml,
+    /// eHSM-KMS 1.x (its `main`): `aad` must be base64 and its decoded bytes are bound (ppml
+    /// sends base64 of its aad); `CreateKey` needs `keyusage`; requests carry a nonce.
+    Ehsm,
+    /// eHSM-KMS 0.3 (the version BigDL deploys): signs `{appid, timestamp, payload}` only, so
+    /// requests carry no nonce; `aad` is text.
+    Ehsm03,
+}
+
+impl KmsFlavor {
+    /// The flavor's name on the command line and in configuration files.
+    pub fn name(self) -> &'static str {
+        match self {
+            KmsFlavor::Auto => "auto",
+            KmsFlavor::Ppml => "ppml",
+            KmsFlavor::Ehsm => "ehsm",
+            KmsFlavor::Ehsm03 => "ehsm-0.3",
+        }
+    }
+
+    /// The flavor named `name` (see [`KmsFlavor::name`]).
+    pub fn from_name(name: &str) -> Option<KmsFlavor> {
+        [
+            KmsFlavor::Auto,
+            KmsFlavor::Ppml,
+            KmsFlavor::Ehsm,
+            KmsFlavor::Ehsm03,
+        ]
+        .into_iter()
+        .find(|f| f.name().eq_ignore_ascii_case(name))
+    }
+
+    /// The flavor of a server that answered `GetVersion` with `version` (its `result`).
+    fn detect(version: &Map<String, Value>) -> KmsFlavor {
+        if version
+            .get("kms_id")
+            .and_then(Value::as_str)
+            .is_some_and(|id| id.starts_with("ppml-kms:"))
+        {
+            return KmsFlavor::Ppml;
+        }
+        match version.get("version").and_then(Value::as_str) {
+            Some(v) if v.trim_start_matches('v').starts_with("0.") => KmsFlavor::Ehsm03,
+            _ => KmsFlavor::Ehsm,
+        }
+    }
+}
+
+impl std::str::FromStr for KmsFlavor {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        KmsFlavor::from_name(text)
+            .ok_or_else(|| format!("unknown KMS flavor {text:?}: auto, ppml, ehsm or ehsm-0.3"))
+    }
+}
+
+impl std::fmt::Display for KmsFlavor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 impl RemoteKmsConfig {
@@ -213,6 +286,7 @@ impl RemoteKmsConfig {
             trust: TlsTrust::default(),
             timeout: Duration::from_secs(30),
             kms_policy: None,
+            flavor: KmsFlavor::Auto,
         }
     }
 }
@@ -287,6 +361,7 @@ pub struct RemoteKms {
     creds: Option<AppCredentials>,
     kms_id: String,
     owner: Option<Arc<OwnerKey>>,
+    flavor: KmsFlavor,
 }
 
 impl std::fmt::Debug for RemoteKms {
@@ -296,6 +371,7 @@ impl std::fmt::Debug for RemoteKms {
             .field("kms_id", &self.kms_id)
             .field("creds", &self.creds)
             .field("owner", &self.owner)
+            .field("flavor", &self.flavor)
             .finish()
     }
 }
@@ -493,8 +569,16 @@ impl RemoteKms {
             creds,
             kms_id: String::new(),
             owner: None,
+            flavor: config.flavor,
         };
         let version = kms.unsigned(Action::GetVersion).await?;
+        let detected = KmsFlavor::detect(&version);
+        kms.flavor = match config.flavor {
+            KmsFlavor::Auto => detected,
+            // ppml's server is always spoken to as itself: it needs the signed action.
+            _ if detected == KmsFlavor::Ppml => KmsFlavor::Ppml,
+            given => given,
+        };
         // The ppml server names itself; a plain eHSM is named by its URL.
         kms.kms_id = match version.get("kms_id").and_then(Value::as_str) {
             Some(id) if !id.is_empty() => id.to_string(),
@@ -691,6 +775,20 @@ impl RemoteKms {
         self.kms_id.starts_with("ppml-kms:")
     }
 
+    /// The dialect this client speaks to the server (never [`KmsFlavor::Auto`]).
+    pub fn flavor(&self) -> KmsFlavor {
+        self.flavor
+    }
+
+    /// `aad` as this server's dialect carries it: text, or for eHSM 1.x base64 of its bytes
+    /// (eHSM binds the decoded bytes).
+    fn wire_aad(&self, aad: &[u8]) -> Result<String, KmsError> {
+        match self.flavor {
+            KmsFlavor::Ehsm => Ok(BASE64.encode(aad)),
+            _ => aad_text(aad).map(str::to_string),
+        }
+    }
+
     fn transport(&self, e: reqwest::Error) -> KmsError {
         KmsError::Transport {
             url: self.endpoint.clone(),
@@ -743,7 +841,10 @@ impl RemoteKms {
         body.insert("appid".into(), Value::String(creds.appid.clone()));
         body.insert("payload".into(), payload);
         body.insert("timestamp".into(), Value::String(now_ms().to_string()));
-        body.insert("nonce".into(), Value::String(hex::encode(nonce)));
+        // eHSM 0.3 signs only {appid, timestamp, payload}: a nonce would break the signature.
+        if self.flavor != KmsFlavor::Ehsm03 {
+            body.insert("nonce".into(), Value::String(hex::encode(nonce)));
+        }
         if self.is_ppml_server() {
             // The action inside the signature: the body is good for this action only.
             body.insert(
@@ -973,7 +1074,7 @@ impl RemoteKms {
     async fn decrypt(&self, key: &KeyReference, aad: &[u8]) -> Result<DataKey, KmsError> {
         let ciphertext = std::str::from_utf8(&key.wrapped).map_err(|_| KmsError::UnwrapFailed)?;
         let plaintext = self
-            .decrypt_text(&key.key_id, ciphertext, aad_text(aad)?)
+            .decrypt_text(&key.key_id, ciphertext, &self.wire_aad(aad)?)
             .await?;
         DataKey::from_slice(&plaintext).map_err(|_| KmsError::UnwrapFailed)
     }
@@ -1220,12 +1321,11 @@ impl KeyManagementService for RemoteKms {
     }
 
     async fn create_primary_key(&self) -> Result<PrimaryKeyId, KmsError> {
-        let result = self
-            .call(
-                Action::CreateKey,
-                json!({"keyspec": "EH_AES_GCM_256", "origin": "EH_INTERNAL_KEY"}),
-            )
-            .await?;
+        let mut payload = json!({"keyspec": "EH_AES_GCM_256", "origin": "EH_INTERNAL_KEY"});
+        if self.flavor == KmsFlavor::Ehsm {
+            payload["keyusage"] = Value::String("EH_KEYUSAGE_ENCRYPT_DECRYPT".into());
+        }
+        let result = self.call(Action::CreateKey, payload).await?;
         Ok(PrimaryKeyId(string_field(&result, "keyid")?))
     }
 
@@ -1237,7 +1337,7 @@ impl KeyManagementService for RemoteKms {
         let result = self
             .call(
                 Action::GenerateDataKey,
-                json!({"keyid": primary.0, "keylen": ppml_kms::DATA_KEY_LEN, "aad": aad_text(aad)?}),
+                json!({"keyid": primary.0, "keylen": ppml_kms::DATA_KEY_LEN, "aad": self.wire_aad(aad)?}),
             )
             .await
             .map_err(|e| with_key(e, primary))?;

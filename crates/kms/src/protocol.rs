@@ -432,7 +432,33 @@ impl ErrorKind {
                 return Some(kind);
             }
         }
-        ErrorKind::ALL.into_iter().find(|k| k.message() == message)
+        if let Some(kind) = ErrorKind::ALL.into_iter().find(|k| k.message() == message) {
+            return Some(kind);
+        }
+        // eHSM-KMS's own texts (0.3 and 1.x), so that a real eHSM's refusals keep their
+        // meaning (and ppml's exit codes theirs).
+        const EHSM_MESSAGES: [(&str, ErrorKind); 6] = [
+            ("keyid error", ErrorKind::KeyNotFound),
+            ("appid error", ErrorKind::Sign),
+            ("keyid is disabled", ErrorKind::KeyDisabled),
+            ("Invalid JSON", ErrorKind::ParamType),
+            ("Invalid  policyId.", ErrorKind::PolicyNotFound),
+            ("Server exception.", ErrorKind::Internal),
+        ];
+        const EHSM_PREFIXES: [(&str, ErrorKind); 3] = [
+            ("Missing required parameters", ErrorKind::MissingParameters),
+            ("Parameter invalid", ErrorKind::PayloadType),
+            ("Decryption failed", ErrorKind::DecryptFailed),
+        ];
+        EHSM_MESSAGES
+            .into_iter()
+            .find(|(text, _)| *text == message)
+            .or_else(|| {
+                EHSM_PREFIXES
+                    .into_iter()
+                    .find(|(prefix, _)| message.starts_with(prefix))
+            })
+            .map(|(_, kind)| kind)
     }
 
     /// Whether answers of this kind carry a reason after their message.
@@ -525,7 +551,19 @@ pub fn read_answer(body: Value) -> Result<Map<String, Value>, KmsError> {
         };
     }
     match ErrorAnswer::from_json(&body) {
-        Some(answer) => Err(KmsError::from(answer)),
+        // A refusal without a meaning of its own keeps the server's whole text (eHSM's say
+        // which parameter it refused).
+        Some(answer) => Err(match KmsError::from(answer) {
+            KmsError::Rejected { code, .. } => KmsError::Rejected {
+                code,
+                message: body
+                    .get("message")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string(),
+            },
+            other => other,
+        }),
         None => Err(KmsError::Rejected {
             code: u16::try_from(code).unwrap_or(u16::MAX),
             message: body
@@ -609,6 +647,28 @@ mod tests {
         assert_eq!(refused.kind, ErrorKind::AttestationFailed);
         assert_eq!(refused.detail.as_deref(), Some("MRENCLAVE not allowed"));
         assert_eq!(read("attestation failedness"), None);
+        // A real eHSM's texts (bigdl-compat facts) keep their meaning.
+        for (message, kind) in [
+            ("keyid error", ErrorKind::KeyNotFound),
+            ("appid error", ErrorKind::Sign),
+            ("keyid is disabled", ErrorKind::KeyDisabled),
+            (
+                "Decryption failed, Please confirm that your parameters are correct.",
+                ErrorKind::DecryptFailed,
+            ),
+            (
+                "Parameter invalid, The aad not a vailed base64 string.",
+                ErrorKind::PayloadType,
+            ),
+            (
+                "Missing required parameters, The keyusage cannot be empty.",
+                ErrorKind::MissingParameters,
+            ),
+            ("Invalid  policyId.", ErrorKind::PolicyNotFound),
+            ("Server exception.", ErrorKind::Internal),
+        ] {
+            assert_eq!(read(message).map(|a| a.kind), Some(kind), "{message}");
+        }
     }
 
     #[test]

@@ -60,6 +60,8 @@ pub struct KmsSection {
     pub url: Option<String>,
     /// SHA-256 fingerprint of the server's certificate.
     pub fingerprint: Option<String>,
+    /// The server's protocol dialect: `auto`, `ppml`, `ehsm` or `ehsm-0.3`.
+    pub flavor: Option<String>,
     /// CA certificate (PEM) of the server.
     pub ca_cert: Option<PathBuf>,
     /// The client's policy for the KMS itself (JSON): verify the KMS's quote before
@@ -161,6 +163,8 @@ pub struct GivenSettings {
     pub kms_url: Option<String>,
     /// `PPML_KMS_FINGERPRINT`.
     pub kms_fingerprint: Option<String>,
+    /// `PPML_KMS_FLAVOR`.
+    pub kms_flavor: Option<String>,
     /// `PPML_KMS_CA_CERT`.
     pub kms_ca_cert: Option<PathBuf>,
     /// `PPML_KMS_POLICY`.
@@ -187,6 +191,7 @@ impl GivenSettings {
             output_key: text("PPML_OUTPUT_KEY"),
             kms_url: text("PPML_KMS_URL"),
             kms_fingerprint: text("PPML_KMS_FINGERPRINT"),
+            kms_flavor: text("PPML_KMS_FLAVOR"),
             kms_ca_cert: path("PPML_KMS_CA_CERT"),
             kms_policy: path("PPML_KMS_POLICY"),
             kms_collateral: path("PPML_KMS_COLLATERAL"),
@@ -213,6 +218,8 @@ pub struct Settings {
     pub kms_url: Option<String>,
     /// Pinned fingerprint of the KMS server's certificate.
     pub kms_fingerprint: Option<String>,
+    /// The KMS server's protocol dialect (`auto`, `ppml`, `ehsm`, `ehsm-0.3`) [default: auto].
+    pub kms_flavor: Option<String>,
     /// CA certificate of the KMS server.
     pub kms_ca_cert: Option<PathBuf>,
     /// The client's policy for the KMS (`docs/attestation.md` §8): when set, a KMS whose
@@ -266,6 +273,7 @@ impl Settings {
             output_key: given.output_key,
             kms_url: given.kms_url,
             kms_fingerprint: given.kms_fingerprint,
+            kms_flavor: given.kms_flavor,
             kms_ca_cert: given.kms_ca_cert,
             kms_policy: given.kms_policy,
             kms_collateral: given.kms_collateral,
@@ -290,6 +298,7 @@ impl Settings {
             settings.output_key = settings.output_key.or(file.kms.output_key);
             settings.kms_url = settings.kms_url.or(file.kms.url);
             settings.kms_fingerprint = settings.kms_fingerprint.or(file.kms.fingerprint);
+            settings.kms_flavor = settings.kms_flavor.or(file.kms.flavor);
             settings.kms_ca_cert = settings.kms_ca_cert.or(file.kms.ca_cert);
             settings.kms_policy = settings.kms_policy.or(file.kms.kms_policy);
             settings.kms_collateral = settings.kms_collateral.or(file.kms.kms_collateral);
@@ -308,6 +317,12 @@ impl Settings {
             return Ok(None);
         };
         let mut config = RemoteKmsConfig::new(url.clone());
+        if let Some(flavor) = &self.kms_flavor {
+            config.flavor = flavor.parse().map_err(|reason| Error::Config {
+                what: "the KMS flavor".into(),
+                reason,
+            })?;
+        }
         config.trust = match (&self.kms_fingerprint, &self.kms_ca_cert) {
             (Some(_), Some(_)) => {
                 return Err(Error::Config {

@@ -29,6 +29,7 @@ pub fn ppml(home: &Path) -> Command {
         "PPML_OUTPUT_KEY",
         "PPML_KMS_URL",
         "PPML_KMS_FINGERPRINT",
+        "PPML_KMS_FLAVOR",
         "PPML_KMS_CA_CERT",
         "PPML_KMS_ROOT_KEY",
         "PPML_KMS_PASSPHRASE",
@@ -55,6 +56,16 @@ pub fn run(cmd: &mut Command) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
+}
+
+/// The value of a `name = "value"` line of `text` (as `ppml kms enroll` prints its
+/// credentials).
+pub fn printed_value(text: &str, name: &str) -> String {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} = \"")))
+        .and_then(|v| v.strip_suffix('"'))
+        .unwrap_or_else(|| panic!("no {name} in {text:?}"))
+        .to_string()
 }
 
 /// The standard output as text.
