@@ -84,6 +84,49 @@ pub(crate) fn verify_sim_under(quote: &[u8], policy: &Policy) -> Result<Claims, 
     verify_sim(quote, &platforms).map_err(|e| AttestError::Evidence(e.to_string()))
 }
 
+/// Intel's `sgx_ql_qv_result_t` for the outcome of [`AttestationService::verify_any_quote`], as
+/// eHSM's `VerifyQuote` answers it: 0 for a quote that verified with an up-to-date TCB (and
+/// for accepted simulated evidence), the `0xA00x` TCB states for one that verified with an
+/// older TCB, and a failure code otherwise.
+pub fn sgx_ql_qv_result(outcome: &Result<Claims, AttestError>) -> u32 {
+    match outcome {
+        Ok(claims) => match claims.tcb_status.as_str() {
+            "UpToDate" | crate::sim::SIM_TCB_STATUS => qv::OK,
+            "ConfigurationNeeded" => qv::CONFIG_NEEDED,
+            "OutOfDate" => qv::OUT_OF_DATE,
+            "OutOfDateConfigurationNeeded" => qv::OUT_OF_DATE_CONFIG_NEEDED,
+            "SWHardeningNeeded" => qv::SW_HARDENING_NEEDED,
+            "ConfigurationAndSWHardeningNeeded" => qv::CONFIG_AND_SW_HARDENING_NEEDED,
+            "Revoked" => qv::REVOKED,
+            _ => qv::UNSPECIFIED,
+        },
+        Err(AttestError::Evidence(_)) => qv::INVALID_SIGNATURE,
+        Err(_) => qv::UNSPECIFIED,
+    }
+}
+
+/// Values of Intel's `sgx_ql_qv_result_t` (`sgx_qve_header.h`).
+pub mod qv {
+    /// The quote verified and the TCB is up to date.
+    pub const OK: u32 = 0x0000;
+    /// Verified; the platform needs a configuration change.
+    pub const CONFIG_NEEDED: u32 = 0xA001;
+    /// Verified; the TCB is out of date.
+    pub const OUT_OF_DATE: u32 = 0xA002;
+    /// Verified; out of date and a configuration change is needed.
+    pub const OUT_OF_DATE_CONFIG_NEEDED: u32 = 0xA003;
+    /// The quote's signature (or structure) does not verify.
+    pub const INVALID_SIGNATURE: u32 = 0xA004;
+    /// The platform's key or TCB is revoked.
+    pub const REVOKED: u32 = 0xA005;
+    /// Not verified for another reason (including a refusing policy).
+    pub const UNSPECIFIED: u32 = 0xA006;
+    /// Verified; software hardening is needed.
+    pub const SW_HARDENING_NEEDED: u32 = 0xA007;
+    /// Verified; configuration and software hardening are needed.
+    pub const CONFIG_AND_SW_HARDENING_NEEDED: u32 = 0xA008;
+}
+
 /// Why an attestation was refused or a token is invalid.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -250,6 +293,37 @@ impl AttestationService {
         };
         let collateral = self.dcap_collateral(tee, quote, now)?;
         verify_quote(quote, &collateral, now).map_err(|e| AttestError::Evidence(e.to_string()))
+    }
+
+    /// Verifies a quote without challenge or binding checks (eHSM's `VerifyQuote`): a DCAP
+    /// quote (SGX or TDX), or a sim quote when this service accepts simulation and `policy`
+    /// allows it; then judges the claims by `policy`, when one is given.
+    pub fn verify_any_quote(
+        &self,
+        quote: &[u8],
+        policy: Option<&Policy>,
+        now: u64,
+    ) -> Result<Claims, AttestError> {
+        let claims = if crate::sim::is_sim_quote(quote) {
+            if !self.accept_simulation {
+                return Err(AttestError::Evidence(
+                    "a simulated quote, and this service does not accept simulated TEEs".into(),
+                ));
+            }
+            let policy = policy.ok_or_else(|| {
+                AttestError::Evidence(
+                    "a simulated quote is judged only under a policy that names its platform"
+                        .into(),
+                )
+            })?;
+            verify_sim_under(quote, policy)?
+        } else {
+            self.verify_dcap(quote, now)?
+        };
+        if let Some(policy) = policy {
+            policy.evaluate(&claims)?;
+        }
+        Ok(claims)
     }
 
     /// The token signing public key (raw Ed25519, 32 bytes).

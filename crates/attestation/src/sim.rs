@@ -45,6 +45,14 @@ use crate::evidence::{Evidence, EvidenceError, EvidenceProvider};
 pub const SIM_QUOTE_VERSION: u16 = 1;
 /// The size of a version 1 sim quote.
 pub const SIM_QUOTE_LEN: usize = 2 + 4 + 32 + 64 + 1 + 64;
+
+/// Whether `quote` has the shape of a sim quote (its size, version and TEE tag); says nothing
+/// of its signature.
+pub fn is_sim_quote(quote: &[u8]) -> bool {
+    quote.len() == SIM_QUOTE_LEN
+        && quote[0..2] == SIM_QUOTE_VERSION.to_le_bytes()
+        && quote[2..6] == TEE_TAG
+}
 /// The TCB status of simulated evidence in [`Claims::tcb_status`].
 pub const SIM_TCB_STATUS: &str = "Simulated";
 

@@ -64,6 +64,34 @@ pub fn measure() -> Result<()> {
     Ok(())
 }
 
+/// A quote of this process's TEE over the given report data, base64 on stdout.
+pub fn quote(args: &crate::cli::AttestQuoteArgs, settings: &Settings) -> Result<()> {
+    let Some(tee) = settings.tee else {
+        crate::usage_bail!("ppml attest quote needs --tee sgx|tdx|sim: the TEE to quote");
+    };
+    let bytes = match hex::decode(&args.report_data) {
+        Ok(bytes) if bytes.len() <= 64 => bytes,
+        _ => crate::usage_bail!("--report-data must be at most 64 bytes of hex"),
+    };
+    let mut report_data = [0u8; 64];
+    report_data[..bytes.len()].copy_from_slice(&bytes);
+    let config = ppml::AttestationConfig {
+        tee: tee.tee(),
+        policy_id: String::new(),
+        sim_platform_key: settings.sim_platform_key.clone(),
+    };
+    let provider = ppml::evidence_provider(&config, &settings.home)?;
+    let evidence = provider.evidence(&report_data)?;
+    // Standard base64, as eHSM and BigDL-RAS take quotes.
+    println!("{}", data_encoding_base64(&evidence.quote));
+    Ok(())
+}
+
+fn data_encoding_base64(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
 /// The public key of this machine's simulation platform, as policies name it.
 pub fn sim_platform(settings: &Settings) -> Result<()> {
     let platform = ppml::sim_platform(settings.sim_platform_key.as_deref(), &settings.home)?;

@@ -446,6 +446,10 @@ pub enum AttestCommand {
     /// Print the public key of the simulation platform (`--sim-platform-key`, created if
     /// missing), which policies that allow simulation name in `sim_platforms`
     SimPlatform,
+    /// Print a quote of this process's TEE (--tee) over REPORT_DATA, base64, as BigDL's quote
+    /// generators do (for eHSM's VerifyQuote or BigDL-RAS /verifyQuote). Key release never
+    /// uses such a quote: it binds no fresh challenge (ppml attests with --tee instead)
+    Quote(AttestQuoteArgs),
     /// Verify an SGX or TDX DCAP quote (collateral from a file or a PCCS) and print its
     /// claims (JSON); with --policy, also judge them (exit 4 when the policy refuses, 3 when
     /// the quote does not verify)
@@ -456,6 +460,13 @@ pub enum AttestCommand {
     /// Run the attestation service. It shares its process, store and audit log with the KMS
     /// (keys are released against its tokens), so this is `ppml kms serve`: same options
     Serve(Box<KmsServeArgs>),
+}
+
+#[derive(Debug, Args)]
+pub struct AttestQuoteArgs {
+    /// Report data, up to 64 bytes in hex (zero-padded to 64) [default: 64 zero bytes]
+    #[arg(long, value_name = "HEX", default_value = "")]
+    pub report_data: String,
 }
 
 #[derive(Debug, Subcommand)]

@@ -187,6 +187,7 @@ async fn run(cli: Cli) -> Result<u8> {
             attest::verify(args, &settings).await?
         }
         Command::Attest(crate::cli::AttestCommand::Measure) => attest::measure()?,
+        Command::Attest(crate::cli::AttestCommand::Quote(args)) => attest::quote(args, &settings)?,
         Command::Attest(crate::cli::AttestCommand::SimPlatform) => attest::sim_platform(&settings)?,
         Command::Attest(crate::cli::AttestCommand::Policy(command)) => {
             attest::policy(command, &mut settings).await?

@@ -90,15 +90,7 @@ fn client_mode_on_attested_executors_matches_local_tee_mode() {
         .trim()
         .to_string();
     let policy_file = |name: &str, mrenclave: &str| {
-        let path = dir.path().join(name);
-        std::fs::write(
-            &path,
-            format!(
-                r#"{{"allowed": [{{"tee": "sim", "mrenclave": "{mrenclave}"}}], "allow_simulation": true, "sim_platforms": ["{platform}"]}}"#
-            ),
-        )
-        .unwrap();
-        path
+        common::sim_policy(&dir.path().join(name), mrenclave, &platform)
     };
     let good = stdout(&run(with_key(&home)
         .args(["kms", "release-policy", "--policy"])

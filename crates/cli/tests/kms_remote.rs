@@ -412,15 +412,7 @@ fn attested_runtime_gets_keys_and_others_do_not() {
     assert_eq!(measurement.len(), 64);
     let platform = sim_platform(&client, &sim_key);
     let policy_file = |name: &str, mrenclave: &str| {
-        let path = dir.path().join(name);
-        std::fs::write(
-            &path,
-            format!(
-                r#"{{"allowed": [{{"tee": "sim", "mrenclave": "{mrenclave}"}}], "allow_simulation": true, "sim_platforms": ["{platform}"]}}"#
-            ),
-        )
-        .unwrap();
-        path
+        common::sim_policy(&dir.path().join(name), mrenclave, &platform)
     };
     let good = policy_file("good.json", &measurement);
     let policy = stdout(&run(client
@@ -1366,4 +1358,73 @@ fn bigdl_datasets_import_verified_and_query_to_the_same_rows() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// ppml's server as a drop-in eHSM for BigDL's attestation client: a client that behaves as
+/// BigDL's EHSMAttestationService (compat/bigdl_attestation_client.py: `sign` read as a
+/// string, `result` as an int) accepts a good quote and rejects a tampered one, one of another
+/// runtime, and one judged by a policy that does not allow it.
+#[test]
+fn bigdls_ehsm_attestation_client_accepts_good_quotes_and_rejects_bad_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim_key = dir.path().join("sim-platform.pk8");
+    let server = serve_tls_with(&dir.path().join("kms"), &["--allow-simulation".as_ref()]);
+    let client = Client::enroll(&server, dir.path().join("home"));
+    let measurement = stdout(&run(client.cmd().args(["attest", "measure"])))
+        .trim()
+        .to_string();
+    let platform = sim_platform(&client, &sim_key);
+    let upload = |name: &str, mrenclave: &str| {
+        let path = common::sim_policy(&dir.path().join(name), mrenclave, &platform);
+        stdout(&run(client
+            .cmd()
+            .args(["attest", "policy", "upload"])
+            .arg(&path)))
+        .trim()
+        .to_string()
+    };
+    let this_binary = upload("this.json", &measurement);
+    let another_binary = upload("other.json", &"ab".repeat(32));
+    let quote = stdout(&run(client
+        .cmd()
+        .env("PPML_SIM_PLATFORM_KEY", &sim_key)
+        .args([
+            "--tee",
+            "sim",
+            "attest",
+            "quote",
+            "--report-data",
+            "0badc0de",
+        ])))
+    .trim()
+    .to_string();
+    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../compat/bigdl_attestation_client.py");
+    let bigdl_client = |quote: &str, policy: &str| {
+        Command::new("python3")
+            .arg(&script)
+            .args([&client.url, &client.appid, &client.apikey, quote, policy])
+            .output()
+            .unwrap()
+    };
+    let out = bigdl_client(&quote, &this_binary);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(stdout(&out).contains("Attestation Success!"), "{out:?}");
+
+    // A flipped byte of the report data: the platform signature no longer holds.
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut tampered = b64.decode(&quote).unwrap();
+    tampered[40] ^= 0x01;
+    for (quote, policy) in [
+        (b64.encode(&tampered), this_binary.as_str()),
+        (quote.clone(), another_binary.as_str()),
+    ] {
+        let out = bigdl_client(&quote, policy);
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        assert!(
+            stdout(&out).contains("Attestation Fail! Application killed!"),
+            "{out:?}"
+        );
+    }
 }

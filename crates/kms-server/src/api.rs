@@ -47,7 +47,12 @@ const AAD_DATA: &[u8] = b"ppml-kms-server/v1 data\0";
 
 /// Metric labels of requests that are not protocol actions: the BigDL-RAS endpoints, and
 /// every unknown name (so clients cannot create new series).
-const OTHER_LABELS: [&str; 3] = ["RasRegisterPolicy", "RasVerifyQuote", "unknown"];
+const OTHER_LABELS: [&str; 4] = [
+    "RasRegisterPolicy",
+    "RasVerifyQuote",
+    "RasEnroll",
+    "unknown",
+];
 
 /// Actions that write to the store (an fsync) or scan it: run on the blocking pool. The others
 /// are served from the store's caches and run on the async workers.
@@ -154,7 +159,7 @@ pub struct ServerState {
     attestation: Option<AttestationService>,
     request_ids: RequestIds,
     bigdl_ras: bool,
-    enrollments: std::sync::Mutex<TokenBucket>,
+    pub(crate) enrollments: std::sync::Mutex<TokenBucket>,
     own_evidence: Option<Arc<OwnEvidence>>,
     /// [`Store::root_id`], computed once for `GenerateQuote`.
     own_root_id: [u8; 32],
@@ -590,7 +595,8 @@ async fn respond(
         Ok(result) => {
             state.metrics.record(action, "ok", started);
             tracing::debug!(action, request_id, outcome = "ok", "request");
-            json!({"code": 200, "message": "successful", "result": result})
+            let message = Action::from_name(action).map_or("successful", Action::success_message);
+            json!({"code": 200, "message": message, "result": result})
         }
         Err(err) => {
             state.metrics.record(action, err.kind(), started);
@@ -730,7 +736,21 @@ fn signed(
 ) -> Result<Value, ApiError> {
     let action = Action::from_name(action).ok_or(ApiError::UnknownAction)?;
     if !action.is_signed() {
-        return unsigned(state, action.name(), &ActionQuery::default(), context);
+        // eHSM's clients (BigDL's) POST GenerateQuote with `{payload: {challenge}}`; the
+        // answer is public, so their signature need not be checked.
+        let challenge = (action == Action::GenerateQuote)
+            .then(|| serde_json::from_slice::<Value>(body).ok())
+            .flatten()
+            .and_then(|v| {
+                v.pointer("/payload/challenge")?
+                    .as_str()
+                    .map(str::to_string)
+            });
+        let query = ActionQuery {
+            challenge,
+            ..ActionQuery::default()
+        };
+        return unsigned(state, action.name(), &query, context);
     }
     let value: Value = serde_json::from_slice(body).map_err(|_| RequestError::ParamType)?;
     let obj = value.as_object().ok_or(RequestError::ParamType)?;
@@ -889,8 +909,22 @@ fn attestation_action(
             Ok(json!({"policyId": id}))
         }
         Action::GetQuotePolicy => {
+            // ppml's policy document, and eHSM's fields (its first SGX measurement).
             let id = field(payload, "policyId")?;
-            Ok(json!({"policyId": id, "policy": state.store.policy(appid, id)?}))
+            let (text, created_ms) = state.store.policy_record(appid, id)?;
+            let policy: Policy =
+                serde_json::from_str(&text).map_err(|e| ApiError::Internal(e.to_string()))?;
+            let sgx = policy
+                .allowed
+                .iter()
+                .find(|m| m.mrenclave.is_some() || m.mrsigner.is_some());
+            Ok(json!({
+                "policyId": id,
+                "policy": text,
+                "mr_enclave": sgx.and_then(|m| m.mrenclave.clone()).unwrap_or_default(),
+                "mr_signer": sgx.and_then(|m| m.mrsigner.clone()).unwrap_or_default(),
+                "createTime": created_ms,
+            }))
         }
         Action::AttestChallenge => {
             let nonce = service
@@ -940,27 +974,43 @@ fn attestation_action(
             // eHSM's action: verify a DCAP quote against one of the app's policies. The nonce
             // is echoed; unlike `Attest` it is not a server challenge, so the answer proves
             // nothing about freshness (see docs/attestation.md §6.2).
+            // As eHSM answers it: `result` is Intel's sgx_ql_qv_result_t and `sign` the HMAC of
+            // the other fields under the app's api key, which BigDL's clients read.
             let quote = b64_field(payload, "quote")?;
             let nonce = optional_str(payload, "nonce")?;
-            let policy: Policy =
-                serde_json::from_str(&state.store.policy(appid, field(payload, "policyId")?)?)
-                    .map_err(|e| ApiError::Internal(e.to_string()))?;
-            let mut answer = json!({"result": false, "nonce": nonce});
-            match service.verify_dcap(&quote, now_secs) {
+            let policy: Option<Policy> = match optional_str(payload, "policyId")? {
+                "" => None,
+                id => Some(
+                    serde_json::from_str(&state.store.policy(appid, id)?)
+                        .map_err(|e| ApiError::Internal(e.to_string()))?,
+                ),
+            };
+            let outcome = service.verify_any_quote(&quote, policy.as_ref(), now_secs);
+            let mut answer = Map::new();
+            answer.insert(
+                "result".into(),
+                json!(ppml_attestation::service::sgx_ql_qv_result(&outcome)),
+            );
+            answer.insert("nonce".into(), json!(nonce));
+            match &outcome {
                 Ok(claims) => {
                     // eHSM also reports the measurements of a quote that verified.
                     let m = &claims.measurements;
-                    answer["mr_enclave"] = json!(m.mrenclave.as_deref().unwrap_or(""));
-                    answer["mr_signer"] = json!(m.mrsigner.as_deref().unwrap_or(""));
-                    answer["tcb_status"] = json!(claims.tcb_status);
-                    match policy.evaluate(&claims) {
-                        Ok(()) => answer["result"] = json!(true),
-                        Err(e) => tracing::info!(appid, reason = %e, "VerifyQuote: refused"),
-                    }
+                    answer.insert(
+                        "mr_enclave".into(),
+                        json!(m.mrenclave.as_deref().unwrap_or("")),
+                    );
+                    answer.insert(
+                        "mr_signer".into(),
+                        json!(m.mrsigner.as_deref().unwrap_or("")),
+                    );
+                    answer.insert("tcb_status".into(), json!(claims.tcb_status));
                 }
                 Err(e) => tracing::info!(appid, reason = %e, "VerifyQuote: refused"),
             }
-            Ok(answer)
+            let sign = ehsm::sign(&auth.apikey, &answer);
+            answer.insert("sign".into(), json!(sign));
+            Ok(Value::Object(answer))
         }
         Action::SetKeyReleasePolicy => {
             let keyid = field(payload, "keyid")?;
@@ -1279,7 +1329,10 @@ fn run(
                 .list_keys(appid)?
                 .into_iter()
                 .map(|(keyid, r)| {
+                    // eHSM's fields (ppml keys do not expire; aliases are not kept) and the
+                    // key version.
                     json!({"keyid": keyid, "keyspec": r.keyspec, "creationDate": r.created_ms,
+                           "expireTime": 0, "alias": "",
                            "keyState": if r.enabled { 1 } else { 0 },
                            "keyVersion": r.newest_version()})
                 })
@@ -1618,13 +1671,13 @@ mod tests {
             json!({"policyId": policy_id}),
         )
         .await;
-        assert_eq!(refused["message"], "policyId not found");
+        assert_eq!(refused["message"], "Invalid  policyId.");
         let challenge = post(&app, "AttestChallenge", &oid, &okey, json!({})).await;
         let nonce = BASE64
             .decode(challenge["result"]["nonce"].as_str().unwrap())
             .unwrap();
         let refused = post(&app, "Attest", &oid, &okey, attest(nonce, b"k")).await;
-        assert_eq!(refused["message"], "policyId not found");
+        assert_eq!(refused["message"], "Invalid  policyId.");
 
         // eHSM's policy shape is accepted and stored as a strict SGX policy.
         let ehsm = post(
@@ -1818,7 +1871,10 @@ mod tests {
             "aad": other, "token": token, "grant": grant}),
         )
         .await;
-        assert_eq!(refused["message"], "decrypt failed");
+        assert_eq!(
+            refused["message"],
+            "Decryption failed, Please confirm that your parameters are correct."
+        );
 
         // App A's token opens nothing of app B's: not through B's credentials (wrong app), not
         // through A's (B's key is not A's).
@@ -1872,7 +1928,7 @@ mod tests {
             json!({"keyid": key_b, "ciphertext": wrapped_b, "aad": "ds", "token": token}),
         )
         .await;
-        assert_eq!(refused["message"], "keyid not found", "{refused}");
+        assert_eq!(refused["message"], "keyid error", "{refused}");
 
         // The audit log holds the claims of every attestation and release that succeeded,
         // and no claims on refusals.
@@ -1938,8 +1994,13 @@ mod tests {
         )
         .await;
         assert_eq!(answer["code"], 200, "{answer}");
-        assert_eq!(answer["result"]["result"], false);
+        // The collateral expired, so the quote does not verify: sgx_ql_qv_result_t
+        // INVALID_SIGNATURE, and the answer is signed.
+        assert_eq!(answer["result"]["result"], 0xA004);
         assert_eq!(answer["result"]["nonce"], "n-1");
+        let mut fields = answer["result"].as_object().unwrap().clone();
+        let sign = fields.remove("sign").unwrap();
+        assert_eq!(sign, ehsm::sign(&apikey, &fields));
         let garbage = post(
             &app,
             "VerifyQuote",

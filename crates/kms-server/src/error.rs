@@ -12,10 +12,10 @@ pub enum ApiError {
     #[error("param type error")]
     PayloadType,
     /// Unknown key id, or another app's key.
-    #[error("keyid not found")]
+    #[error("keyid error")]
     KeyNotFound,
     /// The key is disabled.
-    #[error("key is disabled")]
+    #[error("keyid is disabled")]
     KeyDisabled,
     /// The key releases data keys only to attested runtimes (`ReleaseDataKey`).
     #[error("key is released only to attested runtimes (use ReleaseDataKey)")]
@@ -24,7 +24,7 @@ pub enum ApiError {
     #[error("key is not marked for attested release (use Decrypt)")]
     NotMarkedForRelease,
     /// Unknown attestation policy id, or another app's.
-    #[error("policyId not found")]
+    #[error("Invalid  policyId.")]
     PolicyNotFound,
     /// The attestation evidence was refused (verification, binding, challenge or policy).
     #[error("attestation failed: {0}")]
@@ -48,16 +48,16 @@ pub enum ApiError {
     #[error("base64 decode error")]
     Base64,
     /// Wrong key, wrong aad or modified ciphertext.
-    #[error("decrypt failed")]
+    #[error("Decryption failed, Please confirm that your parameters are correct.")]
     DecryptFailed,
     /// The body is over the limit.
     #[error("payload too large")]
     TooLarge,
     /// The action is not one of the protocol's.
-    #[error("unknown action")]
+    #[error("API Not Found")]
     UnknownAction,
     /// A server fault; details are logged, not returned.
-    #[error("Server internal error, please contact the administrator.")]
+    #[error("Server exception.")]
     Internal(String),
     /// The KMS runs in a TEE and has no root key yet.
     #[error("the KMS is sealed: its owner must unseal it (ppml kms unseal)")]

@@ -1,5 +1,5 @@
-//! BigDL Remote Attestation Service (RAS) compatibility: `POST /registerPolicy` and
-//! `POST /verifyQuote` (`docs/attestation.md` §6.5), so that BigDL PPML's `BigDLAttestationService`
+//! BigDL Remote Attestation Service (RAS) compatibility: `GET /enroll`, `POST /registerPolicy`
+//! and `POST /verifyQuote` (`docs/attestation.md` §6.5), so that BigDL PPML's `BigDLAttestationService`
 //! client, its `RegisterMrEnclave` admin tool and `attestation_cli.py` work against
 //! `ppml kms serve`.
 //!
@@ -18,8 +18,9 @@
 //! - `ppml/services/bigdl-attestation-service/README.md` (the REST API table).
 //!
 //! Differences, all on the safe side: the api key is compared in constant time against the
-//! store's sealed key; a quote is always judged against one of the app's policies (the original
-//! accepted any genuine quote when `policyID` was absent); a registered policy is a strict ppml
+//! store's sealed key; a quote is always judged against one of the app's policies (without
+//! `policyID`, the one it registered last; the original accepted any genuine quote); a
+//! registered policy is a strict ppml
 //! policy (§4: `UpToDate` only, no advisories, no debug TEE), so a quote the original answered
 //! with 1 needs a policy that accepts its TCB status (uploaded with `UploadQuotePolicy`); the
 //! report-data policy types are refused (ppml binds report data with `Attest`, §6.1); every
@@ -50,6 +51,8 @@ use crate::audit::AuditEntry;
 const REGISTER: &str = "RasRegisterPolicy";
 /// The audit action and metrics label of `POST /verifyQuote`.
 const VERIFY: &str = "RasVerifyQuote";
+/// The audit action and metrics label of `GET /enroll`.
+const ENROLL: &str = "RasEnroll";
 
 /// Milliseconds since the Unix epoch (tests pin it to the fixtures' collateral window).
 type Clock = fn() -> u64;
@@ -77,6 +80,7 @@ fn routes(server: Arc<ServerState>, now_ms: Clock) -> Router {
     Router::new()
         .route("/registerPolicy", post(register_policy))
         .route("/verifyQuote", post(verify_quote))
+        .route("/enroll", axum::routing::get(enroll))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(RasState { server, now_ms })
 }
@@ -98,6 +102,8 @@ enum RasError {
     Refused(String, Option<Box<Claims>>),
     /// The body is over [`MAX_BODY`].
     TooLarge,
+    /// Too many enrollments in a short time.
+    RateLimited,
     /// The server cannot verify quotes (no attestation service, no collateral).
     NotConfigured(String),
     /// A server fault; details are logged, not returned.
@@ -108,6 +114,7 @@ impl From<ApiError> for RasError {
     fn from(e: ApiError) -> Self {
         match e {
             ApiError::PolicyNotFound => RasError::PolicyNotFound,
+            ApiError::RateLimited => RasError::RateLimited,
             ApiError::Internal(detail) => RasError::Internal(detail),
             other => RasError::Internal(other.to_string()),
         }
@@ -124,6 +131,7 @@ impl RasError {
             RasError::Base64 => ApiError::Base64.message(),
             RasError::Refused(reason, _) => ApiError::AttestationFailed(reason.clone()).message(),
             RasError::TooLarge => ApiError::TooLarge.message(),
+            RasError::RateLimited => ApiError::RateLimited.message(),
             RasError::NotConfigured(detail) => detail.clone(),
             RasError::Internal(_) => ApiError::Internal(String::new()).message(),
         }
@@ -147,6 +155,7 @@ impl RasError {
             RasError::Base64 => "base64",
             RasError::Refused(..) => "attestation_failed",
             RasError::TooLarge => "too_large",
+            RasError::RateLimited => "rate_limited",
             RasError::NotConfigured(_) => "not_configured",
             RasError::Internal(_) => "internal",
         }
@@ -175,6 +184,35 @@ async fn verify_quote(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     handle(state, VERIFY, body, verify).await
+}
+
+/// `GET /enroll`: a new app, as eHSM's `Enroll` makes it (rate limited, no owner key),
+/// answered in both of the shapes BigDL-RAS versions used.
+async fn enroll(State(state): State<RasState>) -> Response {
+    let started = Instant::now();
+    let server = Arc::clone(&state.server);
+    let now_ms = (state.now_ms)();
+    let (appid, result) = tokio::task::spawn_blocking(move || {
+        let mut appid = String::new();
+        let result = crate::api::rate_limit(&server.enrollments)
+            .and_then(|()| {
+                server.store.enroll(now_ms, None, &mut |id| {
+                    appid = id.to_string();
+                    match server.audit().filter(|audit| audit.is_failed()) {
+                        Some(_) => Err(ApiError::Internal("the audit log has failed".into())),
+                        None => Ok(()),
+                    }
+                })
+            })
+            .map(|(id, apikey)| {
+                json!({"appID": id, "apiKey": *apikey, "app_id": id, "api_key": *apikey})
+            })
+            .map_err(RasError::from);
+        (appid, result)
+    })
+    .await
+    .unwrap_or_else(|e| (String::new(), Err(RasError::Internal(e.to_string()))));
+    respond(&state.server, ENROLL, appid, started, result).await
 }
 
 /// Parses and authenticates the request and runs `work` on the blocking pool (a store write
@@ -386,19 +424,25 @@ fn verify(
     request: &Map<String, Value>,
     now_ms: u64,
 ) -> Result<Value, RasError> {
-    let policy_id = match request.get("policyID") {
-        Some(Value::String(id)) if !id.is_empty() => id.as_str(),
-        None | Some(Value::Null) | Some(Value::String(_)) => {
-            return Err(RasError::Field(
-                "policyID is required: ppml judges every quote against one of the app's \
-                 policies (register one with /registerPolicy)"
-                    .into(),
-            ));
-        }
+    // Without policyID (BigDL's clients may omit it), the app's newest policy judges: ppml
+    // never accepts a quote on its genuineness alone.
+    let text = match request.get("policyID") {
+        Some(Value::String(id)) if !id.is_empty() => state.store.policy(appid, id)?,
+        None | Some(Value::Null) | Some(Value::String(_)) => state
+            .store
+            .newest_policy(appid)?
+            .map(|(_, text)| text)
+            .ok_or_else(|| {
+                RasError::Field(
+                    "no policyID, and the app has no policy to judge the quote by (register \
+                     one with /registerPolicy)"
+                        .into(),
+                )
+            })?,
         Some(_) => return Err(RasError::Field("policyID must be a string".into())),
     };
-    let policy: Policy = serde_json::from_str(&state.store.policy(appid, policy_id)?)
-        .map_err(|e| RasError::Internal(e.to_string()))?;
+    let policy: Policy =
+        serde_json::from_str(&text).map_err(|e| RasError::Internal(e.to_string()))?;
     let quote = match request.get("quote") {
         Some(Value::String(quote)) if !quote.is_empty() => {
             BASE64.decode(quote).map_err(|_| RasError::Base64)?
@@ -721,6 +765,36 @@ mod tests {
         );
     }
 
+    /// `GET /enroll` makes an app whose credentials work at once, in both answer shapes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn enroll_makes_an_app() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = server(dir.path(), true, false);
+        let response = server
+            .ras
+            .clone()
+            .oneshot(Request::get("/enroll").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let bytes = axum::body::to_bytes(response.into_body(), MAX_BODY)
+            .await
+            .unwrap();
+        let answer: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(answer["appID"], answer["app_id"], "{answer}");
+        assert_eq!(answer["apiKey"], answer["api_key"], "{answer}");
+        let app = (
+            answer["appID"].as_str().unwrap().to_string(),
+            answer["apiKey"].as_str().unwrap().to_string(),
+        );
+        register(
+            &server.ras,
+            &app,
+            json!({"policyType": "SGXMREnclavePolicy", "mrEnclave": MRENCLAVE}),
+        )
+        .await;
+    }
+
     /// Each refusal answers `result: -1` with its own message.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn refusals_have_specific_messages() {
@@ -773,10 +847,20 @@ mod tests {
         let (status, answer) =
             ras(&server.ras, "/verifyQuote", verify_body(&other, &sgx, &id)).await;
         refused(status, &answer, "policyID not found");
+        // Without policyID, the app's newest policy judges (this one refuses the fixture's
+        // TCB status, as it does with its id); an app without a policy is refused.
         let mut body = verify_body(&app, &sgx, &id);
         body.as_object_mut().unwrap().remove("policyID");
         let (status, answer) = ras(&server.ras, "/verifyQuote", body).await;
-        refused(status, &answer, "param type error: policyID is required");
+        refused(status, &answer, "attestation failed: TCB status");
+        let mut body = verify_body(&other, &sgx, &id);
+        body.as_object_mut().unwrap().remove("policyID");
+        let (status, answer) = ras(&server.ras, "/verifyQuote", body).await;
+        refused(
+            status,
+            &answer,
+            "param type error: no policyID, and the app has no policy",
+        );
 
         // A flipped byte in the quote's report body (MRSIGNER): the signature no longer holds.
         let mut flipped = sgx.clone();

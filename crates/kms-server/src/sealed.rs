@@ -17,6 +17,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use ppml_attestation::peer::{KmsKeyState, unseal_aad};
 use ppml_attestation::release::RuntimeKey;
 use ppml_kms::ehsm::RequestError;
+use ppml_kms::protocol::Action;
 use serde_json::{Value, json};
 use tower::ServiceExt as _;
 use zeroize::Zeroizing;
@@ -188,7 +189,11 @@ impl SealedKms {
             _ => Err(ApiError::Sealed),
         };
         match result {
-            Ok(result) => json!({"code": 200, "message": "successful", "result": result}),
+            Ok(result) => {
+                let message =
+                    Action::from_name(action).map_or("successful", Action::success_message);
+                json!({"code": 200, "message": message, "result": result})
+            }
             Err(err) => {
                 tracing::info!(action, outcome = %err, "request to the sealed KMS refused");
                 err.answer().to_json()

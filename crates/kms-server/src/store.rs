@@ -817,16 +817,22 @@ impl Store {
 
     /// The policy `id` of `appid` (JSON text); another app's policy is reported as not found.
     pub fn policy(&self, appid: &str, id: &str) -> Result<String, ApiError> {
+        self.policy_record(appid, id).map(|(policy, _)| policy)
+    }
+
+    /// The policy `id` of `appid` (JSON text) and when it was stored (Unix ms).
+    pub fn policy_record(&self, appid: &str, id: &str) -> Result<(String, u64), ApiError> {
         let record: serde_json::Value = self
             .get_json(POLICIES, id)?
             .ok_or(ApiError::PolicyNotFound)?;
         if record["appid"] != appid {
             return Err(ApiError::PolicyNotFound);
         }
-        record["policy"]
+        let policy = record["policy"]
             .as_str()
             .map(str::to_string)
-            .ok_or_else(|| internal("policy record without policy"))
+            .ok_or_else(|| internal("policy record without policy"))?;
+        Ok((policy, record["created_ms"].as_u64().unwrap_or(0)))
     }
 
     /// Keys of `appid`: (keyid, record).
@@ -842,6 +848,34 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// The policy `appid` stored last (id, JSON text), if it has any: the app's default for
+    /// BigDL-RAS quotes that name no policy.
+    pub fn newest_policy(&self, appid: &str) -> Result<Option<(String, String)>, ApiError> {
+        let tx = self.db.begin_read().map_err(internal)?;
+        let policies = tx.open_table(POLICIES).map_err(internal)?;
+        let mut newest: Option<(u64, String, String)> = None;
+        for entry in policies.iter().map_err(internal)? {
+            let (k, v) = entry.map_err(internal)?;
+            let record: serde_json::Value = serde_json::from_slice(v.value()).map_err(internal)?;
+            if record["appid"] != appid {
+                continue;
+            }
+            let created = record["created_ms"].as_u64().unwrap_or(0);
+            let Some(text) = record["policy"].as_str() else {
+                return Err(internal("policy record without policy"));
+            };
+            // Ids break ties, so that the choice never depends on the table's order.
+            let key = k.value().to_string();
+            if newest
+                .as_ref()
+                .is_none_or(|(c, id, _)| (created, &key) > (*c, id))
+            {
+                newest = Some((created, key, text.to_string()));
+            }
+        }
+        Ok(newest.map(|(_, id, text)| (id, text)))
     }
 
     /// Numbers of (enabled, disabled) keys of all apps; one pass over the keys table.

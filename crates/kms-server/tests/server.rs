@@ -287,11 +287,11 @@ fn every_bad_request_gets_its_error_and_the_server_keeps_serving() {
             "Decrypt",
             json!({"keyid": keyid, "ciphertext": ciphertext, "aad": ""}),
         ),
-        "keyid not found",
+        "keyid error",
     );
     assert_error(
         &call(&server, &other, "DisableKey", json!({"keyid": keyid})),
-        "keyid not found",
+        "keyid error",
     );
     // A flipped bit in the ciphertext, and the wrong aad.
     let mut raw = base64_decode(&ciphertext);
@@ -304,7 +304,7 @@ fn every_bad_request_gets_its_error_and_the_server_keeps_serving() {
             "Decrypt",
             json!({"keyid": keyid, "ciphertext": base64_encode(&raw), "aad": ""}),
         ),
-        "decrypt failed",
+        "Decryption failed, Please confirm that your parameters are correct.",
     );
     assert_error(
         &call(
@@ -313,7 +313,7 @@ fn every_bad_request_gets_its_error_and_the_server_keeps_serving() {
             "Decrypt",
             json!({"keyid": keyid, "ciphertext": ciphertext, "aad": "other"}),
         ),
-        "decrypt failed",
+        "Decryption failed, Please confirm that your parameters are correct.",
     );
     // A disabled key, then enabled again.
     assert_eq!(
@@ -327,7 +327,7 @@ fn every_bad_request_gets_its_error_and_the_server_keeps_serving() {
             "Decrypt",
             json!({"keyid": keyid, "ciphertext": ciphertext, "aad": ""}),
         ),
-        "key is disabled",
+        "keyid is disabled",
     );
     assert_eq!(
         call(&server, &app, "EnableKey", json!({"keyid": keyid}))["code"],
@@ -452,7 +452,10 @@ fn rotate_and_re_encrypt() {
         "djA="
     );
     // ... bound to the same aad.
-    assert_error(&decrypt(&server, &app, &keyid, &c2, "b"), "decrypt failed");
+    assert_error(
+        &decrypt(&server, &app, &keyid, &c2, "b"),
+        "Decryption failed, Please confirm that your parameters are correct.",
+    );
 
     // Rejections.
     let mut flipped = base64_decode(&c1);
@@ -465,7 +468,7 @@ fn rotate_and_re_encrypt() {
             "ReEncrypt",
             json!({"keyid": keyid, "ciphertext": base64_encode(&flipped), "aad": "a"}),
         ),
-        "decrypt failed",
+        "Decryption failed, Please confirm that your parameters are correct.",
     );
     assert_error(
         &call(
@@ -474,7 +477,7 @@ fn rotate_and_re_encrypt() {
             "ReEncrypt",
             json!({"keyid": keyid, "ciphertext": c1, "aad": "wrong"}),
         ),
-        "decrypt failed",
+        "Decryption failed, Please confirm that your parameters are correct.",
     );
     assert_error(
         &call(
@@ -492,15 +495,15 @@ fn rotate_and_re_encrypt() {
             "ReEncrypt",
             json!({"keyid": keyid, "ciphertext": c1, "aad": "a"}),
         ),
-        "keyid not found",
+        "keyid error",
     );
     assert_error(
         &call(&server, &other, "RotateKey", json!({"keyid": keyid})),
-        "keyid not found",
+        "keyid error",
     );
     assert_error(
         &call(&server, &app, "RotateKey", json!({"keyid": "no-such-key"})),
-        "keyid not found",
+        "keyid error",
     );
     assert_error(
         &call(&server, &app, "RotateKey", json!({"keyid": 7})),
@@ -523,7 +526,7 @@ fn rotate_and_re_encrypt() {
     ok_result(call(&server, &app, "DisableKey", json!({"keyid": keyid})));
     assert_error(
         &call(&server, &app, "RotateKey", json!({"keyid": keyid})),
-        "key is disabled",
+        "keyid is disabled",
     );
     assert_error(
         &call(
@@ -532,7 +535,7 @@ fn rotate_and_re_encrypt() {
             "ReEncrypt",
             json!({"keyid": keyid, "ciphertext": c1, "aad": "a"}),
         ),
-        "key is disabled",
+        "keyid is disabled",
     );
     ok_result(call(&server, &app, "EnableKey", json!({"keyid": keyid})));
     let r = ok_result(call(
@@ -544,7 +547,7 @@ fn rotate_and_re_encrypt() {
     assert_eq!(version_of(r["ciphertext"].as_str().unwrap()), 2);
     // A deleted key is gone at once (no stale cache entry).
     ok_result(call(&server, &app, "DeleteKey", json!({"keyid": keyid})));
-    assert_error(&decrypt(&server, &app, &keyid, &c0, "a"), "keyid not found");
+    assert_error(&decrypt(&server, &app, &keyid, &c0, "a"), "keyid error");
 }
 
 #[test]
@@ -770,16 +773,16 @@ fn metrics_count_requests_by_action_and_outcome() {
     encrypt(&server, &app, &keyid, "aGk=", "");
     assert_error(
         &decrypt(&server, &app, &keyid, &c, "other"),
-        "decrypt failed",
+        "Decryption failed, Please confirm that your parameters are correct.",
     );
-    assert_error(
-        &call(&server, &app, "NoSuchAction", json!({})),
-        "unknown action",
-    );
-    assert_error(
-        &call(&server, &app, "AnotherMadeUpAction", json!({})),
-        "unknown action",
-    );
+    for made_up in ["NoSuchAction", "AnotherMadeUpAction"] {
+        let r = call(&server, &app, made_up, json!({}));
+        assert_eq!(
+            (r["code"].clone(), r["message"].clone()),
+            (json!(404), json!("API Not Found")),
+            "{r}"
+        );
+    }
     ok_result(call(&server, &app, "DisableKey", json!({"keyid": keyid})));
 
     let text = http_get_text(server.addr, "/metrics");

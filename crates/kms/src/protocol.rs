@@ -168,6 +168,25 @@ impl Action {
         )
     }
 
+    /// The `message` of a successful answer, eHSM's for its actions: `success!` for the
+    /// enclave's actions, its own texts for the quote policies, `successful` for the rest
+    /// (and every ppml extension).
+    pub fn success_message(self) -> &'static str {
+        match self {
+            Action::CreateKey
+            | Action::Encrypt
+            | Action::Decrypt
+            | Action::GenerateDataKey
+            | Action::GenerateDataKeyWithoutPlaintext
+            | Action::GetVersion
+            | Action::VerifyQuote
+            | Action::GenerateQuote => "success!",
+            Action::UploadQuotePolicy => "Upload quote policy success.",
+            Action::GetQuotePolicy => "Query quote policy success.",
+            _ => "successful",
+        }
+    }
+
     /// Whether the signed envelope must carry a `payload` (`docs/kms-api.md` §4 rule 1: the
     /// cryptographic actions and the attestation actions that name a policy or a key).
     pub fn needs_payload(self) -> bool {
@@ -334,10 +353,12 @@ impl ErrorKind {
         ErrorKind::Internal,
     ];
 
-    /// The eHSM `code`: 500 for server faults, 400 for everything the client caused.
+    /// The eHSM `code`: 500 for server faults, 404 for an unknown action, 400 for everything
+    /// else the client caused.
     pub fn code(self) -> u16 {
         match self {
             ErrorKind::Internal => 500,
+            ErrorKind::UnknownAction => 404,
             _ => 400,
         }
     }
@@ -351,19 +372,21 @@ impl ErrorKind {
             ErrorKind::Timestamp => "Timestamp error",
             ErrorKind::Replay => "Timestamp can't be repeated in 20 minutes",
             ErrorKind::Sign => "sign error",
-            ErrorKind::KeyNotFound => "keyid not found",
-            ErrorKind::KeyDisabled => "key is disabled",
+            ErrorKind::KeyNotFound => "keyid error",
+            ErrorKind::KeyDisabled => "keyid is disabled",
             ErrorKind::Base64 => "base64 decode error",
-            ErrorKind::DecryptFailed => "decrypt failed",
+            ErrorKind::DecryptFailed => {
+                "Decryption failed, Please confirm that your parameters are correct."
+            }
             ErrorKind::TooLarge => "payload too large",
-            ErrorKind::UnknownAction => "unknown action",
+            ErrorKind::UnknownAction => "API Not Found",
             ErrorKind::AttestationRequired => {
                 "key is released only to attested runtimes (use ReleaseDataKey)"
             }
             ErrorKind::NotMarkedForRelease => {
                 "key is not marked for attested release (use Decrypt)"
             }
-            ErrorKind::PolicyNotFound => "policyId not found",
+            ErrorKind::PolicyNotFound => "Invalid  policyId.",
             ErrorKind::AttestationFailed => ATTESTATION_FAILED,
             ErrorKind::TokenExpired => "attestation token expired (attest again)",
             ErrorKind::ActionNotSigned => "the signed request does not name this action",
@@ -375,7 +398,7 @@ impl ErrorKind {
             ErrorKind::Sealed => "the KMS is sealed: its owner must unseal it (ppml kms unseal)",
             ErrorKind::NotSealed => "the KMS is not sealed",
             ErrorKind::UnsealFailed => UNSEAL_FAILED,
-            ErrorKind::Internal => "Server internal error, please contact the administrator.",
+            ErrorKind::Internal => "Server exception.",
         }
     }
 
@@ -437,13 +460,9 @@ impl ErrorKind {
         }
         // eHSM-KMS's own texts (0.3 and 1.x), so that a real eHSM's refusals keep their
         // meaning (and ppml's exit codes theirs).
-        const EHSM_MESSAGES: [(&str, ErrorKind); 6] = [
-            ("keyid error", ErrorKind::KeyNotFound),
+        const EHSM_MESSAGES: [(&str, ErrorKind); 2] = [
             ("appid error", ErrorKind::Sign),
-            ("keyid is disabled", ErrorKind::KeyDisabled),
             ("Invalid JSON", ErrorKind::ParamType),
-            ("Invalid  policyId.", ErrorKind::PolicyNotFound),
-            ("Server exception.", ErrorKind::Internal),
         ];
         const EHSM_PREFIXES: [(&str, ErrorKind); 3] = [
             ("Missing required parameters", ErrorKind::MissingParameters),
@@ -635,13 +654,10 @@ mod tests {
         let read = |message: &str| {
             ErrorAnswer::from_json(&json!({"code": 400, "message": message, "result": {}}))
         };
-        assert_eq!(
-            read("keyid not found").unwrap().kind,
-            ErrorKind::KeyNotFound
-        );
+        assert_eq!(read("keyid error").unwrap().kind, ErrorKind::KeyNotFound);
         assert_eq!(read("param type error").unwrap().kind, ErrorKind::ParamType);
         // A longer message that merely contains a known one is not that error.
-        assert_eq!(read("keyid not found in cache"), None);
+        assert_eq!(read("keyid error in cache"), None);
         assert_eq!(read("sign error!"), None);
         let refused = read("attestation failed: MRENCLAVE not allowed").unwrap();
         assert_eq!(refused.kind, ErrorKind::AttestationFailed);

@@ -36,7 +36,7 @@ fn the_error_table_is_the_error_kind_enum() {
     let doc = doc();
     let documented: BTreeSet<(u16, String, String)> = section(&doc, "## 6. Errors")
         .into_iter()
-        .filter(|l| l.starts_with("| 400") || l.starts_with("| 500"))
+        .filter(|l| l.starts_with("| 400") || l.starts_with("| 404") || l.starts_with("| 500"))
         .map(|row| {
             let c = cells(row);
             (c[0].parse().unwrap(), c[1].clone(), c[2].clone())

@@ -68,6 +68,19 @@ pub fn printed_value(text: &str, name: &str) -> String {
         .to_string()
 }
 
+/// Writes to `path` a policy that accepts the simulated TEE running `mrenclave` on the
+/// simulation platform `platform` (hex public key); returns `path`.
+pub fn sim_policy(path: &Path, mrenclave: &str, platform: &str) -> PathBuf {
+    std::fs::write(
+        path,
+        format!(
+            r#"{{"allowed": [{{"tee": "sim", "mrenclave": "{mrenclave}"}}], "allow_simulation": true, "sim_platforms": ["{platform}"]}}"#
+        ),
+    )
+    .unwrap();
+    path.to_path_buf()
+}
+
 /// The standard output as text.
 pub fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
