@@ -107,6 +107,11 @@ pub struct GlobalArgs {
     /// the KMS policy allows)
     #[arg(long, global = true)]
     pub attestation_debug: bool,
+    /// Whether BigDL's attestation variables (`ATTESTATION=true`, …) set up this runtime's
+    /// attestation (docs/migrating-from-bigdl.md §4): its outcome then also goes to stdout,
+    /// and a failure exits with 1, as in BigDL.
+    #[arg(skip)]
+    pub bigdl_attestation: bool,
     /// Simulation platform key of `--tee sim` [default: $PPML_HOME/sim-platform.pk8]
     #[arg(
         long,

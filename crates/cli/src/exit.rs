@@ -38,11 +38,25 @@ macro_rules! usage_bail {
     };
 }
 
+/// A runtime attested under BigDL's attestation variables failed: it exits with 1, as BigDL's
+/// runtimes do (docs/migrating-from-bigdl.md §4).
+#[derive(Debug)]
+pub struct BigDlAttestationFailed;
+
+impl std::fmt::Display for BigDlAttestationFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(ppml::bigdl_env::FAILURE_LINE)
+    }
+}
+
 /// The exit code for an error, from the most specific cause in its chain
 /// ([`ppml::classify`]); an edited audit log is bad input too.
 pub fn code_for(err: &anyhow::Error) -> ExitCode {
     if err.chain().any(|cause| cause.is::<UsageError>()) {
         return ExitCode::from(USAGE);
+    }
+    if err.is::<BigDlAttestationFailed>() {
+        return ExitCode::from(FAILURE);
     }
     for cause in err.chain() {
         if let Some(e) = cause.downcast_ref::<ppml_kms_server::audit::AuditError>() {

@@ -28,8 +28,39 @@ use ppml::KmsBackend;
 
 use crate::settings::Settings;
 
+/// Fills what ppml's own flags and variables leave unset from BigDL's attestation variables,
+/// for the commands that run as a runtime (docs/migrating-from-bigdl.md §4).
+fn apply_bigdl_env(cli: &mut Cli) -> Result<()> {
+    if !matches!(
+        cli.command,
+        Command::SimpleQuery(_) | Command::Query(_) | Command::Submit(_) | Command::Executor(_)
+    ) {
+        return Ok(());
+    }
+    let Some(bigdl) = ppml::bigdl_env::BigDlAttestationEnv::from_env()? else {
+        return Ok(());
+    };
+    let global = &mut cli.global;
+    global.bigdl_attestation = true;
+    global.tee = global.tee.or(Some(match bigdl.tee {
+        ppml::Tee::Tdx => cli::TeeKind::Tdx,
+        ppml::Tee::Sim => cli::TeeKind::Sim,
+        ppml::Tee::Sgx => cli::TeeKind::Sgx,
+    }));
+    global.attestation_policy = global.attestation_policy.take().or(bigdl.policy_id);
+    global.attestation_debug |= bigdl.debug;
+    global.kms_url = global.kms_url.take().or(bigdl.kms_url);
+    global.appid = global.appid.take().or(bigdl.appid);
+    global.apikey = global.apikey.take().or(bigdl.apikey);
+    Ok(())
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    if let Err(e) = apply_bigdl_env(&mut cli) {
+        eprintln!("ppml: error: {e}");
+        return ExitCode::from(exit::USAGE);
+    }
     if let Err(e) = init_logging(cli.global.verbose, cli.global.log_file.as_deref()) {
         let file = cli
             .global

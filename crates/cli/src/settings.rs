@@ -13,6 +13,8 @@ pub struct Settings {
     pub tee: Option<TeeKind>,
     pub attestation_policy: Option<String>,
     pub attestation_debug: bool,
+    /// BigDL's attestation variables are in use: outcomes also on stdout, failure exits 1.
+    pub bigdl_attestation: bool,
     pub sim_platform_key: Option<std::path::PathBuf>,
     pub quiet: bool,
     /// Whether outputs are synced before they appear (`--no-sync` turns it off).
@@ -67,6 +69,7 @@ impl Settings {
             tee: global.tee,
             attestation_policy: global.attestation_policy.clone(),
             attestation_debug: global.attestation_debug,
+            bigdl_attestation: global.bigdl_attestation,
             sim_platform_key: global.sim_platform_key.clone(),
             quiet: global.quiet,
             grant_options: ppml::grant::GrantOptions {
@@ -103,21 +106,36 @@ impl Settings {
                 reason: "needs --attestation-policy (PPML_ATTESTATION_POLICY)".into(),
             }),
         };
+        use ppml::bigdl_env::{DEBUG_FAILURE_LINE, FAILURE_LINE, SUCCESS_LINE};
+        // BigDL's scripts read these lines on stdout.
+        let bigdl_line = |line: &str| {
+            if self.bigdl_attestation {
+                println!("{line}");
+            }
+        };
         match result {
             Ok(attested) => {
-                tracing::info!("Attestation Success!");
-                eprintln!("Attestation Success!");
+                tracing::info!("{SUCCESS_LINE}");
+                eprintln!("{SUCCESS_LINE}");
+                bigdl_line(SUCCESS_LINE);
                 Ok(attested)
             }
             Err(e) if self.attestation_debug => {
                 tracing::error!(error = %e, "Attestation Fail! In debug mode, continue.");
                 eprintln!("ERROR: Attestation Fail! In debug mode, continue. ({e:#})");
+                bigdl_line(DEBUG_FAILURE_LINE);
                 Ok(opened)
             }
             Err(e) => {
-                tracing::error!(error = %e, "Attestation Fail! Application killed!");
-                eprintln!("Attestation Fail! Application killed!");
-                Err(e.into())
+                tracing::error!(error = %e, "{FAILURE_LINE}");
+                eprintln!("{FAILURE_LINE}");
+                bigdl_line(FAILURE_LINE);
+                let error = anyhow::Error::from(e);
+                Err(if self.bigdl_attestation {
+                    error.context(crate::exit::BigDlAttestationFailed)
+                } else {
+                    error
+                })
             }
         }
     }

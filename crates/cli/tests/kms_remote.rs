@@ -1428,3 +1428,79 @@ fn bigdls_ehsm_attestation_client_accepts_good_quotes_and_rejects_bad_ones() {
         );
     }
 }
+
+/// BigDL's attestation variables set up a ppml runtime as they set up BigDL's: the KMS from
+/// `ATTESTATION_URL` (`host:port`), the app from `APP_ID`/`API_KEY`, the policy from
+/// `ATTESTATION_POLICYID`, the TEE from `QUOTE_TYPE`; the outcome goes to stdout as BigDL
+/// prints it, and a failure exits with 1 before anything is read.
+#[test]
+fn bigdl_attestation_variables_attest_the_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim_key = dir.path().join("sim-platform.pk8");
+    let server = serve_tls_with(&dir.path().join("kms"), &["--allow-simulation".as_ref()]);
+    let client = Client::enroll(&server, dir.path().join("home"));
+    let enc = client.encrypt(&people(dir.path(), 500), dir.path());
+    let measurement = stdout(&run(client.cmd().args(["attest", "measure"])))
+        .trim()
+        .to_string();
+    let platform = sim_platform(&client, &sim_key);
+    let policy_file = common::sim_policy(&dir.path().join("policy.json"), &measurement, &platform);
+    let policy = stdout(&run(client
+        .cmd()
+        .args(["kms", "release-policy", "--policy"])
+        .arg(&policy_file)))
+    .trim()
+    .to_string();
+    let host_port = server.url.strip_prefix("https://").unwrap().to_string();
+    // Only the TLS pin and the primary key come from ppml's own variables.
+    let bigdl_runtime = |vars: &[(&str, &str)], out: &str| {
+        let mut cmd = ppml(&client.home);
+        cmd.env("PPML_KMS_FINGERPRINT", &client.fingerprint)
+            .env("PPML_PRIMARY_KEY", &client.primary)
+            .env("PPML_SIM_PLATFORM_KEY", &sim_key)
+            .env("ATTESTATION", "true")
+            .env("ATTESTATION_URL", &host_port)
+            .env("APP_ID", &client.appid)
+            .env("API_KEY", &client.apikey)
+            .env("ATTESTATION_POLICYID", &policy)
+            .env("ATTESTATION_TYPE", "EHSMAttestationService");
+        for (name, value) in vars {
+            cmd.env(name, value);
+        }
+        cmd.args(["simple-query", "--input"])
+            .arg(&enc)
+            .arg("--output")
+            .arg(dir.path().join(out))
+            .output()
+            .unwrap()
+    };
+
+    // The simulated TEE (ppml's own PPML_TEE wins over QUOTE_TYPE): attested, the job runs.
+    let out = bigdl_runtime(&[("QUOTE_TYPE", "gramine"), ("PPML_TEE", "sim")], "ok.enc");
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout(&out).contains("Attestation Success!"), "{out:?}");
+    assert!(dir.path().join("ok.enc").is_dir());
+
+    // QUOTE_TYPE=gramine outside SGX: no evidence, BigDL's failure line, exit 1, no output.
+    let out = bigdl_runtime(&[("QUOTE_TYPE", "gramine")], "sgx.enc");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stdout(&out).contains("Attestation Fail! Application killed!"),
+        "{out:?}"
+    );
+    assert!(!dir.path().join("sgx.enc").exists());
+
+    // ATTESTATION_DEBUG goes on after the failure (loudly); the gated key is still refused.
+    let out = bigdl_runtime(&[("ATTESTATION_DEBUG", "true")], "debug.enc");
+    assert!(
+        stdout(&out).contains("ERROR:Attestation Fail! In debug mode, continue."),
+        "{out:?}"
+    );
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    assert!(!dir.path().join("debug.enc").exists());
+
+    // A variable ppml cannot honour is refused, never ignored.
+    let out = bigdl_runtime(&[("ATTESTATION_TYPE", "DummyAttestationService")], "x.enc");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ATTESTATION_TYPE"));
+}

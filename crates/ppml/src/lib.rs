@@ -83,6 +83,7 @@
 #![deny(missing_docs)]
 
 mod attest;
+pub mod bigdl_env;
 pub mod config;
 mod context;
 mod error;
@@ -118,6 +119,12 @@ pub mod files {
         DecryptOptions, DecryptOutput, EncryptOptions, EncryptSummary, MediaKind, NoProgress,
         Progress, decrypt_dataset, encrypt_paths, input_files,
     };
+}
+
+/// BigDL PPML's datasets into ppml datasets (`docs/migrating-from-bigdl.md` §1).
+pub mod bigdl {
+    pub use ppml_engine::bigdl::{BigDlKeys, ImportOptions, ImportSummary, import_bigdl};
+    pub use ppml_format::bigdl::Variant;
 }
 
 /// The reference workflow's sample data: `people.csv` (`name,age,job`).
