@@ -147,6 +147,8 @@ pub enum Command {
     /// Import another system's encrypted dataset into a ppml dataset
     #[command(subcommand)]
     Import(ImportCommand),
+    /// BigDL's kms-utils (`entrypoint.sh ACTION APPID APIKEY [PATH]`), on ppml's KMS
+    KmsUtils(KmsUtilsArgs),
     /// Run SimpleQuery on an encrypted people dataset
     SimpleQuery(SimpleQueryArgs),
     /// Run SQL over encrypted tables
@@ -685,6 +687,21 @@ pub struct ImportBigdlArgs {
     /// Replace an existing output (only after the new one is complete)
     #[arg(long)]
     pub overwrite: bool,
+}
+
+/// `ppml kms-utils`: BigDL's kms-utils container commands (docs/migrating-from-bigdl.md §5).
+#[derive(Debug, Args)]
+pub struct KmsUtilsArgs {
+    /// enroll | generatekeys APPID APIKEY | encrypt APPID APIKEY PATH |
+    /// encryptwithrepartition APPID APIKEY PATH | decrypt APPID APIKEY PATH
+    #[arg(value_name = "ACTION")]
+    pub action: String,
+    /// The action's arguments, as BigDL's entrypoint.sh takes them
+    #[arg(value_name = "ARGS")]
+    pub args: Vec<String>,
+    /// Where the key files are kept (ehsm_encrypted_primary_key, ehsm_encrypted_data_key)
+    #[arg(long, env = "KMS_UTILS_KEY_DIR", default_value = "/home/key")]
+    pub key_dir: PathBuf,
 }
 
 fn parse_bigdl_variant(text: &str) -> Result<ppml_format::bigdl::Variant, String> {

@@ -11,6 +11,7 @@ mod import;
 mod job_file;
 mod kms_bench;
 mod kms_serve;
+mod kms_utils;
 mod progress;
 mod query;
 mod quickstart;
@@ -162,6 +163,7 @@ async fn run(cli: Cli) -> Result<u8> {
                 );
             }
         }
+        Command::KmsUtils(args) => kms_utils::run(args, &mut settings).await?,
         Command::Import(cli::ImportCommand::Bigdl(args)) => {
             let summary = import::bigdl(args, &mut settings).await?;
             if !settings.quiet {

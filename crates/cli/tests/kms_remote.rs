@@ -1504,3 +1504,116 @@ fn bigdl_attestation_variables_attest_the_runtime() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("ATTESTATION_TYPE"));
 }
+
+/// BigDL's kms-utils steps (`entrypoint.sh enroll|generatekeys|encrypt|decrypt $appid $apikey
+/// $path`, with KMS_TYPE, EHSM_KMS_IP and EHSM_KMS_PORT) as `ppml kms-utils`: keys in the key
+/// directory, a ppml dataset at PATH.encrypted, plaintext at PATH.decrypted; a BigDL dataset
+/// decrypts too, each part's MAC verified.
+#[test]
+fn bigdl_kms_utils_steps_work_with_their_positional_arguments() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve_tls(&dir.path().join("kms"));
+    let (ip, port) = server
+        .url
+        .strip_prefix("https://")
+        .unwrap()
+        .rsplit_once(':')
+        .map(|(ip, port)| (ip.to_string(), port.to_string()))
+        .unwrap();
+    let key_dir = dir.path().join("key");
+    let utils = |args: &[&str]| {
+        let mut cmd = ppml(&dir.path().join("home"));
+        cmd.env("PPML_KMS_FINGERPRINT", &server.fingerprint)
+            .env("KMS_TYPE", "ehsm")
+            .env("EHSM_KMS_IP", &ip)
+            .env("EHSM_KMS_PORT", &port)
+            .env("KMS_UTILS_KEY_DIR", &key_dir)
+            .arg("kms-utils")
+            .args(args);
+        run(&mut cmd)
+    };
+    let enrolled = stdout(&utils(&["enroll"]));
+    let appid = common::printed_value(&enrolled, "appid");
+    let apikey = common::printed_value(&enrolled, "apikey");
+    utils(&["generatekeys", &appid, &apikey]);
+    let primary = std::fs::read_to_string(key_dir.join("ehsm_encrypted_primary_key")).unwrap();
+    assert!(key_dir.join("ehsm_encrypted_data_key").is_file());
+
+    let input = people(dir.path(), 1000);
+    let input_text = input.to_str().unwrap().to_string();
+    utils(&["encryptwithrepartition", &appid, &apikey, &input_text]);
+    let encrypted = format!("{input_text}.encrypted");
+    assert_eq!(
+        std::fs::read_dir(&encrypted)
+            .unwrap()
+            .filter(|e| e
+                .as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("part-"))
+            .count(),
+        4
+    );
+    utils(&["decrypt", &appid, &apikey, &encrypted]);
+    let sorted_rows = |dir: &str| {
+        let mut rows: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .flat_map(|e| {
+                std::fs::read_to_string(e.unwrap().path())
+                    .unwrap()
+                    .lines()
+                    .filter(|l| *l != "name,age,job")
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        rows.sort();
+        rows
+    };
+    let mut expected: Vec<String> = std::fs::read_to_string(&input)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(str::to_string)
+        .collect();
+    expected.sort();
+    assert_eq!(sorted_rows(&format!("{encrypted}.decrypted")), expected);
+
+    // A BigDL dataset written under the generated primary key decrypts to the same rows.
+    let bigdl = dir.path().join("bigdl");
+    let writer =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../compat/bigdl_writer.py");
+    let out = Command::new("python3")
+        .arg(&writer)
+        .args(["--variant", "common", "--parts", "2", "--in"])
+        .arg(&input)
+        .arg("--out")
+        .arg(&bigdl)
+        .args([
+            "--kms",
+            &server.url,
+            &server.fingerprint,
+            &appid,
+            &apikey,
+            primary.trim(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bigdl_text = bigdl.to_str().unwrap().to_string();
+    utils(&["decrypt", &appid, &apikey, &bigdl_text]);
+    assert_eq!(sorted_rows(&format!("{bigdl_text}.decrypted")), expected);
+
+    // Other KMS types are refused, not ignored.
+    let out = ppml(&dir.path().join("home"))
+        .env("KMS_TYPE", "simple")
+        .args(["kms-utils", "generatekeys", "a", "b"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}

@@ -275,6 +275,51 @@ impl KeyCache<'_> {
     }
 }
 
+/// The dataset's wrapped data key: given, or from its `.meta` (none for 2.1/2.2).
+fn dataset_key(meta_dir: &Path, options: &ImportOptions) -> Result<Option<String>> {
+    if let Some(given) = &options.wrapped_data_key {
+        return Ok(Some(given.trim().to_string()));
+    }
+    let meta_path = meta_dir.join(bigdl::META_FILE);
+    match fs::read(&meta_path) {
+        Ok(bytes) => bigdl::parse_meta(&bytes)
+            .map(Some)
+            .map_err(|e| EngineError::format(meta_path.display(), e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(EngineError::io(&meta_path, e)),
+    }
+}
+
+/// The variant to read `input` as (given or detected from its first part); an
+/// unauthenticated one only with [`ImportOptions::allow_unauthenticated`], and loudly.
+async fn checked_variant(
+    input: &Path,
+    first: &Path,
+    cache: &KeyCache<'_>,
+    options: &ImportOptions,
+) -> Result<Variant> {
+    let variant = match options.variant {
+        Some(variant) => variant,
+        None => detect_variant(first, cache).await?,
+    };
+    if !variant.is_authenticated() {
+        if !options.allow_unauthenticated {
+            return Err(EngineError::format(
+                input.display(),
+                FormatError::Unverifiable(format!(
+                    "BigDL {variant} parts carry no MAC, so tampering with them cannot be \
+                     detected; read them anyway with --allow-unauthenticated"
+                )),
+            ));
+        }
+        tracing::warn!(
+            input = %input.display(),
+            "reading BigDL {variant} parts, which carry no MAC: their integrity is NOT verified"
+        );
+    }
+    Ok(variant)
+}
+
 /// Imports the BigDL dataset `input` (a directory of part files with its `.meta`, or one part
 /// file) into a new ppml dataset at `destination`, under a fresh data key that `kms` generates
 /// under `primary`. Every part's HMAC trailer is verified; a part that fails, or an
@@ -302,42 +347,12 @@ pub async fn import_bigdl(
             ));
         }
     }
-    let meta_path = meta_dir.join(bigdl::META_FILE);
-    let dataset_key = match &options.wrapped_data_key {
-        Some(given) => Some(given.trim().to_string()),
-        None => match fs::read(&meta_path) {
-            Ok(bytes) => Some(
-                bigdl::parse_meta(&bytes)
-                    .map_err(|e| EngineError::format(meta_path.display(), e))?,
-            ),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(EngineError::io(&meta_path, e)),
-        },
-    };
     let cache = KeyCache {
         keys,
-        dataset_key,
+        dataset_key: dataset_key(&meta_dir, options)?,
         unwrapped: Default::default(),
     };
-    let variant = match options.variant {
-        Some(variant) => variant,
-        None => detect_variant(&files[0], &cache).await?,
-    };
-    if !variant.is_authenticated() && !options.allow_unauthenticated {
-        return Err(EngineError::format(
-            input.display(),
-            FormatError::Unverifiable(format!(
-                "BigDL {variant} parts carry no MAC, so tampering with them cannot be detected; \
-                 import them anyway with --allow-unauthenticated"
-            )),
-        ));
-    }
-    if !variant.is_authenticated() {
-        tracing::warn!(
-            input = %input.display(),
-            "importing BigDL {variant} parts, which carry no MAC: their integrity is NOT verified"
-        );
-    }
+    let variant = checked_variant(input, &files[0], &cache, options).await?;
 
     let writer = DatasetWriter::create(
         kms,
@@ -398,4 +413,101 @@ async fn import_part(
             other => other,
         })?;
     part.finish().await
+}
+
+/// Decrypts the BigDL dataset `input` into a new directory `out_dir` of plaintext files, one
+/// per part (named as the part without `.cbc`), as BigDL's `Decrypt` does. The directory
+/// appears only once every part's HMAC trailer verified; on failure nothing is left.
+/// `options.variant`, `options.wrapped_data_key`, `options.allow_unauthenticated`,
+/// `options.overwrite` and `options.durability` apply as for [`import_bigdl`]. Returns the
+/// variant and the plaintext bytes written.
+pub async fn decrypt_bigdl(
+    keys: &BigDlKeys,
+    input: &Path,
+    out_dir: &Path,
+    options: &ImportOptions,
+    progress: &dyn Progress,
+) -> Result<ImportSummary> {
+    let (files, meta_dir) = part_files(input)?;
+    let cache = KeyCache {
+        keys,
+        dataset_key: dataset_key(&meta_dir, options)?,
+        unwrapped: Default::default(),
+    };
+    let variant = checked_variant(input, &files[0], &cache, options).await?;
+    if out_dir.exists() && !options.overwrite {
+        return Err(EngineError::OutputExists(out_dir.display().to_string()));
+    }
+    progress.start(total_size(&files));
+    let staging = crate::dataset::temp_sibling(out_dir);
+    let written = decrypt_parts(&files, variant, &cache, &staging, options, progress).await;
+    let written = match written {
+        Ok(written) => written,
+        Err(e) => {
+            let _ = fs::remove_dir_all(&staging);
+            return Err(e);
+        }
+    };
+    if let Err(e) =
+        crate::dataset::replace_path(&staging, out_dir, options.overwrite, options.durability)
+    {
+        let _ = fs::remove_dir_all(&staging);
+        return Err(e);
+    }
+    Ok(ImportSummary {
+        variant,
+        parts: files.len(),
+        plaintext_bytes: written,
+    })
+}
+
+async fn decrypt_parts(
+    files: &[PathBuf],
+    variant: Variant,
+    cache: &KeyCache<'_>,
+    staging: &Path,
+    options: &ImportOptions,
+    progress: &dyn Progress,
+) -> Result<u64> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(staging)
+        .map_err(|e| EngineError::io(staging, e))?;
+    let mut written = 0u64;
+    for path in files {
+        let (file, header) = read_header(path, variant)?;
+        let key = cache.get(variant, &header, path).await?;
+        let mut reader = PartReader::new(file, variant, &header, &key)
+            .map_err(|e| EngineError::format(path.display(), e))?;
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let out_path = staging.join(name.strip_suffix(".cbc").unwrap_or(&name));
+        let mut out = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&out_path)
+            .map_err(|e| EngineError::io(&out_path, e))?;
+        let mut buf = vec![0u8; 1 << 18];
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    return Err(EngineError::format(path.display(), FormatError::from_io(e)));
+                }
+            };
+            out.write_all(&buf[..n])
+                .map_err(|e| EngineError::io(&out_path, e))?;
+            written += n as u64;
+            progress.advance(n as u64);
+        }
+        options
+            .durability
+            .sync(&out)
+            .map_err(|e| EngineError::io(&out_path, e))?;
+    }
+    Ok(written)
 }

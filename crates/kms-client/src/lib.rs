@@ -1079,6 +1079,24 @@ impl RemoteKms {
         DataKey::from_slice(&plaintext).map_err(|_| KmsError::UnwrapFailed)
     }
 
+    /// eHSM `GenerateDataKeyWithoutPlaintext` with the request's fields as given (for other
+    /// eHSM clients' key files, such as BigDL's, whose `aad` is `"test"`): the wrapped key.
+    pub async fn generate_data_key_without_plaintext(
+        &self,
+        key_id: &str,
+        keylen: usize,
+        aad: &str,
+    ) -> Result<String, KmsError> {
+        let result = self
+            .call(
+                Action::GenerateDataKeyWithoutPlaintext,
+                json!({"keyid": key_id, "keylen": keylen, "aad": aad}),
+            )
+            .await
+            .map_err(|e| with_key(e, &PrimaryKeyId(key_id.to_string())))?;
+        string_field(&result, "ciphertext")
+    }
+
     /// eHSM `Decrypt` with the request's fields as given; the plaintext bytes.
     async fn decrypt_text(
         &self,

@@ -123,7 +123,9 @@ pub mod files {
 
 /// BigDL PPML's datasets into ppml datasets (`docs/migrating-from-bigdl.md` §1).
 pub mod bigdl {
-    pub use ppml_engine::bigdl::{BigDlKeys, ImportOptions, ImportSummary, import_bigdl};
+    pub use ppml_engine::bigdl::{
+        BigDlKeys, ImportOptions, ImportSummary, decrypt_bigdl, import_bigdl,
+    };
     pub use ppml_format::bigdl::Variant;
 }
 
