@@ -149,6 +149,10 @@ pub enum Command {
     Import(ImportCommand),
     /// BigDL's kms-utils (`entrypoint.sh ACTION APPID APIKEY [PATH]`), on ppml's KMS
     KmsUtils(KmsUtilsArgs),
+    /// BigDL's bigdl-ppml-submit.sh: its options and SimpleQuery's arguments, run as `ppml
+    /// import bigdl` (a BigDL input) and `ppml submit … simple-query`; --verbose shows what
+    /// each option became
+    BigdlSubmit(Box<BigdlSubmitArgs>),
     /// Run SimpleQuery on an encrypted people dataset
     SimpleQuery(SimpleQueryArgs),
     /// Run SQL over encrypted tables
@@ -687,6 +691,75 @@ pub struct ImportBigdlArgs {
     /// Replace an existing output (only after the new one is complete)
     #[arg(long)]
     pub overwrite: bool,
+}
+
+/// `ppml bigdl-submit`: the options of BigDL's bigdl-ppml-submit.sh
+/// (docs/migrating-from-bigdl.md §6).
+#[derive(Debug, Args)]
+pub struct BigdlSubmitArgs {
+    /// The Spark master: k8s://https://HOST:PORT or spark://HOST:PORT (ppml's scheduler, or
+    /// $PPML_MASTER), local[N]
+    #[arg(long, value_name = "URL")]
+    pub master: String,
+    /// client or cluster
+    #[arg(long, default_value = "client", value_name = "MODE")]
+    pub deploy_mode: String,
+    /// true: attest in SGX (--tee sgx; PPML_TEE wins when set)
+    #[arg(long, default_value = "false", value_name = "BOOL")]
+    pub sgx_enabled: String,
+    /// Gramine's log level (set in the Gramine manifest; reported, not applied)
+    #[arg(long, value_name = "LEVEL")]
+    pub sgx_log_level: Option<String>,
+    /// Enclave size of the driver (reported, not applied)
+    #[arg(long, value_name = "SIZE")]
+    pub sgx_driver_memory: Option<String>,
+    /// JVM heap of the driver (reported, not applied)
+    #[arg(long, value_name = "SIZE")]
+    pub sgx_driver_jvm_memory: Option<String>,
+    /// Enclave size of executors (reported, not applied)
+    #[arg(long, value_name = "SIZE")]
+    pub sgx_executor_memory: Option<String>,
+    /// JVM heap of executors (reported, not applied)
+    #[arg(long, value_name = "SIZE")]
+    pub sgx_executor_jvm_memory: Option<String>,
+    /// The driver's memory limit (--driver-memory)
+    #[arg(long, value_name = "SIZE")]
+    pub driver_memory: Option<String>,
+    /// The driver's cores (--driver-cores)
+    #[arg(long, value_name = "N")]
+    pub driver_cores: Option<String>,
+    /// Executor memory (set when executors start; reported, not applied)
+    #[arg(long, value_name = "SIZE")]
+    pub executor_memory: Option<String>,
+    /// Cores per executor (--executor-cores)
+    #[arg(long, value_name = "N")]
+    pub executor_cores: Option<String>,
+    /// Executors the job is planned for (--num-executors)
+    #[arg(long, value_name = "N")]
+    pub num_executors: Option<String>,
+    /// A Spark setting, KEY=VALUE; repeatable (reported; non-Spark keys are refused)
+    #[arg(long = "conf", value_name = "KEY=VALUE")]
+    pub conf: Vec<String>,
+    /// The job's name
+    #[arg(long)]
+    pub name: Option<String>,
+    /// The application class: BigDL's SimpleQuery
+    #[arg(long, value_name = "CLASS")]
+    pub class: Option<String>,
+    /// Jars for the JVM (not needed; reported)
+    #[arg(long, value_name = "JARS")]
+    pub jars: Option<String>,
+    /// The application jar, then SimpleQuery's arguments (--inputPath, --outputPath,
+    /// --inputPartitionNum, --outputPartitionNum, --inputEncryptModeValue,
+    /// --outputEncryptModeValue, --primaryKeyPath, --dataKeyPath, --kmsType, --kmsServerIP,
+    /// --kmsServerPort, --ehsmAPPID, --ehsmAPIKEY)
+    #[arg(
+        value_name = "APP_JAR [ARGS]",
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        required = true
+    )]
+    pub app: Vec<String>,
 }
 
 /// `ppml kms-utils`: BigDL's kms-utils container commands (docs/migrating-from-bigdl.md §5).

@@ -1,6 +1,7 @@
 //! The `ppml` command. See `ppml --help`.
 
 mod attest;
+mod bigdl_submit;
 mod cli;
 mod cluster;
 mod cluster_job;
@@ -164,6 +165,13 @@ async fn run(cli: Cli) -> Result<u8> {
             }
         }
         Command::KmsUtils(args) => kms_utils::run(args, &mut settings).await?,
+        Command::BigdlSubmit(args) => {
+            let args = args.as_ref();
+            let verbose = cli.global.verbose > 0;
+            return tokio::task::block_in_place(|| {
+                bigdl_submit::run(args, verbose, settings.quiet)
+            });
+        }
         Command::Import(cli::ImportCommand::Bigdl(args)) => {
             let summary = import::bigdl(args, &mut settings).await?;
             if !settings.quiet {

@@ -378,6 +378,22 @@ fn server_from_a_toml_config_with_a_passphrase_root_key() {
     assert!(stderr.contains("root key does not match"), "{stderr}");
 }
 
+/// Marks the client's primary key for release to this ppml binary in the simulated TEE on the
+/// platform `sim_key` (`ppml kms release-policy`); returns the policy id.
+fn mark_for_this_binary(client: &Client, sim_key: &Path, dir: &Path) -> String {
+    let measurement = stdout(&run(client.cmd().args(["attest", "measure"])))
+        .trim()
+        .to_string();
+    let platform = sim_platform(client, sim_key);
+    let policy_file = common::sim_policy(&dir.join("policy.json"), &measurement, &platform);
+    stdout(&run(client
+        .cmd()
+        .args(["kms", "release-policy", "--policy"])
+        .arg(&policy_file)))
+    .trim()
+    .to_string()
+}
+
 /// The public key of the simulation platform `key` (created if missing), as policies name it.
 fn sim_platform(client: &Client, key: &Path) -> String {
     let hex = stdout(&run(client
@@ -1440,17 +1456,7 @@ fn bigdl_attestation_variables_attest_the_runtime() {
     let server = serve_tls_with(&dir.path().join("kms"), &["--allow-simulation".as_ref()]);
     let client = Client::enroll(&server, dir.path().join("home"));
     let enc = client.encrypt(&people(dir.path(), 500), dir.path());
-    let measurement = stdout(&run(client.cmd().args(["attest", "measure"])))
-        .trim()
-        .to_string();
-    let platform = sim_platform(&client, &sim_key);
-    let policy_file = common::sim_policy(&dir.path().join("policy.json"), &measurement, &platform);
-    let policy = stdout(&run(client
-        .cmd()
-        .args(["kms", "release-policy", "--policy"])
-        .arg(&policy_file)))
-    .trim()
-    .to_string();
+    let policy = mark_for_this_binary(&client, &sim_key, dir.path());
     let host_port = server.url.strip_prefix("https://").unwrap().to_string();
     // Only the TLS pin and the primary key come from ppml's own variables.
     let bigdl_runtime = |vars: &[(&str, &str)], out: &str| {
@@ -1616,4 +1622,148 @@ fn bigdl_kms_utils_steps_work_with_their_positional_arguments() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
+
+/// The seed document's own BigDL submission (workflow.md), with only its host, path and
+/// credential values replaced, runs SimpleQuery through `ppml bigdl-submit` against
+/// `ppml cluster up` and this KMS server; its BigDL input is imported with every MAC checked,
+/// and the output decrypts to the reference rows.
+#[test]
+fn the_seed_bigdl_submit_command_runs_against_a_ppml_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim_key = dir.path().join("sim-platform.pk8");
+    let server = serve_tls_with(&dir.path().join("kms"), &["--allow-simulation".as_ref()]);
+    let client = Client::enroll(&server, dir.path().join("home"));
+    let data = dir.path().join("data/simplequery");
+    std::fs::create_dir_all(data.join("keys")).unwrap();
+    let primary = stdout(&run(client.cmd().args(["kms", "create-key"])))
+        .trim()
+        .to_string();
+    std::fs::write(data.join("keys/primaryKey"), format!("{primary}\n")).unwrap();
+    std::fs::write(data.join("keys/dataKey"), "unused\n").unwrap();
+    let input = people(dir.path(), 3000);
+    let writer =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../compat/bigdl_writer.py");
+    let out = Command::new("python3")
+        .arg(&writer)
+        .args(["--variant", "common", "--parts", "3", "--in"])
+        .arg(&input)
+        .arg("--out")
+        .arg(data.join("people_encrypted"))
+        .args([
+            "--kms",
+            &server.url,
+            &server.fingerprint,
+            &client.appid,
+            &client.apikey,
+            &primary,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The driver and the executors attest in the simulated TEE (this machine has no SGX):
+    // PPML_TEE wins over --sgx-enabled true's SGX. The imported dataset goes under the
+    // client's primary key, released only to attested runtimes (PPML_PRIMARY_KEY); the BigDL
+    // key unwraps the input and takes the results, which the owner decrypts.
+    let policy = mark_for_this_binary(&client, &sim_key, dir.path());
+
+    let port = common::free_cluster_ports(1);
+    let cluster = dir.path().join("cluster");
+    run(client
+        .cmd()
+        .env("PPML_TEE", "sim")
+        .env("PPML_ATTESTATION_POLICY", &policy)
+        .env("PPML_SIM_PLATFORM_KEY", &sim_key)
+        .args(["cluster", "up", "--executors", "1", "--port"])
+        .arg(port.to_string())
+        .arg("--dir")
+        .arg(&cluster));
+    let (host, kms_port) = server
+        .url
+        .strip_prefix("https://")
+        .unwrap()
+        .rsplit_once(':')
+        .unwrap();
+    let path = |p: &str| data.join(p).display().to_string();
+    let master = format!("k8s://https://127.0.0.1:{port}");
+    let jar = "local:///ppml/trusted-big-data-ml/work/data/simplequery/spark-encrypt-io-0.3.0-SNAPSHOT.jar";
+    let submitted = ppml(&client.home)
+        .env("PPML_KMS_FINGERPRINT", &client.fingerprint)
+        .env("PPML_PRIMARY_KEY", &client.primary)
+        .env("PPML_CLUSTER_TLS", cluster.join("tls"))
+        .env("PPML_TEE", "sim")
+        .env("PPML_ATTESTATION_POLICY", &policy)
+        .env("PPML_SIM_PLATFORM_KEY", &sim_key)
+        .args([
+            "bigdl-submit",
+            "--master", &master, "--deploy-mode", "client", "--sgx-enabled", "true",
+            "--sgx-log-level", "error", "--sgx-driver-memory", "64g",
+            "--sgx-driver-jvm-memory", "12g", "--sgx-executor-memory", "64g",
+            "--sgx-executor-jvm-memory", "12g", "--driver-memory", "32g", "--driver-cores", "8",
+            "--executor-memory", "32g", "--executor-cores", "8", "--num-executors", "2",
+            "--conf", "spark.kubernetes.container.image=intelanalytics/bigdl-ppml-trusted-big-data-ml-python-gramine:latest",
+            "--name", "simplequery", "--verbose",
+            "--class", "com.intel.analytics.bigdl.ppml.examples.SimpleQuerySparkExample",
+            "--jars", "local:///ppml/trusted-big-data-ml/spark-encrypt-io-0.3.0-SNAPSHOT.jar",
+            jar,
+            "--inputPath", &path("people_encrypted"),
+            "--outputPath", &path("people_encrypted_output"),
+            "--inputPartitionNum", "8", "--outputPartitionNum", "8",
+            "--inputEncryptModeValue", "AES/CBC/PKCS5Padding",
+            "--outputEncryptModeValue", "AES/CBC/PKCS5Padding",
+            "--primaryKeyPath", &path("keys/primaryKey"),
+            "--dataKeyPath", &path("keys/dataKey"),
+            "--kmsType", "EHSMKeyManagementService",
+            "--kmsServerIP", host, "--kmsServerPort", kms_port,
+            "--ehsmAPPID", &client.appid, "--ehsmAPIKEY", &client.apikey,
+        ])
+        .output()
+        .unwrap();
+    run(ppml(&client.home)
+        .args(["cluster", "down", "--dir"])
+        .arg(&cluster));
+    let stderr = String::from_utf8_lossy(&submitted.stderr);
+    assert!(submitted.status.success(), "{stderr}");
+    // --verbose says what each option became; the api key is never shown.
+    for needle in [
+        "--mode client --master 127.0.0.1:",
+        "--sgx-enabled true → the TEE of PPML_TEE",
+        "--sgx-executor-memory 64g → not a submission setting",
+        "ppml import bigdl",
+        "Attestation Success!",
+    ] {
+        assert!(stderr.contains(needle), "{needle:?} not in {stderr}");
+    }
+    assert!(!stderr.contains(client.apikey.as_str()), "{stderr}");
+    assert!(!data.join("people_encrypted_output.ppml-input").exists());
+
+    let decrypted = run(client
+        .cmd()
+        .args(["decrypt", "--out", "-", "--in"])
+        .arg(data.join("people_encrypted_output")));
+    let mut rows: Vec<String> = stdout(&decrypted)
+        .lines()
+        .skip(1)
+        .map(str::to_string)
+        .collect();
+    rows.sort();
+    let mut expected: Vec<String> = std::fs::read_to_string(&input)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            let age: u32 = f[1].parse().unwrap();
+            f[2] == "Developer" && (20..=40).contains(&age)
+        })
+        .map(str::to_string)
+        .collect();
+    expected.sort();
+    assert!(!expected.is_empty());
+    assert_eq!(rows, expected);
 }
