@@ -32,6 +32,7 @@ pub const TARGETS: &[Target] = &[
     ("shuffle_file", shuffle_file),
     ("cluster_plan", cluster_plan),
     ("parquet_key_material", parquet_key_material),
+    ("bigdl_part", bigdl_part),
 ];
 
 /// The data key of the format's test vectors (`crates/format/testdata/vectors`), so that
@@ -377,4 +378,30 @@ pub fn parquet_key_material(data: &[u8]) {
         assert_eq!(again, material);
     }
     let _ = ppml_format::pme::footer_digest(data, data.len() as u64);
+}
+
+/// The data key string of the BigDL test vectors (`crates/format/testdata/bigdl`), so that
+/// corpora seeded from them reach past the MAC.
+const BIGDL_VECTOR_KEY: &str = "q2x0n4HkR8Jc1pWm3ZsT7vYbA5eF9gLhKjNoPqRsTuU=";
+
+/// A BigDL part (`ppml_format::bigdl`): the first byte picks the variant, the rest is the file,
+/// read to the end under the vectors' key; `.meta` parsing and the no-KMS unwrap on the same
+/// bytes.
+pub fn bigdl_part(data: &[u8]) {
+    use ppml_format::bigdl::{self, DataKeyString, PartReader, Variant};
+    let Some((&pick, file)) = data.split_first() else {
+        return;
+    };
+    let variant = Variant::ALL[usize::from(pick) % Variant::ALL.len()];
+    if let Ok(header) = bigdl::parse_header(variant, file) {
+        let key = DataKeyString::new(zeroize::Zeroizing::new(BIGDL_VECTOR_KEY.to_string()));
+        let body = &file[variant.header_len()..];
+        if let Ok(reader) = PartReader::new(body, variant, &header, &key) {
+            let _ = std::io::copy(&mut reader.take(MAX_PLAINTEXT), &mut std::io::sink());
+        }
+    }
+    let _ = bigdl::parse_meta(file);
+    if let Ok(text) = std::str::from_utf8(file) {
+        let _ = bigdl::unwrap_with_plaintext_primary_key("AAECAwQFBgcICQoLDA0ODw==", text);
+    }
 }
