@@ -672,7 +672,8 @@ pub struct ImportBigdlArgs {
     #[arg(
         long,
         value_name = "BASE64|@FILE",
-        env = "PPML_BIGDL_PRIMARY_KEY_PLAINTEXT"
+        env = "PPML_BIGDL_PRIMARY_KEY_PLAINTEXT",
+        hide_env_values = true
     )]
     pub primary_key_plaintext: Option<String>,
     /// BigDL's data key file (dataKeyPath): the wrapped data key, for 2.1/2.2 datasets, which

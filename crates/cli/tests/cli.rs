@@ -780,3 +780,22 @@ fn log_records_go_to_the_log_file_instead_of_stderr() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("--log-file"));
 }
+
+/// Secrets given in the environment (the api key, BigDL's plaintext primary key) never show in
+/// `--help`, which clap would otherwise print as `[env: NAME=value]`.
+#[test]
+fn secret_environment_values_never_show_in_help() {
+    let env = Env::new();
+    for command in [&["import", "bigdl", "--help"][..], &["query", "--help"][..]] {
+        let out = env.ppml_env(
+            command,
+            &[
+                ("PPML_APIKEY", "s3cr3t-apikey"),
+                ("PPML_BIGDL_PRIMARY_KEY_PLAINTEXT", "s3cr3t-primary"),
+            ],
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{command:?}");
+        assert!(!text.contains("s3cr3t"), "{command:?}: {text}");
+    }
+}
