@@ -15,8 +15,9 @@ KEY SOURCE is one of
                                              with AES/ECB/PKCS5 under the decoded primary key
   --data-key STRING [--wrapped TEXT]         a given key string (test vectors)
 
-The CSV is split into N parts on line boundaries, each starting with the header line, as Spark
-writes them. Parts are named part-0000i-<uuid>.csv.cbc; `common` and `nativeaescbc` datasets
+The input is split into N parts on line boundaries, as Spark writes them: CSV parts each start
+with the header line; NDJSON input (.json, .jsonl, .ndjson) has none. Parts are named
+part-0000i-<uuid>.csv.cbc (or .json.cbc); `common` and `nativeaescbc` datasets
 get a .meta file {"encryptedDataKey": ...}; 2.1/2.2 wrote the wrapped key only to BigDL's
 dataKey file (--data-key-file). 2.1/2.2 MAC the ciphertext without its final padding bytes, as
 those versions did.
@@ -68,12 +69,16 @@ def encrypt_part(variant, key_string, wrapped, iv, plaintext):
     return header + ciphertext + mac
 
 
-def split_csv(data, parts):
-    header, _, body = data.partition(b"\n")
-    lines = body.splitlines(keepends=True)
+def split_lines(data, parts, header):
+    """Splits on line boundaries into `parts` parts; CSV parts all start with the header."""
+    first = b""
+    if header:
+        first, _, data = data.partition(b"\n")
+        first += b"\n"
+    lines = data.splitlines(keepends=True)
     size = -(-len(lines) // parts) if lines else 0
     chunks = [lines[i * size:(i + 1) * size] for i in range(parts)]
-    return [header + b"\n" + b"".join(chunk) for chunk in chunks]
+    return [first + b"".join(chunk) for chunk in chunks]
 
 
 def ecb_wrap(primary_b64, key_string):
@@ -118,9 +123,10 @@ def main():
         data = f.read()
     os.makedirs(args.out, exist_ok=True)
     job = uuid.uuid4()
-    for index, plaintext in enumerate(split_csv(data, args.parts)):
+    kind = "json" if args.input.endswith((".json", ".jsonl", ".ndjson")) else "csv"
+    for index, plaintext in enumerate(split_lines(data, args.parts, header=kind == "csv")):
         iv = bytes.fromhex(args.iv) if args.iv else os.urandom(16)
-        name = f"part-{index:05d}-{job}.csv.cbc"
+        name = f"part-{index:05d}-{job}.{kind}.cbc"
         with open(os.path.join(args.out, name), "wb") as f:
             f.write(encrypt_part(args.variant, key_string, wrapped, iv, plaintext))
     if args.variant in ("common", "nativeaescbc"):

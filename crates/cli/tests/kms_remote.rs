@@ -1268,6 +1268,57 @@ fn bigdl_datasets_import_verified_and_query_to_the_same_rows() {
         stdout(&count)
     );
 
+    // NDJSON parts (`part-….json.cbc`, Spark's `write.json`) import as an NDJSON dataset.
+    let json_input = dir.path().join("people.json");
+    let json_lines: String = expected
+        .iter()
+        .map(|row| {
+            let f: Vec<&str> = row.split(',').collect();
+            format!(
+                "{{\"name\":\"{}\",\"age\":{},\"job\":\"{}\"}}\n",
+                f[0], f[1], f[2]
+            )
+        })
+        .collect();
+    std::fs::write(&json_input, json_lines).unwrap();
+    let json_bigdl = dir.path().join("bigdl-json");
+    let result = Command::new("python3")
+        .arg(&writer)
+        .args(["--variant", "common", "--parts", "2", "--in"])
+        .arg(&json_input)
+        .arg("--out")
+        .arg(&json_bigdl)
+        .args(&from_kms)
+        .output()
+        .unwrap();
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let imported = dir.path().join("json.enc");
+    let out = import(&json_bigdl, &imported, &key_path);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let counted = run(client
+        .cmd()
+        .args(["query", "--table"])
+        .arg(format!("people={}", imported.display()))
+        .args(["--sql", "SELECT count(*) AS n, sum(age) AS s FROM people"]));
+    let sum: u64 = expected
+        .iter()
+        .map(|r| r.split(',').nth(1).unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert!(
+        stdout(&counted).contains(&format!("| {} ", expected.len()))
+            && stdout(&counted).contains(&format!("| {sum} ")),
+        "{}",
+        stdout(&counted)
+    );
+
     // 2.2, wrapped key in BigDL's dataKey file; the variant is detected.
     let legacy = dir.path().join("bigdl-2.2");
     let data_key_file = dir.path().join("dataKey-2.2");
