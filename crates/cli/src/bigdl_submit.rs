@@ -57,9 +57,9 @@ fn app_arguments(app: &[String]) -> Result<(String, Vec<(String, String)>)> {
 }
 
 fn first_line(path: &Path) -> Result<String> {
-    let text = std::fs::read_to_string(path)
+    let line = ppml_engine::bigdl::read_key_file(path)
         .with_context(|| format!("reading the key file {}", path.display()))?;
-    Ok(text.lines().next().unwrap_or("").trim().to_string())
+    Ok(line.to_string())
 }
 
 /// The scheduler and mode of a Spark master URL.

@@ -12,14 +12,12 @@ use crate::settings::Settings;
 
 /// The first line of a BigDL key file, trimmed.
 fn first_line(path: &std::path::Path) -> Result<Zeroizing<String>> {
-    let text = Zeroizing::new(
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
-    );
-    let line = text.lines().next().unwrap_or("").trim();
+    let line = ppml_engine::bigdl::read_key_file(path)
+        .with_context(|| format!("reading {}", path.display()))?;
     if line.is_empty() {
         crate::usage_bail!("{} is empty", path.display());
     }
-    Ok(Zeroizing::new(line.to_string()))
+    Ok(line)
 }
 
 pub async fn bigdl(args: &ImportBigdlArgs, settings: &mut Settings) -> Result<ImportSummary> {

@@ -59,13 +59,13 @@ fn path_argument(args: &KmsUtilsArgs) -> Result<PathBuf> {
 }
 
 fn read_key_file(path: &Path) -> Result<String> {
-    let text = std::fs::read_to_string(path).with_context(|| {
+    let line = ppml_engine::bigdl::read_key_file(path).with_context(|| {
         format!(
             "reading {} (run `ppml kms-utils generatekeys APPID APIKEY` first)",
             path.display()
         )
     })?;
-    Ok(text.lines().next().unwrap_or("").trim().to_string())
+    Ok(line.to_string())
 }
 
 pub async fn run(args: &KmsUtilsArgs, settings: &mut Settings) -> Result<()> {

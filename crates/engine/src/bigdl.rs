@@ -22,6 +22,15 @@ use crate::dataset::{DatasetWriter, Durability, WriteOptions, part_name};
 use crate::files::{MediaKind, Progress, copy_with_progress, total_size};
 use crate::{DatasetLocation, EngineError, Result};
 
+/// The key id or wrapped key a BigDL key file holds (`primaryKeyPath`, `dataKeyPath`, the
+/// kms-utils key files): its first line, trimmed; empty for an empty file.
+pub fn read_key_file(path: &Path) -> std::io::Result<Zeroizing<String>> {
+    let text = Zeroizing::new(fs::read_to_string(path)?);
+    Ok(Zeroizing::new(
+        text.lines().next().unwrap_or("").trim().to_string(),
+    ))
+}
+
 /// How the data keys of a BigDL dataset are unwrapped.
 #[derive(Clone)]
 pub enum BigDlKeys {
@@ -185,6 +194,14 @@ fn part_kind(path: &Path, has_header: bool) -> Result<MediaKind> {
     }
 }
 
+/// The part at `path` as `variant`, ready to decrypt under its data key.
+async fn open_part(path: &Path, variant: Variant, keys: &KeyCache<'_>) -> Result<PartReader<File>> {
+    let (file, header) = read_header(path, variant)?;
+    let key = keys.get(variant, &header, path).await?;
+    PartReader::new(file, variant, &header, &key)
+        .map_err(|e| EngineError::format(path.display(), e))
+}
+
 fn read_header(path: &Path, variant: Variant) -> Result<(File, PartHeader)> {
     let mut file = File::open(path).map_err(|e| EngineError::io(path, e))?;
     let mut header = vec![0u8; variant.header_len()];
@@ -221,10 +238,7 @@ async fn detect_variant(first: &Path, keys: &KeyCache<'_>) -> Result<Variant> {
         return Ok(variant);
     }
     for candidate in [Variant::Legacy22, Variant::Legacy21] {
-        let (file, header) = read_header(first, candidate)?;
-        let key = keys.get(candidate, &header, first).await?;
-        let mut reader = PartReader::new(file, candidate, &header, &key)
-            .map_err(|e| EngineError::format(first.display(), e))?;
+        let mut reader = open_part(first, candidate, keys).await?;
         if std::io::copy(&mut reader, &mut std::io::sink()).is_ok() {
             return Ok(candidate);
         }
@@ -396,10 +410,7 @@ async fn import_part(
     writer: &DatasetWriter,
     progress: &dyn Progress,
 ) -> Result<PartEntry> {
-    let (file, header) = read_header(path, variant)?;
-    let key = cache.get(variant, &header, path).await?;
-    let reader = PartReader::new(file, variant, &header, &key)
-        .map_err(|e| EngineError::format(path.display(), e))?;
+    let reader = open_part(path, variant, cache).await?;
     progress.advance(variant.header_len() as u64);
     let mut part = writer.part(&part_name(index, kind.extension())).await?;
     copy_with_progress(reader, path, &mut part, progress)
@@ -477,10 +488,7 @@ async fn decrypt_parts(
         .map_err(|e| EngineError::io(staging, e))?;
     let mut written = 0u64;
     for path in files {
-        let (file, header) = read_header(path, variant)?;
-        let key = cache.get(variant, &header, path).await?;
-        let mut reader = PartReader::new(file, variant, &header, &key)
-            .map_err(|e| EngineError::format(path.display(), e))?;
+        let mut reader = open_part(path, variant, cache).await?;
         let name = path.file_name().unwrap_or_default().to_string_lossy();
         let out_path = staging.join(name.strip_suffix(".cbc").unwrap_or(&name));
         let mut out = std::fs::OpenOptions::new()

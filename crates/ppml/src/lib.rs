@@ -124,7 +124,7 @@ pub mod files {
 /// BigDL PPML's datasets into ppml datasets (`docs/migrating-from-bigdl.md` §1).
 pub mod bigdl {
     pub use ppml_engine::bigdl::{
-        BigDlKeys, ImportOptions, ImportSummary, decrypt_bigdl, import_bigdl,
+        BigDlKeys, ImportOptions, ImportSummary, decrypt_bigdl, import_bigdl, read_key_file,
     };
     pub use ppml_format::bigdl::Variant;
 }
