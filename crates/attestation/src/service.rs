@@ -44,6 +44,26 @@ pub fn expected_report_data(nonce: &[u8], runtime_public_key: &[u8]) -> [u8; 64]
     out
 }
 
+/// Domain of [`user_report_data`].
+const USER_REPORT_DOMAIN: &[u8] = b"ppml-user-report-data/v1\0";
+
+/// The report data of a quote made over data a caller chose (`ppml attest quote`, for eHSM's
+/// `VerifyQuote` or BigDL-RAS): SHA-512 of a domain and `data`, never `data` itself. A ppml
+/// runtime in a TEE must not be an oracle that quotes any report data: a quote over
+/// [`expected_report_data`] of someone else's key would answer an `Attest` challenge for that
+/// key (and a quote over `kms_quote_report_data` would stand for a KMS). Under this
+/// domain a quote can be neither: its last 32 bytes are not zero, and a KMS's report data
+/// are SHA-512 under another domain.
+pub fn user_report_data(data: &[u8]) -> [u8; 64] {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA512);
+    ctx.update(USER_REPORT_DOMAIN);
+    ctx.update(data);
+    ctx.finish()
+        .as_ref()
+        .try_into()
+        .expect("SHA-512 is 64 bytes")
+}
+
 /// Verifies a DCAP `quote` declared as `tee` evidence with `collateral`; a quote of another
 /// TEE than declared is refused.
 pub(crate) fn verify_dcap_as(
@@ -547,6 +567,32 @@ mod tests {
             nonce,
             runtime_key: key,
             evidence,
+        }
+    }
+
+    /// Attack: use a runtime's quote command as an oracle, asking it to quote the binding of
+    /// a challenge to the attacker's own key. The quote's report data are in another domain,
+    /// so the service refuses the binding; the same evidence over the raw binding (what a
+    /// runtime makes only for its own key) is accepted.
+    #[test]
+    fn attack_a_user_quote_never_answers_a_challenge() {
+        let f = fixture();
+        for whole in [true, false] {
+            let nonce = f.service.challenge(NOW).unwrap();
+            let binding = expected_report_data(&nonce, b"attacker-key");
+            let data = if whole { &binding[..] } else { &binding[..32] };
+            let evidence = f.tee.evidence(&user_report_data(data)).unwrap();
+            let refused = f
+                .service
+                .attest(&request(&f, &nonce, b"attacker-key", &evidence), NOW);
+            assert!(matches!(refused, Err(AttestError::Binding)), "{refused:?}");
+            let nonce = f.service.challenge(NOW).unwrap();
+            let evidence = f.tee.evidence(&expected_report_data(&nonce, b"k")).unwrap();
+            assert!(
+                f.service
+                    .attest(&request(&f, &nonce, b"k", &evidence), NOW)
+                    .is_ok()
+            );
         }
     }
 

@@ -73,8 +73,8 @@ pub fn quote(args: &crate::cli::AttestQuoteArgs, settings: &Settings) -> Result<
         Ok(bytes) if bytes.len() <= 64 => bytes,
         _ => crate::usage_bail!("--report-data must be at most 64 bytes of hex"),
     };
-    let mut report_data = [0u8; 64];
-    report_data[..bytes.len()].copy_from_slice(&bytes);
+    // Never the given bytes themselves: see user_report_data.
+    let report_data = ppml_attestation::service::user_report_data(&bytes);
     let config = ppml::AttestationConfig {
         tee: tee.tee(),
         policy_id: String::new(),

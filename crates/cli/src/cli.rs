@@ -457,9 +457,10 @@ pub enum AttestCommand {
     /// Print the public key of the simulation platform (`--sim-platform-key`, created if
     /// missing), which policies that allow simulation name in `sim_platforms`
     SimPlatform,
-    /// Print a quote of this process's TEE (--tee) over REPORT_DATA, base64, as BigDL's quote
-    /// generators do (for eHSM's VerifyQuote or BigDL-RAS /verifyQuote). Key release never
-    /// uses such a quote: it binds no fresh challenge (ppml attests with --tee instead)
+    /// Print a quote of this process's TEE (--tee), base64, as BigDL's quote generators do
+    /// (for eHSM's VerifyQuote or BigDL-RAS /verifyQuote). Its report data is a hash of
+    /// --report-data in a domain of its own: such a quote never answers a key-release
+    /// challenge (ppml attests with --tee instead)
     Quote(AttestQuoteArgs),
     /// Verify an SGX or TDX DCAP quote (collateral from a file or a PCCS) and print its
     /// claims (JSON); with --policy, also judge them (exit 4 when the policy refuses, 3 when
@@ -475,7 +476,8 @@ pub enum AttestCommand {
 
 #[derive(Debug, Args)]
 pub struct AttestQuoteArgs {
-    /// Report data, up to 64 bytes in hex (zero-padded to 64) [default: 64 zero bytes]
+    /// Up to 64 bytes in hex; the quote's report data is SHA-512 of a ppml domain and these
+    /// bytes, so that it can never answer an attestation challenge [default: none]
     #[arg(long, value_name = "HEX", default_value = "")]
     pub report_data: String,
 }

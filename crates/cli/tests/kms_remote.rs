@@ -1482,6 +1482,14 @@ fn bigdls_ehsm_attestation_client_accepts_good_quotes_and_rejects_bad_ones() {
     use base64::Engine as _;
     let b64 = base64::engine::general_purpose::STANDARD;
     let mut tampered = b64.decode(&quote).unwrap();
+    // Attack, the quote command as an oracle: the report data (sim quote bytes 38..102) are
+    // never the bytes asked for, so no such quote answers a key-release challenge.
+    let report_data = &tampered[38..102];
+    assert!(
+        !report_data.starts_with(&[0x0b, 0xad, 0xc0, 0xde]),
+        "{report_data:?}"
+    );
+    assert!(report_data[32..].iter().any(|&b| b != 0));
     tampered[40] ^= 0x01;
     for (quote, policy) in [
         (b64.encode(&tampered), this_binary.as_str()),
