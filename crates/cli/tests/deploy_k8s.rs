@@ -650,15 +650,25 @@ fn check_ppml_args(
 ) -> Vec<String> {
     let mut problems = Vec::new();
     let mut path: Vec<String> = Vec::new();
+    // A flag's value is never a subcommand, even when it spells one (`--name simple-query`).
+    let mut value_expected = false;
     for token in args {
+        if std::mem::take(&mut value_expected) {
+            continue;
+        }
         if let Some(flag) = token.strip_prefix("--").map(|_| token.as_str()) {
-            let flag = flag.split('=').next().unwrap();
-            if !has_flag(help.get(&path), flag) {
+            let (flag, inline_value) = match flag.split_once('=') {
+                Some((flag, _)) => (flag, true),
+                None => (flag, false),
+            };
+            let help_text = help.get(&path);
+            if !has_flag(help_text, flag) {
                 problems.push(format!(
                     "{at}: `ppml {}` has no flag {flag}",
                     path.join(" ")
                 ));
             }
+            value_expected = !inline_value && help_text.contains(&format!("{flag} <"));
         } else if !token.starts_with('-') && subcommands(help.get(&path)).contains(token) {
             path.push(token.clone());
         }
@@ -1132,8 +1142,8 @@ fn helm_lints_and_every_rendering_follows_the_rules() {
             "needs executor.tee.sim.platformKeySecret",
         ),
         (
-            &["--set", "executor.tee.kind=none"][..],
-            "must be tdx, sgx or sim",
+            &["--set", "executor.tee.kind=sev"][..],
+            "must be tdx, sgx, sim or none",
         ),
         (
             &["--set", "submit.enabled=true", "--set", "submit.app=shell"][..],
@@ -1147,6 +1157,230 @@ fn helm_lints_and_every_rendering_follows_the_rules() {
         assert!(
             !out.status.success() && stderr.contains(message),
             "{args:?}: {stderr}"
+        );
+    }
+}
+
+/// The argument after `flag` in a command line.
+fn arg_after(args: &[String], flag: &str) -> Option<String> {
+    let at = args.iter().position(|a| a == flag)?;
+    args.get(at + 1).cloned()
+}
+
+/// The `env` entry `name` of a container.
+fn env_entry<'a>(container: &'a Value, name: &str) -> Option<&'a Value> {
+    container
+        .get("env")?
+        .as_array()?
+        .iter()
+        .find(|e| str_at(e, "/name") == Some(name))
+}
+
+/// BigDL's chart values in the table of docs/migrating-from-bigdl.md §7 (the names before
+/// `:` in the backticked spans of each row's first cell; Secrets' rows aside).
+fn bigdl_values_in_the_migration_guide() -> Vec<String> {
+    let guide = std::fs::read_to_string(repo_dir().join("docs/migrating-from-bigdl.md")).unwrap();
+    let section = guide
+        .split("\n## 7. ")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .expect("§7 of the migration guide");
+    let mut names = Vec::new();
+    for row in section.lines().filter(|l| l.starts_with("| `")) {
+        let first_cell = row.split(" | ").next().unwrap();
+        for span in first_cell.split('`').skip(1).step_by(2) {
+            let name = span.split(':').next().unwrap().to_string();
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+    }
+    names
+}
+
+/// A values file of BigDL's chart (deploy/bigdl/values.yaml, bigdl-ppml-helm's values with
+/// their placeholders filled in) installs as it is: each BigDL value lands on the ppml value
+/// it stands for, the rendering follows every rule, NOTES names what each value became,
+/// `sgx: "false"` runs the executors without a TEE, and what ppml cannot honour fails the
+/// install with the reason.
+#[test]
+fn a_bigdl_values_file_installs_as_it_is() {
+    let values = repo_dir().join("deploy/bigdl/values.yaml");
+    let values = values.to_str().unwrap();
+    let chart = chart_dir();
+    let chart = chart.to_str().unwrap();
+    let mut help = Help::new();
+    helm_run(&["lint", "--strict", chart, "-f", values]);
+
+    let docs = render(&["-f", values]);
+    let mut problems = check_manifests(&docs);
+    problems.extend(check_flags(&docs, &mut help));
+    assert!(problems.is_empty(), "{problems:#?}");
+    let find = |docs: &[Value], id: &str| docs.iter().find(|d| object_id(d) == id).cloned();
+    assert!(
+        find(&docs, "StatefulSet/ppml-kms").is_none(),
+        "kmsURL names the KMS: the release deploys none"
+    );
+    assert!(
+        docs.iter().filter_map(pod_template).all(|t| str_at(
+            t,
+            "/metadata/labels/ppml.io~1environment"
+        )
+        .is_none()),
+        "sgx true: nothing labelled development"
+    );
+    for template in docs.iter().filter_map(pod_template) {
+        for (_, container) in containers(template.get("spec").unwrap()) {
+            assert_eq!(
+                str_at(container, "/image"),
+                Some("registry.example.com/ppml-gramine:2.4.0"),
+                "BigDL's image is every container's"
+            );
+        }
+    }
+
+    let executors = find(&docs, "Deployment/ppml-executor").expect("the executors");
+    assert_eq!(executors.pointer("/spec/replicas"), Some(&Value::from(2)));
+    let pod = pod_template(&executors).unwrap();
+    let container = pod.pointer("/spec/containers/0").unwrap();
+    let args = ppml_args(container).unwrap();
+    assert_eq!(tee_of(container, &args).as_deref(), Some("sgx"), "{args:?}");
+    assert_eq!(arg_after(&args, "--cores").as_deref(), Some("8"));
+    assert_eq!(arg_after(&args, "--memory").as_deref(), Some("1024m"));
+    for part in ["requests", "limits"] {
+        assert_eq!(
+            str_at(container, &format!("/resources/{part}/cpu")),
+            Some("8")
+        );
+        // 1g and Spark's overhead: 10%, at least 384 MiB.
+        assert_eq!(
+            str_at(container, &format!("/resources/{part}/memory")),
+            Some("1408Mi")
+        );
+    }
+    assert_eq!(
+        env_entry(container, "PPML_KMS_URL").and_then(|e| str_at(e, "/value")),
+        Some("https://10.0.0.2:9000")
+    );
+    for (name, key) in [
+        ("PPML_APPID", "app_id"),
+        ("PPML_APIKEY", "app_key"),
+        ("PPML_ATTESTATION_POLICY", "policy_id"),
+    ] {
+        let entry = env_entry(container, name).unwrap_or_else(|| panic!("no {name}"));
+        assert_eq!(
+            str_at(entry, "/valueFrom/secretKeyRef/name"),
+            Some("kms-secret"),
+            "{name}"
+        );
+        assert_eq!(str_at(entry, "/valueFrom/secretKeyRef/key"), Some(key));
+    }
+    let claims: Vec<&str> = pod
+        .pointer("/spec/volumes")
+        .and_then(Value::as_array)
+        .unwrap()
+        .iter()
+        .filter_map(|v| str_at(v, "/persistentVolumeClaim/claimName"))
+        .collect();
+    assert_eq!(claims, ["nfs-pvc"]);
+
+    let job = find(&docs, "Job/ppml-submit").expect("class SimpleQuery: the submit Job");
+    let container = pod_template(&job)
+        .unwrap()
+        .pointer("/spec/containers/0")
+        .unwrap();
+    let args = ppml_args(container).unwrap();
+    assert_eq!(args[..3], ["submit", "--mode", "cluster"], "{args:?}");
+    assert_eq!(arg_after(&args, "--name").as_deref(), Some("simple-query"));
+    assert_eq!(
+        arg_after(&args, "--driver-memory").as_deref(),
+        Some("1024m")
+    );
+    assert_eq!(arg_after(&args, "--num-executors").as_deref(), Some("2"));
+    assert!(args.iter().any(|a| a == "simple-query"), "{args:?}");
+    assert!(
+        env_entry(container, "PPML_APPID").is_none(),
+        "the submitter holds no credentials"
+    );
+
+    // sgx "false": executors without a TEE, and every pod says it is not confidential.
+    let docs = render(&["-f", values, "--set", "sgx=false"]);
+    let mut problems = check_manifests(&docs);
+    problems.extend(check_flags(&docs, &mut help));
+    assert!(problems.is_empty(), "{problems:#?}");
+    let executors = find(&docs, "Deployment/ppml-executor").unwrap();
+    let container = pod_template(&executors)
+        .unwrap()
+        .pointer("/spec/containers/0")
+        .unwrap();
+    let args = ppml_args(container).unwrap();
+    assert_eq!(tee_of(container, &args), None, "{args:?}");
+    assert_eq!(
+        str_at(&executors, "/metadata/labels/ppml.io~1tee"),
+        Some("none")
+    );
+    assert!(
+        docs.iter()
+            .filter_map(pod_template)
+            .all(|t| str_at(t, "/metadata/labels/ppml.io~1environment") == Some("development"))
+    );
+
+    // What each value became, as `helm install` prints it.
+    let notes = helm_run(&[
+        "install",
+        "--dry-run=client",
+        "ppml",
+        chart,
+        "-f",
+        values,
+        "--set",
+        "sgx=false",
+    ]);
+    assert!(notes.contains("WITHOUT a TEE"), "{notes}");
+    let documented = bigdl_values_in_the_migration_guide();
+    assert_eq!(documented.len(), 20, "{documented:?}");
+    let chart_values = values_yaml();
+    for name in &documented {
+        assert!(
+            name == "image" || chart_values.get(name).is_some(),
+            "{name} is not in the chart's values.yaml"
+        );
+    }
+    for name in documented
+        .iter()
+        .map(String::as_str)
+        .chain(["app credentials"])
+    {
+        assert!(
+            notes
+                .lines()
+                .any(|l| l.starts_with(&format!("  {name} ")) && l.contains(" -> ")),
+            "NOTES names no {name}:\n{notes}"
+        );
+    }
+
+    // What ppml cannot honour fails, with the reason.
+    for (setting, message) in [
+        ("sgx=maybe", r#"sgx "maybe": "true" or "false""#),
+        ("kmsURL=http://10.0.0.2:9000", "only over TLS"),
+        (
+            "class=org.apache.spark.examples.SparkPi",
+            "ppml runs BigDL's SimpleQuery",
+        ),
+        ("deployMode=yarn", "client or cluster"),
+        ("executorMem=lots", "a memory size such as 512m"),
+        ("executorInstances=0", "a number of executors"),
+        ("executorCores=eight", "a number of cores"),
+        ("k8sMaster=https://10.0.0.1:6443", "k8s://https://HOST:PORT"),
+    ] {
+        let out = Command::new(helm())
+            .args(["template", "ppml", chart, "-f", values, "--set", setting])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(message),
+            "{setting}: {stderr}"
         );
     }
 }
