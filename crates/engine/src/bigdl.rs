@@ -20,6 +20,7 @@ use zeroize::Zeroizing;
 
 use crate::dataset::{DatasetWriter, Durability, WriteOptions, part_name};
 use crate::files::{MediaKind, Progress, copy_with_progress, total_size};
+use crate::output::AtomicDir;
 use crate::{DatasetLocation, EngineError, Result};
 
 /// The key id or wrapped key a BigDL key file holds (`primaryKeyPath`, `dataKeyPath`, the
@@ -446,25 +447,10 @@ pub async fn decrypt_bigdl(
         unwrapped: Default::default(),
     };
     let variant = checked_variant(input, &files[0], &cache, options).await?;
-    if out_dir.exists() && !options.overwrite {
-        return Err(EngineError::OutputExists(out_dir.display().to_string()));
-    }
+    let mut atomic = AtomicDir::create(out_dir, options.overwrite, options.durability)?;
     progress.start(total_size(&files));
-    let staging = crate::dataset::temp_sibling(out_dir);
-    let written = decrypt_parts(&files, variant, &cache, &staging, options, progress).await;
-    let written = match written {
-        Ok(written) => written,
-        Err(e) => {
-            let _ = fs::remove_dir_all(&staging);
-            return Err(e);
-        }
-    };
-    if let Err(e) =
-        crate::dataset::replace_path(&staging, out_dir, options.overwrite, options.durability)
-    {
-        let _ = fs::remove_dir_all(&staging);
-        return Err(e);
-    }
+    let written = decrypt_parts(&files, variant, &cache, &mut atomic, options, progress).await?;
+    atomic.commit()?;
     Ok(ImportSummary {
         variant,
         parts: files.len(),
@@ -476,27 +462,18 @@ async fn decrypt_parts(
     files: &[PathBuf],
     variant: Variant,
     cache: &KeyCache<'_>,
-    staging: &Path,
+    atomic: &mut AtomicDir,
     options: &ImportOptions,
     progress: &dyn Progress,
 ) -> Result<u64> {
     use std::io::Write as _;
-    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(staging)
-        .map_err(|e| EngineError::io(staging, e))?;
     let mut written = 0u64;
     for path in files {
         let mut reader = open_part(path, variant, cache).await?;
         let name = path.file_name().unwrap_or_default().to_string_lossy();
-        let out_path = staging.join(name.strip_suffix(".cbc").unwrap_or(&name));
-        let mut out = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&out_path)
-            .map_err(|e| EngineError::io(&out_path, e))?;
+        let name = name.strip_suffix(".cbc").unwrap_or(&name);
+        let out_path = atomic.destination().join(name);
+        let mut out = atomic.create_file(name)?;
         let mut buf = vec![0u8; 1 << 18];
         loop {
             let n = match reader.read(&mut buf) {

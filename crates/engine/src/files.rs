@@ -27,9 +27,9 @@ use ppml_kms::{KeyManagementService, PrimaryKeyId};
 use crate::csv_split::CsvScanner;
 use crate::dataset::{
     DatasetWriter, Durability, PART_SUFFIX, PartBody, PartWriter, VerifiedDataset, VerifiedPart,
-    WriteOptions, open_dataset, part_name, replace_path, temp_sibling,
+    WriteOptions, open_dataset, part_name,
 };
-use crate::output::AtomicFile;
+use crate::output::{AtomicDir, AtomicFile};
 use crate::{
     DatasetLocation, DecryptingStore, EngineError, OutputFormat, OutputTarget, PpmlSession, Result,
 };
@@ -900,35 +900,24 @@ pub async fn decrypt_dataset(
     };
     match output {
         DecryptOutput::Dir(out_dir) => {
-            if out_dir.exists() && !options.overwrite {
-                return Err(EngineError::OutputExists(out_dir.display().to_string()));
-            }
-            let temp = temp_sibling(out_dir);
-            fs::create_dir_all(&temp).map_err(|e| EngineError::io(&temp, e))?;
-            let result = async {
-                for part in &dataset.parts {
-                    let name = part
-                        .entry
-                        .name
-                        .strip_suffix(PART_SUFFIX)
-                        .unwrap_or(&part.entry.name);
-                    let path = temp.join(name);
-                    let io = |e| EngineError::io(&path, e);
-                    let mut file = File::create_new(&path).map_err(io)?;
-                    // A PME part's plaintext size is known only once it is rewritten.
-                    if let PartBody::Sealed { .. } = part.body {
-                        crate::dataset::preallocate(&file, part.entry.plaintext_len).map_err(io)?;
-                    }
-                    decrypt_part(&source, part, &mut file, &path, false, progress).await?;
-                    options.durability.sync(&file).map_err(io)?;
+            let mut atomic = AtomicDir::create(out_dir, options.overwrite, options.durability)?;
+            for part in &dataset.parts {
+                let name = part
+                    .entry
+                    .name
+                    .strip_suffix(PART_SUFFIX)
+                    .unwrap_or(&part.entry.name);
+                let path = out_dir.join(name);
+                let io = |e| EngineError::io(&path, e);
+                let mut file = atomic.create_file(name)?;
+                // A PME part's plaintext size is known only once it is rewritten.
+                if let PartBody::Sealed { .. } = part.body {
+                    crate::dataset::preallocate(&file, part.entry.plaintext_len).map_err(io)?;
                 }
-                replace_path(&temp, out_dir, options.overwrite, options.durability)
+                decrypt_part(&source, part, &mut file, &path, false, progress).await?;
+                options.durability.sync(&file).map_err(io)?;
             }
-            .await;
-            if let Err(e) = result {
-                let _ = fs::remove_dir_all(&temp);
-                return Err(e);
-            }
+            atomic.commit()?;
         }
         DecryptOutput::Stream(out) => whole.write_to(out, Path::new("-")).await?,
         DecryptOutput::File(path) if is_stream_device(path) => {

@@ -1,19 +1,96 @@
-//! Output files that appear only when complete.
+//! Output files and directories that appear only when complete.
+//!
+//! Plaintext is written to *unnamed* files (Linux `O_TMPFILE`) in the destination's directory
+//! and given a name only once complete, so a process killed at any point, even by SIGKILL,
+//! leaves no partial output and no plaintext on disk: the kernel frees an unnamed file when
+//! its last descriptor closes. Where the filesystem has no unnamed files (or `/proc`, which
+//! naming one needs), a hidden named sibling takes their place; it is removed on every error
+//! and on drop, though not after SIGKILL.
 
 use std::fs::File;
 use std::io::{self, Write};
+use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
 
 use crate::aligned_writer::AlignedWriter;
 use crate::dataset::{Durability, replace_path, temp_sibling};
 use crate::{EngineError, Result};
 
-/// A file written to a hidden temporary sibling and renamed into place by
-/// [`AtomicFile::commit`]. Dropped without commit, the temporary file is deleted, so a failed
-/// command leaves neither partial output nor stray plaintext behind.
+/// An unnamed file (`O_TMPFILE`) in `dir`, or `None` where the kernel or filesystem has none
+/// or `/proc` (to name it later) is missing.
+fn open_unnamed(dir: &Path) -> Option<File> {
+    use rustix::fs::{Mode, OFlags};
+    if !Path::new("/proc/self/fd").is_dir() {
+        return None;
+    }
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    rustix::fs::openat(
+        rustix::fs::CWD,
+        dir,
+        OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )
+    .ok()
+    .map(File::from)
+}
+
+/// Gives the unnamed `file` the name `path` (which must not exist).
+fn name_unnamed(file: &File, path: &Path) -> io::Result<()> {
+    let by_descriptor = format!("/proc/self/fd/{}", file.as_raw_fd());
+    rustix::fs::linkat(
+        rustix::fs::CWD,
+        by_descriptor.as_str(),
+        rustix::fs::CWD,
+        path,
+        rustix::fs::AtFlags::SYMLINK_FOLLOW,
+    )
+    .map_err(io::Error::from)
+}
+
+/// The directory a new file at `path` goes in.
+fn parent_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// A file of the output until commit: unnamed, or (fallback) at a hidden temporary path.
+enum Pending {
+    Unnamed,
+    Named(PathBuf),
+}
+
+/// Opens the pending form of a new file that will be named `destination`'s sibling.
+fn open_pending(destination: &Path) -> Result<(File, Pending)> {
+    if let Some(file) = open_unnamed(parent_of(destination)) {
+        return Ok((file, Pending::Unnamed));
+    }
+    let temp = temp_sibling(destination);
+    let file = create_private(&temp)?;
+    Ok((file, Pending::Named(temp)))
+}
+
+/// A new file readable and writable by its owner only.
+fn create_private(path: &Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| EngineError::io(path, e))
+}
+
+/// A file that appears at its destination only when complete ([`AtomicFile::commit`]). Until
+/// then it is unnamed (see the module documentation); dropped without commit, nothing of it
+/// remains.
 pub struct AtomicFile {
     destination: PathBuf,
-    temp: Option<PathBuf>,
+    pending: Option<Pending>,
     writer: Option<AlignedWriter<File>>,
     overwrite: bool,
     durability: Durability,
@@ -28,17 +105,21 @@ impl AtomicFile {
         if destination.exists() && !overwrite {
             return Err(EngineError::OutputExists(destination.display().to_string()));
         }
-        let temp = temp_sibling(destination);
-        let file = File::create_new(&temp).map_err(|e| EngineError::io(&temp, e))?;
+        let (file, pending) = open_pending(destination)?;
         Ok(AtomicFile {
             destination: destination.to_path_buf(),
             writer: Some(AlignedWriter::new(file)),
-            temp: Some(temp),
+            pending: Some(pending),
             overwrite,
             durability,
             written: 0,
             allocated: 0,
         })
+    }
+
+    /// Whether the file is unnamed until commit (false on filesystems without `O_TMPFILE`).
+    pub fn is_unnamed(&self) -> bool {
+        matches!(self.pending, Some(Pending::Unnamed))
     }
 
     /// Reserves space for `len` bytes up front (see [`crate::dataset::preallocate`]);
@@ -51,8 +132,8 @@ impl AtomicFile {
         Ok(())
     }
 
-    /// Writes what is buffered, syncs (unless [`Durability::NoSync`]) and renames the file
-    /// into place.
+    /// Writes what is buffered, syncs (unless [`Durability::NoSync`]) and gives the file its
+    /// name (replacing an existing one only with `overwrite`).
     pub fn commit(mut self) -> Result<()> {
         let io = |e| EngineError::io(&self.destination, e);
         let writer = self.writer.take().expect("not committed");
@@ -61,13 +142,37 @@ impl AtomicFile {
             file.set_len(self.written).map_err(io)?;
         }
         self.durability.sync(&file).map_err(io)?;
-        let temp = self.temp.take().expect("not committed");
+        let temp = match self.pending.take().expect("not committed") {
+            Pending::Named(temp) => temp,
+            Pending::Unnamed if !self.overwrite => {
+                // linkat never replaces: a destination created meanwhile is not clobbered.
+                return match name_unnamed(&file, &self.destination) {
+                    Ok(()) => {
+                        sync_parent(&self.destination, self.durability);
+                        Ok(())
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(
+                        EngineError::OutputExists(self.destination.display().to_string()),
+                    ),
+                    Err(e) => Err(io(e)),
+                };
+            }
+            Pending::Unnamed => {
+                let temp = temp_sibling(&self.destination);
+                name_unnamed(&file, &temp).map_err(io)?;
+                temp
+            }
+        };
         if let Err(e) = replace_path(&temp, &self.destination, self.overwrite, self.durability) {
             let _ = std::fs::remove_file(&temp);
             return Err(e);
         }
         Ok(())
     }
+}
+
+fn sync_parent(path: &Path, durability: Durability) {
+    let _ = File::open(parent_of(path)).and_then(|d| durability.sync(&d));
 }
 
 impl Write for AtomicFile {
@@ -83,9 +188,184 @@ impl Write for AtomicFile {
 
 impl Drop for AtomicFile {
     fn drop(&mut self) {
-        if let Some(temp) = self.temp.take() {
-            self.writer.take();
+        self.writer.take();
+        if let Some(Pending::Named(temp)) = self.pending.take() {
             let _ = std::fs::remove_file(temp);
         }
+    }
+}
+
+/// A directory of files that appears at its destination only when every file is complete
+/// ([`AtomicDir::commit`]). Its files stay unnamed until then and are linked into a hidden
+/// sibling directory that is renamed into place, so a process killed while writing them
+/// leaves nothing (see the module documentation).
+pub struct AtomicDir {
+    destination: PathBuf,
+    /// The hidden sibling the files are named in (created at commit, or at the first file
+    /// where files cannot be unnamed).
+    temp: PathBuf,
+    temp_created: bool,
+    unnamed: Vec<(String, File)>,
+    overwrite: bool,
+    durability: Durability,
+    committed: bool,
+}
+
+impl AtomicDir {
+    /// Starts writing the directory `destination`; refuses an existing one unless
+    /// `overwrite`.
+    pub fn create(destination: &Path, overwrite: bool, durability: Durability) -> Result<Self> {
+        if destination.exists() && !overwrite {
+            return Err(EngineError::OutputExists(destination.display().to_string()));
+        }
+        Ok(AtomicDir {
+            destination: destination.to_path_buf(),
+            temp: temp_sibling(destination),
+            temp_created: false,
+            unnamed: Vec::new(),
+            overwrite,
+            durability,
+            committed: false,
+        })
+    }
+
+    /// Where the directory appears.
+    pub fn destination(&self) -> &Path {
+        &self.destination
+    }
+
+    fn ensure_temp(&mut self) -> Result<()> {
+        if !self.temp_created {
+            use std::os::unix::fs::DirBuilderExt as _;
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&self.temp)
+                .map_err(|e| EngineError::io(&self.temp, e))?;
+            self.temp_created = true;
+        }
+        Ok(())
+    }
+
+    /// A new file `name` of the directory, to write (and sync) before [`AtomicDir::commit`].
+    pub fn create_file(&mut self, name: &str) -> Result<File> {
+        if let Some(file) = open_unnamed(parent_of(&self.destination)) {
+            let handle = file
+                .try_clone()
+                .map_err(|e| EngineError::io(&self.destination, e))?;
+            self.unnamed.push((name.to_string(), file));
+            return Ok(handle);
+        }
+        self.ensure_temp()?;
+        create_private(&self.temp.join(name))
+    }
+
+    /// Names every file and moves the directory into place (replacing an existing one only
+    /// with `overwrite`). The files must have been synced by their writers.
+    pub fn commit(mut self) -> Result<()> {
+        self.ensure_temp()?;
+        for (name, file) in std::mem::take(&mut self.unnamed) {
+            let path = self.temp.join(&name);
+            name_unnamed(&file, &path).map_err(|e| EngineError::io(&path, e))?;
+        }
+        File::open(&self.temp)
+            .and_then(|d| self.durability.sync(&d))
+            .map_err(|e| EngineError::io(&self.temp, e))?;
+        replace_path(
+            &self.temp,
+            &self.destination,
+            self.overwrite,
+            self.durability,
+        )?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for AtomicDir {
+    fn drop(&mut self) {
+        if self.temp_created && !self.committed {
+            let _ = std::fs::remove_dir_all(&self.temp);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn an_atomic_file_is_nowhere_until_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out.csv");
+        let mut file = AtomicFile::create(&out, false, Durability::NoSync).unwrap();
+        assert!(file.is_unnamed(), "tmpfs and ext4 have O_TMPFILE");
+        file.write_all(b"secret row\n").unwrap();
+        file.flush().unwrap();
+        assert!(names(dir.path()).is_empty(), "{:?}", names(dir.path()));
+        file.commit().unwrap();
+        assert_eq!(names(dir.path()), ["out.csv"]);
+        assert_eq!(std::fs::read(&out).unwrap(), b"secret row\n");
+
+        // Dropped uncommitted: nothing; existing output kept unless overwriting.
+        let mut file =
+            AtomicFile::create(&dir.path().join("gone"), false, Durability::NoSync).unwrap();
+        file.write_all(b"x").unwrap();
+        drop(file);
+        assert_eq!(names(dir.path()), ["out.csv"]);
+        assert!(matches!(
+            AtomicFile::create(&out, false, Durability::NoSync),
+            Err(EngineError::OutputExists(_))
+        ));
+        let mut file = AtomicFile::create(&out, true, Durability::NoSync).unwrap();
+        file.write_all(b"new").unwrap();
+        file.commit().unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), b"new");
+        assert_eq!(names(dir.path()), ["out.csv"]);
+    }
+
+    #[test]
+    fn a_destination_made_meanwhile_is_not_clobbered() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out.csv");
+        let mut file = AtomicFile::create(&out, false, Durability::NoSync).unwrap();
+        file.write_all(b"mine").unwrap();
+        std::fs::write(&out, b"theirs").unwrap();
+        assert!(matches!(file.commit(), Err(EngineError::OutputExists(_))));
+        assert_eq!(std::fs::read(&out).unwrap(), b"theirs");
+        assert_eq!(names(dir.path()), ["out.csv"]);
+    }
+
+    #[test]
+    fn an_atomic_dir_is_nowhere_until_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("plain");
+        let mut atomic = AtomicDir::create(&out, false, Durability::NoSync).unwrap();
+        for name in ["part-00000.csv", "part-00001.csv"] {
+            let mut file = atomic.create_file(name).unwrap();
+            file.write_all(name.as_bytes()).unwrap();
+        }
+        assert!(names(dir.path()).is_empty(), "{:?}", names(dir.path()));
+        atomic.commit().unwrap();
+        assert_eq!(names(dir.path()), ["plain"]);
+        assert_eq!(names(&out), ["part-00000.csv", "part-00001.csv"]);
+        assert_eq!(
+            std::fs::read(out.join("part-00001.csv")).unwrap(),
+            b"part-00001.csv"
+        );
+
+        let mut atomic =
+            AtomicDir::create(&dir.path().join("gone"), false, Durability::NoSync).unwrap();
+        atomic.create_file("a").unwrap().write_all(b"x").unwrap();
+        drop(atomic);
+        assert_eq!(names(dir.path()), ["plain"]);
     }
 }

@@ -1,8 +1,7 @@
 //! A DataFusion session whose local file store decrypts verified ppml datasets.
 
-use std::fs::{self, File};
 use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use datafusion::arrow::array::RecordBatch;
@@ -36,10 +35,11 @@ use ppml_kms::{KeyManagementService, PrimaryKeyId};
 
 use crate::dataset::{
     DatasetWriter, Durability, PART_SUFFIX, VerifiedDataset, WriteOptions, open_dataset, part_name,
-    pme_part_name, replace_path, temp_sibling,
+    pme_part_name,
 };
 use crate::files::MediaKind;
 use crate::location::DatasetLocation;
+use crate::output::AtomicDir;
 use crate::s3::S3Stores;
 use crate::store::LOCAL_STORE_URL;
 use crate::{DecryptingStore, EngineError, Result};
@@ -614,21 +614,17 @@ impl PpmlSession {
                 overwrite,
                 durability,
             } => {
-                if dir.exists() && !overwrite {
-                    return Err(EngineError::OutputExists(dir.display().to_string()));
-                }
-                let temp = TempDir::create(temp_sibling(dir))?;
+                let mut atomic = AtomicDir::create(dir, overwrite, durability)?;
                 let sinks = (0..streams.len())
                     .map(|i| {
-                        let path = temp.0.join(format!("part-{i:05}.{}", format.extension()));
-                        File::create_new(&path)
+                        atomic
+                            .create_file(&format!("part-{i:05}.{}", format.extension()))
                             .map(|f| {
                                 (
                                     CountingWriter::new(BufWriter::with_capacity(1 << 20, f)),
                                     None,
                                 )
                             })
-                            .map_err(|e| EngineError::io(&path, e))
                     })
                     .collect::<Result<Vec<_>>>()?;
                 let results = write_all(streams, sinks, schema, format).await?;
@@ -637,13 +633,12 @@ impl PpmlSession {
                     // Same durability as the encrypted path, which syncs every part.
                     sink.flush()
                         .and_then(|_| durability.sync(sink.inner.get_ref()))
-                        .map_err(|e| EngineError::io(&temp.0, e))?;
+                        .map_err(|e| EngineError::io(dir, e))?;
                     summary.rows += rows;
                     summary.parts += 1;
                     summary.plaintext_bytes += sink.written;
                 }
-                replace_path(&temp.0, dir, overwrite, durability)?;
-                temp.keep();
+                atomic.commit()?;
                 Ok(summary)
             }
         }
@@ -666,24 +661,6 @@ fn plaintext_kind(path: &Path) -> MediaKind {
     match MediaKind::of_path(path) {
         MediaKind::Binary => MediaKind::Csv { header: true },
         kind => kind,
-    }
-}
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn create(path: PathBuf) -> Result<Self> {
-        fs::create_dir_all(&path).map_err(|e| EngineError::io(&path, e))?;
-        Ok(TempDir(path))
-    }
-    fn keep(self) {
-        std::mem::forget(self);
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
     }
 }
 
