@@ -1,11 +1,16 @@
-//! `ppml kms serve` as a real process: an independent Python client, and no acknowledged key
-//! lost when the server is killed with SIGKILL.
+//! `ppml kms serve` as a real process: an independent Python client; no acknowledged key
+//! lost when the server is killed with SIGKILL; and `docs/kms-openapi.yaml`, the OpenAPI
+//! description of its REST API, held against the code: its action and error-kind lists are
+//! the code's, every path it names is served, and schemathesis, driven by it against a live
+//! server with most bodies validly signed (`compat/schemathesis_hooks.py`), finds no HTTP
+//! 5xx, no eHSM `code` 500, no answer that is not JSON and no request that hangs.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use ppml_kms::protocol::{Action, ErrorKind};
 use serde_json::{Value, json};
 
 struct ServerProcess {
@@ -21,16 +26,18 @@ impl Drop for ServerProcess {
 }
 
 fn serve(data_dir: &std::path::Path) -> ServerProcess {
+    serve_with(data_dir, &[])
+}
+
+/// `ppml kms serve` over `data_dir`, with `extra` flags. The data directory is given relative
+/// to its parent, the server's working directory, as an operator types it.
+fn serve_with(data_dir: &std::path::Path, extra: &[&str]) -> ServerProcess {
     let mut child = Command::new(env!("CARGO_BIN_EXE_ppml"))
-        .args([
-            "kms",
-            "serve",
-            "--insecure-http",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(data_dir)
+        .args(["kms", "serve", "--insecure-http", "--listen", "127.0.0.1:0"])
+        .args(extra)
+        .arg("--data-dir")
+        .arg(data_dir.file_name().unwrap())
+        .current_dir(data_dir.parent().unwrap())
         .env("PPML_HOME", data_dir.join("home"))
         .env_remove("PPML_KMS_ROOT_KEY")
         .stdout(Stdio::piped())
@@ -172,4 +179,136 @@ fn acknowledged_keys_survive_sigkill() {
         .unwrap();
         assert_eq!(r["code"], 200, "{r}");
     }
+}
+
+fn repo() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn spec() -> Value {
+    let text = std::fs::read_to_string(repo().join("docs/kms-openapi.yaml")).unwrap();
+    serde_yaml_ng::from_str(&text).expect("docs/kms-openapi.yaml is YAML")
+}
+
+fn strings(value: &Value, pointer: &str) -> Vec<String> {
+    value
+        .pointer(pointer)
+        .and_then(Value::as_array)
+        .unwrap_or_else(|| panic!("{pointer} is not a list"))
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn the_openapi_lists_are_the_codes() {
+    let spec = spec();
+    assert_eq!(
+        strings(&spec, "/components/schemas/Action/enum"),
+        Action::ALL.map(|a| a.name().to_string()),
+        "docs/kms-openapi.yaml Action"
+    );
+    assert_eq!(
+        strings(&spec, "/components/schemas/ErrorKind/enum"),
+        ErrorKind::ALL.map(|k| k.label().to_string()),
+        "docs/kms-openapi.yaml ErrorKind"
+    );
+    // GET serves exactly the unsigned actions that need no body.
+    let get = strings(&spec, "/paths/~1ehsm/get/parameters/0/schema/enum");
+    assert_eq!(get, ["Enroll", "GetVersion", "GenerateQuote"]);
+    for name in get {
+        assert!(Action::from_name(&name).is_some(), "{name}");
+    }
+}
+
+/// HTTP status and body of `method base+path` with an empty JSON object as body (curl).
+fn status_of(base: &str, method: &str, path: &str) -> (u16, String) {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-m",
+            "10",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            "-X",
+            method,
+        ])
+        .args(["-H", "Content-Type: application/json"])
+        .args(if method == "GET" {
+            vec![]
+        } else {
+            vec!["-d", "{}"]
+        })
+        .arg(format!("{base}{path}"))
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (code.parse().unwrap(), body.to_string())
+}
+
+#[test]
+fn every_path_is_served_and_schemathesis_finds_no_fault() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve_with(&dir.path().join("data"), &["--enable-bigdl-ras"]);
+    let base = format!("http://{}", server.addr);
+    let spec = spec();
+    for (path, operations) in spec["paths"].as_object().unwrap() {
+        for method in operations.as_object().unwrap().keys() {
+            let (status, body) = status_of(&base, &method.to_uppercase(), path);
+            assert_ne!(status, 404, "{method} {path} is not served: {body}");
+            assert!(status < 500, "{method} {path}: {status} {body}");
+        }
+    }
+    // A malformed query string still gets eHSM's envelope.
+    let (status, body) = status_of(&base, "GET", "/ehsm?Action=Enroll&Action=Enroll");
+    assert_eq!(status, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["code"], 400, "{answer}");
+
+    let (_, enrolled) = status_of(&base, "GET", "/ehsm?Action=Enroll");
+    let enrolled: Value = serde_json::from_str(&enrolled).unwrap();
+    let st = std::env::var("PPML_SCHEMATHESIS").unwrap_or_else(|_| "st".into());
+    let out = Command::new(&st)
+        .args(["run", "../docs/kms-openapi.yaml", "--url", &base])
+        .args(["--checks", "not_a_server_error,ehsm_no_server_fault"])
+        .args([
+            "--max-examples",
+            "40",
+            "--seed",
+            "1",
+            "--request-timeout",
+            "10",
+        ])
+        .current_dir(repo().join("compat"))
+        .env("SCHEMATHESIS_HOOKS", "schemathesis_hooks")
+        .env("PYTHONPATH", repo().join("compat"))
+        .env(
+            "PPML_TEST_APPID",
+            enrolled["result"]["appid"].as_str().unwrap(),
+        )
+        .env(
+            "PPML_TEST_APIKEY",
+            enrolled["result"]["apikey"].as_str().unwrap(),
+        )
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run schemathesis ({st}: {e}): install it with `python3 -m pip install \
+                 schemathesis` (scripts/test-deps does), or set PPML_SCHEMATHESIS"
+            )
+        });
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{report}");
+    assert!(report.contains("Tested: 6"), "{report}");
+    // The server survived it all.
+    let (status, _) = status_of(&base, "GET", "/ehsm?Action=GetVersion");
+    assert_eq!(status, 200);
 }

@@ -7,7 +7,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
@@ -627,11 +627,22 @@ async fn run_action<T: Send + 'static>(
     }
 }
 
+/// The answer to a query string that does not parse (a repeated `Action`, say): eHSM's
+/// envelope with `param type error`, like every other refusal, rather than axum's plain text.
+async fn malformed_query(state: &ServerState, started: Instant) -> Response {
+    let context = RequestContext::new(state.request_ids.next());
+    let refused = Err(ApiError::Request(RequestError::ParamType));
+    respond(state, "", context, started, refused).await
+}
+
 async fn handle_get(
     State(state): State<Arc<ServerState>>,
-    Query(q): Query<ActionQuery>,
+    query: Result<Query<ActionQuery>, QueryRejection>,
 ) -> Response {
     let started = Instant::now();
+    let Ok(Query(q)) = query else {
+        return malformed_query(&state, started).await;
+    };
     let action = q.action.clone().unwrap_or_default();
     let request_id = state.request_ids.next();
     let (result, context) = run_action(&state, &action, {
@@ -650,10 +661,13 @@ async fn handle_get(
 
 async fn handle_post(
     State(state): State<Arc<ServerState>>,
-    Query(q): Query<ActionQuery>,
+    query: Result<Query<ActionQuery>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let started = Instant::now();
+    let Ok(Query(q)) = query else {
+        return malformed_query(&state, started).await;
+    };
     let action = q.action.unwrap_or_default();
     let request_id = state.request_ids.next();
     let (result, context) = match body {

@@ -9,7 +9,11 @@ use std::path::Path;
 /// a temporary sibling is written, synced, renamed over `path`, and the directory synced, so
 /// that after a crash the file holds either the old or the new content, never a mix.
 pub fn write_private_file_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+    // The parent of a bare file name is "", which names no directory.
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let name = path
         .file_name()
         .ok_or_else(|| std::io::Error::other("path has no file name"))?;
