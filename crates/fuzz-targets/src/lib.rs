@@ -33,6 +33,10 @@ pub const TARGETS: &[Target] = &[
     ("cluster_plan", cluster_plan),
     ("parquet_key_material", parquet_key_material),
     ("bigdl_part", bigdl_part),
+    ("ras_body", ras_body),
+    ("attestation_token", attestation_token),
+    ("spill_file", spill_file),
+    ("job_file", job_file),
 ];
 
 /// The data key of the format's test vectors (`crates/format/testdata/vectors`), so that
@@ -214,7 +218,9 @@ fn fuzz_kms() -> &'static FuzzKms {
                 .expect("an attestation service");
         attestation.accept_simulation();
         let router = ppml_kms_server::router(Arc::new(
-            ppml_kms_server::ServerState::new(store).with_attestation(attestation),
+            ppml_kms_server::ServerState::new(store)
+                .with_attestation(attestation)
+                .with_bigdl_ras(),
         ));
         FuzzKms {
             router,
@@ -404,4 +410,142 @@ pub fn bigdl_part(data: &[u8]) {
     if let Ok(text) = std::str::from_utf8(file) {
         let _ = bigdl::unwrap_with_plaintext_primary_key("AAECAwQFBgcICQoLDA0ODw==", text);
     }
+}
+
+/// A BigDL-RAS request body (`POST /registerPolicy` or `/verifyQuote`, picked by the first
+/// byte) to the live router of [`kms_action`]'s KMS, with `$APPID` and `$APIKEY` standing for
+/// its app's credentials so that inputs reach past the credential check. An HTTP 500 is a
+/// finding: the RAS answers 500 only when it cannot write its audit log.
+pub fn ras_body(data: &[u8]) {
+    use tower::ServiceExt as _;
+    let Some((&pick, body)) = data.split_first() else {
+        return;
+    };
+    let kms = fuzz_kms();
+    let path = if pick % 2 == 0 {
+        "/registerPolicy"
+    } else {
+        "/verifyQuote"
+    };
+    let body = String::from_utf8_lossy(body)
+        .replace("$APPID", &kms.appid)
+        .replace("$APIKEY", &kms.apikey);
+    let request = axum::http::Request::post(path)
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from(body))
+        .expect("a request");
+    current_thread_runtime().block_on(async {
+        let response = kms
+            .router
+            .clone()
+            .oneshot(request)
+            .await
+            .expect("infallible");
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .expect("a body");
+        assert_ne!(
+            status,
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            "{path}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        let _: serde_json::Value = serde_json::from_slice(&body).expect("a JSON answer");
+    });
+}
+
+/// The seed of the fuzz attestation service's token signing key.
+pub const FUZZ_TOKEN_SEED: [u8; 32] = [9; 32];
+
+/// An attestation token as the KMS checks it before releasing a key
+/// (`ppml_attestation::service::verify_token`). Odd first byte: the rest is a whole token,
+/// taken as it is. Even: the rest is its `header.payload`, which the target signs with the
+/// fuzz service key, so that inputs reach the header and claims checks past the signature.
+pub fn attestation_token(data: &[u8]) {
+    use ring::signature::KeyPair as _;
+    let Some((&pick, rest)) = data.split_first() else {
+        return;
+    };
+    let Ok(text) = std::str::from_utf8(rest) else {
+        return;
+    };
+    let key =
+        ring::signature::Ed25519KeyPair::from_seed_unchecked(&FUZZ_TOKEN_SEED).expect("a key pair");
+    let public: [u8; 32] = key.public_key().as_ref().try_into().expect("32 bytes");
+    let token = if pick % 2 == 1 {
+        text.to_string()
+    } else {
+        use base64::Engine as _;
+        let signature = key.sign(text.as_bytes());
+        format!(
+            "{text}.{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(signature)
+        )
+    };
+    // Before and after the expiry of the seeds' token.
+    for now in [1_700_000_000, 1_900_000_000] {
+        if let Ok(claims) = ppml_attestation::service::verify_token(&token, &public, now) {
+            assert!(now < claims.exp, "an expired token verified");
+        }
+    }
+}
+
+/// A spill file changed on disk: the target writes a known spill file through
+/// `ppml_engine::spill::EncryptedSpill` (DataFusion's temp-file factory), applies the input
+/// to it as edits (each 5 bytes: a 4-byte big-endian offset, taken modulo the file length,
+/// and a byte to XOR there; offset `0xffffffff` instead truncates the file to the byte/256 of
+/// its length), then reads it back: the reader must fail, or, when the edits changed
+/// nothing, return exactly what was written.
+pub fn spill_file(data: &[u8]) {
+    use datafusion::execution::TempFileFactory as _;
+    use futures::StreamExt as _;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let spill = ppml_engine::spill::EncryptedSpill::new(dir.path().join("spill"))
+        .expect("a spill directory");
+    let file = spill.create_temp_file("fuzz").expect("a spill file");
+    let written: Vec<u8> = (0..150_000u32).map(|i| (i % 251) as u8).collect();
+    {
+        let mut writer = file.open_writer().expect("a writer");
+        use std::io::Write as _;
+        writer.write_all(&written).expect("written");
+        writer.finish().expect("finished");
+    }
+    let path = file.path().expect("a path").to_path_buf();
+    let mut bytes = std::fs::read(&path).expect("the spill file");
+    let original = bytes.clone();
+    for edit in data.chunks_exact(5) {
+        let raw = u32::from_be_bytes(edit[..4].try_into().expect("4 bytes"));
+        if raw == u32::MAX {
+            bytes.truncate(usize::from(edit[4]) * bytes.len() / 256);
+        } else if !bytes.is_empty() {
+            let offset = raw as usize % bytes.len();
+            bytes[offset] ^= edit[4];
+        }
+    }
+    std::fs::write(&path, &bytes).expect("rewritten");
+    let read = current_thread_runtime().block_on(async {
+        let mut stream = file.read_stream().ok()?;
+        let mut out = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            out.extend_from_slice(&chunk.ok()?);
+        }
+        Some(out)
+    });
+    match read {
+        Some(plain) => {
+            assert_eq!(bytes, original, "a changed spill file was read");
+            assert_eq!(plain, written, "a spill file read back other bytes");
+        }
+        None => assert_ne!(bytes, original, "an unchanged spill file failed to read"),
+    }
+}
+
+/// A job file (`ppml submit --job-file`, TOML) as `ppml::job::JobFile::load` reads it, from a
+/// temporary directory of its own.
+pub fn job_file(data: &[u8]) {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("job.toml");
+    std::fs::write(&path, data).expect("written");
+    let _ = ppml::job::JobFile::load(&path);
 }

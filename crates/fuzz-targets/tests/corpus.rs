@@ -164,3 +164,74 @@ async fn write_made_cluster_seeds() {
         }
     }
 }
+
+/// A token the fuzz attestation service would issue, for `attestation_token`: its claims are
+/// those of the simulated quote seed; one seed is the unsigned `header.payload` (the target
+/// signs it), the other the whole token signed with [`ppml_fuzz_targets::FUZZ_TOKEN_SEED`].
+#[test]
+#[ignore = "writes fuzz/seeds"]
+fn write_made_token_seeds() {
+    use base64::Engine as _;
+    use ring::signature::KeyPair as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let platform = ppml_fuzz_targets::fuzz_sim_platform();
+    let trusted: [u8; 32] = platform.public_key().as_ref().try_into().unwrap();
+    let quote = std::fs::read(fuzz_dir().join("seeds/sim_quote/seed-valid")).unwrap();
+    let claims = ppml_attestation::sim::verify_sim(&quote, &[trusted]).unwrap();
+    let token = ppml_attestation::service::TokenClaims {
+        iss: "ppml-kms:fuzz".into(),
+        sub: "fuzz-app".into(),
+        iat: 1_799_999_700,
+        exp: 1_800_000_000,
+        policy: "fuzz-policy".into(),
+        runtime_key: b64.encode([5u8; 32]),
+        claims,
+    };
+    let signing_input = format!(
+        "{}.{}",
+        b64.encode(r#"{"alg":"EdDSA","typ":"JWT"}"#),
+        b64.encode(serde_json::to_vec(&token).unwrap())
+    );
+    let key =
+        ring::signature::Ed25519KeyPair::from_seed_unchecked(&ppml_fuzz_targets::FUZZ_TOKEN_SEED)
+            .unwrap();
+    let signed = format!(
+        "{signing_input}.{}",
+        b64.encode(key.sign(signing_input.as_bytes()))
+    );
+    let dir = fuzz_dir().join("seeds/attestation_token");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("seed-unsigned"),
+        [b"\0".as_slice(), signing_input.as_bytes()].concat(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("seed-signed"),
+        [b"\x01".as_slice(), signed.as_bytes()].concat(),
+    )
+    .unwrap();
+}
+
+/// Seeds that must be valid inputs, so that campaigns start past the first checks: the job
+/// files load, and the made token verifies before its expiry and not after.
+#[test]
+fn valid_seeds_are_valid() {
+    for seed in ["seed-simple-query", "seed-query"] {
+        let path = fuzz_dir().join("seeds/job_file").join(seed);
+        if let Err(e) = ppml::job::JobFile::load(&path) {
+            panic!("{seed}: {e}");
+        }
+    }
+    use ring::signature::KeyPair as _;
+    let seed = std::fs::read(fuzz_dir().join("seeds/attestation_token/seed-signed")).unwrap();
+    let key =
+        ring::signature::Ed25519KeyPair::from_seed_unchecked(&ppml_fuzz_targets::FUZZ_TOKEN_SEED)
+            .unwrap();
+    let public: [u8; 32] = key.public_key().as_ref().try_into().unwrap();
+    let token = std::str::from_utf8(&seed[1..]).unwrap();
+    let claims =
+        ppml_attestation::service::verify_token(token, &public, 1_700_000_000).expect("valid");
+    assert_eq!(claims.exp, 1_800_000_000);
+    assert!(ppml_attestation::service::verify_token(token, &public, 1_900_000_000).is_err());
+}
