@@ -217,6 +217,25 @@ fn fuzz_kms() -> &'static FuzzKms {
             ppml_attestation::service::AttestationService::new(store.kms_id(), &[9; 32])
                 .expect("an attestation service");
         attestation.accept_simulation();
+        // Collateral for both quote kinds, as a deployed KMS has (from a PCCS or files): a
+        // quote then reaches DCAP verification instead of "no collateral" (a 500 of the
+        // BigDL-RAS, rightly: the server is not configured for it).
+        for (tee, json, name) in [
+            (
+                ppml_attestation::claims::Tee::Sgx,
+                include_str!("../../attestation/testdata/sgx_quote_collateral.json"),
+                "sgx_quote_collateral.json",
+            ),
+            (
+                ppml_attestation::claims::Tee::Tdx,
+                include_str!("../../attestation/testdata/tdx_quote_collateral.json"),
+                "tdx_quote_collateral.json",
+            ),
+        ] {
+            let collateral = ppml_attestation::dcap::Collateral::from_json(json, name)
+                .expect("the test collateral");
+            attestation.set_collateral(tee, collateral);
+        }
         let router = ppml_kms_server::router(Arc::new(
             ppml_kms_server::ServerState::new(store)
                 .with_attestation(attestation)
@@ -415,7 +434,8 @@ pub fn bigdl_part(data: &[u8]) {
 /// A BigDL-RAS request body (`POST /registerPolicy` or `/verifyQuote`, picked by the first
 /// byte) to the live router of [`kms_action`]'s KMS, with `$APPID` and `$APIKEY` standing for
 /// its app's credentials so that inputs reach past the credential check. An HTTP 500 is a
-/// finding: the RAS answers 500 only when it cannot write its audit log.
+/// finding: the RAS answers 500 only when it cannot write its audit log or lacks the
+/// collateral for a quote's kind, and this KMS has collateral for both kinds.
 pub fn ras_body(data: &[u8]) {
     use tower::ServiceExt as _;
     let Some((&pick, body)) = data.split_first() else {
