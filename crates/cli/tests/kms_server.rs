@@ -272,7 +272,9 @@ fn every_path_is_served_and_schemathesis_finds_no_fault() {
     let enrolled: Value = serde_json::from_str(&enrolled).unwrap();
     let st = std::env::var("PPML_SCHEMATHESIS").unwrap_or_else(|_| "st".into());
     let out = Command::new(&st)
-        .args(["run", "../docs/kms-openapi.yaml", "--url", &base])
+        .arg("run")
+        .arg(repo().join("docs/kms-openapi.yaml"))
+        .args(["--url", &base])
         .args(["--checks", "not_a_server_error,ehsm_no_server_fault"])
         .args([
             "--max-examples",
@@ -282,7 +284,8 @@ fn every_path_is_served_and_schemathesis_finds_no_fault() {
             "--request-timeout",
             "10",
         ])
-        .current_dir(repo().join("compat"))
+        // schemathesis keeps a cache in its working directory: not in the repository.
+        .current_dir(dir.path())
         .env("SCHEMATHESIS_HOOKS", "schemathesis_hooks")
         .env("PYTHONPATH", repo().join("compat"))
         .env(
