@@ -259,7 +259,6 @@ fn fuzz_kms() -> &'static FuzzKms {
 /// code 500 (a server fault) is a finding: bad input must get a 400 answer.
 pub fn kms_action(data: &[u8]) {
     use ppml_kms::protocol::Action;
-    use tower::ServiceExt as _;
     let Some((&pick, payload)) = data.split_first() else {
         return;
     };
@@ -279,25 +278,32 @@ pub fn kms_action(data: &[u8]) {
     body.insert("action".into(), action.name().into());
     let sign = ppml_kms::ehsm::sign(&kms.apikey, &body);
     body.insert("sign".into(), sign.into());
-    let request = axum::http::Request::post(format!("/ehsm?Action={}", action.name()))
+    let path = format!("/ehsm?Action={}", action.name());
+    let (_, body) = post_json(&path, serde_json::to_vec(&body).expect("JSON"));
+    let answer: serde_json::Value = serde_json::from_slice(&body).expect("a JSON answer");
+    assert_ne!(answer["code"], 500, "{action}: {answer}");
+}
+
+/// POSTs a JSON `body` to `path` on the fuzz KMS's router; the answer's status and body.
+fn post_json(path: &str, body: Vec<u8>) -> (axum::http::StatusCode, Vec<u8>) {
+    use tower::ServiceExt as _;
+    let request = axum::http::Request::post(path)
         .header("content-type", "application/json")
-        .body(axum::body::Body::from(
-            serde_json::to_vec(&body).expect("JSON"),
-        ))
+        .body(axum::body::Body::from(body))
         .expect("a request");
     current_thread_runtime().block_on(async {
-        let response = kms
+        let response = fuzz_kms()
             .router
             .clone()
             .oneshot(request)
             .await
             .expect("infallible");
+        let status = response.status();
         let body = axum::body::to_bytes(response.into_body(), 1 << 20)
             .await
             .expect("a body");
-        let answer: serde_json::Value = serde_json::from_slice(&body).expect("a JSON answer");
-        assert_ne!(answer["code"], 500, "{action}: {answer}");
-    });
+        (status, body.to_vec())
+    })
 }
 
 /// A shuffle file's `ppml.map_partitions` text: one set has one text, so whatever parses
@@ -437,7 +443,6 @@ pub fn bigdl_part(data: &[u8]) {
 /// finding: the RAS answers 500 only when it cannot write its audit log or lacks the
 /// collateral for a quote's kind, and this KMS has collateral for both kinds.
 pub fn ras_body(data: &[u8]) {
-    use tower::ServiceExt as _;
     let Some((&pick, body)) = data.split_first() else {
         return;
     };
@@ -450,29 +455,14 @@ pub fn ras_body(data: &[u8]) {
     let body = String::from_utf8_lossy(body)
         .replace("$APPID", &kms.appid)
         .replace("$APIKEY", &kms.apikey);
-    let request = axum::http::Request::post(path)
-        .header("content-type", "application/json")
-        .body(axum::body::Body::from(body))
-        .expect("a request");
-    current_thread_runtime().block_on(async {
-        let response = kms
-            .router
-            .clone()
-            .oneshot(request)
-            .await
-            .expect("infallible");
-        let status = response.status();
-        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
-            .await
-            .expect("a body");
-        assert_ne!(
-            status,
-            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-            "{path}: {}",
-            String::from_utf8_lossy(&body)
-        );
-        let _: serde_json::Value = serde_json::from_slice(&body).expect("a JSON answer");
-    });
+    let (status, body) = post_json(path, body.into_bytes());
+    assert_ne!(
+        status,
+        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+        "{path}: {}",
+        String::from_utf8_lossy(&body)
+    );
+    let _: serde_json::Value = serde_json::from_slice(&body).expect("a JSON answer");
 }
 
 /// The seed of the fuzz attestation service's token signing key.
