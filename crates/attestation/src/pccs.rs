@@ -346,42 +346,31 @@ impl PccsClient {
         Ok(response)
     }
 
-    /// GETs a signed JSON document (TCB info or QE identity) and its issuer chain header.
-    async fn get_signed(
-        &self,
-        url: &str,
-        chain_headers: &[&str],
-    ) -> Result<(String, String, Vec<u8>), PccsError> {
-        let response = self.get(url).await?;
-        let chain = issuer_chain(&response, chain_headers, url)?;
-        let body = response.text().await.map_err(|e| PccsError::Fetch {
-            url: url.to_string(),
-            reason: error_chain(&e),
-        })?;
-        let malformed = |reason: String| PccsError::Malformed {
-            url: url.to_string(),
-            reason,
-        };
-        let signed: SignedJson =
-            serde_json::from_str(&body).map_err(|e| malformed(e.to_string()))?;
-        let signature =
-            hex::decode(&signed.signature).map_err(|e| malformed(format!("signature: {e}")))?;
-        // The signature covers the document's bytes exactly as served: keep them raw.
-        Ok((chain, signed.body.get().to_string(), signature))
-    }
-
-    async fn get_crl(&self, url: &str) -> Result<(Vec<u8>, Option<String>), PccsError> {
-        let response = self.get(url).await?;
-        let chain = issuer_chain(&response, &["SGX-PCK-CRL-Issuer-Chain"], url).ok();
+    /// GETs one answer, with the first of `chain_headers` that it has.
+    async fn answer(&self, url: String, chain_headers: &[&str]) -> Result<PccsAnswer, PccsError> {
+        let response = self.get(&url).await?;
+        let issuer_chain = chain_headers
+            .iter()
+            .find_map(|name| response.headers().get(*name).map(|value| (name, value)))
+            .map(|(name, value)| {
+                value
+                    .to_str()
+                    .map(str::to_owned)
+                    .map_err(|e| PccsError::Malformed {
+                        url: url.clone(),
+                        reason: format!("{name}: {e}"),
+                    })
+            })
+            .transpose()?;
         let body = response.bytes().await.map_err(|e| PccsError::Fetch {
-            url: url.to_string(),
+            url: url.clone(),
             reason: error_chain(&e),
         })?;
-        let crl = decode_crl(&body).ok_or_else(|| PccsError::Malformed {
-            url: url.to_string(),
-            reason: "not a CRL (DER, hex or PEM)".into(),
-        })?;
-        Ok((crl, chain))
+        Ok(PccsAnswer {
+            url,
+            issuer_chain,
+            body: body.to_vec(),
+        })
     }
 
     /// Fetches the collateral of `platform`.
@@ -393,34 +382,80 @@ impl PccsClient {
             &format!("tcb?fmspc={}&update=standard", platform.fmspc),
         );
         let qe_url = self.url(&tee, "qe/identity?update=standard");
-        let (pck_crl, pck_crl_chain) = self.get_crl(&pck_crl_url).await?;
-        let pck_crl_issuer_chain = pck_crl_chain.ok_or_else(|| PccsError::Malformed {
-            url: pck_crl_url.clone(),
-            reason: "no SGX-PCK-CRL-Issuer-Chain header".into(),
-        })?;
-        let (tcb_info_issuer_chain, tcb_info, tcb_info_signature) = self
-            .get_signed(
-                &tcb_url,
-                &["TCB-Info-Issuer-Chain", "SGX-TCB-Info-Issuer-Chain"],
-            )
-            .await?;
-        let (qe_identity_issuer_chain, qe_identity, qe_identity_signature) = self
-            .get_signed(&qe_url, &["SGX-Enclave-Identity-Issuer-Chain"])
-            .await?;
         let root_crl_url = if self.base_url.starts_with(INTEL_PCS_URL) {
             INTEL_ROOT_CA_CRL_URL.to_string()
         } else {
             self.url("sgx", "rootcacrl")
         };
-        let (root_ca_crl, _) = self.get_crl(&root_crl_url).await?;
+        let answers = PccsAnswers {
+            pck_crl: self
+                .answer(pck_crl_url, &[PccsAnswers::PCK_CRL_CHAIN])
+                .await?,
+            tcb_info: self
+                .answer(
+                    tcb_url,
+                    &[PccsAnswers::TCB_INFO_CHAIN, "SGX-TCB-Info-Issuer-Chain"],
+                )
+                .await?,
+            qe_identity: self
+                .answer(qe_url, &[PccsAnswers::QE_IDENTITY_CHAIN])
+                .await?,
+            root_ca_crl: self.answer(root_crl_url, &[]).await?,
+        };
+        answers.to_collateral()
+    }
+}
+
+/// One answer of a PCCS as received: the request, the answer's issuer chain header if it has
+/// one (percent-encoded, as PCS and PCCS send it), and its body.
+#[derive(Clone, Debug, Default)]
+pub struct PccsAnswer {
+    /// The request, named in errors.
+    pub url: String,
+    /// The value of the issuer chain header.
+    pub issuer_chain: Option<String>,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+/// The four answers that make one platform's collateral, as received. Decoding them
+/// ([`PccsAnswers::to_collateral`]) is all that ppml does with a PCCS's bytes before
+/// verifying them, kept apart from HTTP so that it can be tested and fuzzed alone.
+#[derive(Clone, Debug, Default)]
+pub struct PccsAnswers {
+    /// `GET /sgx/certification/v4/pckcrl?ca=…&encoding=der`, with [`Self::PCK_CRL_CHAIN`].
+    pub pck_crl: PccsAnswer,
+    /// `GET /{sgx,tdx}/certification/v4/tcb?fmspc=…`, with [`Self::TCB_INFO_CHAIN`].
+    pub tcb_info: PccsAnswer,
+    /// `GET /{sgx,tdx}/certification/v4/qe/identity`, with [`Self::QE_IDENTITY_CHAIN`].
+    pub qe_identity: PccsAnswer,
+    /// The root CA's CRL: `GET /sgx/certification/v4/rootcacrl` of a PCCS, or Intel's file.
+    pub root_ca_crl: PccsAnswer,
+}
+
+impl PccsAnswers {
+    /// The PCK CRL's issuer chain header.
+    pub const PCK_CRL_CHAIN: &str = "SGX-PCK-CRL-Issuer-Chain";
+    /// The TCB info's issuer chain header (Intel's PCS for SGX also sends it with an `SGX-`
+    /// prefix).
+    pub const TCB_INFO_CHAIN: &str = "TCB-Info-Issuer-Chain";
+    /// The QE identity's issuer chain header.
+    pub const QE_IDENTITY_CHAIN: &str = "SGX-Enclave-Identity-Issuer-Chain";
+
+    /// The collateral in the answers, not yet verified (that happens with each quote):
+    /// CRLs as DER, hex or PEM; TCB info and QE identity as signed JSON whose signed part is
+    /// kept byte for byte; issuer chains percent-decoded.
+    pub fn to_collateral(&self) -> Result<Collateral, PccsError> {
+        let (tcb_info, tcb_info_signature) = self.tcb_info.signed_json()?;
+        let (qe_identity, qe_identity_signature) = self.qe_identity.signed_json()?;
         Ok(Collateral::from_parts(QuoteCollateralV3 {
-            pck_crl_issuer_chain,
-            root_ca_crl,
-            pck_crl,
-            tcb_info_issuer_chain,
+            pck_crl_issuer_chain: self.pck_crl.issuer_chain(Self::PCK_CRL_CHAIN)?,
+            root_ca_crl: self.root_ca_crl.crl()?,
+            pck_crl: self.pck_crl.crl()?,
+            tcb_info_issuer_chain: self.tcb_info.issuer_chain(Self::TCB_INFO_CHAIN)?,
             tcb_info,
             tcb_info_signature,
-            qe_identity_issuer_chain,
+            qe_identity_issuer_chain: self.qe_identity.issuer_chain(Self::QE_IDENTITY_CHAIN)?,
             qe_identity,
             qe_identity_signature,
             pck_certificate_chain: None,
@@ -428,30 +463,38 @@ impl PccsClient {
     }
 }
 
-fn issuer_chain(
-    response: &reqwest::Response,
-    names: &[&str],
-    url: &str,
-) -> Result<String, PccsError> {
-    let value = names
-        .iter()
-        .find_map(|name| response.headers().get(*name))
-        .ok_or_else(|| PccsError::Malformed {
-            url: url.to_string(),
-            reason: format!("no {} header", names[0]),
-        })?;
-    let text = value.to_str().map_err(|e| PccsError::Malformed {
-        url: url.to_string(),
-        reason: format!("{}: {e}", names[0]),
-    })?;
-    // PCS and PCCS send the PEM chain percent-encoded.
-    percent_decode_str(text)
-        .decode_utf8()
-        .map(|chain| chain.into_owned())
-        .map_err(|e| PccsError::Malformed {
-            url: url.to_string(),
-            reason: format!("{}: {e}", names[0]),
-        })
+impl PccsAnswer {
+    fn malformed(&self, reason: String) -> PccsError {
+        PccsError::Malformed {
+            url: self.url.clone(),
+            reason,
+        }
+    }
+
+    fn issuer_chain(&self, header: &str) -> Result<String, PccsError> {
+        let value = self
+            .issuer_chain
+            .as_deref()
+            .ok_or_else(|| self.malformed(format!("no {header} header")))?;
+        percent_decode_str(value)
+            .decode_utf8()
+            .map(|chain| chain.into_owned())
+            .map_err(|e| self.malformed(format!("{header}: {e}")))
+    }
+
+    /// A signed JSON document (TCB info or QE identity): the signed part and the signature.
+    fn signed_json(&self) -> Result<(String, Vec<u8>), PccsError> {
+        let signed: SignedJson =
+            serde_json::from_slice(&self.body).map_err(|e| self.malformed(e.to_string()))?;
+        let signature = hex::decode(&signed.signature)
+            .map_err(|e| self.malformed(format!("signature: {e}")))?;
+        // The signature covers the document's bytes exactly as served: keep them raw.
+        Ok((signed.body.get().to_string(), signature))
+    }
+
+    fn crl(&self) -> Result<Vec<u8>, PccsError> {
+        decode_crl(&self.body).ok_or_else(|| self.malformed("not a CRL (DER, hex or PEM)".into()))
+    }
 }
 
 /// A CRL as served: DER (Intel PCS with `encoding=der`), hex of the DER (PCCS `rootcacrl`),

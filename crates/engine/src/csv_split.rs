@@ -113,7 +113,6 @@ impl CsvScanner {
 
     /// Uses the portable block masks even where the CPU has faster ones, so that tests cover
     /// both.
-    #[cfg(test)]
     fn portable(mut self) -> Self {
         self.masks = BlockMasks::Portable;
         self
@@ -470,10 +469,179 @@ fn gather_bits(bytes: &[u8]) -> u64 {
     u64::from_le_bytes(bytes.try_into().expect("8 bytes")).wrapping_mul(0x0102_0408_1020_4080) >> 56
 }
 
+/// The scanner held against its byte-by-byte definition, for the property test below and the
+/// `csv_rows` fuzz target (`fuzz/`), which must exercise the same check.
+#[doc(hidden)]
+pub mod differential {
+    use super::{CsvError, CsvScanner};
+
+    /// Which block masks the scanner uses.
+    #[derive(Clone, Copy, Debug)]
+    pub enum Masks {
+        /// The plain-Rust masks, whatever the CPU.
+        Portable,
+        /// What the CPU offers (AVX2 on x86-64-v3), as `ppml encrypt` runs.
+        Detected,
+    }
+
+    /// What the byte-by-byte definition finds in a whole input.
+    struct Reference {
+        /// Every row end outside quotes (blank lines included), up to the first error.
+        ends: Vec<usize>,
+        /// The first error.
+        error: Option<CsvError>,
+        /// The header row, with its line end, once complete.
+        header: Option<Vec<u8>>,
+    }
+
+    /// The definition the scanner must match: byte by byte, with a header row.
+    fn reference(data: &[u8], check: bool) -> Reference {
+        let (mut ends, mut expected, mut header) = (Vec::new(), None, None);
+        let (mut quoted, mut separators, mut row_bytes) = (false, 0, 0);
+        let (mut line, mut row_line) = (1u64, 1u64);
+        for (i, &b) in data.iter().enumerate() {
+            match b {
+                b'\n' if !quoted => {
+                    line += 1;
+                    if row_bytes > 0 {
+                        match expected {
+                            None => {
+                                expected = Some(separators + 1);
+                                header = Some(data[..=i].to_vec());
+                            }
+                            Some(e) if check && e != separators + 1 => {
+                                let error = CsvError::FieldCount {
+                                    path: "t.csv".into(),
+                                    line: row_line,
+                                    expected: e,
+                                    found: separators + 1,
+                                };
+                                return Reference {
+                                    ends,
+                                    error: Some(error),
+                                    header,
+                                };
+                            }
+                            Some(_) => {}
+                        }
+                    }
+                    ends.push(i + 1);
+                    (separators, row_bytes, row_line) = (0, 0, line);
+                    continue;
+                }
+                b'\n' => line += 1,
+                b'"' => quoted = !quoted,
+                b',' if !quoted => separators += 1,
+                _ => {}
+            }
+            row_bytes += 1;
+        }
+        let error = if quoted {
+            Some(CsvError::UnterminatedQuote {
+                path: "t.csv".into(),
+                line: check.then_some(row_line),
+            })
+        } else if check && row_bytes > 0 && expected.is_some_and(|e| e != separators + 1) {
+            Some(CsvError::FieldCount {
+                path: "t.csv".into(),
+                line: row_line,
+                expected: expected.unwrap_or(0),
+                found: separators + 1,
+            })
+        } else {
+            None
+        };
+        if error.is_none() && header.is_none() && row_bytes > 0 {
+            header = Some([data, b"\n"].concat());
+        }
+        Reference {
+            ends,
+            error,
+            header,
+        }
+    }
+
+    /// Scans `data` in chunks of `chunk` bytes, asking for the first row end at or past each
+    /// of the offsets `wants`, and compares the row ends found, the first error and the header
+    /// with the byte-by-byte definition: `Err` describes the first difference.
+    pub fn check(
+        data: &[u8],
+        chunk: usize,
+        wants: &[usize],
+        check_rows: bool,
+        masks: Masks,
+    ) -> Result<(), String> {
+        let reference = reference(data, check_rows);
+        let mut wants = wants.to_vec();
+        wants.sort_unstable();
+        let mut scanner = CsvScanner::new("t.csv", true).check_rows(check_rows);
+        if let Masks::Portable = masks {
+            scanner = scanner.portable();
+        }
+        let (mut found, mut next_want, mut base) = (Vec::new(), 0, 0);
+        let result = (|| {
+            for piece in data.chunks(chunk.max(1)) {
+                let mut from = 0;
+                loop {
+                    let want = wants.get(next_want).copied().unwrap_or(usize::MAX);
+                    let min_end = want.saturating_sub(base + from);
+                    match scanner.scan_until(&piece[from..], min_end)? {
+                        Some(end) => {
+                            found.push(base + from + end);
+                            from += end;
+                            next_want += 1;
+                        }
+                        None => break,
+                    }
+                }
+                base += piece.len();
+            }
+            scanner.finish()
+        })();
+        if result.as_ref().err() != reference.error.as_ref() {
+            return Err(format!(
+                "{masks:?} masks: error {:?}, the definition's {:?}",
+                result.err(),
+                reference.error
+            ));
+        }
+        let mut expected = Vec::new();
+        let mut last = 0;
+        for &want in &wants {
+            match reference.ends.iter().find(|&&e| e >= want && e > last) {
+                Some(&e) => {
+                    expected.push(e);
+                    last = e;
+                }
+                None => break,
+            }
+        }
+        if reference.error.is_some() {
+            // Scanning stopped at the error: only the row ends found before it count.
+            expected.truncate(found.len());
+        }
+        if found != expected {
+            return Err(format!(
+                "{masks:?} masks: row ends {found:?} for offsets {wants:?}, the definition's \
+                 {expected:?}"
+            ));
+        }
+        if reference.error.is_none() && scanner.header() != reference.header.as_deref() {
+            return Err(format!(
+                "{masks:?} masks: header {:?}, the definition's {:?}",
+                scanner.header().map(String::from_utf8_lossy),
+                reference.header.as_deref().map(String::from_utf8_lossy)
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
 
+    use super::differential::{self, Masks as MaskKind};
     use super::*;
 
     /// Every row end, found by asking for the next one each time.
@@ -672,60 +840,6 @@ mod tests {
         );
     }
 
-    /// The definition the scanner must match: byte by byte, all row ends outside quotes
-    /// (blank lines included) and the first error.
-    fn reference(data: &[u8], check: bool) -> (Vec<usize>, Option<CsvError>) {
-        let (mut ends, mut expected) = (Vec::new(), None);
-        let (mut quoted, mut separators, mut row_bytes) = (false, 0, 0);
-        let (mut line, mut row_line) = (1u64, 1u64);
-        for (i, &b) in data.iter().enumerate() {
-            match b {
-                b'\n' if !quoted => {
-                    line += 1;
-                    if row_bytes > 0 {
-                        match expected {
-                            None => expected = Some(separators + 1),
-                            Some(e) if check && e != separators + 1 => {
-                                let err = CsvError::FieldCount {
-                                    path: "t.csv".into(),
-                                    line: row_line,
-                                    expected: e,
-                                    found: separators + 1,
-                                };
-                                return (ends, Some(err));
-                            }
-                            Some(_) => {}
-                        }
-                    }
-                    ends.push(i + 1);
-                    (separators, row_bytes, row_line) = (0, 0, line);
-                    continue;
-                }
-                b'\n' => line += 1,
-                b'"' => quoted = !quoted,
-                b',' if !quoted => separators += 1,
-                _ => {}
-            }
-            row_bytes += 1;
-        }
-        let err = if quoted {
-            Some(CsvError::UnterminatedQuote {
-                path: "t.csv".into(),
-                line: check.then_some(row_line),
-            })
-        } else if check && row_bytes > 0 && expected.is_some_and(|e| e != separators + 1) {
-            Some(CsvError::FieldCount {
-                path: "t.csv".into(),
-                line: row_line,
-                expected: expected.unwrap_or(0),
-                found: separators + 1,
-            })
-        } else {
-            None
-        };
-        (ends, err)
-    }
-
     /// CSV-like bytes with a header of 1 to 12 fields: mostly well-formed rows, with random
     /// quotes, blank lines, missing or extra commas.
     fn csv_like() -> impl Strategy<Value = Vec<u8>> {
@@ -769,53 +883,9 @@ mod tests {
             check in any::<bool>(),
             portable in any::<bool>(),
         ) {
-            let (ref_ends, ref_err) = reference(&data, check);
-            let mut wants = wants;
-            wants.sort_unstable();
-            let mut scanner = CsvScanner::new("t.csv", true).check_rows(check);
-            if portable {
-                scanner = scanner.portable();
-            }
-            let (mut found, mut next_want, mut base) = (Vec::new(), 0, 0);
-            let result = (|| {
-                for piece in data.chunks(chunk) {
-                    let mut from = 0;
-                    loop {
-                        let want = wants.get(next_want).copied().unwrap_or(usize::MAX);
-                        let min_end = want.saturating_sub(base + from);
-                        match scanner.scan_until(&piece[from..], min_end)? {
-                            Some(end) => {
-                                found.push(base + from + end);
-                                from += end;
-                                next_want += 1;
-                            }
-                            None => break,
-                        }
-                    }
-                    base += piece.len();
-                }
-                scanner.finish()
-            })();
-            prop_assert_eq!(result.err(), ref_err.clone());
-            let mut expected = Vec::new();
-            let mut last = 0;
-            for &want in &wants {
-                match ref_ends.iter().find(|&&e| e >= want && e > last) {
-                    Some(&e) => {
-                        expected.push(e);
-                        last = e;
-                    }
-                    None => break,
-                }
-            }
-            if ref_err.is_some() {
-                // Scanning stopped at the error: only the row ends found before it count.
-                expected.truncate(found.len());
-            }
-            prop_assert_eq!(found, expected);
-            if ref_err.is_none() {
-                let header_end = data.iter().position(|&b| b == b'\n').unwrap() + 1;
-                prop_assert_eq!(scanner.header(), Some(&data[..header_end]));
+            let masks = if portable { MaskKind::Portable } else { MaskKind::Detected };
+            if let Err(mismatch) = differential::check(&data, chunk, &wants, check, masks) {
+                return Err(TestCaseError::fail(mismatch));
             }
         }
     }

@@ -37,6 +37,8 @@ pub const TARGETS: &[Target] = &[
     ("attestation_token", attestation_token),
     ("spill_file", spill_file),
     ("job_file", job_file),
+    ("pccs_answers", pccs_answers),
+    ("csv_rows", csv_rows),
 ];
 
 /// The data key of the format's test vectors (`crates/format/testdata/vectors`), so that
@@ -176,6 +178,92 @@ pub fn collateral(data: &[u8]) {
     {
         let _ = collateral.next_update();
         let _ = collateral.to_json();
+    }
+}
+
+/// The SGX and TDX quotes of `crates/attestation/testdata`, and a time inside their
+/// collateral's validity (2025-07-01).
+const FIXTURE_QUOTES: [&[u8]; 2] = [
+    include_bytes!("../../attestation/testdata/sgx_quote"),
+    include_bytes!("../../attestation/testdata/tdx_quote"),
+];
+const FIXTURE_TIME: u64 = 1_751_328_000;
+
+/// The input of [`pccs_answers`]: the first byte picks the fixture quote (even: SGX, odd:
+/// TDX), then seven fields, each a u32 little-endian length and its bytes: the PCK CRL's
+/// issuer chain header and body, the TCB info's header and body, the QE identity's header and
+/// body, the root CA CRL's body. An empty header is no header.
+pub fn parse_pccs_answers(
+    data: &[u8],
+) -> Option<(&'static [u8], ppml_attestation::pccs::PccsAnswers)> {
+    use ppml_attestation::pccs::{PccsAnswer, PccsAnswers};
+    let (&kind, mut rest) = data.split_first()?;
+    let mut field = || -> Option<Vec<u8>> {
+        let len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+        let bytes = rest.get(4..)?.get(..len)?.to_vec();
+        rest = &rest[4 + len..];
+        Some(bytes)
+    };
+    let mut answer = |chain: bool| -> Option<PccsAnswer> {
+        let issuer_chain = if chain {
+            let header = field()?;
+            (!header.is_empty()).then(|| String::from_utf8_lossy(&header).into_owned())
+        } else {
+            None
+        };
+        Some(PccsAnswer {
+            url: "fuzz".into(),
+            issuer_chain,
+            body: field()?,
+        })
+    };
+    let answers = PccsAnswers {
+        pck_crl: answer(true)?,
+        tcb_info: answer(true)?,
+        qe_identity: answer(true)?,
+        root_ca_crl: answer(false)?,
+    };
+    Some((FIXTURE_QUOTES[usize::from(kind & 1)], answers))
+}
+
+/// What a PCCS answers ([`parse_pccs_answers`]), decoded to collateral, which must survive its
+/// own offline format and then verifies a fixture quote or not: a hostile PCCS controls all of
+/// these bytes.
+pub fn pccs_answers(data: &[u8]) {
+    let Some((quote, answers)) = parse_pccs_answers(data) else {
+        return;
+    };
+    if let Ok(collateral) = answers.to_collateral() {
+        let json = collateral.to_json();
+        let again = ppml_attestation::dcap::Collateral::from_json(&json, "fuzz")
+            .expect("collateral decoded from a PCCS reads back from its offline format");
+        assert_eq!(again.to_json(), json, "offline format round trip");
+        let _ = ppml_attestation::dcap::verify_quote(quote, &collateral, FIXTURE_TIME);
+    }
+}
+
+/// `ppml encrypt`'s CSV row check (`ppml_engine::csv_split`), differential: with the portable
+/// and with the CPU's block masks, it must find the row ends, the first error and the header
+/// that the byte-by-byte definition finds. The first two bytes pick the chunk size; the third
+/// whether rows are checked (bit 0) and the spacing of the row ends asked for (the rest, 0:
+/// none); then the file.
+pub fn csv_rows(data: &[u8]) {
+    use ppml_engine::csv_split::differential::{Masks, check};
+    let [low, high, mode, file @ ..] = data else {
+        return;
+    };
+    let chunk = usize::from(u16::from_le_bytes([*low, *high])) % 1024 + 1;
+    let check_rows = mode & 1 == 1;
+    let step = usize::from(mode >> 1) * 8;
+    let wants: Vec<usize> = if step == 0 {
+        Vec::new()
+    } else {
+        (0..=file.len() + step).step_by(step).take(256).collect()
+    };
+    for masks in [Masks::Portable, Masks::Detected] {
+        if let Err(mismatch) = check(file, chunk, &wants, check_rows, masks) {
+            panic!("{mismatch}");
+        }
     }
 }
 

@@ -213,10 +213,76 @@ fn write_made_token_seeds() {
     .unwrap();
 }
 
+/// The answers a PCCS gives for the fixture quotes, for `pccs_answers`, in the PCCS v4 wire
+/// format: the TCB info and QE identity as signed JSON, the PCK CRL as DER, the root CA CRL as
+/// hex, the issuer chains percent-encoded.
+#[test]
+#[ignore = "writes fuzz/seeds"]
+fn write_made_pccs_seeds() {
+    let dir = fuzz_dir().join("seeds/pccs_answers");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (kind, tee) in [(0u8, "sgx"), (1, "tdx")] {
+        let path = fuzz_dir().join(format!(
+            "../crates/attestation/testdata/{tee}_quote_collateral.json"
+        ));
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let text = |name: &str| json[name].as_str().unwrap().to_string();
+        let chain = |name: &str| {
+            text(name)
+                .bytes()
+                .map(|b| match b {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' => (b as char).to_string(),
+                    _ => format!("%{b:02X}"),
+                })
+                .collect::<String>()
+        };
+        let fields: [Vec<u8>; 7] = [
+            chain("pck_crl_issuer_chain").into_bytes(),
+            hex::decode(text("pck_crl")).unwrap(),
+            chain("tcb_info_issuer_chain").into_bytes(),
+            format!(
+                r#"{{"tcbInfo":{},"signature":"{}"}}"#,
+                text("tcb_info"),
+                text("tcb_info_signature")
+            )
+            .into_bytes(),
+            chain("qe_identity_issuer_chain").into_bytes(),
+            format!(
+                r#"{{"enclaveIdentity":{},"signature":"{}"}}"#,
+                text("qe_identity"),
+                text("qe_identity_signature")
+            )
+            .into_bytes(),
+            text("root_ca_crl").into_bytes(),
+        ];
+        let mut seed = vec![kind];
+        for field in fields {
+            seed.extend_from_slice(&u32::try_from(field.len()).unwrap().to_le_bytes());
+            seed.extend_from_slice(&field);
+        }
+        std::fs::write(dir.join(format!("seed-{tee}")), seed).unwrap();
+    }
+}
+
 /// Seeds that must be valid inputs, so that campaigns start past the first checks: the job
-/// files load, and the made token verifies before its expiry and not after.
+/// files load, the made token verifies before its expiry and not after, and the PCCS answers
+/// decode to collateral that verifies their quote.
 #[test]
 fn valid_seeds_are_valid() {
+    for tee in ["sgx", "tdx"] {
+        let seed = std::fs::read(
+            fuzz_dir()
+                .join("seeds/pccs_answers")
+                .join(format!("seed-{tee}")),
+        )
+        .unwrap();
+        let (quote, answers) = ppml_fuzz_targets::parse_pccs_answers(&seed).expect("framed");
+        let collateral = answers.to_collateral().expect("PCCS answers decode");
+        let claims = ppml_attestation::dcap::verify_quote(quote, &collateral, 1_751_328_000)
+            .expect("the decoded collateral verifies the quote");
+        assert_eq!(claims.tee.to_string(), tee);
+    }
     for seed in ["seed-simple-query", "seed-query"] {
         let path = fuzz_dir().join("seeds/job_file").join(seed);
         if let Err(e) = ppml::job::JobFile::load(&path) {
