@@ -237,23 +237,18 @@ fn write_made_pccs_seeds() {
                 })
                 .collect::<String>()
         };
+        // A signed document as served: the document under `name`, and its signature.
+        let signed = |name: &str, field: &str| {
+            let signature = text(&format!("{field}_signature"));
+            format!(r#"{{"{name}":{},"signature":"{signature}"}}"#, text(field)).into_bytes()
+        };
         let fields: [Vec<u8>; 7] = [
             chain("pck_crl_issuer_chain").into_bytes(),
             hex::decode(text("pck_crl")).unwrap(),
             chain("tcb_info_issuer_chain").into_bytes(),
-            format!(
-                r#"{{"tcbInfo":{},"signature":"{}"}}"#,
-                text("tcb_info"),
-                text("tcb_info_signature")
-            )
-            .into_bytes(),
+            signed("tcbInfo", "tcb_info"),
             chain("qe_identity_issuer_chain").into_bytes(),
-            format!(
-                r#"{{"enclaveIdentity":{},"signature":"{}"}}"#,
-                text("qe_identity"),
-                text("qe_identity_signature")
-            )
-            .into_bytes(),
+            signed("enclaveIdentity", "qe_identity"),
             text("root_ca_crl").into_bytes(),
         ];
         let mut seed = vec![kind];
