@@ -565,30 +565,15 @@ mod tests {
 
     impl FakePccs {
         fn start(tee: &str) -> Self {
-            let json: serde_json::Value = serde_json::from_str(
-                &std::fs::read_to_string(fixture(&format!("{tee}_quote_collateral.json"))).unwrap(),
-            )
-            .unwrap();
-            let field = |name: &str| json[name].as_str().unwrap().to_string();
-            let encode = |chain: String| {
-                percent_encoding::utf8_percent_encode(&chain, percent_encoding::NON_ALPHANUMERIC)
-                    .to_string()
-            };
-            let tcb = format!(
-                r#"{{"tcbInfo":{},"signature":"{}"}}"#,
-                field("tcb_info"),
-                field("tcb_info_signature")
-            );
-            let qe = format!(
-                r#"{{"enclaveIdentity":{},"signature":"{}"}}"#,
-                field("qe_identity"),
-                field("qe_identity_signature")
-            );
-            let pck_crl = hex::decode(field("pck_crl")).unwrap();
-            let root_crl = field("root_ca_crl").into_bytes();
-            let pck_chain = encode(field("pck_crl_issuer_chain"));
-            let tcb_chain = encode(field("tcb_info_issuer_chain"));
-            let qe_chain = encode(field("qe_identity_issuer_chain"));
+            let answers = fixture_answers(tee);
+            let chain = |answer: &PccsAnswer| answer.issuer_chain.clone().unwrap();
+            let tcb = String::from_utf8(answers.tcb_info.body.clone()).unwrap();
+            let qe = String::from_utf8(answers.qe_identity.body.clone()).unwrap();
+            let pck_crl = answers.pck_crl.body.clone();
+            let root_crl = answers.root_ca_crl.body.clone();
+            let pck_chain = chain(&answers.pck_crl);
+            let tcb_chain = chain(&answers.tcb_info);
+            let qe_chain = chain(&answers.qe_identity);
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let url = format!("http://{}", listener.local_addr().unwrap());
             let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -668,6 +653,82 @@ mod tests {
         fn set_mode(&self, mode: &'static str) {
             *self.mode.lock().unwrap() = mode;
         }
+    }
+
+    /// What a PCCS answers for the fixture quote of `tee`, in the PCCS v4 wire format: the
+    /// PCK CRL as DER, the root CA CRL as hex, TCB info and QE identity as signed JSON, the
+    /// issuer chains percent-encoded.
+    fn fixture_answers(tee: &str) -> PccsAnswers {
+        let json: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(fixture(&format!("{tee}_quote_collateral.json"))).unwrap(),
+        )
+        .unwrap();
+        let field = |name: &str| json[name].as_str().unwrap().to_string();
+        let answer = |chain: Option<&str>, body: Vec<u8>| PccsAnswer {
+            url: "fixture".into(),
+            issuer_chain: chain.map(|name| {
+                percent_encoding::utf8_percent_encode(
+                    &field(name),
+                    percent_encoding::NON_ALPHANUMERIC,
+                )
+                .to_string()
+            }),
+            body,
+        };
+        let signed = |name: &str, doc: &str| {
+            format!(
+                r#"{{"{name}":{},"signature":"{}"}}"#,
+                field(doc),
+                field(&format!("{doc}_signature"))
+            )
+            .into_bytes()
+        };
+        PccsAnswers {
+            pck_crl: answer(
+                Some("pck_crl_issuer_chain"),
+                hex::decode(field("pck_crl")).unwrap(),
+            ),
+            tcb_info: answer(Some("tcb_info_issuer_chain"), signed("tcbInfo", "tcb_info")),
+            qe_identity: answer(
+                Some("qe_identity_issuer_chain"),
+                signed("enclaveIdentity", "qe_identity"),
+            ),
+            root_ca_crl: answer(None, field("root_ca_crl").into_bytes()),
+        }
+    }
+
+    #[test]
+    fn answers_decode_to_collateral_or_to_a_specific_error() {
+        let quote = std::fs::read(fixture("sgx_quote")).unwrap();
+        let good = fixture_answers("sgx");
+        let collateral = good.to_collateral().unwrap();
+        crate::dcap::verify_quote(&quote, &collateral, FIXTURE_TIME).unwrap();
+        let refused = |change: &dyn Fn(&mut PccsAnswers), expected: &str| {
+            let mut answers = good.clone();
+            change(&mut answers);
+            let err = answers.to_collateral().unwrap_err();
+            assert!(
+                matches!(err, PccsError::Malformed { .. }) && err.to_string().contains(expected),
+                "{expected}: {err}"
+            );
+        };
+        refused(
+            &|a| a.tcb_info.issuer_chain = None,
+            "no TCB-Info-Issuer-Chain header",
+        );
+        refused(
+            &|a| a.pck_crl.issuer_chain = Some("%FF%FE".into()),
+            "SGX-PCK-CRL-Issuer-Chain: invalid utf-8",
+        );
+        refused(
+            &|a| a.pck_crl.body = b"<html>error</html>".to_vec(),
+            "not a CRL",
+        );
+        refused(&|a| a.qe_identity.body = b"{}".to_vec(), "missing field");
+        refused(
+            &|a| a.tcb_info.body = br#"{"tcbInfo":{},"signature":"zz"}"#.to_vec(),
+            "signature: Invalid character",
+        );
     }
 
     /// 2025-07-01T00:00:00Z, inside both fixtures' collateral validity windows.
