@@ -187,7 +187,7 @@ const FIXTURE_QUOTES: [&[u8]; 2] = [
     include_bytes!("../../attestation/testdata/sgx_quote"),
     include_bytes!("../../attestation/testdata/tdx_quote"),
 ];
-const FIXTURE_TIME: u64 = 1_751_328_000;
+pub const FIXTURE_TIME: u64 = 1_751_328_000;
 
 /// The input of [`pccs_answers`]: the first byte picks the fixture quote (even: SGX, odd:
 /// TDX), then seven fields, each a u32 little-endian length and its bytes: the PCK CRL's
@@ -224,6 +224,30 @@ pub fn parse_pccs_answers(
         root_ca_crl: answer(false)?,
     };
     Some((FIXTURE_QUOTES[usize::from(kind & 1)], answers))
+}
+
+/// The input of [`pccs_answers`] that [`parse_pccs_answers`] reads back as `answers`, for
+/// the fixture quote `kind` (0: SGX, 1: TDX).
+pub fn frame_pccs_answers(kind: u8, answers: &ppml_attestation::pccs::PccsAnswers) -> Vec<u8> {
+    let header = |answer: &ppml_attestation::pccs::PccsAnswer| {
+        answer.issuer_chain.clone().unwrap_or_default().into_bytes()
+    };
+    let fields = [
+        header(&answers.pck_crl),
+        answers.pck_crl.body.clone(),
+        header(&answers.tcb_info),
+        answers.tcb_info.body.clone(),
+        header(&answers.qe_identity),
+        answers.qe_identity.body.clone(),
+        answers.root_ca_crl.body.clone(),
+    ];
+    let mut framed = vec![kind];
+    for field in fields {
+        let len = u32::try_from(field.len()).expect("a field under 4 GiB");
+        framed.extend_from_slice(&len.to_le_bytes());
+        framed.extend_from_slice(&field);
+    }
+    framed
 }
 
 /// What a PCCS answers ([`parse_pccs_answers`]), decoded to collateral, which must survive its

@@ -242,20 +242,28 @@ fn write_made_pccs_seeds() {
             let signature = text(&format!("{field}_signature"));
             format!(r#"{{"{name}":{},"signature":"{signature}"}}"#, text(field)).into_bytes()
         };
-        let fields: [Vec<u8>; 7] = [
-            chain("pck_crl_issuer_chain").into_bytes(),
-            hex::decode(text("pck_crl")).unwrap(),
-            chain("tcb_info_issuer_chain").into_bytes(),
-            signed("tcbInfo", "tcb_info"),
-            chain("qe_identity_issuer_chain").into_bytes(),
-            signed("enclaveIdentity", "qe_identity"),
-            text("root_ca_crl").into_bytes(),
-        ];
-        let mut seed = vec![kind];
-        for field in fields {
-            seed.extend_from_slice(&u32::try_from(field.len()).unwrap().to_le_bytes());
-            seed.extend_from_slice(&field);
-        }
+        use ppml_attestation::pccs::{PccsAnswer, PccsAnswers};
+        let answer = |chain: Option<String>, body: Vec<u8>| PccsAnswer {
+            url: String::new(),
+            issuer_chain: chain,
+            body,
+        };
+        let answers = PccsAnswers {
+            pck_crl: answer(
+                Some(chain("pck_crl_issuer_chain")),
+                hex::decode(text("pck_crl")).unwrap(),
+            ),
+            tcb_info: answer(
+                Some(chain("tcb_info_issuer_chain")),
+                signed("tcbInfo", "tcb_info"),
+            ),
+            qe_identity: answer(
+                Some(chain("qe_identity_issuer_chain")),
+                signed("enclaveIdentity", "qe_identity"),
+            ),
+            root_ca_crl: answer(None, text("root_ca_crl").into_bytes()),
+        };
+        let seed = ppml_fuzz_targets::frame_pccs_answers(kind, &answers);
         std::fs::write(dir.join(format!("seed-{tee}")), seed).unwrap();
     }
 }
@@ -274,8 +282,12 @@ fn valid_seeds_are_valid() {
         .unwrap();
         let (quote, answers) = ppml_fuzz_targets::parse_pccs_answers(&seed).expect("framed");
         let collateral = answers.to_collateral().expect("PCCS answers decode");
-        let claims = ppml_attestation::dcap::verify_quote(quote, &collateral, 1_751_328_000)
-            .expect("the decoded collateral verifies the quote");
+        let claims = ppml_attestation::dcap::verify_quote(
+            quote,
+            &collateral,
+            ppml_fuzz_targets::FIXTURE_TIME,
+        )
+        .expect("the decoded collateral verifies the quote");
         assert_eq!(claims.tee.to_string(), tee);
     }
     for seed in ["seed-simple-query", "seed-query"] {
