@@ -52,14 +52,15 @@ fn killed_at_random_ppml_leaves_no_partial_output_no_plaintext_and_loses_no_key(
 }
 
 #[test]
-fn the_campaign_catches_plaintext_left_behind() {
-    // A ppml that copies its input in the clear to its temporary directory before encrypting.
+fn the_campaign_catches_plaintext_and_staging_left_behind() {
+    // A ppml that copies its input in the clear to its temporary directory before encrypting,
+    // and leaves a hidden staging directory that no later run removes.
     let dir = tempfile::tempdir().unwrap();
     let leaky = dir.path().join("leaky-ppml");
     std::fs::write(
         &leaky,
         format!(
-            "#!/bin/sh\nif [ \"$1\" = encrypt ] && [ -n \"$TMPDIR\" ]; then cp \"$3\" \"$TMPDIR/.spill\"; fi\nexec '{}' \"$@\"\n",
+            "#!/bin/sh\nif [ \"$1\" = encrypt ] && [ -n \"$TMPDIR\" ]; then cp \"$3\" \"$TMPDIR/.spill\"; mkdir -p \"$TMPDIR/.stuck.ppml-tmp-x\"; fi\nexec '{}' \"$@\"\n",
             env!("CARGO_BIN_EXE_ppml")
         ),
     )
@@ -68,12 +69,17 @@ fn the_campaign_catches_plaintext_left_behind() {
     std::fs::set_permissions(&leaky, std::fs::Permissions::from_mode(0o755)).unwrap();
     let out = campaign(
         leaky.as_os_str(),
-        &["--trials", "3", "--rows", "100000", "--only", "encrypt"],
+        &["--trials", "6", "--rows", "100000", "--only", "encrypt"],
     );
     let report = text(&out);
     assert_eq!(out.status.code(), Some(1), "{report}");
     assert!(
         report.contains(": plaintext left in ['.spill']"),
+        "{report}"
+    );
+    // At least one of 6 kills lands before the commit (each does with odds of about 0.8).
+    assert!(
+        report.contains(": the next run left the killed run's staging in place"),
         "{report}"
     );
 }

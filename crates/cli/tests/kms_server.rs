@@ -89,7 +89,7 @@ fn signed(appid: &str, apikey: &str, payload: Value, nonce: u64) -> String {
 #[test]
 fn independent_python_client_talks_to_the_server() {
     let dir = tempfile::tempdir().unwrap();
-    let server = serve(dir.path());
+    let server = serve(&dir.path().join("data"));
     let script = std::path::PathBuf::from(
         // Runtime value first: a cached binary may have been built in another clone.
         std::env::var("CARGO_MANIFEST_DIR")
@@ -112,7 +112,7 @@ fn independent_python_client_talks_to_the_server() {
 #[test]
 fn acknowledged_keys_survive_sigkill() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = serve(dir.path());
+    let mut server = serve(&dir.path().join("data"));
     let enrolled = http(server.addr, "GET", "Enroll", "").unwrap();
     let appid = enrolled["result"]["appid"].as_str().unwrap().to_string();
     let apikey = enrolled["result"]["apikey"].as_str().unwrap().to_string();
@@ -146,7 +146,7 @@ fn acknowledged_keys_survive_sigkill() {
         "no key was created before the kill"
     );
 
-    let server = serve(dir.path());
+    let server = serve(&dir.path().join("data"));
     let listed = http(
         server.addr,
         "POST",

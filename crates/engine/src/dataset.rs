@@ -22,6 +22,7 @@ use ppml_kms::{KeyManagementService, PrimaryKeyId};
 use crate::aligned_writer::AlignedWriter;
 use crate::location::{DatasetLocation, S3_SCHEME};
 use crate::pme::{PmeKeys, PmeOptions, PmePart, PmeWriteKeys};
+use crate::staging::{StagingDir, temp_sibling};
 use crate::{EngineError, Result, dataset_aad};
 use ppml_format::pme::PME_MEDIA_TYPE;
 
@@ -493,7 +494,7 @@ pub struct DatasetWriter {
 enum Target {
     Local {
         destination: PathBuf,
-        temp_dir: Option<PathBuf>,
+        temp_dir: Option<StagingDir>,
     },
     S3(S3Target),
 }
@@ -616,17 +617,6 @@ pub fn part_name(index: usize, extension: &str) -> String {
     format!("part-{index:05}.{extension}{PART_SUFFIX}")
 }
 
-/// A temporary sibling path of `destination` (same directory, so a rename is atomic).
-pub fn temp_sibling(destination: &Path) -> PathBuf {
-    let name = destination
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "output".into());
-    let mut random = [0u8; 6];
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut random);
-    destination.with_file_name(format!(".{name}.ppml-tmp-{}", crate::hex_lower(&random)))
-}
-
 /// Bytes per multipart-upload part (S3 requires at least 5 MiB for every part but the last).
 const UPLOAD_CHUNK: usize = 5 * 1024 * 1024;
 /// Multipart-upload parts in flight per dataset part: with the chunk being filled, at most
@@ -666,6 +656,7 @@ impl DatasetWriter {
                 if destination.exists() && !options.overwrite {
                     return Err(EngineError::OutputExists(display));
                 }
+                crate::staging::sweep_stale(destination);
                 Target::Local {
                     destination: destination.clone(),
                     temp_dir: None,
@@ -713,9 +704,10 @@ impl DatasetWriter {
                 destination,
                 temp_dir,
             } => {
-                let temp = temp_sibling(destination);
-                fs::create_dir_all(&temp).map_err(|e| EngineError::io(&temp, e))?;
-                *temp_dir = Some(temp);
+                if let Some(parent) = destination.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    fs::create_dir_all(parent).map_err(|e| EngineError::io(parent, e))?;
+                }
+                *temp_dir = Some(StagingDir::create(destination)?);
             }
             Target::S3(s3) => s3.settled = false,
         }
@@ -789,7 +781,7 @@ impl DatasetWriter {
             .map_err(|e| EngineError::format(&self.location, e))?;
         Ok(match &self.target {
             Target::Local { temp_dir, .. } => {
-                let path = temp_dir.as_ref().expect("not committed").join(name);
+                let path = temp_dir.as_ref().expect("not committed").path().join(name);
                 let file = File::create_new(&path).map_err(|e| EngineError::io(&path, e))?;
                 (
                     name.to_string(),
@@ -854,7 +846,11 @@ impl DatasetWriter {
                 destination,
                 temp_dir,
             } => {
-                let temp = temp_dir.clone().expect("not committed");
+                let temp = temp_dir
+                    .as_ref()
+                    .expect("not committed")
+                    .path()
+                    .to_path_buf();
                 let manifest_path = temp.join(MANIFEST_FILE_NAME);
                 let mut file = File::create_new(&manifest_path)
                     .map_err(|e| EngineError::io(&manifest_path, e))?;
@@ -893,7 +889,7 @@ impl DatasetWriter {
         match &mut self.target {
             Target::Local { temp_dir, .. } => {
                 if let Some(dir) = temp_dir.take() {
-                    let _ = fs::remove_dir_all(dir);
+                    let _ = fs::remove_dir_all(dir.path());
                 }
             }
             Target::S3(s3) => {
@@ -1015,7 +1011,7 @@ impl Drop for DatasetWriter {
         match &mut self.target {
             Target::Local { temp_dir, .. } => {
                 if let Some(dir) = temp_dir.take() {
-                    let _ = fs::remove_dir_all(dir);
+                    let _ = fs::remove_dir_all(dir.path());
                 }
             }
             Target::S3(s3) if !s3.settled => {

@@ -39,6 +39,7 @@ mod s3_tests;
 pub mod session;
 pub mod simple_query;
 pub mod spill;
+pub mod staging;
 pub mod store;
 #[cfg(test)]
 mod tests;

@@ -5,7 +5,12 @@
 //! leaves no partial output and no plaintext on disk: the kernel frees an unnamed file when
 //! its last descriptor closes. Where the filesystem has no unnamed files (or `/proc`, which
 //! naming one needs), a hidden named sibling takes their place; it is removed on every error
-//! and on drop, though not after SIGKILL.
+//! and on drop.
+//!
+//! What a rename must publish (a directory of files, or a file that replaces another) is named
+//! first in a hidden staging sibling ([`crate::staging`]), and a SIGKILL between that and the
+//! rename leaves it there, complete. Such leftovers, and the fallback's after a SIGKILL, are
+//! removed by the next writer of the same destination ([`crate::staging::sweep_stale`]).
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -13,7 +18,8 @@ use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
 
 use crate::aligned_writer::AlignedWriter;
-use crate::dataset::{Durability, replace_path, temp_sibling};
+use crate::dataset::{Durability, replace_path};
+use crate::staging::{StagingDir, create_staging_file, sweep_stale, temp_sibling};
 use crate::{EngineError, Result};
 
 /// An unnamed file (`O_TMPFILE`) in `dir`, or `None` where the kernel or filesystem has none
@@ -64,13 +70,14 @@ enum Pending {
     Named(PathBuf),
 }
 
-/// Opens the pending form of a new file that will be named `destination`'s sibling.
+/// Opens the pending form of a new file that will be named `destination`'s sibling, locked
+/// against [`sweep_stale`] from the start (an unnamed file may be named in staging later).
 fn open_pending(destination: &Path) -> Result<(File, Pending)> {
     if let Some(file) = open_unnamed(parent_of(destination)) {
+        crate::staging::lock(&file).map_err(|e| EngineError::io(destination, e))?;
         return Ok((file, Pending::Unnamed));
     }
-    let temp = temp_sibling(destination);
-    let file = create_private(&temp)?;
+    let (temp, file) = create_staging_file(destination)?;
     Ok((file, Pending::Named(temp)))
 }
 
@@ -100,11 +107,13 @@ pub struct AtomicFile {
 }
 
 impl AtomicFile {
-    /// Starts writing `destination`; refuses an existing one unless `overwrite`.
+    /// Starts writing `destination`; refuses an existing one unless `overwrite`. Removes what
+    /// killed writers of `destination` left ([`sweep_stale`]).
     pub fn create(destination: &Path, overwrite: bool, durability: Durability) -> Result<Self> {
         if destination.exists() && !overwrite {
             return Err(EngineError::OutputExists(destination.display().to_string()));
         }
+        sweep_stale(destination);
         let (file, pending) = open_pending(destination)?;
         Ok(AtomicFile {
             destination: destination.to_path_buf(),
@@ -203,8 +212,7 @@ pub struct AtomicDir {
     destination: PathBuf,
     /// The hidden sibling the files are named in (created at commit, or at the first file
     /// where files cannot be unnamed).
-    temp: PathBuf,
-    temp_created: bool,
+    temp: Option<StagingDir>,
     unnamed: Vec<(String, File)>,
     overwrite: bool,
     durability: Durability,
@@ -213,15 +221,15 @@ pub struct AtomicDir {
 
 impl AtomicDir {
     /// Starts writing the directory `destination`; refuses an existing one unless
-    /// `overwrite`.
+    /// `overwrite`. Removes what killed writers of `destination` left ([`sweep_stale`]).
     pub fn create(destination: &Path, overwrite: bool, durability: Durability) -> Result<Self> {
         if destination.exists() && !overwrite {
             return Err(EngineError::OutputExists(destination.display().to_string()));
         }
+        sweep_stale(destination);
         Ok(AtomicDir {
             destination: destination.to_path_buf(),
-            temp: temp_sibling(destination),
-            temp_created: false,
+            temp: None,
             unnamed: Vec::new(),
             overwrite,
             durability,
@@ -234,16 +242,12 @@ impl AtomicDir {
         &self.destination
     }
 
-    fn ensure_temp(&mut self) -> Result<()> {
-        if !self.temp_created {
-            use std::os::unix::fs::DirBuilderExt as _;
-            std::fs::DirBuilder::new()
-                .mode(0o700)
-                .create(&self.temp)
-                .map_err(|e| EngineError::io(&self.temp, e))?;
-            self.temp_created = true;
+    /// The staging directory, created (and locked) on first use.
+    fn staging(&mut self) -> Result<&Path> {
+        if self.temp.is_none() {
+            self.temp = Some(StagingDir::create(&self.destination)?);
         }
-        Ok(())
+        Ok(self.temp.as_ref().expect("just created").path())
     }
 
     /// A new file `name` of the directory, to write (and sync) before [`AtomicDir::commit`].
@@ -255,8 +259,8 @@ impl AtomicDir {
             self.unnamed.push((name.to_string(), file));
             return Ok(handle);
         }
-        self.ensure_temp()?;
-        create_private(&self.temp.join(name))
+        let path = self.staging()?.join(name);
+        create_private(&path)
     }
 
     /// Names every file and moves the directory into place (replacing an existing one only
@@ -264,21 +268,17 @@ impl AtomicDir {
     ///
     /// Between the first name and the rename, the complete files are in the hidden sibling:
     /// that window is kept to the link calls and the rename (the directory is synced after
-    /// the rename, under its final name), so a SIGKILL lands in it only by a narrow chance.
-    /// Filesystems that journal metadata in order (ext4, XFS) never show the renamed
-    /// directory without the entries linked before it.
+    /// the rename, under its final name), so a SIGKILL lands in it only by a narrow chance,
+    /// and what it leaves is removed by the next writer of the destination. Filesystems that
+    /// journal metadata in order (ext4, XFS) never show the renamed directory without the
+    /// entries linked before it.
     pub fn commit(mut self) -> Result<()> {
-        self.ensure_temp()?;
+        let temp = self.staging()?.to_path_buf();
         for (name, file) in std::mem::take(&mut self.unnamed) {
-            let path = self.temp.join(&name);
+            let path = temp.join(&name);
             name_unnamed(&file, &path).map_err(|e| EngineError::io(&path, e))?;
         }
-        replace_path(
-            &self.temp,
-            &self.destination,
-            self.overwrite,
-            self.durability,
-        )?;
+        replace_path(&temp, &self.destination, self.overwrite, self.durability)?;
         self.committed = true;
         File::open(&self.destination)
             .and_then(|d| self.durability.sync(&d))
@@ -288,8 +288,10 @@ impl AtomicDir {
 
 impl Drop for AtomicDir {
     fn drop(&mut self) {
-        if self.temp_created && !self.committed {
-            let _ = std::fs::remove_dir_all(&self.temp);
+        if let Some(temp) = self.temp.take()
+            && !self.committed
+        {
+            let _ = std::fs::remove_dir_all(temp.path());
         }
     }
 }
@@ -297,15 +299,7 @@ impl Drop for AtomicDir {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn names(dir: &Path) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        names
-    }
+    use crate::staging::tests::names;
 
     #[test]
     fn an_atomic_file_is_nowhere_until_committed() {
@@ -372,5 +366,30 @@ mod tests {
         atomic.create_file("a").unwrap().write_all(b"x").unwrap();
         drop(atomic);
         assert_eq!(names(dir.path()), ["plain"]);
+    }
+
+    #[test]
+    fn what_a_killed_writer_left_is_removed_by_the_next_writer() {
+        // A directory output killed between naming its files and the rename leaves them in
+        // its staging directory, its lock gone with the process.
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("plain");
+        let left = dir.path().join(".plain.ppml-tmp-0123456789ab");
+        std::fs::create_dir(&left).unwrap();
+        std::fs::write(left.join("part-00000.csv"), b"complete rows").unwrap();
+        // An overwrite killed after moving the old output aside.
+        std::fs::write(dir.path().join(".plain.ppml-tmp-ba9876543210"), b"old").unwrap();
+        let mut atomic = AtomicDir::create(&out, false, Durability::NoSync).unwrap();
+        assert!(names(dir.path()).is_empty(), "{:?}", names(dir.path()));
+        atomic.create_file("a").unwrap().write_all(b"x").unwrap();
+        atomic.commit().unwrap();
+        assert_eq!(names(dir.path()), ["plain"]);
+
+        let out = dir.path().join("out.csv");
+        std::fs::write(dir.path().join(".out.csv.ppml-tmp-0123456789ab"), b"rows").unwrap();
+        let file = AtomicFile::create(&out, false, Durability::NoSync).unwrap();
+        assert_eq!(names(dir.path()), ["plain"]);
+        file.commit().unwrap();
+        assert_eq!(names(dir.path()), ["out.csv", "plain"]);
     }
 }

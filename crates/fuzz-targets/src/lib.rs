@@ -181,12 +181,12 @@ pub fn collateral(data: &[u8]) {
     }
 }
 
-/// The SGX and TDX quotes of `crates/attestation/testdata`, and a time inside their
-/// collateral's validity (2025-07-01).
+/// The SGX and TDX quotes of `crates/attestation/testdata`.
 const FIXTURE_QUOTES: [&[u8]; 2] = [
     include_bytes!("../../attestation/testdata/sgx_quote"),
     include_bytes!("../../attestation/testdata/tdx_quote"),
 ];
+/// A time inside the validity of the fixture quotes' collateral (2025-07-01, Unix seconds).
 pub const FIXTURE_TIME: u64 = 1_751_328_000;
 
 /// The input of [`pccs_answers`]: the first byte picks the fixture quote (even: SGX, odd:
