@@ -265,6 +265,21 @@ impl PpmlSession {
         Ok(self.ctx.sql_with_options(sql, options).await?)
     }
 
+    /// Plans `df` and runs it with the session's runner, as one stream of its rows: the
+    /// plan's output partitions are read concurrently and their batches interleaved (a plan
+    /// whose rows are ordered has one output partition).
+    pub async fn stream(&self, df: DataFrame) -> Result<SendableRecordBatchStream> {
+        let plan = df.create_physical_plan().await?;
+        let schema = plan.schema();
+        let streams = self.runner.execute(plan, &self.ctx).await?;
+        Ok(Box::pin(
+            datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(
+                schema,
+                futures::stream::select_all(streams),
+            ),
+        ))
+    }
+
     /// Plans `df` and runs it with the session's runner, collecting every batch.
     pub async fn collect(&self, df: DataFrame) -> Result<Vec<RecordBatch>> {
         let plan = df.create_physical_plan().await?;
@@ -548,6 +563,21 @@ impl PpmlSession {
             None => plan,
         };
         let streams = self.runner.execute(plan, &self.ctx).await?;
+        write_streams(streams, schema, target, format).await
+    }
+}
+
+/// Writes rows that are already streams (of `schema`) as `format` to `target`, one part per
+/// stream, in parallel; nothing appears at the destination unless every part succeeded. For
+/// rows an application holds (an Arrow stream it made): they are not a plan, so no runner
+/// and no operator check are involved. [`split_round_robin`] makes more parts of one stream.
+pub async fn write_streams(
+    streams: Vec<SendableRecordBatchStream>,
+    schema: SchemaRef,
+    target: OutputTarget<'_>,
+    format: OutputFormat,
+) -> Result<WriteSummary> {
+    {
         match target {
             OutputTarget::Encrypted {
                 kms,
@@ -644,6 +674,48 @@ impl PpmlSession {
         }
     }
 }
+
+/// Splits `stream` into `parts` streams that take its batches in turn (round-robin), for
+/// [`write_streams`]: each batch is read once and held by one part at a time, at most one
+/// batch ahead per part.
+pub fn split_round_robin(
+    mut stream: SendableRecordBatchStream,
+    parts: usize,
+) -> Vec<SendableRecordBatchStream> {
+    if parts <= 1 {
+        return vec![stream];
+    }
+    let schema = stream.schema();
+    let (senders, receivers): (Vec<_>, Vec<_>) = (0..parts)
+        .map(|_| tokio::sync::mpsc::channel::<datafusion::error::Result<RecordBatch>>(1))
+        .unzip();
+    tokio::spawn(async move {
+        let mut next = 0;
+        while let Some(batch) = stream.next().await {
+            let failed = batch.is_err();
+            if senders[next].send(batch).await.is_err() || failed {
+                break;
+            }
+            next = (next + 1) % senders.len();
+        }
+    });
+    receivers
+        .into_iter()
+        .map(|receiver| {
+            let batches = futures::stream::unfold(receiver, |mut receiver| async move {
+                receiver.recv().await.map(|batch| (batch, receiver))
+            });
+            Box::pin(
+                datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(
+                    schema.clone(),
+                    batches,
+                ),
+            ) as SendableRecordBatchStream
+        })
+        .collect()
+}
+
+impl PpmlSession {}
 
 /// The format of a dataset's parts, or an error if the query engine cannot read them.
 fn queryable_kind(dataset: &VerifiedDataset) -> Result<MediaKind> {

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use datafusion::arrow::array::RecordBatch;
+use datafusion::execution::SendableRecordBatchStream;
 use datafusion::prelude::DataFrame;
 use ppml_attestation::Tee;
 use ppml_cluster::app::{Placement, encrypted_session};
@@ -475,6 +476,13 @@ impl<S: RuntimeState> PpmlContext<S> {
         Ok(self.session.collect(df).await?)
     }
 
+    /// Runs `df` where this context's placement says and returns its rows as they come (the
+    /// output partitions read concurrently): for results of any size, held in memory one
+    /// batch at a time.
+    pub async fn stream(&self, df: DataFrame) -> Result<SendableRecordBatchStream> {
+        Ok(self.session.stream(df).await?)
+    }
+
     /// Runs `df` and writes its rows as a new encrypted dataset at `location`, under a fresh
     /// data key wrapped under `options.key` (default: the output key). Parts are written in
     /// parallel; the dataset appears only when every part is complete.
@@ -484,6 +492,37 @@ impl<S: RuntimeState> PpmlContext<S> {
         location: impl IntoLocation,
         options: WriteOptions,
     ) -> Result<WriteSummary> {
+        let kms = self.kms.kms();
+        let (target, format, partitions) = self.output_target(kms.as_ref(), location, &options)?;
+        Ok(self.session.write(df, target, partitions, format).await?)
+    }
+
+    /// Writes rows this application holds (an Arrow stream it made, not a query) as a new
+    /// encrypted dataset at `location`, as [`PpmlContext::write`] does; `options.partitions`
+    /// deals the stream's batches to that many parts in turn. The rows are not a plan, so
+    /// they run through no operator check and no placement: they are encrypted in this
+    /// process as they stream.
+    pub async fn write_stream(
+        &self,
+        stream: SendableRecordBatchStream,
+        location: impl IntoLocation,
+        options: WriteOptions,
+    ) -> Result<WriteSummary> {
+        let kms = self.kms.kms();
+        let (target, format, partitions) = self.output_target(kms.as_ref(), location, &options)?;
+        let schema = stream.schema();
+        let streams = ppml_engine::session::split_round_robin(stream, partitions.unwrap_or(1));
+        Ok(ppml_engine::session::write_streams(streams, schema, target, format).await?)
+    }
+
+    /// Where and how [`PpmlContext::write`] and [`PpmlContext::write_stream`] write, after
+    /// the checks of the owner's grant, if any.
+    fn output_target<'a>(
+        &'a self,
+        kms: &'a dyn KeyManagementService,
+        location: impl IntoLocation,
+        options: &'a WriteOptions,
+    ) -> Result<(OutputTarget<'a>, ppml_engine::OutputFormat, Option<usize>)> {
         let primary = match &options.key {
             Some(key) => key,
             None => self.kms.output_primary()?,
@@ -497,9 +536,8 @@ impl<S: RuntimeState> PpmlContext<S> {
                 options.overwrite,
             )?;
         }
-        let kms = self.kms.kms();
         let target = OutputTarget::Encrypted {
-            kms: kms.as_ref(),
+            kms,
             primary,
             dir,
             options: DatasetWriteOptions {
@@ -509,10 +547,7 @@ impl<S: RuntimeState> PpmlContext<S> {
                 ..DatasetWriteOptions::default()
             },
         };
-        Ok(self
-            .session
-            .write(df, target, options.partitions, options.format)
-            .await?)
+        Ok((target, options.format, options.partitions))
     }
 
     /// Encrypts the file or directory `input` into a new dataset at `destination`, under

@@ -1,0 +1,523 @@
+//! The native module of the `ppml` Python package (`ppml._ppml`): a thin PyO3 layer over the
+//! [`ppml`] library. Everything it does is a call into that library; what this crate adds is
+//! the translation: Python arguments to the library's options, the library's errors to a
+//! Python exception class per kind, and query results to the Arrow PyCapsule stream interface
+//! (`__arrow_c_stream__`), so that pyarrow, polars, DuckDB and pandas take them without a copy.
+//!
+//! Calls that wait (attestation, KMS requests, queries, writes) release the GIL, and Ctrl-C
+//! cancels them: the main thread checks Python's signals every [`SIGNAL_POLL`] while it waits.
+//!
+//! The Python-facing API, with its documentation, is `python/ppml/__init__.py` and the type
+//! stubs `python/ppml/_ppml.pyi`.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use arrow_array::ffi_stream::{ArrowArrayStreamReader, FFI_ArrowArrayStream};
+use arrow_pyarrow::{FromPyArrow, ToPyArrow};
+use futures::StreamExt as _;
+use ppml::datafusion::arrow::array::{RecordBatch, RecordBatchReader};
+use ppml::datafusion::arrow::datatypes::SchemaRef;
+use ppml::datafusion::arrow::error::ArrowError;
+use ppml::datafusion::dataframe::DataFrame;
+use ppml::datafusion::execution::SendableRecordBatchStream;
+use ppml::datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use ppml::{Attested, ErrorClass, PpmlContext, Unattested};
+use pyo3::create_exception;
+use pyo3::exceptions::{PyException, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyCapsule, PyDict};
+
+create_exception!(
+    _ppml,
+    PpmlError,
+    PyException,
+    "Base class of every error ppml raises."
+);
+create_exception!(
+    _ppml,
+    InvalidInput,
+    PpmlError,
+    "Bad input data: a tampered, truncated or reordered file, a dataset whose parts were \
+     removed, added or swapped, not a ppml file, malformed CSV, a quote that does not verify."
+);
+create_exception!(
+    _ppml,
+    AccessDenied,
+    PpmlError,
+    "Access denied: wrong credentials, an unknown or foreign key, a key released only to \
+     attested runtimes, an attestation policy refusing the evidence."
+);
+
+/// How often a waiting call lets Python handle signals (Ctrl-C).
+const SIGNAL_POLL: Duration = Duration::from_millis(100);
+
+/// The runtime every call of the module runs on.
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_name("ppml")
+            .build()
+            .expect("a tokio runtime")
+    })
+}
+
+/// The Python exception for a library error: its class by [`ppml::classify`], its message
+/// the one the CLI prints (the error and its causes).
+fn to_py(error: ppml::Error) -> PyErr {
+    let mut message = error.to_string();
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    match ppml::classify(&error) {
+        ErrorClass::BadInput => InvalidInput::new_err(message),
+        ErrorClass::AccessDenied => AccessDenied::new_err(message),
+        _ => PpmlError::new_err(message),
+    }
+}
+
+/// Runs `future` to completion without the GIL; Ctrl-C (any exception a signal handler
+/// raises) drops it, which cancels what it was doing, and raises.
+fn wait<T: Send>(
+    py: Python<'_>,
+    future: impl Future<Output = ppml::Result<T>> + Send,
+) -> PyResult<T> {
+    py.detach(|| {
+        runtime().block_on(async {
+            tokio::pin!(future);
+            loop {
+                tokio::select! {
+                    result = &mut future => return result.map_err(to_py),
+                    () = tokio::time::sleep(SIGNAL_POLL) => {
+                        Python::attach(|py| py.check_signals())?;
+                    }
+                }
+            }
+        })
+    })
+}
+
+/// The context in either state: the library keeps them apart as types.
+enum AnyContext {
+    Unattested(PpmlContext<Unattested>),
+    Attested(PpmlContext<Attested>),
+}
+
+/// Calls the same method on whichever context it is.
+macro_rules! with_context {
+    ($context:expr, $ctx:ident => $body:expr) => {
+        match $context {
+            AnyContext::Unattested($ctx) => $body,
+            AnyContext::Attested($ctx) => $body,
+        }
+    };
+}
+
+/// A ppml context: the KMS and keys of the environment (the CLI's env vars, `ppml.toml` and
+/// `$PPML_HOME`), a DataFusion session that reads encrypted datasets, and, with `tee`, an
+/// attestation done before it is returned.
+#[pyclass(frozen, module = "ppml._ppml")]
+struct Context {
+    inner: Arc<AnyContext>,
+}
+
+fn parse_tee(tee: &str) -> PyResult<ppml::Tee> {
+    match tee {
+        "sim" => Ok(ppml::Tee::Sim),
+        "sgx" => Ok(ppml::Tee::Sgx),
+        "tdx" => Ok(ppml::Tee::Tdx),
+        other => Err(PyValueError::new_err(format!(
+            "tee must be \"sim\", \"sgx\" or \"tdx\", not {other:?}"
+        ))),
+    }
+}
+
+fn parse_format(format: &str) -> PyResult<ppml::OutputFormat> {
+    match format {
+        "csv" => Ok(ppml::OutputFormat::Csv),
+        "json" => Ok(ppml::OutputFormat::Json),
+        "parquet" => Ok(ppml::OutputFormat::Parquet),
+        other => Err(PyValueError::new_err(format!(
+            "format must be \"csv\", \"json\" or \"parquet\", not {other:?}"
+        ))),
+    }
+}
+
+#[pymethods]
+impl Context {
+    #[new]
+    #[pyo3(signature = (*, tee=None, policy=None, primary_key=None, output_key=None, master=None, tls_dir=None, target_partitions=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        tee: Option<&str>,
+        policy: Option<String>,
+        primary_key: Option<String>,
+        output_key: Option<String>,
+        master: Option<String>,
+        tls_dir: Option<PathBuf>,
+        target_partitions: Option<usize>,
+    ) -> PyResult<Self> {
+        let mut builder = PpmlContext::builder();
+        if let Some(key) = primary_key {
+            builder = builder.primary_key(key);
+        }
+        if let Some(key) = output_key {
+            builder = builder.output_key(key);
+        }
+        if let Some(master) = master {
+            builder =
+                builder.placement(ppml::client_mode(master, tls_dir.as_deref()).map_err(to_py)?);
+        } else if tls_dir.is_some() {
+            return Err(PyValueError::new_err(
+                "tls_dir is for a cluster: give master too",
+            ));
+        }
+        if let Some(partitions) = target_partitions {
+            builder = builder.target_partitions(partitions);
+        }
+        let inner = match (tee, policy) {
+            (None, None) => AnyContext::Unattested(wait(py, builder.build())?),
+            (Some(tee), Some(policy)) => {
+                let builder = builder.attest(parse_tee(tee)?, policy);
+                AnyContext::Attested(wait(py, builder.build())?)
+            }
+            (Some(_), None) => {
+                return Err(PyValueError::new_err(
+                    "tee needs policy: the id of the attestation policy the KMS judges by",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(PyValueError::new_err(
+                    "policy needs tee (\"sim\", \"sgx\" or \"tdx\")",
+                ));
+            }
+        };
+        Ok(Context {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// Whether this context attested (it was made with `tee`).
+    #[getter]
+    fn attested(&self) -> bool {
+        matches!(*self.inner, AnyContext::Attested(_))
+    }
+
+    /// The encrypted dataset at `path` (a directory or `s3://bucket/prefix`; CSV, NDJSON or
+    /// Parquet), verified before this returns.
+    fn read(&self, py: Python<'_>, path: String) -> PyResult<Frame> {
+        let df = wait(py, async {
+            with_context!(&*self.inner, ctx => ctx.read(&path).await)
+        })?;
+        Ok(self.frame(df))
+    }
+
+    /// A plaintext file or directory (Parquet, NDJSON, or CSV with a header line).
+    fn read_plaintext(&self, py: Python<'_>, path: PathBuf) -> PyResult<Frame> {
+        let df = wait(py, async {
+            with_context!(&*self.inner, ctx => ctx.read_plaintext(&path).await)
+        })?;
+        Ok(self.frame(df))
+    }
+
+    /// Registers the encrypted dataset at `path` as the table `name` for `sql`.
+    fn register(&self, py: Python<'_>, name: &str, path: String) -> PyResult<()> {
+        wait(py, async {
+            with_context!(&*self.inner, ctx => ctx.register(name, &path).await)
+        })
+    }
+
+    /// Registers a plaintext file or directory as the table `name`.
+    fn register_plaintext(&self, py: Python<'_>, name: &str, path: PathBuf) -> PyResult<()> {
+        wait(py, async {
+            with_context!(&*self.inner, ctx => ctx.register_plaintext(name, &path).await)
+        })
+    }
+
+    /// A query over the registered tables, planned now and run when its rows are asked for.
+    fn sql(&self, py: Python<'_>, query: &str) -> PyResult<Frame> {
+        let df = wait(py, async {
+            with_context!(&*self.inner, ctx => ctx.sql(query).await)
+        })?;
+        Ok(self.frame(df))
+    }
+
+    /// Writes `data` (a `Frame`, or anything with `__arrow_c_stream__`: a pyarrow Table or
+    /// RecordBatchReader, a polars DataFrame) as a new encrypted dataset at `path`, streaming.
+    #[pyo3(signature = (data, path, *, format="csv", key=None, partitions=None, overwrite=false))]
+    #[allow(clippy::too_many_arguments)]
+    fn write<'py>(
+        &self,
+        py: Python<'py>,
+        data: &Bound<'py, PyAny>,
+        path: String,
+        format: &str,
+        key: Option<String>,
+        partitions: Option<usize>,
+        overwrite: bool,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let options = ppml::WriteOptions {
+            format: parse_format(format)?,
+            key: key.map(ppml::PrimaryKeyId),
+            partitions,
+            overwrite,
+            ..Default::default()
+        };
+        let summary = match data.cast::<Frame>() {
+            Ok(frame) => {
+                let df = frame.get().df.clone();
+                wait(py, async {
+                    with_context!(&*self.inner, ctx => ctx.write(df, &path, options).await)
+                })?
+            }
+            Err(_) => {
+                let (stream, producer) =
+                    python_stream(ArrowArrayStreamReader::from_pyarrow_bound(data)?);
+                let written = wait(py, async {
+                    with_context!(&*self.inner, ctx => ctx.write_stream(stream, &path, options).await)
+                });
+                // A cancelled or failed write has dropped the stream: the producer stops at
+                // its next batch. It may be inside Python code, so it is waited for here,
+                // without the GIL, rather than left running into the interpreter's exit.
+                py.detach(|| {
+                    let _ = runtime().block_on(producer);
+                });
+                written?
+            }
+        };
+        let out = PyDict::new(py);
+        out.set_item("rows", summary.rows)?;
+        out.set_item("parts", summary.parts)?;
+        out.set_item("plaintext_bytes", summary.plaintext_bytes)?;
+        Ok(out)
+    }
+
+    /// Encrypts the file or directory `input` into a new dataset at `output`, under the
+    /// primary key.
+    #[pyo3(signature = (input, output, *, partitions=1, overwrite=false))]
+    fn encrypt<'py>(
+        &self,
+        py: Python<'py>,
+        input: PathBuf,
+        output: String,
+        partitions: usize,
+        overwrite: bool,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let options = ppml::files::EncryptOptions {
+            partitions,
+            overwrite,
+            ..Default::default()
+        };
+        let summary = wait(py, async {
+            with_context!(&*self.inner, ctx => ctx
+                .encrypt_paths(&input, &output, &options, &ppml::files::NoProgress)
+                .await)
+        })?;
+        let out = PyDict::new(py);
+        out.set_item("parts", summary.parts)?;
+        out.set_item("plaintext_bytes", summary.plaintext_bytes)?;
+        Ok(out)
+    }
+
+    /// Verifies the dataset at `dataset` and writes its plaintext to the file `output` (or,
+    /// with `directory`, a directory of one file per part); returns the plaintext bytes.
+    #[pyo3(signature = (dataset, output, *, directory=false, overwrite=false))]
+    fn decrypt(
+        &self,
+        py: Python<'_>,
+        dataset: String,
+        output: PathBuf,
+        directory: bool,
+        overwrite: bool,
+    ) -> PyResult<u64> {
+        let options = ppml::files::DecryptOptions {
+            overwrite,
+            ..Default::default()
+        };
+        wait(py, async {
+            let target = if directory {
+                ppml::files::DecryptOutput::Dir(&output)
+            } else {
+                ppml::files::DecryptOutput::File(&output)
+            };
+            with_context!(&*self.inner, ctx => ctx
+                .decrypt_dataset(&dataset, target, &options, &ppml::files::NoProgress)
+                .await)
+        })
+    }
+}
+
+impl Context {
+    fn frame(&self, df: DataFrame) -> Frame {
+        Frame {
+            df,
+            context: self.inner.clone(),
+        }
+    }
+}
+
+/// An Arrow stream from Python as a stream of batches, and the task that pulls them. The
+/// producer may be Python code (which takes the GIL itself, released by [`wait`]): batches are
+/// pulled on a blocking thread and handed over two at a time at most; the task ends when the
+/// producer does or the stream is dropped.
+fn python_stream(
+    reader: ArrowArrayStreamReader,
+) -> (SendableRecordBatchStream, tokio::task::JoinHandle<()>) {
+    let schema = reader.schema();
+    let (sender, receiver) = tokio::sync::mpsc::channel(2);
+    let _guard = runtime().enter();
+    let producer = tokio::task::spawn_blocking(move || {
+        for batch in reader {
+            if sender.blocking_send(batch.map_err(Into::into)).is_err() {
+                break;
+            }
+        }
+    });
+    let batches = futures::stream::unfold(receiver, |mut receiver| async move {
+        receiver.recv().await.map(|batch| (batch, receiver))
+    });
+    (
+        Box::pin(RecordBatchStreamAdapter::new(schema, batches)),
+        producer,
+    )
+}
+
+/// The rows of a query, not yet run. It implements the Arrow PyCapsule stream interface:
+/// `pyarrow.table(frame)`, `polars.from_arrow(frame)` and DuckDB run it and read its rows as
+/// they stream.
+#[pyclass(frozen, module = "ppml._ppml")]
+struct Frame {
+    df: DataFrame,
+    context: Arc<AnyContext>,
+}
+
+/// A query's rows as a blocking Arrow reader: each `next` waits on the module's runtime.
+struct StreamReader {
+    schema: SchemaRef,
+    stream: SendableRecordBatchStream,
+    /// Keeps the context (its KMS client and session) alive while the stream is read.
+    _context: Arc<AnyContext>,
+}
+
+impl Iterator for StreamReader {
+    type Item = Result<RecordBatch, ArrowError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        runtime()
+            .block_on(self.stream.next())
+            .map(|batch| batch.map_err(|e| ArrowError::ExternalError(Box::new(e))))
+    }
+}
+
+impl RecordBatchReader for StreamReader {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+}
+
+#[pymethods]
+impl Frame {
+    /// Runs the query and exports its rows as an Arrow C stream (the PyCapsule interface).
+    /// `requested_schema` is not supported (the rows come in their own schema).
+    #[pyo3(signature = (requested_schema=None))]
+    fn __arrow_c_stream__<'py>(
+        &self,
+        py: Python<'py>,
+        requested_schema: Option<Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyCapsule>> {
+        if requested_schema.is_some_and(|s| !s.is_none()) {
+            return Err(PyValueError::new_err(
+                "a ppml Frame streams its rows in their own schema; cast them afterwards",
+            ));
+        }
+        let df = self.df.clone();
+        let context = self.context.clone();
+        let stream = wait(py, async move {
+            with_context!(&*context, ctx => ctx.stream(df).await)
+        })?;
+        let reader = StreamReader {
+            schema: stream.schema(),
+            stream,
+            _context: self.context.clone(),
+        };
+        // The consumer moves the stream out of the capsule (leaving it released); one it
+        // never took is released when the capsule is destroyed.
+        let ffi = FFI_ArrowArrayStream::new(Box::new(reader));
+        PyCapsule::new_with_value(py, ffi, c"arrow_array_stream")
+    }
+
+    /// The rows' schema, as a `pyarrow.Schema`.
+    #[getter]
+    fn schema<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.df.schema().as_arrow().to_pyarrow(py)
+    }
+
+    /// Runs the query and returns its rows as a `pyarrow.Table` (in memory: for results
+    /// that fit; `write` streams).
+    fn to_arrow<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+        slf.py().import("pyarrow")?.call_method1("table", (slf,))
+    }
+
+    /// Runs the query (where the context's placement says) and counts its rows.
+    fn count(&self, py: Python<'_>) -> PyResult<usize> {
+        let df = self.df.clone();
+        let context = self.context.clone();
+        wait(py, async move {
+            let mut stream = with_context!(&*context, ctx => ctx.stream(df).await)?;
+            let mut rows = 0;
+            while let Some(batch) = stream.next().await {
+                rows += batch.map_err(ppml::Error::from)?.num_rows();
+            }
+            Ok(rows)
+        })
+    }
+}
+
+/// Writes `rows` rows of the reference workflow's `people.csv` (`name,age,job`) to `path`,
+/// seeded; returns the rows written.
+#[pyfunction]
+#[pyo3(signature = (path, rows, *, seed=0, overwrite=false))]
+fn generate_people(
+    py: Python<'_>,
+    path: PathBuf,
+    rows: u64,
+    seed: u64,
+    overwrite: bool,
+) -> PyResult<u64> {
+    py.detach(|| {
+        ppml::sample::generate_people(
+            &path,
+            rows,
+            seed,
+            overwrite,
+            ppml::Durability::default(),
+            |_| {},
+        )
+    })
+    .map(|generated| generated.rows)
+    .map_err(|e| to_py(e.into()))
+}
+
+#[pymodule]
+fn _ppml(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add_class::<Context>()?;
+    m.add_class::<Frame>()?;
+    m.add_function(wrap_pyfunction!(generate_people, m)?)?;
+    m.add("PpmlError", py.get_type::<PpmlError>())?;
+    m.add("InvalidInput", py.get_type::<InvalidInput>())?;
+    m.add("AccessDenied", py.get_type::<AccessDenied>())?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

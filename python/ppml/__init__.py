@@ -1,0 +1,40 @@
+"""ppml: privacy-preserving analytics over encrypted data, from Python.
+
+Data owners encrypt their data under keys held by a key management service (KMS); queries run
+with Apache DataFusion directly on the encrypted datasets, inside attested runtimes when the
+keys demand it; results are written as new encrypted datasets that only their owner can read.
+
+    import ppml, pyarrow as pa
+
+    ctx = ppml.Context()                        # the KMS and keys of the environment
+    ctx.encrypt("people.csv", "people.enc")     # a file becomes an encrypted dataset
+    ctx.register("people", "people.enc")
+    developers = ctx.sql("SELECT name, age FROM people WHERE job = 'Developer'")
+    table = pa.table(developers)                # or polars.from_arrow, duckdb, ...
+    ctx.write(developers, "developers.enc")     # encrypted under the output key
+
+The KMS and keys come from the same environment variables, ``ppml.toml`` and ``$PPML_HOME``
+as the ``ppml`` command (``docs/python.md``). Every call that waits releases the GIL, and
+Ctrl-C cancels it. Errors are ``PpmlError``; bad or tampered data raises ``InvalidInput`` and
+refused keys ``AccessDenied``.
+"""
+
+from ._ppml import (
+    AccessDenied,
+    Context,
+    Frame,
+    InvalidInput,
+    PpmlError,
+    __version__,
+    generate_people,
+)
+
+__all__ = [
+    "AccessDenied",
+    "Context",
+    "Frame",
+    "InvalidInput",
+    "PpmlError",
+    "__version__",
+    "generate_people",
+]
