@@ -317,6 +317,33 @@ pub fn decode_plan(
         .map_err(|e| ClusterError::Plan(e.to_string()))
 }
 
+/// Refuses a Ballista shuffle writer node that does not have exactly one input: Ballista's
+/// codec takes its input as `inputs[0]` unchecked, so a plan from a hostile scheduler without
+/// one would panic the executor's decoding (found by the `cluster_plan` fuzz target). Its
+/// other nodes check their inputs themselves.
+fn check_ballista_inputs(buf: &[u8], inputs: &[Arc<dyn ExecutionPlan>]) -> Result<()> {
+    use ballista_core::serde::protobuf::BallistaPhysicalPlanNode;
+    use ballista_core::serde::protobuf::ballista_physical_plan_node::PhysicalPlanType;
+    use prost::Message as _;
+    // Undecodable bytes are left to Ballista's codec, which refuses them with its own error.
+    let Ok(node) = BallistaPhysicalPlanNode::decode(buf) else {
+        return Ok(());
+    };
+    let writer = match node.physical_plan_type {
+        Some(PhysicalPlanType::ShuffleWriter(_)) => "ShuffleWriterExec",
+        Some(PhysicalPlanType::RangeShuffleWriter(_)) => "RangeShuffleWriterExec",
+        Some(PhysicalPlanType::SortShuffleWriter(_)) => "SortShuffleWriterExec",
+        _ => return Ok(()),
+    };
+    if inputs.len() != 1 {
+        return Err(DataFusionError::Internal(format!(
+            "{writer} with {} inputs (it takes exactly one)",
+            inputs.len()
+        )));
+    }
+    Ok(())
+}
+
 /// ppml's physical plan codec: ppml's nodes, and Ballista's for everything else.
 #[derive(Debug, Default)]
 pub struct PpmlPhysicalCodec {
@@ -339,6 +366,7 @@ impl PhysicalExtensionCodec for PpmlPhysicalCodec {
         proto_converter: &dyn PhysicalProtoConverterExtension,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let Some(json) = buf.strip_prefix(NODE_MAGIC) else {
+            check_ballista_inputs(buf, inputs)?;
             return self.inner.try_decode(buf, inputs, ctx, proto_converter);
         };
         let node: PpmlNode = serde_json::from_slice(json)
