@@ -25,6 +25,19 @@ impl std::fmt::Display for Tee {
     }
 }
 
+impl std::str::FromStr for Tee {
+    type Err = String;
+    /// The name [`Tee`]'s `Display` writes: `sgx`, `tdx` or `sim`.
+    fn from_str(name: &str) -> Result<Self, String> {
+        match name {
+            "sgx" => Ok(Tee::Sgx),
+            "tdx" => Ok(Tee::Tdx),
+            "sim" => Ok(Tee::Sim),
+            other => Err(format!("unknown TEE {other:?} (sgx, tdx or sim)")),
+        }
+    }
+}
+
 /// Measurements, as lowercase hex. Fields that a TEE does not have are `None`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Measurements {

@@ -704,9 +704,8 @@ impl DatasetWriter {
                 destination,
                 temp_dir,
             } => {
-                if let Some(parent) = destination.parent().filter(|p| !p.as_os_str().is_empty()) {
-                    fs::create_dir_all(parent).map_err(|e| EngineError::io(parent, e))?;
-                }
+                let parent = crate::staging::parent_of(destination);
+                fs::create_dir_all(parent).map_err(|e| EngineError::io(parent, e))?;
                 *temp_dir = Some(StagingDir::create(destination)?);
             }
             Target::S3(s3) => s3.settled = false,

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use crate::aligned_writer::AlignedWriter;
 use crate::dataset::{Durability, replace_path};
-use crate::staging::{StagingDir, create_staging_file, sweep_stale, temp_sibling};
+use crate::staging::{StagingDir, create_staging_file, parent_of, sweep_stale, temp_sibling};
 use crate::{EngineError, Result};
 
 /// An unnamed file (`O_TMPFILE`) in `dir`, or `None` where the kernel or filesystem has none
@@ -55,13 +55,6 @@ fn name_unnamed(file: &File, path: &Path) -> io::Result<()> {
         rustix::fs::AtFlags::SYMLINK_FOLLOW,
     )
     .map_err(io::Error::from)
-}
-
-/// The directory a new file at `path` goes in.
-fn parent_of(path: &Path) -> &Path {
-    path.parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
 }
 
 /// A file of the output until commit: unnamed, or (fallback) at a hidden temporary path.
@@ -216,7 +209,6 @@ pub struct AtomicDir {
     unnamed: Vec<(String, File)>,
     overwrite: bool,
     durability: Durability,
-    committed: bool,
 }
 
 impl AtomicDir {
@@ -233,7 +225,6 @@ impl AtomicDir {
             unnamed: Vec::new(),
             overwrite,
             durability,
-            committed: false,
         })
     }
 
@@ -279,7 +270,8 @@ impl AtomicDir {
             name_unnamed(&file, &path).map_err(|e| EngineError::io(&path, e))?;
         }
         replace_path(&temp, &self.destination, self.overwrite, self.durability)?;
-        self.committed = true;
+        // Now the destination: not staging to remove on drop (its lock goes with it).
+        self.temp = None;
         File::open(&self.destination)
             .and_then(|d| self.durability.sync(&d))
             .map_err(|e| EngineError::io(&self.destination, e))
@@ -288,9 +280,7 @@ impl AtomicDir {
 
 impl Drop for AtomicDir {
     fn drop(&mut self) {
-        if let Some(temp) = self.temp.take()
-            && !self.committed
-        {
+        if let Some(temp) = self.temp.take() {
             let _ = std::fs::remove_dir_all(temp.path());
         }
     }

@@ -577,100 +577,98 @@ pub async fn write_streams(
     target: OutputTarget<'_>,
     format: OutputFormat,
 ) -> Result<WriteSummary> {
-    {
-        match target {
-            OutputTarget::Encrypted {
-                kms,
-                primary,
-                dir,
-                options,
-            } => {
-                let pme = format == OutputFormat::Parquet;
-                let media_type = match format {
-                    OutputFormat::Parquet => PME_MEDIA_TYPE,
-                    other => other.media_kind().media_type(),
+    match target {
+        OutputTarget::Encrypted {
+            kms,
+            primary,
+            dir,
+            options,
+        } => {
+            let pme = format == OutputFormat::Parquet;
+            let media_type = match format {
+                OutputFormat::Parquet => PME_MEDIA_TYPE,
+                other => other.media_kind().media_type(),
+            };
+            let options = WriteOptions {
+                media_type: media_type.to_string(),
+                ..options
+            };
+            let parquet_options = options.parquet.clone();
+            let writer = DatasetWriter::create(kms, primary, dir, options).await?;
+            let written = async {
+                let pme_keys = match pme {
+                    true => Some(writer.pme_keys(kms, &parquet_options).await?),
+                    false => None,
                 };
-                let options = WriteOptions {
-                    media_type: media_type.to_string(),
-                    ..options
-                };
-                let parquet_options = options.parquet.clone();
-                let writer = DatasetWriter::create(kms, primary, dir, options).await?;
-                let written = async {
-                    let pme_keys = match pme {
-                        true => Some(writer.pme_keys(kms, &parquet_options).await?),
-                        false => None,
-                    };
-                    let mut sinks = Vec::with_capacity(streams.len());
-                    for i in 0..streams.len() {
-                        sinks.push(match &pme_keys {
-                            Some(keys) => {
-                                let name = pme_part_name(i);
-                                let encryption = keys.encryption_properties(&schema, &name)?;
-                                (writer.pme_part(&name).await?, Some(encryption))
-                            }
-                            None => (writer.part(&part_name(i, format.extension())).await?, None),
-                        });
-                    }
-                    let results = write_all(streams, sinks, schema, format).await?;
-                    let mut summary = WriteSummary::default();
-                    let mut entries = Vec::with_capacity(results.len());
-                    for (part, rows) in results {
-                        let entry = part.finish().await?;
-                        summary.rows += rows;
-                        summary.parts += 1;
-                        summary.plaintext_bytes += entry.plaintext_len;
-                        entries.push(entry);
-                    }
-                    let column_keys = pme_keys
-                        .map(|k| k.column_keys().to_vec())
-                        .unwrap_or_default();
-                    Ok::<_, EngineError>((summary, entries, column_keys))
+                let mut sinks = Vec::with_capacity(streams.len());
+                for i in 0..streams.len() {
+                    sinks.push(match &pme_keys {
+                        Some(keys) => {
+                            let name = pme_part_name(i);
+                            let encryption = keys.encryption_properties(&schema, &name)?;
+                            (writer.pme_part(&name).await?, Some(encryption))
+                        }
+                        None => (writer.part(&part_name(i, format.extension())).await?, None),
+                    });
                 }
-                .await;
-                match written {
-                    Ok((summary, entries, column_keys)) => {
-                        writer.commit_with_column_keys(entries, column_keys).await?;
-                        Ok(summary)
-                    }
-                    Err(e) => {
-                        writer.abort().await;
-                        Err(e)
-                    }
-                }
-            }
-            OutputTarget::Plaintext {
-                dir,
-                overwrite,
-                durability,
-            } => {
-                let mut atomic = AtomicDir::create(dir, overwrite, durability)?;
-                let sinks = (0..streams.len())
-                    .map(|i| {
-                        atomic
-                            .create_file(&format!("part-{i:05}.{}", format.extension()))
-                            .map(|f| {
-                                (
-                                    CountingWriter::new(BufWriter::with_capacity(1 << 20, f)),
-                                    None,
-                                )
-                            })
-                    })
-                    .collect::<Result<Vec<_>>>()?;
                 let results = write_all(streams, sinks, schema, format).await?;
                 let mut summary = WriteSummary::default();
-                for (mut sink, rows) in results {
-                    // Same durability as the encrypted path, which syncs every part.
-                    sink.flush()
-                        .and_then(|_| durability.sync(sink.inner.get_ref()))
-                        .map_err(|e| EngineError::io(dir, e))?;
+                let mut entries = Vec::with_capacity(results.len());
+                for (part, rows) in results {
+                    let entry = part.finish().await?;
                     summary.rows += rows;
                     summary.parts += 1;
-                    summary.plaintext_bytes += sink.written;
+                    summary.plaintext_bytes += entry.plaintext_len;
+                    entries.push(entry);
                 }
-                atomic.commit()?;
-                Ok(summary)
+                let column_keys = pme_keys
+                    .map(|k| k.column_keys().to_vec())
+                    .unwrap_or_default();
+                Ok::<_, EngineError>((summary, entries, column_keys))
             }
+            .await;
+            match written {
+                Ok((summary, entries, column_keys)) => {
+                    writer.commit_with_column_keys(entries, column_keys).await?;
+                    Ok(summary)
+                }
+                Err(e) => {
+                    writer.abort().await;
+                    Err(e)
+                }
+            }
+        }
+        OutputTarget::Plaintext {
+            dir,
+            overwrite,
+            durability,
+        } => {
+            let mut atomic = AtomicDir::create(dir, overwrite, durability)?;
+            let sinks = (0..streams.len())
+                .map(|i| {
+                    atomic
+                        .create_file(&format!("part-{i:05}.{}", format.extension()))
+                        .map(|f| {
+                            (
+                                CountingWriter::new(BufWriter::with_capacity(1 << 20, f)),
+                                None,
+                            )
+                        })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let results = write_all(streams, sinks, schema, format).await?;
+            let mut summary = WriteSummary::default();
+            for (mut sink, rows) in results {
+                // Same durability as the encrypted path, which syncs every part.
+                sink.flush()
+                    .and_then(|_| durability.sync(sink.inner.get_ref()))
+                    .map_err(|e| EngineError::io(dir, e))?;
+                summary.rows += rows;
+                summary.parts += 1;
+                summary.plaintext_bytes += sink.written;
+            }
+            atomic.commit()?;
+            Ok(summary)
         }
     }
 }
@@ -714,8 +712,6 @@ pub fn split_round_robin(
         })
         .collect()
 }
-
-impl PpmlSession {}
 
 /// The format of a dataset's parts, or an error if the query engine cannot read them.
 fn queryable_kind(dataset: &VerifiedDataset) -> Result<MediaKind> {

@@ -63,6 +63,13 @@ fn is_staging_name(name: &str, prefix: &str) -> bool {
     })
 }
 
+/// The directory a new file at `path` goes in.
+pub(crate) fn parent_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
 /// Takes the exclusive staging lock on `file`, waiting for a sweeper that holds it.
 pub(crate) fn lock(file: &impl AsFd) -> io::Result<()> {
     rustix::fs::flock(file, FlockOperation::LockExclusive).map_err(io::Error::from)
@@ -83,12 +90,8 @@ const STAGING_ATTEMPTS: usize = 8;
 /// and lock a staging entry, exclusive by a sweep. A sweep therefore never sees an entry
 /// between its creation and its writer's lock.
 fn lock_parent(destination: &Path, operation: FlockOperation) -> io::Result<File> {
-    let parent = destination
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
     let dir = File::from(rustix::fs::open(
-        parent,
+        parent_of(destination),
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
         Mode::empty(),
     )?);
@@ -117,9 +120,8 @@ fn create_locked(
         lock(&file).map_err(|e| EngineError::io(&path, e))?;
         return Ok((path, file));
     }
-    let path = temp_sibling(destination);
     Err(EngineError::io(
-        &path,
+        destination,
         io::Error::new(io::ErrorKind::AlreadyExists, "no free staging name"),
     ))
 }
@@ -164,15 +166,11 @@ pub(crate) fn create_staging_file(destination: &Path) -> Result<(PathBuf, File)>
 /// it removed it. Returns how many it removed. Errors are not fatal (a sibling that cannot be
 /// opened or removed stays, and is logged): the sweep only tidies up.
 pub fn sweep_stale(destination: &Path) -> usize {
-    let parent = destination
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
     let prefix = staging_prefix(destination);
     let Ok(_parent) = lock_parent(destination, FlockOperation::LockExclusive) else {
         return 0;
     };
-    let Ok(entries) = std::fs::read_dir(parent) else {
+    let Ok(entries) = std::fs::read_dir(parent_of(destination)) else {
         return 0;
     };
     let mut removed = 0;
@@ -328,6 +326,24 @@ pub(crate) mod tests {
         assert_eq!(sweep_stale(&out), 1);
         expected.retain(|name| *name != live_dir_name);
         assert_eq!(names(dir.path()), expected);
+    }
+
+    #[test]
+    fn a_planted_staging_directory_cannot_make_the_sweep_delete_elsewhere() {
+        // Whoever can write beside the destination can plant a staging-named directory
+        // holding links out of it: the sweep removes the links, never what they point at.
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("keep"), b"not ppml's").unwrap();
+        let out = dir.path().join("out");
+        let planted = dir.path().join(".out.ppml-tmp-0123456789ab");
+        std::fs::create_dir(&planted).unwrap();
+        std::os::unix::fs::symlink(&outside, planted.join("dir-link")).unwrap();
+        std::os::unix::fs::symlink(outside.join("keep"), planted.join("file-link")).unwrap();
+        assert_eq!(sweep_stale(&out), 1);
+        assert!(!planted.exists());
+        assert_eq!(std::fs::read(outside.join("keep")).unwrap(), b"not ppml's");
     }
 
     #[test]

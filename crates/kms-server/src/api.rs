@@ -953,12 +953,9 @@ fn attestation_action(
             let policy_id = field(payload, "policyId")?;
             let policy: Policy = serde_json::from_str(&state.store.policy(appid, policy_id)?)
                 .map_err(|e| ApiError::Internal(e.to_string()))?;
-            let tee = match field(payload, "tee")? {
-                "sgx" => Tee::Sgx,
-                "tdx" => Tee::Tdx,
-                "sim" => Tee::Sim,
-                _ => return Err(ApiError::PayloadType),
-            };
+            let tee: Tee = field(payload, "tee")?
+                .parse()
+                .map_err(|_| ApiError::PayloadType)?;
             let evidence = Evidence {
                 tee,
                 quote: b64_field(payload, "quote")?,

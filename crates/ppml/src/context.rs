@@ -493,8 +493,11 @@ impl<S: RuntimeState> PpmlContext<S> {
         options: WriteOptions,
     ) -> Result<WriteSummary> {
         let kms = self.kms.kms();
-        let (target, format, partitions) = self.output_target(kms.as_ref(), location, &options)?;
-        Ok(self.session.write(df, target, partitions, format).await?)
+        let target = self.output_target(kms.as_ref(), location, &options)?;
+        Ok(self
+            .session
+            .write(df, target, options.partitions, options.format)
+            .await?)
     }
 
     /// Writes rows this application holds (an Arrow stream it made, not a query) as a new
@@ -509,20 +512,21 @@ impl<S: RuntimeState> PpmlContext<S> {
         options: WriteOptions,
     ) -> Result<WriteSummary> {
         let kms = self.kms.kms();
-        let (target, format, partitions) = self.output_target(kms.as_ref(), location, &options)?;
+        let target = self.output_target(kms.as_ref(), location, &options)?;
         let schema = stream.schema();
-        let streams = ppml_engine::session::split_round_robin(stream, partitions.unwrap_or(1));
-        Ok(ppml_engine::session::write_streams(streams, schema, target, format).await?)
+        let parts = options.partitions.unwrap_or(1);
+        let streams = ppml_engine::session::split_round_robin(stream, parts);
+        Ok(ppml_engine::session::write_streams(streams, schema, target, options.format).await?)
     }
 
-    /// Where and how [`PpmlContext::write`] and [`PpmlContext::write_stream`] write, after
-    /// the checks of the owner's grant, if any.
+    /// Where [`PpmlContext::write`] and [`PpmlContext::write_stream`] write, after the checks
+    /// of the owner's grant, if any.
     fn output_target<'a>(
         &'a self,
         kms: &'a dyn KeyManagementService,
         location: impl IntoLocation,
         options: &'a WriteOptions,
-    ) -> Result<(OutputTarget<'a>, ppml_engine::OutputFormat, Option<usize>)> {
+    ) -> Result<OutputTarget<'a>> {
         let primary = match &options.key {
             Some(key) => key,
             None => self.kms.output_primary()?,
@@ -536,7 +540,7 @@ impl<S: RuntimeState> PpmlContext<S> {
                 options.overwrite,
             )?;
         }
-        let target = OutputTarget::Encrypted {
+        Ok(OutputTarget::Encrypted {
             kms,
             primary,
             dir,
@@ -546,8 +550,7 @@ impl<S: RuntimeState> PpmlContext<S> {
                 parquet: options.parquet.clone(),
                 ..DatasetWriteOptions::default()
             },
-        };
-        Ok((target, options.format, options.partitions))
+        })
     }
 
     /// Encrypts the file or directory `input` into a new dataset at `destination`, under

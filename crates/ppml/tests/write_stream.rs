@@ -103,12 +103,7 @@ async fn a_stream_that_fails_midway_leaves_no_dataset() {
         ..WriteOptions::default()
     };
     let error = ctx.write_stream(stream, &out, options).await.unwrap_err();
-    let mut chain = error.to_string();
-    let mut source = std::error::Error::source(&error);
-    while let Some(cause) = source {
-        chain = format!("{chain}: {cause}");
-        source = cause.source();
-    }
+    let chain = ppml::crates::kms::error_chain(&error);
     assert!(chain.contains("the producer failed"), "{chain}");
     let left: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()

@@ -67,18 +67,15 @@ fn runtime() -> &'static tokio::runtime::Runtime {
 }
 
 /// The Python exception for a library error: its class by [`ppml::classify`], its message
-/// the one the CLI prints (the error and its causes).
-fn to_py(error: ppml::Error) -> PyErr {
-    let mut message = error.to_string();
-    let mut source = std::error::Error::source(&error);
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !message.contains(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        source = cause.source();
-    }
+/// the error and its causes on one line. In a TEE (an attested context), messages that can
+/// quote row values (Arrow's and DataFusion's) are reduced to their kind, as the CLI's are:
+/// an exception's text may be printed where the host reads it.
+fn to_py(error: ppml::Error, in_tee: bool) -> PyErr {
+    let message = if in_tee {
+        ppml::crates::cluster::redact::driver_error_text(&error)
+    } else {
+        ppml::crates::kms::error_chain(&error)
+    };
     match ppml::classify(&error) {
         ErrorClass::BadInput => InvalidInput::new_err(message),
         ErrorClass::AccessDenied => AccessDenied::new_err(message),
@@ -87,9 +84,10 @@ fn to_py(error: ppml::Error) -> PyErr {
 }
 
 /// Runs `future` to completion without the GIL; Ctrl-C (any exception a signal handler
-/// raises) drops it, which cancels what it was doing, and raises.
+/// raises) drops it, which cancels what it was doing, and raises. Errors as [`to_py`].
 fn wait<T: Send>(
     py: Python<'_>,
+    in_tee: bool,
     future: impl Future<Output = ppml::Result<T>> + Send,
 ) -> PyResult<T> {
     py.detach(|| {
@@ -97,7 +95,7 @@ fn wait<T: Send>(
             tokio::pin!(future);
             loop {
                 tokio::select! {
-                    result = &mut future => return result.map_err(to_py),
+                    result = &mut future => return result.map_err(|e| to_py(e, in_tee)),
                     () = tokio::time::sleep(SIGNAL_POLL) => {
                         Python::attach(|py| py.check_signals())?;
                     }
@@ -111,6 +109,13 @@ fn wait<T: Send>(
 enum AnyContext {
     Unattested(PpmlContext<Unattested>),
     Attested(PpmlContext<Attested>),
+}
+
+impl AnyContext {
+    /// Whether this process attested, so runs in a TEE whose output the host must not read.
+    fn in_tee(&self) -> bool {
+        matches!(self, AnyContext::Attested(_))
+    }
 }
 
 /// Calls the same method on whichever context it is.
@@ -131,28 +136,6 @@ struct Context {
     inner: Arc<AnyContext>,
 }
 
-fn parse_tee(tee: &str) -> PyResult<ppml::Tee> {
-    match tee {
-        "sim" => Ok(ppml::Tee::Sim),
-        "sgx" => Ok(ppml::Tee::Sgx),
-        "tdx" => Ok(ppml::Tee::Tdx),
-        other => Err(PyValueError::new_err(format!(
-            "tee must be \"sim\", \"sgx\" or \"tdx\", not {other:?}"
-        ))),
-    }
-}
-
-fn parse_format(format: &str) -> PyResult<ppml::OutputFormat> {
-    match format {
-        "csv" => Ok(ppml::OutputFormat::Csv),
-        "json" => Ok(ppml::OutputFormat::Json),
-        "parquet" => Ok(ppml::OutputFormat::Parquet),
-        other => Err(PyValueError::new_err(format!(
-            "format must be \"csv\", \"json\" or \"parquet\", not {other:?}"
-        ))),
-    }
-}
-
 #[pymethods]
 impl Context {
     #[new]
@@ -168,6 +151,7 @@ impl Context {
         tls_dir: Option<PathBuf>,
         target_partitions: Option<usize>,
     ) -> PyResult<Self> {
+        let in_tee = tee.is_some();
         let mut builder = PpmlContext::builder();
         if let Some(key) = primary_key {
             builder = builder.primary_key(key);
@@ -176,8 +160,9 @@ impl Context {
             builder = builder.output_key(key);
         }
         if let Some(master) = master {
-            builder =
-                builder.placement(ppml::client_mode(master, tls_dir.as_deref()).map_err(to_py)?);
+            builder = builder.placement(
+                ppml::client_mode(master, tls_dir.as_deref()).map_err(|e| to_py(e, in_tee))?,
+            );
         } else if tls_dir.is_some() {
             return Err(PyValueError::new_err(
                 "tls_dir is for a cluster: give master too",
@@ -187,10 +172,13 @@ impl Context {
             builder = builder.target_partitions(partitions);
         }
         let inner = match (tee, policy) {
-            (None, None) => AnyContext::Unattested(wait(py, builder.build())?),
+            (None, None) => AnyContext::Unattested(wait(py, false, builder.build())?),
             (Some(tee), Some(policy)) => {
-                let builder = builder.attest(parse_tee(tee)?, policy);
-                AnyContext::Attested(wait(py, builder.build())?)
+                let tee = tee.parse().map_err(|e: String| {
+                    PyValueError::new_err(format!("tee must be \"sim\", \"sgx\" or \"tdx\": {e}"))
+                })?;
+                let builder = builder.attest(tee, policy);
+                AnyContext::Attested(wait(py, true, builder.build())?)
             }
             (Some(_), None) => {
                 return Err(PyValueError::new_err(
@@ -211,13 +199,13 @@ impl Context {
     /// Whether this context attested (it was made with `tee`).
     #[getter]
     fn attested(&self) -> bool {
-        matches!(*self.inner, AnyContext::Attested(_))
+        self.inner.in_tee()
     }
 
     /// The encrypted dataset at `path` (a directory or `s3://bucket/prefix`; CSV, NDJSON or
     /// Parquet), verified before this returns.
     fn read(&self, py: Python<'_>, path: String) -> PyResult<Frame> {
-        let df = wait(py, async {
+        let df = wait(py, self.inner.in_tee(), async {
             with_context!(&*self.inner, ctx => ctx.read(&path).await)
         })?;
         Ok(self.frame(df))
@@ -225,7 +213,7 @@ impl Context {
 
     /// A plaintext file or directory (Parquet, NDJSON, or CSV with a header line).
     fn read_plaintext(&self, py: Python<'_>, path: PathBuf) -> PyResult<Frame> {
-        let df = wait(py, async {
+        let df = wait(py, self.inner.in_tee(), async {
             with_context!(&*self.inner, ctx => ctx.read_plaintext(&path).await)
         })?;
         Ok(self.frame(df))
@@ -233,21 +221,21 @@ impl Context {
 
     /// Registers the encrypted dataset at `path` as the table `name` for `sql`.
     fn register(&self, py: Python<'_>, name: &str, path: String) -> PyResult<()> {
-        wait(py, async {
+        wait(py, self.inner.in_tee(), async {
             with_context!(&*self.inner, ctx => ctx.register(name, &path).await)
         })
     }
 
     /// Registers a plaintext file or directory as the table `name`.
     fn register_plaintext(&self, py: Python<'_>, name: &str, path: PathBuf) -> PyResult<()> {
-        wait(py, async {
+        wait(py, self.inner.in_tee(), async {
             with_context!(&*self.inner, ctx => ctx.register_plaintext(name, &path).await)
         })
     }
 
     /// A query over the registered tables, planned now and run when its rows are asked for.
     fn sql(&self, py: Python<'_>, query: &str) -> PyResult<Frame> {
-        let df = wait(py, async {
+        let df = wait(py, self.inner.in_tee(), async {
             with_context!(&*self.inner, ctx => ctx.sql(query).await)
         })?;
         Ok(self.frame(df))
@@ -268,7 +256,9 @@ impl Context {
         overwrite: bool,
     ) -> PyResult<Bound<'py, PyDict>> {
         let options = ppml::WriteOptions {
-            format: parse_format(format)?,
+            format: format.parse().map_err(|e: String| {
+                PyValueError::new_err(format!("format must be csv, json or parquet: {e}"))
+            })?,
             key: key.map(ppml::PrimaryKeyId),
             partitions,
             overwrite,
@@ -277,14 +267,14 @@ impl Context {
         let summary = match data.cast::<Frame>() {
             Ok(frame) => {
                 let df = frame.get().df.clone();
-                wait(py, async {
+                wait(py, self.inner.in_tee(), async {
                     with_context!(&*self.inner, ctx => ctx.write(df, &path, options).await)
                 })?
             }
             Err(_) => {
                 let (stream, producer) =
                     python_stream(ArrowArrayStreamReader::from_pyarrow_bound(data)?);
-                let written = wait(py, async {
+                let written = wait(py, self.inner.in_tee(), async {
                     with_context!(&*self.inner, ctx => ctx.write_stream(stream, &path, options).await)
                 });
                 // A cancelled or failed write has dropped the stream: the producer stops at
@@ -319,7 +309,7 @@ impl Context {
             overwrite,
             ..Default::default()
         };
-        let summary = wait(py, async {
+        let summary = wait(py, self.inner.in_tee(), async {
             with_context!(&*self.inner, ctx => ctx
                 .encrypt_paths(&input, &output, &options, &ppml::files::NoProgress)
                 .await)
@@ -345,7 +335,7 @@ impl Context {
             overwrite,
             ..Default::default()
         };
-        wait(py, async {
+        wait(py, self.inner.in_tee(), async {
             let target = if directory {
                 ppml::files::DecryptOutput::Dir(&output)
             } else {
@@ -407,16 +397,25 @@ struct StreamReader {
     schema: SchemaRef,
     stream: SendableRecordBatchStream,
     /// Keeps the context (its KMS client and session) alive while the stream is read.
-    _context: Arc<AnyContext>,
+    context: Arc<AnyContext>,
 }
 
 impl Iterator for StreamReader {
     type Item = Result<RecordBatch, ArrowError>;
 
+    /// An error reaches Python as the consumer's exception text: in a TEE, reduced as
+    /// [`to_py`] reduces errors.
     fn next(&mut self) -> Option<Self::Item> {
-        runtime()
-            .block_on(self.stream.next())
-            .map(|batch| batch.map_err(|e| ArrowError::ExternalError(Box::new(e))))
+        let in_tee = self.context.in_tee();
+        runtime().block_on(self.stream.next()).map(|batch| {
+            batch.map_err(|e| {
+                let e = match in_tee {
+                    true => ppml::crates::cluster::redact::task_error(e),
+                    false => e,
+                };
+                ArrowError::ExternalError(Box::new(e))
+            })
+        })
     }
 }
 
@@ -443,13 +442,13 @@ impl Frame {
         }
         let df = self.df.clone();
         let context = self.context.clone();
-        let stream = wait(py, async move {
+        let stream = wait(py, context.in_tee(), async move {
             with_context!(&*context, ctx => ctx.stream(df).await)
         })?;
         let reader = StreamReader {
             schema: stream.schema(),
             stream,
-            _context: self.context.clone(),
+            context: self.context.clone(),
         };
         // The consumer moves the stream out of the capsule (leaving it released); one it
         // never took is released when the capsule is destroyed.
@@ -473,7 +472,7 @@ impl Frame {
     fn count(&self, py: Python<'_>) -> PyResult<usize> {
         let df = self.df.clone();
         let context = self.context.clone();
-        wait(py, async move {
+        wait(py, context.in_tee(), async move {
             let mut stream = with_context!(&*context, ctx => ctx.stream(df).await)?;
             let mut rows = 0;
             while let Some(batch) = stream.next().await {
@@ -506,7 +505,7 @@ fn generate_people(
         )
     })
     .map(|generated| generated.rows)
-    .map_err(|e| to_py(e.into()))
+    .map_err(|e| to_py(e.into(), false))
 }
 
 #[pymodule]
