@@ -15,26 +15,31 @@ keys demand it; results are written as new encrypted datasets that only their ow
 
 The KMS and keys come from the same environment variables, ``ppml.toml`` and ``$PPML_HOME``
 as the ``ppml`` command (``docs/python.md``). Every call that waits releases the GIL, and
-Ctrl-C cancels it. Errors are ``PpmlError``; bad or tampered data raises ``InvalidInput`` and
-refused keys ``AccessDenied``.
+Ctrl-C cancels it. Errors are ``PpmlError``: bad input raises ``InvalidInput`` (tampered data
+its subclass ``TamperedData``), refused keys ``AccessDenied`` (failed attestation its subclass
+``AttestationFailed``). BigDL PPML scripts run with ``from ppml.bigdl import *``.
 """
 
 from ._ppml import (
     AccessDenied,
+    AttestationFailed,
     Context,
     Frame,
     InvalidInput,
     PpmlError,
+    TamperedData,
     __version__,
     generate_people,
 )
 
 __all__ = [
     "AccessDenied",
+    "AttestationFailed",
     "Context",
     "Frame",
     "InvalidInput",
     "PpmlError",
+    "TamperedData",
     "__version__",
     "generate_people",
 ]

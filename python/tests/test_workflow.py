@@ -8,6 +8,7 @@ import pyarrow.csv as pacsv
 import pytest
 
 import ppml
+from conftest import developers, sorted_rows
 
 
 @pytest.fixture
@@ -25,19 +26,6 @@ def people(home):
     path = home / "people.csv"
     assert ppml.generate_people(path, 5000, seed=7) == 5000
     return path
-
-
-def developers(table):
-    """SimpleQuery's rows, computed on plaintext by pyarrow."""
-    mask = pc.and_(
-        pc.equal(table["job"], "Developer"),
-        pc.and_(pc.greater_equal(table["age"], 20), pc.less_equal(table["age"], 40)),
-    )
-    return table.filter(mask).select(["name", "age"])
-
-
-def sorted_rows(table):
-    return sorted(zip(*(table[name].to_pylist() for name in table.column_names)))
 
 
 def test_query_over_an_encrypted_dataset_matches_plaintext(home, people):
@@ -117,12 +105,112 @@ def test_tampered_data_raises_invalid_input_and_leaves_no_output(home, people):
     data = bytearray(part.read_bytes())
     data[len(data) // 2] ^= 1
     part.write_bytes(bytes(data))
-    with pytest.raises(ppml.InvalidInput):
+    with pytest.raises(ppml.TamperedData, match="failed authentication"):
         pa.table(ctx.read(str(home / "people.enc")))
-    with pytest.raises(ppml.InvalidInput):
+    with pytest.raises(ppml.TamperedData):
         ctx.decrypt(str(home / "people.enc"), home / "out.csv")
     assert not (home / "out.csv").exists()
+    # A part removed from the dataset: the manifest names it.
+    part.unlink()
+    with pytest.raises(ppml.TamperedData, match="missing"):
+        ctx.read(str(home / "people.enc"))
+    assert issubclass(ppml.TamperedData, ppml.InvalidInput)
     assert issubclass(ppml.InvalidInput, ppml.PpmlError)
+    assert issubclass(ppml.AttestationFailed, ppml.AccessDenied)
+
+
+def test_invalid_input_that_is_not_tampering_is_told_apart(home):
+    ctx = ppml.Context()
+    (home / "notppml").mkdir()
+    (home / "notppml" / "x.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ppml.InvalidInput) as raised:
+        ctx.read(str(home / "notppml"))
+    assert not isinstance(raised.value, ppml.TamperedData)
+    ragged = home / "ragged.csv"
+    ragged.write_text("a,b\n1,2\n3,4,5\n")
+    with pytest.raises(ppml.InvalidInput, match="line 3") as raised:
+        ctx.encrypt(ragged, str(home / "ragged.enc"))
+    assert not isinstance(raised.value, ppml.TamperedData)
+    assert not (home / "ragged.enc").exists()
+
+
+def test_each_format_reads_back_and_a_wrong_format_is_refused(home, people):
+    ctx = ppml.Context()
+    table = pacsv.read_csv(people)
+    for form in ("csv", "json", "parquet"):
+        ctx.write(table, str(home / f"people.{form}.enc"), format=form, partitions=2)
+    read = {
+        "csv": ctx.read_csv,
+        "json": ctx.read_json,
+        "parquet": ctx.read_parquet,
+    }
+    for form, reader in read.items():
+        got = pa.table(reader(str(home / f"people.{form}.enc")))
+        assert sorted_rows(got) == sorted_rows(table), form
+    with pytest.raises(ppml.InvalidInput, match="not Parquet"):
+        ctx.read_parquet(str(home / "people.csv.enc"))
+    with pytest.raises(ppml.InvalidInput, match="not CSV"):
+        ctx.read_csv(str(home / "people.json.enc"))
+    # Plaintext files, when asked explicitly, whatever their extension.
+    plain = home / "people.data"
+    plain.write_bytes(people.read_bytes())
+    assert ctx.read_csv(str(plain), plaintext=True).count() == 5000
+    headless = home / "headless.txt"
+    headless.write_text("ann,31,Developer\nbob,52,Engineer\n")
+    assert ctx.read_csv(str(headless), plaintext=True, header=False).count() == 2
+    with pytest.raises(ValueError, match="header=False"):
+        ctx.read_csv(str(home / "people.csv.enc"), header=False)
+
+
+def test_frames_filter_select_show_and_convert(home, people, capsys):
+    import duckdb
+    import pandas as pd
+    import polars as pl
+
+    ctx = ppml.Context()
+    ctx.encrypt(people, str(home / "people.enc"))
+    frame = ctx.read_csv(str(home / "people.enc"))
+    developers_frame = frame.filter(
+        "job = 'Developer' AND age BETWEEN 20 AND 40"
+    ).select("name", "age")
+    want = developers(pacsv.read_csv(people))
+    assert sorted_rows(developers_frame.to_arrow()) == sorted_rows(want)
+    # pandas, polars and DuckDB take the frame as it streams.
+    df = developers_frame.to_pandas()
+    assert isinstance(df, pd.DataFrame) and len(df) == want.num_rows
+    polars_df = pl.from_arrow(developers_frame.to_arrow())
+    assert polars_df.height == want.num_rows
+    assert pl.DataFrame(developers_frame).height == want.num_rows
+    counted = duckdb.sql("SELECT count(*) FROM developers_frame").fetchall()[0][0]
+    assert counted == want.num_rows
+    # And a polars frame is written back encrypted, streaming through __arrow_c_stream__.
+    ctx.write(polars_df, str(home / "from-polars.enc"), format="parquet")
+    assert sorted_rows(pa.table(ctx.read_parquet(str(home / "from-polars.enc")))) == sorted_rows(want)
+    batches = developers_frame.collect()
+    assert sum(b.num_rows for b in batches) == want.num_rows
+    assert developers_frame.limit(7).count() == 7
+    developers_frame.show(3)
+    printed = capsys.readouterr().out
+    assert printed.count("\n") == 3 + 4, printed  # 3 rows, the header and three rules
+    assert "| name" in printed
+    developers_frame.create_view("developers")
+    assert pa.table(ctx.sql("SELECT count(*) AS c FROM developers"))["c"][0].as_py() == want.num_rows
+    with pytest.raises(ppml.PpmlError):
+        frame.filter("no_such_column > 1")
+    with pytest.raises(ppml.PpmlError):
+        frame.select("no_such_column")
+
+
+def test_kms_settings_are_taken_as_arguments(home, people):
+    # The same embedded KMS, named by argument instead of $PPML_HOME.
+    os.environ.pop("PPML_HOME")
+    other = home / "other-home"
+    ctx = ppml.Context(home=str(other))
+    ctx.encrypt(people, str(home / "people.enc"))
+    assert (other / "kms").is_dir()
+    assert ppml.Context(home=str(other)).read(str(home / "people.enc")).count() == 5000
+    with pytest.raises(ValueError, match="grant is for an attested context"):
+        ppml.Context(grant=str(home / "grant.txt"))
 
 
 def test_bad_arguments_are_refused_clearly(home):
@@ -156,3 +244,31 @@ def test_ctrl_c_cancels_a_write_and_leaves_nothing(home):
         ctx.write(pa.RecordBatchReader.from_batches(schema, slow()), str(home / "slow.enc"))
     assert time.monotonic() - start < 3
     assert not any(p.name.startswith((".slow.enc", "slow.enc")) for p in home.iterdir())
+
+
+def test_the_type_stubs_name_what_the_module_has():
+    import ast
+    from pathlib import Path
+
+    stubs = ast.parse((Path(ppml.__file__).parent / "_ppml.pyi").read_text())
+    native = ppml._ppml
+    typing_only = {"WriteSummary", "EncryptSummary"}  # the dicts' shapes, for checkers
+    for node in stubs.body:
+        if isinstance(node, ast.ClassDef) and node.name not in typing_only:
+            assert hasattr(native, node.name), node.name
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef) and item.name != "__init__":
+                    assert hasattr(getattr(native, node.name), item.name), item.name
+        elif isinstance(node, ast.FunctionDef):
+            assert hasattr(native, node.name), node.name
+    stubbed = {n.name for n in stubs.body if isinstance(n, (ast.ClassDef, ast.FunctionDef))}
+    for name in dir(native):
+        if not name.startswith("_"):
+            assert name in stubbed, f"{name} has no stub"
+    for cls in (native.Context, native.Frame):
+        methods = {n.name for n in next(
+            c for c in stubs.body if isinstance(c, ast.ClassDef) and c.name == cls.__name__
+        ).body if isinstance(n, ast.FunctionDef)}
+        for name in dir(cls):
+            if not name.startswith("_"):
+                assert name in methods, f"{cls.__name__}.{name} has no stub"

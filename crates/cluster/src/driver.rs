@@ -310,11 +310,67 @@ pub fn decode_plan(
     bytes: &[u8],
     ctx: &TaskContext,
 ) -> std::result::Result<Arc<dyn ExecutionPlan>, ClusterError> {
+    use datafusion_proto::physical_plan::PhysicalPlanNodeExt as _;
     let codec = PpmlPhysicalCodec::default();
     PhysicalPlanNode::decode(bytes)
         .map_err(|e| ClusterError::Plan(e.to_string()))?
-        .try_into_physical_plan(ctx, &codec)
+        .try_into_physical_plan_with_converter(ctx, &codec, &GuardedConverter)
         .map_err(|e| ClusterError::Plan(e.to_string()))
+}
+
+/// DataFusion's proto converter, refusing the plan nodes whose decoding in this build panics
+/// instead of failing: an Avro scan (datafusion-proto panics when its `avro` feature is off;
+/// found by the `cluster_plan` fuzz target). Every node of the plan passes through it.
+struct GuardedConverter;
+
+impl PhysicalProtoConverterExtension for GuardedConverter {
+    fn proto_to_execution_plan(
+        &self,
+        proto: &PhysicalPlanNode,
+        ctx: &datafusion_proto::physical_plan::PhysicalPlanDecodeContext<'_>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        use datafusion_proto::physical_plan::PhysicalPlanNodeExt as _;
+        use datafusion_proto::protobuf::physical_plan_node::PhysicalPlanType;
+        if let Some(PhysicalPlanType::AvroScan(_)) = proto.physical_plan_type {
+            return Err(DataFusionError::NotImplemented(
+                "Avro scans are not part of ppml plans".into(),
+            ));
+        }
+        proto.try_into_physical_plan_with_context(ctx, self)
+    }
+
+    // Encoding is DataFusion's: this converter only decodes.
+    fn execution_plan_to_proto(
+        &self,
+        plan: &Arc<dyn ExecutionPlan>,
+        codec: &dyn PhysicalExtensionCodec,
+    ) -> Result<PhysicalPlanNode> {
+        datafusion_proto::physical_plan::DefaultPhysicalProtoConverter {}
+            .execution_plan_to_proto(plan, codec)
+    }
+
+    fn physical_expr_to_proto(
+        &self,
+        expr: &Arc<dyn PhysicalExpr>,
+        codec: &dyn PhysicalExtensionCodec,
+    ) -> Result<datafusion_proto::protobuf::PhysicalExprNode> {
+        datafusion_proto::physical_plan::DefaultPhysicalProtoConverter {}
+            .physical_expr_to_proto(expr, codec)
+    }
+
+    fn proto_to_physical_expr(
+        &self,
+        proto: &datafusion_proto::protobuf::PhysicalExprNode,
+        input_schema: &Schema,
+        ctx: &datafusion_proto::physical_plan::PhysicalPlanDecodeContext<'_>,
+    ) -> Result<Arc<dyn PhysicalExpr>> {
+        datafusion_proto::physical_plan::from_proto::parse_physical_expr_with_converter(
+            proto,
+            input_schema,
+            ctx,
+            self,
+        )
+    }
 }
 
 /// Refuses a Ballista shuffle writer node that does not have exactly one input: Ballista's

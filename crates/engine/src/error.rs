@@ -62,6 +62,16 @@ pub enum EngineError {
         /// Its media type.
         media_type: String,
     },
+    /// A dataset read as one format holds another (`read_parquet` of a CSV dataset).
+    #[error("{dataset}: holds {media_type:?}, not {expected}")]
+    WrongMediaType {
+        /// The dataset.
+        dataset: String,
+        /// The format it was read as.
+        expected: String,
+        /// Its media type.
+        media_type: String,
+    },
     /// A dataset pinned by a plan is not the one found at its path any more: it was replaced or
     /// rewritten after the query was planned.
     #[error("{0}: the dataset changed after the query was planned (id or manifest differs)")]

@@ -53,6 +53,18 @@ pub enum MediaKind {
     Binary,
 }
 
+impl std::fmt::Display for MediaKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MediaKind::Csv { header: true } => "CSV",
+            MediaKind::Csv { header: false } => "CSV without header",
+            MediaKind::Json => "NDJSON",
+            MediaKind::Parquet => "Parquet",
+            MediaKind::Binary => "bytes",
+        })
+    }
+}
+
 impl MediaKind {
     /// The kind of a file, from its extension (`.csv`; `.json`, `.jsonl`, `.ndjson`;
     /// `.parquet`; anything else is binary). CSV files are taken to have a header.

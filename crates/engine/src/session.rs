@@ -409,6 +409,23 @@ impl PpmlSession {
         path: &Path,
         schema: Option<SchemaRef>,
     ) -> Result<Arc<dyn TableProvider>> {
+        self.plaintext_table_as(path, None, schema).await
+    }
+
+    /// [`PpmlSession::plaintext_table`], read as `kind` whatever the files' extensions say
+    /// (with `None`, as they say). [`MediaKind::Binary`] is refused.
+    pub async fn plaintext_table_as(
+        &self,
+        path: &Path,
+        kind: Option<MediaKind>,
+        schema: Option<SchemaRef>,
+    ) -> Result<Arc<dyn TableProvider>> {
+        if kind == Some(MediaKind::Binary) {
+            return Err(EngineError::InvalidLocation {
+                location: path.display().to_string(),
+                reason: "a plaintext table is CSV, NDJSON or Parquet".into(),
+            });
+        }
         let absolute = std::path::absolute(path).map_err(|e| EngineError::io(path, e))?;
         if !absolute.exists() {
             return Err(EngineError::InvalidLocation {
@@ -416,7 +433,7 @@ impl PpmlSession {
                 reason: "no such file or directory".into(),
             });
         }
-        let (kind, extension) = if absolute.is_dir() {
+        let (detected, extension) = if absolute.is_dir() {
             let first = crate::files::input_files(&absolute)?.remove(0);
             let kind = plaintext_kind(&first);
             let extension = match first.extension() {
@@ -427,6 +444,7 @@ impl PpmlSession {
         } else {
             (plaintext_kind(&absolute), String::new())
         };
+        let kind = kind.unwrap_or(detected);
         let mut text = absolute.to_string_lossy().into_owned();
         if absolute.is_dir() && !text.ends_with('/') {
             text.push('/');

@@ -13,8 +13,8 @@ use ppml_cluster::app::{Placement, encrypted_session};
 use ppml_engine::app::{AppReport, AppSpec, Sink};
 use ppml_engine::dataset::{Durability, WriteOptions as DatasetWriteOptions};
 use ppml_engine::files::{
-    DecryptOptions, DecryptOutput, EncryptOptions, EncryptSummary, Progress, decrypt_dataset,
-    encrypt_paths,
+    DecryptOptions, DecryptOutput, EncryptOptions, EncryptSummary, MediaKind, Progress,
+    decrypt_dataset, encrypt_paths,
 };
 use ppml_engine::{DatasetLocation, OutputTarget, PpmlSession, WriteSummary};
 use ppml_kms::grant::{JobGrant, SignedGrant};
@@ -431,10 +431,34 @@ impl<S: RuntimeState> PpmlContext<S> {
         Ok(self.session.context().read_table(table)?)
     }
 
-    /// The encrypted dataset at `location` ([`PpmlContext::read`], whatever its format: the
-    /// name follows BigDL's `read(...).csv(path)`).
+    /// The encrypted CSV dataset at `location` ([`PpmlContext::read_as`] CSV: the name
+    /// follows BigDL's `read(...).csv(path)`).
     pub async fn read_csv(&self, location: impl IntoLocation) -> Result<DataFrame> {
-        self.read(location).await
+        self.read_as(location, MediaKind::Csv { header: true })
+            .await
+    }
+
+    /// The encrypted dataset at `location`, as [`PpmlContext::read`] reads it, once its
+    /// manifest says it holds `kind` (CSV with or without header lines alike): a dataset of
+    /// another format is refused with [`ppml_engine::EngineError::WrongMediaType`].
+    pub async fn read_as(&self, location: impl IntoLocation, kind: MediaKind) -> Result<DataFrame> {
+        let (table, dataset) = self
+            .session
+            .dataset_table(location.into_location()?, None)
+            .await?;
+        if let Some(dataset) = dataset {
+            let media_type = dataset.manifest.media_type();
+            let found = MediaKind::from_media_type(media_type);
+            if std::mem::discriminant(&found) != std::mem::discriminant(&kind) {
+                return Err(ppml_engine::EngineError::WrongMediaType {
+                    dataset: dataset.display.clone(),
+                    expected: kind.to_string(),
+                    media_type: media_type.to_string(),
+                }
+                .into());
+            }
+        }
+        Ok(self.session.context().read_table(table)?)
     }
 
     /// A plaintext file or directory, for plaintext-in, encrypted-out programs (BigDL's
@@ -442,6 +466,20 @@ impl<S: RuntimeState> PpmlContext<S> {
     /// extension, CSV with a header line. Read in this process only.
     pub async fn read_plaintext(&self, path: impl AsRef<Path>) -> Result<DataFrame> {
         let table = self.session.plaintext_table(path.as_ref(), None).await?;
+        Ok(self.session.context().read_table(table)?)
+    }
+
+    /// A plaintext file or directory read as `kind` whatever its extension says
+    /// ([`PpmlContext::read_plaintext`]); CSV may be without a header line.
+    pub async fn read_plaintext_as(
+        &self,
+        path: impl AsRef<Path>,
+        kind: MediaKind,
+    ) -> Result<DataFrame> {
+        let table = self
+            .session
+            .plaintext_table_as(path.as_ref(), Some(kind), None)
+            .await?;
         Ok(self.session.context().read_table(table)?)
     }
 
@@ -461,6 +499,17 @@ impl<S: RuntimeState> PpmlContext<S> {
         ppml_engine::app::check_table_name(name)?;
         let table = self.session.plaintext_table(path.as_ref(), None).await?;
         self.session.context().register_table(name, table)?;
+        Ok(())
+    }
+
+    /// Registers the rows of `df` (a query of this context's) as the view `name` for
+    /// [`PpmlContext::sql`], replacing a table or view of that name: Spark's
+    /// `createOrReplaceTempView`. The view is planned into each query that names it.
+    pub fn register_view(&self, name: &str, df: DataFrame) -> Result<()> {
+        ppml_engine::app::check_table_name(name)?;
+        self.session
+            .context()
+            .register_table(name, df.into_view())?;
         Ok(())
     }
 

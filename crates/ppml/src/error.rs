@@ -71,6 +71,11 @@ impl Error {
     pub fn class(&self) -> ErrorClass {
         classify(self)
     }
+
+    /// The kind of this error (one step finer than its class).
+    pub fn kind(&self) -> ErrorKind {
+        kind(self)
+    }
 }
 
 impl From<KmsError> for Error {
@@ -82,7 +87,8 @@ impl From<KmsError> for Error {
     }
 }
 
-/// What kind of failure an error is; `ppml`'s exit codes and the Python exceptions follow it.
+/// What kind of failure an error is; `ppml`'s exit codes follow it. [`ErrorKind`] splits it
+/// further, for APIs with a type per kind (the Python package's exceptions).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ErrorClass {
@@ -98,50 +104,94 @@ pub enum ErrorClass {
     Failure,
 }
 
-/// The class of `error`, from the most specific cause in its chain of sources (wrapper
-/// variants that forward their source are looked through).
+/// What kind of failure an error is, one step finer than its [`ErrorClass`]: each kind
+/// belongs to one class ([`ErrorKind::class`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// Data that fails its authentication: a modified, truncated, extended or reordered
+    /// file, a dataset whose parts were removed, added, swapped or changed, an edited
+    /// manifest, a Parquet file whose modules do not verify. ([`ErrorClass::BadInput`])
+    TamperedData,
+    /// Input that is not what it should be, with nothing to say it was tampered with: not a
+    /// ppml file, an unknown format version, a malformed header, manifest or key material,
+    /// malformed CSV, a quote that does not verify. ([`ErrorClass::BadInput`])
+    InvalidInput,
+    /// Attestation failed: this runtime's evidence could not be made or the KMS's policy
+    /// refused it, or the KMS's own evidence did not satisfy this side's policy.
+    /// ([`ErrorClass::AccessDenied`])
+    AttestationFailed,
+    /// Any other refusal: wrong credentials, an unknown, foreign or disabled key, a wrapped
+    /// key that does not unwrap, a key released only to attested runtimes, a job the owner
+    /// did not grant. ([`ErrorClass::AccessDenied`])
+    AccessDenied,
+    /// Anything else: I/O, configuration, the cluster, an internal error.
+    /// ([`ErrorClass::Failure`])
+    Failure,
+}
+
+impl ErrorKind {
+    /// The class this kind belongs to.
+    pub fn class(self) -> ErrorClass {
+        match self {
+            ErrorKind::TamperedData | ErrorKind::InvalidInput => ErrorClass::BadInput,
+            ErrorKind::AttestationFailed | ErrorKind::AccessDenied => ErrorClass::AccessDenied,
+            ErrorKind::Failure => ErrorClass::Failure,
+        }
+    }
+}
+
+/// The class of `error`: the class of its [`kind`].
 pub fn classify(error: &(dyn StdError + 'static)) -> ErrorClass {
+    kind(error).class()
+}
+
+/// The kind of `error`, from the most specific cause in its chain of sources (wrapper
+/// variants that forward their source are looked through).
+pub fn kind(error: &(dyn StdError + 'static)) -> ErrorKind {
     let mut current = Some(error);
     while let Some(error) = current {
-        if let Some(class) = class_of(error) {
-            return class;
+        if let Some(kind) = kind_of(error) {
+            return kind;
         }
         current = error.source();
     }
-    ErrorClass::Failure
+    ErrorKind::Failure
 }
 
-/// The class of `error` itself, if it decides one.
-fn class_of(error: &(dyn StdError + 'static)) -> Option<ErrorClass> {
+/// The kind of `error` itself, if it decides one.
+fn kind_of(error: &(dyn StdError + 'static)) -> Option<ErrorKind> {
     if let Some(error) = error.downcast_ref::<Error>() {
         return match error {
-            Error::Kms { source, .. } | Error::Attestation { source } => class_of(source),
-            Error::Engine(e) => class_of(e),
-            Error::Cluster(e) => class_of(e),
-            Error::DataFusion(e) => class_of(e),
-            Error::Arrow(e) => class_of(e),
+            Error::Kms { source, .. } => kind_of(source),
+            // A refusal met while attesting is the attestation's failure; anything else
+            // (the KMS unreachable, say) keeps its own kind.
+            Error::Attestation { source } => kind_of(source).map(|kind| match kind.class() {
+                ErrorClass::AccessDenied => ErrorKind::AttestationFailed,
+                _ => kind,
+            }),
+            Error::Engine(e) => kind_of(e),
+            Error::Cluster(e) => kind_of(e),
+            Error::DataFusion(e) => kind_of(e),
+            Error::Arrow(e) => kind_of(e),
             Error::Config { .. } | Error::Io { .. } => None,
         };
     }
     if let Some(e) = error.downcast_ref::<KmsError>() {
-        return Some(if e.is_access_denied() {
-            ErrorClass::AccessDenied
-        } else {
-            ErrorClass::Failure
+        return Some(match e {
+            KmsError::Attestation(_) | KmsError::UntrustedKms(_) => ErrorKind::AttestationFailed,
+            e if e.is_access_denied() => ErrorKind::AccessDenied,
+            _ => ErrorKind::Failure,
         });
     }
     if let Some(e) = error.downcast_ref::<FormatError>() {
-        return Some(if e.is_bad_input() {
-            ErrorClass::BadInput
-        } else {
-            ErrorClass::Failure
-        });
+        return Some(format_error_kind(e));
     }
     if error
         .downcast_ref::<ppml_attestation::PolicyViolation>()
         .is_some()
     {
-        return Some(ErrorClass::AccessDenied);
+        return Some(ErrorKind::AttestationFailed);
     }
     if error
         .downcast_ref::<ppml_attestation::dcap::DcapError>()
@@ -150,35 +200,36 @@ fn class_of(error: &(dyn StdError + 'static)) -> Option<ErrorClass> {
             .downcast_ref::<ppml_engine::csv_split::CsvError>()
             .is_some()
     {
-        return Some(ErrorClass::BadInput);
+        return Some(ErrorKind::InvalidInput);
     }
     if let Some(e) = error.downcast_ref::<EngineError>() {
         return match e {
-            EngineError::NotADataset(_)
-            | EngineError::MissingPart { .. }
+            EngineError::MissingPart { .. }
             | EngineError::UnexpectedFile { .. }
             | EngineError::PartMismatch { .. }
             | EngineError::DatasetChanged(_)
-            | EngineError::ParquetAuthentication(_)
-            | EngineError::Csv(_) => Some(ErrorClass::BadInput),
+            | EngineError::ParquetAuthentication(_) => Some(ErrorKind::TamperedData),
+            EngineError::NotADataset(_)
+            | EngineError::WrongMediaType { .. }
+            | EngineError::Csv(_) => Some(ErrorKind::InvalidInput),
             EngineError::NotGranted(_) | EngineError::ColumnAccessDenied { .. } => {
-                Some(ErrorClass::AccessDenied)
+                Some(ErrorKind::AccessDenied)
             }
-            EngineError::DataFusion(e) => class_of(e),
-            EngineError::Arrow(e) => class_of(e),
+            EngineError::DataFusion(e) => kind_of(e),
+            EngineError::Arrow(e) => kind_of(e),
             _ => None,
         };
     }
     if let Some(ClusterError::App(e)) = error.downcast_ref::<ClusterError>() {
-        return class_of(e);
+        return kind_of(e);
     }
     if let Some(e) = error.downcast_ref::<datafusion::error::DataFusionError>() {
         use datafusion::error::DataFusionError as D;
         return match e {
-            D::ArrowError(e, _) => class_of(e.as_ref()),
-            D::External(e) => class_of(e.as_ref()),
-            D::Context(_, e) => class_of(e.as_ref()),
-            D::Shared(e) => class_of(e.as_ref()),
+            D::ArrowError(e, _) => kind_of(e.as_ref()),
+            D::External(e) => kind_of(e.as_ref()),
+            D::Context(_, e) => kind_of(e.as_ref()),
+            D::Shared(e) => kind_of(e.as_ref()),
             _ => None,
         };
     }
@@ -187,9 +238,25 @@ fn class_of(error: &(dyn StdError + 'static)) -> Option<ErrorClass> {
         | datafusion::arrow::error::ArrowError::ParseError(_),
     ) = error.downcast_ref::<datafusion::arrow::error::ArrowError>()
     {
-        return Some(ErrorClass::BadInput);
+        return Some(ErrorKind::InvalidInput);
     }
     None
+}
+
+/// Which format errors are failed authentication (tampering, or a key that is not the
+/// data's) and which are input that is merely not a valid file.
+fn format_error_kind(error: &FormatError) -> ErrorKind {
+    match error {
+        FormatError::HeaderAuthentication
+        | FormatError::SegmentAuthentication { .. }
+        | FormatError::Truncated { .. }
+        | FormatError::BadLength(_)
+        | FormatError::ManifestAuthentication
+        | FormatError::BigDlAuthentication
+        | FormatError::BigDlDecryption => ErrorKind::TamperedData,
+        e if e.is_bad_input() => ErrorKind::InvalidInput,
+        _ => ErrorKind::Failure,
+    }
 }
 
 #[cfg(test)]
@@ -217,6 +284,34 @@ mod tests {
             source: FormatError::SegmentAuthentication { segment: 0 },
         };
         assert_eq!(classify(&tampered), ErrorClass::BadInput);
+        assert_eq!(kind(&tampered), ErrorKind::TamperedData);
+        assert_eq!(csv.kind(), ErrorKind::InvalidInput);
+        assert_eq!(denied.kind(), ErrorKind::AccessDenied);
+        let missing = Error::Engine(EngineError::MissingPart {
+            dataset: "d".into(),
+            name: "part-00001.csv.enc".into(),
+        });
+        assert_eq!(missing.kind(), ErrorKind::TamperedData);
+        let foreign = EngineError::Format {
+            path: "p".into(),
+            source: FormatError::NotPpml,
+        };
+        assert_eq!(kind(&foreign), ErrorKind::InvalidInput);
+        // Refused evidence is an attestation failure; an unreachable KMS while attesting is
+        // not (it is not the evidence's fault).
+        let refused = Error::Attestation {
+            source: KmsError::Attestation("policy p: measurement not allowed".into()),
+        };
+        assert_eq!(refused.kind(), ErrorKind::AttestationFailed);
+        assert_eq!(refused.class(), ErrorClass::AccessDenied);
+        let gated = Error::Attestation {
+            source: KmsError::AttestationRequired,
+        };
+        assert_eq!(gated.kind(), ErrorKind::AttestationFailed);
+        let unreachable = Error::Attestation {
+            source: KmsError::Protocol("connection reset".into()),
+        };
+        assert_eq!(unreachable.kind(), ErrorKind::Failure);
         // A refused column key, as arrow-rs's reader reports it from deep in a query.
         let column = EngineError::from(datafusion::error::DataFusionError::External(Box::new(
             EngineError::ColumnAccessDenied {

@@ -101,7 +101,7 @@ pub use context::{
     Attested, IntoLocation, OutputFormat, PpmlContext, PpmlContextBuilder, RuntimeState,
     Unattested, WriteOptions,
 };
-pub use error::{Error, ErrorClass, Result, classify};
+pub use error::{Error, ErrorClass, ErrorKind, Result, classify, kind};
 pub use ppml_attestation::Tee;
 pub use ppml_cluster::app::{ClusterPlacement, Placement};
 pub use ppml_engine::app::{AppReport, AppSpec, SimpleQuerySpec, SqlReport, SqlSpec};

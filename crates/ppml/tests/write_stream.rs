@@ -1,6 +1,7 @@
 //! Rows an application holds (an Arrow stream, not a query) written as an encrypted dataset:
 //! dealt to parts in turn, ciphertext on disk, read back whole; a stream that fails midway
-//! leaves no dataset.
+//! leaves no dataset. Also: a dataset read as another format than its own is refused, and a
+//! DataFrame registered as a view is a table of later queries.
 
 use std::sync::Arc;
 
@@ -111,4 +112,48 @@ async fn a_stream_that_fails_midway_leaves_no_dataset() {
         .filter(|n| n != "home")
         .collect();
     assert!(left.is_empty(), "{left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dataset_read_as_another_format_is_refused_and_a_view_joins_queries() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = context(dir.path()).await;
+    let dataset = dir.path().join("rows.enc");
+    let (stream, _) = rows(3, None);
+    let options = WriteOptions {
+        format: OutputFormat::Json,
+        ..Default::default()
+    };
+    ctx.write_stream(stream, &dataset, options).await.unwrap();
+
+    let refused = ctx.read_csv(&dataset).await.unwrap_err();
+    assert_eq!(refused.kind(), ppml::ErrorKind::InvalidInput, "{refused}");
+    assert!(refused.to_string().contains("not CSV"), "{refused}");
+    let refused = ctx
+        .read_as(&dataset, ppml::MediaKind::Parquet)
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("not Parquet"), "{refused}");
+
+    let json = ctx.read_as(&dataset, ppml::MediaKind::Json).await.unwrap();
+    let evens = json
+        .clone()
+        .filter(json.parse_sql_expr("id % 2 = 0").unwrap())
+        .unwrap();
+    ctx.register_view("evens", evens).unwrap();
+    let counted = ctx
+        .collect(ctx.sql("SELECT count(*) AS c FROM evens").await.unwrap())
+        .await
+        .unwrap();
+    let c = counted[0]
+        .column(0)
+        .as_any()
+        .downcast_ref::<Int64Array>()
+        .unwrap()
+        .value(0);
+    assert_eq!(c, 150);
+    assert!(
+        ctx.register_view("bad name", ctx.sql("SELECT 1").await.unwrap())
+            .is_err()
+    );
 }

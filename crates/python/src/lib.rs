@@ -24,31 +24,46 @@ use ppml::datafusion::arrow::error::ArrowError;
 use ppml::datafusion::dataframe::DataFrame;
 use ppml::datafusion::execution::SendableRecordBatchStream;
 use ppml::datafusion::physical_plan::stream::RecordBatchStreamAdapter;
-use ppml::{Attested, ErrorClass, PpmlContext, Unattested};
+use ppml::{Attested, ErrorKind, PpmlContext, Unattested};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyCapsule, PyDict};
 
 create_exception!(
-    _ppml,
+    ppml,
     PpmlError,
     PyException,
     "Base class of every error ppml raises."
 );
 create_exception!(
-    _ppml,
+    ppml,
     InvalidInput,
     PpmlError,
-    "Bad input data: a tampered, truncated or reordered file, a dataset whose parts were \
-     removed, added or swapped, not a ppml file, malformed CSV, a quote that does not verify."
+    "Bad input data: not a ppml file, malformed CSV, a quote that does not verify; and, as \
+     its subclass TamperedData, data that fails its authentication."
 );
 create_exception!(
-    _ppml,
+    ppml,
+    TamperedData,
+    InvalidInput,
+    "Data that fails its authentication: a modified, truncated or reordered file, a dataset \
+     whose parts were removed, added, swapped or changed, an edited manifest."
+);
+create_exception!(
+    ppml,
     AccessDenied,
     PpmlError,
     "Access denied: wrong credentials, an unknown or foreign key, a key released only to \
-     attested runtimes, an attestation policy refusing the evidence."
+     attested runtimes, a job the owner did not grant; and, as its subclass \
+     AttestationFailed, evidence the KMS's policy refuses."
+);
+create_exception!(
+    ppml,
+    AttestationFailed,
+    AccessDenied,
+    "Attestation failed: this runtime's evidence could not be made or the KMS's policy \
+     refused it, or the KMS's own evidence did not satisfy this side's policy."
 );
 
 /// How often a waiting call lets Python handle signals (Ctrl-C).
@@ -66,7 +81,7 @@ fn runtime() -> &'static tokio::runtime::Runtime {
     })
 }
 
-/// The Python exception for a library error: its class by [`ppml::classify`], its message
+/// The Python exception for a library error: its class by [`ppml::kind`], its message
 /// the error and its causes on one line. In a TEE (an attested context), messages that can
 /// quote row values (Arrow's and DataFusion's) are reduced to their kind, as the CLI's are:
 /// an exception's text may be printed where the host reads it.
@@ -76,9 +91,11 @@ fn to_py(error: ppml::Error, in_tee: bool) -> PyErr {
     } else {
         ppml::crates::kms::error_chain(&error)
     };
-    match ppml::classify(&error) {
-        ErrorClass::BadInput => InvalidInput::new_err(message),
-        ErrorClass::AccessDenied => AccessDenied::new_err(message),
+    match error.kind() {
+        ErrorKind::TamperedData => TamperedData::new_err(message),
+        ErrorKind::InvalidInput => InvalidInput::new_err(message),
+        ErrorKind::AttestationFailed => AttestationFailed::new_err(message),
+        ErrorKind::AccessDenied => AccessDenied::new_err(message),
         _ => PpmlError::new_err(message),
     }
 }
@@ -139,12 +156,19 @@ struct Context {
 #[pymethods]
 impl Context {
     #[new]
-    #[pyo3(signature = (*, tee=None, policy=None, primary_key=None, output_key=None, master=None, tls_dir=None, target_partitions=None))]
+    #[pyo3(signature = (*, tee=None, policy=None, grant=None, sim_platform_key=None, kms_url=None, appid=None, apikey=None, home=None, config=None, primary_key=None, output_key=None, master=None, tls_dir=None, target_partitions=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         tee: Option<&str>,
         policy: Option<String>,
+        grant: Option<PathBuf>,
+        sim_platform_key: Option<PathBuf>,
+        kms_url: Option<String>,
+        appid: Option<String>,
+        apikey: Option<String>,
+        home: Option<PathBuf>,
+        config: Option<PathBuf>,
         primary_key: Option<String>,
         output_key: Option<String>,
         master: Option<String>,
@@ -152,7 +176,28 @@ impl Context {
         target_partitions: Option<usize>,
     ) -> PyResult<Self> {
         let in_tee = tee.is_some();
-        let mut builder = PpmlContext::builder();
+        // As the CLI: arguments over `PPML_*` variables over the configuration file.
+        let mut given = ppml::config::GivenSettings::from_env();
+        given.kms_url = kms_url.or(given.kms_url);
+        given.appid = appid.or(given.appid);
+        given.apikey = apikey.or(given.apikey);
+        given.home = home.or(given.home);
+        given.config = config.or(given.config);
+        let settings = ppml::config::Settings::resolve(given).map_err(|e| to_py(e, in_tee))?;
+        if grant.is_some() && !in_tee {
+            return Err(PyValueError::new_err(
+                "grant is for an attested context: give tee and policy too",
+            ));
+        }
+        // An attested context acts under the grant given, else that of `PPML_GRANT`.
+        let grant = match in_tee {
+            true => grant.or_else(|| settings.grant.clone()),
+            false => None,
+        }
+        .map(|path| ppml::grant::read_grant(&path))
+        .transpose()
+        .map_err(|e| to_py(e, in_tee))?;
+        let mut builder = PpmlContext::builder().settings(settings);
         if let Some(key) = primary_key {
             builder = builder.primary_key(key);
         }
@@ -177,7 +222,20 @@ impl Context {
                 let tee = tee.parse().map_err(|e: String| {
                     PyValueError::new_err(format!("tee must be \"sim\", \"sgx\" or \"tdx\": {e}"))
                 })?;
-                let builder = builder.attest(tee, policy);
+                // The simulated TEE's platform key, as the CLI's --sim-platform-key.
+                let sim_platform_key = sim_platform_key.or_else(|| {
+                    std::env::var_os("PPML_SIM_PLATFORM_KEY")
+                        .filter(|v| !v.is_empty())
+                        .map(PathBuf::from)
+                });
+                let mut builder = builder.attestation(ppml::AttestationConfig {
+                    tee,
+                    policy_id: policy,
+                    sim_platform_key,
+                });
+                if let Some(grant) = grant {
+                    builder = builder.grant(grant);
+                }
                 AnyContext::Attested(wait(py, true, builder.build())?)
             }
             (Some(_), None) => {
@@ -209,6 +267,40 @@ impl Context {
             with_context!(&*self.inner, ctx => ctx.read(&path).await)
         })?;
         Ok(self.frame(df))
+    }
+
+    /// The encrypted CSV dataset at `path`, refused if it holds another format; with
+    /// `plaintext`, the plaintext CSV file or directory `path` (`header`: whether its files
+    /// start with a header line).
+    #[pyo3(signature = (path, *, plaintext=false, header=true))]
+    fn read_csv(
+        &self,
+        py: Python<'_>,
+        path: String,
+        plaintext: bool,
+        header: bool,
+    ) -> PyResult<Frame> {
+        if !plaintext && !header {
+            return Err(PyValueError::new_err(
+                "header=False is for plaintext files: an encrypted dataset's manifest says \
+                 whether its parts have header lines",
+            ));
+        }
+        self.read_kind(py, path, plaintext, ppml::MediaKind::Csv { header })
+    }
+
+    /// The encrypted Parquet dataset at `path`, refused if it holds another format; with
+    /// `plaintext`, the plaintext Parquet file or directory `path`.
+    #[pyo3(signature = (path, *, plaintext=false))]
+    fn read_parquet(&self, py: Python<'_>, path: String, plaintext: bool) -> PyResult<Frame> {
+        self.read_kind(py, path, plaintext, ppml::MediaKind::Parquet)
+    }
+
+    /// The encrypted NDJSON dataset at `path`, refused if it holds another format; with
+    /// `plaintext`, the plaintext newline-delimited JSON file or directory `path`.
+    #[pyo3(signature = (path, *, plaintext=false))]
+    fn read_json(&self, py: Python<'_>, path: String, plaintext: bool) -> PyResult<Frame> {
+        self.read_kind(py, path, plaintext, ppml::MediaKind::Json)
     }
 
     /// A plaintext file or directory (Parquet, NDJSON, or CSV with a header line).
@@ -349,6 +441,25 @@ impl Context {
 }
 
 impl Context {
+    /// `read_csv`, `read_parquet` and `read_json`.
+    fn read_kind(
+        &self,
+        py: Python<'_>,
+        path: String,
+        plaintext: bool,
+        kind: ppml::MediaKind,
+    ) -> PyResult<Frame> {
+        let df = wait(py, self.inner.in_tee(), async {
+            match plaintext {
+                true => {
+                    with_context!(&*self.inner, ctx => ctx.read_plaintext_as(&path, kind).await)
+                }
+                false => with_context!(&*self.inner, ctx => ctx.read_as(path.as_str(), kind).await),
+            }
+        })?;
+        Ok(self.frame(df))
+    }
+
     fn frame(&self, df: DataFrame) -> Frame {
         Frame {
             df,
@@ -390,6 +501,16 @@ fn python_stream(
 struct Frame {
     df: DataFrame,
     context: Arc<AnyContext>,
+}
+
+impl Frame {
+    /// A frame of the same context.
+    fn derived(&self, df: DataFrame) -> Frame {
+        Frame {
+            df,
+            context: self.context.clone(),
+        }
+    }
 }
 
 /// A query's rows as a blocking Arrow reader: each `next` waits on the module's runtime.
@@ -463,9 +584,91 @@ impl Frame {
     }
 
     /// Runs the query and returns its rows as a `pyarrow.Table` (in memory: for results
-    /// that fit; `write` streams).
-    fn to_arrow<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
-        slf.py().import("pyarrow")?.call_method1("table", (slf,))
+    /// that fit; `write` streams). Errors raise ppml's exceptions (a consumer of
+    /// `__arrow_c_stream__` raises its own, with the same message).
+    fn to_arrow<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let df = self.df.clone();
+        let context = self.context.clone();
+        let (schema, batches) = wait(py, context.in_tee(), async move {
+            let mut stream = with_context!(&*context, ctx => ctx.stream(df).await)?;
+            let mut batches = Vec::new();
+            while let Some(batch) = stream.next().await {
+                batches.push(batch.map_err(ppml::Error::from)?);
+            }
+            Ok((stream.schema(), batches))
+        })?;
+        let batches = batches
+            .iter()
+            .map(|batch| batch.to_pyarrow(py))
+            .collect::<PyResult<Vec<_>>>()?;
+        py.import("pyarrow")?
+            .getattr("Table")?
+            .call_method1("from_batches", (batches, schema.to_pyarrow(py)?))
+    }
+
+    /// Runs the query and returns its rows as a `pandas.DataFrame` (through pyarrow; in
+    /// memory).
+    fn to_pandas<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.to_arrow(py)?.call_method0("to_pandas")
+    }
+
+    /// Runs the query and returns its rows as a list of `pyarrow.RecordBatch` (in memory).
+    fn collect<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.to_arrow(py)?.call_method0("to_batches")
+    }
+
+    /// The rows for which the SQL condition `condition` holds (`"age > 30 AND job =
+    /// 'Developer'"`), still a lazy frame.
+    fn filter(&self, condition: &str) -> PyResult<Frame> {
+        let in_tee = self.context.in_tee();
+        let df = self.df.clone();
+        let expr = df
+            .parse_sql_expr(condition)
+            .map_err(|e| to_py(e.into(), in_tee))?;
+        let df = df.filter(expr).map_err(|e| to_py(e.into(), in_tee))?;
+        Ok(self.derived(df))
+    }
+
+    /// The columns `columns`, in that order, still a lazy frame.
+    #[pyo3(signature = (*columns))]
+    fn select(&self, columns: Vec<String>) -> PyResult<Frame> {
+        let names: Vec<&str> = columns.iter().map(String::as_str).collect();
+        let df = self
+            .df
+            .clone()
+            .select_columns(&names)
+            .map_err(|e| to_py(e.into(), self.context.in_tee()))?;
+        Ok(self.derived(df))
+    }
+
+    /// Registers these rows as the view `name` of the context, for `Context.sql`
+    /// (replacing a table or view of that name).
+    fn create_view(&self, name: &str) -> PyResult<()> {
+        with_context!(&*self.context, ctx => ctx.register_view(name, self.df.clone()))
+            .map_err(|e| to_py(e, self.context.in_tee()))
+    }
+
+    /// The first `n` rows of the query, still a lazy frame.
+    fn limit(&self, n: usize) -> PyResult<Frame> {
+        let df = self
+            .df
+            .clone()
+            .limit(0, Some(n))
+            .map_err(|e| to_py(e.into(), self.context.in_tee()))?;
+        Ok(self.derived(df))
+    }
+
+    /// Runs the query and prints its first `n` rows as a table.
+    #[pyo3(signature = (n=20))]
+    fn show(&self, py: Python<'_>, n: usize) -> PyResult<()> {
+        let df = self.limit(n)?.df;
+        let context = self.context.clone();
+        let text = wait(py, context.in_tee(), async move {
+            let batches = with_context!(&*context, ctx => ctx.collect(df).await)?;
+            Ok(ppml::datafusion::arrow::util::pretty::pretty_format_batches(&batches)?.to_string())
+        })?;
+        py.import("builtins")?.call_method1("print", (text,))?;
+        Ok(())
     }
 
     /// Runs the query (where the context's placement says) and counts its rows.
@@ -516,7 +719,9 @@ fn _ppml(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(generate_people, m)?)?;
     m.add("PpmlError", py.get_type::<PpmlError>())?;
     m.add("InvalidInput", py.get_type::<InvalidInput>())?;
+    m.add("TamperedData", py.get_type::<TamperedData>())?;
     m.add("AccessDenied", py.get_type::<AccessDenied>())?;
+    m.add("AttestationFailed", py.get_type::<AttestationFailed>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
