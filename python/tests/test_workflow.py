@@ -272,3 +272,61 @@ def test_the_type_stubs_name_what_the_module_has():
         for name in dir(cls):
             if not name.startswith("_"):
                 assert name in methods, f"{cls.__name__}.{name} has no stub"
+
+
+def free_cluster_port(executors):
+    """A base port such that `ppml cluster up --port BASE` finds its ports free: BASE to
+    BASE+executors and, for metrics, BASE+100 to BASE+100+executors."""
+    import socket
+
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base >= 60000:
+            continue
+        try:
+            for port in [*range(base, base + executors + 1),
+                         *range(base + 100, base + 101 + executors)]:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise AssertionError("no free ports for a cluster")
+
+
+def test_a_query_runs_on_a_local_cluster_in_client_mode(home, people):
+    from conftest import ppml_command
+
+    ctx = ppml.Context()
+    ctx.encrypt(people, str(home / "people.enc"), partitions=2)
+    cluster = home / "cluster"
+    port = free_cluster_port(1)
+    ppml_command("cluster", "up", "--executors", "1", "--port", port, "--dir", cluster,
+                 home=home / "home")
+    try:
+        remote = ppml.Context(master=f"127.0.0.1:{port}", tls_dir=str(cluster / "tls"))
+        remote.register("people", str(home / "people.enc"))
+        frame = remote.sql(
+            "SELECT name, age FROM people WHERE job = 'Developer' AND age BETWEEN 20 AND 40"
+        )
+        want = developers(pacsv.read_csv(people))
+        assert sorted_rows(frame.to_arrow()) == sorted_rows(want)
+        summary = remote.write(frame, str(home / "developers.enc"), partitions=2)
+        assert summary["rows"] == want.num_rows
+        assert sorted_rows(ctx.read(str(home / "developers.enc")).to_arrow()) == sorted_rows(want)
+        # The executor ran the tasks (its metrics count them).
+        import urllib.request
+
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port + 101}/metrics").read()
+        tasks = [
+            float(line.split()[-1]) for line in metrics.decode().splitlines()
+            if line.startswith("ppml_executor_tasks_total")
+        ]
+        assert sum(tasks) > 0, metrics
+    finally:
+        ppml_command("cluster", "down", "--dir", cluster, home=home / "home")
+    # Without the cluster, the same context's queries fail: they never ran in this process.
+    with pytest.raises(ppml.PpmlError):
+        remote.sql("SELECT count(*) FROM people").count()
