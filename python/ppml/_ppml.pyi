@@ -100,6 +100,15 @@ class Context:
     def encrypt(
         self, input: _Path, output: str, *, partitions: int = 1, overwrite: bool = False
     ) -> EncryptSummary: ...
+    def import_bigdl(
+        self,
+        input: _Path,
+        output: str,
+        *,
+        bigdl_key: Optional[str] = None,
+        header: bool = True,
+        overwrite: bool = False,
+    ) -> EncryptSummary: ...
     def decrypt(
         self, dataset: str, output: _Path, *, directory: bool = False, overwrite: bool = False
     ) -> int: ...

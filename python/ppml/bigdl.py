@@ -11,13 +11,15 @@ A BigDL PPML script that uses ``PPMLContext``, ``CryptoMode``, ``sc.read(...)``,
     sc.write(sc.sql("SELECT ..."), CryptoMode.AES_CBC_PKCS5PADDING) \\
         .mode("overwrite").option("header", True).csv(out)
 
-What each BigDL argument becomes is in ``docs/python.md``. The data is ppml's, not BigDL's:
-an "encrypted" read or write is a ppml dataset, authenticated (AES-256-GCM segments, or Parquet
-Modular Encryption ``AES_GCM_V1``), under keys from an eHSM-API KMS (ppml's server or eHSM).
-What ppml cannot do as BigDL does it is refused with ``ValueError``, never ignored: the simple
-KMS (its keys can be computed by anyone), ``AES_GCM_CTR_V1``, append mode, reader and writer
-options other than those listed in ``docs/python.md``. BigDL-encrypted datasets are read after
-``ppml import bigdl`` (``docs/migrating-from-bigdl.md``).
+What each BigDL argument becomes is in ``docs/python.md``. What is written is ppml's, not
+BigDL's: an "encrypted" write is a ppml dataset, authenticated (AES-256-GCM segments, or
+Parquet Modular Encryption ``AES_GCM_V1``), under keys from an eHSM-API KMS (ppml's server or
+eHSM). An encrypted read takes a ppml dataset, or a dataset BigDL encrypted (CSV or JSON parts
+and a ``.meta``), which is imported as ``ppml import bigdl`` imports it, every part's MAC
+verified (``docs/migrating-from-bigdl.md``). What ppml cannot do as BigDL does it is refused
+with ``ValueError``, never ignored: the simple KMS (its keys can be computed by anyone),
+``AES_GCM_CTR_V1``, append mode, reader and writer options other than those listed in
+``docs/python.md``.
 """
 
 import json
@@ -212,7 +214,10 @@ class EncryptedDataFrameReader:
     def _plaintext(self) -> bool:
         return self._mode is CryptoMode.PLAIN_TEXT
 
-    def _check_encrypted(self, path: str) -> None:
+    def _encrypted(self, path: str, header: bool = True) -> str:
+        """The ppml dataset to read for ``path``: ``path`` itself, or, for a dataset BigDL
+        encrypted, its import (every part's MAC verified) into the context's directory of
+        imports."""
         if self._mode is CryptoMode.AES_GCM_CTR_V1:
             raise ValueError(
                 "AES_GCM_CTR_V1: not available (the Parquet library ppml uses has only "
@@ -221,10 +226,8 @@ class EncryptedDataFrameReader:
         if os.path.isfile(os.path.join(path, ".meta")) and not os.path.isfile(
             os.path.join(path, "_manifest.ppml.json")
         ):
-            raise ValueError(
-                f"{path} is a BigDL-encrypted dataset: convert it once with `ppml import "
-                "bigdl` (docs/migrating-from-bigdl.md), then read the ppml dataset"
-            )
+            return self._context._imported(path, header)
+        return path
 
     def csv(self, path: str) -> DataFrame:
         if self._mode in (CryptoMode.AES_GCM_V1, CryptoMode.AES_GCM_CTR_V1):
@@ -234,13 +237,13 @@ class EncryptedDataFrameReader:
                 path, plaintext=True, header=self._header is not False
             )
         else:
-            self._check_encrypted(path)
-            if self._header is False:
+            dataset = self._encrypted(path, header=self._header is not False)
+            if self._header is False and dataset == path:
                 raise ValueError(
                     "option header false: a ppml dataset's manifest says whether its parts "
                     "have header lines"
                 )
-            frame = self._context.context.read_csv(path)
+            frame = self._context.context.read_csv(dataset)
         return DataFrame(frame, self._context)
 
     def json(self, path: str) -> DataFrame:
@@ -248,7 +251,7 @@ class EncryptedDataFrameReader:
             raise ValueError(f"{self._mode.value} is for Parquet only (as in BigDL)")
         self._no_header("json")
         if not self._plaintext():
-            self._check_encrypted(path)
+            path = self._encrypted(path)
         frame = self._context.context.read_json(path, plaintext=self._plaintext())
         return DataFrame(frame, self._context)
 
@@ -259,7 +262,8 @@ class EncryptedDataFrameReader:
             )
         self._no_header("parquet")
         if not self._plaintext():
-            self._check_encrypted(path)
+            if self._encrypted(path) != path:
+                raise ValueError(f"{path} holds BigDL CSV or JSON parts, not Parquet")
         frame = self._context.context.read_parquet(path, plaintext=self._plaintext())
         return DataFrame(frame, self._context)
 
@@ -427,6 +431,21 @@ class PPMLContext:
         arguments = _context_arguments(ppml_args)
         arguments.update(context_args)
         self.context = Context(**arguments)
+        self._imports: Optional[tempfile.TemporaryDirectory] = None
+        self._imported_paths: Dict[Any, str] = {}
+
+    def _imported(self, path: str, header: bool) -> str:
+        """The ppml dataset imported from the BigDL dataset ``path`` (once per context). The
+        import is ciphertext under the primary key, kept in a temporary directory that lives
+        as long as this context."""
+        key = (os.path.realpath(path), header)
+        if key not in self._imported_paths:
+            if self._imports is None:
+                self._imports = tempfile.TemporaryDirectory(prefix="ppml-bigdl-imports-")
+            target = os.path.join(self._imports.name, f"import-{len(self._imported_paths)}")
+            self.context.import_bigdl(path, target, header=header)
+            self._imported_paths[key] = target
+        return self._imported_paths[key]
 
     def read(self, crypto_mode: Union[CryptoMode, str], primary_key_name: str = "defaultKey"):
         _default_key_only(primary_key_name)

@@ -36,7 +36,12 @@ def test_the_documented_bigdl_script_runs_with_only_its_import_line_changed(
     ported = script.replace(bigdl_import, "from ppml.bigdl import *\n", 1)
     work = kms_server.root / "work"
     work.mkdir()
-    ppml.generate_people(work / "people.csv", 4000, seed=3)
+    plain = kms_server.root / "people.csv"
+    ppml.generate_people(plain, 4000, seed=3)
+    ppml.generate_people(work / "new_people.csv", 100, seed=4)
+    # The user's data as BigDL encrypted it, under the app's key on the KMS (an independent
+    # writer of BigDL's format).
+    bigdl_writer(kms_server, plain, work / "people_encrypted")
     # BigDL's eHSM primary key file: the key id on its first line.
     key_file = kms_server.root / "primaryKey"
     key_file.write_text(kms_server.primary + "\n")
@@ -57,7 +62,7 @@ def test_the_documented_bigdl_script_runs_with_only_its_import_line_changed(
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr
-    want = developers(pacsv.read_csv(work / "people.csv"))
+    want = developers(pacsv.read_csv(plain))
     assert f"developers: {want.num_rows}" in done.stdout
     assert "| name" in done.stdout  # show(5)
 
@@ -66,12 +71,42 @@ def test_the_documented_bigdl_script_runs_with_only_its_import_line_changed(
     ctx = ppml.Context()
     assert sorted_rows(ctx.read_csv(str(work / "developers_encrypted")).to_arrow()) == sorted_rows(want)
     assert sorted_rows(ctx.read_parquet(str(work / "developers_parquet")).to_arrow()) == sorted_rows(want)
-    plain = pacsv.read_csv(work / "developers_plain" / "part-00000.csv")
-    assert sorted_rows(plain) == sorted_rows(want)
+    copied = pacsv.read_csv(work / "developers_plain" / "part-00000.csv")
+    assert sorted_rows(copied) == sorted_rows(want)
+    new = pacsv.read_csv(work / "new_people.csv")
+    assert sorted_rows(ctx.read_csv(str(work / "new_people_encrypted")).to_arrow()) == sorted_rows(new)
     # The encrypted outputs are ppml datasets: no name appears in their bytes.
-    for dataset in ("people_encrypted", "developers_encrypted", "developers_parquet"):
+    for dataset in ("developers_encrypted", "developers_parquet", "new_people_encrypted"):
         data = b"".join(p.read_bytes() for p in (work / dataset).iterdir())
         assert not any(name.encode() in data for name in want["name"].to_pylist()[:50])
+
+    # A BigDL part with one byte changed fails its MAC: the read raises, where BigDL would
+    # have returned the damaged rows.
+    part = next((work / "people_encrypted").glob("part-*"))
+    data = bytearray(part.read_bytes())
+    data[500] ^= 1
+    part.write_bytes(bytes(data))
+    sc = PPMLContext("again", {
+        "kms_type": "EHSMKeyManagementService", "kms_server_ip": url.hostname,
+        "kms_server_port": url.port, "app_id": kms_server.appid, "api_key": kms_server.apikey,
+        "primary_key_material": str(key_file),
+    })
+    with pytest.raises(ppml.TamperedData, match="BigDL file authentication failed"):
+        sc.read(CryptoMode.AES_CBC_PKCS5PADDING).option("header", "true").csv(
+            str(work / "people_encrypted"))
+
+
+def bigdl_writer(server, plain, out):
+    """A BigDL common-mode dataset of `plain` in two parts, its data key from the KMS as
+    BigDL gets it (compat/bigdl_writer.py)."""
+    writer = Path(__file__).resolve().parents[2] / "compat" / "bigdl_writer.py"
+    subprocess.run(
+        [sys.executable, str(writer), "--variant", "common", "--in", str(plain), "--out",
+         str(out), "--parts", "2", "--kms", server.url, server.fingerprint, server.appid,
+         server.apikey, server.primary],
+        check=True, capture_output=True, timeout=120,
+    )
+    assert (out / ".meta").is_file()
 
 
 @pytest.fixture
@@ -159,18 +194,6 @@ def test_bigdl_kms_arguments_are_mapped_or_refused(tmp_path, clean_env):
         PPMLContext("a", {"kms_type": "EHSMKeyManagementService", "vault": "v"})
     with pytest.raises(ValueError, match="spark_conf"):
         PPMLContext("a", None, object())
-    # A BigDL-encrypted dataset is named as such, with the command that converts it.
-    bigdl = tmp_path / "bigdl"
-    bigdl.mkdir()
-    (bigdl / ".meta").write_text('{"encryptedDataKey": "x"}')
-    (bigdl / "part-00000-1.csv.cbc").write_bytes(b"\0" * 500)
-    os.environ["PPML_HOME"] = str(tmp_path / "home")
-    try:
-        sc = PPMLContext("a")
-        with pytest.raises(ValueError, match="ppml import bigdl"):
-            sc.read(CryptoMode.AES_CBC_PKCS5PADDING).csv(str(bigdl))
-    finally:
-        del os.environ["PPML_HOME"]
 
 
 def test_plaintext_output_is_refused_in_an_attested_context():

@@ -412,6 +412,55 @@ impl Context {
         Ok(out)
     }
 
+    /// Imports the BigDL PPML dataset `input` (its part files and `.meta`) into a new ppml
+    /// dataset at `output` under the primary key, as `ppml import bigdl` does: BigDL's data
+    /// key is unwrapped by the context's KMS under `bigdl_key` (the first line of BigDL's
+    /// primary key file) [default: the primary key], and every part's HMAC trailer is verified
+    /// before the dataset appears. `header`: whether BigDL's CSV parts start with the header
+    /// line.
+    #[pyo3(signature = (input, output, *, bigdl_key=None, header=true, overwrite=false))]
+    fn import_bigdl<'py>(
+        &self,
+        py: Python<'py>,
+        input: PathBuf,
+        output: String,
+        bigdl_key: Option<String>,
+        header: bool,
+        overwrite: bool,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let summary = wait(py, self.inner.in_tee(), async {
+            with_context!(&*self.inner, ctx => {
+                let kms = ctx.kms();
+                let primary = kms.primary()?;
+                let keys = ppml::bigdl::BigDlKeys::Kms {
+                    kms: kms.kms(),
+                    primary_key_id: bigdl_key.unwrap_or_else(|| primary.0.clone()),
+                };
+                let options = ppml::bigdl::ImportOptions {
+                    has_header: header,
+                    overwrite,
+                    ..Default::default()
+                };
+                let location = ppml::IntoLocation::into_location(output.as_str())?;
+                ppml::bigdl::import_bigdl(
+                    &keys,
+                    &input,
+                    kms.kms().as_ref(),
+                    primary,
+                    location,
+                    &options,
+                    &ppml::files::NoProgress,
+                )
+                .await
+                .map_err(ppml::Error::from)
+            })
+        })?;
+        let out = PyDict::new(py);
+        out.set_item("parts", summary.parts)?;
+        out.set_item("plaintext_bytes", summary.plaintext_bytes)?;
+        Ok(out)
+    }
+
     /// Verifies the dataset at `dataset` and writes its plaintext to the file `output` (or,
     /// with `directory`, a directory of one file per part); returns the plaintext bytes.
     #[pyo3(signature = (dataset, output, *, directory=false, overwrite=false))]
