@@ -30,6 +30,7 @@ from ._ppml import (
     TamperedData,
     __version__,
     generate_people,
+    sim_measurement,
 )
 
 __all__ = [
@@ -42,4 +43,5 @@ __all__ = [
     "TamperedData",
     "__version__",
     "generate_people",
+    "sim_measurement",
 ]

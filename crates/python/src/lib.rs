@@ -760,12 +760,23 @@ fn generate_people(
     .map_err(|e| to_py(e.into(), false))
 }
 
+/// The measurement (hex SHA-256) of this process in the simulated TEE: that of its
+/// executable, the Python interpreter. A policy that lets this program's simulated evidence
+/// through lists it as `mrenclave`.
+#[pyfunction]
+fn sim_measurement() -> PyResult<String> {
+    ppml::crates::attestation::sim::executable_measurement()
+        .map(hex::encode)
+        .map_err(|e| PpmlError::new_err(e.to_string()))
+}
+
 #[pymodule]
 fn _ppml(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add_class::<Context>()?;
     m.add_class::<Frame>()?;
     m.add_function(wrap_pyfunction!(generate_people, m)?)?;
+    m.add_function(wrap_pyfunction!(sim_measurement, m)?)?;
     m.add("PpmlError", py.get_type::<PpmlError>())?;
     m.add("InvalidInput", py.get_type::<InvalidInput>())?;
     m.add("TamperedData", py.get_type::<TamperedData>())?;
