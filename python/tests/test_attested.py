@@ -98,6 +98,17 @@ def test_only_an_attested_context_gets_gated_keys_within_its_grant(kms_server, m
         assert "alice-ssn" not in str(error)
         assert "withheld" in str(error), str(error)
 
+    # Rows are not printed where the host reads them, nor written as plaintext, in the TEE.
+    with pytest.raises(ValueError, match="host"):
+        ctx.sql(SQL).show()
+    from ppml.bigdl import CryptoMode, PPMLContext
+
+    sc = PPMLContext("job", tee="sim", policy=good, grant=str(grant))
+    people_df = sc.read(CryptoMode.AES_CBC_PKCS5PADDING).csv(str(enc))
+    with pytest.raises(ValueError, match="leave the TEE"):
+        sc.write(people_df, CryptoMode.PLAIN_TEXT).csv(str(root / "plain-out"))
+    assert not (root / "plain-out").exists()
+
     # The owner reads the result, unattested (its key is not gated).
     owner = ppml.Context()
     got = pa.table(owner.read(str(out)))

@@ -194,17 +194,3 @@ def test_bigdl_kms_arguments_are_mapped_or_refused(tmp_path, clean_env):
         PPMLContext("a", {"kms_type": "EHSMKeyManagementService", "vault": "v"})
     with pytest.raises(ValueError, match="spark_conf"):
         PPMLContext("a", None, object())
-
-
-def test_plaintext_output_is_refused_in_an_attested_context():
-    from ppml.bigdl import EncryptedDataFrameWriter
-
-    class Attested:
-        attested = True
-
-    class Holder:
-        context = Attested()
-
-    writer = EncryptedDataFrameWriter(Holder(), pa.table({"a": [1]}), CryptoMode.PLAIN_TEXT)
-    with pytest.raises(ValueError, match="leave the TEE"):
-        writer.csv("/nonexistent/never-written")

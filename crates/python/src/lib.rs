@@ -707,9 +707,16 @@ impl Frame {
         Ok(self.derived(df))
     }
 
-    /// Runs the query and prints its first `n` rows as a table.
+    /// Runs the query and prints its first `n` rows as a table. Refused in an attested
+    /// context, as the CLI refuses to print rows in a TEE: standard output is the host's.
     #[pyo3(signature = (n=20))]
     fn show(&self, py: Python<'_>, n: usize) -> PyResult<()> {
+        if self.context.in_tee() {
+            return Err(PyValueError::new_err(
+                "show() prints rows where the host reads them: in an attested context, write \
+                 them encrypted (Context.write) for the owner to read",
+            ));
+        }
         let df = self.limit(n)?.df;
         let context = self.context.clone();
         let text = wait(py, context.in_tee(), async move {
