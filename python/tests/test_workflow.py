@@ -98,7 +98,7 @@ def test_python_generators_stream_into_parts_without_deadlock(home):
     assert total["s"][0].as_py() == sum(i * i for i in range(20_000))
 
 
-def test_tampered_data_raises_invalid_input_and_leaves_no_output(home, people):
+def test_tampered_data_raises_tampered_data_and_leaves_no_output(home, people):
     ctx = ppml.Context()
     ctx.encrypt(people, str(home / "people.enc"))
     part = next(p for p in (home / "people.enc").iterdir() if p.name.startswith("part-"))
