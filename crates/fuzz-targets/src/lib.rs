@@ -310,7 +310,6 @@ struct FuzzKms {
     apikey: String,
     keyid: String,
     nonce: std::sync::atomic::AtomicU64,
-    _dir: tempfile::TempDir,
 }
 
 fn fuzz_kms() -> &'static FuzzKms {
@@ -353,13 +352,16 @@ fn fuzz_kms() -> &'static FuzzKms {
                 .with_attestation(attestation)
                 .with_bigdl_ras(),
         ));
+        // The store lives in a static, which is never dropped: its directory is removed now
+        // rather than left in the temporary directory at exit. The store keeps its database
+        // file open, which outlives its name; nothing opens a path in the directory again.
+        drop(dir);
         FuzzKms {
             router,
             appid,
             apikey: apikey.to_string(),
             keyid,
             nonce: std::sync::atomic::AtomicU64::new(0),
-            _dir: dir,
         }
     })
 }
