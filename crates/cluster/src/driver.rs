@@ -310,18 +310,39 @@ pub fn decode_plan(
     bytes: &[u8],
     ctx: &TaskContext,
 ) -> std::result::Result<Arc<dyn ExecutionPlan>, ClusterError> {
-    use datafusion_proto::physical_plan::PhysicalPlanNodeExt as _;
     let codec = PpmlPhysicalCodec::default();
-    PhysicalPlanNode::decode(bytes)
-        .map_err(|e| ClusterError::Plan(e.to_string()))?
-        .try_into_physical_plan_with_converter(ctx, &codec, &GuardedConverter)
+    let node = PhysicalPlanNode::decode(bytes).map_err(|e| ClusterError::Plan(e.to_string()))?;
+    // Through the converter from the root down: DataFusion's own entry point would decode
+    // the root node without it.
+    let decode_ctx = datafusion_proto::physical_plan::PhysicalPlanDecodeContext::new(ctx, &codec);
+    GuardedConverter
+        .proto_to_execution_plan(&node, &decode_ctx)
         .map_err(|e| ClusterError::Plan(e.to_string()))
 }
 
-/// DataFusion's proto converter, refusing the plan nodes whose decoding in this build panics
-/// instead of failing: an Avro scan (datafusion-proto panics when its `avro` feature is off;
-/// found by the `cluster_plan` fuzz target). Every node of the plan passes through it.
+/// DataFusion's proto converter, refusing the plan nodes whose decoding panics instead of
+/// failing (each found by the `cluster_plan` fuzz target): an Avro scan (datafusion-proto
+/// panics when its `avro` feature is off), an `EXPLAIN` node (a stringified plan without its
+/// type), an unnest whose recursion misses a column. Every node of the plan passes through it.
 struct GuardedConverter;
+
+impl GuardedConverter {
+    /// Why `node` cannot be decoded without a panic, if it cannot.
+    fn refusal(node: &PhysicalPlanNode) -> Option<&'static str> {
+        use datafusion_proto::protobuf::physical_plan_node::PhysicalPlanType;
+        match node.physical_plan_type.as_ref()? {
+            PhysicalPlanType::AvroScan(_) => Some("Avro scans are not part of ppml plans"),
+            PhysicalPlanType::Explain(_) => Some("EXPLAIN is not part of ppml plans"),
+            PhysicalPlanType::Unnest(unnest) => unnest
+                .options
+                .iter()
+                .flat_map(|options| &options.recursions)
+                .any(|r| r.input_column.is_none() || r.output_column.is_none())
+                .then_some("an unnest recursion without its columns"),
+            _ => None,
+        }
+    }
+}
 
 impl PhysicalProtoConverterExtension for GuardedConverter {
     fn proto_to_execution_plan(
@@ -330,11 +351,8 @@ impl PhysicalProtoConverterExtension for GuardedConverter {
         ctx: &datafusion_proto::physical_plan::PhysicalPlanDecodeContext<'_>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         use datafusion_proto::physical_plan::PhysicalPlanNodeExt as _;
-        use datafusion_proto::protobuf::physical_plan_node::PhysicalPlanType;
-        if let Some(PhysicalPlanType::AvroScan(_)) = proto.physical_plan_type {
-            return Err(DataFusionError::NotImplemented(
-                "Avro scans are not part of ppml plans".into(),
-            ));
+        if let Some(reason) = Self::refusal(proto) {
+            return Err(DataFusionError::NotImplemented(reason.into()));
         }
         proto.try_into_physical_plan_with_context(ctx, self)
     }
@@ -496,6 +514,59 @@ mod tests {
     use prost::Message;
 
     use super::*;
+
+    /// Plan nodes whose decoding panics in DataFusion are refused with an error first.
+    #[test]
+    fn nodes_that_would_panic_the_decoder_are_refused() {
+        use datafusion_proto::protobuf::physical_plan_node::PhysicalPlanType;
+        use datafusion_proto::protobuf::{
+            EmptyExecNode, ExplainExecNode, RecursionUnnestOption, StringifiedPlan, UnnestExecNode,
+            UnnestOptions,
+        };
+        let ctx = datafusion::prelude::SessionContext::new();
+        let schema = Schema::new(vec![datafusion::arrow::datatypes::Field::new(
+            "a",
+            datafusion::arrow::datatypes::DataType::Int64,
+            true,
+        )]);
+        let schema: datafusion_proto::protobuf::Schema = (&schema).try_into().unwrap();
+        let empty = PhysicalPlanNode {
+            physical_plan_type: Some(PhysicalPlanType::Empty(EmptyExecNode {
+                schema: Some(schema.clone()),
+                partitions: 1,
+            })),
+        };
+        let unnest = PhysicalPlanNode {
+            physical_plan_type: Some(PhysicalPlanType::Unnest(Box::new(UnnestExecNode {
+                input: Some(Box::new(empty)),
+                schema: Some(schema.clone()),
+                list_type_columns: vec![],
+                struct_type_columns: vec![],
+                options: Some(UnnestOptions {
+                    recursions: vec![RecursionUnnestOption {
+                        output_column: None,
+                        input_column: None,
+                        depth: 1,
+                    }],
+                    ..Default::default()
+                }),
+            }))),
+        };
+        let explain = PhysicalPlanNode {
+            physical_plan_type: Some(PhysicalPlanType::Explain(ExplainExecNode {
+                schema: Some(schema),
+                stringified_plans: vec![StringifiedPlan {
+                    plan_type: None,
+                    plan: String::new(),
+                }],
+                verbose: false,
+            })),
+        };
+        for (node, reason) in [(unnest, "unnest recursion"), (explain, "EXPLAIN")] {
+            let refused = decode_plan(&node.encode_to_vec(), &ctx.task_ctx()).unwrap_err();
+            assert!(refused.to_string().contains(reason), "{refused}");
+        }
+    }
 
     fn spec() -> DriverSpec {
         DriverSpec::new(&AppSpec::SimpleQuery(ppml_engine::app::SimpleQuerySpec {
