@@ -10,7 +10,7 @@ keys demand it; results are written as new encrypted datasets that only their ow
     ctx.encrypt("people.csv", "people.enc")     # a file becomes an encrypted dataset
     ctx.register("people", "people.enc")
     developers = ctx.sql("SELECT name, age FROM people WHERE job = 'Developer'")
-    table = pa.table(developers)                # or polars.from_arrow, duckdb, ...
+    table = pa.table(developers)                # or polars.DataFrame(frame), duckdb, ...
     ctx.write(developers, "developers.enc")     # encrypted under the output key
 
 The KMS and keys come from the same environment variables, ``ppml.toml`` and ``$PPML_HOME``

@@ -40,7 +40,7 @@ class EncryptSummary(TypedDict):
 
 class Frame:
     """The rows of a query, not yet run; an Arrow PyCapsule stream (``pyarrow.table(frame)``,
-    ``polars.from_arrow(frame)``, DuckDB) that runs the query as it is read."""
+    ``polars.DataFrame(frame)``, DuckDB) that runs the query as it is read."""
 
     @property
     def schema(self) -> pyarrow.Schema: ...

@@ -2,7 +2,7 @@
 //! [`ppml`] library. Everything it does is a call into that library; what this crate adds is
 //! the translation: Python arguments to the library's options, the library's errors to a
 //! Python exception class per kind, and query results to the Arrow PyCapsule stream interface
-//! (`__arrow_c_stream__`), so that pyarrow, polars, DuckDB and pandas take them without a copy.
+//! (`__arrow_c_stream__`), so that pyarrow, polars, DuckDB and pandas take them as they stream.
 //!
 //! Calls that wait (attestation, KMS requests, queries, writes) release the GIL, and Ctrl-C
 //! cancels them: the main thread checks Python's signals every [`SIGNAL_POLL`] while it waits.
@@ -544,7 +544,7 @@ fn python_stream(
 }
 
 /// The rows of a query, not yet run. It implements the Arrow PyCapsule stream interface:
-/// `pyarrow.table(frame)`, `polars.from_arrow(frame)` and DuckDB run it and read its rows as
+/// `pyarrow.table(frame)`, `polars.DataFrame(frame)` and DuckDB run it and read its rows as
 /// they stream.
 #[pyclass(frozen, module = "ppml._ppml")]
 struct Frame {
