@@ -11,9 +11,8 @@ import pytest
 # The `ppml` command of the same build as the module (scripts/test sets PPML_BIN). Read
 # once here: the tests' fixtures clear every PPML_* variable.
 _REPO = Path(__file__).resolve().parents[2]
-PPML_BIN = os.environ.get("PPML_BIN") or str(
-    Path(os.environ.get("CARGO_TARGET_DIR", _REPO / "target")) / "release" / "ppml"
-)
+PPML_BIN = str(Path(os.environ.get("PPML_BIN") or Path(
+    os.environ.get("CARGO_TARGET_DIR", _REPO / "target")) / "release" / "ppml").absolute())
 
 
 def developers(table):
