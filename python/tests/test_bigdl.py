@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
-import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
 
