@@ -499,11 +499,10 @@ impl Context {
         kind: ppml::MediaKind,
     ) -> PyResult<Frame> {
         let df = wait(py, self.inner.in_tee(), async {
-            match plaintext {
-                true => {
-                    with_context!(&*self.inner, ctx => ctx.read_plaintext_as(&path, kind).await)
-                }
-                false => with_context!(&*self.inner, ctx => ctx.read_as(path.as_str(), kind).await),
+            if plaintext {
+                with_context!(&*self.inner, ctx => ctx.read_plaintext_as(&path, kind).await)
+            } else {
+                with_context!(&*self.inner, ctx => ctx.read_as(path.as_str(), kind).await)
             }
         })?;
         Ok(self.frame(df))
@@ -638,21 +637,21 @@ impl Frame {
     fn to_arrow<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let df = self.df.clone();
         let context = self.context.clone();
-        let (schema, batches) = wait(py, context.in_tee(), async move {
-            let mut stream = with_context!(&*context, ctx => ctx.stream(df).await)?;
-            let mut batches = Vec::new();
-            while let Some(batch) = stream.next().await {
-                batches.push(batch.map_err(ppml::Error::from)?);
-            }
-            Ok((stream.schema(), batches))
+        let batches = wait(py, context.in_tee(), async move {
+            with_context!(&*context, ctx => ctx.collect(df).await)
         })?;
+        // The batches' own schema; the plan's, for a result without rows.
+        let schema = match batches.first() {
+            Some(batch) => batch.schema().to_pyarrow(py)?,
+            None => self.df.schema().as_arrow().to_pyarrow(py)?,
+        };
         let batches = batches
             .iter()
             .map(|batch| batch.to_pyarrow(py))
             .collect::<PyResult<Vec<_>>>()?;
         py.import("pyarrow")?
             .getattr("Table")?
-            .call_method1("from_batches", (batches, schema.to_pyarrow(py)?))
+            .call_method1("from_batches", (batches, schema))
     }
 
     /// Runs the query and returns its rows as a `pandas.DataFrame` (through pyarrow; in
