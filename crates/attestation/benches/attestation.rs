@@ -72,6 +72,7 @@ fn bench(c: &mut Criterion) {
                         policy: &policy,
                         nonce: &nonce,
                         runtime_key: &runtime.public_bytes(),
+                        receipt_key: None,
                         evidence: &evidence,
                     },
                     FIXTURE_TIME,

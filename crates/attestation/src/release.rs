@@ -97,6 +97,53 @@ pub fn seal_to(
     Ok((encapped.to_bytes().to_vec(), ciphertext))
 }
 
+/// A runtime's receipt signing key (Ed25519, `docs/receipts.md`): made in the runtime once
+/// per attested client, bound into every attestation's report data
+/// ([`crate::service::expected_report_data_with_receipt_key`]), never written anywhere. The
+/// PKCS#8 document it was made from is zeroed as soon as the key is parsed.
+pub struct ReceiptKey {
+    pair: ring::signature::Ed25519KeyPair,
+}
+
+impl std::fmt::Debug for ReceiptKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReceiptKey")
+            .field("public", &hex::encode(self.public_bytes()))
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReceiptKey {
+    /// A fresh key from the system's random generator.
+    pub fn generate() -> Result<Self, ReleaseError> {
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = Zeroizing::new(
+            ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
+                .map_err(|_| ReleaseError::Seal)?
+                .as_ref()
+                .to_vec(),
+        );
+        let pair =
+            ring::signature::Ed25519KeyPair::from_pkcs8(&pkcs8).map_err(|_| ReleaseError::Seal)?;
+        Ok(ReceiptKey { pair })
+    }
+
+    /// The public key, 32 bytes.
+    pub fn public_bytes(&self) -> [u8; 32] {
+        use ring::signature::KeyPair as _;
+        self.pair
+            .public_key()
+            .as_ref()
+            .try_into()
+            .expect("an Ed25519 public key is 32 bytes")
+    }
+
+    /// The Ed25519 signature of `message`, 64 bytes.
+    pub fn sign(&self, message: &[u8]) -> Vec<u8> {
+        self.pair.sign(message).as_ref().to_vec()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,5 +160,23 @@ mod tests {
         bad[0] ^= 1;
         assert!(runtime.open(&enc, &bad, b"key-1").is_err());
         assert!(seal_to(&[1, 2, 3], b"x", b"").is_err());
+    }
+
+    #[test]
+    fn receipt_signatures_verify_with_the_public_key_only() {
+        let key = ReceiptKey::generate().unwrap();
+        let signature = key.sign(b"receipt");
+        let public = key.public_bytes();
+        let verify = |public: &[u8], message: &[u8]| {
+            ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, public)
+                .verify(message, &signature)
+                .is_ok()
+        };
+        assert!(verify(&public, b"receipt"));
+        assert!(!verify(&public, b"receipts"));
+        assert!(!verify(
+            &ReceiptKey::generate().unwrap().public_bytes(),
+            b"receipt"
+        ));
     }
 }

@@ -29,6 +29,8 @@ pub const CHALLENGE_TTL_SECS: u64 = 120;
 pub const MAX_CHALLENGES_PER_APP: usize = 64;
 /// Most unexpired challenges the service holds for all apps together.
 pub const MAX_CHALLENGES: usize = 16_384;
+/// Length of a receipt signing key (Ed25519 public key).
+pub const RECEIPT_KEY_LEN: usize = 32;
 /// How long a token is valid by default ([`AttestationService::set_token_ttl`]).
 pub const TOKEN_TTL_SECS: u64 = 300;
 const JWT_HEADER: &str = r#"{"alg":"EdDSA","typ":"JWT"}"#;
@@ -44,6 +46,27 @@ pub fn expected_report_data(nonce: &[u8], runtime_public_key: &[u8]) -> [u8; 64]
     out
 }
 
+/// Domain of the receipt-key half of [`expected_report_data_with_receipt_key`].
+const RECEIPT_KEY_DOMAIN: &[u8] = b"ppml-receipt-key/v1\0";
+
+/// The report data that binds evidence to a challenge, a runtime key and a receipt signing
+/// key (Ed25519, 32 bytes; `docs/receipts.md`): `SHA-256(nonce || runtime public key) ||
+/// SHA-256("ppml-receipt-key/v1" 0x00 || receipt public key)`. A token issued for it vouches
+/// for both keys: the KMS seals released keys to the first, and the receipts the runtime
+/// signs verify with the second.
+pub fn expected_report_data_with_receipt_key(
+    nonce: &[u8],
+    runtime_public_key: &[u8],
+    receipt_public_key: &[u8],
+) -> [u8; 64] {
+    let mut out = expected_report_data(nonce, runtime_public_key);
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(RECEIPT_KEY_DOMAIN);
+    ctx.update(receipt_public_key);
+    out[32..].copy_from_slice(ctx.finish().as_ref());
+    out
+}
+
 /// Domain of [`user_report_data`].
 const USER_REPORT_DOMAIN: &[u8] = b"ppml-user-report-data/v1\0";
 
@@ -52,8 +75,9 @@ const USER_REPORT_DOMAIN: &[u8] = b"ppml-user-report-data/v1\0";
 /// runtime in a TEE must not be an oracle that quotes any report data: a quote over
 /// [`expected_report_data`] of someone else's key would answer an `Attest` challenge for that
 /// key (and a quote over `kms_quote_report_data` would stand for a KMS). Under this
-/// domain a quote can be neither: its last 32 bytes are not zero, and a KMS's report data
-/// are SHA-512 under another domain.
+/// domain a quote can be neither: its last 32 bytes are not zero, making an answer with
+/// a receipt key would take a SHA-512 whose halves are chosen SHA-256 values, and a KMS's
+/// report data are SHA-512 under another domain.
 pub fn user_report_data(data: &[u8]) -> [u8; 64] {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA512);
     ctx.update(USER_REPORT_DOMAIN);
@@ -200,6 +224,10 @@ pub struct TokenClaims {
     pub policy: String,
     /// The runtime's public key (base64url): released keys are encrypted to it.
     pub runtime_key: String,
+    /// The runtime's receipt signing key (Ed25519, base64url), when it bound one into its
+    /// evidence: the receipts it signs verify with it (`docs/receipts.md`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receipt_key: Option<String>,
     /// The verified claims.
     pub claims: Claims,
 }
@@ -217,7 +245,11 @@ pub struct AttestationRequest<'a> {
     pub nonce: &'a [u8],
     /// The runtime's public key (released keys are encrypted to it).
     pub runtime_key: &'a [u8],
-    /// The evidence, with report data [`expected_report_data`]`(nonce, runtime_key)`.
+    /// The runtime's receipt signing key, if it has one; the evidence then binds it too
+    /// ([`expected_report_data_with_receipt_key`]).
+    pub receipt_key: Option<&'a [u8]>,
+    /// The evidence, with report data [`expected_report_data`]`(nonce, runtime_key)`, or
+    /// [`expected_report_data_with_receipt_key`] when there is a receipt key.
     pub evidence: &'a Evidence,
 }
 
@@ -404,6 +436,7 @@ impl AttestationService {
             policy,
             nonce,
             runtime_key,
+            receipt_key,
             evidence,
         } = *request;
         let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| AttestError::Challenge)?;
@@ -432,7 +465,19 @@ impl AttestationService {
                 verify_dcap_as(tee, &evidence.quote, &collateral, now)?
             }
         };
-        check_binding(&claims, &expected_report_data(&nonce, runtime_key))?;
+        let expected = match receipt_key {
+            Some(receipt_key) if receipt_key.len() != RECEIPT_KEY_LEN => {
+                return Err(AttestError::Evidence(format!(
+                    "a receipt key is {RECEIPT_KEY_LEN} bytes (Ed25519), not {}",
+                    receipt_key.len()
+                )));
+            }
+            Some(receipt_key) => {
+                expected_report_data_with_receipt_key(&nonce, runtime_key, receipt_key)
+            }
+            None => expected_report_data(&nonce, runtime_key),
+        };
+        check_binding(&claims, &expected)?;
         policy.evaluate(&claims)?;
         let token = TokenClaims {
             iss: self.id.clone(),
@@ -441,6 +486,7 @@ impl AttestationService {
             exp: now + self.token_ttl,
             policy: policy_name.to_string(),
             runtime_key: B64URL.encode(runtime_key),
+            receipt_key: receipt_key.map(|k| B64URL.encode(k)),
             claims,
         };
         let payload = serde_json::to_vec(&token).map_err(|e| AttestError::Token(e.to_string()))?;
@@ -478,6 +524,20 @@ pub fn verify_token(
     public_key: &[u8; 32],
     now: u64,
 ) -> Result<TokenClaims, AttestError> {
+    let claims = verify_token_signature(token, public_key)?;
+    if now >= claims.exp {
+        return Err(AttestError::TokenExpired);
+    }
+    Ok(claims)
+}
+
+/// Checks a token's signature with the service key `public_key`, whatever its expiry: what
+/// it asserted, it asserted when it was issued (a receipt verifier reads tokens long after
+/// they expired).
+pub fn verify_token_signature(
+    token: &str,
+    public_key: &[u8; 32],
+) -> Result<TokenClaims, AttestError> {
     let bad = |why: &str| AttestError::Token(why.to_string());
     let mut parts = token.split('.');
     let (Some(header), Some(payload), Some(signature), None) =
@@ -497,12 +557,7 @@ pub fn verify_token(
     let payload = B64URL
         .decode(payload)
         .map_err(|_| bad("payload is not base64url"))?;
-    let claims: TokenClaims =
-        serde_json::from_slice(&payload).map_err(|e| bad(&format!("payload: {e}")))?;
-    if now >= claims.exp {
-        return Err(AttestError::TokenExpired);
-    }
-    Ok(claims)
+    serde_json::from_slice(&payload).map_err(|e| bad(&format!("payload: {e}")))
 }
 
 #[cfg(test)]
@@ -566,8 +621,53 @@ mod tests {
             policy: &f.policy,
             nonce,
             runtime_key: key,
+            receipt_key: None,
             evidence,
         }
+    }
+
+    /// A token vouches for the receipt key only when the evidence binds it: evidence bound
+    /// to the runtime key alone, or to another receipt key, is refused with one.
+    #[test]
+    fn a_receipt_key_is_vouched_for_only_when_the_evidence_binds_it() {
+        let f = fixture();
+        let attest_with = |bound: Option<&[u8]>, sent: Option<&[u8]>| {
+            let nonce = f.service.challenge(NOW).unwrap();
+            let report = match bound {
+                Some(k) => expected_report_data_with_receipt_key(&nonce, b"rk", k),
+                None => expected_report_data(&nonce, b"rk"),
+            };
+            let evidence = f.tee.evidence(&report).unwrap();
+            let request = AttestationRequest {
+                receipt_key: sent,
+                ..request(&f, &nonce, b"rk", &evidence)
+            };
+            f.service.attest(&request, NOW)
+        };
+        let token = attest_with(Some(&[7; 32]), Some(&[7; 32])).unwrap();
+        let claims = verify_token(&token, &f.service.public_key(), NOW).unwrap();
+        assert_eq!(claims.receipt_key, Some(B64URL.encode([7u8; 32])));
+        for (bound, sent) in [
+            (None, Some(&[7u8; 32][..])),
+            (Some(&[8u8; 32][..]), Some(&[7u8; 32][..])),
+            (Some(&[7u8; 32][..]), None),
+        ] {
+            assert!(
+                matches!(attest_with(bound, sent), Err(AttestError::Binding)),
+                "{bound:?} {sent:?}"
+            );
+        }
+        assert!(matches!(
+            attest_with(Some(&[7; 31]), Some(&[7; 31])),
+            Err(AttestError::Evidence(_))
+        ));
+        // Tokens without a receipt key keep their old shape.
+        let plain = attest_with(None, None).unwrap();
+        let claims = verify_token(&plain, &f.service.public_key(), NOW).unwrap();
+        assert_eq!(claims.receipt_key, None);
+        // A token's signature still verifies once it has expired.
+        assert!(verify_token_signature(&plain, &f.service.public_key()).is_ok());
+        assert!(verify_token(&plain, &f.service.public_key(), NOW + TOKEN_TTL_SECS).is_err());
     }
 
     /// Attack: use a runtime's quote command as an oracle, asking it to quote the binding of

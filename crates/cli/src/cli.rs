@@ -183,6 +183,56 @@ pub enum Command {
     /// (pinned to their current versions), its output and output key. Give the file to the
     /// job (--grant); an attested job runs only what its grant names
     Grant(GrantArgs),
+    /// Show or verify a job's receipt, which every job leaves in its output: what ran
+    /// (attested code, its measurements and policy), what it read and what it wrote
+    /// (docs/receipts.md)
+    #[command(subcommand)]
+    Receipt(ReceiptCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReceiptCommand {
+    /// Print a job receipt without checking it
+    Show(ReceiptShowArgs),
+    /// Verify a job receipt: its signature, the attestation token that vouches for the
+    /// signing key (up to the KMS's attestation key), the output and input manifests on
+    /// storage, and optionally a policy of yours. Exit 3 when something differs from what
+    /// the receipt says, 4 when nothing vouches for the runtime
+    Verify(ReceiptVerifyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ReceiptShowArgs {
+    /// The output dataset (a directory or s3://BUCKET/PREFIX), or a receipt file
+    #[arg(value_name = "OUTPUT")]
+    pub target: String,
+    /// Print the receipt file as it is
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ReceiptVerifyArgs {
+    /// The output dataset (a directory or s3://BUCKET/PREFIX), or a receipt file
+    #[arg(value_name = "OUTPUT")]
+    pub target: String,
+    /// The attestation key of the KMS that attested the runtime (64 hex digits, as `ppml
+    /// receipt verify --kms-url` prints it): verify offline. Without it, the key is asked of
+    /// the KMS given by --kms-url
+    #[arg(long, env = "PPML_KMS_ATTESTATION_KEY", value_name = "HEX")]
+    pub kms_key: Option<String>,
+    /// An attestation policy (JSON, docs/attestation.md §4) the runtime and every executor
+    /// must satisfy
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+    /// Refuse a receipt of a run outside any TEE
+    #[arg(long)]
+    pub require_attested: bool,
+    /// Also open the output with this machine's KMS credentials (the output key's owner's):
+    /// checks what only the output key can, the manifest's MAC, the file list and every
+    /// part's header
+    #[arg(long)]
+    pub open_output: bool,
 }
 
 /// A job on a ppml cluster.
@@ -1026,6 +1076,18 @@ pub enum AuditCommand {
     /// Check the audit log's hash chain (and its MACs when the root key is available); exits
     /// non-zero on any edited, removed or reordered entry
     Verify(AuditVerifyArgs),
+    /// List the entries of one job (keys released or made under the owner's grant of that
+    /// job id, as its receipt names it), after checking the log as `verify` does
+    Show(AuditShowArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AuditShowArgs {
+    /// The job id (a receipt's `job.id`, a grant's `job_id`)
+    #[arg(long, value_name = "ID")]
+    pub job: String,
+    #[command(flatten)]
+    pub log: AuditVerifyArgs,
 }
 
 #[derive(Debug, Args)]

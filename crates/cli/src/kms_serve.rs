@@ -7,7 +7,7 @@ use ppml_kms_server::server::{
     AttestationSettings, KmsServer, RootKeySource, ServerConfig, TlsMode,
 };
 
-use crate::cli::{AuditVerifyArgs, KmsServeArgs, PccsArgs, RootKeyArgs};
+use crate::cli::{AuditShowArgs, AuditVerifyArgs, KmsServeArgs, PccsArgs, RootKeyArgs};
 use crate::settings::Settings;
 
 /// A PCCS client caching in `cache_dir`, if `args` name a PCCS.
@@ -276,7 +276,11 @@ pub async fn unseal(args: &crate::cli::UnsealArgs, settings: &Settings) -> Resul
     Ok(())
 }
 
-pub fn audit_verify(args: &AuditVerifyArgs, settings: &Settings) -> Result<()> {
+/// The audit log `args` name and the key of its MACs (none with `--chain-only`).
+fn audit_log_and_key(
+    args: &AuditVerifyArgs,
+    settings: &Settings,
+) -> Result<(PathBuf, Option<zeroize::Zeroizing<[u8; 32]>>)> {
     let dir = data_dir(&args.data_dir, settings);
     let log = args.log.clone().unwrap_or_else(|| dir.join("audit.log"));
     let mac_key = if args.chain_only {
@@ -286,6 +290,64 @@ pub fn audit_verify(args: &AuditVerifyArgs, settings: &Settings) -> Result<()> {
             .context("the root key is needed to check the entries' MACs (or pass --chain-only)")?;
         Some(root.audit_mac_key())
     };
+    Ok((log, mac_key))
+}
+
+/// `ppml kms audit show --job ID`: the entries of one job, from a log that verifies.
+pub fn audit_show(args: &AuditShowArgs, settings: &Settings) -> Result<()> {
+    let (log, mac_key) = audit_log_and_key(&args.log, settings)?;
+    let (report, entries) =
+        ppml_kms_server::audit::job_entries(&log, mac_key.as_deref(), &args.job)
+            .with_context(|| format!("{}: the audit log does not verify", log.display()))?;
+    println!("seq\ttime\tappid\taction\tkeyid\toutcome\truntime");
+    for logged in &entries {
+        let entry = &logged.entry;
+        // The attested runtime's TEE, policy and measurement, from the token claims the
+        // entry recorded.
+        let runtime = entry
+            .attestation
+            .as_deref()
+            .and_then(|a| serde_json::from_str::<serde_json::Value>(a).ok())
+            .map(|claims| {
+                let measurements = &claims["claims"]["measurements"];
+                format!(
+                    "{} policy={} measurement={}",
+                    claims["claims"]["tee"].as_str().unwrap_or("?"),
+                    claims["policy"].as_str().unwrap_or("?"),
+                    measurements["mrenclave"]
+                        .as_str()
+                        .or(measurements["mrtd"].as_str())
+                        .unwrap_or("?")
+                )
+            })
+            .unwrap_or_else(|| "-".into());
+        let time = chrono::DateTime::from_timestamp_millis(logged.time_ms as i64)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+            .unwrap_or_default();
+        println!(
+            "{}\t{time}\t{}\t{}\t{}\t{}\t{runtime}",
+            logged.seq, entry.appid, entry.action, entry.keyid, entry.outcome
+        );
+    }
+    if !settings.quiet {
+        eprintln!(
+            "{} entries of job {} among {} in {}, chain intact{}",
+            entries.len(),
+            args.job,
+            report.entries,
+            log.display(),
+            if mac_key.is_some() {
+                ", every MAC valid"
+            } else {
+                " (MACs not checked)"
+            }
+        );
+    }
+    Ok(())
+}
+
+pub fn audit_verify(args: &AuditVerifyArgs, settings: &Settings) -> Result<()> {
+    let (log, mac_key) = audit_log_and_key(args, settings)?;
     let report = ppml_kms_server::audit::verify(&log, mac_key.as_deref())
         .with_context(|| format!("{}: the audit log does not verify", log.display()))?;
     println!(

@@ -16,6 +16,7 @@ mod kms_utils;
 mod progress;
 mod query;
 mod quickstart;
+mod receipt;
 mod settings;
 
 use std::process::ExitCode;
@@ -224,6 +225,10 @@ async fn run(cli: Cli) -> Result<u8> {
         Command::Status(args) => return cluster::job_status(args).await,
         Command::Logs(args) => return cluster::job_logs(args).await,
         Command::Grant(args) => grant(args, &settings).await?,
+        Command::Receipt(crate::cli::ReceiptCommand::Show(args)) => receipt::show(args).await?,
+        Command::Receipt(crate::cli::ReceiptCommand::Verify(args)) => {
+            receipt::verify(args, &mut settings).await?
+        }
         Command::Attest(crate::cli::AttestCommand::Verify(args)) => {
             attest::verify(args, &settings).await?
         }
@@ -360,6 +365,7 @@ async fn kms_command(command: &KmsCommand, settings: &mut Settings) -> Result<()
         KmsCommand::Unseal(args) => kms_serve::unseal(args, settings).await?,
         KmsCommand::Bench(args) => kms_bench::run(args, settings).await?,
         KmsCommand::Audit(AuditCommand::Verify(args)) => kms_serve::audit_verify(args, settings)?,
+        KmsCommand::Audit(AuditCommand::Show(args)) => kms_serve::audit_show(args, settings)?,
     }
     Ok(())
 }

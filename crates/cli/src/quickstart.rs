@@ -406,6 +406,25 @@ pub async fn run(args: &QuickstartArgs, settings: &mut Settings) -> Result<()> {
     }
     timings.push(("check", t.elapsed()));
 
+    // The job's receipt: what ran, what it read, what it wrote, checked as the owner would.
+    let t = Instant::now();
+    let kms_key = settings.kms_attestation_key().await.ok().flatten();
+    let location = ppml::DatasetLocation::Local(output.clone());
+    let verified = ppml::receipt::verify_receipt(
+        &location,
+        &ppml::receipt::VerifyOptions {
+            kms_attestation_key: kms_key,
+            policy: None,
+            require_attested: settings.tee.is_some(),
+            // The owner's credentials open the output (its key is the owner's).
+            output_keys: Some(settings.kms.open_kms().await?.kms()),
+        },
+    )
+    .await
+    .map_err(ppml::Error::from)
+    .context("the job's receipt does not verify")?;
+    timings.push(("receipt", t.elapsed()));
+
     println!();
     println!(
         "quickstart OK: {} of {} rows are Developers aged 20..=40; the decrypted result holds exactly them",
@@ -423,5 +442,18 @@ pub async fn run(args: &QuickstartArgs, settings: &mut Settings) -> Result<()> {
         "files in {}: people.csv (plaintext input), people.enc/ (encrypted), developers.enc/ (encrypted result), developers.csv (decrypted result)",
         work.display()
     );
+    let job = &verified.receipt.body().job.id;
+    match (verified.attested(), kms_key) {
+        (true, Some(key)) => println!(
+            "job receipt verified (job {job}, attested runtime): check it again with\n  \
+             ppml receipt verify {} --require-attested --kms-key {}",
+            output.display(),
+            hex::encode(key)
+        ),
+        _ => println!(
+            "job receipt verified (job {job}, UNATTESTED run; see it with `ppml receipt show {}`)",
+            output.display()
+        ),
+    }
     Ok(())
 }

@@ -337,6 +337,63 @@ fn quickstart_runs_the_whole_workflow() {
         out.contains("outside the TEE the input stays sealed"),
         "{out}"
     );
+
+    // The job left a receipt; the command the quickstart prints verifies it offline.
+    let command = out
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("ppml receipt verify"))
+        .unwrap_or_else(|| panic!("no receipt command in {out}"));
+    let args: Vec<&str> = command.split_whitespace().skip(1).collect();
+    let verified = env.ok(&args);
+    assert!(verified.contains("runtime:  sim attested"), "{verified}");
+    assert!(
+        verified.contains("verified: signed by the runtime's receipt key"),
+        "{verified}"
+    );
+    let output = work.join("developers.enc");
+    let shown = env.ok(&["receipt", "show", s(&output)]);
+    assert!(shown.contains("simple_query"), "{shown}");
+    let job = shown
+        .lines()
+        .find_map(|l| l.strip_prefix("job:"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    // A changed receipt: exit 3, naming the signature.
+    let receipt = output.join("_receipt.ppml.json");
+    let original = fs::read_to_string(&receipt).unwrap();
+    fs::write(
+        &receipt,
+        original.replacen("simple_query", "simple_qvery", 1),
+    )
+    .unwrap();
+    let changed = env.ppml(&args);
+    assert_eq!(changed.status.code(), Some(3));
+    assert!(
+        String::from_utf8_lossy(&changed.stderr).contains("signature does not verify"),
+        "{changed:?}"
+    );
+    fs::write(&receipt, &original).unwrap();
+    // Another KMS's key vouches for nothing: exit 4.
+    let key_at = args.iter().position(|a| *a == "--kms-key").unwrap() + 1;
+    let mut other = args.clone();
+    let zeros = "0".repeat(64);
+    other[key_at] = &zeros;
+    assert_eq!(env.ppml(&other).status.code(), Some(4));
+    // The KMS's audit log lists the job's key releases under the receipt's job id.
+    let entries = env.ok(&[
+        "kms",
+        "audit",
+        "show",
+        "--job",
+        &job,
+        "--data-dir",
+        s(&work.join("kms-server")),
+        "--chain-only",
+    ]);
+    assert!(entries.contains("ReleaseDataKey"), "{entries}");
+    assert!(entries.contains("sim policy="), "{entries}");
 }
 
 #[test]

@@ -434,6 +434,18 @@ impl KeyManagementService for CountingKms {
     ) -> Result<(), KmsError> {
         self.inner.check_version(dataset_id, manifest_sha256)
     }
+
+    async fn receipt_attestation(&self) -> Result<Option<ppml_kms::ReceiptAttestation>, KmsError> {
+        self.inner.receipt_attestation().await
+    }
+
+    fn sign_receipt(&self, message: &[u8]) -> Option<Vec<u8>> {
+        self.inner.sign_receipt(message)
+    }
+
+    fn job_grant(&self) -> Option<ppml_kms::GrantRecord> {
+        self.inner.job_grant()
+    }
 }
 
 /// An [`ObjectStore`] that counts the bytes its inner store returns from reads: wrapped around

@@ -14,6 +14,7 @@ use ppml_kms::{KeyManagementService, PrimaryKeyId};
 use serde::{Deserialize, Serialize};
 
 use crate::dataset::{Durability, WriteOptions};
+use crate::receipt::JobDescription;
 use crate::simple_query::{self, SimpleQueryReport};
 use crate::{
     DatasetLocation, EngineError, OutputFormat, OutputTarget, PpmlSession, Result, WriteSummary,
@@ -309,6 +310,21 @@ impl AppSpec {
         })
     }
 
+    /// What this application's job receipt says it is: its name and its spec, with absolute
+    /// locations (`docs/receipts.md`).
+    pub fn job_description(&self) -> Result<JobDescription> {
+        let spec = serde_json::to_value(self.with_absolute_paths()?).map_err(|e| {
+            EngineError::Receipt(format!("the application does not serialize: {e}"))
+        })?;
+        let (app, spec) = match spec {
+            serde_json::Value::Object(map) if map.len() == 1 => {
+                map.into_iter().next().expect("one entry")
+            }
+            other => ("application".to_string(), other),
+        };
+        Ok(JobDescription::new(app, spec))
+    }
+
     /// Runs the application in `session` (whose runner decides where its plans run) and
     /// writes the result to `sink`. A plaintext spec needs a plaintext session and sink; an
     /// encrypted one an encrypted sink.
@@ -321,9 +337,10 @@ impl AppSpec {
                     .into(),
             });
         }
+        let job = self.job_description()?;
         match self {
             AppSpec::SimpleQuery(spec) => {
-                let output = target(&spec.output, spec.overwrite, sink)?;
+                let output = target(&spec.output, spec.overwrite, sink, job)?;
                 Ok(AppReport::SimpleQuery(
                     simple_query::run(
                         session,
@@ -346,7 +363,7 @@ impl AppSpec {
                         let written = session
                             .write(
                                 df,
-                                target(output, spec.overwrite, sink)?,
+                                target(output, spec.overwrite, sink, job)?,
                                 spec.output_partitions,
                                 spec.output_format,
                             )
@@ -371,11 +388,12 @@ impl AppSpec {
     }
 }
 
-/// The output target of `location` in `sink`.
+/// The output target of `location` in `sink`, for `job`.
 fn target<'a>(
     location: &'a DatasetLocation,
     overwrite: bool,
     sink: Sink<'a>,
+    job: JobDescription,
 ) -> Result<OutputTarget<'a>> {
     Ok(match sink {
         Sink::Encrypted {
@@ -389,6 +407,7 @@ fn target<'a>(
             options: WriteOptions {
                 overwrite,
                 durability,
+                job: Some(job),
                 ..WriteOptions::default()
             },
         },

@@ -379,6 +379,7 @@ pub async fn import_bigdl(
             overwrite: options.overwrite,
             durability: options.durability,
             parquet: Default::default(),
+            job: None,
         },
     )
     .await?;

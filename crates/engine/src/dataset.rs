@@ -11,7 +11,7 @@ use object_store::{
     ObjectStore, ObjectStoreExt, PutMode, PutPayload, WriteMultipart, path::Path as StorePath,
 };
 use ppml_format::manifest::{
-    ColumnKey, MANIFEST_FILE_NAME, Manifest, PartEntry, UnverifiedManifest,
+    ColumnKey, MANIFEST_FILE_NAME, Manifest, PartEntry, RECEIPT_FILE_NAME, UnverifiedManifest,
 };
 use ppml_format::{
     DataKey, EncryptingWriter, FileCipher, FormatError, Header, KeyReference, SegmentLayout,
@@ -179,6 +179,29 @@ pub struct DatasetIdentity {
 /// version other than the one read here is then refused by a grant that pins it.
 pub async fn read_dataset_identity(location: &DatasetLocation) -> Result<DatasetIdentity> {
     let display = location.to_string();
+    let manifest_display = format!("{display}/{MANIFEST_FILE_NAME}");
+    let bytes = read_dataset_file(location, MANIFEST_FILE_NAME)
+        .await?
+        .ok_or_else(|| EngineError::NotADataset(display.clone()))?;
+    let manifest = UnverifiedManifest::from_json(&bytes)
+        .map_err(|e| EngineError::format(&manifest_display, e))?;
+    Ok(DatasetIdentity {
+        dataset_id: *manifest.dataset_id(),
+        key_id: manifest.key().key_id.clone(),
+        manifest_sha256: ring::digest::digest(&ring::digest::SHA256, &bytes)
+            .as_ref()
+            .try_into()
+            .expect("SHA-256 is 32 bytes"),
+    })
+}
+
+/// The file `name` of the dataset at `location` (its manifest, its receipt), as stored and
+/// without any check; `None` when there is no such file.
+pub async fn read_dataset_file(
+    location: &DatasetLocation,
+    name: &str,
+) -> Result<Option<bytes::Bytes>> {
+    let display = location.to_string();
     let (store, root): (Arc<dyn ObjectStore>, StorePath) = match location {
         DatasetLocation::Local(dir) => {
             let absolute = std::path::absolute(dir).map_err(|e| EngineError::io(dir, e))?;
@@ -194,35 +217,22 @@ pub async fn read_dataset_identity(location: &DatasetLocation) -> Result<Dataset
             (crate::s3::s3_object_store(bucket)?, prefix.clone())
         }
     };
-    let manifest_display = format!("{display}/{MANIFEST_FILE_NAME}");
-    let bytes = match store.get(&root.clone().join(MANIFEST_FILE_NAME)).await {
+    let file_display = format!("{display}/{name}");
+    match store.get(&root.clone().join(name)).await {
         Ok(result) => result
             .bytes()
             .await
+            .map(Some)
             .map_err(|source| EngineError::Storage {
-                location: manifest_display.clone(),
+                location: file_display,
                 source,
-            })?,
-        Err(object_store::Error::NotFound { .. }) => {
-            return Err(EngineError::NotADataset(display));
-        }
-        Err(source) => {
-            return Err(EngineError::Storage {
-                location: manifest_display,
-                source,
-            });
-        }
-    };
-    let manifest = UnverifiedManifest::from_json(&bytes)
-        .map_err(|e| EngineError::format(&manifest_display, e))?;
-    Ok(DatasetIdentity {
-        dataset_id: *manifest.dataset_id(),
-        key_id: manifest.key().key_id.clone(),
-        manifest_sha256: ring::digest::digest(&ring::digest::SHA256, &bytes)
-            .as_ref()
-            .try_into()
-            .expect("SHA-256 is 32 bytes"),
-    })
+            }),
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(source) => Err(EngineError::Storage {
+            location: file_display,
+            source,
+        }),
+    }
 }
 
 /// Opens the dataset under `root` in `store`: reads and authenticates the manifest with the
@@ -308,11 +318,12 @@ pub async fn open_dataset(
         .try_collect()
         .await
         .map_err(storage(display))?;
-    let expected: HashSet<&str> = manifest.parts().iter().map(|p| p.name.as_str()).collect();
-    if let Some(extra) = listed
-        .keys()
-        .find(|name| name.as_str() != MANIFEST_FILE_NAME && !expected.contains(name.as_str()))
-    {
+    let mut expected: HashSet<&str> = manifest.parts().iter().map(|p| p.name.as_str()).collect();
+    expected.insert(MANIFEST_FILE_NAME);
+    if manifest.receipt_sha256().is_some() {
+        expected.insert(RECEIPT_FILE_NAME);
+    }
+    if let Some(extra) = listed.keys().find(|name| !expected.contains(name.as_str())) {
         return Err(EngineError::UnexpectedFile {
             dataset: display.to_string(),
             name: extra.clone(),
@@ -489,6 +500,7 @@ pub struct DatasetWriter {
     key: KeyReference,
     media_type: String,
     segment_size: u32,
+    job: Option<crate::receipt::JobDescription>,
 }
 
 enum Target {
@@ -593,6 +605,10 @@ pub struct WriteOptions {
     pub durability: Durability,
     /// How Parquet parts are encrypted (column keys, footer mode).
     pub parquet: PmeOptions,
+    /// The job writing this dataset, if it is a job's output: the dataset then carries the
+    /// job's receipt (`docs/receipts.md`). `None` for datasets that are not results (an
+    /// owner encrypting or importing data).
+    pub job: Option<crate::receipt::JobDescription>,
 }
 
 impl Default for WriteOptions {
@@ -603,6 +619,7 @@ impl Default for WriteOptions {
             overwrite: false,
             durability: Durability::default(),
             parquet: PmeOptions::default(),
+            job: None,
         }
     }
 }
@@ -720,6 +737,7 @@ impl DatasetWriter {
             key,
             media_type: options.media_type,
             segment_size: options.segment_size,
+            job: options.job,
         })
     }
 
@@ -826,9 +844,32 @@ impl DatasetWriter {
 
     /// [`DatasetWriter::commit`] for a PME dataset with keys of its own for some columns.
     pub async fn commit_with_column_keys(
+        self,
+        parts: Vec<PartEntry>,
+        column_keys: Vec<ColumnKey>,
+    ) -> Result<Manifest> {
+        self.commit_inner(parts, column_keys, None).await
+    }
+
+    /// [`DatasetWriter::commit_with_column_keys`] for a job's output of `rows` rows: when the
+    /// write options name the job, its receipt is made (signed by `kms` when that is an
+    /// attested runtime's client), written beside the manifest and bound by it.
+    pub async fn commit_job_output(
+        self,
+        parts: Vec<PartEntry>,
+        column_keys: Vec<ColumnKey>,
+        kms: &dyn KeyManagementService,
+        rows: u64,
+    ) -> Result<Manifest> {
+        self.commit_inner(parts, column_keys, Some((kms, rows)))
+            .await
+    }
+
+    async fn commit_inner(
         mut self,
         parts: Vec<PartEntry>,
         column_keys: Vec<ColumnKey>,
+        job_output: Option<(&dyn KeyManagementService, u64)>,
     ) -> Result<Manifest> {
         let manifest = Manifest::new(
             self.dataset_id,
@@ -838,6 +879,22 @@ impl DatasetWriter {
         )
         .and_then(|m| m.with_column_keys(column_keys))
         .map_err(|e| EngineError::format(&self.location, e))?;
+        // Dropped on failure, the writer deletes what it wrote.
+        let receipt = match (&self.job, job_output) {
+            (Some(job), Some((kms, rows))) => {
+                Some(crate::receipt::receipt_file(kms, job, &self.location, &manifest, rows).await?)
+            }
+            _ => None,
+        };
+        let manifest = match &receipt {
+            Some(bytes) => manifest.with_receipt(
+                ring::digest::digest(&ring::digest::SHA256, bytes)
+                    .as_ref()
+                    .try_into()
+                    .expect("SHA-256 is 32 bytes"),
+            ),
+            None => manifest,
+        };
         let json = manifest.to_json(&self.data_key);
         let display = self.location.to_string();
         match &mut self.target {
@@ -850,10 +907,19 @@ impl DatasetWriter {
                     .expect("not committed")
                     .path()
                     .to_path_buf();
+                let durability = self.durability;
+                if let Some(receipt) = &receipt {
+                    let receipt_path = temp.join(RECEIPT_FILE_NAME);
+                    File::create_new(&receipt_path)
+                        .and_then(|mut file| {
+                            file.write_all(receipt)?;
+                            durability.sync(&file)
+                        })
+                        .map_err(|e| EngineError::io(&receipt_path, e))?;
+                }
                 let manifest_path = temp.join(MANIFEST_FILE_NAME);
                 let mut file = File::create_new(&manifest_path)
                     .map_err(|e| EngineError::io(&manifest_path, e))?;
-                let durability = self.durability;
                 file.write_all(&json)
                     .and_then(|_| durability.sync(&file))
                     .map_err(|e| EngineError::io(&manifest_path, e))?;
@@ -865,7 +931,7 @@ impl DatasetWriter {
             }
             Target::S3(s3) => {
                 let overwrite = self.overwrite;
-                if let Err(e) = commit_s3(s3, &manifest, json, overwrite, &display).await {
+                if let Err(e) = commit_s3(s3, &manifest, json, receipt, overwrite, &display).await {
                     if !s3.settled
                         && let Err(cleanup) = s3.delete_started().await
                     {
@@ -907,15 +973,20 @@ async fn commit_s3(
     s3: &mut S3Target,
     manifest: &Manifest,
     json: Vec<u8>,
+    receipt: Option<Vec<u8>>,
     overwrite: bool,
     display: &str,
 ) -> Result<()> {
     let manifest_path = s3.prefix.clone().join(MANIFEST_FILE_NAME);
-    let listed: HashSet<StorePath> = manifest
+    let receipt_path = s3.prefix.clone().join(RECEIPT_FILE_NAME);
+    let mut listed: HashSet<StorePath> = manifest
         .parts()
         .iter()
         .map(|p| s3.prefix.clone().join(p.name.as_str()))
         .collect();
+    if receipt.is_some() {
+        listed.insert(receipt_path.clone());
+    }
     let foreign = |objects: Vec<StorePath>| -> Vec<StorePath> {
         objects
             .into_iter()
@@ -934,6 +1005,17 @@ async fn commit_s3(
                 example: s3.url(first),
             });
         }
+    }
+    if let Some(receipt) = receipt {
+        // Before the manifest, which binds it; deleted with the parts if the commit fails.
+        s3.started
+            .lock()
+            .expect("started lock")
+            .push(receipt_path.clone());
+        s3.store
+            .put(&receipt_path, PutPayload::from(receipt))
+            .await
+            .map_err(|e| s3.storage_error(&receipt_path, e))?;
     }
     let mode = if overwrite {
         PutMode::Overwrite

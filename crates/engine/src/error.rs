@@ -185,6 +185,9 @@ pub enum EngineError {
     /// Arrow failed to encode the output.
     #[error("encoding the output: {0}")]
     Arrow(#[from] datafusion::arrow::error::ArrowError),
+    /// The job receipt could not be made (`docs/receipts.md`); the output was not written.
+    #[error("making the job receipt: {0}")]
+    Receipt(String),
 }
 
 impl From<datafusion::error::DataFusionError> for EngineError {
@@ -225,7 +228,8 @@ impl EngineError {
         }
     }
 
-    pub(crate) fn format(path: impl std::fmt::Display, source: FormatError) -> Self {
+    /// A format error met reading `path` (an I/O error stays one).
+    pub fn format(path: impl std::fmt::Display, source: FormatError) -> Self {
         match source {
             FormatError::Io(e) => EngineError::Io {
                 path: PathBuf::from(path.to_string()),

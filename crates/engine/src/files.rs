@@ -304,6 +304,7 @@ pub async fn encrypt_paths(
             overwrite: options.overwrite,
             durability: options.durability,
             parquet: Default::default(),
+            job: None,
         },
     )
     .await?;
@@ -513,6 +514,7 @@ async fn convert_paths(
             overwrite: options.overwrite,
             durability: options.durability,
             parquet: options.parquet.clone(),
+            job: None,
         },
     };
     let written = session
@@ -679,6 +681,15 @@ enum PartSource {
     /// Parts registered under `root` in a decrypting store (S3), fetched and decrypted in
     /// bounded ranges; the dataset's URL for messages.
     Store(Arc<DecryptingStore>, StorePath, String),
+}
+
+/// Opens and verifies the dataset at `location` with keys from `kms`: its manifest's MAC,
+/// its file list and every part's header. No row is read.
+pub async fn verify_dataset(
+    location: &DatasetLocation,
+    kms: &dyn KeyManagementService,
+) -> Result<VerifiedDataset> {
+    Ok(open_input(location, kms).await?.0)
 }
 
 /// Opens and verifies the dataset at `location` with keys from `kms`.

@@ -33,6 +33,7 @@ pub mod output;
 pub mod people;
 pub mod plan_check;
 pub mod pme;
+pub mod receipt;
 pub mod s3;
 #[cfg(test)]
 mod s3_tests;

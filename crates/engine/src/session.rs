@@ -1,8 +1,9 @@
 //! A DataFusion session whose local file store decrypts verified ppml datasets.
 
+use std::collections::HashMap;
 use std::io::{BufWriter, Write};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::csv::WriterBuilder;
@@ -31,6 +32,7 @@ use datafusion::prelude::{DataFrame, SessionConfig, SessionContext};
 use futures::StreamExt;
 use object_store::local::LocalFileSystem;
 use ppml_format::pme::PME_MEDIA_TYPE;
+use ppml_format::receipt::InputRecord;
 use ppml_kms::{KeyManagementService, PrimaryKeyId};
 
 use crate::dataset::{
@@ -41,7 +43,7 @@ use crate::files::MediaKind;
 use crate::location::DatasetLocation;
 use crate::output::AtomicDir;
 use crate::s3::S3Stores;
-use crate::store::LOCAL_STORE_URL;
+use crate::store::{DatasetPin, LOCAL_STORE_URL};
 use crate::{DecryptingStore, EngineError, Result};
 
 /// Where and how query results are written.
@@ -165,6 +167,8 @@ pub struct PpmlSession {
     /// The decrypting stores of S3 buckets (encrypted sessions), created on first use.
     s3: Arc<S3Stores>,
     runner: Arc<dyn PlanRunner>,
+    /// The datasets this session opened, by pin: what job receipts list as inputs.
+    opened: Arc<Mutex<HashMap<DatasetPin, InputRecord>>>,
     /// The private directory of the encrypted spill files (encrypted sessions); removed on drop.
     _spill_dir: Option<crate::spill::SpillDirGuard>,
 }
@@ -211,6 +215,7 @@ impl PpmlSession {
             decrypting: Some((store, kms)),
             s3,
             runner: Arc::new(LocalRunner),
+            opened: Arc::default(),
             _spill_dir: spill_dir,
         }
     }
@@ -246,6 +251,11 @@ impl PpmlSession {
                 .build(),
         );
         self
+    }
+
+    /// The datasets `plan` reads, as job receipts list them (`docs/receipts.md`).
+    pub fn inputs_of(&self, plan: &Arc<dyn ExecutionPlan>) -> Vec<InputRecord> {
+        crate::receipt::inputs_of(plan, &self.opened.lock().expect("opened datasets lock"))
     }
 
     /// Runs this session's plans with `runner` instead of in this process.
@@ -299,6 +309,7 @@ impl PpmlSession {
             decrypting: None,
             s3: Arc::new(S3Stores::new()),
             runner: Arc::new(LocalRunner),
+            opened: Arc::default(),
             _spill_dir: None,
         }
     }
@@ -378,6 +389,10 @@ impl PpmlSession {
             }
         };
         let kind = queryable_kind(&dataset)?;
+        self.opened.lock().expect("opened datasets lock").insert(
+            DatasetPin::of(&dataset),
+            crate::receipt::input_record(&location, &dataset)?,
+        );
         let table = if dataset.is_pme() {
             let mut options = TableParquetOptions::default();
             options.crypto.factory_id = Some(crate::pme::FACTORY_ID.to_string());
@@ -570,6 +585,13 @@ impl PpmlSession {
     ) -> Result<WriteSummary> {
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
         let plan = df.create_physical_plan().await?;
+        let mut target = target;
+        if let OutputTarget::Encrypted { options, .. } = &mut target
+            && let Some(job) = &mut options.job
+            && job.inputs.is_empty()
+        {
+            job.inputs = self.inputs_of(&plan);
+        }
         // Repartition the physical plan: a logical repartition may be optimised away.
         let plan: Arc<dyn ExecutionPlan> = match partitions.filter(|n| *n > 0) {
             Some(n) if n == plan.output_partitioning().partition_count() => plan,
@@ -647,7 +669,9 @@ pub async fn write_streams(
             .await;
             match written {
                 Ok((summary, entries, column_keys)) => {
-                    writer.commit_with_column_keys(entries, column_keys).await?;
+                    writer
+                        .commit_job_output(entries, column_keys, kms, summary.rows)
+                        .await?;
                     Ok(summary)
                 }
                 Err(e) => {

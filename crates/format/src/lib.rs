@@ -40,6 +40,7 @@ mod key;
 pub mod manifest;
 pub mod pme;
 mod random_access;
+pub mod receipt;
 mod segment;
 mod stream;
 #[cfg(test)]

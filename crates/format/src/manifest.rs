@@ -57,6 +57,7 @@ pub struct Manifest {
     salt: [u8; 32],
     parts: Vec<PartEntry>,
     column_keys: Vec<ColumnKey>,
+    receipt_sha256: Option<[u8; 32]>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -72,6 +73,8 @@ struct ManifestJson {
     parts: Vec<PartJson>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     column_keys: Vec<ColumnKeyJson>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    receipt_sha256: Option<String>,
     mac: String,
 }
 
@@ -91,6 +94,16 @@ struct PartJson {
     ciphertext_len: u64,
     plaintext_len: u64,
     header_sha256: String,
+}
+
+/// File name of a dataset's job receipt (`docs/receipts.md`), beside the manifest.
+pub const RECEIPT_FILE_NAME: &str = "_receipt.ppml.json";
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes)
+        .as_ref()
+        .try_into()
+        .expect("SHA-256 is 32 bytes")
 }
 
 /// Rejects part names that could escape the dataset directory or collide with the manifest.
@@ -125,9 +138,28 @@ impl Manifest {
             salt,
             parts,
             column_keys: Vec::new(),
+            receipt_sha256: None,
         };
         manifest.check_parts()?;
         Ok(manifest)
+    }
+
+    /// This manifest binding the job receipt whose file has SHA-256 `receipt_sha256`
+    /// ([`RECEIPT_FILE_NAME`], `docs/receipts.md`): the receipt is part of the dataset.
+    pub fn with_receipt(mut self, receipt_sha256: [u8; 32]) -> Self {
+        self.receipt_sha256 = Some(receipt_sha256);
+        self
+    }
+
+    /// SHA-256 of the job receipt this dataset carries, if any.
+    pub fn receipt_sha256(&self) -> Option<&[u8; 32]> {
+        self.receipt_sha256.as_ref()
+    }
+
+    /// SHA-256 of everything the manifest binds but its receipt: what a job receipt names
+    /// its output by, so that the receipt and the manifest can bind each other.
+    pub fn content_sha256(&self) -> [u8; 32] {
+        sha256(&self.canonical_content())
     }
 
     /// This manifest with `column_keys` (a Parquet dataset's keys for some of its columns).
@@ -201,6 +233,17 @@ impl Manifest {
     }
 
     fn canonical_bytes(&self) -> Vec<u8> {
+        let mut out = self.canonical_content();
+        // Manifests without a receipt encode exactly as before receipts existed.
+        if let Some(receipt) = &self.receipt_sha256 {
+            out.extend_from_slice(b"receipt\0");
+            out.extend_from_slice(receipt);
+        }
+        out
+    }
+
+    /// The canonical encoding without the receipt extension.
+    fn canonical_content(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(256 + self.parts.len() * 64);
         out.extend_from_slice(CANONICAL_PREFIX);
         out.extend_from_slice(&self.dataset_id);
@@ -274,6 +317,7 @@ impl Manifest {
                     wrapped_key: BASE64.encode(&k.key.wrapped),
                 })
                 .collect(),
+            receipt_sha256: self.receipt_sha256.map(hex::encode),
             mac: hex::encode(mac.as_ref()),
         };
         let mut out = serde_json::to_vec_pretty(&json).expect("manifest serializes");
@@ -343,6 +387,11 @@ impl UnverifiedManifest {
                     })
                 })
                 .collect::<Result<Vec<_>, FormatError>>()?,
+            receipt_sha256: json
+                .receipt_sha256
+                .as_deref()
+                .map(|h| decode_hex::<32>("receipt_sha256", h))
+                .transpose()?,
         };
         manifest.check_parts()?;
         manifest.check_column_keys()?;
@@ -364,6 +413,12 @@ impl UnverifiedManifest {
     /// The dataset id as written. Not yet authenticated.
     pub fn dataset_id(&self) -> &[u8; 16] {
         &self.manifest.dataset_id
+    }
+
+    /// The manifest as written, for reading without the data key (a receipt verifier, which
+    /// compares it with what a signed receipt says). Not authenticated.
+    pub fn unauthenticated(&self) -> &Manifest {
+        &self.manifest
     }
 
     /// Checks the MAC (in constant time) and returns the manifest.
@@ -410,6 +465,41 @@ mod tests {
             .unwrap();
         assert_eq!(m.parts().len(), 2);
         assert_eq!(m.plaintext_len(), 250);
+    }
+
+    #[test]
+    fn a_receipt_is_bound_by_the_mac_but_not_by_the_content_digest() {
+        let dk = DataKey::generate().unwrap();
+        let manifest = UnverifiedManifest::from_json(&sample(&dk))
+            .unwrap()
+            .verify(&dk)
+            .unwrap();
+        let content = manifest.content_sha256();
+        let with_receipt = manifest.clone().with_receipt([3; 32]);
+        assert_eq!(with_receipt.content_sha256(), content);
+        let json = with_receipt.to_json(&dk);
+        let text = String::from_utf8(json.clone()).unwrap();
+        assert!(text.contains(&format!("\"receipt_sha256\": \"{}\"", hex::encode([3; 32]))));
+        let read = UnverifiedManifest::from_json(&json).unwrap();
+        assert_eq!(read.unauthenticated().content_sha256(), content);
+        assert_eq!(read.verify(&dk).unwrap().receipt_sha256(), Some(&[3; 32]));
+        // Another receipt named, or the receipt removed: the MAC fails.
+        let swapped = text.replace(&hex::encode([3; 32]), &hex::encode([4; 32]));
+        let removed = text.replace(
+            &format!("  \"receipt_sha256\": \"{}\",\n", hex::encode([3; 32])),
+            "",
+        );
+        assert_ne!(removed, text);
+        for edited in [swapped, removed] {
+            assert!(matches!(
+                UnverifiedManifest::from_json(edited.as_bytes())
+                    .unwrap()
+                    .verify(&dk),
+                Err(FormatError::ManifestAuthentication)
+            ));
+        }
+        // Manifests without a receipt are unchanged.
+        assert!(!String::from_utf8(sample(&dk)).unwrap().contains("receipt"));
     }
 
     #[test]

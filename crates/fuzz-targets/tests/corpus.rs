@@ -190,6 +190,7 @@ fn write_made_token_seeds() {
         exp: 1_800_000_000,
         policy: "fuzz-policy".into(),
         runtime_key: b64.encode([5u8; 32]),
+        receipt_key: None,
         claims,
     };
     let signing_input = format!(

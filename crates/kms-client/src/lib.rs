@@ -350,6 +350,8 @@ const RENEW_MARGIN: std::time::Duration = std::time::Duration::from_secs(30);
 struct Attestation {
     provider: Arc<dyn ppml_attestation::EvidenceProvider>,
     policy_id: String,
+    /// Signs this runtime's job receipts; every attestation binds it (docs/receipts.md).
+    receipt_key: ppml_attestation::release::ReceiptKey,
     current: tokio::sync::Mutex<Arc<Attested>>,
 }
 
@@ -990,6 +992,26 @@ impl RemoteKms {
 }
 
 impl RemoteKms {
+    /// The KMS's attestation key (`GetVersion`'s `attestation_key`, Ed25519): what the
+    /// attestation tokens it issues verify with. A KMS that attests no runtime has none
+    /// ([`KmsError::InvalidConfig`]).
+    pub async fn attestation_key(&self) -> Result<[u8; 32], KmsError> {
+        let version = self.unsigned(Action::GetVersion).await?;
+        let key = version
+            .get("attestation_key")
+            .and_then(Value::as_str)
+            .ok_or_else(|| {
+                KmsError::InvalidConfig(format!(
+                    "KMS {} attests no runtime: it has no attestation key",
+                    self.kms_id
+                ))
+            })?;
+        hex::decode(key)
+            .ok()
+            .and_then(|k| k.try_into().ok())
+            .ok_or_else(|| KmsError::Protocol("GetVersion attestation_key is not 32 bytes".into()))
+    }
+
     /// A stored attestation policy of this app (`GetQuotePolicy`).
     pub async fn get_policy(&self, policy_id: &str) -> Result<ppml_attestation::Policy, KmsError> {
         let stored = self
@@ -1013,7 +1035,11 @@ impl RemoteKms {
         provider: Arc<dyn ppml_attestation::EvidenceProvider>,
         policy_id: &str,
     ) -> Result<AttestedKms, KmsError> {
-        let attested = self.attest_once(provider.as_ref(), policy_id).await?;
+        let receipt_key = ppml_attestation::release::ReceiptKey::generate()
+            .map_err(|e| KmsError::Attestation(format!("making the receipt key: {e}")))?;
+        let attested = self
+            .attest_once(provider.as_ref(), policy_id, &receipt_key)
+            .await?;
         // An attested runtime never speaks for the owner.
         let mut remote = self;
         remote.owner = None;
@@ -1022,6 +1048,7 @@ impl RemoteKms {
             attestation: Arc::new(Attestation {
                 provider,
                 policy_id: policy_id.to_string(),
+                receipt_key,
                 current: tokio::sync::Mutex::new(Arc::new(attested)),
             }),
             grant: None,
@@ -1032,16 +1059,22 @@ impl RemoteKms {
         &self,
         provider: &dyn ppml_attestation::EvidenceProvider,
         policy_id: &str,
+        receipt_key: &ppml_attestation::release::ReceiptKey,
     ) -> Result<Attested, KmsError> {
         use ppml_attestation::release::RuntimeKey;
-        use ppml_attestation::service::expected_report_data;
+        use ppml_attestation::service::expected_report_data_with_receipt_key;
         let runtime = RuntimeKey::generate();
         let challenge = self.call(Action::AttestChallenge, json!({})).await?;
         let nonce = BASE64
             .decode(string_field(&challenge, "nonce")?)
             .map_err(|_| KmsError::Protocol("AttestChallenge nonce is not base64".into()))?;
+        let receipt_public = receipt_key.public_bytes();
         let evidence = provider
-            .evidence(&expected_report_data(&nonce, &runtime.public_bytes()))
+            .evidence(&expected_report_data_with_receipt_key(
+                &nonce,
+                &runtime.public_bytes(),
+                &receipt_public,
+            ))
             .map_err(|e| KmsError::Attestation(format!("collecting evidence: {e}")))?;
         let result = self
             .call(
@@ -1052,6 +1085,7 @@ impl RemoteKms {
                     "quote": BASE64.encode(&evidence.quote),
                     "nonce": BASE64.encode(&nonce),
                     "runtime_key": BASE64.encode(runtime.public_bytes()),
+                    "receipt_key": BASE64.encode(receipt_public),
                 }),
             )
             .await
@@ -1142,6 +1176,7 @@ pub struct AttestedKms {
 struct GrantInUse {
     text: String,
     grant: ppml_kms::grant::JobGrant,
+    sha256_hex: String,
 }
 
 impl std::fmt::Debug for AttestedKms {
@@ -1174,6 +1209,7 @@ impl AttestedKms {
             grant: Some(Arc::new(GrantInUse {
                 text: grant.to_text(),
                 grant: content,
+                sha256_hex: grant.sha256_hex(),
             })),
             ..self.clone()
         })
@@ -1207,7 +1243,11 @@ impl AttestedKms {
             tracing::info!("the attestation token is expiring: attesting again");
             let renewed = self
                 .remote
-                .attest_once(attestation.provider.as_ref(), &attestation.policy_id)
+                .attest_once(
+                    attestation.provider.as_ref(),
+                    &attestation.policy_id,
+                    &attestation.receipt_key,
+                )
                 .await?;
             *current = Arc::new(renewed);
         }
@@ -1467,6 +1507,25 @@ impl KeyManagementService for AttestedKms {
             Some(grant) => Ok(grant.allows_version(dataset_id, manifest_sha256)?),
             None => Ok(()),
         }
+    }
+
+    async fn receipt_attestation(&self) -> Result<Option<ppml_kms::ReceiptAttestation>, KmsError> {
+        Ok(Some(ppml_kms::ReceiptAttestation {
+            token: self.token().await?,
+            public_key: self.attestation.receipt_key.public_bytes(),
+        }))
+    }
+
+    fn sign_receipt(&self, message: &[u8]) -> Option<Vec<u8>> {
+        Some(self.attestation.receipt_key.sign(message))
+    }
+
+    fn job_grant(&self) -> Option<ppml_kms::GrantRecord> {
+        self.grant.as_deref().map(|g| ppml_kms::GrantRecord {
+            job_id: g.grant.job_id.clone(),
+            sha256_hex: g.sha256_hex.clone(),
+            reveal_counts: g.grant.reveal_counts,
+        })
     }
 }
 

@@ -962,12 +962,17 @@ fn attestation_action(
             };
             let nonce = b64_field(payload, "nonce")?;
             let runtime_key = b64_field(payload, "runtime_key")?;
+            let receipt_key = match payload.get("receipt_key") {
+                None => None,
+                Some(_) => Some(b64_field(payload, "receipt_key")?),
+            };
             let request = AttestationRequest {
                 app: appid,
                 policy_name: policy_id,
                 policy: &policy,
                 nonce: &nonce,
                 runtime_key: &runtime_key,
+                receipt_key: receipt_key.as_deref(),
                 evidence: &evidence,
             };
             match service.attest_with_claims(&request, now_secs) {

@@ -831,10 +831,95 @@ pub fn verify(path: &Path, mac_key: Option<&[u8; 32]>) -> Result<VerifyReport, A
     Ok(scan(path, &mut file, key.as_ref(), None)?.report)
 }
 
+/// An entry as a log holds it: its place and time, and what it recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedEntry {
+    /// Its sequence number (1 for the first entry).
+    pub seq: u64,
+    /// When it was written, Unix milliseconds.
+    pub time_ms: u64,
+    /// What it recorded.
+    pub entry: AuditEntry,
+}
+
+/// Verifies the log at `path` as [`verify`] does, then returns the entries of job `job_id`:
+/// those whose `detail` names it (`{"job_id": …, "grant_sha256": …}`), which every key
+/// released or made under the data owner's grant of that job has. A job receipt names the
+/// same job id (`docs/receipts.md`).
+pub fn job_entries(
+    path: &Path,
+    mac_key: Option<&[u8; 32]>,
+    job_id: &str,
+) -> Result<(VerifyReport, Vec<LoggedEntry>), AuditError> {
+    use std::io::BufRead as _;
+    let report = verify(path, mac_key)?;
+    let io_error = |op, source| AuditError::Io {
+        path: path.to_path_buf(),
+        op,
+        source,
+    };
+    let file = File::open(path).map_err(|e| io_error("open", e))?;
+    let mut found = Vec::new();
+    for line in io::BufReader::new(file)
+        .lines()
+        .take(report.entries as usize)
+    {
+        let line = line.map_err(|e| io_error("read", e))?;
+        let Ok(line) = serde_json::from_str::<Line>(&line) else {
+            continue;
+        };
+        let of_job = line
+            .detail
+            .as_deref()
+            .and_then(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+            .is_some_and(|d| d.get("job_id").and_then(|j| j.as_str()) == Some(job_id));
+        if of_job {
+            found.push(LoggedEntry {
+                seq: line.seq,
+                time_ms: line.time_ms,
+                entry: AuditEntry {
+                    request_id: line.request_id,
+                    appid: line.appid,
+                    action: line.action,
+                    keyid: line.keyid,
+                    outcome: line.outcome,
+                    code: line.code,
+                    attestation: line.attestation,
+                    detail: line.detail,
+                    replay: line.replay,
+                },
+            });
+        }
+    }
+    Ok((report, found))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::HashSet;
+
+    #[test]
+    fn job_entries_are_those_whose_detail_names_the_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path(), &KEY).unwrap();
+        for (i, job) in ["a", "b", "a", ""].into_iter().enumerate() {
+            let mut e = entry(i as u64 + 1);
+            if !job.is_empty() {
+                e.detail = Some(format!(r#"{{"job_id":"{job}","grant_sha256":"00"}}"#));
+            }
+            log.append(e).unwrap();
+        }
+        let path = log.path().to_path_buf();
+        drop(log);
+        let (report, entries) = job_entries(&path, Some(&KEY), "a").unwrap();
+        assert_eq!(report.entries, 4);
+        assert_eq!(entries.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 3]);
+        assert_eq!(entries[1].entry.request_id, "req-3");
+        assert!(job_entries(&path, Some(&KEY), "c").unwrap().1.is_empty());
+        // A log that does not verify lists nothing.
+        assert!(job_entries(&path, Some(&[8; 32]), "a").is_err());
+    }
 
     const KEY: [u8; 32] = [7; 32];
 

@@ -457,6 +457,14 @@ impl KeyManagementService for GrantRouter {
         self.route(|g| g.input(&id).is_some())
             .check_version(dataset_id, manifest_sha256)
     }
+
+    async fn receipt_attestation(&self) -> Result<Option<crate::ReceiptAttestation>, KmsError> {
+        self.inner.receipt_attestation().await
+    }
+
+    fn sign_receipt(&self, message: &[u8]) -> Option<Vec<u8>> {
+        self.inner.sign_receipt(message)
+    }
 }
 
 #[cfg(test)]

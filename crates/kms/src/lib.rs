@@ -68,6 +68,28 @@ impl std::fmt::Debug for AppCredentials {
     }
 }
 
+/// How an attested runtime stands behind the job receipts it signs (`docs/receipts.md`): the
+/// attestation token the KMS issued to it, which vouches for the receipt key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReceiptAttestation {
+    /// The current attestation token (a JWT signed by the KMS's attestation key), whose
+    /// `receipt_key` claim is [`ReceiptAttestation::public_key`].
+    pub token: String,
+    /// The receipt signing key (Ed25519), made in the runtime and never out of it.
+    pub public_key: [u8; 32],
+}
+
+/// The data owner's job grant a client acts under, as a job receipt names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GrantRecord {
+    /// The grant's job id.
+    pub job_id: String,
+    /// SHA-256 of the grant's bytes, lowercase hex (as the KMS's audit entries name it).
+    pub sha256_hex: String,
+    /// Whether the owner lets row counts leave the runtime.
+    pub reveal_counts: bool,
+}
+
 /// A key management service, as seen by one authenticated application.
 ///
 /// `aad` binds a wrapped data key to its use: unwrapping succeeds only with the same `aad`
@@ -128,6 +150,25 @@ pub trait KeyManagementService: Send + Sync + std::fmt::Debug {
     ) -> Result<(), KmsError> {
         let _ = (dataset_id, manifest_sha256);
         Ok(())
+    }
+
+    /// The attestation this client signs job receipts under, renewed first if it is due;
+    /// `None` for a client that is not an attested runtime (its receipts are unsigned).
+    async fn receipt_attestation(&self) -> Result<Option<ReceiptAttestation>, KmsError> {
+        Ok(None)
+    }
+
+    /// Signs `message` with the receipt key of
+    /// [`receipt_attestation`](Self::receipt_attestation) (Ed25519, 64 bytes); `None` when
+    /// there is none.
+    fn sign_receipt(&self, message: &[u8]) -> Option<Vec<u8>> {
+        let _ = message;
+        None
+    }
+
+    /// The job grant this client acts under, if exactly one.
+    fn job_grant(&self) -> Option<GrantRecord> {
+        None
     }
 }
 

@@ -384,6 +384,15 @@ impl Settings {
         Ok(Some(RemoteKms::connect(&config, None).await?))
     }
 
+    /// The attestation key of the configured KMS server (what its attestation tokens, and
+    /// so job receipts, verify with); `None` when no server is configured.
+    pub async fn kms_attestation_key(&self) -> Result<Option<[u8; 32]>> {
+        match self.connect_remote_anonymous().await? {
+            Some(remote) => Ok(Some(remote.attestation_key().await?)),
+            None => Ok(None),
+        }
+    }
+
     /// Where the data owner's key is: the configured file, else `$PPML_HOME/owner.pk8`.
     pub fn owner_key_path(&self) -> PathBuf {
         self.owner_key

@@ -16,6 +16,7 @@ use ppml_engine::files::{
     DecryptOptions, DecryptOutput, EncryptOptions, EncryptSummary, MediaKind, Progress,
     decrypt_dataset, encrypt_paths,
 };
+use ppml_engine::receipt::JobDescription;
 use ppml_engine::{DatasetLocation, OutputTarget, PpmlSession, WriteSummary};
 use ppml_kms::grant::{JobGrant, SignedGrant};
 use ppml_kms::{KeyManagementService, KmsError, PrimaryKeyId};
@@ -542,7 +543,13 @@ impl<S: RuntimeState> PpmlContext<S> {
         options: WriteOptions,
     ) -> Result<WriteSummary> {
         let kms = self.kms.kms();
-        let target = self.output_target(kms.as_ref(), location, &options)?;
+        // The plan as the program built it: operators, tables and the constants in its
+        // expressions, never a row.
+        let job = JobDescription::new(
+            "dataframe",
+            serde_json::json!({"plan": df.logical_plan().display_indent().to_string()}),
+        );
+        let target = self.output_target(kms.as_ref(), location, &options, job)?;
         Ok(self
             .session
             .write(df, target, options.partitions, options.format)
@@ -561,7 +568,8 @@ impl<S: RuntimeState> PpmlContext<S> {
         options: WriteOptions,
     ) -> Result<WriteSummary> {
         let kms = self.kms.kms();
-        let target = self.output_target(kms.as_ref(), location, &options)?;
+        let job = JobDescription::new("stream", serde_json::json!({}));
+        let target = self.output_target(kms.as_ref(), location, &options, job)?;
         let schema = stream.schema();
         let parts = options.partitions.unwrap_or(1);
         let streams = ppml_engine::session::split_round_robin(stream, parts);
@@ -575,6 +583,7 @@ impl<S: RuntimeState> PpmlContext<S> {
         kms: &'a dyn KeyManagementService,
         location: impl IntoLocation,
         options: &'a WriteOptions,
+        job: JobDescription,
     ) -> Result<OutputTarget<'a>> {
         let primary = match &options.key {
             Some(key) => key,
@@ -597,6 +606,7 @@ impl<S: RuntimeState> PpmlContext<S> {
                 overwrite: options.overwrite,
                 durability: options.durability.unwrap_or(self.durability),
                 parquet: options.parquet.clone(),
+                job: Some(job),
                 ..DatasetWriteOptions::default()
             },
         })

@@ -49,6 +49,9 @@ pub enum Error {
     /// Arrow failed (formatting or converting record batches).
     #[error(transparent)]
     Arrow(#[from] datafusion::arrow::error::ArrowError),
+    /// A job receipt does not verify.
+    #[error(transparent)]
+    Receipt(#[from] crate::receipt::VerifyError),
     /// A file operation failed.
     #[error("{what}: {source}")]
     Io {
@@ -174,6 +177,7 @@ fn kind_of(error: &(dyn StdError + 'static)) -> Option<ErrorKind> {
             Error::Cluster(e) => kind_of(e),
             Error::DataFusion(e) => kind_of(e),
             Error::Arrow(e) => kind_of(e),
+            Error::Receipt(e) => Some(e.kind()),
             Error::Config { .. } | Error::Io { .. } => None,
         };
     }

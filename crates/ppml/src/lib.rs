@@ -89,6 +89,7 @@ mod context;
 mod error;
 pub mod grant;
 pub mod job;
+pub mod receipt;
 
 use std::path::Path;
 

@@ -2,69 +2,33 @@
 //! an attested one (simulated TEE) reads the same dataset. The unattested client has no way
 //! to ask for `ReleaseDataKey` at all (see the `compile_fail` example of the crate docs).
 
-use ppml::config::{GivenSettings, Settings};
 use ppml::crates::attestation::policy::{AllowedMeasurement, Policy};
-use ppml::crates::attestation::sim::executable_measurement;
 use ppml::files::{EncryptOptions, NoProgress};
 use ppml::{ErrorClass, KmsError, PpmlContext, Tee};
 
-struct Server {
-    dir: tempfile::TempDir,
-    url: String,
-}
-
-async fn start_server() -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = ppml_kms_server::ServerConfig::new(dir.path().join("kms"));
-    config.listen = "127.0.0.1:0".into();
-    config.tls = ppml_kms_server::TlsMode::InsecureHttp;
-    config.attestation.allow_simulation = true;
-    let server = ppml_kms_server::KmsServer::start(&config).await.unwrap();
-    let url = server.url();
-    tokio::spawn(server.run(std::future::pending()));
-    Server { dir, url }
-}
+mod common;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_an_attested_context_reads_a_gated_dataset() {
-    let server = start_server().await;
-    let home = server.dir.path().join("home");
-    let mut settings = Settings::resolve(GivenSettings {
-        home: Some(home.clone()),
-        kms_url: Some(server.url.clone()),
-        ..GivenSettings::default()
-    })
-    .unwrap();
-    let (creds, _) = settings.enroll_owned().await.unwrap();
-    settings.appid = Some(creds.appid.clone());
-    settings.apikey = Some(creds.apikey.to_string());
-    let kms = settings.open_kms().await.unwrap();
-    let remote = kms.backend.remote().unwrap().clone();
+    let common::OwnedApp {
+        dir,
+        mut settings,
+        remote,
+        platform_key,
+        policy_id,
+        ..
+    } = common::owned_app().await;
     use ppml::crates::kms::KeyManagementService as _;
     let gated = remote.create_primary_key().await.unwrap();
     let owner = remote.create_primary_key().await.unwrap();
-    // The owner trusts the simulation platform of the host that runs the job.
-    let platform = ppml::sim_platform(Some(&server.dir.path().join("sim-platform.pk8")), &home)
-        .unwrap()
-        .public_key();
-    let policy = Policy {
-        allow_simulation: true,
-        sim_platforms: vec![hex::encode(platform)],
-        ..Policy::strict(vec![AllowedMeasurement {
-            tee: Some(Tee::Sim),
-            mrenclave: Some(hex::encode(executable_measurement().unwrap())),
-            ..AllowedMeasurement::default()
-        }])
-    };
-    let policy_id = remote.upload_policy(&policy).await.unwrap();
     remote.set_release_policy(&gated, &policy_id).await.unwrap();
     settings.primary_key = Some(gated.0.clone());
     settings.output_key = Some(owner.0.clone());
 
     // The owner encrypts under the gated key (generating a data key needs no attestation).
-    let csv = server.dir.path().join("people.csv");
+    let csv = dir.path().join("people.csv");
     std::fs::write(&csv, "name,age,job\nann,31,Developer\nbob,52,Engineer\n").unwrap();
-    let dataset = server.dir.path().join("people.enc");
+    let dataset = dir.path().join("people.enc");
     let owner_ctx = PpmlContext::builder()
         .settings(settings.clone())
         .build()
@@ -88,7 +52,7 @@ async fn only_an_attested_context_reads_a_gated_dataset() {
     let attestation = ppml::AttestationConfig {
         tee: Tee::Sim,
         policy_id: policy_id.clone(),
-        sim_platform_key: Some(server.dir.path().join("sim-platform.pk8")),
+        sim_platform_key: Some(platform_key.clone()),
     };
     // Attested, but in a job the owner did not grant: the KMS refuses the gated key.
     let ungranted = PpmlContext::builder()
@@ -110,9 +74,7 @@ async fn only_an_attested_context_reads_a_gated_dataset() {
             ppml::DatasetLocation::Local(dataset.clone()),
         )]
         .into(),
-        output: Some(ppml::DatasetLocation::Local(
-            server.dir.path().join("names.enc"),
-        )),
+        output: Some(ppml::DatasetLocation::Local(dir.path().join("names.enc"))),
         input_partitions: None,
         output_partitions: None,
         output_format: Default::default(),
@@ -141,13 +103,13 @@ async fn only_an_attested_context_reads_a_gated_dataset() {
     let elsewhere = attested
         .write(
             attested.read_csv(&dataset).await.unwrap(),
-            server.dir.path().join("stolen.enc"),
+            dir.path().join("stolen.enc"),
             ppml::WriteOptions::default(),
         )
         .await
         .unwrap_err();
     assert_eq!(elsewhere.class(), ErrorClass::AccessDenied, "{elsewhere}");
-    assert!(!server.dir.path().join("stolen.enc").exists());
+    assert!(!dir.path().join("stolen.enc").exists());
     let people = attested.read_csv(&dataset).await.unwrap();
     let rows: usize = attested
         .collect(people)
@@ -170,7 +132,7 @@ async fn only_an_attested_context_reads_a_gated_dataset() {
         .attestation(ppml::AttestationConfig {
             tee: Tee::Sim,
             policy_id: strict_id,
-            sim_platform_key: Some(server.dir.path().join("sim-platform.pk8")),
+            sim_platform_key: Some(platform_key.clone()),
         })
         .build()
         .await
