@@ -82,6 +82,14 @@ def test_only_an_attested_context_gets_gated_keys_within_its_grant(kms_server, m
     assert ctx.attested
     ctx.register("people", str(enc))
     summary = ctx.write(ctx.sql(SQL), str(out))
+    # The output carries the job's receipt, signed in the TEE: it verifies up to the KMS's
+    # attestation key, names the SQL text and both inputs, and withholds the count.
+    verified = server.ppml("receipt", "verify", "--require-attested", out).stdout
+    assert "runtime:  sim attested" in verified, verified
+    receipt = json.loads((out / "_receipt.ppml.json").read_text())
+    assert receipt["body"]["job"]["app"] == "dataframe"
+    assert sorted(i["location"] for i in receipt["body"]["inputs"]) == [str(enc)]
+    assert "rows" not in receipt["body"]["output"]
     # An output the grant does not name is refused before anything is written.
     with pytest.raises(ppml.AccessDenied, match="grant"):
         ctx.write(ctx.sql(SQL), str(root / "stolen.enc"))

@@ -273,6 +273,26 @@ fn client_mode_on_attested_executors_matches_local_tee_mode() {
     assert_eq!(count(&local_report), Some("count(name): 20000".into()));
     assert_eq!(count(&cluster_report), count(&local_report));
 
+    // Every output carries a receipt that verifies up to the KMS's attestation key (asked of
+    // the KMS); the client-mode one lists the executors that computed it, the local one none.
+    let receipt_executors = |output: &Path| {
+        let verified = run(with_key(&home)
+            .args(["receipt", "verify", "--require-attested"])
+            .arg(output));
+        let text = stdout(&verified);
+        assert!(text.contains("runtime:  sim attested"), "{text}");
+        let shown = stdout(&run(ppml(&home)
+            .args(["receipt", "show", "--json"])
+            .arg(output)));
+        let receipt: serde_json::Value = serde_json::from_str(&shown).unwrap();
+        receipt["body"]["runtime"]["executors"]
+            .as_array()
+            .map_or(0, Vec::len)
+    };
+    assert_eq!(receipt_executors(&dir.path().join("local.enc")), 0);
+    let listed = receipt_executors(&dir.path().join("cluster.enc"));
+    assert!((1..=4).contains(&listed), "{listed} executor tokens");
+
     // Cluster mode: the driver runs on an executor. The submitting process has no KMS
     // credentials at all (only the key ids, which are not secret) and sees no row.
     let keyless = |home: &Path| {
@@ -338,6 +358,8 @@ fn client_mode_on_attested_executors_matches_local_tee_mode() {
         local_rows,
         "cluster mode differs from local-tee mode"
     );
+    // Signed by the executor that ran the driver, listing the executors of the job.
+    assert!(receipt_executors(&output) >= 1);
     // The same job again fails in the driver (the output exists): exit 1, the reason shown,
     // the first output untouched.
     let again = submit_cluster_mode();

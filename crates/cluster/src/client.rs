@@ -24,6 +24,7 @@ use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::prelude::SessionContext;
 use futures::TryStreamExt;
 use ppml_engine::PlanRunner;
+use ppml_engine::receipt::ExecutorAttestations;
 use ppml_kms::error_chain;
 use ppml_kms::grant::SignedGrant;
 use ppml_kms::{KeyManagementService, PrimaryKeyId};
@@ -259,6 +260,19 @@ impl PlanRunner for ClusterRunner {
         plan: Arc<dyn ExecutionPlan>,
         ctx: &SessionContext,
     ) -> ppml_engine::Result<Vec<SendableRecordBatchStream>> {
+        Ok(self.execute_attested(plan, ctx).await?.0)
+    }
+
+    /// Runs the plan as a Ballista job; the result files' attestation trailers name the
+    /// executors that computed them (and the files those were computed from).
+    async fn execute_attested(
+        &self,
+        plan: Arc<dyn ExecutionPlan>,
+        ctx: &SessionContext,
+    ) -> ppml_engine::Result<(
+        Vec<SendableRecordBatchStream>,
+        Option<Arc<ExecutorAttestations>>,
+    )> {
         let job_id = match &self.grant {
             Some((_, granted)) => format!("{granted}-{}", random_id()),
             None => random_id(),
@@ -302,7 +316,8 @@ impl PlanRunner for ClusterRunner {
         let files = result_files(last.input_partition_count(), locations)
             .map_err(datafusion::error::DataFusionError::from)?;
         let schema = plan.schema();
-        Ok(files
+        let seen = Arc::new(ExecutorAttestations::default());
+        let streams = files
             .into_iter()
             .map(|location| {
                 let output = location.partition_id.partition_id;
@@ -319,13 +334,15 @@ impl PlanRunner for ClusterRunner {
                     schema.clone(),
                     self.customizer.clone(),
                     check,
+                    Some(seen.clone()),
                 );
                 Box::pin(RecordBatchStreamAdapter::new(
                     schema.clone(),
                     coverage.ending(futures::stream::once(file).try_flatten()),
                 )) as SendableRecordBatchStream
             })
-            .collect())
+            .collect();
+        Ok((streams, Some(seen)))
     }
 }
 

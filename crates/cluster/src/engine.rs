@@ -47,8 +47,8 @@ use crate::job::{JobKeys, JobSettings};
 use crate::jobs::{DriverLog, JobsClient};
 use crate::metrics::{ExecutorMetrics, ShuffleOrigin};
 use crate::shuffle::{
-    MapPartitions, MapPartitionsCheck, ShuffleFileId, ShuffleKey, read_shuffle_file,
-    read_shuffle_stream, write_shuffle_file,
+    ExecutorAttestations, MapPartitions, MapPartitionsCheck, ShuffleFileId, ShuffleKey,
+    read_shuffle_file_collecting, read_shuffle_stream_collecting, write_shuffle_file_attested,
 };
 use crate::stages::{Feeding, SignedStages, task_plan};
 
@@ -371,6 +371,7 @@ impl PpmlQueryStage {
         &self,
         key: &Arc<ShuffleKey>,
         context: &TaskContext,
+        seen: &Arc<ExecutorAttestations>,
     ) -> Result<(StageOutput, MapPartitions)> {
         let text = self.settings.stages.as_deref().unwrap_or_default();
         let stages = SignedStages::verify(text, &self.settings.job_id, key)?;
@@ -420,6 +421,7 @@ impl PpmlQueryStage {
                     feeding: feedings[&reader.stage_id].clone(),
                     customizer: self.customizer.clone(),
                     metrics: self.metrics.clone(),
+                    seen: seen.clone(),
                 };
                 Ok(Transformed::yes(Arc::new(reader) as Arc<dyn ExecutionPlan>))
             })?
@@ -434,7 +436,17 @@ impl PpmlQueryStage {
         context: Arc<TaskContext>,
     ) -> Result<Vec<ShuffleWritePartition>> {
         let key = self.keys.get(&self.settings).await?;
-        let (output, map_partitions) = self.plan(&key, &context)?;
+        // Every file this task writes names this executor's attestation and those of the
+        // files it read, so that the driver learns every executor of the job.
+        let seen = Arc::new(ExecutorAttestations::default());
+        let own = self
+            .keys
+            .kms()
+            .receipt_attestation()
+            .await
+            .map_err(|e| DataFusionError::External(Box::new(e)))?
+            .map(|attestation| attestation.token);
+        let (output, map_partitions) = self.plan(&key, &context, &seen)?;
         let mut writes = tokio::task::JoinSet::new();
         for (local, &global) in output.partition_ids.iter().enumerate() {
             let id = ShuffleFileId {
@@ -455,10 +467,21 @@ impl PpmlQueryStage {
             let key = key.clone();
             let metrics = self.metrics.clone();
             let map_partitions = map_partitions.clone();
+            let attestations: crate::shuffle::AttestationsAtEnd = {
+                let (seen, own) = (seen.clone(), own.clone());
+                Box::new(move || own.into_iter().chain(seen.tokens()).collect())
+            };
             writes.spawn(async move {
-                let stats = write_shuffle_file(stream, &path, &id, &key, &map_partitions)
-                    .await
-                    .map_err(|e| DataFusionError::External(Box::new(e)))?;
+                let stats = write_shuffle_file_attested(
+                    stream,
+                    &path,
+                    &id,
+                    &key,
+                    &map_partitions,
+                    attestations,
+                )
+                .await
+                .map_err(|e| DataFusionError::External(Box::new(e)))?;
                 if let Some(metrics) = metrics {
                     metrics.shuffle_file_written(stats.num_rows, stats.num_bytes);
                 }
@@ -596,6 +619,8 @@ pub struct PpmlShuffleReaderExec {
     feeding: Arc<Feeding>,
     customizer: EndpointCustomizer,
     metrics: Option<Arc<ExecutorMetrics>>,
+    /// The attestations of the files this task read (for the trailers of the files it writes).
+    seen: Arc<ExecutorAttestations>,
 }
 
 impl fmt::Debug for PpmlShuffleReaderExec {
@@ -685,6 +710,7 @@ impl ExecutionPlan for PpmlShuffleReaderExec {
         let job_id = self.job_id.clone();
         let customizer = self.customizer.clone();
         let metrics = self.metrics.clone();
+        let seen = self.seen.clone();
         let files = futures::stream::iter(locations)
             .then(move |location| {
                 let check = checks.file_check(location.partition_id.partition_id);
@@ -699,6 +725,7 @@ impl ExecutionPlan for PpmlShuffleReaderExec {
                     schema.clone(),
                     customizer.clone(),
                     check,
+                    Some(seen.clone()),
                 )
             })
             .try_flatten();
@@ -804,12 +831,13 @@ impl ShuffleSource {
         schema: datafusion::arrow::datatypes::SchemaRef,
         customizer: EndpointCustomizer,
         check: MapPartitionsCheck,
+        seen: Option<Arc<ExecutorAttestations>>,
     ) -> Result<SendableRecordBatchStream> {
         let id = self.file_id()?;
         if let Some(work_dir) = work_dir {
             let path = self.location.path(work_dir.to_string_lossy().as_ref())?;
             if tokio::fs::try_exists(&path).await.unwrap_or(false) {
-                let stream = read_shuffle_file(&path, id, key, schema, check)
+                let stream = read_shuffle_file_collecting(&path, id, key, schema, check, seen)
                     .map_err(|e| DataFusionError::External(Box::new(e)))?;
                 return Ok(match &self.metrics {
                     Some(metrics) => metrics.count_shuffle_rows(ShuffleOrigin::Local, stream),
@@ -845,10 +873,11 @@ impl ShuffleSource {
         Ok(match &self.metrics {
             Some(metrics) => {
                 let source = metrics.count_fetched_bytes(source);
-                let stream = read_shuffle_stream(source, display, id, key, schema, check);
+                let stream =
+                    read_shuffle_stream_collecting(source, display, id, key, schema, check, seen);
                 metrics.count_shuffle_rows(ShuffleOrigin::Remote, stream)
             }
-            None => read_shuffle_stream(source, display, id, key, schema, check),
+            None => read_shuffle_stream_collecting(source, display, id, key, schema, check, seen),
         })
     }
 }

@@ -273,6 +273,11 @@ impl JobKeys {
         }
     }
 
+    /// The executor's KMS client (an attested runtime's, in a TEE).
+    pub fn kms(&self) -> &Arc<dyn KeyManagementService> {
+        &self.kms
+    }
+
     /// The shuffle key of the job described by `settings`.
     pub async fn get(&self, settings: &JobSettings) -> Result<Arc<ShuffleKey>, ClusterError> {
         if let Some(key) = self.cached(settings) {

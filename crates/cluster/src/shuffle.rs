@@ -13,6 +13,15 @@
 //!             Arrow IPC schema message ‖ record batch messages ‖ end-of-stream marker
 //! ```
 //!
+//! After the IPC stream's end-of-stream marker, still inside the encryption, comes the file's
+//! *attestation trailer*: the attestation tokens of the executors that wrote the file and the
+//! files it was computed from ([`write_shuffle_file_attested`]), so that the driver, reading
+//! the final stage's files, learns every executor of the job and lists them in the job's
+//! receipt (`docs/receipts.md`). The trailer is `"ppml-attestations/1" 0x00 ‖ u32 count ‖
+//! (u32 len ‖ token)*`, big-endian, at most [`MAX_ATTESTATIONS`] tokens of at most
+//! [`MAX_TOKEN_LEN`] bytes; a reader refuses a file without one. Only attested runtimes of
+//! the job hold its shuffle key, so the host can neither add nor remove a token.
+//!
 //! The schema message's metadata names the file's *map partitions*
 //! (`"ppml.map_partitions": "0-3,7"`, [`MapPartitions`]): the partitions of the writing stage
 //! the task computed, whose rows the file holds. A reader hands them to a
@@ -44,11 +53,12 @@
 
 use std::fmt;
 use std::fs::File;
-use std::io::{self, BufRead, BufWriter, Read};
+use std::io::{self, BufWriter, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::job::{MAX_JOB_ID_LEN, valid_job_id};
+pub use ppml_engine::receipt::ExecutorAttestations;
 
 use datafusion::arrow::array::{RecordBatch, RecordBatchOptions};
 use datafusion::arrow::datatypes::{Schema, SchemaRef};
@@ -66,6 +76,17 @@ use ppml_format::{
 use ring::digest;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+
+/// What begins a shuffle file's attestation trailer.
+const ATTESTATIONS_MAGIC: &[u8] = b"ppml-attestations/1\0";
+/// Most attestation tokens one shuffle file carries.
+pub const MAX_ATTESTATIONS: usize = 1024;
+/// Longest attestation token a shuffle file carries.
+pub const MAX_TOKEN_LEN: usize = 16 * 1024;
+
+/// The tokens a file's attestation trailer carries, asked for when its rows are all written
+/// (by then its task has read every file it was computed from).
+pub type AttestationsAtEnd = Box<dyn FnOnce() -> Vec<String> + Send>;
 
 /// Domain separation prefix of [`ShuffleFileId::dataset_id`].
 const DATASET_ID_DOMAIN: &[u8] = b"ppml-shuffle/2";
@@ -395,8 +416,9 @@ impl Drop for TempFileGuard {
 /// What the encoding thread receives.
 enum WriteMessage {
     Batch(RecordBatch),
-    /// The input ended: finish the file. A channel closed without it means cancellation.
-    Finish,
+    /// The input ended: finish the file with these attestation tokens. A channel closed
+    /// without it means cancellation.
+    Finish(Vec<String>),
 }
 
 /// Drains `stream` into an encrypted shuffle file at `path`, creating its parent directories.
@@ -408,11 +430,24 @@ enum WriteMessage {
 /// partition. An empty stream still yields a valid file holding the schema. The schema's
 /// metadata names `map_partitions`, the writing task's input partitions.
 pub async fn write_shuffle_file(
+    stream: SendableRecordBatchStream,
+    path: &Path,
+    id: &ShuffleFileId,
+    key: &Arc<ShuffleKey>,
+    map_partitions: &MapPartitions,
+) -> Result<ShuffleFileStats, ShuffleError> {
+    write_shuffle_file_attested(stream, path, id, key, map_partitions, Box::new(Vec::new)).await
+}
+
+/// [`write_shuffle_file`] with the attestation tokens `attestations` gives once the stream
+/// has ended in the file's trailer (at most [`MAX_ATTESTATIONS`], the rest dropped).
+pub async fn write_shuffle_file_attested(
     mut stream: SendableRecordBatchStream,
     path: &Path,
     id: &ShuffleFileId,
     key: &Arc<ShuffleKey>,
     map_partitions: &MapPartitions,
+    attestations: AttestationsAtEnd,
 ) -> Result<ShuffleFileStats, ShuffleError> {
     id.validate()?;
     let display = path.display().to_string();
@@ -486,7 +521,7 @@ pub async fn write_shuffle_file(
         }
     }
     if input_error.is_none() {
-        let _ = sender.send(WriteMessage::Finish).await;
+        let _ = sender.send(WriteMessage::Finish(attestations())).await;
     }
     drop(sender);
     let encoded = encoder.await;
@@ -530,24 +565,66 @@ fn encode_file(
     let encrypting =
         EncryptingWriter::new(buffered, header, key.data_key()).map_err(format_error)?;
     let mut ipc = StreamWriter::try_new(encrypting, schema).map_err(arrow_error)?;
-    loop {
+    let attestations = loop {
         match batches.blocking_recv() {
             Some(WriteMessage::Batch(batch)) => ipc.write(&batch).map_err(arrow_error)?,
-            Some(WriteMessage::Finish) => break,
+            Some(WriteMessage::Finish(attestations)) => break attestations,
             None => {
                 return Err(ShuffleError::Cancelled {
                     file: display.to_string(),
                 });
             }
         }
-    }
-    let encrypting = ipc.into_inner().map_err(arrow_error)?;
+    };
+    let mut encrypting = ipc.into_inner().map_err(arrow_error)?;
+    std::io::Write::write_all(&mut encrypting, &encode_attestations(&attestations))
+        .map_err(|e| format_error(FormatError::from_io(e)))?;
     let (buffered, finished) = encrypting.finish().map_err(format_error)?;
     buffered.into_inner().map_err(|e| ShuffleError::Io {
         path: PathBuf::from(display),
         source: e.into_error(),
     })?;
     Ok(finished)
+}
+
+/// The attestation trailer of `tokens`: the first [`MAX_ATTESTATIONS`] of those at most
+/// [`MAX_TOKEN_LEN`] bytes long.
+fn encode_attestations(tokens: &[String]) -> Vec<u8> {
+    let kept: Vec<&String> = tokens
+        .iter()
+        .filter(|t| t.len() <= MAX_TOKEN_LEN)
+        .take(MAX_ATTESTATIONS)
+        .collect();
+    let mut out = ATTESTATIONS_MAGIC.to_vec();
+    out.extend_from_slice(&(kept.len() as u32).to_be_bytes());
+    for token in kept {
+        out.extend_from_slice(&(token.len() as u32).to_be_bytes());
+        out.extend_from_slice(token.as_bytes());
+    }
+    out
+}
+
+/// Parses an attestation trailer, which must be all of `bytes`.
+fn decode_attestations(bytes: &[u8]) -> Option<Vec<String>> {
+    let mut rest = bytes.strip_prefix(ATTESTATIONS_MAGIC)?;
+    let mut take = |n: usize| -> Option<&[u8]> {
+        let (head, tail) = rest.split_at_checked(n)?;
+        rest = tail;
+        Some(head)
+    };
+    let count = u32::from_be_bytes(take(4)?.try_into().ok()?) as usize;
+    if count > MAX_ATTESTATIONS {
+        return None;
+    }
+    let mut tokens = Vec::with_capacity(count);
+    for _ in 0..count {
+        let len = u32::from_be_bytes(take(4)?.try_into().ok()?) as usize;
+        if len > MAX_TOKEN_LEN {
+            return None;
+        }
+        tokens.push(String::from_utf8(take(len)?.to_vec()).ok()?);
+    }
+    rest.is_empty().then_some(tokens)
 }
 
 /// Opens the shuffle file at `path` and streams its record batches (see
@@ -559,17 +636,31 @@ pub fn read_shuffle_file(
     schema: SchemaRef,
     check: MapPartitionsCheck,
 ) -> Result<SendableRecordBatchStream, ShuffleError> {
+    read_shuffle_file_collecting(path, id, key, schema, check, None)
+}
+
+/// [`read_shuffle_file`], adding the tokens of the file's attestation trailer to `seen` once
+/// the file was read to its end.
+pub fn read_shuffle_file_collecting(
+    path: &Path,
+    id: ShuffleFileId,
+    key: Arc<ShuffleKey>,
+    schema: SchemaRef,
+    check: MapPartitionsCheck,
+    seen: Option<Arc<ExecutorAttestations>>,
+) -> Result<SendableRecordBatchStream, ShuffleError> {
     let file = File::open(path).map_err(|source| ShuffleError::Io {
         path: path.to_path_buf(),
         source,
     })?;
-    Ok(read_shuffle_stream(
+    Ok(read_shuffle_stream_collecting(
         Box::new(file),
         path.display().to_string(),
         id,
         key,
         schema,
         check,
+        seen,
     ))
 }
 
@@ -596,6 +687,20 @@ pub fn read_shuffle_stream(
     schema: SchemaRef,
     check: MapPartitionsCheck,
 ) -> SendableRecordBatchStream {
+    read_shuffle_stream_collecting(source, display, id, key, schema, check, None)
+}
+
+/// [`read_shuffle_stream`], adding the tokens of the file's attestation trailer to `seen`
+/// before the stream ends.
+pub fn read_shuffle_stream_collecting(
+    source: Box<dyn Read + Send>,
+    display: String,
+    id: ShuffleFileId,
+    key: Arc<ShuffleKey>,
+    schema: SchemaRef,
+    check: MapPartitionsCheck,
+    seen: Option<Arc<ExecutorAttestations>>,
+) -> SendableRecordBatchStream {
     let job = ReadJob {
         source,
         display,
@@ -603,6 +708,7 @@ pub fn read_shuffle_stream(
         key,
         schema: Arc::clone(&schema),
         check,
+        seen,
     };
     let batches = futures::stream::unfold(ReadState::Pending(Box::new(job)), next_batch);
     Box::pin(RecordBatchStreamAdapter::new(schema, batches))
@@ -616,6 +722,7 @@ struct ReadJob {
     key: Arc<ShuffleKey>,
     schema: SchemaRef,
     check: MapPartitionsCheck,
+    seen: Option<Arc<ExecutorAttestations>>,
 }
 
 enum ReadState {
@@ -673,6 +780,7 @@ fn decode_file(job: ReadJob, batches: mpsc::Sender<RecordBatch>) -> Result<(), S
         key,
         schema,
         check,
+        seen,
     } = job;
     let format_error = |source| ShuffleError::Format {
         file: display.clone(),
@@ -726,16 +834,21 @@ fn decode_file(job: ReadJob, batches: mpsc::Sender<RecordBatch>) -> Result<(), S
             return Ok(()); // The consumer went away.
         }
     }
-    // The IPC stream ended; the file must end with it, at its authenticated end.
-    let rest = ipc
-        .get_mut()
-        .fill_buf()
+    // The IPC stream ended; the attestation trailer follows, up to the authenticated end.
+    let mut trailer = Vec::new();
+    let limit = (ATTESTATIONS_MAGIC.len() + 4 + MAX_ATTESTATIONS * (4 + MAX_TOKEN_LEN)) as u64;
+    ipc.get_mut()
+        .take(limit + 1)
+        .read_to_end(&mut trailer)
         .map_err(|e| format_error(FormatError::from_io(e)))?;
-    if !rest.is_empty() {
-        return Err(ShuffleError::Arrow {
-            file: display.clone(),
-            source: ArrowError::IpcError("data after the end of the Arrow IPC stream".into()),
-        });
+    let tokens = decode_attestations(&trailer).ok_or_else(|| ShuffleError::Arrow {
+        file: display.clone(),
+        source: ArrowError::IpcError(
+            "no valid attestation trailer after the end of the Arrow IPC stream".into(),
+        ),
+    })?;
+    if let Some(seen) = seen {
+        seen.extend(tokens);
     }
     Ok(())
 }
@@ -920,6 +1033,54 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(read, batches);
+    }
+
+    /// The attestation trailer reaches the reader's collection when the file is read to its
+    /// end; a missing or malformed trailer is refused.
+    #[tokio::test]
+    async fn attestation_trailers_reach_the_reader_and_are_required() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = test_key();
+        let path = dir.path().join("job/3/5/data-42.arrow");
+        let tokens = vec!["token-b".to_string(), "token-a".to_string()];
+        let given = tokens.clone();
+        write_shuffle_file_attested(
+            input(vec![Ok(batch(0, 10))]),
+            &path,
+            &file_id(),
+            &key,
+            &MapPartitions::new([0]),
+            Box::new(move || given),
+        )
+        .await
+        .unwrap();
+        let seen = Arc::new(ExecutorAttestations::default());
+        let mut stream = read_shuffle_file_collecting(
+            &path,
+            file_id(),
+            key.clone(),
+            schema(),
+            any_map_partitions(),
+            Some(seen.clone()),
+        )
+        .unwrap();
+        stream.next().await.unwrap().unwrap();
+        assert!(stream.next().await.is_none());
+        assert_eq!(seen.tokens(), ["token-a", "token-b"]);
+
+        // Trailers as a writer or an older version could leave them.
+        let encoded = encode_attestations(&tokens);
+        assert_eq!(decode_attestations(&encoded), Some(tokens.clone()));
+        for bad in [
+            Vec::new(),
+            encoded[..encoded.len() - 1].to_vec(),
+            [&encoded[..], b"x"].concat(),
+            [ATTESTATIONS_MAGIC, &u32::MAX.to_be_bytes()[..]].concat(),
+        ] {
+            assert_eq!(decode_attestations(&bad), None, "{bad:?}");
+        }
+        let oversized = encode_attestations(&["x".repeat(MAX_TOKEN_LEN + 1)]);
+        assert_eq!(decode_attestations(&oversized), Some(Vec::new()));
     }
 
     #[tokio::test]

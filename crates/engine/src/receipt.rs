@@ -12,7 +12,7 @@ use datafusion::datasource::source::DataSourceExec;
 use datafusion::physical_plan::ExecutionPlan;
 use ppml_format::manifest::Manifest;
 use ppml_format::receipt::{
-    InputRecord, JobRecord, OutputRecord, Receipt, ReceiptBody, RuntimeRecord,
+    ExecutorRecord, InputRecord, JobRecord, OutputRecord, Receipt, ReceiptBody, RuntimeRecord,
 };
 use ppml_kms::KeyManagementService;
 use serde_json::Value;
@@ -20,9 +20,41 @@ use serde_json::Value;
 use crate::store::DatasetPin;
 use crate::{DatasetLocation, EngineError, Result};
 
+/// The attestation tokens of the executors a distributed job's result was computed by, as
+/// the result's files carry them (`ppml_cluster::shuffle`): filled in while the result is
+/// read, listed in the job's receipt once it is written.
+#[derive(Debug, Default)]
+pub struct ExecutorAttestations(std::sync::Mutex<std::collections::BTreeSet<String>>);
+
+impl ExecutorAttestations {
+    /// Most tokens kept (a long job renews each executor's token every few minutes).
+    pub const MAX: usize = 4096;
+
+    /// Adds `tokens`, up to [`ExecutorAttestations::MAX`] in all.
+    pub fn extend(&self, tokens: impl IntoIterator<Item = String>) {
+        let mut set = self.0.lock().expect("attestations lock");
+        for token in tokens {
+            if set.len() >= Self::MAX {
+                break;
+            }
+            set.insert(token);
+        }
+    }
+
+    /// The tokens, in order.
+    pub fn tokens(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .expect("attestations lock")
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
+
 /// What a job is, for its receipt: set by whoever runs it ([`crate::app::AppSpec::run`], a
 /// library program's write) in [`crate::dataset::WriteOptions::job`].
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct JobDescription {
     /// The application: `simple_query`, `sql`, `dataframe` or `stream`.
     pub app: String,
@@ -33,6 +65,9 @@ pub struct JobDescription {
     pub inputs: Vec<InputRecord>,
     /// When it started, Unix milliseconds.
     pub started_at_ms: u64,
+    /// The executors that computed it, when its plans ran on a cluster; set by
+    /// [`crate::PpmlSession::write`] from its runner.
+    pub executors: Option<Arc<ExecutorAttestations>>,
 }
 
 impl JobDescription {
@@ -43,6 +78,7 @@ impl JobDescription {
             spec,
             inputs: Vec::new(),
             started_at_ms: now_ms(),
+            executors: None,
         }
     }
 }
@@ -153,10 +189,17 @@ pub(crate) async fn receipt_file(
             crate::hex_lower(&id)
         }
     };
-    let runtime = match &attestation {
+    let mut runtime = match &attestation {
         Some(attestation) => runtime_record(&attestation.token)?,
         None => RuntimeRecord::default(),
     };
+    if let Some(executors) = &job.executors {
+        runtime.executors = executors
+            .tokens()
+            .into_iter()
+            .map(|token| ExecutorRecord { token: Some(token) })
+            .collect();
+    }
     let body = ReceiptBody {
         job: JobRecord {
             id: job_id,

@@ -135,6 +135,19 @@ pub trait PlanRunner: Send + Sync {
         plan: Arc<dyn ExecutionPlan>,
         ctx: &SessionContext,
     ) -> Result<Vec<SendableRecordBatchStream>>;
+
+    /// [`PlanRunner::execute`], with where the attestations of the executors that computed
+    /// the result will be once the streams are read (`None` in this process).
+    async fn execute_attested(
+        &self,
+        plan: Arc<dyn ExecutionPlan>,
+        ctx: &SessionContext,
+    ) -> Result<(
+        Vec<SendableRecordBatchStream>,
+        Option<Arc<crate::receipt::ExecutorAttestations>>,
+    )> {
+        Ok((self.execute(plan, ctx).await?, None))
+    }
 }
 
 /// Runs plans in this process, with the session's own task context, if they hold only the
@@ -602,7 +615,12 @@ impl PpmlSession {
             )?),
             None => plan,
         };
-        let streams = self.runner.execute(plan, &self.ctx).await?;
+        let (streams, executors) = self.runner.execute_attested(plan, &self.ctx).await?;
+        if let OutputTarget::Encrypted { options, .. } = &mut target
+            && let Some(job) = &mut options.job
+        {
+            job.executors = executors;
+        }
         write_streams(streams, schema, target, format).await
     }
 }
