@@ -880,12 +880,14 @@ impl DatasetWriter {
         .and_then(|m| m.with_column_keys(column_keys))
         .map_err(|e| EngineError::format(&self.location, e))?;
         // Dropped on failure, the writer deletes what it wrote.
+        let started = std::time::Instant::now();
         let receipt = match (&self.job, job_output) {
             (Some(job), Some((kms, rows))) => {
                 Some(crate::receipt::receipt_file(kms, job, &self.location, &manifest, rows).await?)
             }
             _ => None,
         };
+        let mut receipt_cost = started.elapsed();
         let manifest = match &receipt {
             Some(bytes) => manifest.with_receipt(
                 ring::digest::digest(&ring::digest::SHA256, bytes)
@@ -909,6 +911,7 @@ impl DatasetWriter {
                     .to_path_buf();
                 let durability = self.durability;
                 if let Some(receipt) = &receipt {
+                    let started = std::time::Instant::now();
                     let receipt_path = temp.join(RECEIPT_FILE_NAME);
                     File::create_new(&receipt_path)
                         .and_then(|mut file| {
@@ -916,6 +919,7 @@ impl DatasetWriter {
                             durability.sync(&file)
                         })
                         .map_err(|e| EngineError::io(&receipt_path, e))?;
+                    receipt_cost += started.elapsed();
                 }
                 let manifest_path = temp.join(MANIFEST_FILE_NAME);
                 let mut file = File::create_new(&manifest_path)
@@ -926,6 +930,15 @@ impl DatasetWriter {
                 File::open(&temp)
                     .and_then(|d| durability.sync(&d))
                     .map_err(|e| EngineError::io(&temp, e))?;
+                if receipt.is_some() {
+                    // What a job receipt costs (bench/receipt_overhead.py reads it): making and
+                    // signing it, and writing and syncing its file.
+                    tracing::debug!(
+                        target: "ppml::receipt",
+                        micros = receipt_cost.as_micros() as u64,
+                        "job receipt made and written"
+                    );
+                }
                 replace_path(&temp, destination, self.overwrite, durability)?;
                 *temp_dir = None;
             }

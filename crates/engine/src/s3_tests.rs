@@ -257,13 +257,48 @@ async fn s3_datasets_are_written_read_and_queried_like_directories() {
                 kms: f.kms.as_ref(),
                 primary: &f.primary,
                 dir: location("s3://ppml-engine-rw/out/developers"),
-                options: WriteOptions::default(),
+                options: WriteOptions {
+                    job: Some(crate::receipt::JobDescription::new(
+                        "sql",
+                        serde_json::json!({"sql": "developers"}),
+                    )),
+                    ..WriteOptions::default()
+                },
             },
             Some(2),
         )
         .await
         .unwrap();
     assert_eq!(summary.rows, expected.0 as u64);
+    // The job's receipt is an object beside the manifest, which binds it; it names the
+    // input it read on S3.
+    let output = location("s3://ppml-engine-rw/out/developers");
+    let receipt =
+        crate::dataset::read_dataset_file(&output, ppml_format::manifest::RECEIPT_FILE_NAME)
+            .await
+            .unwrap()
+            .expect("a receipt object");
+    let manifest =
+        crate::dataset::read_dataset_file(&output, ppml_format::manifest::MANIFEST_FILE_NAME)
+            .await
+            .unwrap()
+            .unwrap();
+    let manifest = ppml_format::manifest::UnverifiedManifest::from_json(&manifest).unwrap();
+    assert_eq!(
+        manifest.unauthenticated().receipt_sha256(),
+        Some(
+            &ring::digest::digest(&ring::digest::SHA256, &receipt)
+                .as_ref()
+                .try_into()
+                .unwrap()
+        )
+    );
+    let receipt = ppml_format::receipt::Receipt::from_json(&receipt).unwrap();
+    let body = receipt.body();
+    assert_eq!(body.output.location, "s3://ppml-engine-rw/out/developers");
+    assert_eq!(body.inputs.len(), 1);
+    assert_eq!(body.inputs[0].location, "s3://ppml-engine-rw/in/people");
+    assert_eq!(body.output.rows, Some(expected.0 as u64));
     let out = PpmlSession::encrypted(f.kms.clone(), None);
     out.register_dataset(
         "people",

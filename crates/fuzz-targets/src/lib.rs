@@ -39,6 +39,7 @@ pub const TARGETS: &[Target] = &[
     ("job_file", job_file),
     ("pccs_answers", pccs_answers),
     ("csv_rows", csv_rows),
+    ("receipt", receipt),
 ];
 
 /// The data key of the format's test vectors (`crates/format/testdata/vectors`), so that
@@ -89,8 +90,25 @@ pub fn random_access(data: &[u8]) {
 /// A dataset manifest (`_manifest.ppml.json`): parsed, then verified with the vectors' key.
 pub fn manifest(data: &[u8]) {
     if let Ok(manifest) = ppml_format::manifest::UnverifiedManifest::from_json(data) {
+        // What a receipt verifier reads without the key.
+        let _ = manifest.unauthenticated().content_sha256();
         let _ = manifest.verify(&DataKey::from_bytes(VECTOR_KEY));
     }
+}
+
+/// A job receipt (`_receipt.ppml.json`, docs/receipts.md): parsed, its signature checked over
+/// the canonical form of its body, and written back, which must read as the same receipt.
+pub fn receipt(data: &[u8]) {
+    use ppml_format::receipt::Receipt;
+    let Ok(receipt) = Receipt::from_json(data) else {
+        return;
+    };
+    let _ = receipt.verify_signature();
+    let _ = Receipt::signing_input(receipt.body());
+    let again = Receipt::from_json(&receipt.to_json()).expect("a receipt written back reads");
+    assert_eq!(again.body(), receipt.body());
+    assert_eq!(again.signature(), receipt.signature());
+    assert_eq!(again.verify_signature(), receipt.verify_signature());
 }
 
 /// A KMS request envelope: its canonical string, signature check, timestamp and replay id.
