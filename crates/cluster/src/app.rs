@@ -183,10 +183,24 @@ pub async fn run_app(
                 placement,
                 keys.grant.as_ref(),
             )?;
+            let grant = match &keys.grant {
+                Some(signed) => {
+                    let granted = signed
+                        .unverified()
+                        .map_err(|e| EngineError::NotGranted(e.to_string()))?;
+                    Some(ppml_kms::GrantRecord {
+                        job_id: granted.job_id,
+                        sha256_hex: signed.sha256_hex(),
+                        reveal_counts: granted.reveal_counts,
+                    })
+                }
+                None => None,
+            };
             let sink = Sink::Encrypted {
                 kms: kms.as_ref(),
                 primary: &keys.output,
                 durability,
+                grant: grant.as_ref(),
             };
             Ok(spec.run(&session, sink).await?)
         }

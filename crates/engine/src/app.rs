@@ -155,6 +155,9 @@ pub enum Sink<'a> {
         primary: &'a PrimaryKeyId,
         /// Sync before the output appears.
         durability: Durability,
+        /// The data owner's grant the job runs under, as its receipt names it (when the KMS
+        /// client does not carry it itself: an unattested one).
+        grant: Option<&'a ppml_kms::GrantRecord>,
     },
     /// Plaintext CSV parts in a local directory (only for [`AppSpec::is_plaintext`] specs).
     Plaintext {
@@ -337,7 +340,13 @@ impl AppSpec {
                     .into(),
             });
         }
-        let job = self.job_description()?;
+        let mut job = self.job_description()?;
+        if let Sink::Encrypted {
+            grant: Some(grant), ..
+        } = sink
+        {
+            job.grant = Some(grant.clone());
+        }
         match self {
             AppSpec::SimpleQuery(spec) => {
                 let output = target(&spec.output, spec.overwrite, sink, job)?;
@@ -400,6 +409,7 @@ fn target<'a>(
             kms,
             primary,
             durability,
+            ..
         } => OutputTarget::Encrypted {
             kms,
             primary,

@@ -68,6 +68,9 @@ pub struct JobDescription {
     /// The executors that computed it, when its plans ran on a cluster; set by
     /// [`crate::PpmlSession::write`] from its runner.
     pub executors: Option<Arc<ExecutorAttestations>>,
+    /// The data owner's grant it runs under, when the KMS client does not carry it (an
+    /// unattested client keeps no grant: [`KeyManagementService::job_grant`]).
+    pub grant: Option<ppml_kms::GrantRecord>,
 }
 
 impl JobDescription {
@@ -79,6 +82,7 @@ impl JobDescription {
             inputs: Vec::new(),
             started_at_ms: now_ms(),
             executors: None,
+            grant: None,
         }
     }
 }
@@ -175,7 +179,7 @@ pub(crate) async fn receipt_file(
         source,
     };
     let attestation = kms.receipt_attestation().await.map_err(kms_error)?;
-    let grant = kms.job_grant();
+    let grant = kms.job_grant().or_else(|| job.grant.clone());
     let reveal_counts = match &grant {
         Some(grant) => grant.reveal_counts,
         None => attestation.is_none(),

@@ -545,10 +545,11 @@ impl<S: RuntimeState> PpmlContext<S> {
         let kms = self.kms.kms();
         // The plan as the program built it: operators, tables and the constants in its
         // expressions, never a row.
-        let job = JobDescription::new(
+        let mut job = JobDescription::new(
             "dataframe",
             serde_json::json!({"plan": df.logical_plan().display_indent().to_string()}),
         );
+        job.grant = self.grant_record();
         let target = self.output_target(kms.as_ref(), location, &options, job)?;
         Ok(self
             .session
@@ -568,12 +569,22 @@ impl<S: RuntimeState> PpmlContext<S> {
         options: WriteOptions,
     ) -> Result<WriteSummary> {
         let kms = self.kms.kms();
-        let job = JobDescription::new("stream", serde_json::json!({}));
+        let mut job = JobDescription::new("stream", serde_json::json!({}));
+        job.grant = self.grant_record();
         let target = self.output_target(kms.as_ref(), location, &options, job)?;
         let schema = stream.schema();
         let parts = options.partitions.unwrap_or(1);
         let streams = ppml_engine::session::split_round_robin(stream, parts);
         Ok(ppml_engine::session::write_streams(streams, schema, target, options.format).await?)
+    }
+
+    /// The owner's grant this context runs under, as job receipts name it.
+    fn grant_record(&self) -> Option<ppml_kms::GrantRecord> {
+        self.grant.as_ref().map(|g| ppml_kms::GrantRecord {
+            job_id: g.grant.job_id.clone(),
+            sha256_hex: g.signed.sha256_hex(),
+            reveal_counts: g.grant.reveal_counts,
+        })
     }
 
     /// Where [`PpmlContext::write`] and [`PpmlContext::write_stream`] write, after the checks
@@ -680,10 +691,12 @@ impl<S: RuntimeState> PpmlContext<S> {
             spec.check_grant(&granted.grant, self.kms.output_primary()?)?;
         }
         let kms = self.kms.kms();
+        let grant = self.grant_record();
         let sink = Sink::Encrypted {
             kms: kms.as_ref(),
             primary: self.kms.output_primary()?,
             durability: self.durability,
+            grant: grant.as_ref(),
         };
         Ok(spec.run(session, sink).await?)
     }
