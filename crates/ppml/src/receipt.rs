@@ -225,8 +225,8 @@ fn sha256_hex(bytes: &[u8]) -> String {
 /// 3. for an attested receipt: the signature verifies with the receipt key, the runtime's
 ///    token is signed by the KMS's attestation key and vouches for that key, and the runtime
 ///    fields are the token's; each executor's token is the KMS's too;
-/// 4. `options.policy`, if any, accepts the runtime's claims; `options.require_attested`
-///    refuses an unattested receipt.
+/// 4. `options.policy`, if any, accepts the runtime's claims; `options.require_attested`, or
+///    a policy, refuses an unattested receipt.
 pub async fn verify_receipt(
     target: &DatasetLocation,
     options: &VerifyOptions,
@@ -315,7 +315,8 @@ pub async fn verify_receipt(
     let runtime = &body.runtime;
     let (token, executors) = match (signer, runtime.attested) {
         (None, false) => {
-            if options.require_attested {
+            // No unattested runtime satisfies a policy.
+            if options.require_attested || options.policy.is_some() {
                 return Err(VerifyError::Unattested);
             }
             (None, Vec::new())

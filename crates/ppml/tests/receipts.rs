@@ -456,6 +456,17 @@ async fn copied_forged_and_unattested_receipts_fail() {
     let refused = verify(&f, &unattested).await.unwrap_err();
     assert!(matches!(refused, VerifyError::Unattested), "{refused}");
     assert_eq!(refused.kind(), ErrorKind::AttestationFailed);
+    // A policy of the verifier's is not met by an unattested runtime either.
+    let refused = verify_receipt(
+        &DatasetLocation::Local(unattested.clone()),
+        &VerifyOptions {
+            policy: Some(f.policy.clone()),
+            ..VerifyOptions::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(refused, VerifyError::Unattested), "{refused}");
     let verified = verify_receipt(
         &DatasetLocation::Local(unattested.clone()),
         &VerifyOptions::default(),
