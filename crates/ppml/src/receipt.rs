@@ -384,7 +384,8 @@ fn check_runtime(
         .ok_or_else(|| {
             VerifyError::Unvouched("the runtime's token vouches for no receipt key".into())
         })?;
-    if !ring_eq(&vouched, signer) {
+    // subtle's slice comparison is constant-time and false for slices of other lengths.
+    if !bool::from(subtle::ConstantTimeEq::ct_eq(&vouched[..], &signer[..])) {
         return Err(VerifyError::Unvouched(
             "the receipt was signed by another key than the one the runtime's token vouches for"
                 .into(),
@@ -413,9 +414,4 @@ fn check_runtime(
         ));
     }
     Ok(())
-}
-
-fn ring_eq(a: &[u8], b: &[u8]) -> bool {
-    use subtle::ConstantTimeEq as _;
-    a.len() == b.len() && bool::from(a.ct_eq(b))
 }
