@@ -18,8 +18,11 @@ fn main() {
     // copies (about 9 MB of the binary). `--icf=all` is an lld option, so it is passed only
     // where the linker is known to be rustc's own rust-lld: x86-64 Linux (its default since
     // Rust 1.90; rust-version is 1.94) with no linker or linker flags configured.
+    // `tests/binary_size.rs` holds the binary to its budget only when it is linked this way.
+    println!("cargo::rustc-check-cfg=cfg(ppml_icf)");
     if target == "x86_64-unknown-linux-gnu" && linker_is_the_default() {
         println!("cargo:rustc-link-arg-bins=-Wl,--icf=all");
+        println!("cargo:rustc-cfg=ppml_icf");
     }
 }
 
