@@ -188,11 +188,7 @@ pub async fn run_app(
                     let granted = signed
                         .unverified()
                         .map_err(|e| EngineError::NotGranted(e.to_string()))?;
-                    Some(ppml_kms::GrantRecord {
-                        job_id: granted.job_id,
-                        sha256_hex: signed.sha256_hex(),
-                        reveal_counts: granted.reveal_counts,
-                    })
+                    Some(ppml_kms::GrantRecord::new(&granted, signed.sha256_hex()))
                 }
                 None => None,
             };

@@ -1521,11 +1521,9 @@ impl KeyManagementService for AttestedKms {
     }
 
     fn job_grant(&self) -> Option<ppml_kms::GrantRecord> {
-        self.grant.as_deref().map(|g| ppml_kms::GrantRecord {
-            job_id: g.grant.job_id.clone(),
-            sha256_hex: g.sha256_hex.clone(),
-            reveal_counts: g.grant.reveal_counts,
-        })
+        self.grant
+            .as_deref()
+            .map(|g| ppml_kms::GrantRecord::new(&g.grant, g.sha256_hex.clone()))
     }
 }
 

@@ -90,6 +90,18 @@ pub struct GrantRecord {
     pub reveal_counts: bool,
 }
 
+impl GrantRecord {
+    /// The record of `grant`, whose signed bytes have the SHA-256 `sha256_hex`
+    /// ([`grant::SignedGrant::sha256_hex`]).
+    pub fn new(grant: &grant::JobGrant, sha256_hex: String) -> Self {
+        GrantRecord {
+            job_id: grant.job_id.clone(),
+            sha256_hex,
+            reveal_counts: grant.reveal_counts,
+        }
+    }
+}
+
 /// A key management service, as seen by one authenticated application.
 ///
 /// `aad` binds a wrapped data key to its use: unwrapping succeeds only with the same `aad`

@@ -580,11 +580,9 @@ impl<S: RuntimeState> PpmlContext<S> {
 
     /// The owner's grant this context runs under, as job receipts name it.
     fn grant_record(&self) -> Option<ppml_kms::GrantRecord> {
-        self.grant.as_ref().map(|g| ppml_kms::GrantRecord {
-            job_id: g.grant.job_id.clone(),
-            sha256_hex: g.signed.sha256_hex(),
-            reveal_counts: g.grant.reveal_counts,
-        })
+        self.grant
+            .as_ref()
+            .map(|g| ppml_kms::GrantRecord::new(&g.grant, g.signed.sha256_hex()))
     }
 
     /// Where [`PpmlContext::write`] and [`PpmlContext::write_stream`] write, after the checks
